@@ -61,6 +61,11 @@ class TensorRef:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def quantizable(self) -> bool:
+        """Weight matrices get a GGML type; norms, routers and biases stay F32, as llama.cpp keeps them."""
+        return len(self.shape) >= 2 and self.role not in (Role.NORM, Role.ROUTER)
+
 
 @dataclass(frozen=True)
 class MoEFacts:
