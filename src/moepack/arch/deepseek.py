@@ -47,6 +47,7 @@ def deepseek_v3() -> ArchSpec:
         scoring_default="sigmoid",
         norm_topk_default=True,
         group_keys=("n_group", "topk_group"),
+        kv_cache="mla",
         router_bias_kind="router_bias",
     )
 
@@ -65,4 +66,5 @@ def deepseek_v2() -> ArchSpec:
         scoring_default="softmax",
         norm_topk_default=False,
         group_keys=("n_group", "topk_group"),
+        kv_cache="mla",
     )
