@@ -27,7 +27,9 @@ def tiny_config(arch: str, hidden: int = 64, ffn: int = 64, n_experts: int = 8, 
         return base | dict(num_experts=n_experts, moe_intermediate_size=ffn, intermediate_size=2 * ffn,
                            shared_expert_intermediate_size=ffn, norm_topk_prob=False)
     if arch == "olmoe":
-        return base | dict(num_experts=n_experts, intermediate_size=ffn, norm_topk_prob=False)
+        # OLMoE is multi-head (llama.cpp's olmoe wants full-width k_norm, so no GQA)
+        return base | dict(num_experts=n_experts, intermediate_size=ffn, norm_topk_prob=False,
+                           num_key_value_heads=heads)
     if arch == "mixtral":
         return base | dict(num_local_experts=n_experts, intermediate_size=ffn)
     if arch in ("deepseek_v3", "deepseek_v2"):
@@ -43,8 +45,64 @@ def tiny_config(arch: str, hidden: int = 64, ffn: int = 64, n_experts: int = 8, 
     raise ValueError(arch)
 
 
-def build_tiny_model(arch: str, out: Path, seed: int = 0, **kw: Any) -> Path:
-    """Save a random-weight HF checkpoint of `arch` (hub layout: one tensor per expert) to `out`."""
+# Tokenizer family of each architecture's real checkpoints (for write_tiny_tokenizer).
+TOKENIZER_KIND = {"mixtral": "spm", "olmoe": "gpt2"}
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _tokenizer_text() -> list[str]:
+    path = DATA / "tinyshakespeare.txt"
+    text = path.read_text(encoding="utf-8")[:100_000] if path.is_file() else "To be, or not to be: that is the question.\n" * 200
+    return text.splitlines()
+
+
+def write_tiny_tokenizer(out: Path, kind: str, vocab: int) -> None:
+    """A small trained tokenizer.json + tokenizer_config.json in `out`, shaped like real checkpoints' tokenizers.
+
+    kind: "bpe" (byte-level BPE with Qwen2's split regex), "gpt2" (byte-level BPE, GPT-2 regex; OLMoE-like),
+    "spm" (SentencePiece-style BPE with byte fallback and <0xXX> tokens; Mixtral-like). Deterministic.
+    """
+    import json
+
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    if kind in ("bpe", "gpt2"):
+        tok = Tokenizer(models.BPE())
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=kind == "gpt2")
+        tok.pre_tokenizer = (byte_level if kind == "gpt2" else pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"), byte_level]))
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(_tokenizer_text(), trainer)
+        special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "add_bos_token": False}
+    elif kind == "spm":
+        byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+        tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens],
+                                      show_progress=False)
+        tok.train_from_iterator(_tokenizer_text(), trainer)
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        tok.pre_tokenizer = None
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(content=" ", left=1, right=0)])
+        special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}
+    else:
+        raise ValueError(kind)
+    blob = json.loads(tok.to_str())
+    if kind == "spm":  # byte tokens live in the model vocab, as in Mistral's tokenizer.json, not as added tokens
+        blob["added_tokens"] = [a for a in blob["added_tokens"] if a["content"] not in byte_tokens]
+    (out / "tokenizer.json").write_text(json.dumps(blob, ensure_ascii=False, indent=1), encoding="utf-8")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1024, **special}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def build_tiny_model(arch: str, out: Path, seed: int = 0, tokenizer: bool = False, **kw: Any) -> Path:
+    """Save a random-weight HF checkpoint of `arch` (hub layout: one tensor per expert) to `out`.
+
+    `tokenizer=True` also writes a small trained tokenizer of the architecture's family (needs vocab >= 300)."""
     import json
 
     import torch
@@ -63,6 +121,8 @@ def build_tiny_model(arch: str, out: Path, seed: int = 0, **kw: Any) -> Path:
         c = json.loads(p.read_text())
         c.update(scoring_func="sigmoid", topk_method="noaux_tc")
         p.write_text(json.dumps(c, indent=2))
+    if tokenizer:
+        write_tiny_tokenizer(out, TOKENIZER_KIND.get(arch, "bpe"), cfg.vocab_size)
     return out
 
 
@@ -81,3 +141,17 @@ def fixture_dir(name: str) -> Path:
     if not (p / "model.safetensors").is_file():
         pytest.skip(f"fixture {name} not trained; run `make fixtures`")
     return p
+
+
+@pytest.fixture(scope="session")
+def shared_tiny_model(tmp_path_factory):
+    """Like `tiny_model`, but each (arch, kwargs) is built once per session; tests must not modify the files."""
+    cache: dict[tuple[Any, ...], Path] = {}
+
+    def make(arch: str, **kw: Any) -> Path:
+        key = (arch, tuple(sorted(kw.items())))
+        if key not in cache:
+            cache[key] = build_tiny_model(arch, tmp_path_factory.mktemp(f"{arch}-shared"), **kw)
+        return cache[key]
+
+    return make

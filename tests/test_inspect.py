@@ -22,10 +22,10 @@ def _inspect_json(capsys, path: Path) -> dict:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_inspect_every_arch(arch: str, tiny_model, capsys) -> None:
-    path = tiny_model(arch, n_experts=8, top_k=2)
+    path = tiny_model(arch, n_experts=4, top_k=2, hidden=256, ffn=256)  # K-quant widths: no fallback
     d = _inspect_json(capsys, path)
     assert d["architecture"] == arch
-    assert d["routed_experts"] == 8 and d["top_k"] == 2
+    assert d["routed_experts"] == 4 and d["top_k"] == 2
     # Parameter counts cover every tensor and agree with the model transformers builds.
     import transformers
 
@@ -33,12 +33,13 @@ def test_inspect_every_arch(arch: str, tiny_model, capsys) -> None:
     n_model = sum(p.numel() for p in model.parameters()) + sum(
         b.numel() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
     assert d["params_total"] == n_model
-    assert d["params"][Role.ROUTED_EXPERTS.value] == len(d["moe_layers"]) * 8 * 3 * d["hidden"] * d["expert_ffn"]
+    assert d["params"][Role.ROUTED_EXPERTS.value] == len(d["moe_layers"]) * 4 * 3 * d["hidden"] * d["expert_ffn"]
     assert d["bf16_bytes"] == 2 * n_model
     est = d["gguf_estimates"]
     assert est["Q8_0"] > est["Q4_K"] >= est["Q3_K"] >= est["Q2_K"] >= est["IQ2_XXS"] > est["IQ1_S"] > 0
     if arch.startswith("deepseek"):
         assert d["dense_layers"] == [0] and d["shared_experts"] == 1 and d["routing"]["n_group"] == 4
+        assert d["routing"]["topk_group"] == 2
     if arch == "deepseek_v3":
         assert d["routing"]["scoring"] == "sigmoid" and d["routing"]["bias"]
 

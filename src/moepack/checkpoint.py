@@ -254,6 +254,12 @@ class CheckpointView:
             h.update(f"{n}|{t.shape}|{t.dtype}|{t.nbytes}\n".encode())
         return h.hexdigest()[:16]
 
+    def with_plan(self, plan: dict[str, Any], top_k: int | None = None) -> CheckpointView:
+        """The model as pruned by a prune plan (prune_plan.json), remapped lazily: no data is read."""
+        from moepack.prune import pruned_view
+
+        return pruned_view(self, plan, top_k)
+
 
 def open_checkpoint(model_dir: str | Path) -> CheckpointView:
     """Read config.json and the safetensors headers; raise `CheckpointError`/`UnsupportedArchitecture` clearly."""

@@ -17,6 +17,12 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 
 COMMANDS = (
     "moepack.inspect",
+    "moepack.calibrate",
+    "moepack.prune",
+    "moepack.evaluate",
+    "moepack.allocate",
+    "moepack.quantize",
+    "moepack.sensitivity",
 )
 
 

@@ -1,0 +1,279 @@
+"""Sensitivity: allocate's schema, determinism, cached probes = full forwards, ggml-exact fake quantization."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from conftest import ARCHS as ALL_ARCHS
+from conftest import build_tiny_model
+from moepack import ggml
+from moepack.allocate import SensitivityTable, allocate
+from moepack.calibrate import calibrate
+from moepack.checkpoint import open_checkpoint
+from moepack.cli import main
+from moepack.gguf_names import gguf_outputs
+from moepack.moe_forward import LayerRunner, token_kld
+from moepack.fakequant import FakeQuantWeights, QuantStore, gguf_f32, to_checkpoint
+from moepack.sensitivity import (SensitivityError, _head_batch, _prepare_imatrix, _Prober, _quantize_groups,
+                                 _Reference, _reference, _typed_base, measure_sensitivity, plan_groups, plan_kld,
+                                 spearman)
+
+ARCHS = ("deepseek_v3", "qwen3_moe")
+LADDER = ["IQ2_XXS", "IQ3_S", "Q8_0"]
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Any:
+    """(model dir, view, ids (2, 32), calibration stats saved in run/calib) per architecture, built once."""
+    cache: dict[str, Any] = {}
+
+    def get(arch: str) -> tuple[Path, Any, np.ndarray, Any, Path]:
+        if arch not in cache:
+            root = tmp_path_factory.mktemp(arch)
+            model = build_tiny_model(arch, root / "model", tokenizer=True, vocab=VOCAB, hidden=256, ffn=256,
+                                     n_experts=8)
+            view = open_checkpoint(model)
+            rng = np.random.default_rng(0)
+            stats = calibrate(view, rng.integers(0, VOCAB, (4, 32)), progress=False)
+            stats.save(root / "run" / "calib")
+            cache[arch] = (model, view, rng.integers(0, VOCAB, (2, 32)), stats, root / "run")
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def tables(tiny) -> Any:
+    cache: dict[str, dict[str, Any]] = {}
+
+    def get(arch: str) -> dict[str, Any]:
+        if arch not in cache:
+            _, view, ids, stats, _ = tiny(arch)
+            cache[arch] = measure_sensitivity(view, ids, imatrix=stats, ladder=LADDER, progress=False)
+        return cache[arch]
+
+    return get
+
+
+def _strip(table: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in table.items() if k != "timing"}, sort_keys=True)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_table_feeds_allocate_and_covers_every_tensor(arch, tiny, tables) -> None:
+    _, view, _, _, _ = tiny(arch)
+    t = tables(arch)
+    table = SensitivityTable.from_dict(json.loads(json.dumps(t)))
+    outs = gguf_outputs(view)
+    grouped = [n for g in table.groups for n in g.tensors]
+    assert sorted(grouped) == sorted(o.name for o in outs if o.quantizable)
+    assert sorted(t["fixed"]) == sorted(o.name for o in outs if not o.quantizable)
+    assert {"token_embd", "output", "blk.1.ffn_down_exps"} <= {g.name for g in table.groups}
+    for g in table.groups:
+        assert g.options[0].type == "IQ2_XXS" and g.options[0].dkld == 0.0
+        assert [o.bytes for o in g.options] == sorted(o.bytes for o in g.options)
+    for solver in ("greedy", "exact"):
+        budget = (table.min_bytes + table.max_bytes) // 2
+        plan = allocate(table, budget, solver)
+        assert plan.predicted_bytes <= budget and len(set(plan.tensors.values())) >= 2
+    assert t["base"]["kld"] > 0 and t["timing"]["probes"] == sum(len(g.options) - 1 for g in table.groups)
+    assert -1.0 <= t["proxy"]["spearman"] <= 1.0
+
+
+def test_deepseek_mla_group_and_fallbacks(tables) -> None:
+    """attn_kv_b is one group of llama.cpp's attn_k_b (rows of qk_nope = 16: IQ and K types fall back) and
+    attn_v_b; fallbacks that give the same bytes as a smaller option are not probed twice."""
+    g = next(g for g in tables("deepseek_v3")["groups"] if g["name"] == "blk.1.attn_kv_b")
+    assert g["tensors"] == ["blk.1.attn_k_b.weight", "blk.1.attn_v_b.weight"]
+    assert g["options"][0]["written"] == {"blk.1.attn_k_b.weight": "F16", "blk.1.attn_v_b.weight": "IQ2_XXS"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_measured_twice_identical(arch, tiny, tables) -> None:
+    _, view, ids, stats, _ = tiny(arch)
+    again = measure_sensitivity(view, ids, imatrix=stats, ladder=LADDER, progress=False)
+    assert _strip(again) == _strip(tables(arch))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_top_type_beats_the_base(arch, tables) -> None:
+    """Raising a group to its top type (Q8_0; the tiny DeepSeek's attn_k_b rows of 16 cannot take it) lowers the
+    KLD vs the all-IQ2_XXS model: always for the head and the embedding, for most groups, and in sum (a single
+    small group may move the KLD either way by a hair)."""
+    groups = tables(arch)["groups"]
+    top = {g["name"]: g["options"][-1]["dkld"] for g in groups}
+    assert top["output"] < 0 and top["token_embd"] < 0
+    assert sum(top.values()) < 0
+    assert np.mean([d <= 1e-4 for d in top.values()]) >= 0.75, top
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fake_quant_equals_the_writers_file(arch, tiny, tmp_path) -> None:
+    """`moepack quantize --type IQ3_S`: each GGUF tensor's bytes equal ours, and the weights the forward uses equal
+    ggml's dequantization of the file's bytes, mapped back to checkpoint tensors."""
+    model, view, _, stats, run_dir = tiny(arch)
+    out = tmp_path / "x.gguf"
+    assert main(["quantize", str(model), "--type", "IQ3_S", "--imatrix", str(run_dir), "-o", str(out)]) == 0
+    im, w = _prepare_imatrix(view, stats)
+    groups, _ = plan_groups(view, "IQ3_S", ["IQ3_S"], im)
+    store = QuantStore(view, im, proxy_weights=w, threads=2)
+    _quantize_groups(store, groups, False)
+    weights = FakeQuantWeights(view, store, _typed_base(groups))
+    reader = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    from_file: dict[str, np.ndarray] = {}
+    for g in groups:
+        for o, t in zip(g.outs, g.options[0].typed):
+            r = reader[o.name]
+            assert r.tensor_type == t.qtype
+            raw = np.asarray(r.data).view(np.uint8).reshape(-1)
+            assert np.array_equal(raw, store.raw(o.name, t.qtype)), o.name
+            from_file[o.name] = ggml.dequantize(raw, r.tensor_type, o.shape)
+    for name, outs in weights.outs.items():
+        expect = to_checkpoint(view, name, outs, [from_file[o.name] for o in outs])
+        assert torch.equal(weights(name), torch.from_numpy(expect)), name
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_gguf_layout_round_trip(arch, shared_tiny_model) -> None:
+    """to_checkpoint inverts the writer's stacking / MLA split / rotary permutation (Mixtral) exactly."""
+    view = open_checkpoint(shared_tiny_model(arch))
+    by_src: dict[str, list[Any]] = {}
+    for o in gguf_outputs(view):
+        if o.quantizable:
+            for s in o.sources:
+                by_src.setdefault(s, []).append(o)
+    for name, outs in by_src.items():
+        back = to_checkpoint(view, name, outs, [gguf_f32(view, o) for o in outs])
+        assert np.array_equal(back, view.load_numpy_f32(name)), name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_probe_equals_full_forward(arch, tiny) -> None:
+    """A probe started from cached hidden states with kept base layers gives the KLD of a from-scratch forward."""
+    _, view, ids, stats, _ = tiny(arch)
+    im, w = _prepare_imatrix(view, stats)
+    groups, _ = plan_groups(view, None, ["IQ2_XXS", "Q4_K"], im)
+    store = QuantStore(view, im, proxy_weights=w, threads=2)
+    _quantize_groups(store, groups, False)
+    ids_t = torch.as_tensor(ids)
+    ref, _ = _reference(view, ids_t, None, None, 8)
+    weights = FakeQuantWeights(view, store, _typed_base(groups))
+    prober = _Prober(view, weights, ids_t, ref, 8, 1 << 30)
+    for name in ("token_embd", "blk.1.ffn_up_exps", "blk.0.attn_output", "output"):
+        g = next(g for g in groups if g.name == name)
+        got = prober.probe(g, g.options[1])
+        weights.override = {o.name: t.qtype for o, t in zip(g.outs, g.options[1].typed)}
+        fresh = LayerRunner(view, loader=weights)
+        h = fresh.run(fresh.embed(ids_t))
+        want = ref.kld(fresh, h, _head_batch(ids_t, view.facts.vocab))
+        weights.override = {}
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-9), name
+    assert prober.probe(groups[0], groups[0].options[0]) == pytest.approx(prober.base_kld, rel=1e-6)
+
+
+def test_plan_kld(tiny, tables) -> None:
+    """The measured KLD of the all-base plan is the table's base KLD; an allocated plan measures below it."""
+    _, view, ids, stats, _ = tiny("qwen3_moe")
+    t = tables("qwen3_moe")
+    base = {n: g["options"][0]["type"] for g in t["groups"] for n in g["tensors"]}
+    assert plan_kld(view, ids, base, imatrix=stats) == pytest.approx(t["base"]["kld"], rel=1e-6)
+    table = SensitivityTable.from_dict(t)
+    plan = allocate(table, (table.min_bytes + table.max_bytes) // 2)
+    assert plan_kld(view, ids, plan.tensors, imatrix=stats) < t["base"]["kld"]
+
+
+def test_kld_formula_matches_token_kld() -> None:
+    """The one-pass formula agrees with token_kld and with float64 to 1e-5 at a real vocabulary size."""
+    g = torch.Generator().manual_seed(0)
+    ref_logits = torch.randn(3, 64, 4096, generator=g) * 4
+    logits = ref_logits + torch.randn(3, 64, 4096, generator=g) * 0.3
+
+    class Head:
+        def logits(self, h: torch.Tensor) -> torch.Tensor:
+            return h
+
+    ref = _Reference([ref_logits[:2], ref_logits[2:]])
+    want = float(token_kld(ref_logits, logits).mean())
+    lp_ref, lp = torch.log_softmax(ref_logits.double(), -1), torch.log_softmax(logits.double(), -1)
+    exact = float((lp_ref.exp() * (lp_ref - lp)).sum(-1).mean())
+    got = ref.kld(Head(), logits, 2)  # type: ignore[arg-type]
+    assert got == pytest.approx(want, rel=1e-5) and got == pytest.approx(exact, rel=1e-5)
+
+
+def test_spearman() -> None:
+    assert spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)  # scipy.stats.spearmanr
+    assert spearman([1, 1, 1], [1, 2, 3]) is None and spearman([1, 2], [2, 1]) is None
+
+
+def test_proxy_mode_and_roles(tiny) -> None:
+    _, view, ids, stats, _ = tiny("qwen3_moe")
+    t = measure_sensitivity(view, ids, imatrix=stats, ladder=["IQ2_XXS", "IQ3_S", "Q4_K", "Q8_0"], mode="proxy",
+                            base="routed_experts=Q4_K,attn_q=IQ3_S", progress=False)
+    assert t["base"]["measure"] == "proxy" and "kld" not in t["base"] and "proxy" not in t
+    by = {g["name"]: g for g in t["groups"]}
+    assert [o["type"] for o in by["blk.0.ffn_gate_exps"]["options"]] == ["Q4_K", "Q8_0"]
+    assert [o["type"] for o in by["blk.0.attn_q"]["options"]] == ["IQ3_S", "Q4_K", "Q8_0"]
+    assert [o["type"] for o in by["blk.0.attn_k"]["options"]][0] == "IQ2_XXS"
+    for g in t["groups"]:
+        d = [o["dkld"] for o in g["options"]]
+        assert d == [o["proxy"] for o in g["options"]] and d[-1] < 0
+    SensitivityTable.from_dict(t)
+    with pytest.raises(SensitivityError, match="no group of"):
+        measure_sensitivity(view, ids, imatrix=stats, base="shared_experts=Q4_K", mode="proxy", progress=False)
+
+
+def test_disk_cache_quantizes_once(tiny, tmp_path, monkeypatch) -> None:
+    from moepack import gguf_out
+
+    _, view, ids, stats, _ = tiny("qwen3_moe")
+    kw: dict[str, Any] = dict(imatrix=stats, ladder=["IQ2_XXS", "Q4_K"], progress=False)
+    in_memory = measure_sensitivity(view, ids, **kw)
+    first = measure_sensitivity(view, ids, cache_dir=tmp_path, **kw)
+    files = sorted(tmp_path.rglob("*.safetensors"))
+    assert len(files) == 2 * sum(len(g["tensors"]) for g in first["groups"])
+
+    def refuse(*a: Any, **k: Any) -> None:
+        raise AssertionError("quantized again")
+
+    monkeypatch.setattr(gguf_out, "_tensor_bytes", refuse)
+    second = measure_sensitivity(view, ids, cache_dir=tmp_path, **kw)
+    assert _strip(first) == _strip(second) == _strip(in_memory)
+
+
+def test_pruned_view_uses_the_original_imatrix(tiny) -> None:
+    from moepack.prune import PruneOptions, make_plan, pruned_view
+
+    _, view, ids, stats, _ = tiny("qwen3_moe")
+    plan = make_plan(view, stats, PruneOptions(keep=0.5))
+    pv = pruned_view(view, plan)
+    im, _ = _prepare_imatrix(pv, stats)
+    full, _ = _prepare_imatrix(view, stats)
+    kept = plan["layers"]["1"]["kept"]
+    assert np.array_equal(im["blk.1.ffn_down_exps.weight"], full["blk.1.ffn_down_exps.weight"][kept])
+    t = measure_sensitivity(pv, ids, reference_view=view, imatrix=stats, ladder=["IQ2_XXS", "Q8_0"],
+                            progress=False)
+    assert t["base"]["reference"] == str(view.root) and t["base"]["kld"] > 0
+
+
+def test_cli_writes_the_table(tiny, tmp_path, capsys) -> None:
+    model, _, _, _, run_dir = tiny("qwen3_moe")
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    out = tmp_path / "s.json"
+    rc = main(["sensitivity", str(model), "--calib", str(run_dir), "--text", str(text), "--tokens", "64",
+               "--seq-len", "32", "--ladder", "IQ2_XXS,Q8_0", "-o", str(out)])
+    assert rc == 0 and "KLD of the all-base model" in capsys.readouterr().out
+    t = json.loads(out.read_text())
+    assert t["base"]["tokens"] == 64 and t["overhead_bytes"] > 0
+    assert not list(tmp_path.glob(".s.json*"))  # written atomically, nothing left behind
+    plan_out = tmp_path / "plan.json"
+    target = SensitivityTable.from_dict(t).min_bytes + t["overhead_bytes"] + 50_000
+    assert main(["allocate", "--sensitivity", str(out), "--target-size", str(target), "-o", str(plan_out)]) == 0
