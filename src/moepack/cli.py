@@ -23,6 +23,7 @@ COMMANDS = (
     "moepack.allocate",
     "moepack.quantize",
     "moepack.sensitivity",
+    "moepack.compress",
 )
 
 

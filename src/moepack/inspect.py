@@ -12,7 +12,7 @@ import gguf
 from moepack.arch import Role
 from moepack.checkpoint import CheckpointView, open_checkpoint
 
-__all__ = ["add_cli", "describe", "estimate_size", "ESTIMATE_TYPES"]
+__all__ = ["add_cli", "describe", "estimate_size", "tensor_bytes", "ESTIMATE_TYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ ESTIMATE_TYPES = ("Q8_0", "Q4_K", "Q3_K", "Q2_K", "IQ2_XXS", "IQ1_S")
 _F32 = gguf.GGMLQuantizationType.F32
 
 
-def _tensor_bytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
+def tensor_bytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
     """Bytes of a tensor at `qtype`, or at llama.cpp's fallback type when its rows do not fit the block size."""
     from moepack.ggml import fallback_type
 
@@ -35,7 +35,7 @@ def _tensor_bytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> i
 def estimate_size(view: CheckpointView, type_name: str) -> int:
     """GGUF tensor data bytes with every quantizable tensor at `type_name` and the rest at F32."""
     qtype = gguf.GGMLQuantizationType[type_name]
-    return sum(_tensor_bytes(t.shape, qtype if t.quantizable else _F32) for t in view.tensors.values())
+    return sum(tensor_bytes(t.shape, qtype if t.quantizable else _F32) for t in view.tensors.values())
 
 
 def describe(view: CheckpointView) -> dict[str, Any]:
