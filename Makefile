@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/moepack inspect $(FIXTURES)
+	$(BIN)/python scripts/demo.py
 
 test: install
 	$(BIN)/python -m pytest -q

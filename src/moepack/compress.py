@@ -114,6 +114,9 @@ def _prune(model_dir: Path, run: RunDir, keep: float, opts: CompressOptions) -> 
     if keep >= 1.0 and opts.top_k is None:
         return open_checkpoint(model_dir), None
     out = run.path(f"pruned-r{keep:g}")
+    if out.exists() and not (out / "prune_plan.json").is_file():
+        log.info("removing %s: an interrupted prune (its plan, written last, is missing)", out)
+        shutil.rmtree(out)
     t0 = _now()
     plan = run_prune(model_dir, run.root, out, PruneOptions(keep=keep, alpha=opts.alpha, criterion=opts.criterion,
                                                             top_k=opts.top_k), progress=opts.progress)

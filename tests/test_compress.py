@@ -1,0 +1,92 @@
+"""`moepack compress` end to end on a tiny random model: fits the budget, runs in llama.cpp, resumes after a kill."""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gguf
+import pytest
+
+from conftest import DATA
+from moepack.cli import main
+
+CALIB = DATA / "tinystories-valid.txt"
+SMALL = ["--calib", str(CALIB), "--calib-tokens", "1024", "--seq-len", "128", "--sens-tokens", "256"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    from conftest import build_tiny_model
+
+    out = tmp_path_factory.mktemp("m") / "qwen3"
+    return build_tiny_model("qwen3_moe", out, tokenizer=True, hidden=256, ffn=256, n_experts=8, top_k=2, vocab=512)
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _bf16_bytes(model: Path) -> int:
+    from moepack.checkpoint import open_checkpoint
+
+    return 2 * sum(open_checkpoint(model).param_counts().values())
+
+
+def test_compress_fits_budget_and_runs(model: Path, tmp_path: Path, capsys) -> None:
+    target = _bf16_bytes(model) // 5
+    out = tmp_path / "x.gguf"
+    assert main(["compress", str(model), "--target-size", str(target), "-o", str(out), *SMALL]) == 0
+    text = capsys.readouterr().out
+    assert out.stat().st_size <= target
+    assert "6 of 8 per MoE layer" in text and "top-k 2" in text  # keep 0.75: 6 of 8, k' = round(1.5) = 2
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["qwen3moe.expert_count"].parts[-1][0] == 6
+    quant_types = {t.tensor_type.name for t in reader.tensors} - {"F32"}
+    assert len(quant_types) >= 2, quant_types  # the allocation mixed types
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_infeasible_budget_fails_at_once(model: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "x.gguf"
+    t0 = time.time()
+    assert main(["compress", str(model), "--target-size", "20kB", "-o", str(out), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "smallest achievable" in err or "metadata" in err
+    assert time.time() - t0 < 30 and not out.exists()
+
+
+def test_bad_keep_is_rejected(model: Path, tmp_path: Path, capsys) -> None:
+    assert main(["compress", str(model), "--target-size", "1MB", "--keep", "1.5", "-o", str(tmp_path / "x.gguf")]) == 2
+    assert "--keep must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_interrupted_compress_resumes_to_same_bytes(model: Path, tmp_path: Path) -> None:
+    """Kill compress mid-way (after calibration), rerun: finished stages are reused and the bytes are identical
+    to an uninterrupted run."""
+    target = str(_bf16_bytes(model) // 4)
+    out, run = tmp_path / "x.gguf", tmp_path / "x.run"
+    cmd = [sys.executable, "-m", "moepack.cli", "compress", str(model), "--target-size", target, "-o", str(out),
+           "--run-dir", str(run), *SMALL]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run / "calib" / "manifest.json").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()  # nothing half-written at the output path
+    r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "reusing calibration statistics" in r.stderr
+    resumed = _sha(out)
+    # The same command from scratch, at the same paths (plans in the metadata name the run directory).
+    import shutil
+
+    shutil.rmtree(run)
+    out.unlink()
+    assert main(["compress", str(model), "--target-size", target, "-o", str(out), "--run-dir", str(run), *SMALL]) == 0
+    assert _sha(out) == resumed
