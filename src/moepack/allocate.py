@@ -183,7 +183,7 @@ class SensitivityTable:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except OSError as e:
             raise AllocationError(f"{path}: cannot read the sensitivity table ({e.strerror})") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise AllocationError(f"{path}: not valid JSON ({e})") from None
 
     def to_dict(self) -> dict[str, Any]:

@@ -230,12 +230,17 @@ class CheckpointView:
 
     def load(self, name: str):  # -> torch.Tensor
         """One tensor's data (memory-mapped read through safetensors)."""
+        import torch
         from safetensors import safe_open
 
         ref = self.tensors[name]
         if ref.file not in self._handles:
             self._handles[ref.file] = safe_open(str(ref.file), framework="pt")
-        return self._handles[ref.file].get_tensor(name)
+        t = self._handles[ref.file].get_tensor(name)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{ref.file}: tensor {name!r} holds NaN or inf values; fix or re-export the "
+                                  "checkpoint (moepack cannot calibrate or quantize non-finite weights)")
+        return t
 
     def load_numpy_f32(self, name: str) -> np.ndarray:
         return self.load(name).float().numpy()

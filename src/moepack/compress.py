@@ -216,8 +216,14 @@ def _write(run: RunDir, cand: _Candidate, out: Path, opts: CompressOptions) -> N
 
     run.stage("write", key, staged, work)
     tmp = out.with_name(out.name + ".tmp")
-    shutil.copyfile(staged, tmp)
-    os.replace(tmp, out)
+    try:
+        shutil.copyfile(staged, tmp)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise CompressError(f"{out}: cannot write the GGUF ({e.strerror or e}); the finished file stays at "
+                            f"{staged}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _verify(out: Path, budget: Budget, ctx: int) -> str:

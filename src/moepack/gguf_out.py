@@ -512,6 +512,9 @@ def write_gguf(view: Any, out_path: str | Path, *, default_type: GGMLQuantizatio
             w.close()
         _verify(tmp, typed)
         os.replace(tmp, out_path)
+    except OSError as e:  # disk full, file-size limit, permissions: say which file, no traceback
+        raise WriteError(f"{out_path}: cannot write the GGUF ({e.strerror or e}); check free disk space and "
+                         "permissions. Nothing was left at the output path") from e
     finally:
         tmp.unlink(missing_ok=True)
     size = out_path.stat().st_size

@@ -107,7 +107,7 @@ def read_imatrix(path: str | Path) -> ImatrixFile:
         raise ImatrixError(f"imatrix file not found: {p}")
     try:
         r = gguf.GGUFReader(p)
-    except (ValueError, OSError) as e:
+    except Exception as e:  # gguf's reader raises many kinds (ValueError, IndexError, ...) on a damaged file
         raise ImatrixError(f"{p}: not a GGUF file ({e}); the legacy .dat imatrix format is not supported, "
                            f"convert it with llama-imatrix --in-file {p.name} -o out.gguf") from None
     kind = _field_str(r, gguf.Keys.General.TYPE)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -42,7 +43,7 @@ def read_quant_plan(path: str | Path) -> tuple[dict[str, str], dict[str, Any]]:
         plan = json.loads(p.read_text())
     except FileNotFoundError:
         raise MoepackError(f"{p}: no such quant plan") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MoepackError(f"{p}: invalid JSON ({e})") from None
     tensors = plan.get("tensors") if isinstance(plan, dict) else None
     if not isinstance(tensors, dict) or not tensors:
@@ -120,6 +121,8 @@ def quantize_model(model_dir: str | Path, out: str | Path, *, qtype: str | None 
     model_dir, out = Path(model_dir), Path(out)
     if not out.parent.is_dir():
         raise MoepackError(f"{out.parent}: output directory does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise MoepackError(f"{out.parent}: output directory is not writable")
     if qtype is not None:
         qtype = ggml.parse_type(qtype).name  # validate before reading anything
     if ftype is not None:

@@ -29,7 +29,10 @@ def read_text(path: str | Path) -> str:
 
 
 def text_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    p = Path(path)
+    if not p.is_file():
+        raise TextDataError(f"text file not found: {p}")
+    return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 def load_tokenizer(model_dir: str | Path):  # -> tokenizers.Tokenizer
