@@ -396,7 +396,7 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory", metavar="SIZE", help="device memory, e.g. 16GiB, 128GB, 8G (= 8 GiB)")
     g.add_argument("--ctx", type=int, metavar="N", help="context length the device must hold (sizes the KV cache)")
     g.add_argument("--reserve", metavar="SIZE", help="memory kept free for the OS and the runtime "
-                   f"(default {DEFAULT_RESERVE_FRACTION:.0%} of --memory)")
+                   f"(default {DEFAULT_RESERVE_FRACTION * 100:.0f}%% of --memory)")
     g.add_argument("--target-size", metavar="SIZE", help="GGUF file size, e.g. 103GB or 20MiB")
     g.add_argument("--target-bpw", type=float, metavar="X",
                    help="GGUF file size as bits per parameter of the original checkpoint (all its tensors)")

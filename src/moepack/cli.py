@@ -24,6 +24,7 @@ COMMANDS = (
     "moepack.quantize",
     "moepack.sensitivity",
     "moepack.compress",
+    "moepack.report",
 )
 
 

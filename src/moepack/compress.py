@@ -334,23 +334,16 @@ def _keep_arg(s: str) -> float | str:
         raise argparse.ArgumentTypeError(f"--keep takes a number in (0, 1] or 'auto', not {s!r}") from None
 
 
-def _top_k_arg(s: str) -> int | str:
-    if s == "auto":
-        return s
-    try:
-        return int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--top-k takes a whole number or 'auto', not {s!r}") from None
-
-
 def add_cli(sub: argparse._SubParsersAction) -> None:
+    from moepack.prune import top_k_arg
+
     p = sub.add_parser("compress", help="prune, adjust top-k and quantize a MoE checkpoint to fit a device budget",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", type=Path, help="Hugging Face checkpoint directory")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.gguf")
     add_budget_args(p)
     p.add_argument("--keep", type=_keep_arg, default=0.75, help="expert retention R in (0, 1], or auto (0.75)")
-    p.add_argument("--top-k", type=_top_k_arg, default=None, help="experts per token k' (default round(R*k)) or auto")
+    p.add_argument("--top-k", type=top_k_arg, default=None, help="experts per token k' (default round(R*k)) or auto")
     p.add_argument("--calib", type=Path, help="calibration text (default: the TinyStories training text)")
     p.add_argument("--calib-tokens", type=int, default=50_000, help="calibration tokens (50000)")
     p.add_argument("--seq-len", type=int, default=512, help="calibration sequence length (512)")

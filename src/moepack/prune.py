@@ -460,7 +460,7 @@ def _same_plan(old: dict[str, Any], new: dict[str, Any]) -> bool:
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------------
-def _top_k_arg(s: str) -> int | str:
+def top_k_arg(s: str) -> int | str:
     if s == "auto":
         return s
     try:
@@ -477,7 +477,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep", type=float, default=0.75, help="share R of routed experts kept per layer (default 0.75)")
     p.add_argument("--alpha", type=float, default=0.5, help="frequency weight in the score criterion (default 0.5)")
     p.add_argument("--criterion", choices=CRITERIA, default="score", help="importance criterion (default score)")
-    p.add_argument("--top-k", type=_top_k_arg, default=None,
+    p.add_argument("--top-k", type=top_k_arg, default=None,
                    help="experts per token after pruning: a number or 'auto' (default max(1, round(R*k)))")
     p.add_argument("--kld-tol", type=float, default=0.01,
                    help="--top-k auto: smallest k' whose mean KLD is within this many nats of the best (default 0.01)")
