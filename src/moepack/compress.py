@@ -334,6 +334,15 @@ def _keep_arg(s: str) -> float | str:
         raise argparse.ArgumentTypeError(f"--keep takes a number in (0, 1] or 'auto', not {s!r}") from None
 
 
+def _ladder(text: str) -> tuple[str, ...]:
+    from moepack.ggml import parse_type
+
+    ladder = tuple(parse_type(t.strip()).name for t in text.split(",") if t.strip())
+    if not ladder:
+        raise CompressError("--ladder needs at least one type, e.g. IQ2_XXS,IQ3_S,Q4_K")
+    return ladder
+
+
 def add_cli(sub: argparse._SubParsersAction) -> None:
     from moepack.prune import top_k_arg
 
@@ -351,6 +360,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--solver", choices=("greedy", "exact"), default="greedy")
     p.add_argument("--base", help="base types per role, e.g. routed_experts=IQ2_XXS,attention=Q4_K "
                    "(default: the largest ladder type that leaves 30%% of the budget for upgrades)")
+    p.add_argument("--ladder", default=",".join(CompressOptions.ladder),
+                   help="type ladder from the smallest up, comma-separated (default %(default)s)")
     p.add_argument("--criterion", choices=("score", "frequency", "reap", "random"), default="score")
     p.add_argument("--run-dir", type=Path, help="stage artifacts (default OUT.gguf.run beside the output)")
     p.add_argument("--threads", type=int, default=2)
@@ -364,6 +375,7 @@ def run(args: argparse.Namespace) -> int:
             raise CompressError(f"{flag} must be at least 1 (got {v})")
     opts = CompressOptions(keep=args.keep, top_k=args.top_k, calib_text=args.calib, calib_tokens=args.calib_tokens,
                            seq_len=args.seq_len, sens_tokens=args.sens_tokens, solver=args.solver, base=args.base,
+                           ladder=_ladder(args.ladder),
                            criterion=args.criterion, threads=args.threads)
     print(render_summary(compress(args.model_dir, args.output, args, opts, args.run_dir)))
     return 0
