@@ -386,18 +386,19 @@ def _encode(x: np.ndarray, qtype: GGMLQuantizationType, im: np.ndarray | None, t
 
 
 def _tensor_bytes(view: Any, t: TypedTensor, im: np.ndarray | None, threads: int | None) -> np.ndarray:
-    """The GGUF bytes of one tensor. Stacked experts are quantized expert by expert into one output buffer."""
+    """The GGUF bytes of one tensor. Stacked experts are gathered into one (E, rows, n) array and quantized in one
+    call, so the thread pool spans every expert (peak memory: one stacked tensor in f32 plus its bytes)."""
     o = t.out
     if o.transform != "stack":
         return _encode(_source_f32(view, o), t.qtype, im, threads)
-    per_expert = t.nbytes // o.shape[0]
-    buf = np.empty((o.shape[0], per_expert), dtype=np.uint8)  # (E, bytes per expert)
+    x = np.empty(o.shape, dtype=np.float32)  # (E, rows, n)
     for e, src in enumerate(o.sources):
-        x = view.load_numpy_f32(src)  # (rows, n)
-        if x.shape != o.shape[1:]:
-            raise WriteError(f"{src}: shape {x.shape}, expected {o.shape[1:]} like the other experts")
-        buf[e] = _encode(x, t.qtype, None if im is None else im[e], threads).reshape(-1).view(np.uint8)
-    return buf
+        w = view.load_numpy_f32(src)  # (rows, n)
+        if w.shape != o.shape[1:]:
+            raise WriteError(f"{src}: shape {w.shape}, expected {o.shape[1:]} like the other experts")
+        x[e] = w
+    q = np.ascontiguousarray(_encode(x, t.qtype, im, threads))
+    return q.view(np.uint8).reshape(o.shape[0], -1)  # (E, bytes per expert)
 
 
 # ---------------------------------------------------------------------------------------------------- file
