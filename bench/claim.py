@@ -340,8 +340,9 @@ def discussion(fx: dict) -> list[str]:
             + f". On this 4-layer, 16-expert fixture trained to use every expert, removing a quarter of them costs "
             f"more KLD than quantization alone at {', '.join(f'{b:g}' for b, v in sorted(qonly.items()) if v < floor) or 'no'}"
             " bpw. moepack's own mixed precision without pruning "
-            "(quant-only rows) is the fair measure of its allocator here. What would close it: let `--keep auto` "
-            "choose 1.0 when pruning's KLD exceeds its savings (it measures this; rerun with --auto), a larger "
+            "(quant-only rows) is the fair measure of its allocator here. `--keep auto` measures the KLD at every "
+            "retention and so picks 1.0 whenever pruning's KLD exceeds its savings (the keep auto rows, when run "
+            "with --auto). What would close the rest: a larger "
             "fixture with more, more specialised experts (where the paper's pruning is cheap), and comparing at "
             "`--target-size` equal to the uniform file's own size where the uniform mixture lands below the budget "
             "(the size test above is against the baseline's file, not the budget).", ""]
