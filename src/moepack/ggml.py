@@ -285,35 +285,15 @@ def parse_ftype(name: str) -> int:
 
 
 def load_imatrix(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """llama.cpp imatrix GGUF → ({tensor: (E, n) float32 mean squared input}, {dataset, chunks}).
+    """llama.cpp imatrix GGUF → ({tensor: (E, n) float32 mean squared input}, {datasets, chunks}), as
+    llama-quantize's loader computes it (in_sum2 / counts, ones where an expert saw no tokens)."""
+    from moepack.imatrix import read_imatrix
 
-    Same arithmetic as llama-quantize's loader: in_sum2 / counts per expert, 1.0 where an expert saw no tokens.
-    """
-    path = Path(path)
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise MoepackError(f"{path} is not a GGUF imatrix (legacy .dat?); convert it with "
-                               "`llama-imatrix --in-file old.dat -o new.gguf`")
-    reader = gguf.GGUFReader(path)
-    tensors = {t.name: t for t in reader.tensors}
-    values: dict[str, np.ndarray] = {}
-    for name, t in tensors.items():
-        if not name.endswith(".in_sum2") or name.removesuffix(".in_sum2") + ".counts" not in tensors:
-            continue
-        base = name.removesuffix(".in_sum2")
-        counts = np.asarray(tensors[base + ".counts"].data, dtype=np.float32).reshape(-1)  # (E,)
-        sums = np.asarray(t.data, dtype=np.float32).reshape(counts.size, -1)  # (E, n)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            values[base] = np.where(counts[:, None] > 0, sums / counts[:, None], np.float32(1)).astype(np.float32)
-    if not values:
+    im = read_imatrix(path)
+    if not im.entries:
         raise MoepackError(f"{path} holds no imatrix entries (<name>.in_sum2 / <name>.counts tensors)")
-
-    def field(key: str) -> Any:
-        f = reader.get_field(key)
-        return None if f is None else f.contents()
-
-    return values, {"datasets": field(gguf.Keys.IMatrix.DATASETS) or [],
-                    "chunks": field(gguf.Keys.IMatrix.CHUNK_COUNT) or 0}
+    return ({n: e.mean() for n, e in im.entries.items()},
+            {"datasets": list(im.datasets), "chunks": int(im.chunk_count)})
 
 
 class _LlamaLog:
