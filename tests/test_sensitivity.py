@@ -243,7 +243,7 @@ def test_disk_cache_quantizes_once(tiny, tmp_path, monkeypatch) -> None:
     def refuse(*a: Any, **k: Any) -> None:
         raise AssertionError("quantized again")
 
-    monkeypatch.setattr(gguf_out, "_tensor_bytes", refuse)
+    monkeypatch.setattr(gguf_out, "tensor_data", refuse)
     second = measure_sensitivity(view, ids, cache_dir=tmp_path, **kw)
     assert _strip(first) == _strip(second) == _strip(in_memory)
 

@@ -57,7 +57,7 @@ def gguf_f32(view: Any, o: OutTensor) -> np.ndarray:
     """The float32 data of a GGUF tensor in its GGUF layout (numpy shape o.shape), built by the writer's code."""
     if o.transform == "stack":
         return np.stack([view.load_numpy_f32(s) for s in o.sources])  # (E, rows, n)
-    return go._source_f32(view, o)
+    return go.source_f32(view, o)
 
 
 def _inverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -91,7 +91,7 @@ def to_checkpoint(view: Any, name: str, outs: Sequence[OutTensor], arrays: Seque
 
 
 class QuantStore:
-    """Each (GGUF tensor, written type) quantized once by the writer's own `_tensor_bytes`; dequantized on demand.
+    """Each (GGUF tensor, written type) quantized once by the writer's own `tensor_data`; dequantized on demand.
 
     Bytes live in memory, or under `cache_dir/<digest of model files, imatrix, writer>/` when given (large models).
     Dequantized tensors are kept in an LRU of `deq_cache_bytes`. With each quantization the store records the
@@ -146,7 +146,7 @@ class QuantStore:
             if self.dir is not None and self._path(o.name, t.qtype).is_file():
                 self._err[key] = float(load_file(str(self._path(o.name, t.qtype)))["err"][0])
                 continue
-            raw = np.ascontiguousarray(go._tensor_bytes(source, t, go._importance(t, self.imatrix), self.threads))
+            raw = np.ascontiguousarray(go.tensor_data(source, t, go.importance_rows(t, self.imatrix), self.threads))
             raw = raw.view(np.uint8).reshape(-1)  # (bytes,)
             if raw.size != t.nbytes:
                 raise FakeQuantError(f"{o.name}: {raw.size} bytes quantized, the writer counts {t.nbytes}")
@@ -165,7 +165,7 @@ class QuantStore:
         d2 = np.square(x - q, dtype=np.float64)  # o.shape
         if o.name == "token_embd.weight" and self.token_freq is not None and len(self.token_freq) == o.shape[0]:
             return float(d2.sum(axis=-1) @ self.token_freq)  # rows weigh by token frequency
-        w = go._imatrix_for(o, self.proxy_weights)  # (S, n) | (n,) | None
+        w = go.imatrix_rows(o, self.proxy_weights)  # (S, n) | (n,) | None
         col = d2.sum(axis=-2)  # (S, n) | (n,)
         return float((col * w).sum() if w is not None else col.sum())
 

@@ -40,13 +40,18 @@ __all__ = [
     "write_gguf",
     "overhead_bytes",
     "WRITER_ID",
+    "ALIGNMENT",
+    "source_f32",
+    "tensor_data",
+    "importance_rows",
+    "imatrix_rows",
 ]
 
 log = logging.getLogger(__name__)
 
 T = GGMLQuantizationType
 WRITER_ID = "moepack.gguf_out/1"  # bump when the bytes written for the same input change on purpose
-_ALIGN = gguf.GGUF_DEFAULT_ALIGNMENT
+ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT
 
 
 class WriteError(MoepackError, ValueError):
@@ -143,7 +148,7 @@ def prune_imatrix(imatrix: Mapping[str, np.ndarray], prune_plan: Mapping[str, An
     return out
 
 
-def _imatrix_for(o: OutTensor, imatrix: Mapping[str, np.ndarray] | None) -> np.ndarray | None:
+def imatrix_rows(o: OutTensor, imatrix: Mapping[str, np.ndarray] | None) -> np.ndarray | None:
     """The tensor's importance rows: (S, n) for 3-D tensors (one row per expert or head slice, as llama-quantize
     slices it), (n,) for 2-D; None if there are none."""
     if not imatrix:
@@ -173,15 +178,15 @@ def imatrix_by_output(view: Any, imatrix: Mapping[str, np.ndarray]) -> dict[str,
     e.g. DeepSeek's attn_v_b gets attn_kv_b's rows. For handing to llama_model_quantize."""
     out: dict[str, np.ndarray] = {}
     for o in gguf_outputs(view):
-        if o.quantizable and (rows := _imatrix_for(o, imatrix)) is not None:
+        if o.quantizable and (rows := imatrix_rows(o, imatrix)) is not None:
             out[o.name] = rows.reshape(-1, o.n_per_row)  # (S, n)
     return out
 
 
-def _importance(t: TypedTensor, imatrix: Mapping[str, np.ndarray] | None) -> np.ndarray | None:
+def importance_rows(t: TypedTensor, imatrix: Mapping[str, np.ndarray] | None) -> np.ndarray | None:
     """Importance rows for quantizing `t`. The token embedding is looked up, not multiplied, so no imatrix (ours
     or llama-imatrix's) has it; when its type needs one, every column weighs the same."""
-    rows = _imatrix_for(t.out, imatrix)
+    rows = imatrix_rows(t.out, imatrix)
     if rows is None and imatrix and t.out.name == "token_embd.weight" and ggml.requires_imatrix(t.qtype):
         rows = np.ones(t.out.n_per_row, dtype=np.float32)  # (n,)
     return rows
@@ -189,7 +194,7 @@ def _importance(t: TypedTensor, imatrix: Mapping[str, np.ndarray] | None) -> np.
 
 def _check_imatrix_needs(typed: list[TypedTensor], imatrix: Mapping[str, np.ndarray] | None) -> None:
     need = [t.out.name for t in typed if t.qtype != T.F32 and ggml.requires_imatrix(t.qtype)
-            and _importance(t, imatrix) is None]
+            and importance_rows(t, imatrix) is None]
     if need:
         raise WriteError(f"{len(need)} tensor(s) get types that need an importance matrix but have none, e.g. "
                          f"{', '.join(need[:3])}; pass --imatrix or choose other types")
@@ -358,7 +363,7 @@ def _permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
             .reshape(w.shape))  # (n_head*hd, H)
 
 
-def _source_f32(view: Any, o: OutTensor) -> np.ndarray:
+def source_f32(view: Any, o: OutTensor) -> np.ndarray:
     """Float32 data of a non-stacked output tensor, transformed into llama.cpp's layout."""
     x = view.load_numpy_f32(o.sources[0])
     cfg = view.config
@@ -385,12 +390,12 @@ def _encode(x: np.ndarray, qtype: GGMLQuantizationType, im: np.ndarray | None, t
     return ggml.quantize(x, qtype, imatrix=im, threads=threads)
 
 
-def _tensor_bytes(view: Any, t: TypedTensor, im: np.ndarray | None, threads: int | None) -> np.ndarray:
+def tensor_data(view: Any, t: TypedTensor, im: np.ndarray | None, threads: int | None) -> np.ndarray:
     """The GGUF bytes of one tensor. Stacked experts are gathered into one (E, rows, n) array and quantized in one
     call, so the thread pool spans every expert (peak memory: one stacked tensor in f32 plus its bytes)."""
     o = t.out
     if o.transform != "stack":
-        return _encode(_source_f32(view, o), t.qtype, im, threads)
+        return _encode(source_f32(view, o), t.qtype, im, threads)
     x = np.empty(o.shape, dtype=np.float32)  # (E, rows, n)
     for e, src in enumerate(o.sources):
         w = view.load_numpy_f32(src)  # (rows, n)
@@ -426,7 +431,7 @@ def _verify(path: Path, typed: list[TypedTensor]) -> None:
             raise WriteError(f"{path}: {t.out.name} reads back as {r.tensor_type.name} {shape} {r.n_bytes} B, "
                              f"expected {t.qtype.name} {t.out.shape} {t.nbytes} B")
         end = max(end, int(r.data_offset) + int(r.n_bytes))
-    if path.stat().st_size != gguf.GGUFWriter.ggml_pad(end, _ALIGN):
+    if path.stat().st_size != gguf.GGUFWriter.ggml_pad(end, ALIGNMENT):
         raise WriteError(f"{path}: size {path.stat().st_size} does not match its tensors (end {end})")
 
 
@@ -484,7 +489,7 @@ def overhead_bytes(view: Any, *, default_type: GGMLQuantizationType | str | None
         w = _start_file(Path(d) / "header.gguf", view, typed, n_expert, extra)
         end = w.fout[0].tell()
         w.close()
-    return gguf.GGUFWriter.ggml_pad(end, _ALIGN)
+    return gguf.GGUFWriter.ggml_pad(end, ALIGNMENT)
 
 
 def write_gguf(view: Any, out_path: str | Path, *, default_type: GGMLQuantizationType | str | None = "F32",
@@ -531,7 +536,7 @@ def _write_tensors(w: gguf.GGUFWriter, view: Any, typed: list[TypedTensor],
     with tqdm(total=sum(t.nbytes for t in typed), unit="B", unit_scale=True, desc="gguf",
               disable=not progress) as bar:
         for t in typed:
-            data = _tensor_bytes(view, t, _importance(t, imatrix), threads)
+            data = tensor_data(view, t, importance_rows(t, imatrix), threads)
             if data.nbytes != t.nbytes:
                 raise WriteError(f"{t.out.name}: encoded {data.nbytes} bytes, expected {t.nbytes}")
             w.write_tensor_data(data)

@@ -131,7 +131,7 @@ def _typed(o: OutTensor, qtype: str, imatrix: Mapping[str, np.ndarray] | None) -
         t = go.resolve_types([o], qtype)[0]
     except MoepackError:
         return None
-    if t.qtype != GGMLQuantizationType.F32 and ggml.requires_imatrix(t.qtype) and go._importance(t, imatrix) is None:
+    if t.qtype != GGMLQuantizationType.F32 and ggml.requires_imatrix(t.qtype) and go.importance_rows(t, imatrix) is None:
         return None
     return t
 
@@ -439,7 +439,7 @@ def _overhead(view: Any, groups: list[GroupSpec], fixed: list[OutTensor], base: 
         return None
     finally:
         quiet.setLevel(level)
-    pad = go._ALIGN
+    pad = go.ALIGNMENT
     worst = sum(max(-t.nbytes % pad for t in (opt.typed[i] for opt in g.options))
                 for g in groups for i in range(len(g.outs)))
     return head + worst + sum(-(o.numel * 4) % pad for o in fixed) + 1024
