@@ -242,6 +242,10 @@ class CheckpointView:
                                   "checkpoint (moepack cannot calibrate or quantize non-finite weights)")
         return t
 
+    def close(self) -> None:
+        """Drop the memory-mapped shard handles, so pages read so far stop counting in RSS (reopened on demand)."""
+        self._handles.clear()
+
     def load_numpy_f32(self, name: str) -> np.ndarray:
         return self.load(name).float().numpy()
 

@@ -134,9 +134,7 @@ def layer_sources(view: CheckpointView, layer: int) -> dict[str, ParamSource]:
 
 def _unmap(view: CheckpointView) -> None:
     """Close the view's memory-mapped shards so that pages read for a finished layer stop counting in RSS."""
-    handles = getattr(view, "_handles", None)
-    if handles is not None:
-        handles.clear()
+    view.close()
 
 
 def token_kld(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
