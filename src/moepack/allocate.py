@@ -49,8 +49,6 @@ import heapq
 import json
 import logging
 import math
-import os
-import tempfile
 from array import array
 from dataclasses import dataclass, field
 from operator import lt
@@ -328,21 +326,9 @@ class QuantPlan:
 
     def save(self, path: str | Path) -> Path:
         """Write quant_plan.json atomically (a temporary file in the same directory, renamed into place)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=2)
-                f.write("\n")
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the plan the usual permissions
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        from moepack.runstate import save_json
+
+        return save_json(self.to_dict(), path)
 
     def type_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

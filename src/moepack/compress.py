@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,7 @@ class CompressResult:
     predicted_bytes: int
     bpw: float
     types: dict[str, dict[str, int]]  # tensor class → type → count
-    measured_kld: float | None
+    measured_kld: float  # KLD vs the original on held-out tokens, fake-quantized forward
     candidates: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     sample: str = ""
@@ -101,10 +102,10 @@ def _calibrate(model_dir: Path, run: RunDir, opts: CompressOptions):  # -> Calib
     from moepack.calibrate import run_calibrate
 
     text = opts.calib_text or DEFAULT_TEXT
-    t0 = _now()
+    t0 = time.perf_counter()
     stats = run_calibrate(model_dir, text, run.root, tokens=opts.calib_tokens, seq_len=opts.seq_len,
                           heldout_tokens=opts.sens_tokens, progress=opts.progress)
-    run.timings["calibrate"] = _now() - t0
+    run.timings["calibrate"] = time.perf_counter() - t0
     return stats
 
 
@@ -117,10 +118,10 @@ def _prune(model_dir: Path, run: RunDir, keep: float, opts: CompressOptions) -> 
     if out.exists() and not (out / "prune_plan.json").is_file():
         log.info("removing %s: an interrupted prune (its plan, written last, is missing)", out)
         shutil.rmtree(out)
-    t0 = _now()
+    t0 = time.perf_counter()
     plan = run_prune(model_dir, run.root, out, PruneOptions(keep=keep, alpha=opts.alpha, criterion=opts.criterion,
                                                             top_k=opts.top_k), progress=opts.progress)
-    run.timings[f"prune r={keep:g}"] = _now() - t0
+    run.timings[f"prune r={keep:g}"] = time.perf_counter() - t0
     return open_checkpoint(out), plan
 
 
@@ -163,12 +164,6 @@ def _measure(view: CheckpointView, ref: CheckpointView, stats, plan_tensors: dic
                           prune_plan=prune_plan, threads=opts.threads))
 
 
-def _now() -> float:
-    import time
-
-    return time.perf_counter()
-
-
 def _imatrix_for(view: CheckpointView, run: RunDir, prune_plan: dict | None):
     """The original model's importance matrix, sliced to the kept experts (as `moepack quantize` does)."""
     from moepack.gguf_out import load_imatrix, prune_imatrix
@@ -185,21 +180,20 @@ class _Candidate:
     plan: Any  # allocate.QuantPlan
     plan_path: Path
     overhead: int  # predicted non-tensor GGUF bytes
-    kld: float | None = None
+    kld: float = float("nan")  # measured after allocation
 
 
 def _candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats, budget: Budget, keep: float,
-               opts: CompressOptions, measure: bool) -> _Candidate:
+               opts: CompressOptions) -> _Candidate:
     view, prune_plan = _prune(model_dir, run, keep, opts)
     base = opts.base or choose_base(view, budget.weights, opts.ladder)
     table = _sensitivity(run, view, ref, stats, prune_plan, base, keep, opts)
     plan, path, overhead = _allocate(run, table, budget, keep, opts)
     cand = _Candidate(keep, view, prune_plan, plan, path, overhead)
-    if measure:
-        t0 = _now()
-        cand.kld = _measure(view, ref, stats, plan.tensors, prune_plan, opts)
-        run.timings[f"measure r={keep:g}"] = _now() - t0
-        log.info("keep %.3f: %s of tensors, measured KLD %.5f", keep, format_size(plan.predicted_bytes), cand.kld)
+    t0 = time.perf_counter()
+    cand.kld = _measure(view, ref, stats, plan.tensors, prune_plan, opts)
+    run.timings[f"measure r={keep:g}"] = time.perf_counter() - t0
+    log.info("keep %.3f: %s of tensors, measured KLD %.5f", keep, format_size(plan.predicted_bytes), cand.kld)
     return cand
 
 
@@ -253,9 +247,8 @@ def compress(model_dir: str | Path, out: str | Path, budget_args: argparse.Names
     _check_feasible(ref, budget, opts)
     run = RunDir(Path(run_dir) if run_dir else out.with_name(out.name + ".run"))
     stats = _calibrate(model_dir, run, opts)
-    cands = [_candidate(model_dir, ref, run, stats, budget, k, opts, measure=True)
-             for k in keeps]
-    best = min(cands, key=lambda c: c.kld if c.kld is not None else float("inf"))
+    cands = [_candidate(model_dir, ref, run, stats, budget, k, opts) for k in keeps]
+    best = min(cands, key=lambda c: c.kld)
     _write(run, best, out, opts)
     sample = _verify(out, budget, opts.verify_ctx if budget.ctx is None else budget.ctx)
     result = _result(out, run, ref, best, budget, cands, sample)
@@ -312,8 +305,7 @@ def render_summary(r: CompressResult) -> str:
         f"  experts kept  {r.n_experts[0]} of {r.n_experts[1]} per MoE layer (keep {r.keep:g}), top-k {r.top_k}",
         f"  bytes         predicted tensors+metadata {r.predicted_bytes:,}; actual file {r.file_bytes:,}",
     ]
-    if r.measured_kld is not None:
-        lines.append(f"  KLD vs original (fake-quantized forward on held-out calibration tokens): {r.measured_kld:.5f}")
+    lines.append(f"  KLD vs original (fake-quantized forward on held-out calibration tokens): {r.measured_kld:.5f}")
     if len(r.candidates) > 1:
         lines.append("  retention search: " + ", ".join(f"keep {c['keep']:g} -> KLD {c['kld']:.5f}"
                                                        for c in r.candidates))

@@ -27,6 +27,7 @@ from moepack.calibrate import CalibStats, RouterStats, calib_dir
 from moepack.checkpoint import CheckpointView, TensorRef, open_checkpoint
 from moepack.errors import MoepackError
 from moepack.moe_forward import moe_layers
+from moepack.runstate import save_json
 
 __all__ = [
     "PruneError",
@@ -361,8 +362,8 @@ def write_checkpoint(view: CheckpointView, out_dir: str | Path, max_shard_bytes:
         weight_map.update({n: fname for n in shard})
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(view.tensors[n].nbytes for n in names)}, "weight_map": weight_map}
-        _write_json(out / "model.safetensors.index.json", index)
-    _write_json(out / "config.json", view.config)
+        save_json(index, out / "model.safetensors.index.json")
+    save_json(view.config, out / "config.json")
     for name in _COPY:
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)
@@ -371,10 +372,6 @@ def write_checkpoint(view: CheckpointView, out_dir: str | Path, max_shard_bytes:
     return out
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 # ---- top-k -----------------------------------------------------------------------------------------------------
@@ -448,7 +445,7 @@ def run_prune(model_dir: str | Path, calib: str | Path, out_dir: str | Path, opt
     pv = pruned_view(view, plan)
     plan["active_bytes_per_token"]["pruned"] = active_bytes_per_token(pv)
     write_checkpoint(pv, out, progress=progress)
-    _write_json(old, plan)  # last: marks the output complete
+    save_json(plan, old)  # last: marks the output complete
     log.info("pruned %s: %d of %d experts per layer, top-k %d -> %s", view.root, plan["n_kept"],
              plan["n_experts"], plan["top_k_new"], out)
     return plan

@@ -11,12 +11,13 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["RunDir", "key_hash", "file_sha256", "atomic_write_text"]
+__all__ = ["RunDir", "key_hash", "file_sha256", "atomic_write_text", "save_json"]
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,28 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a text file atomically: a temporary file in the same directory, renamed into place (removed on
+    failure), with the permissions a plain open() would give."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_json(obj: Any, path: str | Path, indent: int = 2) -> Path:
+    """`obj` as JSON (plus a final newline), written atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
 def _artifact_files(artifact: Path) -> list[Path]:
@@ -58,7 +77,6 @@ class RunDir:
 
     root: Path
     timings: dict[str, float] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -89,7 +107,6 @@ class RunDir:
         """Run `fn` unless the stage is done with this key; returns True when it ran."""
         if self.is_done(name, key, artifact):
             log.info("stage %s: reusing %s", name, artifact)
-            self.skipped.append(name)
             self.timings[name] = 0.0
             return False
         self._record(name).unlink(missing_ok=True)

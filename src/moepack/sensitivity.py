@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from moepack import ggml
 from moepack import gguf_out as go
+from moepack import runstate
 from moepack.arch import Role
 from moepack.errors import MoepackError
 from moepack.fakequant import FakeQuantWeights, QuantStore
@@ -587,20 +586,8 @@ def _measure_sensitivity(view: Any, ids: torch.Tensor, reference_logits: Any, re
 
 
 def save_json(obj: Any, path: str | Path) -> Path:
-    """Write JSON atomically: a temporary file in the same directory, renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write sensitivity.json atomically."""
+    return runstate.save_json(obj, path, indent=1)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
