@@ -241,6 +241,25 @@ def test_same_input_same_bytes(models, tmp_path: Path) -> None:
     assert digests[0] == digests[1]
 
 
+def test_row_blocks_write_the_same_bytes(models, tmp_path: Path, monkeypatch) -> None:
+    """Large plain tensors (token_embd, output) are converted and quantized in row blocks to bound memory; since
+    every GGML type quantizes row by row, the file must not change."""
+    import moepack.gguf_out as go
+
+    view = open_checkpoint(models("qwen3_moe"))
+    types = {"token_embd.weight": "Q4_K", "output.weight": "Q8_0"}
+    whole = write_gguf(view, tmp_path / "whole.gguf", default_type="Q6_K", tensor_types=types, threads=2,
+                       progress=False)
+    monkeypatch.setattr(go, "BLOCK_BYTES", 4 * 64 * 7)  # 7 rows of width 64 per block: a ragged last block
+    calls: list[int] = []
+    real = go._encode
+    monkeypatch.setattr(go, "_encode", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    blocks = write_gguf(view, tmp_path / "blocks.gguf", default_type="Q6_K", tensor_types=types, threads=2,
+                        progress=False)
+    assert 7 in calls  # the block path ran
+    assert whole.path.read_bytes() == blocks.path.read_bytes()
+
+
 def test_plan_and_imatrix_validated_before_writing(models, tmp_path: Path) -> None:
     view = open_checkpoint(models("deepseek_v3:256"))
     out = tmp_path / "x.gguf"

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ __all__ = [
     "CheckpointView",
     "open_checkpoint",
     "read_safetensors_header",
+    "read_tensor",
     "config_get",
 ]
 
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors reference implementation's own limit
+_READ_CHUNK = 256 * 2**20  # bytes per read() call: Linux returns short reads above ~2 GiB
+_FINITE_CHUNK = 64 * 2**20  # elements per finiteness check: bounds the temporary bool mask
 
 
 class CheckpointError(MoepackError, ValueError):
@@ -137,6 +140,45 @@ def _check_entry(path: Path, name: str, info: Any, data_len: int) -> None:
         raise CheckpointError(f"{path}: tensor {name!r} has an invalid header entry (dtype, shape or offsets)")
 
 
+def _torch_dtype(dtype: str):  # -> torch.dtype
+    import torch
+
+    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+             "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
+    return table[dtype]
+
+
+def _check_finite(ref: TensorRef, t) -> None:
+    import torch
+
+    flat = t.reshape(-1)  # (numel,)
+    for a in range(0, flat.numel(), _FINITE_CHUNK):
+        if not bool(torch.isfinite(flat[a:a + _FINITE_CHUNK]).all()):
+            raise CheckpointError(f"{ref.file}: tensor {ref.name!r} holds NaN or inf values; fix or re-export the "
+                                  "checkpoint (moepack cannot calibrate or quantize non-finite weights)")
+
+
+def read_tensor(ref: TensorRef):  # -> torch.Tensor
+    """The data of `ref` from its shard, checked to be complete and (for floats) finite."""
+    import torch
+
+    t = torch.empty(ref.shape, dtype=_torch_dtype(ref.dtype))
+    buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())  # (nbytes,) writable view of t
+    with open(ref.file, "rb", buffering=0) as f:
+        f.seek(ref.offset)
+        pos = 0
+        while pos < ref.nbytes:
+            n = f.readinto(buf[pos:pos + _READ_CHUNK])
+            if not n:
+                raise CheckpointError(f"{ref.file}: truncated; tensor {ref.name!r} ends past the end of the file")
+            pos += n
+    if t.is_floating_point():
+        _check_finite(ref, t)
+    return t
+
+
 def _shard_files(root: Path) -> list[Path]:
     index = root / "model.safetensors.index.json"
     if index.is_file():
@@ -216,7 +258,6 @@ class CheckpointView:
     spec: ArchSpec
     facts: MoEFacts
     tensors: dict[str, TensorRef]
-    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
 
     def names(self, role: Role | None = None, layer: int | None = None) -> list[str]:
         return [n for n, t in self.tensors.items()
@@ -229,22 +270,9 @@ class CheckpointView:
         raise CheckpointError(f"{self.root}: no tensor for layer {layer} expert {expert} {proj}")
 
     def load(self, name: str):  # -> torch.Tensor
-        """One tensor's data (memory-mapped read through safetensors)."""
-        import torch
-        from safetensors import safe_open
-
-        ref = self.tensors[name]
-        if ref.file not in self._handles:
-            self._handles[ref.file] = safe_open(str(ref.file), framework="pt")
-        t = self._handles[ref.file].get_tensor(name)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"{ref.file}: tensor {name!r} holds NaN or inf values; fix or re-export the "
-                                  "checkpoint (moepack cannot calibrate or quantize non-finite weights)")
-        return t
-
-    def close(self) -> None:
-        """Drop the memory-mapped shard handles, so pages read so far stop counting in RSS (reopened on demand)."""
-        self._handles.clear()
+        """One tensor's data, read with plain file reads into a fresh tensor: no memory map stays behind, so RSS
+        holds only the tensors still referenced (the OS page cache is not charged to the process)."""
+        return read_tensor(self.tensors[name])
 
     def load_numpy_f32(self, name: str) -> np.ndarray:
         return self.load(name).float().numpy()

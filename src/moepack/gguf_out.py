@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 T = GGMLQuantizationType
 WRITER_ID = "moepack.gguf_out/1"  # bump when the bytes written for the same input change on purpose
 ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT
+BLOCK_BYTES = 256 * 2**20  # float32 bytes converted at a time for large plain tensors (row blocks)
 
 
 class WriteError(MoepackError, ValueError):
@@ -390,10 +391,30 @@ def _encode(x: np.ndarray, qtype: GGMLQuantizationType, im: np.ndarray | None, t
     return ggml.quantize(x, qtype, imatrix=im, threads=threads)
 
 
+def _encode_blocks(view: Any, o: OutTensor, qtype: GGMLQuantizationType, im: np.ndarray | None,
+                   threads: int | None) -> np.ndarray:
+    """A large plain 2-D tensor (token_embd, output) converted and quantized in row blocks: peak memory is the
+    stored tensor plus one float32 block and the output, not a float32 copy of the whole (V, H) matrix."""
+    w = view.load(o.sources[0])  # (rows, n) as stored, e.g. bf16
+    if tuple(w.shape) != o.shape:
+        raise WriteError(f"{o.name}: stored shape {tuple(w.shape)}, expected {o.shape}")
+    rows, n = o.shape
+    step = max(1, BLOCK_BYTES // (4 * n))
+    out: np.ndarray | None = None
+    for r0 in range(0, rows, step):
+        q = _encode(w[r0:r0 + step].float().numpy(), qtype, im, threads)  # (rows_b, row bytes) or f32 (rows_b, n)
+        if out is None:
+            out = np.empty((rows, q.shape[1]), dtype=q.dtype)  # (rows, row bytes)
+        out[r0:r0 + q.shape[0]] = q
+    return out
+
+
 def tensor_data(view: Any, t: TypedTensor, im: np.ndarray | None, threads: int | None) -> np.ndarray:
     """The GGUF bytes of one tensor. Stacked experts are gathered into one (E, rows, n) array and quantized in one
     call, so the thread pool spans every expert (peak memory: one stacked tensor in f32 plus its bytes)."""
     o = t.out
+    if o.transform == "" and len(o.shape) == 2 and 4 * o.shape[0] * o.shape[1] > BLOCK_BYTES:
+        return _encode_blocks(view, o, t.qtype, im, threads)
     if o.transform != "stack":
         return _encode(source_f32(view, o), t.qtype, im, threads)
     x = np.empty(o.shape, dtype=np.float32)  # (E, rows, n)

@@ -132,11 +132,6 @@ def layer_sources(view: CheckpointView, layer: int) -> dict[str, ParamSource]:
     return out
 
 
-def _unmap(view: CheckpointView) -> None:
-    """Close the view's memory-mapped shards so that pages read for a finished layer stop counting in RSS."""
-    view.close()
-
-
 def token_kld(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """KL(ref || other) per token, in nats: (..., V) → (...)."""
     lp_ref = torch.log_softmax(ref_logits.float(), dim=-1)
@@ -169,6 +164,7 @@ class LayerRunner:
         rotary = self._skeleton.model.rotary_emb
         self._rotary = type(rotary)(config=self.config).to(self.device)
         self._head: tuple[nn.Module, nn.Module] | None = None
+        self._norm: nn.Module | None = None
         self._pos_cache: dict[tuple[int, int], tuple[Any, Any, dict[str, Any]]] = {}
 
     # ---- weights -------------------------------------------------------------------------------------------
@@ -229,16 +225,19 @@ class LayerRunner:
         return self._materialize(meta, {key: ParamSource(key, (name,))}, name, override)
 
     def release(self) -> None:
-        """Drop the cached final norm and lm_head and the open checkpoint files."""
-        self._head = None
-        _unmap(self.view)
+        """Drop the cached final norm and lm_head."""
+        self._head = self._norm = None
 
     # ---- forward -------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def embed(self, ids: torch.Tensor, weight_override: WeightOverride | None = None) -> torch.Tensor:
         """Token ids (N, L) → hidden states (N, L, H) in the compute dtype."""
+        ids = torch.as_tensor(ids, device=self.device)
+        if weight_override is None:  # gather the rows used: no (V, H) float32 copy of a large vocabulary
+            w = self.load_weight("model.embed_tokens.weight")  # (V, H) as stored
+            return torch.nn.functional.embedding(ids, w).to(device=self.device, dtype=self.dtype)  # (N, L, H)
         emb = self._top(self._skeleton.model.embed_tokens, "model.embed_tokens.weight", weight_override)
-        return emb(torch.as_tensor(ids, device=self.device))  # (N, L, H)
+        return emb(ids)  # (N, L, H)
 
     def _positions(self, hidden: torch.Tensor) -> tuple[Any, Any, dict[str, Any]]:
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -294,20 +293,22 @@ class LayerRunner:
                 out[sl] = layer(h, attention_mask=self._mask_for(i, masks), position_ids=pos,
                                 position_embeddings=pe)
             del layer
-            _unmap(self.view)
         return out
 
+    def _norm_module(self) -> nn.Module:
+        if self._norm is None:
+            self._norm = self._top(self._skeleton.model.norm, "model.norm.weight", None)
+        return self._norm
+
     def _head_modules(self) -> tuple[nn.Module, nn.Module]:
-        if self._head is None:
-            norm = self._top(self._skeleton.model.norm, "model.norm.weight", None)
-            head = self._top(self._skeleton.lm_head, "lm_head.weight", None)
-            self._head = (norm, head)
+        if self._head is None:  # lm_head is loaded only when logits are wanted: (V, H) f32 is large
+            self._head = (self._norm_module(), self._top(self._skeleton.lm_head, "lm_head.weight", None))
         return self._head
 
     @torch.inference_mode()
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's final norm: hidden states after the last layer (..., H) → lm_head input (..., H)."""
-        return self._head_modules()[0](hidden)
+        return self._norm_module()(hidden)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

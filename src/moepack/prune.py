@@ -293,7 +293,7 @@ def pruned_view(view: CheckpointView, plan: dict[str, Any], top_k: int | None = 
     facts = dataclasses.replace(view.facts, n_experts=plan["n_kept"], top_k=k, n_group=g["n_group_new"],
                                 topk_group=g["topk_group_new"])
     return PrunedView(view.root, _pruned_config(view, plan, k), view.spec, facts, tensors,
-                      _handles=view._handles, base=view, sources=sources)
+                      base=view, sources=sources)
 
 
 # ---- streaming writer ------------------------------------------------------------------------------------------
@@ -318,7 +318,7 @@ def _write_safetensors(view: CheckpointView, names: list[str], path: Path) -> No
             raw = t.reshape(-1).view(torch.uint8).numpy()  # (nbytes,)
             if raw.size != view.tensors[n].nbytes:
                 raise PruneError(f"{n}: {raw.size} bytes loaded, {view.tensors[n].nbytes} expected")
-            f.write(raw.tobytes())
+            f.write(raw)  # the buffer itself: no bytes copy of a large tensor
     os.replace(tmp, path)
 
 
