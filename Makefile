@@ -7,13 +7,14 @@ FIXTURES := models/tiny-qwen3-moe models/tiny-deepseek-v3
 
 .PHONY: install demo test fixtures bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The CPU wheel of torch first (from local disk): a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	# llama-cpp-python compiles llama.cpp on first install (about 7 minutes on 2 cores; pip caches the wheel).
-	$(BIN)/python -m pip install -q -e '.[test]'
+	# The ray extra too: tests/test_distributed.py runs the Ray backend on a local 2-CPU cluster.
+	$(BIN)/python -m pip install -q -e '.[test,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)

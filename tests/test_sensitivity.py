@@ -190,7 +190,7 @@ def test_plan_kld(tiny, tables) -> None:
 
 
 def test_kld_formula_matches_token_kld() -> None:
-    """The one-pass formula agrees with token_kld and with float64 to 1e-5 at a real vocabulary size."""
+    """The probes' KLD agrees with token_kld and with float64 to 1e-5 at a real vocabulary size."""
     g = torch.Generator().manual_seed(0)
     ref_logits = torch.randn(3, 64, 4096, generator=g) * 4
     logits = ref_logits + torch.randn(3, 64, 4096, generator=g) * 0.3

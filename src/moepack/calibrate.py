@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from moepack.checkpoint import CheckpointView, open_checkpoint
+from moepack.distributed import (Backend, LocalBackend, add_backend_args, as_tensor, backend_from_args,
+                                 layer_f32_bytes, open_view, torch_threads)
 from moepack.errors import MoepackError
 from moepack.moe_forward import LayerRunner, layer_sources, moe_layers
 
@@ -31,6 +33,9 @@ __all__ = [
     "CalibStats",
     "CalibError",
     "calibrate",
+    "calib_shard",
+    "merge_shards",
+    "shard_bounds",
     "run_calibrate",
     "calib_dir",
     "expert_key",
@@ -310,27 +315,97 @@ def _never_and_rare(router: dict[int, RouterStats]) -> tuple[dict[str, list[int]
     return never, rare
 
 
+def calib_shard(ids: np.ndarray, view: Any, batch_size: int, threads: int,
+                progress: bool = False) -> dict[str, np.ndarray]:
+    """One calibration task: the raw float64 sums of token sequences `ids` (n, L) through the model, as
+    {"router.L.counts|weight_sum|saliency_sum": (E,), "imatrix.KEY.sums": (M, n), "imatrix.KEY.counts": (M,)}.
+    `view` is a checkpoint view or a `ViewRef` (re-opened from storage); runs on `threads` torch threads."""
+    view = open_view(view)
+    with torch_threads(threads):
+        runner = LayerRunner(view, attn_implementation="eager" if _mla_split(view) else "sdpa")
+        acc = _Acc()
+        with torch.inference_mode():
+            h = runner.embed(as_tensor(ids))  # (n, L, H)
+            runner.run(h, prepare=_preparer(view, acc), batch_size=batch_size, inplace=True,
+                       progress="calibrate" if progress else False)
+            if "lm_head.weight" in view.tensors:
+                for b0 in range(0, h.shape[0], batch_size):
+                    acc.add("lm_head.weight", runner.final_norm(h[b0:b0 + batch_size]))
+        runner.release()
+    out = {f"router.{layer}.{k}": v.numpy() for layer, d in acc.router.items() for k, v in d.items()}
+    out.update({f"imatrix.{k}.sums": v.numpy() for k, v in acc.sums.items()})
+    out.update({f"imatrix.{k}.counts": v.numpy() for k, v in acc.counts.items()})
+    return out
+
+
+def merge_shards(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Sum the shards' arrays in shard order (a key missing from a shard counts as zeros)."""
+    out: dict[str, np.ndarray] = {}
+    for part in parts:
+        for k, v in part.items():
+            out[k] = v.copy() if k not in out else out[k] + v
+    return out
+
+
+def shard_bounds(n: int, shards: int, batch_size: int) -> list[tuple[int, int]]:
+    """Up to `shards` contiguous blocks of the n sequences made of whole forward batches (their counts differ by
+    at most one): every batch is then the batch a one-shard run forms, so its float32 partial sums are the same
+    and shards change only the order of the float64 additions."""
+    n_batch = -(-n // batch_size)
+    shards = max(1, min(shards, n_batch))
+    q, r = divmod(n_batch, shards)
+    starts = [min(n, (i * q + min(i, r)) * batch_size) for i in range(shards + 1)]
+    return list(zip(starts[:-1], starts[1:]))
+
+
+def _shard_bytes(view: CheckpointView, n_seq: int, seq_len: int, batch_size: int) -> int:
+    """Estimated peak memory of one calibration task (+25%): a decoder layer in f32 (+10%: the tensor being read),
+    the shard's hidden states, a batch's activations (eager MLA attention probabilities), the embedding as stored,
+    the float64 sums."""
+    cfg, hidden = view.config, view.facts.hidden
+    heads, wide = int(cfg.get("num_attention_heads", 1)), max(hidden, view.facts.expert_ffn) * 8
+    act = 4 * batch_size * seq_len * max(wide, 3 * heads * seq_len)
+    embed = view.tensors["model.embed_tokens.weight"].nbytes if "model.embed_tokens.weight" in view.tensors else 0
+    sums = 16 * sum(t.shape[-1] for t in view.tensors.values() if len(t.shape) == 2)
+    return int(1.25 * (1.1 * layer_f32_bytes(view) + 4 * n_seq * seq_len * hidden + act + embed + sums))
+
+
 def calibrate(view: CheckpointView, ids: np.ndarray, *, batch_size: int = 8, progress: bool = True,
-              heldout: np.ndarray | None = None, manifest: dict[str, Any] | None = None) -> CalibStats:
-    """Statistics of token sequences `ids` (N, L) through `view`, one decoder layer in memory at a time."""
+              heldout: np.ndarray | None = None, manifest: dict[str, Any] | None = None,
+              backend: Backend | None = None, shards: int | None = None,
+              threads: int | None = None) -> CalibStats:
+    """Statistics of token sequences `ids` (N, L) through `view`, one decoder layer in memory at a time.
+
+    The sequences are split into `shards` contiguous blocks of whole batches (default 1 in-process, one per task
+    slot on Ray; batches shrink when there are fewer batches than shards), each run as one `calib_shard` task on
+    `backend` (default in-process) with `threads` torch threads (default: torch's current count; on Ray the cores
+    of the smallest node). The shards' sums are added in shard order, so for the same shards and threads the
+    result is bitwise the same on every backend, and other shard counts change only the float64 rounding."""
     if not moe_layers(view):
         raise CalibError(f"{view.root}: no MoE layers; nothing to calibrate")
+    if shards is not None and shards < 1:
+        raise CalibError(f"shards must be at least 1 (got {shards})")
     t0 = time.time()
-    runner = LayerRunner(view, attn_implementation="eager" if _mla_split(view) else "sdpa")
-    acc = _Acc()
-    with torch.inference_mode():
-        h = runner.embed(torch.as_tensor(ids))  # (N, L, H)
-        runner.run(h, prepare=_preparer(view, acc), batch_size=batch_size, inplace=True,
-                   progress="calibrate" if progress else False)
-        if "lm_head.weight" in view.tensors:
-            for b0 in range(0, h.shape[0], batch_size):
-                acc.add("lm_head.weight", runner.final_norm(h[b0:b0 + batch_size]))
-    runner.release()
+    backend = backend or LocalBackend()
+    threads = threads or backend.default_threads(torch.get_num_threads())
+    want = min(shards or backend.slots(threads), len(ids))
+    if want > -(-len(ids) // batch_size):  # a shard holds whole batches: smaller batches for more shards
+        batch_size = max(1, len(ids) // want)
+        log.info("batches of %d sequences, so that %d shards hold whole batches", batch_size, want)
+    bounds = shard_bounds(len(ids), want, batch_size)
+    one = backend.local and len(bounds) == 1
+    parts = backend.map(calib_shard, [np.ascontiguousarray(ids[a:b]) for a, b in bounds], backend.view_arg(view),
+                        batch_size, threads, one and progress, desc="calibrate", num_cpus=threads,
+                        memory=_shard_bytes(view, bounds[0][1] - bounds[0][0], ids.shape[1], batch_size),
+                        progress=progress)
+    sums = merge_shards(parts)
     n_tok = int(ids.size)
     top_k = view.facts.top_k
-    router = {layer: RouterStats(d["counts"].numpy(), d["weight_sum"].numpy(), d["saliency_sum"].numpy(), n_tok,
-                                 top_k) for layer, d in sorted(acc.router.items())}
-    imatrix = {k: ImatrixEntry(acc.sums[k].numpy(), acc.counts[k].numpy()) for k in sorted(acc.sums)}
+    router = {layer: RouterStats(sums[f"router.{layer}.counts"], sums[f"router.{layer}.weight_sum"],
+                                 sums[f"router.{layer}.saliency_sum"], n_tok, top_k)
+              for layer in sorted({int(k.split(".")[1]) for k in sums if k.startswith("router.")})}
+    keys = sorted(k[len("imatrix."):-len(".sums")] for k in sums if k.startswith("imatrix.") and k.endswith(".sums"))
+    imatrix = {k: ImatrixEntry(sums[f"imatrix.{k}.sums"], sums[f"imatrix.{k}.counts"]) for k in keys}
     never, rare = _never_and_rare(router)
     for layer, ex in never.items():
         log.warning("layer %s: expert(s) %s never routed on the calibration text; their importance matrix falls "
@@ -340,6 +415,7 @@ def calibrate(view: CheckpointView, ids: np.ndarray, *, batch_size: int = 8, pro
                seq_len=int(ids.shape[1]), n_sequences=int(ids.shape[0]), top_k=top_k,
                n_experts=view.facts.n_experts, moe_layers=list(moe_layers(view)), never_routed=never,
                rarely_routed=rare, heldout_tokens=int(heldout.size) if heldout is not None else 0,
+               shards=len(bounds), batch_size=batch_size, threads=threads, backend=backend.name,
                seconds=round(time.time() - t0, 2))
     return CalibStats(man, router, imatrix, heldout)
 
@@ -362,25 +438,35 @@ def _split_tokens(ids: np.ndarray, tokens: int, heldout: int, seq_len: int) -> t
 
 def run_calibrate(model_dir: str | Path, text: str | Path, out_dir: str | Path, *, tokens: int = 50_000,
                   seq_len: int = 512, heldout_tokens: int = 4096, batch_size: int = 8,
-                  imatrix_out: str | Path | None = None, progress: bool = True) -> CalibStats:
-    """The calibrate stage: statistics into OUT_DIR/calib/ (skipped when there with the same inputs)."""
+                  imatrix_out: str | Path | None = None, progress: bool = True, backend: Backend | None = None,
+                  shards: int | None = None, threads: int | None = None) -> CalibStats:
+    """The calibrate stage: statistics into OUT_DIR/calib/ (skipped when there with the same inputs; `shards`
+    counts as an input only when given: the default takes statistics made with any number of shards)."""
     from moepack.textdata import text_sha256, tokenize_file
 
     if tokens < seq_len:
         raise CalibError(f"--tokens {tokens} is less than one sequence of --seq-len {seq_len}")
+    if shards is not None and shards < 1:
+        raise CalibError(f"--shards must be at least 1 (got {shards})")
     view = open_checkpoint(model_dir)
     if not moe_layers(view):
         raise CalibError(f"{model_dir}: no MoE layers; nothing to calibrate")
     inputs = dict(model=str(Path(model_dir).resolve()), text=str(Path(text).resolve()),
                   text_sha256=text_sha256(text), tokens_requested=tokens, seq_len_requested=seq_len,
                   heldout_requested=heldout_tokens)
+    if shards is not None:
+        inputs["shards"] = shards
     out = Path(out_dir) / "calib"
     stats = _reuse(out, view, inputs)
     if stats is None:
         ids = tokenize_file(model_dir, text, tokens + heldout_tokens)
         calib, held = _split_tokens(ids, tokens, heldout_tokens, seq_len)
+        if shards is not None and shards > len(calib):
+            raise CalibError(f"--shards {shards} exceeds the {len(calib)} calibration sequences; use at most "
+                             f"{len(calib)} shards, or more --tokens or a shorter --seq-len")
         log.info("calibrating %s on %d tokens (%d x %d)", view.root, calib.size, *calib.shape)
-        stats = calibrate(view, calib, batch_size=batch_size, progress=progress, heldout=held, manifest=inputs)
+        stats = calibrate(view, calib, batch_size=batch_size, progress=progress, heldout=held, manifest=inputs,
+                          backend=backend, shards=shards, threads=threads)
         stats.save(out)
         log.info("calibration statistics in %s (%.1f s)", out, stats.manifest["seconds"])
     if imatrix_out:
@@ -418,19 +504,25 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward batch (default 8)")
     p.add_argument("-o", "--out", required=True, help="run directory (statistics go to RUN_DIR/calib/)")
     p.add_argument("--imatrix-out", help="also write llama.cpp's GGUF imatrix file (for llama-quantize --imatrix)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per task (default: all cores here; with --ray the smallest node's cores)")
+    add_backend_args(p, shards=True)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    for flag, v in (("--tokens", args.tokens), ("--seq-len", args.seq_len), ("--batch-size", args.batch_size)):
+    for flag, v in (("--tokens", args.tokens), ("--seq-len", args.seq_len), ("--batch-size", args.batch_size),
+                    ("--threads", 1 if args.threads is None else args.threads)):
         if v < 1:
             raise CalibError(f"{flag} must be at least 1 (got {v})")
-    stats = run_calibrate(args.model_dir, args.text, args.out, tokens=args.tokens, seq_len=args.seq_len,
-                          heldout_tokens=args.heldout_tokens, batch_size=args.batch_size,
-                          imatrix_out=args.imatrix_out)
+    with backend_from_args(args) as backend:
+        stats = run_calibrate(args.model_dir, args.text, args.out, tokens=args.tokens, seq_len=args.seq_len,
+                              heldout_tokens=args.heldout_tokens, batch_size=args.batch_size,
+                              imatrix_out=args.imatrix_out, backend=backend, shards=args.shards,
+                              threads=args.threads)
     m = stats.manifest
-    print(f"calibrated {m['tokens']} tokens ({m['n_sequences']} x {m['seq_len']}) in {m['seconds']} s "
-          f"-> {calib_dir(args.out)}")
+    print(f"calibrated {m['tokens']} tokens ({m['n_sequences']} x {m['seq_len']}, {m.get('shards', 1)} shard(s)) "
+          f"in {m['seconds']} s -> {calib_dir(args.out)}")
     for layer, ex in m["never_routed"].items():
         print(f"  layer {layer}: never routed experts {ex}")
     if args.imatrix_out:

@@ -18,6 +18,7 @@ from typing import Any
 
 from moepack.budget import Budget, add_budget_args, budget_from_args, format_size
 from moepack.checkpoint import CheckpointView, open_checkpoint
+from moepack.distributed import Backend, LocalBackend, add_backend_args, backend_from_args
 from moepack.errors import MoepackError
 from moepack.runstate import RunDir, atomic_write_text
 
@@ -53,6 +54,8 @@ class CompressOptions:
     verify_ctx: int = 512
     threads: int = 2
     progress: bool = True
+    shards: int | None = None  # calibration tasks (None: 1 in-process, one per task slot on Ray)
+    cache_dir: Path | None = None  # sensitivity: quantized tensors on disk (shared storage on a cluster)
 
 
 @dataclass
@@ -98,13 +101,14 @@ def choose_base(view: CheckpointView, budget_bytes: int, ladder: tuple[str, ...]
     return best
 
 
-def _calibrate(model_dir: Path, run: RunDir, opts: CompressOptions):  # -> CalibStats
+def _calibrate(model_dir: Path, run: RunDir, opts: CompressOptions, backend: Backend):  # -> CalibStats
     from moepack.calibrate import run_calibrate
 
     text = opts.calib_text or DEFAULT_TEXT
     t0 = time.perf_counter()
     stats = run_calibrate(model_dir, text, run.root, tokens=opts.calib_tokens, seq_len=opts.seq_len,
-                          heldout_tokens=opts.sens_tokens, progress=opts.progress)
+                          heldout_tokens=opts.sens_tokens, progress=opts.progress, backend=backend,
+                          shards=opts.shards, threads=opts.threads)
     run.timings["calibrate"] = time.perf_counter() - t0
     return stats
 
@@ -126,20 +130,23 @@ def _prune(model_dir: Path, run: RunDir, keep: float, opts: CompressOptions) -> 
 
 
 def _sensitivity(run: RunDir, view: CheckpointView, ref: CheckpointView, stats, plan: dict | None, base: str,
-                 keep: float, opts: CompressOptions) -> dict[str, Any]:
+                 keep: float, opts: CompressOptions, backend: Backend) -> dict[str, Any]:
     from moepack.sensitivity import measure_sensitivity, save_json
 
     path = run.path(f"sensitivity-r{keep:g}.json")
     key = {"model": view.fingerprint(), "reference": ref.fingerprint(), "calib": stats.manifest.get("text_sha256"),
            "calib_tokens": stats.manifest.get("tokens"), "base": base, "ladder": list(opts.ladder),
            "prune": plan and plan.get("layers"), "top_k": view.facts.top_k}
+    if stats.manifest.get("shards", 1) != 1:  # sums in another order: the imatrix may differ in its last bits
+        key["calib_shards"] = stats.manifest["shards"]
 
     def work() -> None:
         ids = stats.heldout
         if ids is None:
             raise CompressError("calibration kept no held-out tokens for sensitivity; use a longer --calib text")
         table = measure_sensitivity(view, ids, reference_view=ref, imatrix=stats, base=base, ladder=opts.ladder,
-                                    threads=opts.threads, progress=opts.progress, prune_plan=plan)
+                                    threads=opts.threads, progress=opts.progress, prune_plan=plan,
+                                    backend=backend, cache_dir=opts.cache_dir)
         save_json(table, path)
 
     run.stage(f"sensitivity-r{keep:g}", key, path, work)
@@ -184,10 +191,10 @@ class _Candidate:
 
 
 def _candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats, budget: Budget, keep: float,
-               opts: CompressOptions) -> _Candidate:
+               opts: CompressOptions, backend: Backend) -> _Candidate:
     view, prune_plan = _prune(model_dir, run, keep, opts)
     base = opts.base or choose_base(view, budget.weights, opts.ladder)
-    table = _sensitivity(run, view, ref, stats, prune_plan, base, keep, opts)
+    table = _sensitivity(run, view, ref, stats, prune_plan, base, keep, opts, backend)
     plan, path, overhead = _allocate(run, table, budget, keep, opts)
     cand = _Candidate(keep, view, prune_plan, plan, path, overhead)
     t0 = time.perf_counter()
@@ -234,8 +241,9 @@ def _verify(out: Path, budget: Budget, ctx: int) -> str:
 
 
 def compress(model_dir: str | Path, out: str | Path, budget_args: argparse.Namespace, opts: CompressOptions,
-             run_dir: str | Path | None = None) -> CompressResult:
-    """The whole pipeline; see the module docstring."""
+             run_dir: str | Path | None = None, backend: Backend | None = None) -> CompressResult:
+    """The whole pipeline; see the module docstring. `backend` runs calibration shards and sensitivity probes
+    (default in-process; moepack.distributed)."""
     model_dir, out = Path(model_dir), Path(out)
     if not out.parent.is_dir():
         raise CompressError(f"{out.parent}: output directory does not exist")
@@ -245,9 +253,12 @@ def compress(model_dir: str | Path, out: str | Path, budget_args: argparse.Names
     keeps = _validate(opts, ref)
     budget = budget_from_args(budget_args, ref)
     _check_feasible(ref, budget, opts)
+    if opts.shards is not None and opts.shards < 1:
+        raise CompressError(f"--shards must be at least 1 (got {opts.shards})")
+    backend = backend or LocalBackend()
     run = RunDir(Path(run_dir) if run_dir else out.with_name(out.name + ".run"))
-    stats = _calibrate(model_dir, run, opts)
-    cands = [_candidate(model_dir, ref, run, stats, budget, k, opts) for k in keeps]
+    stats = _calibrate(model_dir, run, opts, backend)
+    cands = [_candidate(model_dir, ref, run, stats, budget, k, opts, backend) for k in keeps]
     best = min(cands, key=lambda c: c.kld)
     _write(run, best, out, opts)
     sample = _verify(out, budget, opts.verify_ctx if budget.ctx is None else budget.ctx)
@@ -356,18 +367,28 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="type ladder from the smallest up, comma-separated (default %(default)s)")
     p.add_argument("--criterion", choices=("score", "frequency", "reap", "random"), default="score")
     p.add_argument("--run-dir", type=Path, help="stage artifacts (default OUT.gguf.run beside the output)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch and quantization threads of every stage and task (default 2; with --ray the "
+                        "smallest node's cores)")
+    p.add_argument("--cache-dir", type=Path,
+                   help="keep the sensitivity stage's quantized tensors on disk here (large models; with --ray on "
+                        "storage every machine sees)")
+    add_backend_args(p, shards=True)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     for flag, v in (("--calib-tokens", args.calib_tokens), ("--seq-len", args.seq_len),
-                    ("--sens-tokens", args.sens_tokens), ("--threads", args.threads)):
+                    ("--sens-tokens", args.sens_tokens), ("--threads", 1 if args.threads is None else args.threads)):
         if v < 1:
             raise CompressError(f"{flag} must be at least 1 (got {v})")
-    opts = CompressOptions(keep=args.keep, top_k=args.top_k, calib_text=args.calib, calib_tokens=args.calib_tokens,
-                           seq_len=args.seq_len, sens_tokens=args.sens_tokens, solver=args.solver, base=args.base,
-                           ladder=_ladder(args.ladder),
-                           criterion=args.criterion, threads=args.threads)
-    print(render_summary(compress(args.model_dir, args.output, args, opts, args.run_dir)))
+    ladder = _ladder(args.ladder)
+    with backend_from_args(args) as backend:
+        opts = CompressOptions(keep=args.keep, top_k=args.top_k, calib_text=args.calib,
+                               calib_tokens=args.calib_tokens, seq_len=args.seq_len, sens_tokens=args.sens_tokens,
+                               solver=args.solver, base=args.base, ladder=ladder, criterion=args.criterion,
+                               threads=args.threads or backend.default_threads(2), shards=args.shards,
+                               cache_dir=args.cache_dir)
+        result = compress(args.model_dir, args.output, args, opts, args.run_dir, backend)
+    print(render_summary(result))
     return 0

@@ -18,7 +18,7 @@ import logging
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -182,6 +182,25 @@ class QuantStore:
 
     def err(self, name: str, qtype: GGMLQuantizationType) -> float:
         return self._err[(name, qtype.name)]
+
+    def entries(self, keys: Iterable[tuple[str, str]] | None = None) -> dict[tuple[str, str], tuple[Any, float]]:
+        """{(GGUF name, type name): (bytes, or None when they live under cache_dir, proxy error)} as plain data
+        for another store's `absorb` (another process's: quantized once, computed with many times)."""
+        return {k: (self._raw.get(k), self._err[k]) for k in (self._err if keys is None else keys)}
+
+    def absorb(self, entries: Mapping[tuple[str, str], tuple[Any, float]]) -> None:
+        """Take `entries` of another store of the same model, imatrix and cache_dir."""
+        for k, (raw, err) in entries.items():
+            self._err[k] = float(err)
+            if raw is not None:
+                self._raw[k] = raw
+
+    def forget(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Drop the bytes and dequantized copies of `keys` held in memory (their proxy errors stay)."""
+        for k in keys:
+            self._raw.pop(k, None)
+            if k in self._deq:
+                self._deq_bytes -= self._deq.pop(k).nbytes
 
     def dequantized(self, o: OutTensor, qtype: GGMLQuantizationType) -> np.ndarray:
         """float32 in the GGUF layout (o.shape): exactly what llama.cpp computes with."""

@@ -561,4 +561,5 @@ def _write_tensors(w: gguf.GGUFWriter, view: Any, typed: list[TypedTensor],
             if data.nbytes != t.nbytes:
                 raise WriteError(f"{t.out.name}: encoded {data.nbytes} bytes, expected {t.nbytes}")
             w.write_tensor_data(data)
+            del data  # before the next tensor is built: one tensor's data in memory at a time
             bar.update(t.nbytes)

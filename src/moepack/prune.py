@@ -319,6 +319,7 @@ def _write_safetensors(view: CheckpointView, names: list[str], path: Path) -> No
             if raw.size != view.tensors[n].nbytes:
                 raise PruneError(f"{n}: {raw.size} bytes loaded, {view.tensors[n].nbytes} expected")
             f.write(raw)  # the buffer itself: no bytes copy of a large tensor
+            del t, raw  # before the next load: never two large tensors (lm_head, embed_tokens) at once
     os.replace(tmp, path)
 
 

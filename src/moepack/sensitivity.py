@@ -37,13 +37,14 @@ from moepack import gguf_out as go
 from moepack import runstate
 from moepack.arch import Role
 from moepack.errors import MoepackError
+from moepack.distributed import Backend, LocalBackend, add_backend_args, backend_from_args, torch_threads
 from moepack.fakequant import FakeQuantWeights, QuantStore
 from moepack.gguf_names import OutTensor, gguf_group_name, gguf_outputs
 from moepack.moe_forward import LayerRunner
+from moepack.probes import (ProbeInputs, _head_batch, _Prober, _quantize_groups, _Reference,  # noqa: F401 (tests)
+                            _reference, _typed_base, run_probes, run_quantize)
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from moepack.calibrate import CalibStats
     from moepack.checkpoint import CheckpointView
 
@@ -70,8 +71,6 @@ FORMAT = "moepack.sensitivity/1"
 DEFAULT_LADDER = ("IQ2_XXS", "IQ2_S", "IQ3_XXS", "IQ3_S", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 DEFAULT_BASE = "IQ2_XXS"
 MODES = ("kld", "proxy", "both")  # "both" = "kld": the proxy comes free with the quantization
-_EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"  # the names LayerRunner reads them by
-_HEAD_ELEMS = 1 << 26  # logits elements per head batch (256 MiB in float32)
 
 
 class SensitivityError(MoepackError, ValueError):
@@ -235,146 +234,6 @@ def _prepare_imatrix(view: Any, imatrix: CalibStats | Mapping[str, np.ndarray] |
     return im, weights
 
 
-def _typed_base(groups: list[GroupSpec]) -> dict[str, GGMLQuantizationType]:
-    return {o.name: t.qtype for g in groups for o, t in zip(g.outs, g.options[0].typed)}
-
-
-def _quantize_groups(store: QuantStore, groups: list[GroupSpec], progress: bool) -> None:
-    store.quantize([(o, [opt.typed[i] for opt in g.options]) for g in groups for i, o in enumerate(g.outs)],
-                   progress)
-
-
-class _ProbeRunner(LayerRunner):
-    """LayerRunner whose base-configuration layers are built once and kept (up to `keep_bytes`); the layers in
-    `fresh` (the probed one) are rebuilt from the current weights every time."""
-
-    def __init__(self, view: Any, weights: FakeQuantWeights, keep_bytes: int) -> None:
-        super().__init__(view, loader=weights)
-        self.fresh: set[int] = set()
-        self._kept: dict[int, nn.Module] = {}
-        self._room = keep_bytes
-
-    def layer(self, i: int, weight_override: Any = None) -> nn.Module:
-        if i in self.fresh or weight_override is not None:
-            return super().layer(i, weight_override)
-        if i in self._kept:
-            return self._kept[i]
-        module = super().layer(i)
-        size = sum(p.numel() * p.element_size() for p in module.parameters())
-        if size <= self._room:
-            self._kept[i], self._room = module, self._room - size
-        return module
-
-
-# ---------------------------------------------------------------------------------------------------- KLD
-
-class _Reference:
-    """The reference distribution per head batch: probabilities p and Σ p·log p, Σ p per token, so that
-    KL(p ‖ softmax(z)) = Σ p log p − Σ p·z + logsumexp(z)·Σ p costs one pass over the logits z."""
-
-    def __init__(self, batches: Iterable[torch.Tensor]) -> None:
-        self.p: list[torch.Tensor] = []
-        self.plogp: list[torch.Tensor] = []
-        self.psum: list[torch.Tensor] = []
-        for z in batches:
-            lp = torch.log_softmax(z.float(), dim=-1)  # (B, L, V)
-            p = lp.exp()
-            self.p.append(p)
-            self.plogp.append((p * lp).sum(-1))  # (B, L)
-            self.psum.append(p.sum(-1))  # (B, L)
-        self.n_tokens = sum(int(x.numel()) for x in self.psum)
-
-    @torch.inference_mode()
-    def kld(self, runner: LayerRunner, h_final: torch.Tensor, head_batch: int) -> float:
-        """Mean KL(reference ‖ runner's head on h_final (N, L, H)) over all tokens."""
-        total = 0.0
-        for i, b0 in enumerate(range(0, h_final.shape[0], head_batch)):
-            z = runner.logits(h_final[b0:b0 + head_batch])  # (B, L, V)
-            kl = self.plogp[i] - (self.p[i] * z).sum(-1) + torch.logsumexp(z, -1) * self.psum[i]  # (B, L)
-            total += float(kl.double().sum())
-        return total / self.n_tokens
-
-
-def _head_batch(ids: torch.Tensor, vocab: int) -> int:
-    return max(1, _HEAD_ELEMS // max(1, ids.shape[1] * vocab))
-
-
-def _reference(view: Any, ids: torch.Tensor, reference_logits: Any, reference_view: Any,
-               batch_size: int) -> tuple[_Reference, str]:
-    hb = _head_batch(ids, view.facts.vocab)
-    if reference_logits is not None:
-        z = torch.as_tensor(reference_logits)
-        if tuple(z.shape[:2]) != tuple(ids.shape) or z.shape[-1] != view.facts.vocab:
-            raise SensitivityError(f"reference logits {tuple(z.shape)} do not match ids {tuple(ids.shape)} "
-                                   f"and vocabulary {view.facts.vocab}")
-        return _Reference(z[b:b + hb] for b in range(0, z.shape[0], hb)), "logits"
-    ref_view = reference_view if reference_view is not None else view
-    if ref_view.facts.vocab != view.facts.vocab:
-        raise SensitivityError(f"the reference model's vocabulary ({ref_view.facts.vocab}) differs from the "
-                               f"model's ({view.facts.vocab}); pass the model this one was pruned from")
-    runner = LayerRunner(ref_view)
-    with torch.inference_mode():
-        h = runner.run(runner.embed(ids), batch_size=batch_size, inplace=True)
-        ref = _Reference(runner.logits(h[b:b + hb]) for b in range(0, h.shape[0], hb))
-    runner.release()
-    return ref, "self" if reference_view is None else str(ref_view.root)
-
-
-# ---------------------------------------------------------------------------------------------------- probes
-
-class _Prober:
-    """Base forward with cached hidden states, then one probe per (group, option)."""
-
-    def __init__(self, view: Any, weights: FakeQuantWeights, ids: torch.Tensor, ref: _Reference, batch_size: int,
-                 keep_bytes: int) -> None:
-        self.view, self.weights, self.ids, self.ref, self.bs = view, weights, ids, ref, batch_size
-        self.runner = _ProbeRunner(view, weights, keep_bytes)
-        self.n = self.runner.n_layers
-        self.hb = _head_batch(ids, view.facts.vocab)
-        self.head_name = _HEAD if _HEAD in view.tensors else _EMBED  # tied embeddings: token_embd is the head
-        with torch.inference_mode():
-            self.hidden = [self.runner.embed(ids)]  # hidden states entering layer L; [n]: after the last
-            for i in range(self.n):
-                self.hidden.append(self.runner.run(self.hidden[-1], i, i + 1, batch_size=batch_size))
-        self.base_kld = ref.kld(self.runner, self.hidden[-1], self.hb)
-
-    @torch.inference_mode()
-    def probe(self, group: GroupSpec, option: GroupOption) -> float:
-        src = group.sources
-        layers = {o.layer for o in group.outs if o.layer is not None}
-        self.weights.override = {o.name: t.qtype for o, t in zip(group.outs, option.typed)}
-        self.runner.fresh = layers
-        try:
-            if _EMBED in src:
-                start, h = 0, self.runner.embed(self.ids)
-            else:
-                start = min(layers) if layers else self.n
-                h = self.hidden[start]
-            if start < self.n:
-                h = self.runner.run(h, start, self.n, batch_size=self.bs)
-            if self.head_name in src:
-                self.runner.release()  # rebuild the head from the probed weights
-            return self.ref.kld(self.runner, h, self.hb)
-        finally:
-            self.weights.override = {}
-            self.runner.fresh = set()
-            if self.head_name in src:
-                self.runner.release()
-
-
-def _measure(view: Any, store: QuantStore, groups: list[GroupSpec], ids: torch.Tensor, ref: _Reference,
-             batch_size: int, keep_bytes: int, progress: bool) -> tuple[float, dict[tuple[str, str], float]]:
-    from tqdm.auto import tqdm
-
-    prober = _Prober(view, FakeQuantWeights(view, store, _typed_base(groups)), ids, ref, batch_size, keep_bytes)
-    todo = [(g, opt) for g in groups for opt in g.options[1:]]
-    kld: dict[tuple[str, str], float] = {}
-    for g, opt in tqdm(todo, desc="probes", unit="probe", disable=not progress):
-        kld[(g.name, opt.type)] = prober.probe(g, opt)
-    prober.runner.release()
-    return prober.base_kld, kld
-
-
 # ---------------------------------------------------------------------------------------------------- output
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -486,7 +345,8 @@ def measure_sensitivity(view: CheckpointView, ids: Any, *, reference_logits: Any
                         base: str | Mapping[str, str] | None = None, ladder: Iterable[str] = DEFAULT_LADDER,
                         mode: str = "kld", threads: int = 2, progress: bool = True, batch_size: int = 8,
                         cache_dir: str | Path | None = None, prune_plan: Mapping[str, Any] | None = None,
-                        keep_layers_bytes: int = 4 << 30) -> dict[str, Any]:
+                        keep_layers_bytes: int = 4 << 30, backend: Backend | None = None,
+                        tasks: int | None = None) -> dict[str, Any]:
     """sensitivity.json (allocate.py's schema) of `view` on token ids (N, L); see the module docstring.
 
     base: {role | tensor class | group name | "default": type} (or one type for all); IQ2_XXS where unnamed.
@@ -494,14 +354,35 @@ def measure_sensitivity(view: CheckpointView, ids: Any, *, reference_logits: Any
     unquantized. imatrix: calibration statistics (or {GGUF name: (E|1, n) mean squared input}), of this model or
     of the model it was pruned from (`prune_plan`, or prune_plan.json next to a pruned checkpoint, or the lazy
     pruned view's own mapping then selects the kept experts' rows, as the writer does).
-    cache_dir: keep quantized tensors on disk (large models). threads: torch and quantization threads.
+    cache_dir: keep quantized tensors on disk (large models; on Ray, storage every worker sees). threads: torch and
+    quantization threads, here and in each task. backend: where quantization and probes run (moepack.probes;
+    default in-process), in `tasks` bins of groups (default: one per task slot); the table is the same for every
+    backend and number of tasks.
     """
     if mode not in MODES:
         raise SensitivityError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    with _torch_threads(threads):
+    if tasks is not None and tasks < 1:
+        raise SensitivityError(f"tasks must be at least 1 (got {tasks})")
+    run = _Run(list(ladder), mode, threads, progress, batch_size, None if cache_dir is None else str(cache_dir),
+               keep_layers_bytes, backend or LocalBackend(), tasks)
+    with torch_threads(threads):
         return _measure_sensitivity(view, _check_ids(view, ids), reference_logits, reference_view, imatrix, base,
-                                    list(ladder), mode, threads, progress, batch_size, cache_dir, prune_plan,
-                                    keep_layers_bytes)
+                                    prune_plan, run)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """How measure_sensitivity runs (its keyword settings)."""
+
+    ladder: list[str]
+    mode: str
+    threads: int
+    progress: bool
+    batch_size: int
+    cache_dir: str | None
+    keep_bytes: int
+    backend: Backend
+    tasks: int | None
 
 
 def plan_kld(view: CheckpointView, ids: Any, tensor_types: Mapping[str, str], *, reference_logits: Any = None,
@@ -511,7 +392,7 @@ def plan_kld(view: CheckpointView, ids: Any, tensor_types: Mapping[str, str], *,
              progress: bool = False) -> float:
     """Mean KLD vs the reference of `view` with every GGUF tensor at its type in `tensor_types` (a quant plan's
     "tensors"), fake-quantized exactly as the writer writes them: the KLD a plan really gets, without a GGUF."""
-    with _torch_threads(threads):
+    with torch_threads(threads):
         ids_t = _check_ids(view, ids)
         im, _ = _prepare_imatrix(view, imatrix, _prune_plan(view, prune_plan))
         typed = [t for t in go.resolve_types(gguf_outputs(view), None, tensor_types) if t.out.quantizable]
@@ -524,19 +405,6 @@ def plan_kld(view: CheckpointView, ids: Any, tensor_types: Mapping[str, str], *,
         return ref.kld(runner, h, _head_batch(ids_t, view.facts.vocab))
 
 
-class _torch_threads:
-    """torch's intra-op threads set for a block (deterministic results need a fixed count), then restored."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.prev = max(1, int(n)), torch.get_num_threads()
-
-    def __enter__(self) -> None:
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc: Any) -> None:
-        torch.set_num_threads(self.prev)
-
-
 def _check_ids(view: Any, ids: Any) -> torch.Tensor:
     ids_t = torch.as_tensor(np.asarray(ids), dtype=torch.long)
     if ids_t.ndim != 2 or ids_t.numel() == 0:
@@ -547,33 +415,35 @@ def _check_ids(view: Any, ids: Any) -> torch.Tensor:
 
 
 def _measure_sensitivity(view: Any, ids: torch.Tensor, reference_logits: Any, reference_view: Any, imatrix: Any,
-                         base: Any, ladder: list[str], mode: str, threads: int, progress: bool, batch_size: int,
-                         cache_dir: Any, prune_plan: Any, keep_bytes: int) -> dict[str, Any]:
+                         base: Any, prune_plan: Any, run: _Run) -> dict[str, Any]:
     t0 = time.perf_counter()
     timing: dict[str, float] = {}
     prune_plan = _prune_plan(view, prune_plan)
     im, proxy_w = _prepare_imatrix(view, imatrix, prune_plan)
     base_map = parse_base(base)
-    groups, fixed = plan_groups(view, base_map, ladder, im)
+    groups, fixed = plan_groups(view, base_map, run.ladder, im)
     freq = np.bincount(ids.reshape(-1).numpy(), minlength=view.facts.vocab) / ids.numel()  # (V,)
-    store = QuantStore(view, im, proxy_weights=proxy_w, token_freq=freq, threads=threads, cache_dir=cache_dir)
-    _quantize_groups(store, groups, progress)
+    store = QuantStore(view, im, proxy_weights=proxy_w, token_freq=freq, threads=run.threads, cache_dir=run.cache_dir)
+    inp = ProbeInputs(run.backend.view_arg(view), im, proxy_w, freq, run.threads, run.cache_dir,
+                      {n: t.name for n, t in _typed_base(groups).items()}, run.batch_size, run.keep_bytes)
+    run_quantize(run.backend, store, groups, inp, "all" if run.mode == "proxy" else "base", run.tasks, run.progress)
     timing["quantize_s"] = time.perf_counter() - t0
-    proxy = _proxies(store, groups)
     kld = base_kld = None
-    info: dict[str, Any] = {"measure": "proxy" if mode == "proxy" else "kld", "types": dict(sorted(base_map.items())),
+    info: dict[str, Any] = {"measure": "proxy" if run.mode == "proxy" else "kld",
+                            "types": dict(sorted(base_map.items())),
                             "default_type": base_map.get("default", base_map.get("*", DEFAULT_BASE)),
-                            "ladder": [ggml.parse_type(t).name for t in ladder], "fingerprint": view.fingerprint(),
+                            "ladder": [ggml.parse_type(t).name for t in run.ladder], "fingerprint": view.fingerprint(),
                             "writer": go.WRITER_ID, "imatrix": im is not None, "sequences": int(ids.shape[0]),
                             "seq_len": int(ids.shape[1]), "tokens": int(ids.numel())}
-    if mode != "proxy":
+    if run.mode != "proxy":
         t1 = time.perf_counter()
-        ref, info["reference"] = _reference(view, ids, reference_logits, reference_view, batch_size)
+        ref, info["reference"] = _reference(view, ids, reference_logits, reference_view, run.batch_size)
         timing["reference_s"] = time.perf_counter() - t1
         t1 = time.perf_counter()
-        base_kld, kld = _measure(view, store, groups, ids, ref, batch_size, keep_bytes, progress)
+        base_kld, kld = run_probes(run.backend, view, store, groups, inp, ids, ref, run.tasks, run.progress)
         timing["probes_s"] = time.perf_counter() - t1
         info["kld"] = base_kld
+    proxy = _proxies(store, groups)
     table = _table(groups, fixed, proxy, kld, base_kld, info)
     if (oh := _overhead(view, groups, fixed, info, prune_plan)) is not None:
         table["overhead_bytes"] = oh
@@ -581,7 +451,8 @@ def _measure_sensitivity(view: Any, ids: torch.Tensor, reference_logits: Any, re
         table["proxy"] = {"weighting": "imatrix squared inputs per token; token_embd rows by token frequency",
                           **_agreement(groups, proxy, kld, base_kld)}
     timing["total_s"] = time.perf_counter() - t0
-    table["timing"] = {k: round(v, 3) for k, v in timing.items()} | {"probes": len(kld or {}), "threads": threads}
+    table["timing"] = {k: round(v, 3) for k, v in timing.items()} | {"probes": len(kld or {}), "threads": run.threads,
+                                                                      "backend": run.backend.name}
     return table
 
 
@@ -605,10 +476,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", help=f"base types: TYPE or ROLE|CLASS|GROUP=TYPE,... (default {DEFAULT_BASE})")
     p.add_argument("--ladder", default=",".join(DEFAULT_LADDER), help="upgrade types in order (default: %(default)s)")
     p.add_argument("--mode", choices=MODES, default="kld", help="kld (measured; the proxy comes free) or proxy")
-    p.add_argument("--threads", type=int, default=2, help="torch and quantization threads (default 2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch and quantization threads per task (default 2; with --ray the smallest node's cores)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward batch (default 8)")
     p.add_argument("--cache-dir", type=Path, help="keep quantized tensors on disk here (large models)")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="sensitivity.json")
+    add_backend_args(p)
     p.set_defaults(func=run)
 
 
@@ -617,17 +490,19 @@ def run(args: argparse.Namespace) -> int:
     from moepack.checkpoint import open_checkpoint
     from moepack.textdata import chunk_tokens, tokenize_file
 
-    for flag, v in (("--tokens", args.tokens), ("--seq-len", args.seq_len), ("--threads", args.threads),
-                    ("--batch-size", args.batch_size)):
+    for flag, v in (("--tokens", args.tokens), ("--seq-len", args.seq_len), ("--batch-size", args.batch_size),
+                    ("--threads", 1 if args.threads is None else args.threads)):
         if v < 1:
             raise SensitivityError(f"{flag} must be at least 1 (got {v})")
     view = open_checkpoint(args.model_dir)
     ref_view = open_checkpoint(args.reference) if args.reference else None
     stats = CalibStats.load(calib_dir(args.calib))
     ids = chunk_tokens(tokenize_file(args.model_dir, args.text, args.tokens), args.seq_len)  # (N, L)
-    table = measure_sensitivity(view, ids, reference_view=ref_view, imatrix=stats, base=args.base,
-                                ladder=[t for t in args.ladder.split(",") if t.strip()], mode=args.mode,
-                                threads=args.threads, batch_size=args.batch_size, cache_dir=args.cache_dir)
+    with backend_from_args(args) as backend:
+        table = measure_sensitivity(view, ids, reference_view=ref_view, imatrix=stats, base=args.base,
+                                    ladder=[t for t in args.ladder.split(",") if t.strip()], mode=args.mode,
+                                    threads=args.threads or backend.default_threads(2), batch_size=args.batch_size,
+                                    cache_dir=args.cache_dir, backend=backend)
     save_json(table, args.output)
     _summary(table, args.output)
     return 0

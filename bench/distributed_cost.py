@@ -1,0 +1,186 @@
+"""Per-core rates behind docs/distributed.md's cost model, and the model's DeepSeek-V3 numbers from them.
+
+    .venv/bin/python bench/distributed_cost.py [--tokens 4096] [--cores 64] [--out bench/results/distributed_cost.json]
+
+Measured here, on one thread each: ggml quantization (with an importance matrix) and dequantization per ladder type
+on a 7168-wide matrix; float32 GEMM at DeepSeek-V3's shapes (an expert's 128 routed tokens × 7168 × 2048, attention's
+tokens × 7168 × 1536); whether torch's results change with the thread count; and one sensitivity run on a random
+model of the fixtures' shape (DeepSeek-V3 layout: hidden 256, 4 layers, 16 experts × 256, top-4, vocab 4096), which
+gives the measured seconds per probe at that size. Then the cost of probing DeepSeek-V3 (671B) on N machines of
+`--cores` cores, from those rates; every assumption is printed with its number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moepack import ggml
+
+ROOT = Path(__file__).resolve().parents[1]
+LADDER = ("IQ2_XXS", "IQ2_S", "IQ3_XXS", "IQ3_S", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+
+# DeepSeek-V3 (config.json of deepseek-ai/DeepSeek-V3): the numbers the model below uses.
+DSV3 = dict(hidden=7168, layers=61, dense_layers=3, experts=256, shared=1, top_k=8, expert_ffn=2048, dense_ffn=18432,
+            vocab=129280, heads=128, q_lora=1536, kv_lora=512, nope=128, rope=64, v_head=128)
+
+
+def _best(fn, repeat: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def quant_rates(rows: int = 64, n: int = 7168) -> dict[str, dict[str, float]]:
+    """Weights per second, one thread: quantize (with an importance matrix) and dequantize, per ladder type."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((rows, n), dtype=np.float32) * 0.02  # (rows, n)
+    im = rng.random(n, dtype=np.float32) + 0.5  # (n,)
+    out = {}
+    for t in LADDER:
+        raw = ggml.quantize(x, t, im, threads=1)
+        q = _best(lambda: ggml.quantize(x, t, im, threads=1), 2)
+        big = np.tile(raw.reshape(rows, -1), (8, 1))  # (8·rows, row bytes): dequantize 8× as many rows
+        d = _best(lambda: ggml.dequantize(big, t, (8 * rows, n), threads=1))
+        out[t] = {"quantize_wps": x.size / q, "dequantize_wps": 8 * x.size / d}
+    return out
+
+
+def gemm_rates(tokens: int) -> dict[str, float]:
+    """float32 FLOP/s on one thread at DeepSeek-V3's shapes; and the memcpy rate (bytes/s) of building layers."""
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    per_expert = max(1, tokens * DSV3["top_k"] // DSV3["experts"])  # routed tokens per expert
+    xe, we = torch.randn(per_expert, 7168, generator=g), torch.randn(2048, 7168, generator=g)
+    rows = min(tokens, 1024)
+    xa, wa = torch.randn(rows, 7168, generator=g), torch.randn(1536, 7168, generator=g)
+    te = _best(lambda: torch.nn.functional.linear(xe, we))
+    ta = _best(lambda: torch.nn.functional.linear(xa, wa))
+    src = torch.randn(64 << 20, generator=g)  # 256 MiB
+    dst = torch.empty_like(src)
+    tc = _best(lambda: dst.copy_(src))
+    return {"expert_flops": 2 * per_expert * 7168 * 2048 / te, "attn_flops": 2 * rows * 7168 * 1536 / ta,
+            "copy_bytes_per_s": 2 * src.numel() * 4 / tc, "tokens_per_expert": per_expert}
+
+
+def thread_effect() -> dict[str, bool]:
+    """Which torch results change between 1 and 2 threads (so a task fixes its thread count)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(16384, 512, generator=g), torch.randn(2048, 512, generator=g)
+    ops = {"x.sum()": lambda: x.sum(), "x.pow(2).sum(0)": lambda: x.pow(2).sum(0),
+           "linear(x, w)": lambda: torch.nn.functional.linear(x, w), "logsumexp(-1)": lambda: torch.logsumexp(x, -1)}
+    same = {}
+    for name, fn in ops.items():
+        torch.set_num_threads(1)
+        a = fn()
+        torch.set_num_threads(2)
+        same[name] = bool(torch.equal(a, fn()))
+    torch.set_num_threads(1)
+    return same
+
+
+def fixture_probe(tokens: int, threads: int) -> dict[str, float]:
+    """One sensitivity run (default ladder) on a random model of the fixtures' shape: seconds per probe."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import build_tiny_model
+
+    from moepack.calibrate import calibrate
+    from moepack.checkpoint import open_checkpoint
+    from moepack.sensitivity import measure_sensitivity
+
+    with tempfile.TemporaryDirectory() as d:
+        path = build_tiny_model("deepseek_v3", Path(d) / "m", hidden=256, ffn=256, n_experts=16, top_k=4, n_layers=4,
+                                vocab=4096)
+        view = open_checkpoint(path)
+        rng = np.random.default_rng(0)
+        stats = calibrate(view, rng.integers(0, 4096, (4, 256)), progress=False, threads=threads)
+        ids = rng.integers(0, 4096, (max(1, tokens // 256), 256))
+        t = measure_sensitivity(view, ids, imatrix=stats, threads=threads, progress=False)
+    tm = t["timing"]
+    return {"tokens": int(ids.size), "groups": len(t["groups"]), "probes": tm["probes"],
+            "quantize_s": tm["quantize_s"], "probes_s": tm["probes_s"], "s_per_probe": tm["probes_s"] / tm["probes"],
+            "weights": int(sum(o.numel for o in view.tensors.values()))}
+
+
+def dsv3_model(rates: dict, gemm: dict, tokens: int, cores: int) -> dict[str, float]:
+    """Core-seconds of probing DeepSeek-V3 with the default ladder, from the measured per-core rates."""
+    c = DSV3
+    h, e_ffn = c["hidden"], c["expert_ffn"]
+    attn = (h * c["q_lora"] + c["q_lora"] * c["heads"] * (c["nope"] + c["rope"]) + h * (c["kv_lora"] + c["rope"])
+            + c["kv_lora"] * c["heads"] * (c["nope"] + c["v_head"]) + c["heads"] * c["v_head"] * h)
+    expert = 3 * h * e_ffn
+    moe_layer = attn + (c["experts"] + c["shared"]) * expert
+    dense_layer = attn + 3 * h * c["dense_ffn"]
+    head = c["vocab"] * h
+    active = attn + (c["top_k"] + c["shared"]) * expert  # per token, MoE layer (dense layers: about the same)
+    # groups: attention 5 per layer (q_a, q_b, kv_a_mqa, kv_b = k_b + v_b, output); FFN 3 per dense layer, 6 per MoE
+    # layer (gate/up/down of the routed and of the shared experts); token_embd and output
+    layers = [(i, dense_layer if i < c["dense_layers"] else moe_layer) for i in range(c["layers"])]
+    groups = [(i, 5 + (3 if i < c["dense_layers"] else 6)) for i in range(c["layers"])]
+    n_groups = sum(n for _, n in groups) + 2
+    upgrades = len(LADDER) - 1  # at most; row widths of 128 (attn_k_b) fall back and are probed fewer times
+    depth = [(c["layers"] - i) for i, n in groups for _ in range(n)] + [c["layers"], 0]  # layers run per probe
+    mean_depth = sum(depth) / len(depth)
+    mean_layer = sum(w for _, w in layers) / len(layers)
+    base, ups = LADDER[0], LADDER[1:]
+    build_s = mean_depth * mean_layer * (1 / rates[base]["dequantize_wps"] + 8 / gemm["copy_bytes_per_s"])
+    fwd_s = tokens * (mean_depth * 2 * active / gemm["expert_flops"] + 2 * head / gemm["attn_flops"])
+    probe_s = build_s + fwd_s
+    total_w = sum(w for _, w in layers) + 2 * head
+    quant_base_s = total_w / rates[base]["quantize_wps"]
+    quant_up_s = total_w * sum(1 / rates[t]["quantize_wps"] for t in ups)
+    probes = n_groups * upgrades
+    core_s = probes * probe_s + quant_base_s + quant_up_s
+    return {"params": total_w, "groups": n_groups, "probes": probes, "mean_depth": mean_depth,
+            "layer_weights": mean_layer, "active_per_token_layer": active, "build_core_s": build_s,
+            "forward_core_s": fwd_s, "probe_core_s": probe_s, "quantize_base_core_s": quant_base_s,
+            "quantize_upgrades_core_s": quant_up_s, "total_core_s": core_s, "cores": cores,
+            "hours_on": {n: core_s / (n * cores) / 3600 for n in (1, 4, 16, 64)}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=4096, help="probe tokens (moepack's default --sens-tokens)")
+    ap.add_argument("--cores", type=int, default=64, help="cores per machine in the DeepSeek-V3 model")
+    ap.add_argument("--fixture-tokens", type=int, default=1024)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "distributed_cost.json")
+    args = ap.parse_args()
+    res = {"command": " ".join(["bench/distributed_cost.py", *sys.argv[1:]]), "torch_threads_same": thread_effect(),
+           "rates": quant_rates(), "gemm": gemm_rates(args.tokens),
+           "fixture": fixture_probe(args.fixture_tokens, threads=1)}
+    res["dsv3"] = dsv3_model(res["rates"], res["gemm"], args.tokens, args.cores)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"$ .venv/bin/python {res['command']}\n")
+    print("| type | quantize (M weights/s/core) | dequantize (M weights/s/core) |\n|---|---:|---:|")
+    for t, r in res["rates"].items():
+        print(f"| {t} | {r['quantize_wps'] / 1e6:.2f} | {r['dequantize_wps'] / 1e6:.0f} |")
+    g = res["gemm"]
+    print(f"\nfloat32 GEMM, 1 thread: expert ({g['tokens_per_expert']} × 7168 × 2048) {g['expert_flops'] / 1e9:.1f} "
+          f"GFLOP/s, attention {g['attn_flops'] / 1e9:.1f} GFLOP/s; memcpy {g['copy_bytes_per_s'] / 1e9:.1f} GB/s")
+    print("same result on 1 and 2 threads:", res["torch_threads_same"])
+    f = res["fixture"]
+    print(f"fixture shape ({f['weights'] / 1e6:.1f}M weights, {f['groups']} groups, {f['probes']} probes, "
+          f"{f['tokens']} tokens, 1 thread): quantize {f['quantize_s']:.1f} s, probes {f['probes_s']:.1f} s = "
+          f"{f['s_per_probe']:.3f} s per probe")
+    m = res["dsv3"]
+    print(f"\nDeepSeek-V3: {m['params'] / 1e9:.0f}B weights, {m['groups']} groups, {m['probes']} probes, mean depth "
+          f"{m['mean_depth']:.1f} layers of {m['layer_weights'] / 1e9:.1f}B weights")
+    print(f"  per probe: build {m['build_core_s']:.0f} + forward {m['forward_core_s']:.0f} = "
+          f"{m['probe_core_s']:.0f} core-s; quantize base {m['quantize_base_core_s'] / 3600:.0f} core-h, upgrades "
+          f"{m['quantize_upgrades_core_s'] / 3600:.0f} core-h; total {m['total_core_s'] / 3600:.0f} core-h")
+    print("  wall hours on N machines of", m["cores"], "cores:",
+          ", ".join(f"N={n}: {v:.1f}" for n, v in m["hours_on"].items()))
+
+
+if __name__ == "__main__":
+    main()
