@@ -20,6 +20,22 @@ from moepack.moe_forward import KLDReference, LayerRunner, layer_sources
 IDS = np.random.default_rng(0).integers(0, 256, (4, 24))  # (N, L)
 
 
+def test_runner_reads_only_what_it_needs(shared_tiny_model):
+    """Out of core: the embedding is gathered (no float32 copy of the (V, H) matrix is asked for), and the final
+    norm for lm_head's importance matrix does not load lm_head; the result equals transformers' embedding."""
+    import transformers
+
+    path = shared_tiny_model("deepseek_v3")
+    view = open_checkpoint(path)
+    loaded: list[str] = []
+    r = LayerRunner(view, loader=lambda n: loaded.append(n) or view.load(n))
+    h = r.embed(torch.as_tensor(IDS))
+    r.final_norm(h)
+    assert "lm_head.weight" not in loaded and loaded.count("model.embed_tokens.weight") == 1
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert torch.equal(h, model.model.embed_tokens(torch.as_tensor(IDS)))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_layer_runner_matches_transformers(arch, shared_tiny_model):
     import transformers

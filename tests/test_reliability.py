@@ -93,6 +93,26 @@ def test_truncated_safetensors(model: Path, tmp_path: Path, capsys) -> None:
     _fails(["inspect", str(d)], capsys, "truncated")
 
 
+def test_prequantized_checkpoint_is_refused(model: Path, tmp_path: Path, capsys) -> None:
+    """FP8 (DeepSeek-V3's release: e4m3 weights + weight_scale_inv) or GPTQ/AWQ checkpoints read as wrong weights
+    without their scales; they are refused with the conversion to do, not compressed into garbage."""
+    import torch
+    from safetensors.torch import save_file
+
+    d = _copy(model, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg | {"quantization_config": {"quant_method": "fp8"}}))
+    _fails(["inspect", str(d)], capsys, "already quantized", "'fp8'", "bf16")
+    (d / "config.json").write_text(json.dumps(cfg))  # config silent, but the weights themselves are FP8
+    from safetensors.torch import load_file
+
+    sd = load_file(str(d / "model.safetensors"))
+    name = next(n for n in sd if n.endswith("q_proj.weight"))
+    sd[name] = sd[name].to(torch.float8_e4m3fn)
+    save_file(sd, str(d / "model.safetensors"))
+    _fails(["inspect", str(d)], capsys, "F8_E4M3", name, "convert it to bf16")
+
+
 def test_lying_safetensors_header(model: Path, tmp_path: Path, capsys) -> None:
     d = _copy(model, tmp_path)
     f = d / "model.safetensors"

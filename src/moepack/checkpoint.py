@@ -298,6 +298,28 @@ class CheckpointView:
         return pruned_view(self, plan, top_k)
 
 
+_FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
+_TO_BF16 = ("convert it to bf16 first (for DeepSeek-V3/R1's FP8 release: DeepSeek's inference/fp8_cast_bf16.py) "
+            "and point moepack at the converted checkpoint")
+
+
+def _check_not_prequantized(root: Path, cfg: dict[str, Any]) -> None:
+    """Block-quantized checkpoints (FP8 with weight_scale_inv, GPTQ, AWQ, ...) hold scaled integers or FP8 values
+    that read as wrong weights without their scales: refuse them clearly instead of compressing garbage."""
+    q = cfg.get("quantization_config")
+    if isinstance(q, dict) and q:
+        method = q.get("quant_method", "unknown")
+        raise CheckpointError(f"{root}: the checkpoint is already quantized (quantization_config.quant_method = "
+                              f"{method!r}); moepack reads bf16/f16/f32 weights: {_TO_BF16}")
+
+
+def _check_float_weights(root: Path, tensors: dict[str, TensorRef]) -> None:
+    bad = [t for t in tensors.values() if t.quantizable and t.dtype not in _FLOAT_DTYPES]
+    if bad:
+        raise CheckpointError(f"{root}: {len(bad)} weight matrices are stored as {bad[0].dtype} (e.g. {bad[0].name}); "
+                              f"moepack reads bf16/f16/f32 weights: {_TO_BF16}")
+
+
 def open_checkpoint(model_dir: str | Path) -> CheckpointView:
     """Read config.json and the safetensors headers; raise `CheckpointError`/`UnsupportedArchitecture` clearly."""
     root = Path(model_dir)
@@ -311,7 +333,9 @@ def open_checkpoint(model_dir: str | Path) -> CheckpointView:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
     spec = spec_for(cfg.get("model_type"))
+    _check_not_prequantized(root, cfg)
     tensors = _collect_tensors(spec, _shard_files(root))
+    _check_float_weights(root, tensors)
     facts = _facts(spec, cfg, tensors)
     if not facts.moe_layers:
         log.warning("%s: no MoE layers found", root)
