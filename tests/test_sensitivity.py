@@ -20,8 +20,8 @@ from moepack.cli import main
 from moepack.gguf_names import gguf_outputs
 from moepack.moe_forward import LayerRunner, token_kld
 from moepack.fakequant import FakeQuantWeights, QuantStore, gguf_f32, to_checkpoint
-from moepack.sensitivity import (SensitivityError, _head_batch, _prepare_imatrix, _Prober, _quantize_groups,
-                                 _Reference, _reference, _typed_base, measure_sensitivity, plan_groups, plan_kld,
+from moepack.probes import _head_batch, _Prober, _quantize_groups, _Reference, _reference, _typed_base
+from moepack.sensitivity import (SensitivityError, _prepare_imatrix, measure_sensitivity, plan_groups, plan_kld,
                                  spearman)
 
 ARCHS = ("deepseek_v3", "qwen3_moe")

@@ -41,8 +41,7 @@ from moepack.distributed import Backend, LocalBackend, add_backend_args, backend
 from moepack.fakequant import FakeQuantWeights, QuantStore
 from moepack.gguf_names import OutTensor, gguf_group_name, gguf_outputs
 from moepack.moe_forward import LayerRunner
-from moepack.probes import (ProbeInputs, _head_batch, _Prober, _quantize_groups, _Reference,  # noqa: F401 (tests)
-                            _reference, _typed_base, run_probes, run_quantize)
+from moepack.probes import ProbeInputs, _head_batch, _reference, _typed_base, run_probes, run_quantize
 
 if TYPE_CHECKING:
     from moepack.calibrate import CalibStats
