@@ -1,5 +1,6 @@
-"""`make demo`: compress the bundled DeepSeek-V3-style fixture to a fifth of its bf16 size, build llama.cpp's
-largest uniform mixture that fits the same size, and evaluate both against the original."""
+"""`make demo`: compress the bundled DeepSeek-V3-style fixture to a fifth of its bf16 size (`--keep auto`: the
+expert retention is chosen by measured KLD), build llama.cpp's largest uniform mixture that fits the same size,
+and evaluate both against the original."""
 from __future__ import annotations
 
 import sys
@@ -29,7 +30,8 @@ def main_demo() -> None:
     target = 2 * sum(open_checkpoint(MODEL).param_counts().values()) // 5
     ours = OUT / "tiny-deepseek-v3.moepack.gguf"
     run_dir = OUT / "tiny-deepseek-v3.run"
-    step(["compress", str(MODEL), "--target-size", str(target), "-o", str(ours), "--run-dir", str(run_dir)])
+    step(["compress", str(MODEL), "--target-size", str(target), "--keep", "auto", "-o", str(ours),
+          "--run-dir", str(run_dir)])
     baseline = None
     for ftype in BASELINES:
         path = OUT / f"tiny-deepseek-v3.{ftype}.gguf"

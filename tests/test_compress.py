@@ -51,6 +51,31 @@ def test_compress_fits_budget_and_runs(model: Path, tmp_path: Path, capsys) -> N
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_keep_auto_screens_retentions(model: Path, tmp_path: Path, capsys) -> None:
+    """--keep auto measures keep 1.0 fully, then screens smaller retentions by what pruning alone costs: one whose
+    pruning KLD is already above the best measured candidate gets no sensitivity table; the best measured one wins."""
+    import json
+
+    out, run_dir = tmp_path / "x.gguf", tmp_path / "run"
+    target = _bf16_bytes(model) // 3  # ~5 bpw: quantization costs little next to removing experts
+    assert main(["compress", str(model), "--target-size", str(target), "--keep", "auto", "-o", str(out),
+                 "--run-dir", str(run_dir), *SMALL]) == 0
+    assert "screened" in capsys.readouterr().out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    cands = summary["candidates"]
+    assert [c["keep"] for c in cands] == [1.0, 0.875, 0.75, 0.625] and not cands[0]["screened"]
+    measured = [c for c in cands if not c["screened"]]
+    best = min(c["kld"] for c in measured)
+    assert summary["measured_kld"] == best and summary["keep"] == min(measured, key=lambda c: c["kld"])["keep"]
+    screened = [c for c in cands if c["screened"]]
+    assert screened
+    for c in screened:
+        assert c["kld"] is None and not (run_dir / f"sensitivity-r{c['keep']:g}.json").exists()
+        if c["same_as"] is None:
+            assert c["prune_kld"] >= min(m["kld"] for m in measured if m["keep"] > c["keep"])
+    assert out.stat().st_size <= target
+
+
 def test_infeasible_budget_fails_at_once(model: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "x.gguf"
     t0 = time.time()

@@ -184,19 +184,59 @@ class _Candidate:
     keep: float
     view: CheckpointView
     prune_plan: dict | None
-    plan: Any  # allocate.QuantPlan
-    plan_path: Path
+    plan: Any  # allocate.QuantPlan; None when screened out
+    plan_path: Path | None
     overhead: int  # predicted non-tensor GGUF bytes
     kld: float = float("nan")  # measured after allocation
+    prune_kld: float | None = None  # KLD of pruning alone (unquantized), measured when screening
+    same_as: float | None = None  # screened: the retention that gives the same pruned model
+
+    @property
+    def screened(self) -> bool:
+        return self.plan is None
+
+
+def _prune_kld(view: CheckpointView, ref: CheckpointView, stats, refs: dict[str, Any], opts: CompressOptions) -> float:
+    """KLD of the pruned model alone (unquantized) vs the original on the held-out tokens; the reference outputs are
+    computed once (kept in `refs`) from the first MoE layer on."""
+    from moepack.distributed import torch_threads
+    from moepack.moe_forward import KLDReference, LayerRunner, moe_layers
+
+    with torch_threads(opts.threads or 2):
+        if "ref" not in refs:
+            refs["ref"] = KLDReference(LayerRunner(ref), stats.heldout, min(moe_layers(ref)))
+        return float(refs["ref"].variant(LayerRunner(view))["kld_mean"])
 
 
 def _candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats, budget: Budget, keep: float,
-               opts: CompressOptions, backend: Backend) -> _Candidate:
+               opts: CompressOptions, backend: Backend, done: list[_Candidate] | None = None,
+               refs: dict[str, Any] | None = None) -> _Candidate:
+    """Prune, measure, allocate and check one retention. Screening against the candidates `done` before it: a
+    retention that yields the same model as one of them (group rounding: keep 0.875 of 4 per group keeps 4) is not
+    measured again; and since quantization only adds error to what pruning costs, a retention whose pruning alone
+    already costs the best measured KLD is not measured further: its sensitivity table, the expensive part, is
+    skipped."""
     view, prune_plan = _prune(model_dir, run, keep, opts)
+    measured = [c for c in (done or []) if not c.screened]
+    shape = (view.facts.n_experts, view.facts.top_k)
+    twin = next((c for c in measured if (c.view.facts.n_experts, c.view.facts.top_k) == shape), None)
+    if twin is not None:
+        log.info("keep %.3f keeps the same experts and top-k as keep %.3f; not measured again", keep, twin.keep)
+        return _Candidate(keep, view, prune_plan, None, None, 0, prune_kld=twin.prune_kld, same_as=twin.keep)
+    best_kld = min((c.kld for c in measured), default=float("inf"))
+    floor = None
+    if prune_plan is not None and best_kld < float("inf") and stats.heldout is not None:
+        t0 = time.perf_counter()
+        floor = _prune_kld(view, ref, stats, refs if refs is not None else {}, opts)
+        run.timings[f"prune KLD r={keep:g}"] = time.perf_counter() - t0
+        if floor >= best_kld:
+            log.info("keep %.3f: pruning alone costs KLD %.5f >= %.5f of the best candidate; not measured further",
+                     keep, floor, best_kld)
+            return _Candidate(keep, view, prune_plan, None, None, 0, prune_kld=floor)
     base = opts.base or choose_base(view, budget.weights, opts.ladder)
     table = _sensitivity(run, view, ref, stats, prune_plan, base, keep, opts, backend)
     plan, path, overhead = _allocate(run, table, budget, keep, opts)
-    cand = _Candidate(keep, view, prune_plan, plan, path, overhead)
+    cand = _Candidate(keep, view, prune_plan, plan, path, overhead, prune_kld=floor)
     t0 = time.perf_counter()
     cand.kld = _measure(view, ref, stats, plan.tensors, prune_plan, opts)
     run.timings[f"measure r={keep:g}"] = time.perf_counter() - t0
@@ -258,8 +298,11 @@ def compress(model_dir: str | Path, out: str | Path, budget_args: argparse.Names
     backend = backend or LocalBackend()
     run = RunDir(Path(run_dir) if run_dir else out.with_name(out.name + ".run"))
     stats = _calibrate(model_dir, run, opts, backend)
-    cands = [_candidate(model_dir, ref, run, stats, budget, k, opts, backend) for k in keeps]
-    best = min(cands, key=lambda c: c.kld)
+    cands: list[_Candidate] = []
+    refs: dict[str, Any] = {}
+    for k in keeps:  # largest retention first: it sets the bar the others are screened against
+        cands.append(_candidate(model_dir, ref, run, stats, budget, k, opts, backend, cands, refs))
+    best = min((c for c in cands if not c.screened), key=lambda c: c.kld)
     _write(run, best, out, opts)
     sample = _verify(out, budget, opts.verify_ctx if budget.ctx is None else budget.ctx)
     result = _result(out, run, ref, best, budget, cands, sample)
@@ -304,8 +347,9 @@ def _result(out: Path, run: RunDir, ref: CheckpointView, best: _Candidate, budge
         n_experts=(best.view.facts.n_experts, ref.facts.n_experts), budget=budget.to_dict(), file_bytes=size,
         predicted_bytes=best.plan.predicted_bytes + best.overhead, bpw=8 * size / n_params, types=types,
         measured_kld=best.kld,
-        candidates=[{"keep": c.keep, "top_k": c.view.facts.top_k, "kld": c.kld,
-                     "tensor_bytes": c.plan.predicted_bytes} for c in cands],
+        candidates=[{"keep": c.keep, "top_k": c.view.facts.top_k, "kld": None if c.screened else c.kld,
+                     "prune_kld": c.prune_kld, "screened": c.screened, "same_as": c.same_as,
+                     "tensor_bytes": None if c.screened else c.plan.predicted_bytes} for c in cands],
         timings=dict(run.timings), sample=sample)
 
 
@@ -318,14 +362,21 @@ def render_summary(r: CompressResult) -> str:
     ]
     lines.append(f"  KLD vs original (fake-quantized forward on held-out calibration tokens): {r.measured_kld:.5f}")
     if len(r.candidates) > 1:
-        lines.append("  retention search: " + ", ".join(f"keep {c['keep']:g} -> KLD {c['kld']:.5f}"
-                                                       for c in r.candidates))
+        lines.append("  retention search: " + ", ".join(_candidate_line(c) for c in r.candidates))
     lines.append("  types per tensor class:")
     for cls, counts in sorted(r.types.items()):
         lines.append(f"    {cls:<16} " + ", ".join(f"{t} x{n}" for t, n in sorted(counts.items())))
     lines.append("  stage timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.timings.items()))
     lines.append(f"  sample: {r.sample!r}")
     return "\n".join(lines)
+
+
+def _candidate_line(c: dict[str, Any]) -> str:
+    if c.get("same_as") is not None:
+        return f"keep {c['keep']:g} -> same model as keep {c['same_as']:g} (screened)"
+    if c.get("screened"):
+        return f"keep {c['keep']:g} -> pruning alone KLD {c['prune_kld']:.5f}, not quantized (screened)"
+    return f"keep {c['keep']:g} -> KLD {c['kld']:.5f}"
 
 
 def _keep_arg(s: str) -> float | str:
