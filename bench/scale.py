@@ -150,9 +150,9 @@ class StageResult:
     wall_s: float
     peak_rss: int  # bytes (ru_maxrss of the stage's process)
     cgroup_peak: int | None  # bytes charged to the cgroup at most (page cache included)
-    read_bytes: int  # tensor bytes the stage reads
     written_bytes: int
     rc: int
+    read_bytes: int = 0  # tensor bytes the stage reads (stage_reads, once the pruned checkpoint exists)
 
 
 class MemoryCap:
@@ -195,8 +195,7 @@ def drop_page_cache() -> bool:
         return False
 
 
-def run_stage(stage: str, args: list[str], cap: MemoryCap | None, read_bytes: int, out: Path,
-              log_dir: Path) -> StageResult:
+def run_stage(stage: str, args: list[str], cap: MemoryCap | None, out: Path, log_dir: Path) -> StageResult:
     cmd = ["/usr/bin/time", "-v", str(ROOT / ".venv" / "bin" / "moepack"), *args]
     if cap is not None:
         cap.reset_peak()
@@ -209,8 +208,8 @@ def run_stage(stage: str, args: list[str], cap: MemoryCap | None, read_bytes: in
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
     written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else (
         out.stat().st_size if out.exists() else 0)
-    res = StageResult(stage, wall, int(m.group(1)) * 1024 if m else -1, cap.peak() if cap else None, read_bytes,
-                      written, p.returncode)
+    res = StageResult(stage, wall, int(m.group(1)) * 1024 if m else -1, cap.peak() if cap else None, written,
+                      p.returncode)
     status = "ok" if p.returncode == 0 else f"FAILED rc={p.returncode} (log: {log_dir / stage}.log)"
     print(f"  {stage:9s} {wall:7.1f} s  peak RSS {res.peak_rss / GiB:5.2f} GiB  {status}", flush=True)
     if p.returncode != 0:
@@ -238,13 +237,13 @@ def run_pipeline(model_dir: Path, work: Path, cap: MemoryCap | None, qtype: str,
     logs.mkdir(parents=True, exist_ok=True)
     results = [run_stage("calibrate", ["calibrate", str(model_dir), "--text", str(TEXT), "--tokens", str(tokens),
                                        "--seq-len", "128", "--heldout-tokens", "0", "--batch-size", "2",
-                                       "-o", str(run_dir)], cap, 0, run_dir, logs)]
+                                       "-o", str(run_dir)], cap, run_dir, logs)]
     if results[-1].rc == 0:
         results.append(run_stage("prune", ["prune", str(model_dir), "--calib", str(run_dir), "--keep", str(keep),
-                                           "-o", str(pruned)], cap, 0, pruned, logs))
+                                           "-o", str(pruned)], cap, pruned, logs))
     if results[-1].rc == 0:
         results.append(run_stage("quantize", ["quantize", str(pruned), "--type", qtype, "--imatrix", str(run_dir),
-                                              "--threads", "2", "-o", str(gguf)], cap, 0, gguf, logs))
+                                              "--threads", "2", "-o", str(gguf)], cap, gguf, logs))
     reads = stage_reads(model_dir, pruned)
     for r in results:
         r.read_bytes = reads[r.stage]

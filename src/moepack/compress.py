@@ -202,22 +202,21 @@ def _prune_kld(view: CheckpointView, ref: CheckpointView, stats, refs: dict[str,
     from moepack.distributed import torch_threads
     from moepack.moe_forward import KLDReference, LayerRunner, moe_layers
 
-    with torch_threads(opts.threads or 2):
+    with torch_threads(opts.threads):
         if "ref" not in refs:
             refs["ref"] = KLDReference(LayerRunner(ref), stats.heldout, min(moe_layers(ref)))
         return float(refs["ref"].variant(LayerRunner(view))["kld_mean"])
 
 
 def _candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats, budget: Budget, keep: float,
-               opts: CompressOptions, backend: Backend, done: list[_Candidate] | None = None,
-               refs: dict[str, Any] | None = None) -> _Candidate:
+               opts: CompressOptions, backend: Backend, done: list[_Candidate], refs: dict[str, Any]) -> _Candidate:
     """Prune, measure, allocate and check one retention. Screening against the candidates `done` before it: a
     retention that yields the same model as one of them (group rounding: keep 0.875 of 4 per group keeps 4) is not
     measured again; and since quantization only adds error to what pruning costs, a retention whose pruning alone
     already costs the best measured KLD is not measured further: its sensitivity table, the expensive part, is
     skipped."""
     view, prune_plan = _prune(model_dir, run, keep, opts)
-    measured = [c for c in (done or []) if not c.screened]
+    measured = [c for c in done if not c.screened]
     shape = (view.facts.n_experts, view.facts.top_k)
     twin = next((c for c in measured if (c.view.facts.n_experts, c.view.facts.top_k) == shape), None)
     if twin is not None:
@@ -227,7 +226,7 @@ def _candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats, budget:
     floor = None
     if prune_plan is not None and best_kld < float("inf") and stats.heldout is not None:
         t0 = time.perf_counter()
-        floor = _prune_kld(view, ref, stats, refs if refs is not None else {}, opts)
+        floor = _prune_kld(view, ref, stats, refs, opts)
         run.timings[f"prune KLD r={keep:g}"] = time.perf_counter() - t0
         if floor >= best_kld:
             log.info("keep %.3f: pruning alone costs KLD %.5f >= %.5f of the best candidate; not measured further",

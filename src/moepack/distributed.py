@@ -22,6 +22,7 @@ import os
 import socket
 import tempfile
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -167,7 +168,7 @@ def layer_f32_bytes(view: Any) -> int:
 
 # ---------------------------------------------------------------------------------------------------- backends
 
-class Backend:
+class Backend(ABC):
     """Runs `fn(item, *shared)` for every item and returns the results in item order."""
 
     name = "backend"
@@ -186,9 +187,10 @@ class Backend:
         """What a task receives for `view` (see `open_view`)."""
         return view
 
+    @abstractmethod
     def map(self, fn: Callable[..., Any], items: Sequence[Any], *shared: Any, desc: str = "tasks",
             num_cpus: int = 1, memory: int | None = None, progress: bool = True) -> list[Any]:
-        raise NotImplementedError
+        """`fn(item, *shared)` for every item, results in item order; `num_cpus`/`memory` per task."""
 
     def close(self) -> None:
         pass
