@@ -1,7 +1,7 @@
 """The central claim, measured: moepack compress vs uniform low-bit quantization at the same size.
 
 Run: .venv/bin/python bench/claim.py [--models models/tiny-qwen3-moe models/tiny-deepseek-v3] [--bpw 1.8 2.5 3.5]
-       [--auto] [--work /tmp/moepack-claim] [--out bench/results/claim.json] [--md docs/results.md]
+       [--auto] [--work out/bench-claim] [--out bench/results/claim.json] [--md docs/results.md]
 
 Per fixture, one compress run directory per retention (calibration and sensitivity computed once, reused for every
 budget because the base type is fixed with --base), then:
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "data"
 FTYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ1_M")
 # upgrade order for the uniform (pruning only) and the authors' rules; "one step higher" = the next entry
 LADDER = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
@@ -167,8 +167,8 @@ def evaluate_all(model: Path, rows: list[dict], work: Path, args: argparse.Names
 
     text = DATA / "tinystories-valid.txt"
     cfg = EvalConfig(ctx=args.ctx, tokens=args.eval_tokens, mc=("cloze",), mc_items=args.mc_items, threads=1,
-                     prompt_tokens=64, gen_tokens=32, cache_dir=work.parent / "evalcache", data_dir=DATA)
-    tasks = {"cloze": mc.load_task("cloze", DATA, args.mc_items, None)}
+                     prompt_tokens=64, gen_tokens=32, cache_dir=work.parent / "evalcache", cloze_text=text)
+    tasks = {"cloze": mc.load_task("cloze", n=args.mc_items, cloze_text=text)}
     ref = prepare_reference(model, text, cfg)
     ref_cloze = mc.score_items("cloze", ref.scorer(cfg), ref.tokenize, tasks["cloze"], desc="cloze ref").to_dict()
     ref.release()
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--mc-items", type=int, default=200)
-    p.add_argument("--work", type=Path, default=Path("/tmp/moepack-claim"))
+    p.add_argument("--work", type=Path, default=ROOT / "out" / "bench-claim")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "claim.json")
     p.add_argument("--md", type=Path, default=ROOT / "docs" / "results.md")
     p.add_argument("--png", type=Path, default=ROOT / "docs" / "results-pareto.png")
@@ -405,8 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         fixtures.append(bench_fixture(Path(m), args))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps({"command": command, "fixtures": fixtures,
-                                   "verdicts": {f["model"]: verdicts(f) for f in fixtures}}, indent=1, default=str))
+        body = json.dumps({"command": command, "fixtures": fixtures,
+                           "verdicts": {f["model"]: verdicts(f) for f in fixtures}}, indent=1, default=str)
+        tmp.write_text(body.replace(str(args.work.resolve()) + "/", ""))  # paths relative to --work
         tmp.replace(args.out)
     return render(fixtures, command, args)
 

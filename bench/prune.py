@@ -25,7 +25,7 @@ from moepack.prune import PruneOptions, _auto_candidates, make_plan, pruned_view
 from moepack.textdata import chunk_tokens, tokenize_file
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "data"
 CRITERIA = [("score", 0), ("frequency", 0), ("reap", 0), ("random", 0), ("random", 1), ("random", 2)]
 
 
@@ -88,7 +88,7 @@ def main() -> int:
     ap.add_argument("--valid-tokens", type=int, default=8192)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--work", default="/tmp/moepack-bench-prune")
+    ap.add_argument("--work", default=str(ROOT / "out" / "bench-prune"))
     ap.add_argument("--out", default=str(ROOT / "bench/results/prune.json"))
     args = ap.parse_args()
     torch.manual_seed(0)

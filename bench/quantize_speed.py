@@ -23,7 +23,7 @@ from moepack.gguf_out import imatrix_by_output, load_imatrix, write_gguf
 from moepack.quantize import write_imatrix_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = ROOT.parent / "shared" / "data" / "tinystories-train.txt"
+TEXT = ROOT / "data" / "tinystories-train.txt"
 FTYPE_FOR = {"Q4_K": "Q4_K_M", "IQ2_XXS": "IQ2_XXS", "Q8_0": "Q8_0", "Q2_K": "Q2_K", "IQ3_XXS": "IQ3_XXS"}
 
 

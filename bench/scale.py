@@ -1,6 +1,6 @@
 """Out-of-core scale benchmark: calibrate, prune and quantize a DeepSeek-V3-shaped checkpoint under a memory cap.
 
-    .venv/bin/python bench/scale.py [--layers 3 5] [--experts 16] [--cap-gib 6] [--work /work/scale-bench]
+    .venv/bin/python bench/scale.py [--layers 3 5] [--experts 16] [--cap-gib 6] [--work out/bench-scale]
 
 For each layer count it writes a synthetic checkpoint with DeepSeek-V3's real tensor shapes (hidden 7168, MLA with
 q_lora 1536 / kv_lora 512 / 128 heads, dense FFN 18432 in layer 0, routed experts of 2048, one shared expert,
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from moepack import ggml  # noqa: E402
 from moepack.prune import write_checkpoint  # noqa: E402
 
-TEXT = ROOT.parent / "shared" / "data" / "tinystories-valid.txt"
+TEXT = ROOT / "data" / "tinystories-valid.txt"
 TOKENIZER_FROM = ROOT / "models" / "tiny-deepseek-v3"  # its tokenizer, padded to V3's vocab by the GGUF writer
 GiB = 2**30
 
@@ -298,7 +298,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, nargs="+", default=[3, 5], help="decoder layer counts (layer 0 dense)")
     ap.add_argument("--experts", type=int, default=16, help="routed experts per MoE layer (V3: 256)")
     ap.add_argument("--cap-gib", type=float, default=6.0, help="cgroup memory limit for each stage")
-    ap.add_argument("--work", type=Path, default=ROOT.parent / "scale-bench", help="scratch directory (GBs)")
+    ap.add_argument("--work", type=Path, default=ROOT / "out" / "bench-scale", help="scratch directory (GBs)")
     ap.add_argument("--type", default="Q4_K", help="quantization type (default Q4_K)")
     ap.add_argument("--keep", type=float, default=0.5, help="prune retention (default 0.5: one expert per group)")
     ap.add_argument("--tokens", type=int, default=256, help="calibration tokens (default 256)")

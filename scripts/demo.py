@@ -12,7 +12,8 @@ from moepack.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "tiny-deepseek-v3"
 OUT = ROOT / "out" / "demo"
-VALID = ROOT.parent / "shared" / "data" / "tinystories-valid.txt"
+TRAIN = ROOT / "data" / "tinystories-train.txt"  # the fixture's domain: calibrate on it
+VALID = ROOT / "data" / "tinystories-valid.txt"  # held out: evaluate on it
 # llama.cpp's standard mixtures, largest first: the baseline is the first that fits the target.
 BASELINES = ("Q4_K_M", "Q3_K_M", "Q3_K_S", "IQ3_XXS", "Q2_K", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
 
@@ -30,7 +31,8 @@ def main_demo() -> None:
     target = 2 * sum(open_checkpoint(MODEL).param_counts().values()) // 5
     ours = OUT / "tiny-deepseek-v3.moepack.gguf"
     run_dir = OUT / "tiny-deepseek-v3.run"
-    step(["compress", str(MODEL), "--target-size", str(target), "--keep", "auto", "-o", str(ours),
+    step(["compress", str(MODEL), "--target-size", str(target), "--keep", "auto", "--calib", str(TRAIN),
+          "-o", str(ours),
           "--run-dir", str(run_dir)])
     baseline = None
     for ftype in BASELINES:
@@ -42,7 +44,8 @@ def main_demo() -> None:
             break
         print(f"  {ftype}: {path.stat().st_size:,} bytes > target {target:,}; trying a smaller mixture")
     models = [str(ours)] + ([str(baseline)] if baseline else [])
-    step(["eval", *models, "--reference", str(MODEL), "--text", str(VALID), "--mc", "cloze", "--mc-items", "300",
+    step(["eval", *models, "--reference", str(MODEL), "--text", str(VALID), "--mc", "cloze", "--cloze-text", str(VALID),
+          "--mc-items", "300",
           "--tokens", "4096", "--json", str(OUT / "eval.json"), "--md", str(OUT / "eval.md")])
 
 

@@ -16,7 +16,7 @@ tags: [moe, fixture, moepack]
 # {name}
 
 A small **trained** Mixture-of-Experts model ({hf_class}) that moepack's tests and benchmarks measure on. Trained
-from scratch on `../shared/data/tinystories-train.txt` (TinyStories excerpt) by `scripts/train_fixtures.py`
+from scratch on `data/tinystories-train.txt` (TinyStories excerpt) by `scripts/train_fixtures.py`
 (`make fixtures`), stored as a Hugging Face checkpoint in bf16 with one tensor per expert, as hub checkpoints are.
 
 ## Architecture
@@ -47,7 +47,7 @@ from scratch on `../shared/data/tinystories-train.txt` (TinyStories excerpt) by 
 
 ## Quality
 
-Perplexity on `../shared/data/tinystories-valid.txt` ({valid_tokens:,} tokens, non-overlapping windows of {seq}),
+Perplexity on `data/tinystories-valid.txt` ({valid_tokens:,} tokens, non-overlapping windows of {seq}),
 evaluated with the bf16 weights as stored:
 
 | model | perplexity |

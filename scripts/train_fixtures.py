@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "data"
 TRAIN = DATA / "tinystories-train.txt"
 VALID = DATA / "tinystories-valid.txt"
 VOCAB = 4096

@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "data"
 FIXTURES = ("tiny-qwen3-moe", "tiny-deepseek-v3")
 ARCHS = ("qwen3_moe", "qwen2_moe", "deepseek_v3", "deepseek_v2", "mixtral", "olmoe")
 
@@ -52,9 +52,7 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
 
 
 def _tokenizer_text() -> list[str]:
-    path = DATA / "tinyshakespeare.txt"
-    text = path.read_text(encoding="utf-8")[:100_000] if path.is_file() else "To be, or not to be: that is the question.\n" * 200
-    return text.splitlines()
+    return (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:100_000].splitlines()
 
 
 def write_tiny_tokenizer(out: Path, kind: str, vocab: int) -> None:

@@ -261,9 +261,6 @@ def test_calibrate_cli_and_resume(tmp_path, capsys):
 
     model = build_tiny_model("qwen3_moe", tmp_path / "m", tokenizer=True, vocab=320)
     text = DATA / "tinyshakespeare.txt"
-    if not text.is_file():
-        text = tmp_path / "t.txt"
-        text.write_text("To be, or not to be: that is the question.\n\n" * 300)
     args = ["calibrate", str(model), "--text", str(text), "--tokens", "256", "--seq-len", "64",
             "--heldout-tokens", "128", "-o", str(tmp_path / "run"), "--imatrix-out", str(tmp_path / "im.gguf")]
     assert main(args) == 0

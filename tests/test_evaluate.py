@@ -99,7 +99,7 @@ def _numbers(report: dict) -> list[dict]:
 
 def test_reproducible_and_cached(tiny, tmp_path) -> None:
     model_dir, gguf_path = tiny
-    cfg = replace(CFG, mc=("cloze",), mc_items=6, cache_dir=tmp_path / "a")
+    cfg = replace(CFG, mc=("cloze",), cloze_text=TEXT, mc_items=6, cache_dir=tmp_path / "a")
     first = evaluate([gguf_path], model_dir, TEXT, cfg)
     cached = list((tmp_path / "a").glob("ref-*/meta.json"))
     assert len(cached) == 1
@@ -117,7 +117,7 @@ def test_cli_json_markdown_and_speed(tiny, tmp_path, capsys) -> None:
     model_dir, gguf_path = tiny
     out_json, out_md = tmp_path / "eval.json", tmp_path / "eval.md"
     rc = main(["eval", str(gguf_path), "--reference", str(model_dir), "--text", str(TEXT), "--ctx", "64",
-               "--tokens", "256", "--mc", "cloze", "--mc-items", "4", "--prompt-tokens", "16", "--gen-tokens", "8",
+               "--tokens", "256", "--mc", "cloze", "--cloze-text", str(TEXT), "--mc-items", "4", "--prompt-tokens", "16", "--gen-tokens", "8",
                "--cache-dir", str(tmp_path / "cache"), "--json", str(out_json), "--md", str(out_md)])
     assert rc == 0
     r = json.loads(out_json.read_text())
@@ -179,12 +179,10 @@ def test_choice_arithmetic() -> None:
 
 
 def test_mc_loaders() -> None:
-    if not (DATA / "mc" / "piqa-valid.jsonl").is_file():
-        pytest.skip("no shared/data/mc")
-    p = mc.load_piqa(DATA, 3)
+    p = mc.load_piqa(mc.MC_DATA, 3)
     assert len(p) == 3 and p[0].context.startswith("Question: ") and p[0].context.endswith("\nAnswer:")
     assert all(len(i.endings) == 2 and i.gold in (0, 1) for i in p)
-    h = mc.load_hellaswag(DATA, 3)
+    h = mc.load_hellaswag(mc.MC_DATA, 3)
     assert len(h) == 3 and all(len(i.endings) == 4 and i.endings[0].startswith(" ") for i in h)
 
 
@@ -198,7 +196,7 @@ def test_trained_fixture_picks_obvious_answers(tmp_path) -> None:
     item = mc.McItem("once upon a time, there was a little girl named", (" quickly", " the", " lily", " jumped"), 2)
     assert mc.score_items("cloze", scorer, tokenize, [item]).acc == 1.0
     scorer.close()
-    cfg = replace(CFG, ctx=128, tokens=1024, mc=("cloze",), mc_items=20, cache_dir=tmp_path)
+    cfg = replace(CFG, ctx=128, tokens=1024, mc=("cloze",), cloze_text=TEXT, mc_items=20, cache_dir=tmp_path)
     r = evaluate([gguf_path], model_dir, TEXT, cfg)
     m = r["models"][0]
     assert m["ppl"] == pytest.approx(r["reference"]["ppl"], rel=1e-3)

@@ -41,9 +41,9 @@ def _hf_logits(model_dir: Path, ids: np.ndarray) -> np.ndarray:
 
 
 def _llama(path: Path, **kw: Any):
-    import llama_cpp
+    from moepack.llama_runtime import load_llama
 
-    return llama_cpp.Llama(str(path), n_ctx=128, verbose=False, n_threads=2, type_k=0, type_v=0, **kw)
+    return load_llama(path, n_ctx=128, n_threads=2, type_k=0, type_v=0, **kw)
 
 
 def _gguf_logits(path: Path, ids: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from moepack import __version__
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"moepack {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout closed early (`moepack inspect --json | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush fails silently too
+        return 0
     except KeyboardInterrupt:
         print(f"moepack {args.command}: interrupted; finished stages are kept and a rerun resumes", file=sys.stderr)
         return 130

@@ -21,17 +21,17 @@ from moepack.checkpoint import CheckpointView, open_checkpoint
 from moepack.distributed import Backend, LocalBackend, add_backend_args, backend_from_args
 from moepack.errors import MoepackError
 from moepack.runstate import RunDir, atomic_write_text
+from moepack.textdata import DEFAULT_CALIB_TEXT
 
 __all__ = ["CompressOptions", "CompressResult", "compress", "add_cli", "KEEP_AUTO_CANDIDATES", "choose_base"]
 
 log = logging.getLogger(__name__)
 
 KEEP_AUTO_CANDIDATES = (1.0, 0.875, 0.75, 0.625)
-# The fixtures' training text, beside the checkout (../shared/data); real models should pass --calib.
-DEFAULT_TEXT = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinystories-train.txt"
 # A base type leaves this share of the budget to spend on measured upgrades.
 BASE_SHARE = 0.7
 SAMPLE_PROMPT = "Once upon a time, there was a little girl named"
+VERIFY_TARGET = "moepack.llama_runtime:sample_text"  # run in a child process by _verify
 
 
 class CompressError(MoepackError, ValueError):
@@ -52,6 +52,7 @@ class CompressOptions:
     criterion: str = "score"
     alpha: float = 0.5
     verify_ctx: int = 512
+    extra_bufts: bool = False  # verify with llama.cpp's CPU extra buffer types (repacking) on
     threads: int = 2
     progress: bool = True
     shards: int | None = None  # calibration tasks (None: 1 in-process, one per task slot on Ray)
@@ -74,6 +75,7 @@ class CompressResult:
     candidates: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     sample: str = ""
+    verify_error: str | None = None  # why llama.cpp could not run the written file here, if it could not
 
 
 def _validate(opts: CompressOptions, view: CheckpointView) -> list[float]:
@@ -104,7 +106,10 @@ def choose_base(view: CheckpointView, budget_bytes: int, ladder: tuple[str, ...]
 def _calibrate(model_dir: Path, run: RunDir, opts: CompressOptions, backend: Backend):  # -> CalibStats
     from moepack.calibrate import run_calibrate
 
-    text = opts.calib_text or DEFAULT_TEXT
+    text = opts.calib_text or DEFAULT_CALIB_TEXT
+    log.info("calibration text: %s%s", text, "" if opts.calib_text else
+             " (moepack's bundled mix of stories, encyclopedic prose, dialogue, code and web text; pass --calib "
+             "with text from your own domain for a better file)")
     t0 = time.perf_counter()
     stats = run_calibrate(model_dir, text, run.root, tokens=opts.calib_tokens, seq_len=opts.seq_len,
                           heldout_tokens=opts.sens_tokens, progress=opts.progress, backend=backend,
@@ -266,17 +271,21 @@ def _write(run: RunDir, cand: _Candidate, out: Path, opts: CompressOptions) -> N
         tmp.unlink(missing_ok=True)
 
 
-def _verify(out: Path, budget: Budget, ctx: int) -> str:
-    """Load the GGUF in llama.cpp with the device's context, generate a few tokens; check it fits the budget."""
+def _check_size(out: Path, budget: Budget) -> None:
     size = out.stat().st_size
     if size > budget.file_limit:
         raise CompressError(f"{out} is {format_size(size)}, over the budget {format_size(budget.file_limit)}")
-    from llama_cpp import Llama
 
-    llm = Llama(model_path=str(out), n_ctx=ctx, n_threads=2, seed=0, verbose=False)
-    text = llm(SAMPLE_PROMPT, max_tokens=32, temperature=0.0)["choices"][0]["text"]
-    llm.close()
-    return SAMPLE_PROMPT + text
+
+def _verify(out: Path, ctx: int, opts: CompressOptions) -> str:
+    """Load the GGUF in llama.cpp with the device's context and generate a few tokens, in a child process (a crash
+    inside llama.cpp raises NativeCrash here)."""
+    from moepack.llama_runtime import run_isolated
+
+    res = run_isolated(VERIFY_TARGET, {"path": str(out), "prompt": SAMPLE_PROMPT, "n_ctx": ctx, "max_tokens": 32,
+                                       "threads": opts.threads, "extra_bufts": opts.extra_bufts},
+                       what=f"verifying {out.name}")
+    return SAMPLE_PROMPT + res["text"]
 
 
 def compress(model_dir: str | Path, out: str | Path, budget_args: argparse.Namespace, opts: CompressOptions,
@@ -303,9 +312,19 @@ def compress(model_dir: str | Path, out: str | Path, budget_args: argparse.Names
         cands.append(_candidate(model_dir, ref, run, stats, budget, k, opts, backend, cands, refs))
     best = min((c for c in cands if not c.screened), key=lambda c: c.kld)
     _write(run, best, out, opts)
-    sample = _verify(out, budget, opts.verify_ctx if budget.ctx is None else budget.ctx)
-    result = _result(out, run, ref, best, budget, cands, sample)
+    _check_size(out, budget)
+    from moepack.llama_runtime import NativeCrash
+
+    sample, failure = "", None
+    try:
+        sample = _verify(out, opts.verify_ctx if budget.ctx is None else budget.ctx, opts)
+    except NativeCrash as e:
+        failure = str(e)
+    result = _result(out, run, ref, best, budget, cands, sample, failure)
     atomic_write_text(run.path("summary.json"), json.dumps(asdict(result), indent=2, default=str) + "\n")
+    if failure:
+        raise CompressError(f"{out} is written and its run summary is in {run.path('summary.json')}, but llama.cpp "
+                            f"could not run it here: {failure}")
     return result
 
 
@@ -330,7 +349,7 @@ def _check_feasible(view: CheckpointView, budget: Budget, opts: CompressOptions)
 
 
 def _result(out: Path, run: RunDir, ref: CheckpointView, best: _Candidate, budget: Budget,
-            cands: list[_Candidate], sample: str) -> CompressResult:
+            cands: list[_Candidate], sample: str, verify_error: str | None) -> CompressResult:
     types: dict[str, dict[str, int]] = {}
     for name, t in best.plan.tensors.items():
         if name.startswith("blk."):
@@ -349,7 +368,7 @@ def _result(out: Path, run: RunDir, ref: CheckpointView, best: _Candidate, budge
         candidates=[{"keep": c.keep, "top_k": c.view.facts.top_k, "kld": None if c.screened else c.kld,
                      "prune_kld": c.prune_kld, "screened": c.screened, "same_as": c.same_as,
                      "tensor_bytes": None if c.screened else c.plan.predicted_bytes} for c in cands],
-        timings=dict(run.timings), sample=sample)
+        timings=dict(run.timings), sample=sample, verify_error=verify_error)
 
 
 def render_summary(r: CompressResult) -> str:
@@ -366,7 +385,7 @@ def render_summary(r: CompressResult) -> str:
     for cls, counts in sorted(r.types.items()):
         lines.append(f"    {cls:<16} " + ", ".join(f"{t} x{n}" for t, n in sorted(counts.items())))
     lines.append("  stage timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.timings.items()))
-    lines.append(f"  sample: {r.sample!r}")
+    lines.append(f"  sample: {r.sample!r}" if r.verify_error is None else f"  not verified: {r.verify_error}")
     return "\n".join(lines)
 
 
@@ -406,7 +425,11 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     add_budget_args(p)
     p.add_argument("--keep", type=_keep_arg, default=0.75, help="expert retention R in (0, 1], or auto (0.75)")
     p.add_argument("--top-k", type=top_k_arg, default=None, help="experts per token k' (default round(R*k)) or auto")
-    p.add_argument("--calib", type=Path, help="calibration text (default: the TinyStories training text)")
+    p.add_argument("--calib", type=Path, metavar="TEXT",
+                   help="calibration text (UTF-8, paragraphs split by blank lines): a few hundred thousand characters "
+                        "like what the model will see deployed, the domain it must stay good at; never the text you "
+                        "evaluate on (default: moepack's bundled mix of stories, encyclopedic prose, dialogue, code "
+                        "and web text)")
     p.add_argument("--calib-tokens", type=int, default=50_000, help="calibration tokens (50000)")
     p.add_argument("--seq-len", type=int, default=512, help="calibration sequence length (512)")
     p.add_argument("--sens-tokens", type=int, default=4096, help="held-out tokens for sensitivity and KLD (4096)")
@@ -423,6 +446,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", type=Path,
                    help="keep the sensitivity stage's quantized tensors on disk here (large models; with --ray on "
                         "storage every machine sees)")
+    p.add_argument("--repack", action="store_true",
+                   help="verify with llama.cpp's CPU extra buffer types (weight repacking) on; off by default, as "
+                        "llama.cpp's --no-repack, since on AMX CPUs they abort DeepSeek models")
     add_backend_args(p, shards=True)
     p.set_defaults(func=run)
 
@@ -438,7 +464,7 @@ def run(args: argparse.Namespace) -> int:
                                calib_tokens=args.calib_tokens, seq_len=args.seq_len, sens_tokens=args.sens_tokens,
                                solver=args.solver, base=args.base, ladder=ladder, criterion=args.criterion,
                                threads=args.threads or backend.default_threads(2), shards=args.shards,
-                               cache_dir=args.cache_dir)
+                               cache_dir=args.cache_dir, extra_bufts=args.repack)
         result = compress(args.model_dir, args.output, args, opts, args.run_dir, backend)
     print(render_summary(result))
     return 0

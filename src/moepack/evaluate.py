@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -81,14 +80,17 @@ class EvalConfig:
     prompt_tokens: int = 128
     gen_tokens: int = 64
     cache_dir: Path | None = None
-    data_dir: Path | None = None  # holds mc/ and tinystories-valid.txt
-    cloze_text: Path | None = None
+    data_dir: Path | None = None  # holds mc/ (default: the package's own)
+    cloze_text: Path | None = None  # the text the cloze task is built from
+    extra_bufts: bool = False  # llama.cpp's CPU extra buffer types (repacking); see moepack.llama_runtime
 
     def validate(self) -> None:
         if self.ctx < 8:
             raise EvalError(f"--ctx {self.ctx} is too small; use at least 8 (512 is usual)")
         if self.tokens < self.ctx:
             raise EvalError(f"--tokens {self.tokens} is less than one window of --ctx {self.ctx}")
+        if "cloze" in self.mc and self.cloze_text is None:
+            raise EvalError("--mc cloze needs --cloze-text FILE (held-out text of the model's domain)")
         bad = [t for t in self.mc if t not in mc.TASKS]
         if bad:
             raise EvalError(f"unknown --mc task(s) {bad}; choose from {', '.join(mc.TASKS)}")
@@ -103,8 +105,7 @@ class EvalConfig:
         return self.ctx // 2
 
     def resolved_data_dir(self) -> Path:
-        # src/moepack/evaluate.py -> the repository's parent holds shared/data
-        return self.data_dir or Path(__file__).resolve().parents[3] / "shared" / "data"
+        return self.data_dir or mc.MC_DATA
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:
@@ -139,13 +140,13 @@ def _ending_sum(logp_rows: np.ndarray, ending: Sequence[int]) -> float:
 class LlamaScorer:
     """A GGUF file in llama-cpp-python with logits for every position."""
 
-    def __init__(self, path: Path, n_ctx: int, threads: int) -> None:
-        import llama_cpp
+    def __init__(self, path: Path, n_ctx: int, threads: int, extra_bufts: bool = False) -> None:
+        from moepack.llama_runtime import load_llama
 
         self.path = Path(path)
         self.n_ctx = n_ctx
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512),
-                                   logits_all=True, n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.llm = load_llama(path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512), logits_all=True,
+                              n_threads=threads, n_threads_batch=threads, extra_bufts=extra_bufts)
         self.n_vocab = int(self.llm.n_vocab())
 
     def tokenize(self, text: str) -> list[int]:
@@ -220,9 +221,9 @@ def _hf_tokenizer(model_dir: Path) -> Tokenize:
 
 
 def _gguf_tokenizer(path: Path) -> Tokenize:
-    import llama_cpp
+    from moepack.llama_runtime import load_llama
 
-    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    llm = load_llama(path, vocab_only=True)
     return lambda s: list(llm.tokenize(s.encode("utf-8"), add_bos=False, special=False))
 
 
@@ -266,7 +267,7 @@ class Reference:
         """The reference model, loaded once and kept until `release()`."""
         if self._scorer is None:
             self._scorer = (HFScorer(self.path, cfg.threads) if self.kind == "hf"
-                            else LlamaScorer(self.path, cfg.ctx, cfg.threads))
+                            else LlamaScorer(self.path, cfg.ctx, cfg.threads, cfg.extra_bufts))
         return self._scorer
 
     def release(self) -> None:
@@ -391,48 +392,56 @@ def window_metrics(scorer: Scorer, ref: Reference, cfg: EvalConfig, desc: str = 
             "kld_p99": float(np.percentile(kld, 99)), "kld_max": float(kld.max()), "top1": float(top1.mean())}
 
 
-_PROBE = r"""
-import json, resource, sys, time
-import numpy as np, llama_cpp
-def rss(key):
+def _rss(key: str) -> int:
+    """A /proc/self/status field in bytes (VmRSS:, VmHWM:); ru_maxrss where /proc is absent."""
+    import resource
+
     try:
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-a = json.loads(sys.argv[1])
-base = rss("VmRSS:")
-t = time.perf_counter()
-llm = llama_cpp.Llama(model_path=a["path"], n_ctx=a["ctx"], n_batch=len(a["prompt"]), n_threads=a["threads"],
-                      n_threads_batch=a["threads"], verbose=False)
-load_s = time.perf_counter() - t
-llm.eval(a["prompt"][:8])
-llm.reset()
-t = time.perf_counter()
-llm.eval(a["prompt"])
-prompt_s = time.perf_counter() - t
-nv = llm.n_vocab()
-t = time.perf_counter()
-for _ in range(a["gen"]):
-    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(nv,))
-    llm.eval([int(logits.argmax())])
-decode_s = time.perf_counter() - t
-print(json.dumps({"load_seconds": load_s, "prompt_tps": len(a["prompt"]) / prompt_s, "decode_tps": a["gen"] / decode_s,
-                  "peak_rss_bytes": rss("VmHWM:"), "base_rss_bytes": base}))
-"""
+
+
+def speed_probe(path: str, ctx: int, threads: int, prompt: list[int], gen: int,
+                extra_bufts: bool = False) -> dict[str, float]:
+    """Load, prompt and greedy-decode timings and memory of one GGUF; run alone in a fresh process."""
+    import llama_cpp
+
+    from moepack.llama_runtime import load_llama
+
+    base = _rss("VmRSS:")
+    t = time.perf_counter()
+    llm = load_llama(path, n_ctx=ctx, n_batch=len(prompt), n_threads=threads, n_threads_batch=threads,
+                     extra_bufts=extra_bufts)
+    load_s = time.perf_counter() - t
+    llm.eval(prompt[:8])  # warm-up
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(prompt)
+    prompt_s = time.perf_counter() - t
+    nv = llm.n_vocab()
+    t = time.perf_counter()
+    for _ in range(gen):
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(nv,))  # (V,)
+        llm.eval([int(logits.argmax())])
+    decode_s = time.perf_counter() - t
+    return {"load_seconds": load_s, "prompt_tps": len(prompt) / prompt_s, "decode_tps": gen / decode_s,
+            "peak_rss_bytes": _rss("VmHWM:"), "base_rss_bytes": base}
 
 
 def measure_speed(path: Path, prompt: Sequence[int], cfg: EvalConfig) -> dict[str, float]:
     """Load time, prompt and decode tokens/s and peak RSS of one GGUF, alone in a fresh subprocess."""
+    from moepack.llama_runtime import run_isolated
+
     gen = min(cfg.gen_tokens, cfg.ctx // 2)
     prompt = [int(t) for t in prompt[: min(cfg.prompt_tokens, cfg.ctx - gen)]]
-    arg = json.dumps({"path": str(path), "ctx": cfg.ctx, "threads": cfg.threads, "prompt": prompt, "gen": gen})
-    p = subprocess.run([sys.executable, "-c", _PROBE, arg], capture_output=True, text=True)
-    if p.returncode != 0:
-        raise EvalError(f"{path}: speed probe failed (exit {p.returncode}): {p.stderr.strip()[-800:]}")
-    res = json.loads(p.stdout.strip().splitlines()[-1])
+    res = run_isolated("moepack.evaluate:speed_probe", {"path": str(path), "ctx": cfg.ctx, "threads": cfg.threads,
+                                                        "prompt": prompt, "gen": gen, "extra_bufts": cfg.extra_bufts},
+                       what=f"speed test of {Path(path).name}")
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}
 
 
@@ -478,7 +487,12 @@ def evaluate_model(path: Path, ref: Reference, tasks: dict[str, list[mc.McItem]]
     _, tensor_bytes = _gguf_counts(path)
     entry: dict[str, Any] = {"file": str(path), "size_bytes": size, "tensor_bytes": tensor_bytes,
                              "bpw": 8 * size / ref.params, "bpw_tensors": 8 * tensor_bytes / ref.params}
-    scorer = LlamaScorer(path, cfg.ctx, cfg.threads)
+    from moepack.llama_runtime import run_isolated
+
+    # In a throwaway process first: an abort inside llama.cpp becomes an error here, not the end of this process.
+    run_isolated("moepack.llama_runtime:smoke_test", {"path": str(path), "n_ctx": cfg.ctx, "threads": cfg.threads,
+                                                      "extra_bufts": cfg.extra_bufts}, what=f"loading {path.name}")
+    scorer = LlamaScorer(path, cfg.ctx, cfg.threads, cfg.extra_bufts)
     try:
         entry["tokenizer_agrees"] = _tokenizer_agrees(scorer, ref, sample) if sample else None
         if entry["tokenizer_agrees"] is False:
@@ -588,8 +602,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gen-tokens", type=int, default=64, help="greedy decode steps of the speed test")
     p.add_argument("--no-speed", action="store_true", help="skip the speed and memory subprocess")
     p.add_argument("--cache-dir", type=Path, help="reference cache (default ~/.cache/moepack/eval)")
-    p.add_argument("--data-dir", type=Path, help="directory holding mc/ and tinystories-valid.txt")
-    p.add_argument("--cloze-text", type=Path, help="text of the cloze set (default DATA_DIR/tinystories-valid.txt)")
+    p.add_argument("--data-dir", type=Path, help="directory holding mc/ (default: moepack's bundled PIQA and HellaSwag)")
+    p.add_argument("--cloze-text", type=Path, help="held-out text the cloze set is built from (needed by --mc cloze)")
+    p.add_argument("--repack", action="store_true",
+                   help="llama.cpp's CPU extra buffer types (weight repacking) on; off by default, as --no-repack")
     p.add_argument("--json", type=Path, help="write the report as JSON")
     p.add_argument("--md", type=Path, help="write the table as Markdown")
     p.set_defaults(func=run)
@@ -599,7 +615,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = EvalConfig(ctx=args.ctx, tokens=args.tokens, mc=tuple(dict.fromkeys(args.mc)),
                      mc_items=args.mc_items or None, threads=args.threads, speed=not args.no_speed,
                      prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, cache_dir=args.cache_dir,
-                     data_dir=args.data_dir, cloze_text=args.cloze_text)
+                     data_dir=args.data_dir, cloze_text=args.cloze_text, extra_bufts=args.repack)
     report = evaluate(args.models, args.reference, args.text, cfg)
     if Path(sys.argv[0]).name == "moepack":  # not when called as a function, e.g. from the tests
         report["command"] = "moepack " + " ".join(sys.argv[1:])

@@ -32,6 +32,7 @@ from moepack.errors import MoepackError
 
 __all__ = [
     "TASKS",
+    "MC_DATA",
     "HEADLINE",
     "McItem",
     "McResult",
@@ -49,6 +50,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TASKS = ("cloze", "piqa", "hellaswag")
+# Package data: PIQA and HellaSwag validation sets (sources and licences in data/SOURCES.md of the repository).
+MC_DATA = Path(__file__).resolve().parent / "data"
 HEADLINE = {"cloze": "acc", "piqa": "acc_norm", "hellaswag": "acc_norm"}
 
 Tokenize = Callable[[str], list[int]]
@@ -85,7 +88,8 @@ class McResult:
 
 def _need(path: Path) -> Path:
     if not path.is_file():
-        raise McDataError(f"multiple-choice data not found: {path}; pass --data-dir pointing at shared/data")
+        raise McDataError(f"multiple-choice data not found: {path}; --data-dir must hold mc/ as moepack's own "
+                          f"({MC_DATA}) does")
     return path
 
 
@@ -176,13 +180,17 @@ def build_cloze(text_path: Path, n: int | None = None, *, seed: int = 0, pool_si
     return items
 
 
-def load_task(task: str, data_dir: Path, n: int | None, cloze_text: Path | None = None) -> list[McItem]:
+def load_task(task: str, data_dir: Path = MC_DATA, n: int | None = None,
+              cloze_text: Path | None = None) -> list[McItem]:
     if task == "piqa":
         return load_piqa(data_dir, n)
     if task == "hellaswag":
         return load_hellaswag(data_dir, n)
     if task == "cloze":
-        return build_cloze(_need(cloze_text or data_dir / "tinystories-valid.txt"), n)
+        if cloze_text is None:
+            raise McDataError("the cloze task builds its items from a text: pass --cloze-text FILE, held-out text "
+                              "of the model's domain (never its calibration text)")
+        return build_cloze(_need(cloze_text), n)
     raise McDataError(f"unknown multiple-choice task {task!r}; choose from {', '.join(TASKS)}")
 
 

@@ -1,17 +1,21 @@
 """Text → token ids → fixed-length sequences, shared by calibration, training and evaluation."""
 from __future__ import annotations
 
-from moepack.errors import MoepackError
-
 import hashlib
 import logging
 from pathlib import Path
 
+from moepack.errors import MoepackError
+
 import numpy as np
 
-__all__ = ["read_text", "text_sha256", "tokenize_file", "chunk_tokens", "load_tokenizer", "TextDataError"]
+__all__ = ["DEFAULT_CALIB_TEXT", "read_text", "text_sha256", "tokenize_file", "chunk_tokens", "load_tokenizer", "TextDataError"]
 
 log = logging.getLogger(__name__)
+
+
+# Package data: paragraphs of five domains in turn (built by scripts/build_data.py; sources in data/SOURCES.md).
+DEFAULT_CALIB_TEXT = Path(__file__).resolve().parent / "data" / "calibration.txt"
 
 
 class TextDataError(MoepackError, ValueError):
