@@ -11,7 +11,7 @@ budget because the base type is fixed with --base), then:
 - llama.cpp uniform mixtures with the importance matrix (`quantize --ftype F --imatrix RUN_DIR`), natural sizes;
 - the paper authors' fixed per-tensor rules on the pruned-r0.75 checkpoint (`quantize --plan`), the base type
   being the largest whose plan fits the budget.
-Every GGUF is evaluated with moepack.evaluate against the HF checkpoint on tinystories-valid.txt (cloze only).
+Every GGUF is evaluated with moepack.eval.evaluate against the HF checkpoint on tinystories-valid.txt (cloze only).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ log = logging.getLogger("claim")
 
 
 def budget_ns(bpw: float) -> argparse.Namespace:
-    from moepack.budget import add_budget_args
+    from moepack.stages.budget import add_budget_args
 
     p = argparse.ArgumentParser()
     add_budget_args(p)
@@ -43,14 +43,14 @@ def budget_ns(bpw: float) -> argparse.Namespace:
 
 
 def file_limit(model: Path, bpw: float) -> int:
-    from moepack.budget import budget_from_args
-    from moepack.checkpoint import open_checkpoint
+    from moepack.stages.budget import budget_from_args
+    from moepack.model.checkpoint import open_checkpoint
 
     return int(budget_from_args(budget_ns(bpw), open_checkpoint(model)).file_limit)
 
 
 def run_compress(model: Path, work: Path, keep: float | str, bpw: float, args: argparse.Namespace) -> dict:
-    from moepack.compress import CompressOptions, compress
+    from moepack.pipeline.compress import CompressOptions, compress
 
     out = work / f"moepack-r{keep}-b{bpw:g}.gguf"
     run_dir = work / ("run-auto" if keep == "auto" else f"run-r{keep:g}")
@@ -71,7 +71,7 @@ def run_compress(model: Path, work: Path, keep: float | str, bpw: float, args: a
 def _plan_bytes(outs: list, types: dict[str, str]) -> int:
     import gguf
 
-    from moepack.inspect import tensor_bytes
+    from moepack.cli.inspect import tensor_bytes
 
     f32 = gguf.GGMLQuantizationType.F32
     return sum(tensor_bytes(o.shape, gguf.GGMLQuantizationType[types[o.name]] if o.name in types else f32)
@@ -81,8 +81,8 @@ def _plan_bytes(outs: list, types: dict[str, str]) -> int:
 def authors_plan(view: Any, base: str) -> dict[str, str]:
     """Chen et al.'s fixed rules: routed experts at `base`, the first and last eighth of MoE layers one step higher,
     ffn_down_exps one more step; attention Q4_K (dense FFN too), shared experts Q6_K, token_embd Q2_K, output Q5_K."""
-    from moepack.arch import Role
-    from moepack.gguf_names import gguf_outputs
+    from moepack.model.arch import Role
+    from moepack.gguf.names import gguf_outputs
 
     outs = [o for o in gguf_outputs(view) if o.quantizable]
     moe = sorted({o.layer for o in outs if o.role is Role.ROUTED_EXPERTS})
@@ -105,7 +105,7 @@ def authors_plan(view: Any, base: str) -> dict[str, str]:
 
 
 def largest_fitting(view: Any, limit: int, overhead: int, plan_for) -> tuple[str, dict[str, str]] | None:
-    from moepack.gguf_names import gguf_outputs
+    from moepack.gguf.names import gguf_outputs
 
     outs = gguf_outputs(view)
     best = None
@@ -117,7 +117,7 @@ def largest_fitting(view: Any, limit: int, overhead: int, plan_for) -> tuple[str
 
 
 def write_plan(pruned: Path, out: Path, types: dict[str, str], imatrix: Path, note: dict) -> None:
-    from moepack.quantize import quantize_model
+    from moepack.gguf.quantize import quantize_model
 
     plan = out.with_suffix(".quant_plan.json")
     plan.write_text(json.dumps({"tensors": types, **note}, indent=1))
@@ -126,8 +126,8 @@ def write_plan(pruned: Path, out: Path, types: dict[str, str], imatrix: Path, no
 
 def baselines(model: Path, work: Path, bpw: float, run_dir: Path, overhead: int) -> list[dict]:
     """Pruning only and the authors' rules at one budget, each the largest base that fits."""
-    from moepack.checkpoint import open_checkpoint
-    from moepack.gguf_names import gguf_outputs
+    from moepack.model.checkpoint import open_checkpoint
+    from moepack.gguf.names import gguf_outputs
 
     pruned = run_dir / "pruned-r0.75"
     view = open_checkpoint(pruned)
@@ -149,7 +149,7 @@ def baselines(model: Path, work: Path, bpw: float, run_dir: Path, overhead: int)
 
 
 def uniform(model: Path, work: Path, run_dir: Path) -> list[dict]:
-    from moepack.quantize import quantize_model
+    from moepack.gguf.quantize import quantize_model
 
     rows = []
     for f in FTYPES:
@@ -161,9 +161,9 @@ def uniform(model: Path, work: Path, run_dir: Path) -> list[dict]:
 
 
 def evaluate_all(model: Path, rows: list[dict], work: Path, args: argparse.Namespace) -> dict:
-    from moepack import mc
-    from moepack.evaluate import EvalConfig, evaluate_model, prepare_reference
-    from moepack.textdata import read_text
+    from moepack.eval import mc
+    from moepack.eval.evaluate import EvalConfig, evaluate_model, prepare_reference
+    from moepack.model.textdata import read_text
 
     text = DATA / "tinystories-valid.txt"
     cfg = EvalConfig(ctx=args.ctx, tokens=args.eval_tokens, mc=("cloze",), mc_items=args.mc_items, threads=1,
@@ -352,7 +352,7 @@ def markdown(fixtures: list[dict], command: str, png: str, args: argparse.Namesp
     s = fixtures[0]["reference"]["settings"]
     out = ["# moepack vs uniform low-bit quantization on the trained fixtures", "",
            "Produced by `bench/claim.py`; rerun to reproduce:", "", f"    {command}", "",
-           f"Evaluation: `moepack.evaluate` through llama-cpp-python against the bf16 HF checkpoint on "
+           f"Evaluation: `moepack.eval.evaluate` through llama-cpp-python against the bf16 HF checkpoint on "
            f"tinystories-valid.txt: {s['scored_tokens']} tokens scored in {s['windows']} windows of {s['ctx']} "
            f"(KLD = KL(reference || model), nats); TinyStories cloze on {s['cloze_items']} items; decode tok/s "
            f"on {s['threads']} thread, {s['prompt_tokens']}-token prompt, {s['gen_tokens']} decode steps, on a "

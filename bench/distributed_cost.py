@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moepack import ggml
+from moepack.gguf import kernels as ggml
 
 ROOT = Path(__file__).resolve().parents[1]
 LADDER = ("IQ2_XXS", "IQ2_S", "IQ3_XXS", "IQ3_S", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
@@ -93,9 +93,9 @@ def fixture_probe(tokens: int, threads: int) -> dict[str, float]:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import build_tiny_model
 
-    from moepack.calibrate import calibrate
-    from moepack.checkpoint import open_checkpoint
-    from moepack.sensitivity import measure_sensitivity
+    from moepack.stages.calibrate import calibrate
+    from moepack.model.checkpoint import open_checkpoint
+    from moepack.stages.sensitivity.measure import measure_sensitivity
 
     with tempfile.TemporaryDirectory() as d:
         path = build_tiny_model("deepseek_v3", Path(d) / "m", hidden=256, ffn=256, n_experts=16, top_k=4, n_layers=4,

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moepack.calibrate import CalibStats, run_calibrate
-from moepack.checkpoint import open_checkpoint
-from moepack.moe_forward import KLDReference, LayerRunner
-from moepack.prune import PruneOptions, _auto_candidates, make_plan, pruned_view, top_k_auto
-from moepack.textdata import chunk_tokens, tokenize_file
+from moepack.stages.calibrate import CalibStats, run_calibrate
+from moepack.model.checkpoint import open_checkpoint
+from moepack.model.runner import KLDReference, LayerRunner
+from moepack.stages.prune import PruneOptions, _auto_candidates, make_plan, pruned_view, top_k_auto
+from moepack.model.textdata import chunk_tokens, tokenize_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"

@@ -1,4 +1,4 @@
-"""Speed of llama.cpp's quantization kernels through moepack.ggml: MB/s of f32 input per type, 1 vs 2 threads.
+"""Speed of llama.cpp's quantization kernels through moepack.gguf.kernels: MB/s of f32 input per type, 1 vs 2 threads.
 
 Run: .venv/bin/python bench/quantize_kernels.py [--rows 1024 --cols 4096 --types Q4_K,IQ2_XXS]
 Grid set-up of the IQ types (once per process) is timed separately as `init s`.
@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from moepack import ggml
+from moepack.gguf import kernels as ggml
 
 
 def main() -> int:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import gguf
 
-from moepack import ggml
-from moepack.calibrate import run_calibrate
-from moepack.checkpoint import open_checkpoint
-from moepack.gguf_out import imatrix_by_output, load_imatrix, write_gguf
-from moepack.quantize import write_imatrix_gguf
+from moepack.gguf import kernels as ggml
+from moepack.stages.calibrate import run_calibrate
+from moepack.model.checkpoint import open_checkpoint
+from moepack.gguf.writer import imatrix_by_output, load_imatrix, write_gguf
+from moepack.gguf.quantize import write_imatrix_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "data" / "tinystories-train.txt"

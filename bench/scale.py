@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from moepack import ggml  # noqa: E402
-from moepack.prune import write_checkpoint  # noqa: E402
+from moepack.stages.prune import write_checkpoint  # noqa: E402
 
 TEXT = ROOT / "data" / "tinystories-valid.txt"
 TOKENIZER_FROM = ROOT / "models" / "tiny-deepseek-v3"  # its tokenizer, padded to V3's vocab by the GGUF writer
@@ -130,7 +130,7 @@ def make_checkpoint(out: Path, n_layers: int, n_experts: int, shard_gib: float) 
 
 def layer_bytes(model_dir: Path) -> tuple[int, int]:
     """(bytes of the largest decoder layer, bytes of the largest tensor outside the layers) of a checkpoint."""
-    from moepack.checkpoint import open_checkpoint
+    from moepack.model.checkpoint import open_checkpoint
 
     view = open_checkpoint(model_dir)
     per_layer: dict[int, int] = {}
@@ -219,7 +219,7 @@ def run_stage(stage: str, args: list[str], cap: MemoryCap | None, out: Path, log
 
 def stage_reads(model_dir: Path, pruned: Path) -> dict[str, int]:
     """Tensor bytes each stage reads: calibrate all but lm_head, prune every kept tensor, quantize the pruned model."""
-    from moepack.checkpoint import open_checkpoint
+    from moepack.model.checkpoint import open_checkpoint
 
     full = open_checkpoint(model_dir)
     calib = sum(t.nbytes for n, t in full.tensors.items() if n != "lm_head.weight")

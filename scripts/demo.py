@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from moepack.checkpoint import open_checkpoint
+from moepack.model.checkpoint import open_checkpoint
 from moepack.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,8 +5,8 @@ import json
 import sys
 from pathlib import Path
 
-from moepack.checkpoint import open_checkpoint
-from moepack.inspect import describe
+from moepack.model.checkpoint import open_checkpoint
+from moepack.cli.inspect import describe
 
 CARD = """---
 license: cdla-sharing-1.0

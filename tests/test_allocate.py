@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moepack.allocate import (MAX_WORK, AllocationError, SensitivityTable, allocate, objective, solve_exact,
+from moepack.stages.allocate import (MAX_WORK, AllocationError, SensitivityTable, allocate, objective, solve_exact,
                               solve_greedy)
 from moepack.cli import main
 
@@ -245,5 +245,5 @@ def test_cli_infeasible(tmp_path: Path, capsys) -> None:
 
 
 def test_allocate_is_pure_python() -> None:
-    code = "import sys, moepack.allocate; bad = {'torch', 'numpy'} & set(sys.modules); assert not bad, bad"
+    code = "import sys, moepack.stages.allocate; bad = {'torch', 'numpy'} & set(sys.modules); assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from moepack.budget import (CTX_PAD, BudgetError, add_budget_args, budget_from_args, compute_buffer_bytes,
+from moepack.stages.budget import (CTX_PAD, BudgetError, add_budget_args, budget_from_args, compute_buffer_bytes,
                             format_size, gguf_overhead_bytes, kv_cache_bytes, parse_size, weight_budget)
-from moepack.checkpoint import open_checkpoint
+from moepack.model.checkpoint import open_checkpoint
 
 
 @pytest.mark.parametrize("text, n", [

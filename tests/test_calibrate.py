@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import ARCHS, ROOT
-from moepack.calibrate import CalibStats, calibrate, expert_key
-from moepack.checkpoint import open_checkpoint
-from moepack.moe_forward import KLDReference, LayerRunner, layer_sources
+from moepack.stages.calibrate import CalibStats, calibrate, expert_key
+from moepack.model.checkpoint import open_checkpoint
+from moepack.model.runner import KLDReference, LayerRunner, layer_sources
 
 IDS = np.random.default_rng(0).integers(0, 256, (4, 24))  # (N, L)
 
@@ -103,7 +103,7 @@ def test_calibration_statistics_consistent(arch, shared_tiny_model):
 def test_calibration_matches_plain_forward(shared_tiny_model):
     """The instrumented experts compute what transformers computes: logits after calibration hooks are unchanged."""
     view = open_checkpoint(shared_tiny_model("deepseek_v3"))
-    from moepack.calibrate import _Acc, _preparer
+    from moepack.stages.calibrate import _Acc, _preparer
 
     r = LayerRunner(view, attn_implementation="eager")  # as calibrate runs DeepSeek (attn_v_b needs the probs)
     h = r.embed(torch.as_tensor(IDS))
@@ -139,7 +139,7 @@ def _never_routed_model(tiny_model) -> tuple[Path, int]:
 
 
 def test_never_routed_expert_falls_back_and_is_reported(tiny_model, tmp_path):
-    from moepack.imatrix import load_imatrix, write_imatrix_gguf
+    from moepack.gguf.imatrix import load_imatrix, write_imatrix_gguf
 
     path, dead = _never_routed_model(tiny_model)
     view = open_checkpoint(path)
@@ -161,7 +161,7 @@ def test_never_routed_expert_falls_back_and_is_reported(tiny_model, tmp_path):
 
 def _ggml_reads(path: Path) -> tuple[int, str]:
     """(tensor count, general.type) through llama.cpp's own GGUF parser (libggml-base), or skip."""
-    from moepack.ggml import _lib_dir
+    from moepack.gguf.kernels import _lib_dir
 
     lib = ctypes.CDLL(str(next(_lib_dir().glob("libggml-base.so*"))))
 
@@ -188,7 +188,7 @@ def _ggml_reads(path: Path) -> tuple[int, str]:
 def test_imatrix_gguf_round_trip(shared_tiny_model, tmp_path):
     import gguf
 
-    from moepack.imatrix import imatrix_entries, read_imatrix, write_imatrix_gguf
+    from moepack.gguf.imatrix import imatrix_entries, read_imatrix, write_imatrix_gguf
 
     view = open_checkpoint(shared_tiny_model("deepseek_v3"))
     st = calibrate(view, IDS, progress=False)
@@ -220,8 +220,8 @@ def test_imatrix_gguf_round_trip(shared_tiny_model, tmp_path):
 
 _RSS_SCRIPT = textwrap.dedent("""
     import json, sys, numpy as np, torch
-    from moepack.checkpoint import open_checkpoint
-    from moepack.calibrate import calibrate
+    from moepack.model.checkpoint import open_checkpoint
+    from moepack.stages.calibrate import calibrate
     def kb(field):
         for line in open("/proc/self/status"):
             if line.startswith(field):

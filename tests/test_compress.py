@@ -32,7 +32,7 @@ def _sha(p: Path) -> str:
 
 
 def _bf16_bytes(model: Path) -> int:
-    from moepack.checkpoint import open_checkpoint
+    from moepack.model.checkpoint import open_checkpoint
 
     return 2 * sum(open_checkpoint(model).param_counts().values())
 

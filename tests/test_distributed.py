@@ -12,13 +12,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from moepack.calibrate import CalibStats, calibrate, shard_bounds
-from moepack.checkpoint import open_checkpoint
+from moepack.stages.calibrate import CalibStats, calibrate, shard_bounds
+from moepack.model.checkpoint import open_checkpoint
 from moepack.cli import main
-from moepack.distributed import (DistributedError, LocalBackend, RayBackend, ViewRef, _running_cluster, make_backend,
+from moepack.backends import (DistributedError, LocalBackend, RayBackend, ViewRef, _running_cluster, make_backend,
                                  open_view, partition)
 from moepack.errors import MoepackError
-from moepack.sensitivity import measure_sensitivity
+from moepack.stages.sensitivity.measure import measure_sensitivity
 
 if os.environ.get("CI"):
     import ray  # CI installs moepack[ray] (the Makefile's install step): without it these tests fail, not skip
@@ -99,7 +99,7 @@ def test_cli_ray_round_trip_and_resume(shared_tiny_model, ray_backend, tmp_path,
     # resume: another explicit --shards recomputes; no --shards takes statistics of any shard count
     assert main(args[:-1] + ["3", "-o", str(tmp_path / "local")]) == 0
     assert json.loads((tmp_path / "local" / "calib" / "manifest.json").read_text())["shards"] == 3
-    caplog.set_level(logging.INFO, logger="moepack.calibrate")
+    caplog.set_level(logging.INFO, logger="moepack.stages.calibrate")
     assert main(args[:-2] + ["-o", str(tmp_path / "local")]) == 0
     assert "reusing calibration statistics" in caplog.text
     assert json.loads((tmp_path / "local" / "calib" / "manifest.json").read_text())["shards"] == 3
@@ -140,7 +140,7 @@ def _fresh_ray(address: str, monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 def test_view_ref_of_a_pruned_view_and_helpers(shared_tiny_model) -> None:
-    from moepack.prune import PruneOptions, make_plan, pruned_view
+    from moepack.stages.prune import PruneOptions, make_plan, pruned_view
 
     view = open_checkpoint(shared_tiny_model("qwen3_moe"))
     pv = pruned_view(view, make_plan(view, calibrate(view, IDS, progress=False), PruneOptions(keep=0.5)))

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from conftest import DATA, MODELS, build_tiny_model, fixture_dir
-from moepack import mc
+from moepack.eval import mc
 from moepack.cli import main
-from moepack.evaluate import EvalConfig, EvalError, evaluate, prepare_reference, to_markdown
+from moepack.eval.evaluate import EvalConfig, EvalError, evaluate, prepare_reference, to_markdown
 
 TEXT = DATA / "tinystories-valid.txt"
 CFG = EvalConfig(ctx=64, tokens=512, threads=1, speed=False, mc_items=None)
@@ -28,7 +28,7 @@ def _tokenizer_dir() -> Path:
 
 
 def _f32_gguf(model_dir: Path, out: Path) -> Path:
-    from moepack.quantize import quantize_model
+    from moepack.gguf.quantize import quantize_model
 
     quantize_model(model_dir, out, qtype="F32", progress=False)
     return out
@@ -189,7 +189,7 @@ def test_mc_loaders() -> None:
 def test_trained_fixture_picks_obvious_answers(tmp_path) -> None:
     model_dir = fixture_dir("tiny-qwen3-moe")
     gguf_path = _f32_gguf(model_dir, tmp_path / "fixture-f32.gguf")
-    from moepack.evaluate import LlamaScorer, Reference
+    from moepack.eval.evaluate import LlamaScorer, Reference
 
     scorer = LlamaScorer(gguf_path, 128, 1)
     tokenize = scorer.tokenize

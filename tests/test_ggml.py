@@ -1,4 +1,4 @@
-"""moepack.ggml against llama.cpp itself: gguf's numpy quantizers and `llama_model_quantize` on a tiny GGUF."""
+"""moepack.gguf.kernels against llama.cpp itself: gguf's numpy quantizers and `llama_model_quantize` on a tiny GGUF."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from moepack import ggml
+from moepack.gguf import kernels as ggml
 from moepack.errors import MoepackError
 
 ROWS, N = 64, 512

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 
 from conftest import ARCHS, build_tiny_model, fixture_dir
-from moepack import ggml
-from moepack.checkpoint import open_checkpoint
+from moepack.gguf import kernels as ggml
+from moepack.model.checkpoint import open_checkpoint
 from moepack.cli import main
-from moepack.gguf_names import gguf_group_name, gguf_outputs, gguf_tensor_name
-from moepack.gguf_out import WriteError, overhead_bytes, resolve_types, tensor_nbytes, write_gguf
-from moepack.quantize import write_imatrix_gguf
+from moepack.gguf.names import gguf_group_name, gguf_outputs, gguf_tensor_name
+from moepack.gguf.writer import WriteError, overhead_bytes, resolve_types, tensor_nbytes, write_gguf
+from moepack.gguf.quantize import write_imatrix_gguf
 
 GOLDEN = Path(__file__).parent / "golden"
 N_TOK = 64
@@ -41,7 +41,7 @@ def _hf_logits(model_dir: Path, ids: np.ndarray) -> np.ndarray:
 
 
 def _llama(path: Path, **kw: Any):
-    from moepack.llama_runtime import load_llama
+    from moepack.gguf.runtime import load_llama
 
     return load_llama(path, n_ctx=128, n_threads=2, type_k=0, type_v=0, **kw)
 
@@ -170,7 +170,7 @@ def test_vocab_tokenizes_like_hf(models, arch: str, tmp_path: Path) -> None:
 
 def test_pre_tokenizer_names() -> None:
     from conftest import _QWEN2_SPLIT
-    from moepack.gguf_vocab import pre_tokenizer_name
+    from moepack.gguf.vocab import pre_tokenizer_name
 
     def seq(*regexes: str, byte_regex: bool = False) -> dict[str, Any]:
         steps = [{"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated"} for r in regexes]
@@ -244,7 +244,7 @@ def test_same_input_same_bytes(models, tmp_path: Path) -> None:
 def test_row_blocks_write_the_same_bytes(models, tmp_path: Path, monkeypatch) -> None:
     """Large plain tensors (token_embd, output) are converted and quantized in row blocks to bound memory; since
     every GGML type quantizes row by row, the file must not change."""
-    import moepack.gguf_out as go
+    import moepack.gguf.writer as go
 
     view = open_checkpoint(models("qwen3_moe"))
     types = {"token_embd.weight": "Q4_K", "output.weight": "Q8_0"}
@@ -440,7 +440,7 @@ def test_imatrix_file_and_ftype_with_imatrix(models, tmp_path: Path) -> None:
 
 
 def test_pruned_checkpoint(models, tmp_path: Path) -> None:
-    from moepack.prune import pruned_view, write_checkpoint
+    from moepack.stages.prune import pruned_view, write_checkpoint
 
     d = models("qwen3_moe")
     view = open_checkpoint(d)

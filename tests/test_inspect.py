@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import ARCHS, DATA, build_tiny_model, fixture_dir
-from moepack.arch import Role
-from moepack.checkpoint import CheckpointError, open_checkpoint
+from moepack.model.arch import Role
+from moepack.model.checkpoint import CheckpointError, open_checkpoint
 from moepack.cli import main
-from moepack.inspect import estimate_size
+from moepack.cli.inspect import estimate_size
 
 
 def _inspect_json(capsys, path: Path) -> dict:
@@ -118,7 +118,7 @@ def test_fixture_perplexity_within_card_bound(name: str) -> None:
     """The trained fixture loads in transformers and keeps the perplexity its model card promises."""
     import transformers
 
-    from moepack.textdata import chunk_tokens, tokenize_file
+    from moepack.model.textdata import chunk_tokens, tokenize_file
 
     path = fixture_dir(name)
     card = (path / "README.md").read_text()

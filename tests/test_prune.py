@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import ARCHS
-from moepack.calibrate import CalibStats, RouterStats, calibrate
-from moepack.checkpoint import open_checkpoint
-from moepack.prune import (PruneError, PruneOptions, _shape, importance, make_plan, pruned_view, run_prune,
+from moepack.stages.calibrate import CalibStats, RouterStats, calibrate
+from moepack.model.checkpoint import open_checkpoint
+from moepack.stages.prune import (PruneError, PruneOptions, _shape, importance, make_plan, pruned_view, run_prune,
                            select_experts, write_checkpoint)
 
 IDS = np.random.default_rng(1).integers(0, 256, (4, 24))  # (N, L)

@@ -71,7 +71,7 @@ def test_missing_config_json(model: Path, tmp_path: Path, capsys) -> None:
 
 def test_missing_shard(model: Path, tmp_path: Path, capsys) -> None:
     d = _copy(model, tmp_path)
-    from moepack.checkpoint import read_safetensors_header
+    from moepack.model.checkpoint import read_safetensors_header
 
     names, _ = read_safetensors_header(d / "model.safetensors")
     wmap = {n: ("model-00002-of-00002.safetensors" if i % 2 else "model.safetensors")
@@ -139,7 +139,7 @@ def test_unsupported_architecture(model: Path, tmp_path: Path, capsys) -> None:
 
 
 def test_debug_shows_traceback(model: Path, tmp_path: Path) -> None:
-    from moepack.checkpoint import CheckpointError
+    from moepack.model.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="no config.json"):
         main(["--debug", "inspect", str(tmp_path)])
@@ -166,7 +166,7 @@ def test_non_finite_weights_named(model: Path, tmp_path: Path, capsys, bad: floa
 def test_non_finite_imatrix_refused() -> None:
     """The kernels themselves do not reliably catch NaN weights (Q8_0 and Q4_K encode them without complaint),
     which is why CheckpointView.load checks; a NaN importance matrix is refused by ggml.quantize."""
-    from moepack import ggml
+    from moepack.gguf import kernels as ggml
 
     x = np.ones((2, 256), dtype=np.float32)  # (rows, n)
     with pytest.raises(MoepackError, match="imatrix holds NaN or inf"):
@@ -276,7 +276,7 @@ def test_disk_full_while_writing(model: Path, tmp_path: Path) -> None:
 # A quantize whose kernel is slowed down, so that a signal surely lands mid-write.
 _SLOW_QUANTIZE = """
 import sys, time
-from moepack import ggml
+from moepack.gguf import kernels as ggml
 from moepack.cli import main
 fast = ggml.quantize
 def slow(*a, **k):
@@ -350,8 +350,8 @@ def _untimed(sens: Path) -> dict:
 def test_gguf_validated_before_rename(model: Path, tmp_path: Path) -> None:
     """write_gguf reopens its temporary with gguf's reader and checks every tensor's type, shape and byte size;
     a mismatch raises and nothing is renamed into place."""
-    from moepack import gguf_out
-    from moepack.checkpoint import open_checkpoint
+    from moepack.gguf import writer as gguf_out
+    from moepack.model.checkpoint import open_checkpoint
 
     view = open_checkpoint(model)
     out = tmp_path / "x.gguf"
@@ -387,7 +387,7 @@ _EDITS = st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), max_s
 @FUZZ
 @given(edits=_EDITS, cut=st.none() | st.integers(0, 4096), prefix=st.none() | st.binary(max_size=64))
 def test_fuzz_safetensors_header(safetensors_bytes: bytes, tmp_path: Path, edits, cut, prefix) -> None:
-    from moepack.checkpoint import CheckpointError, read_safetensors_header
+    from moepack.model.checkpoint import CheckpointError, read_safetensors_header
 
     # Header-length field kept near the real one (or random bytes), so that the JSON itself gets mutated.
     data = prefix if prefix is not None else _mutate(safetensors_bytes, edits, cut)
@@ -402,7 +402,7 @@ def test_fuzz_safetensors_header(safetensors_bytes: bytes, tmp_path: Path, edits
 
 @pytest.fixture(scope="module")
 def imatrix_bytes(tmp_path_factory) -> bytes:
-    from moepack.quantize import write_imatrix_gguf
+    from moepack.gguf.quantize import write_imatrix_gguf
 
     p = tmp_path_factory.mktemp("im") / "im.gguf"
     rng = np.random.default_rng(0)
@@ -414,7 +414,7 @@ def imatrix_bytes(tmp_path_factory) -> bytes:
 @FUZZ
 @given(edits=_EDITS, cut=st.none() | st.integers(0, 2048))
 def test_fuzz_imatrix_reader(imatrix_bytes: bytes, tmp_path: Path, edits, cut) -> None:
-    from moepack.imatrix import load_imatrix
+    from moepack.gguf.imatrix import load_imatrix
 
     f = tmp_path / "fuzz.imatrix.gguf"
     f.write_bytes(_mutate(imatrix_bytes, edits, cut))
@@ -446,7 +446,7 @@ _TABLEISH = st.fixed_dictionaries({"version": st.just(1) | _JSON, "groups": st.l
 @FUZZ
 @given(doc=_PLANISH | _JSON, raw=st.none() | st.binary(max_size=32))
 def test_fuzz_quant_plan_reader(tmp_path: Path, doc, raw) -> None:
-    from moepack.quantize import read_quant_plan
+    from moepack.gguf.quantize import read_quant_plan
 
     f = tmp_path / "plan.json"
     f.write_bytes(raw if raw is not None else json.dumps(doc).encode())
@@ -460,7 +460,7 @@ def test_fuzz_quant_plan_reader(tmp_path: Path, doc, raw) -> None:
 @FUZZ
 @given(doc=_TABLEISH | _JSON, raw=st.none() | st.binary(max_size=32))
 def test_fuzz_sensitivity_table_reader(tmp_path: Path, doc, raw) -> None:
-    from moepack.allocate import SensitivityTable
+    from moepack.stages.allocate import SensitivityTable
 
     f = tmp_path / "sensitivity.json"
     f.write_bytes(raw if raw is not None else json.dumps(doc).encode())

@@ -11,7 +11,7 @@ SMALL = ["--calib", str(DATA / "tinystories-valid.txt"), "--calib-tokens", "1024
 
 
 def test_report_from_compress_run(tiny_model, tmp_path: Path, capsys) -> None:
-    from moepack.checkpoint import open_checkpoint
+    from moepack.model.checkpoint import open_checkpoint
 
     model = tiny_model("qwen3_moe", tokenizer=True, hidden=256, ffn=256, n_experts=8, top_k=2, vocab=512)
     target = 2 * sum(open_checkpoint(model).param_counts().values()) // 5  # a fifth of bf16

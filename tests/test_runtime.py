@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DATA, build_tiny_model
-from moepack.llama_runtime import NativeCrash, load_llama, run_isolated
+from moepack.gguf.runtime import NativeCrash, load_llama, run_isolated
 
 CRASHER = '''
 import os, signal
@@ -22,7 +22,7 @@ def sample_text(**kw):
 
 @pytest.fixture(scope="module")
 def gguf_file(tmp_path_factory) -> Path:
-    from moepack.quantize import quantize_model
+    from moepack.gguf.quantize import quantize_model
 
     root = tmp_path_factory.mktemp("rt")
     model = build_tiny_model("qwen3_moe", root / "m", tokenizer=True, vocab=320)
@@ -58,7 +58,7 @@ def test_loader_default_is_off(gguf_file: Path) -> None:
 
 
 def test_isolated_run_returns_the_result(gguf_file: Path) -> None:
-    res = run_isolated("moepack.llama_runtime:smoke_test", {"path": str(gguf_file), "n_ctx": 32, "threads": 1},
+    res = run_isolated("moepack.gguf.runtime:smoke_test", {"path": str(gguf_file), "n_ctx": 32, "threads": 1},
                        what="smoke")
     assert res == {"n_vocab": 320}
 
@@ -72,7 +72,7 @@ def test_native_crash_becomes_an_error(crasher: str, sig: str) -> None:
 def test_compress_survives_a_crash_in_verification(crasher: str, tmp_path: Path, monkeypatch, capsys) -> None:
     """llama.cpp dies while compress verifies its file: one clear error, the GGUF stays at the output path and the
     run summary is written, saying why it was not verified."""
-    from moepack import compress
+    from moepack.pipeline import compress
     from moepack.cli import main
 
     monkeypatch.setattr(compress, "VERIFY_TARGET", f"{crasher}:sample_text")

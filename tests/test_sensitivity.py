@@ -12,16 +12,16 @@ import torch
 
 from conftest import ARCHS as ALL_ARCHS
 from conftest import build_tiny_model
-from moepack import ggml
-from moepack.allocate import SensitivityTable, allocate
-from moepack.calibrate import calibrate
-from moepack.checkpoint import open_checkpoint
+from moepack.gguf import kernels as ggml
+from moepack.stages.allocate import SensitivityTable, allocate
+from moepack.stages.calibrate import calibrate
+from moepack.model.checkpoint import open_checkpoint
 from moepack.cli import main
-from moepack.gguf_names import gguf_outputs
-from moepack.moe_forward import LayerRunner, token_kld
-from moepack.fakequant import FakeQuantWeights, QuantStore, gguf_f32, to_checkpoint
-from moepack.probes import _head_batch, _Prober, _quantize_groups, _Reference, _reference, _typed_base
-from moepack.sensitivity import (SensitivityError, _prepare_imatrix, measure_sensitivity, plan_groups, plan_kld,
+from moepack.gguf.names import gguf_outputs
+from moepack.model.runner import LayerRunner, token_kld
+from moepack.stages.sensitivity.fakequant import FakeQuantWeights, QuantStore, gguf_f32, to_checkpoint
+from moepack.stages.sensitivity.probes import _head_batch, _Prober, _quantize_groups, _Reference, _reference, _typed_base
+from moepack.stages.sensitivity.measure import (SensitivityError, _prepare_imatrix, measure_sensitivity, plan_groups, plan_kld,
                                  spearman)
 
 ARCHS = ("deepseek_v3", "qwen3_moe")
@@ -231,7 +231,7 @@ def test_proxy_mode_and_roles(tiny) -> None:
 
 
 def test_disk_cache_quantizes_once(tiny, tmp_path, monkeypatch) -> None:
-    from moepack import gguf_out
+    from moepack.gguf import writer as gguf_out
 
     _, view, ids, stats, _ = tiny("qwen3_moe")
     kw: dict[str, Any] = dict(imatrix=stats, ladder=["IQ2_XXS", "Q4_K"], progress=False)
@@ -249,7 +249,7 @@ def test_disk_cache_quantizes_once(tiny, tmp_path, monkeypatch) -> None:
 
 
 def test_pruned_view_uses_the_original_imatrix(tiny) -> None:
-    from moepack.prune import PruneOptions, make_plan, pruned_view
+    from moepack.stages.prune import PruneOptions, make_plan, pruned_view
 
     _, view, ids, stats, _ = tiny("qwen3_moe")
     plan = make_plan(view, stats, PruneOptions(keep=0.5))

@@ -1,0 +1,5 @@
+import sys
+
+from moepack.cli import main
+
+sys.exit(main())

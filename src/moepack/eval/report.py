@@ -1,0 +1,219 @@
+"""`moepack report RUN_DIR [-o report.md] [--pareto PNG] [--eval EVAL.json]`: one Markdown page per compress run.
+
+The page shows, from the run directory's artifacts (no model is loaded):
+- the experts kept per MoE layer, as a heat map of the pruning importance (`pruned-r*/prune_plan.json`), kept
+  experts outlined;
+- the GGML type chosen for every tensor (`quant_plan-r*.json`), as a chart of bits per weight;
+- the top rows of the sensitivity table (`sensitivity-r*.json`): the groups whose first upgrade gains most KLD;
+- the eval table, when an eval JSON (`moepack eval --json`) is in the run directory or given;
+- the Pareto plot, when given (copied beside the page).
+Charts are PNG files written next to the page (`<page stem>-*.png`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from moepack.errors import MoepackError
+
+__all__ = ["ReportError", "find_artifacts", "build_report", "add_cli", "run"]
+
+log = logging.getLogger(__name__)
+
+SENS_ROWS = 15  # sensitivity rows shown
+
+
+class ReportError(MoepackError, ValueError):
+    pass
+
+
+def _load(path: Path | None) -> Any:
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
+def _retention(path: Path) -> str:
+    """'0.75' from 'quant_plan-r0.75.json' / 'sensitivity-r0.75.json' / 'pruned-r0.75'."""
+    stem = path.name[:-5] if path.name.endswith(".json") else path.name
+    return stem.rsplit("-r", 1)[-1]
+
+
+def find_artifacts(run_dir: Path) -> dict[str, Any]:
+    """The artifacts of the run's chosen retention (summary.json's keep; else the last quant plan written)."""
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir}: not a directory; pass a `moepack compress` run directory")
+    summary = _load(run_dir / "summary.json")
+    plans = sorted(run_dir.glob("quant_plan-r*.json"), key=lambda p: p.stat().st_mtime)
+    if summary is not None:
+        keep = f"{float(summary['keep']):g}"
+    elif plans:
+        keep = _retention(plans[-1])
+    else:
+        raise ReportError(f"{run_dir}: no summary.json or quant_plan-r*.json; is this a compress run directory?")
+    evals = [p for p in sorted(run_dir.glob("*.json")) if (_load(p) or {}).get("models") is not None]
+    return {"keep": keep, "summary": summary,
+            "prune_plan": _load(run_dir / f"pruned-r{keep}" / "prune_plan.json"),
+            "quant_plan": _load(run_dir / f"quant_plan-r{keep}.json"),
+            "sensitivity": _load(run_dir / f"sensitivity-r{keep}.json"),
+            "eval": _load(evals[0]) if evals else None}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+    _plt().close(fig)
+
+
+def experts_chart(prune_plan: dict[str, Any], path: Path) -> None:
+    """Heat map layer × expert of the pruning importance; kept experts outlined."""
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    plt = _plt()
+    layers = sorted(prune_plan["layers"], key=int)
+    n = int(prune_plan["n_experts"])
+    grid = np.full((len(layers), n), np.nan)  # (layers, experts)
+    for i, L in enumerate(layers):
+        scores = prune_plan["layers"][L].get("scores") or []
+        grid[i, : len(scores)] = scores
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * n + 2), max(2.0, 0.45 * len(layers) + 1.2)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    for i, L in enumerate(layers):
+        for e in prune_plan["layers"][L].get("kept", []):
+            ax.add_patch(Rectangle((e - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="white", lw=1.2))
+        for e in prune_plan["layers"][L].get("removed", []):
+            ax.text(e, i, "x", ha="center", va="center", color="red", fontsize=9)
+    ax.set_yticks(range(len(layers)), [f"layer {L}" for L in layers])
+    ax.set_xlabel("expert (x: removed)")
+    ax.set_title(f"importance ({prune_plan.get('criterion')}), kept {prune_plan.get('n_kept')} of {n}")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def types_chart(quant_plan: dict[str, Any], path: Path) -> None:
+    """One bar per quantized tensor: bits per weight of its chosen type, coloured by type (F32 ones left out)."""
+    from moepack.gguf.kernels import bits_per_weight
+
+    plt = _plt()
+    names = [n for n, t in quant_plan["tensors"].items() if t not in ("F32", "F16", "BF16")]  # chosen types only
+    types = [quant_plan["tensors"][n] for n in names]
+    kinds = sorted(set(types), key=bits_per_weight)
+    colour = {t: f"C{i % 10}" for i, t in enumerate(kinds)}
+    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.16 * len(names) + 1)))
+    ax.barh(range(len(names)), [bits_per_weight(t) for t in types], color=[colour[t] for t in types])
+    ax.set_yticks(range(len(names)), names, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("bits per weight")
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=colour[t]) for t in kinds], labels=kinds, fontsize=7,
+              loc="lower right")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def sensitivity_rows(table: dict[str, Any], n: int = SENS_ROWS) -> list[str]:
+    """Markdown rows: groups sorted by the KLD gained by their first upgrade, per byte spent."""
+    rows = []
+    for g in table.get("groups", []):
+        opts = g.get("options", [])
+        if len(opts) < 2:
+            continue
+        base, nxt = opts[0], opts[1]
+        gain = base["dkld"] - nxt["dkld"]
+        extra = max(1, nxt["bytes"] - base["bytes"])
+        best = min(opts, key=lambda o: o["dkld"])
+        rows.append((gain / extra, g["name"], base, nxt, best))
+    rows.sort(key=lambda r: -r[0])
+    head = ["group", "base", "ΔKLD at base", "next type", "ΔKLD next", "KLD gained per KiB", "best ΔKLD (type)"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for per, name, base, nxt, best in rows[:n]:
+        out.append(f"| {name} | {base['type']} | {base['dkld']:.5f} | {nxt['type']} | {nxt['dkld']:.5f} | "
+                   f"{per * 1024:.2e} | {best['dkld']:.5f} ({best['type']}) |")
+    return out
+
+
+def _summary_lines(s: dict[str, Any]) -> list[str]:
+    lines = [f"- output `{s.get('out')}`: {s['file_bytes']:,} bytes, {s['bpw']:.3f} bits per original weight",
+             f"- experts kept {s['n_experts'][0]} of {s['n_experts'][1]} per MoE layer (keep {s['keep']}), "
+             f"top-k {s['top_k']}"]
+    if s.get("measured_kld") is not None:
+        lines.append(f"- measured KLD on held-out calibration tokens: {s['measured_kld']:.5f}")
+    if s.get("timings"):
+        lines.append("- stage timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["timings"].items()))
+    return lines
+
+
+def build_report(run_dir: str | Path, out: str | Path, pareto: str | Path | None = None,
+                 eval_json: str | Path | None = None) -> Path:
+    """Write the page `out` and its charts beside it; returns `out`."""
+    run_dir, out = Path(run_dir), Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    a = find_artifacts(run_dir)
+    if eval_json is not None:
+        a["eval"] = _load(Path(eval_json))
+        if a["eval"] is None:
+            raise ReportError(f"{eval_json}: no such eval JSON")
+    lines = [f"# moepack compress report: `{run_dir}`", ""]
+    if a["summary"]:
+        lines += _summary_lines(a["summary"]) + [""]
+    stem = out.stem
+    if a["prune_plan"]:
+        experts_chart(a["prune_plan"], out.with_name(f"{stem}-experts.png"))
+        lines += ["## Experts kept per layer", "", f"![experts]({stem}-experts.png)", ""]
+    else:
+        lines += ["## Experts kept per layer", "", f"No pruning (keep {a['keep']}).", ""]
+    if a["quant_plan"]:
+        types_chart(a["quant_plan"], out.with_name(f"{stem}-types.png"))
+        qp = a["quant_plan"]
+        lines += ["## Type per tensor", "", f"Predicted tensor bytes {qp.get('predicted_bytes', 0):,} of budget "
+                  f"{qp.get('budget_bytes', 0):,}; predicted KLD {qp.get('predicted_kld')}.", "",
+                  f"![types]({stem}-types.png)", ""]
+    if a["sensitivity"]:
+        lines += [f"## Sensitivity (top {SENS_ROWS} groups by KLD gained per byte of their first upgrade)", ""]
+        lines += sensitivity_rows(a["sensitivity"]) + [""]
+    if a["eval"]:
+        from moepack.eval.evaluate import to_markdown
+
+        lines += ["## Evaluation", "", to_markdown(a["eval"]), ""]
+    if pareto is not None:
+        src = Path(pareto)
+        if not src.is_file():
+            raise ReportError(f"{src}: no such Pareto plot")
+        dst = out.with_name(f"{stem}-pareto.png")
+        if src.resolve() != dst.resolve():
+            shutil.copyfile(src, dst)
+        lines += ["## Size vs KLD", "", f"![pareto]({dst.name})", ""]
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, out)
+    return out
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="one Markdown page with charts for a compress run directory",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path, help="a `moepack compress` run directory")
+    p.add_argument("-o", "--output", type=Path, help="page to write (default RUN_DIR/report.md)")
+    p.add_argument("--pareto", type=Path, help="a size-vs-KLD PNG to include (e.g. docs/results-pareto.png)")
+    p.add_argument("--eval", type=Path, help="an eval JSON (`moepack eval --json`), if not in the run directory")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = build_report(args.run_dir, args.output or args.run_dir / "report.md", args.pareto, args.eval)
+    print(f"wrote {out}")
+    return 0

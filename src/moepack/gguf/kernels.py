@@ -1,0 +1,391 @@
+"""llama.cpp's own quantization kernels and `llama_model_quantize`, through ctypes.
+
+Why: gguf's numpy quantizers cover only the simple types and no importance matrix; the K/IQ kernels with an imatrix
+live in the libggml-base that llama-cpp-python ships. Calling them gives byte for byte what `llama-quantize` writes,
+so a plan measured here is the file users get. ctypes drops the GIL during each call, so a thread pool over row
+chunks uses every core.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import logging
+import os
+import sys
+import threading
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from moepack.errors import MoepackError
+
+__all__ = [
+    "QUANT_TYPES",
+    "ftypes",
+    "quantize",
+    "dequantize",
+    "requires_imatrix",
+    "row_size",
+    "fallback_type",
+    "bits_per_weight",
+    "parse_type",
+    "parse_ftype",
+    "load_imatrix",
+    "quantize_gguf_ftype",
+]
+
+log = logging.getLogger(__name__)
+
+T = GGMLQuantizationType
+# Weight types llama.cpp quantizes weights to (llama-quantize's tensor types), roughly from most to fewest bits.
+QUANT_TYPES: list[GGMLQuantizationType] = [
+    T.F32, T.F16, T.BF16, T.Q8_0, T.Q6_K, T.Q5_1, T.Q5_K, T.Q5_0, T.Q4_1, T.Q4_K, T.Q4_0, T.IQ4_NL, T.IQ4_XS,
+    T.MXFP4, T.Q3_K, T.IQ3_S, T.IQ3_XXS, T.Q2_K, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS, T.TQ2_0, T.IQ1_M, T.TQ1_0, T.IQ1_S,
+]
+
+# llama-quant.cpp `tensor_type_fallback`: the type used when the row width is not a multiple of the block size.
+_FALLBACK: dict[GGMLQuantizationType, GGMLQuantizationType] = {
+    **dict.fromkeys([T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ4_XS], T.IQ4_NL),
+    **dict.fromkeys([T.Q2_K, T.Q3_K, T.TQ1_0, T.TQ2_0], T.Q4_0),
+    T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
+}
+
+_MIN_CHUNK = 32 * 512  # elements per task, llama-quant.cpp's min_chunk_size
+
+
+def _names(items: Any) -> str:
+    return ", ".join(items)
+
+
+def parse_type(name: str | GGMLQuantizationType) -> GGMLQuantizationType:
+    """'q4_k' / 'Q4_K' / the enum → GGMLQuantizationType, one of QUANT_TYPES."""
+    if isinstance(name, GGMLQuantizationType):
+        qtype: GGMLQuantizationType | None = name
+    else:
+        qtype = GGMLQuantizationType.__members__.get(str(name).strip().upper())
+    if qtype not in QUANT_TYPES:
+        raise MoepackError(f"unknown or unsupported GGML type {name!r}; valid: {_names(t.name for t in QUANT_TYPES)}")
+    return qtype
+
+
+def bits_per_weight(qtype: GGMLQuantizationType | str) -> float:
+    block, nbytes = GGML_QUANT_SIZES[parse_type(qtype)]
+    return 8.0 * nbytes / block
+
+
+def fallback_type(qtype: GGMLQuantizationType | str, n_per_row: int) -> GGMLQuantizationType:
+    """The type llama.cpp writes for `qtype` on rows of `n_per_row`: itself if the block fits, else its fallback."""
+    qtype = parse_type(qtype)
+    if n_per_row % GGML_QUANT_SIZES[qtype][0] == 0:
+        return qtype
+    if qtype not in _FALLBACK:
+        raise MoepackError(f"{qtype.name} needs rows that are multiples of {GGML_QUANT_SIZES[qtype][0]} "
+                           f"(got {n_per_row}) and llama.cpp defines no fallback for it; pick another type")
+    fb = _FALLBACK[qtype]
+    return fb if n_per_row % GGML_QUANT_SIZES[fb][0] == 0 else T.F16
+
+
+# ---------------------------------------------------------------------------------------------------- the library
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+class _TypeTraits(ctypes.Structure):
+    # struct ggml_type_traits in the ggml.h shipped with llama-cpp-python (checked against gguf sizes at load)
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                ("is_quantized", ctypes.c_bool), ("to_float", _TO_FLOAT), ("from_float_ref", ctypes.c_void_p)]
+
+
+def _lib_dir() -> Path:
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        raise MoepackError("llama-cpp-python is not installed; `pip install llama-cpp-python` (it builds libggml)")
+    return Path(next(iter(spec.submodule_search_locations))) / "lib"
+
+
+@cache
+def _lib() -> ctypes.CDLL:
+    names = {"linux": "libggml-base.so", "darwin": "libggml-base.dylib", "win32": "ggml-base.dll"}
+    path = _lib_dir() / names.get(sys.platform, "libggml-base.so")
+    if not path.exists():
+        raise MoepackError(f"{path} not found; reinstall llama-cpp-python")
+    lib = ctypes.CDLL(str(path))
+    i64, sz, vp = ctypes.c_int64, ctypes.c_size_t, ctypes.c_void_p
+    for fn, res, args in [("ggml_quantize_chunk", sz, [ctypes.c_int, vp, vp, i64, i64, i64, vp]),
+                          ("ggml_quantize_init", None, [ctypes.c_int]),
+                          ("ggml_quantize_requires_imatrix", ctypes.c_bool, [ctypes.c_int]),
+                          ("ggml_row_size", sz, [ctypes.c_int, i64]),
+                          ("ggml_validate_row_data", ctypes.c_bool, [ctypes.c_int, vp, sz]),
+                          ("ggml_get_type_traits", ctypes.POINTER(_TypeTraits), [ctypes.c_int])]:
+        getattr(lib, fn).restype, getattr(lib, fn).argtypes = res, args
+    for t in QUANT_TYPES:  # an ABI drift would silently corrupt bytes: refuse instead
+        tr = lib.ggml_get_type_traits(t.value).contents
+        if (tr.blck_size, tr.type_size) != GGML_QUANT_SIZES[t]:
+            raise MoepackError(f"libggml at {path} disagrees with the gguf package on {t.name} blocks "
+                               f"({tr.blck_size}, {tr.type_size}) vs {GGML_QUANT_SIZES[t]}; align the two packages")
+    return lib
+
+
+_init_lock = threading.Lock()
+_initialized: set[GGMLQuantizationType] = set()
+
+
+def _init_type(qtype: GGMLQuantizationType) -> None:
+    # IQ types build lookup grids on first use; do it once, outside the worker threads.
+    with _init_lock:
+        if qtype not in _initialized:
+            _lib().ggml_quantize_init(qtype.value)
+            _initialized.add(qtype)
+
+
+def requires_imatrix(qtype: GGMLQuantizationType | str) -> bool:
+    """ggml's hard requirement (IQ2_XXS, IQ2_XS, IQ1_S); llama-quantize also refuses IQ3_XXS, IQ2_S, IQ1_M without."""
+    return bool(_lib().ggml_quantize_requires_imatrix(parse_type(qtype).value))
+
+
+def row_size(qtype: GGMLQuantizationType | str, n_per_row: int) -> int:
+    """Bytes of one row of `n_per_row` weights (ggml_row_size); the row must be a whole number of blocks."""
+    qtype = parse_type(qtype)
+    if n_per_row % GGML_QUANT_SIZES[qtype][0]:
+        raise MoepackError(f"{qtype.name} needs rows that are multiples of {GGML_QUANT_SIZES[qtype][0]}, got "
+                           f"{n_per_row}; use fallback_type() as llama.cpp does")
+    return int(_lib().ggml_row_size(qtype.value, n_per_row))
+
+
+def _threads(threads: int | None) -> int:
+    if threads is not None:
+        return max(1, int(threads))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _row_chunks(n_rows: int, n_per_row: int, threads: int) -> list[tuple[int, int]]:
+    """(first_row, n_rows) spans of at least _MIN_CHUNK elements, enough of them to keep `threads` busy."""
+    per = max(1, min(-(-_MIN_CHUNK // n_per_row), -(-n_rows // threads)))
+    return [(r, min(per, n_rows - r)) for r in range(0, n_rows, per)]
+
+
+def _run(tasks: list[Any], fn: Any, threads: int) -> list[Any]:
+    if threads <= 1 or len(tasks) <= 1:
+        return [fn(t) for t in tasks]
+    with ThreadPoolExecutor(min(threads, len(tasks))) as pool:
+        return list(pool.map(fn, tasks))
+
+
+# ---------------------------------------------------------------------------------------------------- kernels
+
+def _check_imatrix(imatrix: np.ndarray | None, lead: tuple[int, ...], n_per_row: int,
+                   qtype: GGMLQuantizationType) -> np.ndarray | None:
+    if imatrix is None:
+        if requires_imatrix(qtype):
+            raise MoepackError(f"{qtype.name} needs an importance matrix (ggml_quantize_requires_imatrix); "
+                               "calibrate first or choose another type")
+        return None
+    want = (*lead[:-1], n_per_row)  # (n_per_row,) for 2-D data, (E, n_per_row) for 3-D
+    im = np.asarray(imatrix, dtype=np.float32)
+    if im.shape != want and im.shape != (n_per_row,):
+        raise ValueError(f"imatrix shape {im.shape} does not match data: want {want}")
+    if not np.isfinite(im).all():
+        raise MoepackError("imatrix holds NaN or inf values; recalibrate")
+    if (im.reshape(-1, n_per_row).max(axis=1) <= 0).any():  # (E, n): the kernels then zero the whole row
+        log.warning("an imatrix row is all zeros (%s): its weights quantize to 0; llama-quantize uses 1s for "
+                    "experts that saw no tokens", qtype.name)
+    return np.ascontiguousarray(np.broadcast_to(im, want))  # (E, n_per_row) or (n_per_row,)
+
+
+def quantize(data: np.ndarray, qtype: GGMLQuantizationType | str, imatrix: np.ndarray | None = None,
+             threads: int | None = None) -> np.ndarray:
+    """float32 (rows, n) or (E, rows, n) → uint8 (..., row_bytes), laid out exactly as ggml stores it.
+
+    `imatrix` weighs the columns: (n,) for 2-D data, (E, n) (one row per expert, or (n,) for all) for 3-D.
+    """
+    qtype = parse_type(qtype)
+    x = np.ascontiguousarray(data, dtype=np.float32)
+    if x.ndim not in (2, 3):
+        raise ValueError(f"quantize wants 2-D (rows, n) or 3-D (E, rows, n) data, got shape {x.shape}")
+    n = x.shape[-1]
+    rs = row_size(qtype, n)
+    im = _check_imatrix(imatrix, x.shape[:-1], n, qtype)
+    if qtype == T.F32:
+        return x.view(np.uint8).copy()  # (..., 4n)
+    out = np.empty((*x.shape[:-1], rs), dtype=np.uint8)  # (..., row_bytes)
+    x3, out3 = x.reshape(-1, *x.shape[-2:]), out.reshape(-1, *out.shape[-2:])  # (E, rows, n), (E, rows, rs)
+    im2 = None if im is None else im.reshape(-1, n)  # (E, n)
+    _init_type(qtype)
+    lib, nthr = _lib(), _threads(threads)
+
+    def work(task: tuple[int, int, int]) -> int:
+        e, r0, nr = task
+        imp = None if im2 is None else im2[e].ctypes.data
+        size = int(lib.ggml_quantize_chunk(qtype.value, x3[e].ctypes.data, out3[e].ctypes.data, r0 * n, nr, n, imp))
+        if not lib.ggml_validate_row_data(qtype.value, out3[e, r0].ctypes.data, size):  # as llama-quant.cpp does
+            raise MoepackError(f"{qtype.name} quantization produced invalid blocks (NaN/inf in the input?)")
+        return size
+
+    tasks = [(e, r0, nr) for e in range(x3.shape[0]) for r0, nr in _row_chunks(x3.shape[1], n, nthr)]
+    written = sum(_run(tasks, work, nthr))
+    if written != out.nbytes:
+        raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {out.nbytes} ({qtype.name})")
+    return out
+
+
+def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType | str, shape: tuple[int, ...] | list[int],
+               threads: int | None = None) -> np.ndarray:
+    """ggml bytes → float32 of `shape` (last dim = weights per row), via the type traits' to_float."""
+    qtype = parse_type(qtype)
+    shape = tuple(int(s) for s in shape)
+    n = shape[-1]
+    n_rows = int(np.prod(shape[:-1], dtype=np.int64))
+    rs = row_size(qtype, n)
+    buf = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)  # (bytes,)
+    if buf.size != n_rows * rs:
+        raise ValueError(f"{buf.size} bytes do not hold {shape} of {qtype.name} ({n_rows} rows x {rs} bytes)")
+    if qtype == T.F32:
+        return buf.view(np.float32).reshape(shape).copy()
+    to_float = _lib().ggml_get_type_traits(qtype.value).contents.to_float
+    if not to_float:
+        raise MoepackError(f"libggml has no to_float for {qtype.name}")
+    out = np.empty((n_rows, n), dtype=np.float32)  # (rows, n)
+    nthr = _threads(threads)
+
+    def work(span: tuple[int, int]) -> None:
+        r0, nr = span
+        to_float(buf[r0 * rs:].ctypes.data, out[r0].ctypes.data, nr * n)
+
+    _run(_row_chunks(n_rows, n, nthr), work, nthr)
+    return out.reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------------- whole files
+
+@cache
+def ftypes() -> dict[str, int]:
+    """llama.cpp file types (Q4_K_M, IQ2_XXS, ...) → LLAMA_FTYPE value, from llama_cpp's own constants."""
+    import llama_cpp
+
+    names = {k.removeprefix("LLAMA_FTYPE_MOSTLY_"): v for k, v in vars(llama_cpp).items()
+             if k.startswith("LLAMA_FTYPE_MOSTLY_")}
+    names["F32"] = llama_cpp.LLAMA_FTYPE_ALL_F32
+    for alias in ("Q3_K", "Q4_K", "Q5_K"):  # llama-quantize's aliases for the _M mixtures
+        names[alias] = names[alias + "_M"]
+    return names
+
+
+def parse_ftype(name: str) -> int:
+    key = name.strip().upper()
+    if key not in ftypes():
+        raise MoepackError(f"unknown llama.cpp file type {name!r}; valid: {_names(sorted(ftypes()))}")
+    return ftypes()[key]
+
+
+def load_imatrix(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """llama.cpp imatrix GGUF → ({tensor: (E, n) float32 mean squared input}, {datasets, chunks}), as
+    llama-quantize's loader computes it (in_sum2 / counts, ones where an expert saw no tokens)."""
+    from moepack.gguf.imatrix import read_imatrix
+
+    im = read_imatrix(path)
+    if not im.entries:
+        raise MoepackError(f"{path} holds no imatrix entries (<name>.in_sum2 / <name>.counts tensors)")
+    return ({n: e.mean() for n, e in im.entries.items()},
+            {"datasets": list(im.datasets), "chunks": int(im.chunk_count)})
+
+
+class _LlamaLog:
+    """Routes llama.cpp's log into ours for the duration of one call, keeping the lines for error messages."""
+
+    def __init__(self) -> None:
+        import llama_cpp
+
+        self.lines: list[str] = []
+        self._llama_cpp = llama_cpp
+        self._cb = llama_cpp.llama_log_callback(self._on_log)  # referenced here so ctypes keeps it alive
+
+    def _on_log(self, level: int, text: bytes, _user: Any) -> None:
+        line = text.decode("utf-8", "replace")
+        self.lines.append(line)
+        log.debug("llama.cpp[%d]: %s", level, line.rstrip())
+
+    def __enter__(self) -> _LlamaLog:
+        self._llama_cpp.llama_log_set(self._cb, ctypes.c_void_p(0))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        from llama_cpp import _logger  # llama-cpp-python's own callback, restored
+
+        self._llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+    def tail(self, n: int = 4) -> str:
+        return " / ".join("".join(self.lines).strip().splitlines()[-n:])
+
+
+def _imatrix_params(llama_cpp: Any, imatrix: Path, keep: list[Any]) -> tuple[Any, Any]:
+    """The imatrix as llama.cpp's NULL-terminated llama_model_imatrix_data array, plus the KV notes
+    llama-quantize adds (quantize.imatrix.*). `keep` holds every buffer the C side points into."""
+    if not hasattr(llama_cpp, "llama_model_imatrix_data"):
+        raise MoepackError("this llama-cpp-python passes the imatrix as a C++ std::map, which ctypes cannot build; "
+                           "upgrade llama-cpp-python (>= 0.3.16 with llama_model_imatrix_data)")
+    values, meta = load_imatrix(imatrix)
+    arr = (llama_cpp.llama_model_imatrix_data * (len(values) + 1))()  # zeroed: the last entry ends the list
+    for i, (name, v) in enumerate(values.items()):
+        flat = np.ascontiguousarray(v.reshape(-1))  # (E*n,)
+        keep += [name.encode(), flat]
+        arr[i].name, arr[i].size = keep[-2], flat.size
+        arr[i].data = flat.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    kv = (llama_cpp.llama_model_kv_override * 5)()
+    notes: list[tuple[str, int | str]] = [("quantize.imatrix.file", str(imatrix)[-127:]),
+                                          ("quantize.imatrix.entries_count", len(values)),
+                                          ("quantize.imatrix.chunks_count", int(meta["chunks"]))]
+    if meta["datasets"]:
+        notes.append(("quantize.imatrix.dataset", str(meta["datasets"][0])[-127:]))
+    for o, (key, val) in zip(kv, notes):
+        o.key = key.encode()
+        if isinstance(val, int):
+            o.tag, o.value.val_i64 = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, val
+        else:
+            o.tag, o.value.val_str = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, val.encode()[:127]
+    keep += [arr, kv]
+    return arr, kv
+
+
+def quantize_gguf_ftype(src: Path, dst: Path, ftype: str, imatrix: Path | None = None, threads: int = 2,
+                        tensor_types: Mapping[str, GGMLQuantizationType | str] | None = None) -> None:
+    """Quantize GGUF `src` to llama.cpp's standard mixture `ftype` (Q4_K_M, IQ2_XXS, ...) with llama.cpp itself.
+
+    `imatrix` is llama.cpp's imatrix GGUF; `tensor_types` maps regexes to types (llama-quantize --tensor-type).
+    """
+    import llama_cpp
+
+    src, dst = Path(src), Path(dst)
+    value = parse_ftype(ftype)
+    if not src.is_file():
+        raise MoepackError(f"{src} does not exist")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread, params.ftype = max(1, int(threads)), value
+    keep: list[Any] = []
+    if imatrix is not None:
+        params.imatrix, params.kv_overrides = _imatrix_params(llama_cpp, Path(imatrix), keep)
+    if tensor_types:
+        tt = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
+        for o, (pattern, t) in zip(tt, tensor_types.items()):
+            keep.append(pattern.encode())
+            o.pattern, o.type = keep[-1], parse_type(t).value
+        params.tt_overrides = tt
+    tmp = dst.with_name(dst.name + ".tmp")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    log.info("llama_model_quantize %s -> %s (%s)", src, dst, ftype)
+    try:
+        with _LlamaLog() as llog:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            why = [ln.split("failed to quantize:", 1)[1].strip() for ln in llog.lines if "failed to quantize:" in ln]
+            reason = why[-1] if why else llog.tail()
+            hint = "; pass imatrix= (llama.cpp's imatrix GGUF)" if "imatrix" in reason and imatrix is None else ""
+            raise MoepackError(f"llama.cpp could not quantize {src} to {ftype}: {reason}{hint}")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)

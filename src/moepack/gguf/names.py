@@ -1,0 +1,189 @@
+"""The one mapping from checkpoint tensors to llama.cpp's GGUF tensor names.
+
+Names come from gguf-py's own tables (`gguf.get_tensor_name_map`, `gguf.MODEL_TENSOR`, `gguf.TENSOR_NAMES`),
+never typed by hand. Per-expert checkpoint tensors of a layer map to one stacked 3-D GGUF tensor
+(`blk.{L}.ffn_{gate,up,down}_exps.weight`, numpy shape (E, rows, cols)).
+
+DeepSeek MLA: llama.cpp (since the MLA absorption change, which the bundled version uses) stores `kv_b_proj` as two
+tensors, `attn_k_b` (n_head, kv_lora, qk_nope) and `attn_v_b` (n_head, v_head, kv_lora). `gguf_tensor_name` of a
+kv_b_proj tensor is `blk.{L}.attn_kv_b.weight` — the key under which plans, sensitivity groups and importance
+matrices refer to it — and `gguf_outputs` lists the tensors actually written.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+import gguf
+
+from moepack.model.arch import Role
+from moepack.errors import MoepackError
+
+if TYPE_CHECKING:
+    from moepack.model.checkpoint import TensorRef
+
+__all__ = [
+    "GGUFNameError",
+    "OutTensor",
+    "model_arch",
+    "gguf_tensor_name",
+    "gguf_model_tensor",
+    "gguf_group_name",
+    "gguf_outputs",
+    "source_key",
+    "MLA_SPLIT",
+]
+
+log = logging.getLogger(__name__)
+
+_EXPERT_RX = re.compile(r"\.experts\.\d+\.")
+# DeepSeek's kv_b_proj is written as these two tensors (convert_hf_to_gguf.py, DeepseekV2Model.modify_tensors):
+# (checkpoint-style name gguf's tensor map knows, transform).
+MLA_SPLIT = (("k_b_proj", "k_b"), ("v_b_proj", "v_b"))
+
+
+class GGUFNameError(MoepackError, ValueError):
+    """A checkpoint tensor that llama.cpp has no GGUF name for."""
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One tensor of the GGUF file and how to make it from the checkpoint.
+
+    `transform` is "" (copy), "stack" (per-expert tensors stacked in expert order), "k_b"/"v_b" (DeepSeek MLA
+    split of kv_b_proj), "permute_q"/"permute_k" (llama-arch rotary layout: llama.cpp's LlamaModel.permute).
+    `key` is the name plans and importance matrices use (`gguf_tensor_name` of the source).
+    """
+
+    name: str
+    shape: tuple[int, ...]  # numpy order; rows are the last axis
+    sources: tuple[str, ...]
+    transform: str
+    key: str
+    quantizable: bool
+    role: Role
+    layer: int | None
+
+    @property
+    def n_per_row(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def model_arch(view: Any) -> gguf.MODEL_ARCH:
+    """gguf's MODEL_ARCH for a view (its spec's `gguf_arch`, a `gguf.MODEL_ARCH_NAMES` value)."""
+    name = view.spec.gguf_arch
+    for arch, arch_name in gguf.MODEL_ARCH_NAMES.items():
+        if arch_name == name:
+            return arch
+    raise GGUFNameError(f"the installed gguf package knows no architecture {name!r}; upgrade it")
+
+
+@lru_cache(maxsize=32)
+def _name_map(arch: gguf.MODEL_ARCH, n_blocks: int) -> gguf.TensorNameMap:
+    return gguf.get_tensor_name_map(arch, n_blocks)
+
+
+def _n_blocks(view: Any) -> int:
+    return int(view.facts.n_layers)
+
+
+def source_key(name: str) -> str:
+    """The checkpoint-side key gguf's tensor map knows: experts unnumbered (the converter's stacked name), the
+    DeepSeek-V3 router bias written as `e_score_correction.bias` (as the converter renames it)."""
+    key = _EXPERT_RX.sub(".experts.", name)
+    if key.endswith("e_score_correction_bias"):
+        key = key[: -len("_bias")] + ".bias"
+    return key
+
+
+def _lookup(view: Any, key: str) -> tuple[gguf.MODEL_TENSOR, str]:
+    tmap = _name_map(model_arch(view), _n_blocks(view))
+    hit = tmap.get_type_and_name(key, try_suffixes=(".weight", ".bias"))
+    if hit is None:
+        raise GGUFNameError(f"no llama.cpp ({view.spec.gguf_arch}) tensor name for checkpoint tensor {key!r}")
+    return hit
+
+
+def gguf_tensor_name(view: Any, ref: TensorRef | str) -> str:
+    """GGUF name of a checkpoint tensor: every expert of layer 3's down_proj → "blk.3.ffn_down_exps.weight"."""
+    name = ref if isinstance(ref, str) else ref.name
+    return _lookup(view, source_key(name))[1]
+
+
+def gguf_model_tensor(view: Any, ref: TensorRef | str) -> gguf.MODEL_TENSOR:
+    name = ref if isinstance(ref, str) else ref.name
+    return _lookup(view, source_key(name))[0]
+
+
+def gguf_group_name(view: Any, ref: TensorRef | str) -> str:
+    """The tensor's kind without its block: "ffn_down_exps", "attn_kv_b", "token_embd" (gguf.TENSOR_NAMES)."""
+    mt = gguf_model_tensor(view, ref)
+    return gguf.TENSOR_NAMES[mt].replace("blk.{bid}.", "")
+
+
+def _mla_split(view: Any) -> bool:
+    """Whether kv_b_proj is written as attn_k_b + attn_v_b (the layout the bundled llama.cpp converter writes)."""
+    return view.spec.gguf_arch == "deepseek2"
+
+
+def _mla_outputs(view: Any, ref: TensorRef, key: str) -> list[OutTensor]:
+    """kv_b_proj → attn_k_b, attn_v_b, as convert_hf_to_gguf.py's DeepseekV2Model.modify_tensors splits it."""
+    cfg = view.config
+    n_head = int(cfg["num_attention_heads"])
+    nope, v_dim, kv_lora = int(cfg["qk_nope_head_dim"]), int(cfg["v_head_dim"]), int(cfg["kv_lora_rank"])
+    if ref.shape != (n_head * (nope + v_dim), kv_lora):
+        raise GGUFNameError(f"{ref.name}: shape {ref.shape} does not match config "
+                            f"(n_head {n_head} x (qk_nope {nope} + v_head {v_dim}), kv_lora_rank {kv_lora})")
+    shapes = {"k_b": (n_head, kv_lora, nope), "v_b": (n_head, v_dim, kv_lora)}
+    return [OutTensor(_lookup(view, ref.name.replace("kv_b_proj", hf))[1], shapes[part], (ref.name,), part, key,
+                      ref.quantizable, ref.role, ref.layer) for hf, part in MLA_SPLIT]
+
+
+_KEEP_F32 = (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP, gguf.MODEL_TENSOR.FFN_EXP_PROBS_B)
+
+
+def gguf_outputs(view: Any) -> list[OutTensor]:
+    """Every tensor of the GGUF file for `view`, in file order: token_embd, blocks by layer, output_norm, output."""
+    groups: dict[str, list[TensorRef]] = {}
+    n_blocks = _n_blocks(view)
+    for ref in view.tensors.values():
+        if ref.layer is not None and ref.layer >= n_blocks:  # e.g. DeepSeek-V3's multi-token-prediction layer
+            log.debug("skipping %s: layer %d is not part of the %d-layer model", ref.name, ref.layer, n_blocks)
+            continue
+        groups.setdefault(gguf_tensor_name(view, ref), []).append(ref)
+    outs: list[OutTensor] = []
+    for key, refs in groups.items():
+        ref = refs[0]
+        mt = gguf_model_tensor(view, ref)
+        quantizable = ref.quantizable and mt not in _KEEP_F32
+        if ref.role is Role.ROUTED_EXPERTS:
+            refs = sorted(refs, key=lambda r: r.expert)
+            experts = [r.expert for r in refs]
+            if experts != list(range(len(refs))) or len({r.shape for r in refs}) != 1:
+                raise GGUFNameError(f"{key}: experts {experts[:8]}... are not numbered 0..E-1 with one shape")
+            outs.append(OutTensor(key, (len(refs),) + ref.shape, tuple(r.name for r in refs), "stack", key,
+                                  quantizable, ref.role, ref.layer))
+        elif ref.kind == "kv_b_proj" and _mla_split(view):
+            outs.extend(_mla_outputs(view, ref, key))
+        else:
+            transform = ""
+            if view.spec.gguf_arch == "llama" and ref.kind in ("q_proj", "k_proj"):
+                transform = "permute_" + ref.kind[0]
+            outs.append(OutTensor(key, ref.shape, (ref.name,), transform, key, quantizable, ref.role, ref.layer))
+    return sorted(outs, key=_file_order)
+
+
+def _file_order(t: OutTensor) -> tuple[int, int, str]:
+    if t.layer is not None:
+        return (1, t.layer, t.name)
+    return (0 if t.name.startswith("token_embd") else 2, 0, t.name)

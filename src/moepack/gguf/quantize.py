@@ -1,0 +1,166 @@
+"""`moepack quantize`: a checkpoint (original or pruned) → one GGUF, at one type, a quant plan, or a llama.cpp ftype.
+
+    moepack quantize MODEL_DIR (--type T | --plan quant_plan.json | --ftype F) [--imatrix RUN_DIR|FILE] -o OUT.gguf
+
+--type T      every quantizable tensor at T (norms, routers, biases stay F32), llama.cpp's fallbacks where a row
+              width does not suit T.
+--plan FILE   per-tensor types from a quant plan: {"tensors": {"<GGUF tensor name>": "<GGML type>", ...}, ...}.
+--ftype F     llama.cpp's own standard mixture (Q4_K_M, Q2_K, IQ2_XXS, ...) through llama_model_quantize, from a
+              lossless BF16 (or F32) GGUF written first: the uniform baselines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from moepack.gguf import kernels as ggml
+from moepack.model.checkpoint import open_checkpoint
+from moepack.errors import MoepackError
+from moepack.gguf.writer import WriteReport, imatrix_by_output, load_imatrix, prune_imatrix, write_gguf
+
+__all__ = ["quantize_model", "read_quant_plan", "write_imatrix_gguf", "add_cli", "run"]
+
+log = logging.getLogger(__name__)
+
+
+# llama-quantize refuses these mixtures without an importance matrix (tools/quantize/quantize.cpp).
+_FTYPES_NEED_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_S")
+
+
+def read_quant_plan(path: str | Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """({GGUF tensor name: GGML type name}, whole plan) from a quant plan JSON (allocate's `quant_plan.json`).
+
+    A tensor's entry is a type name, or an object with a "type" key."""
+    p = Path(path)
+    try:
+        plan = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise MoepackError(f"{p}: no such quant plan") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoepackError(f"{p}: invalid JSON ({e})") from None
+    tensors = plan.get("tensors") if isinstance(plan, dict) else None
+    if not isinstance(tensors, dict) or not tensors:
+        raise MoepackError(f"{p}: a quant plan needs a non-empty \"tensors\" object (GGUF tensor name → type)")
+    types: dict[str, str] = {}
+    for name, v in tensors.items():
+        t = v.get("type") if isinstance(v, dict) else v
+        if not isinstance(t, str):
+            raise MoepackError(f"{p}: tensor {name!r} has no type name")
+        types[name] = ggml.parse_type(t).name
+    return types, plan
+
+
+def write_imatrix_gguf(values: Mapping[str, np.ndarray], path: Path) -> None:
+    """{name: (E or 1, n) mean squared inputs} → llama.cpp's imatrix GGUF (in_sum2 = value, counts = 1)."""
+    import gguf
+
+    w = gguf.GGUFWriter(path, "imatrix")
+    w.add_type("imatrix")
+    w.add_array(gguf.Keys.IMatrix.DATASETS, ["moepack"])
+    w.add_uint32(gguf.Keys.IMatrix.CHUNK_COUNT, 1)
+    w.add_uint32(gguf.Keys.IMatrix.CHUNK_SIZE, 1)
+    for name in sorted(values):
+        v = np.asarray(values[name], dtype=np.float32).reshape(-1, np.shape(values[name])[-1])  # (E, n)
+        w.add_tensor(f"{name}.in_sum2", np.ascontiguousarray(v))
+        w.add_tensor(f"{name}.counts", np.ones((v.shape[0], 1), dtype=np.float32))  # (E, 1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _prune_plan(model_dir: Path) -> dict[str, Any] | None:
+    p = model_dir / "prune_plan.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _intermediate_type(view: Any) -> str:
+    """BF16 when every weight matrix is stored in BF16 (lossless and half of F32's size), else F32."""
+    return "BF16" if all(t.dtype == "BF16" for t in view.tensors.values() if t.quantizable) else "F32"
+
+
+def _quantize_ftype(view: Any, out: Path, ftype: str, imatrix: Mapping[str, np.ndarray] | None,
+                    threads: int | None, prune_plan: dict[str, Any] | None) -> WriteReport:
+    ggml.parse_ftype(ftype)  # validate before writing anything
+    if imatrix is None and ftype.strip().upper() in _FTYPES_NEED_IMATRIX:
+        raise MoepackError(f"llama.cpp's {ftype} mixture needs an importance matrix; pass --imatrix")
+    src_type = _intermediate_type(view)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmpdir:
+        src = Path(tmpdir) / f"source-{src_type.lower()}.gguf"
+        im_path = None
+        if imatrix is not None:  # llama_model_quantize reads llama.cpp's imatrix GGUF
+            im_path = Path(tmpdir) / "imatrix.gguf"
+            write_imatrix_gguf(imatrix_by_output(view, imatrix), im_path)
+        write_gguf(view, src, default_type=src_type, prune_plan=prune_plan, threads=threads,
+                   plan_record={"ftype": ftype.upper(), "source_type": src_type})
+        ggml.quantize_gguf_ftype(src, out, ftype, imatrix=im_path, threads=threads or 2)
+    return _report_from_file(out)
+
+
+def _report_from_file(path: Path) -> WriteReport:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    return WriteReport(path, path.stat().st_size, types)
+
+
+def quantize_model(model_dir: str | Path, out: str | Path, *, qtype: str | None = None,
+                   plan: str | Path | None = None, ftype: str | None = None, imatrix: str | Path | None = None,
+                   threads: int | None = None, progress: bool = True) -> WriteReport:
+    """Write `model_dir` as GGUF `out` with exactly one of `qtype`, `plan` (a quant plan JSON) or `ftype`."""
+    if sum(x is not None for x in (qtype, plan, ftype)) != 1:
+        raise MoepackError("give exactly one of --type, --plan, --ftype")
+    model_dir, out = Path(model_dir), Path(out)
+    if not out.parent.is_dir():
+        raise MoepackError(f"{out.parent}: output directory does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise MoepackError(f"{out.parent}: output directory is not writable")
+    if qtype is not None:
+        qtype = ggml.parse_type(qtype).name  # validate before reading anything
+    if ftype is not None:
+        ggml.parse_ftype(ftype)
+    types, whole = read_quant_plan(plan) if plan is not None else (None, None)
+    view = open_checkpoint(model_dir)
+    prune = _prune_plan(model_dir)
+    im = load_imatrix(imatrix, view) if imatrix is not None else None
+    if im is not None and prune is not None:
+        im = prune_imatrix(im, prune)
+    if ftype is not None:
+        return _quantize_ftype(view, out, ftype, im, threads, prune)
+    if plan is not None:
+        return write_gguf(view, out, default_type=None, tensor_types=types, imatrix=im, quant_plan=whole,
+                          prune_plan=prune, threads=threads, progress=progress)
+    return write_gguf(view, out, default_type=qtype, imatrix=im, prune_plan=prune,
+                      threads=threads, progress=progress)
+
+
+def add_cli(sub: Any) -> None:
+    p = sub.add_parser("quantize", help="write a GGUF at one type, a quant plan, or a llama.cpp ftype",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir", type=Path, help="Hugging Face checkpoint directory (original or pruned)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--type", dest="qtype", metavar="T", help="one GGML type for every weight matrix (Q4_K, ...)")
+    how.add_argument("--plan", type=Path, metavar="PLAN", help="quant_plan.json with per-tensor types")
+    how.add_argument("--ftype", metavar="F", help="llama.cpp standard mixture (Q4_K_M, IQ2_XXS, ...)")
+    p.add_argument("--imatrix", type=Path, metavar="RUN_DIR|FILE",
+                   help="importance matrix: a `moepack calibrate` run directory or llama.cpp's imatrix GGUF")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.gguf")
+    p.add_argument("--threads", type=int, default=None, help="quantization threads (default: all cores)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = quantize_model(args.model_dir, args.output, qtype=args.qtype, plan=args.plan, ftype=args.ftype,
+                            imatrix=args.imatrix, threads=args.threads)
+    n_fb = len(report.fallbacks)
+    print(f"wrote {report.path} ({report.n_bytes / 2**20:.1f} MiB, {len(report.tensor_types)} tensors"
+          + (f", {n_fb} row-width fallback(s)" if n_fb else "") + ")")
+    return 0

@@ -1,0 +1,124 @@
+"""Architecture knowledge as data: one `ArchSpec` per supported Hugging Face model type.
+
+Each spec names the config keys that carry the MoE facts and lists the checkpoint's tensor name templates
+(`{bid}` = layer, `{xid}` = routed expert) with the role each tensor plays. Modules register themselves with
+`@register`; `spec_for(model_type)` is the only lookup.
+"""
+from __future__ import annotations
+
+from moepack.errors import MoepackError
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable
+
+__all__ = [
+    "Role",
+    "TensorRule",
+    "ArchSpec",
+    "UnsupportedArchitecture",
+    "register",
+    "spec_for",
+    "supported",
+    "MatchedName",
+]
+
+
+class Role(str, Enum):
+    """What a tensor is for; parameter counts and quantization groups are keyed by it."""
+
+    ATTENTION = "attention"
+    ROUTED_EXPERTS = "routed_experts"
+    SHARED_EXPERTS = "shared_experts"
+    ROUTER = "router"
+    DENSE_FFN = "dense_ffn"
+    EMBEDDING = "embedding"
+    OUTPUT = "output"
+    NORM = "norm"
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """One checkpoint tensor name template and what it is.
+
+    `kind` is the short name of the tensor within its role (e.g. "gate_proj", "q_a_proj"); quantization groups
+    and GGUF names are derived from (role, kind).
+    """
+
+    template: str
+    role: Role
+    kind: str
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        rx = re.escape(self.template).replace(r"\{bid\}", r"(?P<bid>\d+)").replace(r"\{xid\}", r"(?P<xid>\d+)")
+        return re.compile(rx + r"\Z")
+
+
+@dataclass(frozen=True)
+class MatchedName:
+    rule: TensorRule
+    layer: int | None
+    expert: int | None
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Everything moepack needs to know about one architecture, as data."""
+
+    model_type: str  # config.json "model_type"
+    hf_class: str  # transformers class name in config.json "architectures"
+    gguf_arch: str  # llama.cpp's architecture name (gguf.MODEL_ARCH_NAMES value)
+    n_experts_key: str  # config key for the routed expert count
+    expert_ffn_key: str  # config key for the routed expert intermediate size
+    rules: tuple[TensorRule, ...]
+    top_k_key: str = "num_experts_per_tok"
+    n_shared_key: str | None = None  # config key for shared expert count, if any
+    n_shared_default: int = 0  # shared experts when the key is absent (qwen2_moe: always one)
+    scoring_default: str = "softmax"  # "softmax" or "sigmoid" when config carries no "scoring_func"
+    norm_topk_default: bool = True  # renormalise the top-k weights when config says nothing
+    group_keys: tuple[str, str] | None = None  # (n_group, topk_group) for group-limited routers
+    router_bias_kind: str | None = None  # kind of the router bias tensor (DeepSeek-V3 e_score_correction_bias)
+    expert_projs: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down kinds
+    kv_cache: str = "gqa"  # "gqa" (per-head K and V) or "mla" (llama.cpp caches the MLA latent; see moepack.stages.budget)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def match(self, name: str) -> MatchedName | None:
+        for rule in self.rules:
+            m = rule.pattern.match(name)
+            if m:
+                gd = m.groupdict()
+                bid = int(gd["bid"]) if gd.get("bid") is not None else None
+                xid = int(gd["xid"]) if gd.get("xid") is not None else None
+                return MatchedName(rule, bid, xid)
+        return None
+
+
+class UnsupportedArchitecture(MoepackError, ValueError):
+    pass
+
+
+_REGISTRY: dict[str, ArchSpec] = {}
+
+
+def register(fn: Callable[[], ArchSpec]) -> Callable[[], ArchSpec]:
+    spec = fn()
+    _REGISTRY[spec.model_type] = spec
+    return fn
+
+
+def supported() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def spec_for(model_type: str | None) -> ArchSpec:
+    if model_type not in _REGISTRY:
+        raise UnsupportedArchitecture(
+            f"unsupported architecture {model_type!r}; moepack supports: {', '.join(supported())}"
+        )
+    return _REGISTRY[model_type]
+
+
+# Import the table modules so that they register.
+from moepack.model.arch import deepseek, mixtral, olmoe, qwen  # noqa: E402,F401

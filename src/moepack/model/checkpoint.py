@@ -1,0 +1,342 @@
+"""Lazy reader of Hugging Face MoE checkpoints: config.json + safetensors headers → `CheckpointView`.
+
+Nothing here reads weight data until `CheckpointView.load(name)` is called for one tensor, so a 1.3 TB checkpoint
+is inspected in milliseconds.
+"""
+from __future__ import annotations
+
+from moepack.errors import MoepackError
+
+import hashlib
+import json
+import logging
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moepack.model.arch import ArchSpec, Role, spec_for
+
+__all__ = [
+    "CheckpointError",
+    "TensorRef",
+    "MoEFacts",
+    "CheckpointView",
+    "open_checkpoint",
+    "read_safetensors_header",
+    "read_tensor",
+    "config_get",
+]
+
+log = logging.getLogger(__name__)
+
+# safetensors dtype → bytes per element (the safetensors format's own list).
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors reference implementation's own limit
+_READ_CHUNK = 256 * 2**20  # bytes per read() call: Linux returns short reads above ~2 GiB
+_FINITE_CHUNK = 64 * 2**20  # elements per finiteness check: bounds the temporary bool mask
+
+
+class CheckpointError(MoepackError, ValueError):
+    """A checkpoint that moepack cannot read; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one checkpoint tensor lives and what it is; no data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype string, e.g. "BF16"
+    file: Path
+    offset: int  # absolute byte offset of the data in `file`
+    nbytes: int
+    role: Role
+    kind: str  # e.g. "gate_proj", "q_a_proj", "router"
+    layer: int | None = None
+    expert: int | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def quantizable(self) -> bool:
+        """Weight matrices get a GGML type; norms, routers and biases stay F32, as llama.cpp keeps them."""
+        return len(self.shape) >= 2 and self.role not in (Role.NORM, Role.ROUTER)
+
+
+@dataclass(frozen=True)
+class MoEFacts:
+    """The MoE structure of a model, from config.json and the tensors present."""
+
+    arch: str  # HF model_type
+    gguf_arch: str
+    n_layers: int
+    moe_layers: tuple[int, ...]
+    dense_layers: tuple[int, ...]
+    n_experts: int
+    top_k: int
+    n_shared_experts: int
+    expert_ffn: int
+    hidden: int
+    vocab: int
+    scoring: str  # "softmax" | "sigmoid"
+    router_bias: bool
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+    n_group: int | None
+    topk_group: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def config_get(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    """First present key; transformers 5 sometimes renames keys when it saves (num_experts → num_local_experts)."""
+    for k in keys:
+        if k in cfg and cfg[k] is not None:
+            return cfg[k]
+    return default
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(header dict, data start offset). Validates the header against the file size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file (no header length)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise CheckpointError(f"{path}: safetensors header length {n} does not fit the file ({size} bytes)")
+        blob = f.read(n)
+    try:
+        header = json.loads(blob)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
+    data_start = 8 + n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        _check_entry(path, name, info, size - data_start)
+    return header, data_start
+
+
+def _check_entry(path: Path, name: str, info: Any, data_len: int) -> None:
+    try:
+        dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
+        numel = math.prod(int(s) for s in shape)
+        ok = dtype in _DTYPE_BYTES and 0 <= a <= b <= data_len and b - a == numel * _DTYPE_BYTES[dtype]
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{path}: tensor {name!r} has an invalid header entry (dtype, shape or offsets)")
+
+
+def _torch_dtype(dtype: str):  # -> torch.dtype
+    import torch
+
+    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+             "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
+    return table[dtype]
+
+
+def _check_finite(ref: TensorRef, t) -> None:
+    import torch
+
+    flat = t.reshape(-1)  # (numel,)
+    for a in range(0, flat.numel(), _FINITE_CHUNK):
+        if not bool(torch.isfinite(flat[a:a + _FINITE_CHUNK]).all()):
+            raise CheckpointError(f"{ref.file}: tensor {ref.name!r} holds NaN or inf values; fix or re-export the "
+                                  "checkpoint (moepack cannot calibrate or quantize non-finite weights)")
+
+
+def read_tensor(ref: TensorRef):  # -> torch.Tensor
+    """The data of `ref` from its shard, checked to be complete and (for floats) finite."""
+    import torch
+
+    t = torch.empty(ref.shape, dtype=_torch_dtype(ref.dtype))
+    buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())  # (nbytes,) writable view of t
+    with open(ref.file, "rb", buffering=0) as f:
+        f.seek(ref.offset)
+        pos = 0
+        while pos < ref.nbytes:
+            n = f.readinto(buf[pos:pos + _READ_CHUNK])
+            if not n:
+                raise CheckpointError(f"{ref.file}: truncated; tensor {ref.name!r} ends past the end of the file")
+            pos += n
+    if t.is_floating_point():
+        _check_finite(ref, t)
+    return t
+
+
+def _shard_files(root: Path) -> list[Path]:
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (root / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{root}: shard(s) listed in the index are missing: {', '.join(missing)}")
+        return [root / f for f in files]
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{root}: no *.safetensors weights found (moepack reads safetensors checkpoints)")
+    return files
+
+
+def _collect_tensors(spec: ArchSpec, files: list[Path]) -> dict[str, TensorRef]:
+    tensors: dict[str, TensorRef] = {}
+    unknown: list[str] = []
+    for path in files:
+        header, start = read_safetensors_header(path)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            m = spec.match(name)
+            if m is None:
+                unknown.append(name)
+                continue
+            a, b = info["data_offsets"]
+            tensors[name] = TensorRef(name, tuple(int(s) for s in info["shape"]), info["dtype"], path, start + a,
+                                      b - a, m.rule.role, m.rule.kind, m.layer, m.expert)
+    if unknown:
+        # Extra tensors (e.g. DeepSeek-V3's multi-token-prediction layer) are not part of the served model.
+        log.warning("ignoring %d tensor(s) not used by %s inference, e.g. %s", len(unknown), spec.model_type,
+                    unknown[0])
+    return tensors
+
+
+def _facts(spec: ArchSpec, cfg: dict[str, Any], tensors: dict[str, TensorRef]) -> MoEFacts:
+    n_layers = int(config_get(cfg, "num_hidden_layers", "n_layer", default=0))
+    moe = sorted({t.layer for t in tensors.values() if t.role is Role.ROUTER and t.layer is not None})
+    groups = [config_get(cfg, k) for k in spec.group_keys] if spec.group_keys else [None, None]
+    n_experts = int(config_get(cfg, spec.n_experts_key, "num_local_experts", "num_experts", "n_routed_experts",
+                               default=0))
+    scoring = str(config_get(cfg, "scoring_func", default=spec.scoring_default))
+    n_shared = int(config_get(cfg, spec.n_shared_key, default=spec.n_shared_default) if spec.n_shared_key
+                   else spec.n_shared_default)
+    return MoEFacts(
+        arch=spec.model_type,
+        gguf_arch=spec.gguf_arch,
+        n_layers=n_layers,
+        moe_layers=tuple(moe),
+        dense_layers=tuple(i for i in range(n_layers) if i not in moe),
+        n_experts=n_experts,
+        top_k=int(config_get(cfg, spec.top_k_key, default=0)),
+        n_shared_experts=n_shared if moe else 0,
+        expert_ffn=int(config_get(cfg, spec.expert_ffn_key, default=0)),
+        hidden=int(cfg.get("hidden_size", 0)),
+        vocab=int(cfg.get("vocab_size", 0)),
+        scoring=scoring,
+        router_bias=any(t.kind == spec.router_bias_kind for t in tensors.values()) if spec.router_bias_kind else False,
+        norm_topk_prob=bool(config_get(cfg, "norm_topk_prob", default=spec.norm_topk_default)),
+        routed_scaling_factor=float(config_get(cfg, "routed_scaling_factor", default=1.0)),
+        n_group=int(groups[0]) if groups[0] else None,
+        topk_group=int(groups[1]) if groups[1] else None,
+    )
+
+
+@dataclass
+class CheckpointView:
+    """A checkpoint as a table of tensor references plus its MoE facts. Loads no data until asked."""
+
+    root: Path
+    config: dict[str, Any]
+    spec: ArchSpec
+    facts: MoEFacts
+    tensors: dict[str, TensorRef]
+
+    def names(self, role: Role | None = None, layer: int | None = None) -> list[str]:
+        return [n for n, t in self.tensors.items()
+                if (role is None or t.role is role) and (layer is None or t.layer == layer)]
+
+    def expert_ref(self, layer: int, expert: int, proj: str) -> TensorRef:
+        for t in self.tensors.values():
+            if t.role is Role.ROUTED_EXPERTS and t.layer == layer and t.expert == expert and t.kind == proj:
+                return t
+        raise CheckpointError(f"{self.root}: no tensor for layer {layer} expert {expert} {proj}")
+
+    def load(self, name: str):  # -> torch.Tensor
+        """One tensor's data, read with plain file reads into a fresh tensor: no memory map stays behind, so RSS
+        holds only the tensors still referenced (the OS page cache is not charged to the process)."""
+        return read_tensor(self.tensors[name])
+
+    def load_numpy_f32(self, name: str) -> np.ndarray:
+        return self.load(name).float().numpy()
+
+    def param_counts(self) -> dict[str, int]:
+        counts = {r.value: 0 for r in Role}
+        for t in self.tensors.values():
+            counts[t.role.value] += t.numel
+        return counts
+
+    def fingerprint(self) -> str:
+        """Identifies the model by its config and tensor table (names, shapes, dtypes), not its data."""
+        h = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
+        for n in sorted(self.tensors):
+            t = self.tensors[n]
+            h.update(f"{n}|{t.shape}|{t.dtype}|{t.nbytes}\n".encode())
+        return h.hexdigest()[:16]
+
+    def with_plan(self, plan: dict[str, Any], top_k: int | None = None) -> CheckpointView:
+        """The model as pruned by a prune plan (prune_plan.json), remapped lazily: no data is read."""
+        from moepack.stages.prune import pruned_view
+
+        return pruned_view(self, plan, top_k)
+
+
+_FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
+_TO_BF16 = ("convert it to bf16 first (for DeepSeek-V3/R1's FP8 release: DeepSeek's inference/fp8_cast_bf16.py) "
+            "and point moepack at the converted checkpoint")
+
+
+def _check_not_prequantized(root: Path, cfg: dict[str, Any]) -> None:
+    """Block-quantized checkpoints (FP8 with weight_scale_inv, GPTQ, AWQ, ...) hold scaled integers or FP8 values
+    that read as wrong weights without their scales: refuse them clearly instead of compressing garbage."""
+    q = cfg.get("quantization_config")
+    if isinstance(q, dict) and q:
+        method = q.get("quant_method", "unknown")
+        raise CheckpointError(f"{root}: the checkpoint is already quantized (quantization_config.quant_method = "
+                              f"{method!r}); moepack reads bf16/f16/f32 weights: {_TO_BF16}")
+
+
+def _check_float_weights(root: Path, tensors: dict[str, TensorRef]) -> None:
+    bad = [t for t in tensors.values() if t.quantizable and t.dtype not in _FLOAT_DTYPES]
+    if bad:
+        raise CheckpointError(f"{root}: {len(bad)} weight matrices are stored as {bad[0].dtype} (e.g. {bad[0].name}); "
+                              f"moepack reads bf16/f16/f32 weights: {_TO_BF16}")
+
+
+def open_checkpoint(model_dir: str | Path) -> CheckpointView:
+    """Read config.json and the safetensors headers; raise `CheckpointError`/`UnsupportedArchitecture` clearly."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a directory; pass a Hugging Face checkpoint directory")
+    cfg_path = root / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{root}: no config.json; this does not look like a Hugging Face checkpoint")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+    spec = spec_for(cfg.get("model_type"))
+    _check_not_prequantized(root, cfg)
+    tensors = _collect_tensors(spec, _shard_files(root))
+    _check_float_weights(root, tensors)
+    facts = _facts(spec, cfg, tensors)
+    if not facts.moe_layers:
+        log.warning("%s: no MoE layers found", root)
+    return CheckpointView(root, cfg, spec, facts, tensors)

@@ -1,0 +1,501 @@
+"""Expert pruning and top-k adjustment: calibration statistics → `prune_plan.json` + a pruned HF checkpoint.
+
+Importance per routed expert (criterion "score", the paper's): I_e = α·f̂_e + (1−α)·ŝ_e with f (share of routed
+token slots) and s (mean routing weight when selected) each divided by its per-layer maximum. Every MoE layer keeps
+the same number ⌈R·E⌉ of experts (llama.cpp has one expert count per model); group-limited routers keep the same
+number in every group unless `--groups collapse`. The pruned checkpoint renumbers the kept experts, slices router
+rows and e_score_correction_bias, and updates config.json; it is written tensor by tensor.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moepack.model.arch import Role
+from moepack.stages.calibrate import CalibStats, RouterStats, calib_dir
+from moepack.model.checkpoint import CheckpointView, TensorRef, open_checkpoint
+from moepack.errors import MoepackError
+from moepack.model.runner import moe_layers
+from moepack.pipeline.runstate import save_json
+
+__all__ = [
+    "PruneError",
+    "PruneOptions",
+    "CRITERIA",
+    "importance",
+    "select_experts",
+    "make_plan",
+    "pruned_view",
+    "PrunedView",
+    "write_checkpoint",
+    "active_bytes_per_token",
+    "top_k_auto",
+    "run_prune",
+    "add_cli",
+    "run",
+]
+
+log = logging.getLogger(__name__)
+
+PLAN_FORMAT = "moepack.prune_plan/1"
+CRITERIA = ("score", "frequency", "reap", "random")
+_COPY = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+         "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json")
+_EXPERT_COUNT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
+_SHARD_BYTES = 4 << 30
+
+
+class PruneError(MoepackError, ValueError):
+    pass
+
+
+@dataclass
+class PruneOptions:
+    keep: float = 0.75  # retention R in (0, 1]
+    alpha: float = 0.5  # weight of frequency vs. score in the "score" criterion
+    criterion: str = "score"
+    top_k: int | str | None = None  # None: max(1, round(R·k)); an int; or "auto"
+    groups: str = "preserve"  # "preserve" | "collapse"
+    seed: int = 0  # for criterion "random"
+    kld_tol: float = 0.01  # --top-k auto: smallest k' whose mean KLD is within this (nats) of the best
+    batch_size: int = 8
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+# ---- selection -------------------------------------------------------------------------------------------------
+def importance(r: RouterStats, criterion: str, alpha: float, rng: np.random.Generator) -> np.ndarray:
+    """Per-expert importance (E,) of one layer; higher is kept first."""
+    if criterion == "score":
+        f, s = r.freq, r.score
+        return alpha * f / max(f.max(), 1e-30) + (1.0 - alpha) * s / max(s.max(), 1e-30)
+    if criterion == "frequency":
+        return r.freq.astype(np.float64)
+    if criterion == "reap":
+        return r.saliency.astype(np.float64)
+    if criterion == "random":
+        return rng.random(len(r.counts))
+    raise PruneError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+
+
+def select_experts(scores: np.ndarray, n_keep: int, n_group: int = 1) -> list[int]:
+    """Ids of the kept experts, ascending: top `n_keep` by score, the same number from each of `n_group` groups."""
+    e = len(scores)
+    per, size = n_keep // n_group, e // n_group
+    kept: list[int] = []
+    for g in range(n_group):
+        grp = scores[g * size:(g + 1) * size]
+        order = np.argsort(-grp, kind="stable")[:per]  # ties: lower id first
+        kept += [g * size + int(i) for i in order]
+    return sorted(kept)
+
+
+def _group_limited(view: CheckpointView) -> bool:
+    """Whether routing picks groups first (DeepSeek-V3 noaux_tc, DeepSeek-V2 group_limited_greedy)."""
+    f = view.facts
+    if not f.n_group or f.n_group <= 1:
+        return False
+    if view.facts.arch == "deepseek_v2":
+        return view.config.get("topk_method", "greedy") == "group_limited_greedy"
+    return True
+
+
+@dataclass(frozen=True)
+class _Shape:
+    n_keep: int
+    top_k: int
+    n_group: int  # selection groups (1: global top)
+    new_groups: tuple[int, int] | None  # (n_group, topk_group) for config.json, None: leave as is
+    notes: tuple[str, ...]
+
+
+def _shape(view: CheckpointView, opts: PruneOptions) -> _Shape:
+    """Counts and group settings of the pruned model; raises PruneError for anything infeasible."""
+    f = view.facts
+    if not moe_layers(view):
+        raise PruneError(f"{view.root}: no MoE layers; nothing to prune")
+    if not 0.0 < opts.keep <= 1.0:
+        raise PruneError(f"--keep {opts.keep} is outside (0, 1]; it is the share of routed experts kept per layer")
+    if not 0.0 <= opts.alpha <= 1.0:
+        raise PruneError(f"--alpha {opts.alpha} is outside [0, 1]")
+    if opts.criterion not in CRITERIA:
+        raise PruneError(f"unknown criterion {opts.criterion!r}; choose one of {', '.join(CRITERIA)}")
+    if opts.groups not in ("preserve", "collapse"):
+        raise PruneError(f"--groups {opts.groups!r}: choose preserve or collapse")
+    notes: list[str] = []
+    n_keep = max(1, math.ceil(round(opts.keep * f.n_experts, 9)))
+    grouped = _group_limited(view) and opts.groups == "preserve"
+    n_group = f.n_group if grouped else 1
+    if grouped and n_keep % n_group:
+        n_keep = math.ceil(n_keep / n_group) * n_group
+        notes.append(f"kept count rounded up to {n_keep} so that each of the {n_group} groups keeps the same number")
+    new_groups = None
+    if _group_limited(view) and opts.groups == "collapse":
+        new_groups = (1, 1)
+        notes.append("groups collapsed into one: routing is no longer group-limited")
+    elif f.n_group and f.n_group > 1 and not grouped and n_keep % f.n_group:
+        new_groups = (1, 1)  # router not group-limited: keep config.json consistent
+    top_k = _top_k(view, opts, n_keep)
+    reach = n_keep if not grouped else (f.topk_group or n_group) * (n_keep // n_group)
+    if top_k > reach:
+        where = f"the {f.topk_group} selected groups x {n_keep // n_group} kept experts" if grouped else \
+            f"{n_keep} kept experts"
+        raise PruneError(f"top-k {top_k} exceeds the experts a token can reach ({reach} = {where}); "
+                         f"lower --top-k or raise --keep")
+    if f.arch == "deepseek_v3" and (n_keep // n_group) < 2:
+        raise PruneError(f"DeepSeek-V3 routing scores each group by its top-2 experts, so every group needs at "
+                         f"least 2 kept experts (got {n_keep // n_group}); raise --keep or use --groups collapse")
+    return _Shape(n_keep, top_k, n_group, new_groups, tuple(notes))
+
+
+def _top_k(view: CheckpointView, opts: PruneOptions, n_keep: int) -> int:
+    k = view.facts.top_k
+    if opts.top_k is None or opts.top_k == "auto":
+        return max(1, min(_round_half_up(opts.keep * k), n_keep))
+    kk = int(opts.top_k)
+    if kk < 1:
+        raise PruneError(f"--top-k {kk}: a token needs at least one routed expert")
+    if kk > n_keep:
+        raise PruneError(f"--top-k {kk} exceeds the {n_keep} experts kept per layer; lower --top-k or raise --keep")
+    return kk
+
+
+def _check_fingerprint(view: CheckpointView, manifest: dict[str, Any]) -> None:
+    fp = manifest.get("fingerprint")
+    if fp != view.fingerprint():
+        raise PruneError(f"calibration statistics are from another model (fingerprint {fp}, "
+                         f"{manifest.get('model')}); this model is {view.fingerprint()}: rerun moepack "
+                         f"calibrate on {view.root}")
+
+
+def _check_calib(view: CheckpointView, stats: CalibStats) -> None:
+    _check_fingerprint(view, stats.manifest)
+    missing = [m for m in moe_layers(view) if m not in stats.router]
+    if missing:
+        raise PruneError(f"calibration statistics lack MoE layer(s) {missing}; rerun moepack calibrate")
+
+
+def make_plan(view: CheckpointView, stats: CalibStats, opts: PruneOptions) -> dict[str, Any]:
+    """The prune plan (JSON-able): kept expert ids per layer with all scores, k', groups and the choices made."""
+    _check_calib(view, stats)
+    sh = _shape(view, opts)
+    rng = np.random.default_rng(opts.seed)
+    layers: dict[str, Any] = {}
+    for layer in moe_layers(view):
+        scores = importance(stats.router[layer], opts.criterion, opts.alpha, rng)
+        kept = select_experts(scores, sh.n_keep, sh.n_group)
+        layers[str(layer)] = dict(kept=kept, removed=[e for e in range(len(scores)) if e not in kept],
+                                  scores=[float(s) for s in scores])
+    f = view.facts
+    policy = "auto" if opts.top_k == "auto" else ("default" if opts.top_k is None else "fixed")
+    return dict(
+        format=PLAN_FORMAT, model=str(view.root), model_fingerprint=view.fingerprint(),
+        calib=stats.manifest.get("text"), calib_fingerprint=stats.manifest.get("fingerprint"),
+        criterion=opts.criterion, alpha=opts.alpha, keep=opts.keep, seed=opts.seed,
+        normalisation="frequency and score each divided by its per-layer maximum",
+        n_experts=f.n_experts, n_kept=sh.n_keep, top_k=f.top_k, top_k_new=sh.top_k, top_k_policy=policy,
+        groups=dict(mode=("preserve" if sh.n_group > 1 else (opts.groups if _group_limited(view) else "none")),
+                    n_group=f.n_group, topk_group=f.topk_group, kept_per_group=sh.n_keep // sh.n_group,
+                    n_group_new=sh.new_groups[0] if sh.new_groups else f.n_group,
+                    topk_group_new=sh.new_groups[1] if sh.new_groups else f.topk_group),
+        notes=list(sh.notes) + _extra_layer_note(view), layers=layers, top_k_table=[],
+    )
+
+
+def _extra_layers(view: CheckpointView) -> list[int]:
+    n = view.facts.n_layers
+    return sorted({t.layer for t in view.tensors.values() if t.layer is not None and t.layer >= n})
+
+
+def _extra_layer_note(view: CheckpointView) -> list[str]:
+    extra = _extra_layers(view)
+    if not extra:
+        return []
+    return [f"tensors of layer(s) {extra} beyond num_hidden_layers (multi-token prediction) are not written: "
+            f"their experts were not calibrated"]
+
+
+# ---- lazy pruned view ------------------------------------------------------------------------------------------
+@dataclass
+class PrunedView(CheckpointView):
+    """A CheckpointView of the pruned model: names, shapes and config as pruned; tensors read lazily from `base`."""
+
+    base: CheckpointView | None = None
+    sources: dict[str, tuple[str, tuple[int, ...] | None]] = dataclasses.field(default_factory=dict)
+
+    def load(self, name: str):  # -> torch.Tensor
+        import torch
+
+        src, rows = self.sources[name]
+        t = self.base.load(src)
+        return t if rows is None else t.index_select(0, torch.tensor(rows))
+
+
+def _pruned_config(view: CheckpointView, plan: dict[str, Any], top_k: int) -> dict[str, Any]:
+    cfg = dict(view.config)
+    present = [k for k in _EXPERT_COUNT_KEYS if k in cfg] or [view.spec.n_experts_key]
+    for k in present:
+        cfg[k] = plan["n_kept"]
+    cfg[view.spec.top_k_key] = top_k
+    if cfg.get("num_nextn_predict_layers") and _extra_layers(view):
+        cfg["num_nextn_predict_layers"] = 0  # their tensors are not written (see pruned_view)
+    g = plan["groups"]
+    if view.spec.group_keys and g["n_group"]:
+        cfg[view.spec.group_keys[0]], cfg[view.spec.group_keys[1]] = g["n_group_new"], g["topk_group_new"]
+    return cfg
+
+
+def _pruned_ref(ref: TensorRef, kept: list[int] | None) -> tuple[TensorRef, tuple[int, ...] | None] | None:
+    if kept is None:
+        return ref, None
+    if ref.role is Role.ROUTED_EXPERTS:
+        if ref.expert not in kept:
+            return None
+        new = kept.index(ref.expert)
+        name = re.sub(rf"\.experts\.{ref.expert}\.", f".experts.{new}.", ref.name, count=1)
+        return dataclasses.replace(ref, name=name, expert=new), None
+    if ref.role is Role.ROUTER:
+        shape = (len(kept),) + tuple(ref.shape[1:])
+        nbytes = ref.nbytes // ref.shape[0] * len(kept)
+        return dataclasses.replace(ref, shape=shape, nbytes=nbytes), tuple(kept)
+    return ref, None
+
+
+def pruned_view(view: CheckpointView, plan: dict[str, Any], top_k: int | None = None) -> PrunedView:
+    """The pruned model as a lazy view (no data read); `top_k` overrides the plan's k'."""
+    k = plan["top_k_new"] if top_k is None else top_k
+    tensors: dict[str, TensorRef] = {}
+    sources: dict[str, tuple[str, tuple[int, ...] | None]] = {}
+    for name, ref in view.tensors.items():
+        if ref.layer is not None and ref.layer >= view.facts.n_layers:
+            continue  # multi-token-prediction layer: not part of the served model, not calibrated
+        kept = plan["layers"].get(str(ref.layer))["kept"] if str(ref.layer) in plan["layers"] else None
+        got = _pruned_ref(ref, kept)
+        if got is None:
+            continue
+        new, rows = got
+        tensors[new.name] = new
+        sources[new.name] = (name, rows)
+    g = plan["groups"]
+    facts = dataclasses.replace(view.facts, n_experts=plan["n_kept"], top_k=k, n_group=g["n_group_new"],
+                                topk_group=g["topk_group_new"])
+    return PrunedView(view.root, _pruned_config(view, plan, k), view.spec, facts, tensors,
+                      base=view, sources=sources)
+
+
+# ---- streaming writer ------------------------------------------------------------------------------------------
+def _write_safetensors(view: CheckpointView, names: list[str], path: Path) -> None:
+    """One safetensors file, header first (from the refs), then each tensor's bytes as it is loaded."""
+    import torch
+
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for n in names:
+        ref = view.tensors[n]
+        header[n] = {"dtype": ref.dtype, "shape": list(ref.shape), "data_offsets": [off, off + ref.nbytes]}
+        off += ref.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for n in names:
+            t = view.load(n).contiguous()
+            raw = t.reshape(-1).view(torch.uint8).numpy()  # (nbytes,)
+            if raw.size != view.tensors[n].nbytes:
+                raise PruneError(f"{n}: {raw.size} bytes loaded, {view.tensors[n].nbytes} expected")
+            f.write(raw)  # the buffer itself: no bytes copy of a large tensor
+            del t, raw  # before the next load: never two large tensors (lm_head, embed_tokens) at once
+    os.replace(tmp, path)
+
+
+def _shards(view: CheckpointView, names: list[str], max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for n in names:
+        nb = view.tensors[n].nbytes
+        if shards[-1] and size + nb > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(n)
+        size += nb
+    return shards
+
+
+def _prepare_out(out: Path, src: Path) -> None:
+    if out.resolve() == src.resolve():
+        raise PruneError(f"-o {out} is the input checkpoint; choose a new directory")
+    if out.exists() and any(out.iterdir()) and not (out / "prune_plan.json").is_file():
+        raise PruneError(f"{out} exists and is not a moepack prune output; choose an empty or new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    for p in list(out.glob("*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+        p.unlink()
+
+
+def write_checkpoint(view: CheckpointView, out_dir: str | Path, max_shard_bytes: int = _SHARD_BYTES,
+                     progress: bool = True) -> Path:
+    """Write `view` (e.g. a PrunedView) as a Hugging Face checkpoint, tensor by tensor; copies tokenizer files."""
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    src = view.base.root if isinstance(view, PrunedView) and view.base is not None else view.root
+    _prepare_out(out, src)
+    names = sorted(view.tensors)
+    shards = _shards(view, names, max_shard_bytes)
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(tqdm(shards, desc="write", unit="shard", disable=not progress or len(shards) < 2)):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _write_safetensors(view, shard, out / fname)
+        weight_map.update({n: fname for n in shard})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(view.tensors[n].nbytes for n in names)}, "weight_map": weight_map}
+        save_json(index, out / "model.safetensors.index.json")
+    save_json(view.config, out / "config.json")
+    for name in _COPY:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+    for p in list(src.glob("*.py")) + list(src.glob("*.jinja")):  # remote code, chat templates
+        shutil.copy2(p, out / p.name)
+    return out
+
+
+
+
+# ---- top-k -----------------------------------------------------------------------------------------------------
+def active_bytes_per_token(view: CheckpointView) -> int:
+    """Weight bytes one decoded token reads: all dense weights, k of E experts per MoE layer, one embedding row."""
+    f = view.facts
+    total = 0.0
+    for ref in view.tensors.values():
+        if ref.role is Role.ROUTED_EXPERTS:
+            total += ref.nbytes * f.top_k / max(1, f.n_experts)
+        elif ref.role is Role.EMBEDDING:
+            total += ref.nbytes / max(1, ref.shape[0])
+        else:
+            total += ref.nbytes
+    return int(total)
+
+
+def top_k_auto(view: CheckpointView, plan: dict[str, Any], ids: np.ndarray, candidates: list[int],
+               tol: float, batch_size: int = 8, reference: Any = None,
+               progress: bool = True) -> tuple[int, list[dict[str, Any]]]:
+    """Measure each candidate k' (KLD vs the unpruned model on `ids` (N, L), active bytes); pick the smallest k'
+    whose mean KLD is within `tol` of the best. `reference`: a KLDReference of `view` on `ids` to reuse."""
+    from moepack.model.runner import KLDReference, LayerRunner
+
+    if reference is None:
+        reference = KLDReference(LayerRunner(view), ids, min(moe_layers(view)), batch_size,
+                                 progress="reference" if progress else False)
+    table: list[dict[str, Any]] = []
+    for k in candidates:
+        pv = pruned_view(view, plan, top_k=k)
+        m = reference.variant(LayerRunner(pv), progress=f"top-k {k}" if progress else False)
+        table.append(dict(top_k=k, **m, active_bytes=active_bytes_per_token(pv)))
+        log.info("top-k %d: mean KLD %.4f, active bytes/token %d", k, m["kld_mean"], table[-1]["active_bytes"])
+    best = min(r["kld_mean"] for r in table)
+    chosen = min(r["top_k"] for r in table if r["kld_mean"] <= best + tol)
+    return chosen, table
+
+
+def _auto_candidates(plan: dict[str, Any], view: CheckpointView, opts: PruneOptions) -> list[int]:
+    lo = max(1, _round_half_up(opts.keep * view.facts.top_k))
+    hi = view.facts.top_k
+    g = plan["groups"]
+    reach = plan["n_kept"] if g["mode"] != "preserve" else g["topk_group"] * g["kept_per_group"]
+    return [k for k in range(lo, hi + 1) if k <= min(plan["n_kept"], reach)] or [plan["top_k_new"]]
+
+
+# ---- stage -----------------------------------------------------------------------------------------------------
+def run_prune(model_dir: str | Path, calib: str | Path, out_dir: str | Path, opts: PruneOptions,
+              progress: bool = True) -> dict[str, Any]:
+    """The prune stage: validate, plan, (measure k'), write the pruned checkpoint and OUT_DIR/prune_plan.json."""
+    view = open_checkpoint(model_dir)
+    _shape(view, opts)  # validates the options before anything is read
+    _check_fingerprint(view, json.loads((calib_dir(calib) / "manifest.json").read_text()))
+    stats = CalibStats.load(calib_dir(calib))
+    plan = make_plan(view, stats, opts)
+    plan["options"] = dataclasses.asdict(opts)
+    plan["calib_dir"] = str(calib_dir(calib).resolve())
+    plan["active_bytes_per_token"] = dict(original=active_bytes_per_token(view))
+    out = Path(out_dir)
+    old = out / "prune_plan.json"
+    if old.is_file() and _same_plan(json.loads(old.read_text()), plan):
+        log.info("reusing pruned checkpoint in %s (same model, statistics and options)", out)
+        return json.loads(old.read_text())
+    if opts.top_k == "auto":
+        if stats.heldout is None:
+            raise PruneError("--top-k auto needs held-out tokens, and this calibration has none; rerun moepack "
+                             "calibrate with a longer text or a larger --heldout-tokens")
+        cands = _auto_candidates(plan, view, opts)
+        plan["top_k_new"], plan["top_k_table"] = top_k_auto(view, plan, stats.heldout, cands, opts.kld_tol,
+                                                            opts.batch_size, progress=progress)
+    pv = pruned_view(view, plan)
+    plan["active_bytes_per_token"]["pruned"] = active_bytes_per_token(pv)
+    write_checkpoint(pv, out, progress=progress)
+    save_json(plan, old)  # last: marks the output complete
+    log.info("pruned %s: %d of %d experts per layer, top-k %d -> %s", view.root, plan["n_kept"],
+             plan["n_experts"], plan["top_k_new"], out)
+    return plan
+
+
+def _same_plan(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    keys = ("model_fingerprint", "calib_fingerprint", "calib_dir", "options", "layers")
+    return all(old.get(k) == new.get(k) for k in keys)
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------------
+def top_k_arg(s: str) -> int | str:
+    if s == "auto":
+        return s
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--top-k takes a whole number or 'auto', not {s!r}") from None
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prune", help="remove the least important routed experts and adjust top-k",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir", help="Hugging Face checkpoint directory")
+    p.add_argument("--calib", required=True, help="run directory of `moepack calibrate` (or its calib/ folder)")
+    p.add_argument("--keep", type=float, default=0.75, help="share R of routed experts kept per layer (default 0.75)")
+    p.add_argument("--alpha", type=float, default=0.5, help="frequency weight in the score criterion (default 0.5)")
+    p.add_argument("--criterion", choices=CRITERIA, default="score", help="importance criterion (default score)")
+    p.add_argument("--top-k", type=top_k_arg, default=None,
+                   help="experts per token after pruning: a number or 'auto' (default max(1, round(R*k)))")
+    p.add_argument("--kld-tol", type=float, default=0.01,
+                   help="--top-k auto: smallest k' whose mean KLD is within this many nats of the best (default 0.01)")
+    p.add_argument("--groups", choices=("preserve", "collapse"), default="preserve",
+                   help="group-limited routers: keep the same count per group (default) or merge into one group")
+    p.add_argument("--seed", type=int, default=0, help="seed for --criterion random (default 0)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward batch for --top-k auto")
+    p.add_argument("-o", "--out", required=True, help="output directory of the pruned checkpoint")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = PruneOptions(keep=args.keep, alpha=args.alpha, criterion=args.criterion, top_k=args.top_k,
+                        groups=args.groups, seed=args.seed, kld_tol=args.kld_tol, batch_size=args.batch_size)
+    plan = run_prune(args.model_dir, args.calib, args.out, opts)
+    print(f"kept {plan['n_kept']} of {plan['n_experts']} experts in each of {len(plan['layers'])} MoE layers "
+          f"({plan['criterion']}), top-k {plan['top_k']} -> {plan['top_k_new']} -> {args.out}")
+    for row in plan["top_k_table"]:
+        print(f"  k'={row['top_k']}: mean KLD {row['kld_mean']:.4f}, top-1 agreement {row['top1_agree']:.3f}, "
+              f"{row['active_bytes']} active bytes/token")
+    for note in plan["notes"]:
+        print(f"  note: {note}")
+    return 0
