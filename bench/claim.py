@@ -71,7 +71,7 @@ def run_compress(model: Path, work: Path, keep: float | str, bpw: float, args: a
 def _plan_bytes(outs: list, types: dict[str, str]) -> int:
     import gguf
 
-    from moepack.cli.inspect import tensor_bytes
+    from moepack.gguf.estimate import tensor_bytes
 
     f32 = gguf.GGMLQuantizationType.F32
     return sum(tensor_bytes(o.shape, gguf.GGMLQuantizationType[types[o.name]] if o.name in types else f32)

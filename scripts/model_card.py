@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from moepack.model.checkpoint import open_checkpoint
-from moepack.cli.inspect import describe
+from moepack.gguf.estimate import describe
 
 CARD = """---
 license: cdla-sharing-1.0

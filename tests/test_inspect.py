@@ -12,7 +12,7 @@ from conftest import ARCHS, DATA, build_tiny_model, fixture_dir
 from moepack.model.arch import Role
 from moepack.model.checkpoint import CheckpointError, open_checkpoint
 from moepack.cli import main
-from moepack.cli.inspect import estimate_size
+from moepack.gguf.estimate import estimate_size
 
 
 def _inspect_json(capsys, path: Path) -> dict:

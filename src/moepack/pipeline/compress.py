@@ -94,7 +94,7 @@ def _validate(opts: CompressOptions, view: CheckpointView) -> list[float]:
 def choose_base(view: CheckpointView, budget_bytes: int, ladder: tuple[str, ...]) -> str:
     """The highest ladder type at which every quantizable tensor still fits in BASE_SHARE of the budget, so that
     measured upgrades decide where the rest goes; the lowest type when none does."""
-    from moepack.cli.inspect import estimate_size
+    from moepack.gguf.estimate import estimate_size
 
     best = ladder[0]
     for t in ladder:
@@ -333,7 +333,7 @@ def _check_feasible(view: CheckpointView, budget: Budget, opts: CompressOptions)
     import gguf
 
     from moepack.model.arch import Role
-    from moepack.cli.inspect import tensor_bytes
+    from moepack.gguf.estimate import tensor_bytes
 
     smallest = min(KEEP_AUTO_CANDIDATES) if opts.keep == "auto" else float(opts.keep)
     low, f32 = gguf.GGMLQuantizationType[opts.ladder[0]], gguf.GGMLQuantizationType.F32
