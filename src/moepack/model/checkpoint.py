@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from moepack.model.arch import ArchSpec, Role, spec_for
+from moepack.model.arch import EXPERT_COUNT_KEYS, ArchSpec, Role, spec_for
 
 __all__ = [
     "CheckpointError",
@@ -52,7 +52,7 @@ class TensorRef:
     name: str
     shape: tuple[int, ...]
     dtype: str  # safetensors dtype string, e.g. "BF16"
-    file: Path
+    file: Path | None  # None: derived from config.json alone (moepack.model.shapes), no data to read
     offset: int  # absolute byte offset of the data in `file`
     nbytes: int
     role: Role
@@ -164,6 +164,9 @@ def read_tensor(ref: TensorRef):  # -> torch.Tensor
     """The data of `ref` from its shard, checked to be complete and (for floats) finite."""
     import torch
 
+    if ref.file is None:
+        raise CheckpointError(f"{ref.name}: this model was read from config.json alone; download its weights "
+                              "(*.safetensors) into the directory to calibrate, prune or quantize it")
     t = torch.empty(ref.shape, dtype=_torch_dtype(ref.dtype))
     buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())  # (nbytes,) writable view of t
     with open(ref.file, "rb", buffering=0) as f:
@@ -219,12 +222,11 @@ def _collect_tensors(spec: ArchSpec, files: list[Path]) -> dict[str, TensorRef]:
     return tensors
 
 
-def _facts(spec: ArchSpec, cfg: dict[str, Any], tensors: dict[str, TensorRef]) -> MoEFacts:
+def facts_from_config(spec: ArchSpec, cfg: dict[str, Any], tensors: dict[str, TensorRef]) -> MoEFacts:
     n_layers = int(config_get(cfg, "num_hidden_layers", "n_layer", default=0))
     moe = sorted({t.layer for t in tensors.values() if t.role is Role.ROUTER and t.layer is not None})
     groups = [config_get(cfg, k) for k in spec.group_keys] if spec.group_keys else [None, None]
-    n_experts = int(config_get(cfg, spec.n_experts_key, "num_local_experts", "num_experts", "n_routed_experts",
-                               default=0))
+    n_experts = int(config_get(cfg, spec.n_experts_key, *EXPERT_COUNT_KEYS, default=0))
     scoring = str(config_get(cfg, "scoring_func", default=spec.scoring_default))
     n_shared = int(config_get(cfg, spec.n_shared_key, default=spec.n_shared_default) if spec.n_shared_key
                    else spec.n_shared_default)
@@ -336,7 +338,7 @@ def open_checkpoint(model_dir: str | Path) -> CheckpointView:
     _check_not_prequantized(root, cfg)
     tensors = _collect_tensors(spec, _shard_files(root))
     _check_float_weights(root, tensors)
-    facts = _facts(spec, cfg, tensors)
+    facts = facts_from_config(spec, cfg, tensors)
     if not facts.moe_layers:
         log.warning("%s: no MoE layers found", root)
     return CheckpointView(root, cfg, spec, facts, tensors)

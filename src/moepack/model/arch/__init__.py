@@ -22,7 +22,12 @@ __all__ = [
     "spec_for",
     "supported",
     "MatchedName",
+    "EXPERT_COUNT_KEYS",
 ]
+
+# Config keys that may carry the routed expert count besides the spec's own (transformers 5 saves Qwen3-MoE's as
+# num_local_experts).
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 
 class Role(str, Enum):

@@ -1,0 +1,186 @@
+"""Every tensor of a checkpoint, derived from its config.json alone: plan a model before downloading its weights.
+
+The tables below give each architecture's tensor shapes as expressions over named config dimensions, keyed by
+(role, kind) of the name templates in `moepack.model.arch`, and say which layers are MoE layers. `config_view(dir)`
+builds a `CheckpointView` of the tensors the served model has (the multi-token-prediction layers that llama.cpp
+does not run are left out), with no weight file behind it: sizes, budgets and estimates work on it; loading data
+does not. tests/test_shapes.py checks every table against the headers of real checkpoints of each architecture.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+from moepack.model.arch import EXPERT_COUNT_KEYS, ArchSpec, Role, TensorRule, spec_for
+from moepack.model.checkpoint import (CheckpointError, CheckpointView, TensorRef, config_get, facts_from_config,
+                                      open_checkpoint)
+
+__all__ = ["config_dims", "derive_tensors", "config_view", "open_for_planning", "moe_layer_ids", "ShapeError"]
+
+log = logging.getLogger(__name__)
+
+Shape = tuple[str, ...]  # each entry a product of dimension names, e.g. "NH*QK"
+
+
+class ShapeError(CheckpointError):
+    pass
+
+
+def _head_dim(cfg: dict[str, Any]) -> int:
+    return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+
+
+def config_dims(spec: ArchSpec, cfg: dict[str, Any]) -> dict[str, int]:
+    """The named dimensions the shape tables use. A key the architecture needs and the config lacks is an error."""
+    def need(*keys: str) -> int:
+        v = config_get(cfg, *keys)
+        if v is None:
+            raise ShapeError(f"config.json has no {' / '.join(keys)}; cannot derive the {spec.model_type} tensor shapes")
+        return int(v)
+
+    d = {"H": need("hidden_size"), "V": need("vocab_size"), "NH": need("num_attention_heads"),
+         "FE": need(spec.expert_ffn_key), "E": need(spec.n_experts_key, *EXPERT_COUNT_KEYS), "ONE": 1}
+    d["NKV"] = int(config_get(cfg, "num_key_value_heads") or d["NH"])  # absent: multi-head attention
+    if spec.kv_cache == "mla":
+        d |= {"QL": int(cfg.get("q_lora_rank") or 0), "KVL": need("kv_lora_rank"), "QN": need("qk_nope_head_dim"),
+              "QR": need("qk_rope_head_dim"), "VH": need("v_head_dim")}
+    else:
+        d["HD"] = _head_dim(cfg)
+    if spec.model_type != "mixtral" and spec.model_type != "olmoe":
+        d["F"] = need("intermediate_size")  # the dense FFN of non-MoE layers
+    if spec.model_type == "qwen2_moe":
+        d["FS"] = need("shared_expert_intermediate_size")
+    elif spec.n_shared_key:
+        d["FS"] = d["FE"] * int(config_get(cfg, spec.n_shared_key) or 0)
+    return d
+
+
+_SKELETON: dict[tuple[Role, str], Shape] = {
+    (Role.EMBEDDING, "token_embd"): ("V", "H"), (Role.OUTPUT, "output"): ("V", "H"),
+    (Role.NORM, "output_norm"): ("H",), (Role.NORM, "attn_norm"): ("H",), (Role.NORM, "ffn_norm"): ("H",),
+    (Role.ROUTER, "router"): ("E", "H"),
+    (Role.DENSE_FFN, "gate_proj"): ("F", "H"), (Role.DENSE_FFN, "up_proj"): ("F", "H"),
+    (Role.DENSE_FFN, "down_proj"): ("H", "F"),
+}
+_EXPERTS = {(Role.ROUTED_EXPERTS, "gate_proj"): ("FE", "H"), (Role.ROUTED_EXPERTS, "up_proj"): ("FE", "H"),
+            (Role.ROUTED_EXPERTS, "down_proj"): ("H", "FE")}
+_GQA = {(Role.ATTENTION, "q_proj"): ("NH*HD", "H"), (Role.ATTENTION, "k_proj"): ("NKV*HD", "H"),
+        (Role.ATTENTION, "v_proj"): ("NKV*HD", "H"), (Role.ATTENTION, "o_proj"): ("H", "NH*HD")}
+_SHARED = {(Role.SHARED_EXPERTS, "shexp_gate_proj"): ("FS", "H"), (Role.SHARED_EXPERTS, "shexp_up_proj"): ("FS", "H"),
+           (Role.SHARED_EXPERTS, "shexp_down_proj"): ("H", "FS")}
+_MLA = {  # DeepSeek-V2/V3 multi-head latent attention
+    (Role.ATTENTION, "q_proj"): ("NH*QN+NH*QR", "H"),  # without a q LoRA (V2-Lite)
+    (Role.ATTENTION, "q_a_proj"): ("QL", "H"), (Role.NORM, "q_a_norm"): ("QL",),
+    (Role.ATTENTION, "q_b_proj"): ("NH*QN+NH*QR", "QL"),
+    (Role.ATTENTION, "kv_a_proj"): ("KVL+QR", "H"), (Role.NORM, "kv_a_norm"): ("KVL",),
+    (Role.ATTENTION, "kv_b_proj"): ("NH*QN+NH*VH", "KVL"), (Role.ATTENTION, "o_proj"): ("H", "NH*VH"),
+    (Role.ROUTER, "router_bias"): ("E",),
+}
+SHAPES: dict[str, dict[tuple[Role, str], Shape]] = {
+    "qwen3_moe": _SKELETON | _EXPERTS | _GQA | {(Role.NORM, "q_norm"): ("HD",), (Role.NORM, "k_norm"): ("HD",)},
+    "qwen2_moe": _SKELETON | _EXPERTS | _GQA | _SHARED | {
+        (Role.ATTENTION, "q_proj.bias"): ("NH*HD",), (Role.ATTENTION, "k_proj.bias"): ("NKV*HD",),
+        (Role.ATTENTION, "v_proj.bias"): ("NKV*HD",), (Role.SHARED_EXPERTS, "shexp_gate"): ("ONE", "H")},
+    "mixtral": _SKELETON | _GQA | {(Role.ROUTED_EXPERTS, "w1"): ("FE", "H"), (Role.ROUTED_EXPERTS, "w3"): ("FE", "H"),
+                                   (Role.ROUTED_EXPERTS, "w2"): ("H", "FE")},
+    "olmoe": _SKELETON | _EXPERTS | _GQA | {(Role.NORM, "q_norm"): ("NH*HD",), (Role.NORM, "k_norm"): ("NKV*HD",)},
+    "deepseek_v3": _SKELETON | _EXPERTS | _SHARED | _MLA,
+    "deepseek_v2": _SKELETON | _EXPERTS | _SHARED | _MLA,
+}
+
+
+def _deepseek_moe(cfg: dict[str, Any], i: int) -> bool:
+    return i >= int(cfg.get("first_k_dense_replace") or 0) and i % int(cfg.get("moe_layer_freq") or 1) == 0
+
+
+def _qwen_moe(cfg: dict[str, Any], i: int) -> bool:
+    step = int(cfg.get("decoder_sparse_step") or 1)
+    return i not in (cfg.get("mlp_only_layers") or []) and (i + 1) % step == 0
+
+
+# Which layers route to experts (transformers' own rule for each architecture).
+MOE_LAYER: dict[str, Callable[[dict[str, Any], int], bool]] = {
+    "qwen3_moe": _qwen_moe, "qwen2_moe": _qwen_moe, "deepseek_v3": _deepseek_moe, "deepseek_v2": _deepseek_moe,
+    "mixtral": lambda cfg, i: True, "olmoe": lambda cfg, i: True,
+}
+
+
+def moe_layer_ids(spec: ArchSpec, cfg: dict[str, Any]) -> list[int]:
+    return [i for i in range(int(cfg["num_hidden_layers"])) if MOE_LAYER[spec.model_type](cfg, i)]
+
+
+def _eval(expr: str, dims: dict[str, int]) -> int:
+    """A sum of products of dimension names: 'NH*QN+NH*QR'."""
+    return sum(math.prod(dims[f] for f in term.split("*")) for term in expr.split("+"))
+
+
+def _present(spec: ArchSpec, cfg: dict[str, Any], dims: dict[str, int], rule: TensorRule) -> bool:
+    """Whether the served model has this tensor at all (per layer kind is decided by the caller)."""
+    if rule.kind == "output":
+        return not cfg.get("tie_word_embeddings", False)
+    if spec.kv_cache == "mla" and rule.kind in ("q_a_proj", "q_a_norm", "q_b_proj", "q_proj"):
+        return (rule.kind == "q_proj") == (dims["QL"] == 0)
+    if rule.role is Role.SHARED_EXPERTS:
+        return dims.get("FS", 0) > 0
+    return True
+
+
+def _layers_for(rule: TensorRule, moe: set[int], n_layers: int) -> list[int | None]:
+    if "{bid}" not in rule.template:
+        return [None]
+    if rule.role in (Role.ROUTED_EXPERTS, Role.ROUTER, Role.SHARED_EXPERTS):
+        return sorted(moe)
+    if rule.role is Role.DENSE_FFN:
+        return [i for i in range(n_layers) if i not in moe]
+    return list(range(n_layers))
+
+
+def derive_tensors(spec: ArchSpec, cfg: dict[str, Any], dtype: str = "BF16") -> dict[str, TensorRef]:
+    """name → TensorRef (no file: offset 0) of every tensor the served model has, from the config alone."""
+    table = SHAPES[spec.model_type]
+    dims = config_dims(spec, cfg)
+    moe, n_layers = set(moe_layer_ids(spec, cfg)), int(cfg["num_hidden_layers"])
+    width = {"BF16": 2, "F16": 2, "F32": 4}
+    out: dict[str, TensorRef] = {}
+    for rule in spec.rules:
+        if not _present(spec, cfg, dims, rule) or (rule.role, rule.kind) not in table:
+            continue
+        if rule.kind == "router_bias" and spec.router_bias_kind is None:
+            continue
+        shape = tuple(_eval(e, dims) for e in table[(rule.role, rule.kind)])
+        for layer in _layers_for(rule, moe, n_layers):
+            for xid in range(dims["E"]) if "{xid}" in rule.template else [None]:
+                name = rule.template.replace("{bid}", str(layer)).replace("{xid}", str(xid))
+                dt = "F32" if rule.kind == "router_bias" else dtype  # DeepSeek-V3 keeps its correction bias in f32
+                out[name] = TensorRef(name, shape, dt, None, 0, math.prod(shape) * width[dt], rule.role, rule.kind,
+                                      layer, xid)
+    return out
+
+
+def config_view(model_dir: str | Path) -> CheckpointView:
+    """A view of a model from its config.json alone (a directory without weights)."""
+    root = Path(model_dir)
+    path = root / "config.json"
+    if not path.is_file():
+        raise ShapeError(f"{root}: no config.json; pass a Hugging Face model directory (config.json is enough)")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShapeError(f"{path}: invalid JSON ({e})") from None
+    spec = spec_for(cfg.get("model_type"))
+    dtype = {"float32": "F32", "float16": "F16"}.get(str(cfg.get("torch_dtype") or cfg.get("dtype")), "BF16")
+    tensors = derive_tensors(spec, cfg, dtype)
+    return CheckpointView(root, cfg, spec, facts_from_config(spec, cfg, tensors), tensors)
+
+
+def open_for_planning(model_dir: str | Path) -> CheckpointView:
+    """The checkpoint's own headers when its weights are there, else the tensors its config.json implies. A
+    pre-quantized release (DeepSeek-V3's FP8) is planned as the bf16 model moepack would read after conversion."""
+    root = Path(model_dir)
+    if root.is_dir() and not any(root.glob("*.safetensors")):
+        log.info("%s: no weights; tensor shapes derived from config.json", root)
+        return config_view(root)
+    return open_checkpoint(root)
