@@ -1,14 +1,15 @@
-"""Build the bundled text sets from the source files in data/ (see data/SOURCES.md).
+"""The multi-domain corpus: train / calibration / evaluation parts of five domains, from the sources in data/.
 
-Writes, deterministically:
-- data/cpython-stdlib/{calib,eval}.txt, only with `--stdlib DIR`: two disjoint sets of CPython standard-library
-  modules (the code domain), copied from that standard library (CPython 3.11's in the committed files);
-- data/eval/{encyclopedic,dialogue,code,web}.txt: evaluation text of each domain, never used to calibrate (the
-  stories domain's is data/tinystories-valid.txt);
-- src/moepack/data/calibration.txt: the package's default calibration text, paragraphs of five domains taken in
-  turn (so that any prefix a calibration run reads holds every domain), none of it in data/eval/.
+Every domain is cut into three parts that share no text (see `splits`):
+- train: for training fixture models (`corpus()` below; not written, derived on use);
+- calibration: data/calib/<domain>.txt (for `compress --calib-text`, one domain), and the package's default
+  calibration text src/moepack/data/calibration.txt: pieces of every domain's calibration part taken in turn, so
+  that any prefix a calibration run reads holds every domain;
+- evaluation: data/eval/<domain>.txt, never used to calibrate, select or train.
 
-Run `python scripts/build_data.py` after changing a source or a split; the outputs are committed.
+`--stdlib [DIR]` copies the code domain anew from a CPython standard library into data/cpython-stdlib/ (three disjoint
+module sets; the committed files are CPython 3.11.7's). Run `python scripts/build_data.py` after changing a source or
+a split; its outputs are committed. Sources and licences: data/SOURCES.md.
 """
 from __future__ import annotations
 
@@ -19,44 +20,105 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 PACKAGE_CALIB = ROOT / "src" / "moepack" / "data" / "calibration.txt"
+DOMAINS = ("stories", "encyclopedic", "dialogue", "code", "web")
 
-# Disjoint module sets: calibration code and evaluation code never share a file.
+# Disjoint module sets of the code domain: no file is in two parts.
 CALIB_MODULES = ("argparse.py", "textwrap.py", "dataclasses.py", "functools.py", "heapq.py", "shlex.py", "csv.py",
                  "difflib.py", "fractions.py", "statistics.py", "pprint.py", "bisect.py", "string.py", "enum.py",
                  "fnmatch.py", "configparser.py", "calendar.py", "colorsys.py", "glob.py", "queue.py")
 EVAL_MODULES = ("json/__init__.py", "json/decoder.py", "json/encoder.py", "shutil.py", "tempfile.py", "random.py",
                 "base64.py", "gettext.py", "ipaddress.py", "pathlib.py", "zipfile.py")
+# Everything else of the pure-Python standard library, but tests, tools and bundled third-party code.
+SKIP_DIRS = ("test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo", "pydoc_data", "encodings", "ensurepip",
+             "site-packages", "distutils", "lib-dynload", "__pycache__")
+TRAIN_CODE_CHARS = 3_000_000
 PER_DOMAIN_CHARS = 90_000  # of each domain in the package calibration text
+CALIB_CHARS = 300_000  # of each domain's calibration file
 CHUNK_CHARS = 1_500  # a domain's turn in the interleaving
-EVAL_CHARS = 120_000  # of each domain's evaluation text
+EVAL_CHARS = 120_000  # of each domain's evaluation file
 
 
 def _read(name: str) -> str:
     return (DATA / name).read_text(encoding="utf-8")
 
 
-def _copy_modules(stdlib: Path, names: tuple[str, ...]) -> str:
-    return "".join(f"# ===== Lib/{n} =====\n\n" + (stdlib / n).read_text(encoding="utf-8") + "\n\n" for n in names)
+def _module(stdlib: Path, name: str) -> str:
+    return f"# ===== Lib/{name} =====\n\n" + (stdlib / name).read_text(encoding="utf-8") + "\n\n"
+
+
+def _train_modules(stdlib: Path) -> list[str]:
+    taken = set(CALIB_MODULES) | set(EVAL_MODULES)
+    names = sorted(p.relative_to(stdlib).as_posix() for p in stdlib.rglob("*.py")
+                   if not set(p.relative_to(stdlib).parts[:-1]) & set(SKIP_DIRS) and not p.name.startswith("config"))
+    return [n for n in names if n not in taken]
+
+
+def copy_stdlib(stdlib: Path) -> None:
+    out = DATA / "cpython-stdlib"
+    out.mkdir(exist_ok=True)
+    (out / "calib.txt").write_text("".join(_module(stdlib, n) for n in CALIB_MODULES), encoding="utf-8")
+    (out / "eval.txt").write_text("".join(_module(stdlib, n) for n in EVAL_MODULES), encoding="utf-8")
+    train, size = [], 0
+    for n in _train_modules(stdlib):
+        text = _module(stdlib, n)
+        if size + len(text) > TRAIN_CODE_CHARS:
+            continue
+        train.append(text)
+        size += len(text)
+    (out / "train.txt").write_text("".join(train), encoding="utf-8")
 
 
 def _wiki_articles(text: str) -> list[str]:
-    """WikiText articles: each starts at a top-level heading line ` = Title = `."""
+    """WikiText articles, each from its top-level heading line ` = Title = `; one paragraph a line, so blank lines
+    are put between lines to make paragraphs as in the other domains."""
     arts: list[str] = []
     for line in text.splitlines(keepends=True):
         if line.startswith(" = ") and not line.startswith(" = = "):
             arts.append("")
         if arts:
-            arts[-1] += line
+            arts[-1] += line + "\n"
     return arts
+
+
+def _cut(text: str, share: float) -> int:
+    """An index near `share` of the text, at a paragraph end."""
+    i = text.find("\n\n", int(len(text) * share))
+    return len(text) if i < 0 else i + 2
+
+
+def _three(text: str, a: float, b: float) -> tuple[str, str, str]:
+    i, j = _cut(text, a), _cut(text, b)
+    return text[:i], text[i:j], text[j:]
+
+
+def splits() -> dict[str, tuple[str, str, str]]:
+    """domain → (train, calibration, evaluation) text; no two parts of a domain overlap."""
+    stories = _read("tinystories-train.txt")
+    i = _cut(stories, 0.9)
+    arts = _wiki_articles(_read("wikitext-2-raw-test.txt"))
+    a, b = int(len(arts) * 0.6), int(len(arts) * 0.8)
+    docs = _read("c4-validation-2k.txt").split("\n\n")
+    return {
+        "stories": (stories[:i], stories[i:], _read("tinystories-valid.txt")),
+        "encyclopedic": ("".join(arts[:a]), "".join(arts[a:b]), "".join(arts[b:])),
+        "dialogue": _three(_read("tinyshakespeare.txt"), 0.8, 0.9),
+        "code": (_read("cpython-stdlib/train.txt"), _read("cpython-stdlib/calib.txt"), _read("cpython-stdlib/eval.txt")),
+        "web": ("\n\n".join(docs[:1400]), "\n\n".join(docs[1400:1700]), "\n\n".join(docs[1700:])),
+    }
+
+
+def corpus(part: str) -> dict[str, str]:
+    """domain → its `part` ("train", "calib" or "eval") text, for scripts that train or measure on the corpus."""
+    k = ("train", "calib", "eval").index(part)
+    return {d: s[k] for d, s in splits().items()}
 
 
 def _pieces(text: str, limit: int) -> list[str]:
     """Blank-line separated paragraphs grouped into pieces of about CHUNK_CHARS, up to `limit` characters in all."""
-    lines = [ln for para in text.split("\n\n") if para.strip()
-             for ln in (para.splitlines() + [""])]  # "" marks a paragraph end
+    lines = [ln for para in text.split("\n\n") if para.strip() for ln in (para.splitlines() + [""])]
     out: list[str] = [""]
     total = 0
-    for ln in lines:
+    for ln in lines:  # "" marks a paragraph end
         if len(out[-1]) >= CHUNK_CHARS and ln == "":
             out.append("")
             continue
@@ -67,23 +129,6 @@ def _pieces(text: str, limit: int) -> list[str]:
     return [p.strip("\n") for p in out if p.strip()]
 
 
-def splits() -> tuple[dict[str, str], dict[str, str]]:
-    """(calibration source, evaluation text) per domain; the two never overlap."""
-    stories_train = _read("tinystories-train.txt")
-    arts = _wiki_articles(_read("wikitext-2-raw-test.txt"))
-    half = len(arts) // 2
-    shakespeare = _read("tinyshakespeare.txt")
-    cut = int(len(shakespeare) * 0.9)
-    cut = shakespeare.index("\n\n", cut) + 2  # at a speech boundary
-    docs = _read("c4-validation-2k.txt").split("\n\n")
-    # WikiText holds one paragraph a line: blank lines between them make paragraphs as in the other domains.
-    calib = {"stories": stories_train, "encyclopedic": "".join(arts[:half]).replace("\n", "\n\n"), "dialogue": shakespeare[:cut],
-             "code": _read("cpython-stdlib/calib.txt"), "web": "\n\n".join(docs[: len(docs) // 2])}
-    evals = {"encyclopedic": "".join(arts[half:]), "dialogue": shakespeare[cut:],
-             "code": _read("cpython-stdlib/eval.txt"), "web": "\n\n".join(docs[len(docs) // 2:])}
-    return calib, evals
-
-
 def interleave(domains: dict[str, str]) -> str:
     pieces = {d: _pieces(t, PER_DOMAIN_CHARS) for d, t in domains.items()}
     out: list[str] = []
@@ -92,23 +137,27 @@ def interleave(domains: dict[str, str]) -> str:
     return "\n\n".join(out) + "\n"
 
 
+def _head(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: _cut(text[: limit], 0.98)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stdlib", type=Path, nargs="?", const=Path(sysconfig.get_paths()["stdlib"]),
                     help="copy the code domain anew from this CPython standard library (default: this interpreter's)")
     args = ap.parse_args()
     if args.stdlib:
-        (DATA / "cpython-stdlib").mkdir(exist_ok=True)
-        for part, names in (("calib", CALIB_MODULES), ("eval", EVAL_MODULES)):
-            (DATA / "cpython-stdlib" / f"{part}.txt").write_text(_copy_modules(args.stdlib, names), encoding="utf-8")
-    calib, evals = splits()
-    (DATA / "eval").mkdir(exist_ok=True)
-    for d, t in evals.items():
-        (DATA / "eval" / f"{d}.txt").write_text(t[:EVAL_CHARS], encoding="utf-8")
-    PACKAGE_CALIB.parent.mkdir(exist_ok=True)
-    PACKAGE_CALIB.write_text(interleave(calib), encoding="utf-8")
-    for p in sorted([*(DATA / "eval").iterdir(), PACKAGE_CALIB]):
-        print(f"{p.relative_to(ROOT)}: {p.stat().st_size:,} bytes")
+        copy_stdlib(args.stdlib)
+    parts = splits()
+    for sub in ("calib", "eval"):
+        (DATA / sub).mkdir(exist_ok=True)
+    for d, (_, calib, evals) in parts.items():
+        (DATA / "calib" / f"{d}.txt").write_text(_head(calib, CALIB_CHARS), encoding="utf-8")
+        if d != "stories":  # the stories domain's evaluation text is data/tinystories-valid.txt itself
+            (DATA / "eval" / f"{d}.txt").write_text(_head(evals, EVAL_CHARS), encoding="utf-8")
+    PACKAGE_CALIB.write_text(interleave({d: s[1] for d, s in parts.items()}), encoding="utf-8")
+    for d, s in parts.items():
+        print(f"{d:<13} train {len(s[0]):>9,}  calib {len(s[1]):>9,}  eval {len(s[2]):>9,} characters")
 
 
 if __name__ == "__main__":
