@@ -1,4 +1,8 @@
-"""Train the two bundled fixture MoE models on TinyStories: `make fixtures` (or `python scripts/train_fixtures.py`).
+"""Train the bundled fixture MoE models: `make fixtures` (or `python scripts/train_fixtures.py [--models NAME ...]`).
+
+tiny-qwen3-moe and tiny-deepseek-v3 are trained on TinyStories; tiny-deepseek-v3-multi (64 fine-grained experts) on
+the train parts of the five-domain corpus (scripts/build_data.py), with DeepSeek-V3's auxiliary-loss-free balancing
+only, so that its experts can specialise by domain.
 
 Writes real Hugging Face checkpoints (config.json, bf16 model.safetensors with one tensor per expert as hub
 checkpoints store them, tokenizer.json, tokenizer_config.json, README.md model card) under models/.
@@ -46,10 +50,22 @@ CONFIGS = {
         first_k_dense_replace=1, moe_layer_freq=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
         norm_topk_prob=True, scoring_func="sigmoid", topk_method="noaux_tc", rope_interleave=True,
     ),
+    "tiny-deepseek-v3-multi": dict(
+        COMMON, vocab_size=8192, model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"],
+        num_key_value_heads=4, q_lora_rank=256, kv_lora_rank=256, qk_nope_head_dim=32, qk_rope_head_dim=32,
+        v_head_dim=64, n_routed_experts=64, n_shared_experts=1, moe_intermediate_size=128, intermediate_size=512,
+        num_experts_per_tok=6, first_k_dense_replace=1, moe_layer_freq=1, n_group=8, topk_group=4,
+        routed_scaling_factor=2.5, norm_topk_prob=True, scoring_func="sigmoid", topk_method="noaux_tc",
+        rope_interleave=True,
+    ),
 }
+# What each fixture trains on, and the weight of the Switch-style balance loss (0: DeepSeek-V3's bias balancing only).
+TRAINING = {"tiny-qwen3-moe": ("stories", 0.01), "tiny-deepseek-v3": ("stories", 0.01),
+            "tiny-deepseek-v3-multi": ("multi", 0.0)}
 
 
-def train_tokenizer(out: Path) -> None:
+def train_tokenizer(out: Path, vocab: int, texts: list[str] | None = None) -> None:
+    """Byte-level BPE with Qwen2's split regex, trained on TinyStories (the first fixtures) or on `texts`."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -59,10 +75,13 @@ def train_tokenizer(out: Path) -> None:
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train([str(TRAIN)], trainer)
+    if texts is None:
+        tok.train([str(TRAIN)], trainer)
+    else:
+        tok.train_from_iterator((p for t in texts for p in t.split("\n\n") if p.strip()), trainer)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOS, "eos_token": EOS, "pad_token": EOS,
@@ -70,13 +89,13 @@ def train_tokenizer(out: Path) -> None:
     }, indent=2) + "\n")
 
 
-def encode(out: Path, path: Path) -> np.ndarray:
+def encode(out: Path, text: str) -> np.ndarray:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     eos = tok.token_to_id(EOS)
     ids: list[int] = []
-    for story in path.read_text(encoding="utf-8").split("\n\n"):
+    for story in text.split("\n\n"):
         if story.strip():
             ids.extend(tok.encode(story.strip()).ids + [eos])
     return np.asarray(ids, dtype=np.int64)
@@ -152,10 +171,10 @@ def evaluate(model, ids: np.ndarray, tap: RouterTap | None = None) -> tuple[floa
     return math.exp(nll / count), usage
 
 
-def unigram_ppl(train: np.ndarray, valid: np.ndarray) -> float:
+def unigram_ppl(train: np.ndarray, valid: np.ndarray, vocab: int) -> float:
     counts = Counter(train.tolist())
     total = len(train)
-    lp = [math.log((counts.get(t, 0) + 1) / (total + VOCAB)) for t in valid.tolist()]
+    lp = [math.log((counts.get(t, 0) + 1) / (total + vocab)) for t in valid.tolist()]
     return math.exp(-sum(lp) / len(lp))
 
 
@@ -186,14 +205,39 @@ def save_checkpoint(model, name: str, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+def load_data(name: str, out: Path) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """(training token arrays, one per domain; held-out token arrays by domain) with a tokenizer trained here."""
+    vocab = CONFIGS[name]["vocab_size"]
+    if TRAINING[name][0] == "stories":
+        train_tokenizer(out, vocab)
+        return [encode(out, TRAIN.read_text(encoding="utf-8"))], {"stories": encode(out, VALID.read_text(encoding="utf-8"))}
+    from build_data import corpus  # scripts/build_data.py: the five-domain corpus
+
+    train_text, eval_text = corpus("train"), corpus("eval")
+    train_tokenizer(out, vocab, list(train_text.values()))
+    return [encode(out, t) for t in train_text.values()], {d: encode(out, t) for d, t in eval_text.items()}
+
+
+def sample_batch(rng: np.random.Generator, parts: list[np.ndarray], batch: int) -> torch.Tensor:
+    """`batch` windows of SEQ tokens, each from a domain drawn uniformly (so small domains are not drowned)."""
+    if len(parts) == 1:  # one domain: the draw the first fixtures were trained with
+        starts = rng.integers(0, len(parts[0]) - SEQ - 1, size=batch)
+        return torch.from_numpy(np.stack([parts[0][s : s + SEQ] for s in starts]))  # (B, L)
+    rows = []
+    for d in rng.integers(0, len(parts), size=batch):
+        s = int(rng.integers(0, len(parts[d]) - SEQ - 1))
+        rows.append(parts[d][s : s + SEQ])
+    return torch.from_numpy(np.stack(rows))  # (B, L)
+
+
 def train(name: str, steps: int, batch: int, lr: float, threads: int) -> dict:
     torch.set_num_threads(threads)
     out = ROOT / "models" / name
     out.mkdir(parents=True, exist_ok=True)
-    train_tokenizer(out)
-    train_ids, valid_ids = encode(out, TRAIN), encode(out, VALID)
+    parts, valid = load_data(name, out)
     model = build(name)
     sigmoid = CONFIGS[name].get("scoring_func") == "sigmoid"
+    aux_weight = TRAINING[name][1]
     tap = RouterTap(model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     rng = np.random.default_rng(0)
@@ -203,12 +247,11 @@ def train(name: str, steps: int, batch: int, lr: float, threads: int) -> dict:
         warm = min(1.0, (step + 1) / 50)
         for g in opt.param_groups:
             g["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        starts = rng.integers(0, len(train_ids) - SEQ - 1, size=batch)
-        x = torch.from_numpy(np.stack([train_ids[s : s + SEQ] for s in starts]))  # (B, L)
+        x = sample_batch(rng, parts, batch)  # (B, L)
         tap.clear()
         out_ = model(input_ids=x, labels=x)
         aux = tap.balance_loss(sigmoid, model.config.num_experts_per_tok)
-        loss = out_.loss + 0.01 * aux
+        loss = out_.loss + aux_weight * aux if aux_weight else out_.loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -223,16 +266,24 @@ def train(name: str, steps: int, batch: int, lr: float, threads: int) -> dict:
                   f"{(step + 1) * batch * SEQ / (time.time() - t0):.0f} tok/s", flush=True)
     train_time = time.time() - t0
     model = model.to(torch.bfloat16).float()  # evaluate what is saved: bf16 weights
-    ppl, usage = evaluate(model, valid_ids, tap)
+    held_out = {d: evaluate(model, ids, tap) for d, ids in valid.items()}
     save_checkpoint(model, name, out)
+    all_train = np.concatenate(parts)
     stats = {
-        "name": name, "steps": steps, "batch": batch, "seq_len": SEQ, "lr": lr,
-        "tokens_trained": steps * batch * SEQ, "train_tokens_available": int(len(train_ids)),
+        "name": name, "steps": steps, "batch": batch, "seq_len": SEQ, "lr": lr, "balance_loss_weight": aux_weight,
+        "tokens_trained": steps * batch * SEQ, "train_tokens_available": int(len(all_train)),
         "train_seconds": round(train_time, 1), "threads": threads,
-        "valid_ppl": round(ppl, 3), "unigram_ppl": round(unigram_ppl(train_ids, valid_ids), 3),
-        "valid_tokens": int(len(valid_ids)), "expert_usage": [[round(a, 4), round(b, 4)] for a, b in usage],
         "params_total": sum(p.numel() for p in model.parameters()),
     }
+    if list(valid) == ["stories"]:  # the first fixtures' card layout
+        (ppl, usage), ids = held_out["stories"], valid["stories"]
+        stats |= {"valid_ppl": round(ppl, 3), "unigram_ppl": round(unigram_ppl(all_train, ids, model.config.vocab_size), 3),
+                  "valid_tokens": int(len(ids)), "expert_usage": [[round(a, 4), round(b, 4)] for a, b in usage]}
+    else:
+        stats["held_out"] = {d: {"ppl": round(ppl, 3), "tokens": int(len(valid[d])),
+                                 "unigram_ppl": round(unigram_ppl(all_train, valid[d], model.config.vocab_size), 3),
+                                 "expert_usage": [[round(a, 4), round(b, 4)] for a, b in usage]}
+                             for d, (ppl, usage) in held_out.items()}
     (out / "training.json").write_text(json.dumps(stats, indent=2) + "\n")
     print(json.dumps(stats), flush=True)
     return stats
@@ -240,7 +291,7 @@ def train(name: str, steps: int, batch: int, lr: float, threads: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--models", nargs="+", default=list(CONFIGS))
+    ap.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -248,9 +299,10 @@ def main() -> None:
     a = ap.parse_args()
     for name in a.models:
         train(name, a.steps, a.batch, a.lr, a.threads)
-        from model_card import write_card  # scripts/model_card.py: the card is rebuilt from training.json
+        if TRAINING[name][0] == "stories":
+            from model_card import write_card  # scripts/model_card.py: the card is rebuilt from training.json
 
-        write_card(ROOT / "models" / name)
+            write_card(ROOT / "models" / name)
 
 
 if __name__ == "__main__":
