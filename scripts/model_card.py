@@ -103,6 +103,72 @@ def write_card(model_dir: Path) -> None:
     (model_dir / "README.md").write_text(card)
 
 
+MULTI_CARD = """---
+license: other
+library_name: transformers
+tags: [moe, fixture, moepack]
+---
+# {name}
+
+A small **trained** Mixture-of-Experts model ({hf_class}, DeepSeek-V3 layout) with fine-grained experts, for
+measuring expert pruning where experts specialise. Trained from scratch on the train parts of moepack's five-domain
+corpus (`data/SOURCES.md`: stories, encyclopedic prose, dialogue, Python code, web text; each training window drawn
+from a domain chosen uniformly) by `scripts/train_fixtures.py --models {name}`, with DeepSeek-V3's
+auxiliary-loss-free balancing only (no balance loss), stored in bf16 with one tensor per expert. Licences: those of
+the corpus sources (CDLA-Sharing-1.0, CC BY-SA 3.0, public domain, PSF-2.0, ODC-BY).
+
+## Architecture
+
+| | |
+|---|---|
+| layers | {layers} ({n_moe} MoE, dense: {dense}) |
+| hidden size | {hidden} |
+| routed experts per MoE layer | {experts} × intermediate {expert_ffn}, top-{top_k}, {shared} shared expert |
+| routing | {routing} |
+| vocabulary | {vocab} (byte-level BPE, qwen2 pre-tokenizer regex, trained on the corpus's train parts) |
+| parameters | {total:,} total, {active:,} active per token |
+| size on disk | {disk_mb:.1f} MB (model.safetensors) |
+
+## Training
+
+{tokens:,} tokens ({steps} steps × batch {batch} × {seq}; the train parts hold {avail:,} tokens), AdamW lr {lr},
+warm-up 50 steps, cosine to 10 %, weight decay 0.1, grad clip 1.0; bias update of e_score_correction_bias
+(±0.001 per step toward even load); {secs:.0f} s on {threads} CPU threads.
+
+## Held-out perplexity per domain
+
+Non-overlapping windows of {seq} tokens of each domain's evaluation part (never trained or calibrated on), bf16
+weights as stored. Expert usage: the smallest and largest share of routed token slots an expert gets, per MoE layer
+(uniform: {uniform:.4f}).
+
+| domain | tokens | perplexity | unigram perplexity | expert share min / max per MoE layer |
+|---|---|---|---|---|
+{rows}
+"""
+
+
+def write_multi_card(model_dir: Path) -> None:
+    view = open_checkpoint(model_dir)
+    d = describe(view)
+    t = json.loads((model_dir / "training.json").read_text())
+    r = d["routing"]
+    routing = (f"{r['scoring']} + e_score_correction_bias, group-limited: n_group {r['n_group']}, topk_group "
+               f"{r['topk_group']}, routed_scaling_factor {r['routed_scaling_factor']:g}")
+    rows = "\n".join(
+        f"| {dom} | {h['tokens']:,} | {h['ppl']:.2f} | {h['unigram_ppl']:.1f} | "
+        + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in h["expert_usage"]) + " |"
+        for dom, h in t["held_out"].items())
+    card = MULTI_CARD.format(
+        name=model_dir.name, hf_class=d["hf_class"], layers=d["layers"], n_moe=len(d["moe_layers"]),
+        dense=d["dense_layers"] or "none", hidden=d["hidden"], experts=d["routed_experts"],
+        expert_ffn=d["expert_ffn"], top_k=d["top_k"], shared=d["shared_experts"], routing=routing,
+        vocab=d["vocab"], total=d["params_total"], active=d["params_active"],
+        disk_mb=(model_dir / "model.safetensors").stat().st_size / 1e6, tokens=t["tokens_trained"],
+        steps=t["steps"], batch=t["batch"], seq=t["seq_len"], avail=t["train_tokens_available"], lr=t["lr"],
+        secs=t["train_seconds"], threads=t["threads"], uniform=1 / d["routed_experts"], rows=rows)
+    (model_dir / "README.md").write_text(card)
+
+
 def card_bound(ppl: float) -> float:
     """The perplexity bound tests hold the fixture to: 25% headroom over the measured value for slice noise."""
     return round(ppl * 1.25 + 1)
@@ -110,4 +176,6 @@ def card_bound(ppl: float) -> float:
 
 if __name__ == "__main__":
     for arg in sys.argv[1:]:
-        write_card(Path(arg))
+        path = Path(arg)
+        multi = "held_out" in json.loads((path / "training.json").read_text())
+        (write_multi_card if multi else write_card)(path)

@@ -299,10 +299,9 @@ def main() -> None:
     a = ap.parse_args()
     for name in a.models:
         train(name, a.steps, a.batch, a.lr, a.threads)
-        if TRAINING[name][0] == "stories":
-            from model_card import write_card  # scripts/model_card.py: the card is rebuilt from training.json
+        from model_card import write_card, write_multi_card  # scripts/model_card.py: cards from training.json
 
-            write_card(ROOT / "models" / name)
+        (write_card if TRAINING[name][0] == "stories" else write_multi_card)(ROOT / "models" / name)
 
 
 if __name__ == "__main__":
