@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from moepack.model.checkpoint import open_checkpoint
 from moepack.errors import MoepackError
 from moepack.gguf.writer import WriteReport, imatrix_by_output, load_imatrix, prune_imatrix, write_gguf
 
-__all__ = ["quantize_model", "read_quant_plan", "write_imatrix_gguf", "add_cli", "run"]
+__all__ = ["quantize_model", "read_quant_plan", "write_imatrix_gguf"]
 
 log = logging.getLogger(__name__)
 
@@ -140,27 +139,3 @@ def quantize_model(model_dir: str | Path, out: str | Path, *, qtype: str | None 
                           prune_plan=prune, threads=threads, progress=progress)
     return write_gguf(view, out, default_type=qtype, imatrix=im, prune_plan=prune,
                       threads=threads, progress=progress)
-
-
-def add_cli(sub: Any) -> None:
-    p = sub.add_parser("quantize", help="write a GGUF at one type, a quant plan, or a llama.cpp ftype",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_dir", type=Path, help="Hugging Face checkpoint directory (original or pruned)")
-    how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--type", dest="qtype", metavar="T", help="one GGML type for every weight matrix (Q4_K, ...)")
-    how.add_argument("--plan", type=Path, metavar="PLAN", help="quant_plan.json with per-tensor types")
-    how.add_argument("--ftype", metavar="F", help="llama.cpp standard mixture (Q4_K_M, IQ2_XXS, ...)")
-    p.add_argument("--imatrix", type=Path, metavar="RUN_DIR|FILE",
-                   help="importance matrix: a `moepack calibrate` run directory or llama.cpp's imatrix GGUF")
-    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.gguf")
-    p.add_argument("--threads", type=int, default=None, help="quantization threads (default: all cores)")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    report = quantize_model(args.model_dir, args.output, qtype=args.qtype, plan=args.plan, ftype=args.ftype,
-                            imatrix=args.imatrix, threads=args.threads)
-    n_fb = len(report.fallbacks)
-    print(f"wrote {report.path} ({report.n_bytes / 2**20:.1f} MiB, {len(report.tensor_types)} tensors"
-          + (f", {n_fb} row-width fallback(s)" if n_fb else "") + ")")
-    return 0
