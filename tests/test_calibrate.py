@@ -274,3 +274,9 @@ def test_calibrate_cli_and_resume(tmp_path, capsys):
     assert json.loads((tmp_path / "run" / "calib" / "manifest.json").read_text())["seconds"] == man["seconds"]
     assert main(args[:4] + ["--calib-tokens", "8", "-o", str(tmp_path / "r2")]) == 2
     assert "less than one sequence" in capsys.readouterr().err
+    # without --calib-text: the bundled calibration text, as compress uses
+    from moepack.model.textdata import DEFAULT_CALIB_TEXT
+
+    assert main(["calibrate", str(model), "--calib-tokens", "128", "--seq-len", "64", "--sens-tokens", "0",
+                 "-o", str(tmp_path / "r3")]) == 0
+    assert json.loads((tmp_path / "r3" / "calib" / "manifest.json").read_text())["text"] == str(DEFAULT_CALIB_TEXT)

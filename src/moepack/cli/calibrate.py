@@ -47,8 +47,12 @@ def run(args: argparse.Namespace) -> int:
     o.check_positive(args, "calib_tokens", "seq_len", "batch_size", "threads")
     if args.sens_tokens < 0:
         raise MoepackError(f"--sens-tokens must be at least 0 (got {args.sens_tokens})")
+    text = args.calib_text or DEFAULT_CALIB_TEXT
+    if args.calib_text is None:
+        log.info("calibration text: %s (moepack's bundled mix of stories, encyclopedic prose, dialogue, code and web "
+                 "text; pass --calib-text with text from your own domain for a better file)", text)
     with o.make_backend(args) as backend:
-        stats = run_calibrate(args.model_dir, args.calib_text or DEFAULT_CALIB_TEXT, args.output,
+        stats = run_calibrate(args.model_dir, text, args.output,
                               tokens=args.calib_tokens, seq_len=args.seq_len, heldout_tokens=args.sens_tokens,
                               batch_size=args.batch_size, imatrix_out=args.imatrix_out, backend=backend,
                               shards=args.shards, threads=o.threads(args, backend))

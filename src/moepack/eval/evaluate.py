@@ -1,4 +1,4 @@
-"""`moepack eval MODEL.gguf [...] --reference MODEL_DIR|REF.gguf --text FILE`: quality, speed and memory of GGUF files,
+"""Quality, speed and memory of GGUF files (`moepack eval MODEL.gguf [...] --reference MODEL_DIR|REF.gguf --text FILE`),
 measured through llama-cpp-python (the runtime users deploy with), against a reference model.
 
 What is measured, and how:
@@ -20,9 +20,10 @@ What is measured, and how:
 - `bpw`: 8 × file size / the reference's parameter count (the ORIGINAL model's, so pruning lowers it);
   `bpw_tensors` the same from tensor data alone.
 
-Threads: logits are bit-identical for any thread count. The default is 1 because ggml's worker threads spin at
-barriers: on a machine whose cores are shared with other jobs, 2 threads ran 10-40x slower than 1. Pass
-`--threads N` to measure speed as an N-core device would see it, on an otherwise idle machine.
+Threads: logits are bit-identical for any thread count. `EvalConfig`'s default is 1 because ggml's worker threads
+spin at barriers: on a machine whose cores are shared with other jobs, 2 threads ran 10-40x slower than 1. The
+command line's `--threads` defaults to moepack's common 2, to measure speed as the smallest supported device would
+see it, on an otherwise idle machine.
 
 Reference log-probabilities are computed once and cached under `cache_dir` (default ~/.cache/moepack/eval), keyed by
 the reference's fingerprint, the text's hash, ctx and tokens.

@@ -1,6 +1,7 @@
 """`moepack quantize`: a checkpoint (original or pruned) → one GGUF, at one type, a quant plan, or a llama.cpp ftype.
 
-    moepack quantize MODEL_DIR (--type T | --plan quant_plan.json | --ftype F) [--imatrix RUN_DIR|FILE] -o OUT.gguf
+    moepack quantize MODEL_DIR (--type T | --plan quant_plan.json | --ftype F) [--calib-dir RUN_DIR | --imatrix FILE]
+                     -o OUT.gguf
 
 --type T      every quantizable tensor at T (norms, routers, biases stay F32), llama.cpp's fallbacks where a row
               width does not suit T.
@@ -89,7 +90,7 @@ def _quantize_ftype(view: Any, out: Path, ftype: str, imatrix: Mapping[str, np.n
                     threads: int | None, prune_plan: dict[str, Any] | None) -> WriteReport:
     ggml.parse_ftype(ftype)  # validate before writing anything
     if imatrix is None and ftype.strip().upper() in _FTYPES_NEED_IMATRIX:
-        raise MoepackError(f"llama.cpp's {ftype} mixture needs an importance matrix; pass --imatrix")
+        raise MoepackError(f"llama.cpp's {ftype} mixture needs an importance matrix; pass --calib-dir RUN_DIR or --imatrix FILE")
     src_type = _intermediate_type(view)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmpdir:
         src = Path(tmpdir) / f"source-{src_type.lower()}.gguf"
