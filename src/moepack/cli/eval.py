@@ -52,7 +52,8 @@ def add_cli(sub: o.Subparsers) -> None:
     p.add_argument("--cloze-text", type=Path, metavar="FILE",
                    help="held-out text the cloze set is built from (needed by --mc cloze)")
     o.add_repack(p, "score and time")
-    p.add_argument("--json-out", type=Path, metavar="FILE", help="write the report as JSON (what `report --eval` reads)")
+    p.add_argument("--json-out", type=Path, metavar="FILE",
+                   help="write the report as JSON (what `report --eval` reads)")
     p.add_argument("--md-out", type=Path, metavar="FILE", help="write the table as Markdown")
 
 
