@@ -41,7 +41,8 @@ def add_cli(sub: o.Subparsers) -> None:
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--type", dest="qtype", metavar="T",
                      help="moepack's writer: this GGML type (Q4_K, IQ2_XXS, ...) for every weight matrix")
-    how.add_argument("--plan", type=Path, metavar="PLAN", help="moepack's writer: quant_plan.json with per-tensor types")
+    how.add_argument("--plan", type=Path, metavar="PLAN",
+                     help="moepack's writer: quant_plan.json with per-tensor types")
     how.add_argument("--ftype", metavar="F",
                      help="llama.cpp's quantizer: one of its file-type mixtures (Q4_K_M, Q3_K_S, IQ2_XXS, ...)")
     im = p.add_mutually_exclusive_group()

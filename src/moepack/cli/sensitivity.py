@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 
 def add_cli(sub: o.Subparsers) -> None:
-    p = o.add_command(sub, "sensitivity", "measure ΔKLD per tensor group and GGML type (sensitivity.json)", __doc__, run)
+    p = o.add_command(sub, "sensitivity", "measure ΔKLD per tensor group and GGML type (sensitivity.json)",
+                      __doc__, run)
     p.add_argument("model_dir", type=Path, help="Hugging Face checkpoint directory (original or pruned)")
     o.add_calib_dir(p, "importance matrix")
     o.add_calib_text(p, required=True, help="text to measure on (UTF-8): held-out text of the deployment domain, "
