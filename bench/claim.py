@@ -8,7 +8,7 @@ budget because the base type is fixed with --base), then:
 - moepack: compress --keep 0.75 (and --keep auto with --auto) at each --target-bpw;
 - quantization only: compress --keep 1.0 at each budget;
 - pruning only: the run's pruned-r0.75 checkpoint, `quantize --type T` with the largest T that fits the budget;
-- llama.cpp uniform mixtures with the importance matrix (`quantize --ftype F --imatrix RUN_DIR`), natural sizes;
+- llama.cpp uniform mixtures with the importance matrix (`quantize --ftype F --calib-dir RUN_DIR`), natural sizes;
 - the paper authors' fixed per-tensor rules on the pruned-r0.75 checkpoint (`quantize --plan`), the base type
   being the largest whose plan fits the budget.
 Every GGUF is evaluated with moepack.eval.evaluate against the HF checkpoint on tinystories-valid.txt (cloze only).
@@ -34,23 +34,16 @@ SENS_LADDER = ("IQ1_S", "IQ2_XXS", "IQ2_S", "IQ3_S", "Q4_K", "Q6_K")
 log = logging.getLogger("claim")
 
 
-def budget_ns(bpw: float) -> argparse.Namespace:
-    from moepack.stages.budget import add_budget_args
-
-    p = argparse.ArgumentParser()
-    add_budget_args(p)
-    return p.parse_args(["--target-bpw", str(bpw)])
-
-
 def file_limit(model: Path, bpw: float) -> int:
-    from moepack.stages.budget import budget_from_args
+    from moepack.stages.budget import BudgetRequest, budget_for
     from moepack.model.checkpoint import open_checkpoint
 
-    return int(budget_from_args(budget_ns(bpw), open_checkpoint(model)).file_limit)
+    return int(budget_for(BudgetRequest(target_bpw=bpw), open_checkpoint(model)).file_limit)
 
 
 def run_compress(model: Path, work: Path, keep: float | str, bpw: float, args: argparse.Namespace) -> dict:
     from moepack.pipeline.compress import CompressOptions, compress
+    from moepack.stages.budget import BudgetRequest
 
     out = work / f"moepack-r{keep}-b{bpw:g}.gguf"
     run_dir = work / ("run-auto" if keep == "auto" else f"run-r{keep:g}")
@@ -61,7 +54,7 @@ def run_compress(model: Path, work: Path, keep: float | str, bpw: float, args: a
                            calib_tokens=args.calib_tokens, seq_len=args.seq_len, sens_tokens=args.sens_tokens,
                            threads=2, progress=False)
     t0 = time.perf_counter()
-    r = compress(model, out, budget_ns(bpw), opts, run_dir)
+    r = compress(model, out, BudgetRequest(target_bpw=bpw), opts, run_dir)
     d = {"file": str(out), "run_dir": str(run_dir), "keep": r.keep, "top_k": r.top_k,
          "candidates": r.candidates, "timings": r.timings, "seconds": time.perf_counter() - t0}
     info.write_text(json.dumps(d, indent=1, default=str))

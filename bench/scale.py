@@ -235,14 +235,14 @@ def run_pipeline(model_dir: Path, work: Path, cap: MemoryCap | None, qtype: str,
     gguf.unlink(missing_ok=True)
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    results = [run_stage("calibrate", ["calibrate", str(model_dir), "--text", str(TEXT), "--tokens", str(tokens),
-                                       "--seq-len", "128", "--heldout-tokens", "0", "--batch-size", "2",
-                                       "-o", str(run_dir)], cap, run_dir, logs)]
+    results = [run_stage("calibrate", ["calibrate", str(model_dir), "--calib-text", str(TEXT),
+                                       "--calib-tokens", str(tokens), "--seq-len", "128", "--sens-tokens", "0",
+                                       "--batch-size", "2", "-o", str(run_dir)], cap, run_dir, logs)]
     if results[-1].rc == 0:
-        results.append(run_stage("prune", ["prune", str(model_dir), "--calib", str(run_dir), "--keep", str(keep),
+        results.append(run_stage("prune", ["prune", str(model_dir), "--calib-dir", str(run_dir), "--keep", str(keep),
                                            "-o", str(pruned)], cap, pruned, logs))
     if results[-1].rc == 0:
-        results.append(run_stage("quantize", ["quantize", str(pruned), "--type", qtype, "--imatrix", str(run_dir),
+        results.append(run_stage("quantize", ["quantize", str(pruned), "--type", qtype, "--calib-dir", str(run_dir),
                                               "--threads", "2", "-o", str(gguf)], cap, gguf, logs))
     reads = stage_reads(model_dir, pruned)
     for r in results:

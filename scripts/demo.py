@@ -31,14 +31,14 @@ def main_demo() -> None:
     target = 2 * sum(open_checkpoint(MODEL).param_counts().values()) // 5
     ours = OUT / "tiny-deepseek-v3.moepack.gguf"
     run_dir = OUT / "tiny-deepseek-v3.run"
-    step(["compress", str(MODEL), "--target-size", str(target), "--keep", "auto", "--calib", str(TRAIN),
+    step(["compress", str(MODEL), "--target-size", str(target), "--keep", "auto", "--calib-text", str(TRAIN),
           "-o", str(ours),
           "--run-dir", str(run_dir)])
     baseline = None
     for ftype in BASELINES:
         path = OUT / f"tiny-deepseek-v3.{ftype}.gguf"
         if not path.is_file():
-            step(["quantize", str(MODEL), "--ftype", ftype, "--imatrix", str(run_dir), "-o", str(path)])
+            step(["quantize", str(MODEL), "--ftype", ftype, "--calib-dir", str(run_dir), "-o", str(path)])
         if path.stat().st_size <= target:
             baseline = path
             break
@@ -46,7 +46,7 @@ def main_demo() -> None:
     models = [str(ours)] + ([str(baseline)] if baseline else [])
     step(["eval", *models, "--reference", str(MODEL), "--text", str(VALID), "--mc", "cloze", "--cloze-text", str(VALID),
           "--mc-items", "300",
-          "--tokens", "4096", "--json", str(OUT / "eval.json"), "--md", str(OUT / "eval.md")])
+          "--tokens", "4096", "--json-out", str(OUT / "eval.json"), "--md-out", str(OUT / "eval.md")])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from moepack.stages.budget import (CTX_PAD, BudgetError, add_budget_args, budget_from_args, compute_buffer_bytes,
+from moepack.stages.budget import (CTX_PAD, BudgetError, BudgetRequest, budget_for, compute_buffer_bytes,
                             format_size, gguf_overhead_bytes, kv_cache_bytes, parse_size, weight_budget)
 from moepack.model.checkpoint import open_checkpoint
 
@@ -114,7 +114,7 @@ def test_weight_budget_from_memory(tiny_model) -> None:
     assert "KV cache" in text and "weights" in text and f"{b.weights:,}" in text
     b0 = weight_budget(view, memory=64 * 2**20, ctx=1000, reserve="0", overhead=0)
     assert b0.weights == b.memory - b.kv_cache - b.compute
-    with pytest.raises(BudgetError, match="lower --ctx"):
+    with pytest.raises(BudgetError, match="lower --ctx-size"):
         weight_budget(view, memory="4MiB", ctx=1000)
 
 
@@ -131,7 +131,7 @@ def test_weight_budget_from_targets(tiny_model) -> None:
 
 @pytest.mark.parametrize("kw, message", [
     ({}, "exactly one"),
-    ({"memory": "1GB"}, "needs --ctx"),
+    ({"memory": "1GB"}, "needs --ctx-size"),
     ({"memory": "1GB", "ctx": 512, "target_size": "1MB"}, "exactly one"),
     ({"target_bpw": 0}, r"\(0, 32\]"),
     ({"target_size": "10kB"}, "metadata"),
@@ -153,12 +153,21 @@ def test_overhead_counts_the_tokenizer(tiny_model) -> None:
 
 
 def test_budget_cli_args(tiny_model) -> None:
+    """The command line's budget flags (llama.cpp's names) become a BudgetRequest, and `budget_for` computes it."""
+    from moepack.cli.options import add_budget, budget_request
+
     view = open_checkpoint(tiny_model("qwen3_moe"))
     p = argparse.ArgumentParser()
-    add_budget_args(p)
-    args = p.parse_args(["--memory", "64MiB", "--ctx", "2048", "--flash-attn", "--cache-type-k", "bf16",
+    add_budget(p)
+    args = p.parse_args(["--memory", "64MiB", "-c", "2048", "--flash-attn", "--cache-type-k", "bf16",
                          "--cache-type-v", "f32"])
-    b = budget_from_args(args, view, overhead=0)
+    request = budget_request(args)
+    assert request == BudgetRequest(memory="64MiB", ctx=2048, type_k="bf16", type_v="f32", flash_attn=True)
+    b = budget_for(request, view, overhead=0)
+    assert b == weight_budget(view, memory="64MiB", ctx=2048, overhead=0, type_k="bf16", type_v="f32",
+                              flash_attn=True)
     assert b.kv_cache == kv_cache_bytes(view, 2048, "bf16", "f32")
     assert b.compute == compute_buffer_bytes(view, 2048, 512, True)
+    assert budget_request(p.parse_args(["--target-bpw", "2.5", "--ctx-size", "512", "--ubatch-size", "256"])) == \
+        BudgetRequest(target_bpw=2.5, ctx=512, n_ubatch=256)
     assert CTX_PAD == 256

@@ -261,8 +261,8 @@ def test_calibrate_cli_and_resume(tmp_path, capsys):
 
     model = build_tiny_model("qwen3_moe", tmp_path / "m", tokenizer=True, vocab=320)
     text = DATA / "tinyshakespeare.txt"
-    args = ["calibrate", str(model), "--text", str(text), "--tokens", "256", "--seq-len", "64",
-            "--heldout-tokens", "128", "-o", str(tmp_path / "run"), "--imatrix-out", str(tmp_path / "im.gguf")]
+    args = ["calibrate", str(model), "--calib-text", str(text), "--calib-tokens", "256", "--seq-len", "64",
+            "--sens-tokens", "128", "-o", str(tmp_path / "run"), "--imatrix-out", str(tmp_path / "im.gguf")]
     assert main(args) == 0
     man = json.loads((tmp_path / "run" / "calib" / "manifest.json").read_text())
     assert man["tokens"] == 256 and man["seq_len"] == 64 and man["heldout_tokens"] == 128
@@ -272,5 +272,11 @@ def test_calibrate_cli_and_resume(tmp_path, capsys):
     assert st.heldout.shape == (2, 64)
     assert main(args) == 0  # same inputs: reused, not recomputed
     assert json.loads((tmp_path / "run" / "calib" / "manifest.json").read_text())["seconds"] == man["seconds"]
-    assert main(args[:4] + ["--tokens", "8", "-o", str(tmp_path / "r2")]) == 2
+    assert main(args[:4] + ["--calib-tokens", "8", "-o", str(tmp_path / "r2")]) == 2
     assert "less than one sequence" in capsys.readouterr().err
+    # without --calib-text: the bundled calibration text, as compress uses
+    from moepack.model.textdata import DEFAULT_CALIB_TEXT
+
+    assert main(["calibrate", str(model), "--calib-tokens", "128", "--seq-len", "64", "--sens-tokens", "0",
+                 "-o", str(tmp_path / "r3")]) == 0
+    assert json.loads((tmp_path / "r3" / "calib" / "manifest.json").read_text())["text"] == str(DEFAULT_CALIB_TEXT)

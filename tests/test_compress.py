@@ -16,7 +16,7 @@ from conftest import DATA
 from moepack.cli import main
 
 CALIB = DATA / "tinystories-valid.txt"
-SMALL = ["--calib", str(CALIB), "--calib-tokens", "1024", "--seq-len", "128", "--sens-tokens", "256"]
+SMALL = ["--calib-text", str(CALIB), "--calib-tokens", "1024", "--seq-len", "128", "--sens-tokens", "256"]
 
 
 @pytest.fixture(scope="module")

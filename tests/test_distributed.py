@@ -87,8 +87,8 @@ def test_cli_ray_round_trip_and_resume(shared_tiny_model, ray_backend, tmp_path,
     model = shared_tiny_model("qwen3_moe", tokenizer=True, vocab=512)
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog, and the dog sleeps. " * 60)
-    args = ["calibrate", str(model), "--text", str(text), "--tokens", "96", "--seq-len", "16", "--batch-size", "2",
-            "--heldout-tokens", "0", "--threads", "1", "--shards", "2"]
+    args = ["calibrate", str(model), "--calib-text", str(text), "--calib-tokens", "96", "--seq-len", "16",
+            "--batch-size", "2", "--sens-tokens", "0", "--threads", "1", "--shards", "2"]
     assert main(args + ["--ray", "auto", "-o", str(tmp_path / "ray")]) == 0  # this process's Ray connection
     assert "2 shard(s)" in capsys.readouterr().out
     assert main(args + ["-o", str(tmp_path / "local")]) == 0
@@ -127,7 +127,7 @@ def test_backend_errors(shared_tiny_model, tmp_path, capsys, monkeypatch) -> Non
         with pytest.raises(DistributedError, match=r"moepack\[ray\]"):
             make_backend("auto")
     model = shared_tiny_model("qwen3_moe")
-    rc = main(["calibrate", str(model), "--text", str(tmp_path / "none.txt"), "--shards", "0", "-o", str(tmp_path)])
+    rc = main(["calibrate", str(model), "--calib-text", str(tmp_path / "none.txt"), "--shards", "0", "-o", str(tmp_path)])
     assert rc == 2 and "--shards must be at least 1" in capsys.readouterr().err
     with pytest.raises(MoepackError, match="not the checkpoint the driver opened"):
         open_view(ViewRef(str(model), "0" * 16))

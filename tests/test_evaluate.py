@@ -116,9 +116,10 @@ def test_reproducible_and_cached(tiny, tmp_path) -> None:
 def test_cli_json_markdown_and_speed(tiny, tmp_path, capsys) -> None:
     model_dir, gguf_path = tiny
     out_json, out_md = tmp_path / "eval.json", tmp_path / "eval.md"
-    rc = main(["eval", str(gguf_path), "--reference", str(model_dir), "--text", str(TEXT), "--ctx", "64",
+    rc = main(["eval", str(gguf_path), "--reference", str(model_dir), "--text", str(TEXT), "--window", "64",
                "--tokens", "256", "--mc", "cloze", "--cloze-text", str(TEXT), "--mc-items", "4", "--prompt-tokens", "16", "--gen-tokens", "8",
-               "--cache-dir", str(tmp_path / "cache"), "--json", str(out_json), "--md", str(out_md)])
+               "--cache-dir", str(tmp_path / "cache"), "--json-out", str(out_json), "--md-out", str(out_md),
+               "--threads", "1"])
     assert rc == 0
     r = json.loads(out_json.read_text())
     m = r["models"][0]

@@ -417,6 +417,12 @@ def test_cli_type_plan_ftype(models, tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["quantize", str(d), "--ftype", "IQ2_XXS", "-o", str(tmp_path / "x.gguf")]) == 2
     assert "importance matrix" in capsys.readouterr().err
+    # a bare GGML type is llama.cpp's name of no mixture: refused, naming both meanings
+    assert main(["quantize", str(d), "--ftype", "Q4_K", "-o", str(tmp_path / "x.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moepack quantize: error: --ftype Q4_K:") and "--type Q4_K" in err and "--ftype Q4_K_M" in err
+    assert main(["quantize", str(d), "--type", "Q4_K", "--imatrix", str(tmp_path), "-o", str(tmp_path / "x.gguf")]) == 2
+    assert "--calib-dir" in capsys.readouterr().err
     (tmp_path / "bad.json").write_text(json.dumps({"tensors": {"blk.7.attn_q.weight": "Q4_K"}}))
     assert main(["quantize", str(d), "--plan", str(tmp_path / "bad.json"), "-o", str(tmp_path / "x.gguf")]) == 2
     assert "does not have" in capsys.readouterr().err

@@ -156,7 +156,7 @@ def test_top_k_auto_and_cli(shared_tiny_model, tmp_path, capsys):
     src = shared_tiny_model("olmoe")
     _calibrated(src, tmp_path / "run")
     out = tmp_path / "out"
-    args = ["prune", str(src), "--calib", str(tmp_path / "run"), "--keep", "0.5", "--top-k", "auto",
+    args = ["prune", str(src), "--calib-dir", str(tmp_path / "run"), "--keep", "0.5", "--top-k", "auto",
             "--kld-tol", "1e9", "-o", str(out)]
     assert main(args) == 0
     plan = json.loads((out / "prune_plan.json").read_text())

@@ -26,7 +26,7 @@ from moepack.cli import main
 from moepack.errors import MoepackError
 
 CALIB = DATA / "tinystories-valid.txt"
-SMALL = ["--calib", str(CALIB), "--calib-tokens", "1024", "--seq-len", "128", "--sens-tokens", "256"]
+SMALL = ["--calib-text", str(CALIB), "--calib-tokens", "1024", "--seq-len", "128", "--sens-tokens", "256"]
 FUZZ = settings(max_examples=50, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -159,8 +159,8 @@ def test_non_finite_weights_named(model: Path, tmp_path: Path, capsys, bad: floa
     out = tmp_path / "x.gguf"
     _fails(["quantize", str(d), "--type", "Q8_0", "-o", str(out)], capsys, name, "NaN or inf")
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
-    _fails(["calibrate", str(d), "--text", str(CALIB), "--tokens", "256", "--seq-len", "64",
-            "--heldout-tokens", "0", "-o", str(tmp_path / "run")], capsys, name, "NaN or inf")
+    _fails(["calibrate", str(d), "--calib-text", str(CALIB), "--calib-tokens", "256", "--seq-len", "64",
+            "--sens-tokens", "0", "-o", str(tmp_path / "run")], capsys, name, "NaN or inf")
 
 
 def test_non_finite_imatrix_refused() -> None:
@@ -184,9 +184,9 @@ def test_calibration_text_empty_or_short(model: Path, tmp_path: Path, capsys) ->
     short.write_text("Once upon a time.")
     out = str(tmp_path / "x.gguf")
     base = ["compress", str(model), "--target-size", "10MB", "-o", out, "--calib-tokens", "1024", "--seq-len", "128"]
-    _fails([*base, "--calib", str(empty)], capsys, "empty")
-    _fails([*base, "--calib", str(short)], capsys, "fewer than one sequence of 128")
-    _fails([*base, "--calib", str(tmp_path / "absent.txt")], capsys, "not found")
+    _fails([*base, "--calib-text", str(empty)], capsys, "empty")
+    _fails([*base, "--calib-text", str(short)], capsys, "fewer than one sequence of 128")
+    _fails([*base, "--calib-text", str(tmp_path / "absent.txt")], capsys, "not found")
     assert not Path(out).exists()
 
 

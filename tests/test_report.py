@@ -6,7 +6,7 @@ from pathlib import Path
 from conftest import DATA
 from moepack.cli import main
 
-SMALL = ["--calib", str(DATA / "tinystories-valid.txt"), "--calib-tokens", "1024", "--seq-len", "128",
+SMALL = ["--calib-text", str(DATA / "tinystories-valid.txt"), "--calib-tokens", "1024", "--seq-len", "128",
          "--sens-tokens", "256"]
 
 

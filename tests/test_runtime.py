@@ -79,7 +79,7 @@ def test_compress_survives_a_crash_in_verification(crasher: str, tmp_path: Path,
     model = build_tiny_model("qwen3_moe", tmp_path / "m", tokenizer=True, vocab=320)
     out, run = tmp_path / "x.gguf", tmp_path / "run"
     rc = main(["compress", str(model), "--target-bpw", "16", "--keep", "1.0", "-o", str(out), "--run-dir", str(run),
-               "--calib", str(DATA / "tinystories-valid.txt"), "--calib-tokens", "256", "--seq-len", "64",
+               "--calib-text", str(DATA / "tinystories-valid.txt"), "--calib-tokens", "256", "--seq-len", "64",
                "--sens-tokens", "128", "--ladder", "Q4_K,Q8_0"])
     err = capsys.readouterr().err
     assert rc == 2

@@ -120,7 +120,7 @@ def test_fake_quant_equals_the_writers_file(arch, tiny, tmp_path) -> None:
     ggml's dequantization of the file's bytes, mapped back to checkpoint tensors."""
     model, view, _, stats, run_dir = tiny(arch)
     out = tmp_path / "x.gguf"
-    assert main(["quantize", str(model), "--type", "IQ3_S", "--imatrix", str(run_dir), "-o", str(out)]) == 0
+    assert main(["quantize", str(model), "--type", "IQ3_S", "--calib-dir", str(run_dir), "-o", str(out)]) == 0
     im, w = _prepare_imatrix(view, stats)
     groups, _ = plan_groups(view, "IQ3_S", ["IQ3_S"], im)
     store = QuantStore(view, im, proxy_weights=w, threads=2)
@@ -268,7 +268,7 @@ def test_cli_writes_the_table(tiny, tmp_path, capsys) -> None:
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     out = tmp_path / "s.json"
-    rc = main(["sensitivity", str(model), "--calib", str(run_dir), "--text", str(text), "--tokens", "64",
+    rc = main(["sensitivity", str(model), "--calib-dir", str(run_dir), "--calib-text", str(text), "--sens-tokens", "64",
                "--seq-len", "32", "--ladder", "IQ2_XXS,Q8_0", "-o", str(out)])
     assert rc == 0 and "KLD of the all-base model" in capsys.readouterr().out
     t = json.loads(out.read_text())

@@ -37,8 +37,6 @@ __all__ = [
     "LocalBackend",
     "RayBackend",
     "make_backend",
-    "add_backend_args",
-    "backend_from_args",
     "ViewRef",
     "open_view",
     "torch_threads",
@@ -373,26 +371,3 @@ def make_backend(ray: str | None) -> Backend:
     if not str(ray).strip():
         raise DistributedError("--ray needs auto or an address such as HEAD:6379")
     return RayBackend(str(ray).strip())
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-
-def add_backend_args(p: Any, shards: bool = False) -> None:
-    """--ray (and --shards for calibration) on a subcommand's parser."""
-    p.add_argument("--ray", metavar="auto|ADDRESS", default=None,
-                   help="run tasks on a Ray cluster: auto (a running cluster, else a local one), HEAD:6379 or "
-                        "ray://HEAD:10001; the checkpoint must be at the same path on every machine "
-                        "(needs moepack[ray]; see docs/distributed.md)")
-    if shards:
-        p.add_argument("--shards", type=int, default=None, metavar="N",
-                       help="calibration tasks, each a contiguous block of whole sequences (default 1; with --ray "
-                            "the cluster's CPUs / --threads); the statistics are sums, so any N gives the same "
-                            "numbers up to float64 rounding")
-
-
-def backend_from_args(args: Any) -> Backend:
-    """Validate --shards, then make the backend of --ray."""
-    shards = getattr(args, "shards", None)
-    if shards is not None and shards < 1:
-        raise DistributedError(f"--shards must be at least 1 (got {shards})")
-    return make_backend(getattr(args, "ray", None))

@@ -1,7 +1,8 @@
-"""`moepack` command line: one subcommand per stage; the stage modules own their arguments and logic.
+"""`moepack` command line: one module per subcommand in this package, sharing the flags of `options`.
 
-Each module in COMMANDS defines `add_cli(subparsers)`, which adds its subparser and sets `func` to a
-function `(args) -> int`.
+Each module in COMMANDS defines `add_cli(subparsers)`, which adds its subparser and sets `func` to its
+`run(args) -> int`. The command modules import the library (torch, transformers, llama_cpp) only inside `run`, so
+building the parser (`moepack --help`) loads none of it.
 """
 from __future__ import annotations
 
@@ -16,17 +17,8 @@ from moepack.errors import MoepackError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
-COMMANDS = (
-    "moepack.cli.inspect",
-    "moepack.stages.calibrate",
-    "moepack.stages.prune",
-    "moepack.eval.evaluate",
-    "moepack.stages.allocate",
-    "moepack.gguf.quantize",
-    "moepack.stages.sensitivity.measure",
-    "moepack.pipeline.compress",
-    "moepack.eval.report",
-)
+COMMANDS = tuple(f"moepack.cli.{name}" for name in (
+    "inspect", "calibrate", "prune", "eval", "allocate", "quantize", "sensitivity", "compress", "report"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,12 +7,12 @@ import json
 import logging
 from typing import Any
 
-from moepack.gguf.estimate import describe
-from moepack.model.checkpoint import open_checkpoint
+from moepack.cli import options as o
 
-__all__ = ["add_cli"]
+__all__ = ["add_cli", "run"]
 
 log = logging.getLogger(__name__)
+
 
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -47,14 +47,17 @@ def _render(d: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moepack.gguf.estimate import describe
+    from moepack.model.checkpoint import open_checkpoint
+
     for model_dir in args.model_dirs:
         d = describe(open_checkpoint(model_dir))
         print(json.dumps(d, indent=2) if args.json else _render(d))
     return 0
 
 
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="show a checkpoint's MoE structure, parameter counts and GGUF size estimates")
+def add_cli(sub: o.Subparsers) -> None:
+    p = o.add_command(sub, "inspect", "show a checkpoint's MoE structure, parameter counts and GGUF size estimates",
+                      __doc__, run)
     p.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR", help="Hugging Face checkpoint directory")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=run)
+    p.add_argument("--json", action="store_true", help="print JSON to stdout instead of the text summary")

@@ -1,4 +1,4 @@
-"""`moepack eval MODEL.gguf [...] --reference MODEL_DIR|REF.gguf --text FILE`: quality, speed and memory of GGUF files,
+"""Quality, speed and memory of GGUF files (`moepack eval MODEL.gguf [...] --reference MODEL_DIR|REF.gguf --text FILE`),
 measured through llama-cpp-python (the runtime users deploy with), against a reference model.
 
 What is measured, and how:
@@ -20,22 +20,21 @@ What is measured, and how:
 - `bpw`: 8 × file size / the reference's parameter count (the ORIGINAL model's, so pruning lowers it);
   `bpw_tensors` the same from tensor data alone.
 
-Threads: logits are bit-identical for any thread count. The default is 1 because ggml's worker threads spin at
-barriers: on a machine whose cores are shared with other jobs, 2 threads ran 10-40x slower than 1. Pass
-`--threads N` to measure speed as an N-core device would see it, on an otherwise idle machine.
+Threads: logits are bit-identical for any thread count. `EvalConfig`'s default is 1 because ggml's worker threads
+spin at barriers: on a machine whose cores are shared with other jobs, 2 threads ran 10-40x slower than 1. The
+command line's `--threads` defaults to moepack's common 2, to measure speed as the smallest supported device would
+see it, on an otherwise idle machine.
 
 Reference log-probabilities are computed once and cached under `cache_dir` (default ~/.cache/moepack/eval), keyed by
 the reference's fingerprint, the text's hash, ctx and tokens.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,8 +52,7 @@ from moepack.model.textdata import chunk_tokens, read_text, text_sha256
 
 __all__ = [
     "EvalConfig", "EvalError", "Reference", "LlamaScorer", "HFScorer", "SCORING",
-    "add_cli", "evaluate", "prepare_reference", "evaluate_model", "window_metrics", "log_softmax",
-    "measure_speed", "to_markdown", "write_report",
+    "evaluate", "prepare_reference", "evaluate_model", "window_metrics", "log_softmax", "measure_speed", "to_markdown", "write_report",
 ]
 
 log = logging.getLogger(__name__)
@@ -88,9 +86,9 @@ class EvalConfig:
 
     def validate(self) -> None:
         if self.ctx < 8:
-            raise EvalError(f"--ctx {self.ctx} is too small; use at least 8 (512 is usual)")
+            raise EvalError(f"--window {self.ctx} is too small; use at least 8 (512 is usual)")
         if self.tokens < self.ctx:
-            raise EvalError(f"--tokens {self.tokens} is less than one window of --ctx {self.ctx}")
+            raise EvalError(f"--tokens {self.tokens} is less than one window of --window {self.ctx}")
         if "cloze" in self.mc and self.cloze_text is None:
             raise EvalError("--mc cloze needs --cloze-text FILE (held-out text of the model's domain)")
         bad = [t for t in self.mc if t not in mc.TASKS]
@@ -162,7 +160,7 @@ class LlamaScorer:
     def ending_logprobs(self, context: list[int], endings: list[list[int]]) -> list[float]:
         room = self.n_ctx - max(len(e) for e in endings)
         if room < 1 or not context:
-            raise EvalError(f"{self.path.name}: an ending does not fit in --ctx {self.n_ctx} or the context is empty")
+            raise EvalError(f"{self.path.name}: an ending does not fit in --window {self.n_ctx} or the context is empty")
         ctx = context[-room:]
         self.llm.reset()
         self.llm.eval(ctx)
@@ -586,41 +584,3 @@ def write_report(report: dict[str, Any], json_path: Path | None, md_path: Path |
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(body())
             os.replace(tmp, path)
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="perplexity, KLD, accuracy, speed and memory of GGUF files vs a reference",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("models", nargs="+", type=Path, metavar="MODEL.gguf")
-    p.add_argument("--reference", required=True, type=Path, help="checkpoint directory or GGUF file")
-    p.add_argument("--text", required=True, type=Path, help="evaluation text (UTF-8)")
-    p.add_argument("--mc", nargs="+", action="extend", default=[], choices=mc.TASKS, help="multiple-choice tasks")
-    p.add_argument("--mc-items", type=int, default=500, help="items per task (0 = all; default 500)")
-    p.add_argument("--ctx", type=int, default=512, help="window and context length (default 512)")
-    p.add_argument("--tokens", type=int, default=8192, help="text tokens to read (default 8192)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="llama.cpp threads for scoring and the speed test (default 1; results do not depend on it)")
-    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length of the speed test")
-    p.add_argument("--gen-tokens", type=int, default=64, help="greedy decode steps of the speed test")
-    p.add_argument("--no-speed", action="store_true", help="skip the speed and memory subprocess")
-    p.add_argument("--cache-dir", type=Path, help="reference cache (default ~/.cache/moepack/eval)")
-    p.add_argument("--data-dir", type=Path, help="directory holding mc/ (default: moepack's bundled PIQA and HellaSwag)")
-    p.add_argument("--cloze-text", type=Path, help="held-out text the cloze set is built from (needed by --mc cloze)")
-    p.add_argument("--repack", action="store_true",
-                   help="llama.cpp's CPU extra buffer types (weight repacking) on; off by default, as --no-repack")
-    p.add_argument("--json", type=Path, help="write the report as JSON")
-    p.add_argument("--md", type=Path, help="write the table as Markdown")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = EvalConfig(ctx=args.ctx, tokens=args.tokens, mc=tuple(dict.fromkeys(args.mc)),
-                     mc_items=args.mc_items or None, threads=args.threads, speed=not args.no_speed,
-                     prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, cache_dir=args.cache_dir,
-                     data_dir=args.data_dir, cloze_text=args.cloze_text, extra_bufts=args.repack)
-    report = evaluate(args.models, args.reference, args.text, cfg)
-    if Path(sys.argv[0]).name == "moepack":  # not when called as a function, e.g. from the tests
-        report["command"] = "moepack " + " ".join(sys.argv[1:])
-    write_report(report, args.json, args.md)
-    print(to_markdown(report))
-    return 0

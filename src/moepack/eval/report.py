@@ -5,13 +5,12 @@ The page shows, from the run directory's artifacts (no model is loaded):
   experts outlined;
 - the GGML type chosen for every tensor (`quant_plan-r*.json`), as a chart of bits per weight;
 - the top rows of the sensitivity table (`sensitivity-r*.json`): the groups whose first upgrade gains most KLD;
-- the eval table, when an eval JSON (`moepack eval --json`) is in the run directory or given;
+- the eval table, when an eval JSON (`moepack eval --json-out`) is in the run directory or given;
 - the Pareto plot, when given (copied beside the page).
 Charts are PNG files written next to the page (`<page stem>-*.png`).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ from typing import Any
 
 from moepack.errors import MoepackError
 
-__all__ = ["ReportError", "find_artifacts", "build_report", "add_cli", "run"]
+__all__ = ["ReportError", "find_artifacts", "build_report"]
 
 log = logging.getLogger(__name__)
 
@@ -201,19 +200,3 @@ def build_report(run_dir: str | Path, out: str | Path, pareto: str | Path | None
     tmp.write_text("\n".join(lines))
     os.replace(tmp, out)
     return out
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="one Markdown page with charts for a compress run directory",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", type=Path, help="a `moepack compress` run directory")
-    p.add_argument("-o", "--output", type=Path, help="page to write (default RUN_DIR/report.md)")
-    p.add_argument("--pareto", type=Path, help="a size-vs-KLD PNG to include (e.g. docs/results-pareto.png)")
-    p.add_argument("--eval", type=Path, help="an eval JSON (`moepack eval --json`), if not in the run directory")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    out = build_report(args.run_dir, args.output or args.run_dir / "report.md", args.pareto, args.eval)
-    print(f"wrote {out}")
-    return 0

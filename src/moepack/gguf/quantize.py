@@ -1,6 +1,7 @@
 """`moepack quantize`: a checkpoint (original or pruned) → one GGUF, at one type, a quant plan, or a llama.cpp ftype.
 
-    moepack quantize MODEL_DIR (--type T | --plan quant_plan.json | --ftype F) [--imatrix RUN_DIR|FILE] -o OUT.gguf
+    moepack quantize MODEL_DIR (--type T | --plan quant_plan.json | --ftype F) [--calib-dir RUN_DIR | --imatrix FILE]
+                     -o OUT.gguf
 
 --type T      every quantizable tensor at T (norms, routers, biases stay F32), llama.cpp's fallbacks where a row
               width does not suit T.
@@ -10,7 +11,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -25,7 +25,7 @@ from moepack.model.checkpoint import open_checkpoint
 from moepack.errors import MoepackError
 from moepack.gguf.writer import WriteReport, imatrix_by_output, load_imatrix, prune_imatrix, write_gguf
 
-__all__ = ["quantize_model", "read_quant_plan", "write_imatrix_gguf", "add_cli", "run"]
+__all__ = ["quantize_model", "read_quant_plan", "write_imatrix_gguf"]
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _quantize_ftype(view: Any, out: Path, ftype: str, imatrix: Mapping[str, np.n
                     threads: int | None, prune_plan: dict[str, Any] | None) -> WriteReport:
     ggml.parse_ftype(ftype)  # validate before writing anything
     if imatrix is None and ftype.strip().upper() in _FTYPES_NEED_IMATRIX:
-        raise MoepackError(f"llama.cpp's {ftype} mixture needs an importance matrix; pass --imatrix")
+        raise MoepackError(f"llama.cpp's {ftype} mixture needs an importance matrix; pass --calib-dir RUN_DIR or --imatrix FILE")
     src_type = _intermediate_type(view)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmpdir:
         src = Path(tmpdir) / f"source-{src_type.lower()}.gguf"
@@ -140,27 +140,3 @@ def quantize_model(model_dir: str | Path, out: str | Path, *, qtype: str | None 
                           prune_plan=prune, threads=threads, progress=progress)
     return write_gguf(view, out, default_type=qtype, imatrix=im, prune_plan=prune,
                       threads=threads, progress=progress)
-
-
-def add_cli(sub: Any) -> None:
-    p = sub.add_parser("quantize", help="write a GGUF at one type, a quant plan, or a llama.cpp ftype",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_dir", type=Path, help="Hugging Face checkpoint directory (original or pruned)")
-    how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--type", dest="qtype", metavar="T", help="one GGML type for every weight matrix (Q4_K, ...)")
-    how.add_argument("--plan", type=Path, metavar="PLAN", help="quant_plan.json with per-tensor types")
-    how.add_argument("--ftype", metavar="F", help="llama.cpp standard mixture (Q4_K_M, IQ2_XXS, ...)")
-    p.add_argument("--imatrix", type=Path, metavar="RUN_DIR|FILE",
-                   help="importance matrix: a `moepack calibrate` run directory or llama.cpp's imatrix GGUF")
-    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.gguf")
-    p.add_argument("--threads", type=int, default=None, help="quantization threads (default: all cores)")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    report = quantize_model(args.model_dir, args.output, qtype=args.qtype, plan=args.plan, ftype=args.ftype,
-                            imatrix=args.imatrix, threads=args.threads)
-    n_fb = len(report.fallbacks)
-    print(f"wrote {report.path} ({report.n_bytes / 2**20:.1f} MiB, {len(report.tensor_types)} tensors"
-          + (f", {n_fb} row-width fallback(s)" if n_fb else "") + ")")
-    return 0

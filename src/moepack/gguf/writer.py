@@ -198,7 +198,7 @@ def _check_imatrix_needs(typed: list[TypedTensor], imatrix: Mapping[str, np.ndar
             and importance_rows(t, imatrix) is None]
     if need:
         raise WriteError(f"{len(need)} tensor(s) get types that need an importance matrix but have none, e.g. "
-                         f"{', '.join(need[:3])}; pass --imatrix or choose other types")
+                         f"{', '.join(need[:3])}; pass --calib-dir RUN_DIR or --imatrix FILE, or choose other types")
 
 
 # ---------------------------------------------------------------------------------------------------- metadata

@@ -6,7 +6,6 @@ pruning reuse their own outputs when the inputs match; sensitivity, allocation a
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -16,14 +15,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moepack.stages.budget import Budget, add_budget_args, budget_from_args, format_size
+from moepack.stages.budget import Budget, BudgetRequest, budget_for, format_size
 from moepack.model.checkpoint import CheckpointView, open_checkpoint
-from moepack.backends import Backend, LocalBackend, add_backend_args, backend_from_args
+from moepack.backends import Backend, LocalBackend
 from moepack.errors import MoepackError
 from moepack.pipeline.runstate import RunDir, atomic_write_text
 from moepack.model.textdata import DEFAULT_CALIB_TEXT
 
-__all__ = ["CompressOptions", "CompressResult", "compress", "add_cli", "KEEP_AUTO_CANDIDATES", "choose_base"]
+__all__ = ["CompressOptions", "CompressResult", "compress", "render_summary", "KEEP_AUTO_CANDIDATES", "choose_base"]
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +107,7 @@ def _calibrate(model_dir: Path, run: RunDir, opts: CompressOptions, backend: Bac
 
     text = opts.calib_text or DEFAULT_CALIB_TEXT
     log.info("calibration text: %s%s", text, "" if opts.calib_text else
-             " (moepack's bundled mix of stories, encyclopedic prose, dialogue, code and web text; pass --calib "
+             " (moepack's bundled mix of stories, encyclopedic prose, dialogue, code and web text; pass --calib-text "
              "with text from your own domain for a better file)")
     t0 = time.perf_counter()
     stats = run_calibrate(model_dir, text, run.root, tokens=opts.calib_tokens, seq_len=opts.seq_len,
@@ -148,7 +147,7 @@ def _sensitivity(run: RunDir, view: CheckpointView, ref: CheckpointView, stats, 
     def work() -> None:
         ids = stats.heldout
         if ids is None:
-            raise CompressError("calibration kept no held-out tokens for sensitivity; use a longer --calib text")
+            raise CompressError("calibration kept no held-out tokens for sensitivity; use a longer --calib-text")
         table = measure_sensitivity(view, ids, reference_view=ref, imatrix=stats, base=base, ladder=opts.ladder,
                                     threads=opts.threads, progress=opts.progress, prune_plan=plan,
                                     backend=backend, cache_dir=opts.cache_dir)
@@ -288,10 +287,11 @@ def _verify(out: Path, ctx: int, opts: CompressOptions) -> str:
     return SAMPLE_PROMPT + res["text"]
 
 
-def compress(model_dir: str | Path, out: str | Path, budget_args: argparse.Namespace, opts: CompressOptions,
+def compress(model_dir: str | Path, out: str | Path, request: BudgetRequest, opts: CompressOptions,
              run_dir: str | Path | None = None, backend: Backend | None = None) -> CompressResult:
-    """The whole pipeline; see the module docstring. `backend` runs calibration shards and sensitivity probes
-    (default in-process; moepack.backends)."""
+    """The whole pipeline; see the module docstring. The budget `request` is computed on the original checkpoint
+    (`target_bpw` counts its parameters). `backend` runs calibration shards and sensitivity probes (default
+    in-process; moepack.backends)."""
     model_dir, out = Path(model_dir), Path(out)
     if not out.parent.is_dir():
         raise CompressError(f"{out.parent}: output directory does not exist")
@@ -299,7 +299,7 @@ def compress(model_dir: str | Path, out: str | Path, budget_args: argparse.Names
         raise CompressError(f"{out.parent}: output directory is not writable")
     ref = open_checkpoint(model_dir)
     keeps = _validate(opts, ref)
-    budget = budget_from_args(budget_args, ref)
+    budget = budget_for(request, ref)
     _check_feasible(ref, budget, opts)
     if opts.shards is not None and opts.shards < 1:
         raise CompressError(f"--shards must be at least 1 (got {opts.shards})")
@@ -395,76 +395,3 @@ def _candidate_line(c: dict[str, Any]) -> str:
     if c.get("screened"):
         return f"keep {c['keep']:g} -> pruning alone KLD {c['prune_kld']:.5f}, not quantized (screened)"
     return f"keep {c['keep']:g} -> KLD {c['kld']:.5f}"
-
-
-def _keep_arg(s: str) -> float | str:
-    if s == "auto":
-        return s
-    try:
-        return float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--keep takes a number in (0, 1] or 'auto', not {s!r}") from None
-
-
-def _ladder(text: str) -> tuple[str, ...]:
-    from moepack.gguf.kernels import parse_type
-
-    ladder = tuple(parse_type(t.strip()).name for t in text.split(",") if t.strip())
-    if not ladder:
-        raise CompressError("--ladder needs at least one type, e.g. IQ2_XXS,IQ3_S,Q4_K")
-    return ladder
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    from moepack.stages.prune import top_k_arg
-
-    p = sub.add_parser("compress", help="prune, adjust top-k and quantize a MoE checkpoint to fit a device budget",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_dir", type=Path, help="Hugging Face checkpoint directory")
-    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.gguf")
-    add_budget_args(p)
-    p.add_argument("--keep", type=_keep_arg, default=0.75, help="expert retention R in (0, 1], or auto (0.75)")
-    p.add_argument("--top-k", type=top_k_arg, default=None, help="experts per token k' (default round(R*k)) or auto")
-    p.add_argument("--calib", type=Path, metavar="TEXT",
-                   help="calibration text (UTF-8, paragraphs split by blank lines): a few hundred thousand characters "
-                        "like what the model will see deployed, the domain it must stay good at; never the text you "
-                        "evaluate on (default: moepack's bundled mix of stories, encyclopedic prose, dialogue, code "
-                        "and web text)")
-    p.add_argument("--calib-tokens", type=int, default=50_000, help="calibration tokens (50000)")
-    p.add_argument("--seq-len", type=int, default=512, help="calibration sequence length (512)")
-    p.add_argument("--sens-tokens", type=int, default=4096, help="held-out tokens for sensitivity and KLD (4096)")
-    p.add_argument("--solver", choices=("greedy", "exact"), default="greedy")
-    p.add_argument("--base", help="base types per role, e.g. routed_experts=IQ2_XXS,attention=Q4_K "
-                   "(default: the largest ladder type that leaves 30%% of the budget for upgrades)")
-    p.add_argument("--ladder", default=",".join(CompressOptions.ladder),
-                   help="type ladder from the smallest up, comma-separated (default %(default)s)")
-    p.add_argument("--criterion", choices=("score", "frequency", "reap", "random"), default="score")
-    p.add_argument("--run-dir", type=Path, help="stage artifacts (default OUT.gguf.run beside the output)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch and quantization threads of every stage and task (default 2; with --ray the "
-                        "smallest node's cores)")
-    p.add_argument("--cache-dir", type=Path,
-                   help="keep the sensitivity stage's quantized tensors on disk here (large models; with --ray on "
-                        "storage every machine sees)")
-    p.add_argument("--repack", action="store_true",
-                   help="verify with llama.cpp's CPU extra buffer types (weight repacking) on; off by default, as "
-                        "llama.cpp's --no-repack, since on AMX CPUs they abort DeepSeek models")
-    add_backend_args(p, shards=True)
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    for flag, v in (("--calib-tokens", args.calib_tokens), ("--seq-len", args.seq_len),
-                    ("--sens-tokens", args.sens_tokens), ("--threads", 1 if args.threads is None else args.threads)):
-        if v < 1:
-            raise CompressError(f"{flag} must be at least 1 (got {v})")
-    ladder = _ladder(args.ladder)
-    with backend_from_args(args) as backend:
-        opts = CompressOptions(keep=args.keep, top_k=args.top_k, calib_text=args.calib,
-                               calib_tokens=args.calib_tokens, seq_len=args.seq_len, sens_tokens=args.sens_tokens,
-                               solver=args.solver, base=args.base, ladder=ladder, criterion=args.criterion,
-                               threads=args.threads or backend.default_threads(2), shards=args.shards,
-                               cache_dir=args.cache_dir, extra_bufts=args.repack)
-        result = compress(args.model_dir, args.output, args, opts, args.run_dir, backend)
-    print(render_summary(result))
-    return 0

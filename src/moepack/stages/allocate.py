@@ -44,7 +44,6 @@ Solvers (both return plans whose true byte total is within the budget):
 """
 from __future__ import annotations
 
-import argparse
 import heapq
 import json
 import logging
@@ -68,7 +67,7 @@ __all__ = [
     "solve_greedy",
     "solve_exact",
     "objective",
-    "add_cli",
+    "budget_bytes_for",
     "SOLVERS",
     "MAX_WORK",
 ]
@@ -362,41 +361,19 @@ def allocate(table: SensitivityTable, budget_bytes: int, solver: str = "greedy",
     return QuantPlan(solver, budget_bytes, used, table.fixed_bytes, dkld, groups, tensors, q, kld, table.base)
 
 
-# ----------------------------------------------------------------------------------------------------------- CLI
-
-def _budget(args: argparse.Namespace, table: SensitivityTable) -> int:
+def budget_bytes_for(table: SensitivityTable, *, target_size: int | str | None = None,
+                     budget_bytes: int | str | None = None) -> int:
+    """The tensor bytes a plan may use: `budget_bytes` as given, or a GGUF file of `target_size` less the table's
+    overhead_bytes (non-tensor GGUF bytes); exactly one of the two. Sizes as `parse_size` reads them."""
     from moepack.stages.budget import parse_size
 
-    if args.budget_bytes is not None:
-        return parse_size(args.budget_bytes)
-    target, overhead = parse_size(args.target_size), table.overhead_bytes or 0
+    if (target_size is None) == (budget_bytes is None):
+        raise AllocationError("give exactly one of --target-size SIZE or --budget-bytes N")
+    if budget_bytes is not None:
+        return parse_size(budget_bytes)
+    target, overhead = parse_size(target_size), table.overhead_bytes or 0
     if target - overhead < table.min_bytes:
         raise AllocationError(f"--target-size {_fmt(target)} is below the minimum achievable file size "
                               f"{_fmt(table.min_bytes + overhead)} ({table.min_bytes:,} bytes of tensors at their "
                               f"base types + {overhead:,} bytes of GGUF metadata)")
     return target - overhead
-
-
-def run(args: argparse.Namespace) -> int:
-    table = SensitivityTable.load(args.sensitivity)
-    plan = allocate(table, _budget(args, table), args.solver)
-    out = plan.save(args.output)
-    types = ", ".join(f"{t} ×{n}" for t, n in plan.type_counts().items())
-    share = 100 * plan.predicted_bytes / max(1, plan.budget_bytes)
-    print(f"{out}: {plan.solver} plan, {plan.predicted_bytes:,} of {plan.budget_bytes:,} bytes "
-          f"({share:.2f} %), predicted ΔKLD {plan.predicted_dkld:+.5g}"
-          f"\n  tensors: {types}")
-    return 0
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("allocate", help="choose a GGML type per tensor group from sensitivity.json under a budget")
-    p.add_argument("--sensitivity", required=True, metavar="FILE", help="sensitivity.json from `moepack sensitivity`")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--target-size", metavar="SIZE", help="GGUF file size (e.g. 20MB, 1.5GiB); the table's "
-                   "overhead_bytes (non-tensor GGUF bytes) are subtracted")
-    g.add_argument("--budget-bytes", metavar="N", help="bytes of tensor data the plan may use")
-    p.add_argument("--solver", choices=SOLVERS, default="greedy",
-                   help="greedy: the paper's dynamic budgeting with back-off; exact: knapsack DP (default greedy)")
-    p.add_argument("-o", "--output", required=True, metavar="FILE", help="quant_plan.json to write")
-    p.set_defaults(func=run)

@@ -1,6 +1,6 @@
 """How many bytes the quantized weights may take: from a device (memory, context length) or a size target.
 
-Device budget (``--memory SIZE --ctx N [--reserve SIZE]``)::
+Device budget (``--memory SIZE --ctx-size N [--reserve SIZE]``)::
 
     weights = memory − KV cache(ctx) − compute buffers(ctx) − reserve − GGUF overhead
 
@@ -23,7 +23,6 @@ KV cache and compute buffers follow the llama.cpp bundled with the installed lla
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -52,8 +51,8 @@ __all__ = [
     "compute_buffer_bytes",
     "gguf_overhead_bytes",
     "weight_budget",
-    "add_budget_args",
-    "budget_from_args",
+    "BudgetRequest",
+    "budget_for",
     "CTX_PAD",
     "DEFAULT_UBATCH",
     "DEFAULT_RESERVE_FRACTION",
@@ -340,12 +339,12 @@ def _check_modes(memory: Any, ctx: Any, target_size: Any, target_bpw: Any) -> st
     modes = [name for name, v in (("--memory", memory), ("--target-size", target_size),
                                   ("--target-bpw", target_bpw)) if v is not None]
     if len(modes) != 1:
-        raise BudgetError("give exactly one of --memory SIZE --ctx N, --target-size SIZE or --target-bpw X"
+        raise BudgetError("give exactly one of --memory SIZE --ctx-size N, --target-size SIZE or --target-bpw X"
                           + (f" (got {', '.join(modes)})" if modes else ""))
     if modes[0] == "--memory" and ctx is None:
-        raise BudgetError("--memory needs --ctx N: the context length sizes the KV cache")
+        raise BudgetError("--memory needs --ctx-size N: the context length sizes the KV cache")
     if modes[0] != "--memory" and ctx is not None:
-        log.info("--ctx is ignored with %s (the KV cache is only subtracted from --memory)", modes[0])
+        log.info("--ctx-size is ignored with %s (the KV cache is only subtracted from --memory)", modes[0])
     return modes[0]
 
 
@@ -356,7 +355,7 @@ def _device_budget(view: CheckpointView, memory: int, ctx: int, reserve: int | N
     reserve = int(memory * DEFAULT_RESERVE_FRACTION) if reserve is None else reserve
     b = Budget(memory, kv, compute, reserve, memory - kv - compute - reserve - overhead, overhead, "memory", ctx)
     if b.weights <= 0:
-        raise BudgetError(f"nothing is left for weights:\n{b.describe()}\nlower --ctx, --reserve or the KV cache "
+        raise BudgetError(f"nothing is left for weights:\n{b.describe()}\nlower --ctx-size, --reserve or the KV cache "
                           "type (--cache-type-k q8_0), enable --flash-attn, or give more --memory")
     return b
 
@@ -390,24 +389,25 @@ def weight_budget(view: CheckpointView, *, memory: int | str | None = None, ctx:
     return b
 
 
-def add_budget_args(p: argparse.ArgumentParser) -> None:
-    """The budget options shared by `compress` (and any command that sizes weights for a device)."""
-    g = p.add_argument_group("budget (give --memory with --ctx, or --target-size, or --target-bpw)")
-    g.add_argument("--memory", metavar="SIZE", help="device memory, e.g. 16GiB, 128GB, 8G (= 8 GiB)")
-    g.add_argument("--ctx", type=int, metavar="N", help="context length the device must hold (sizes the KV cache)")
-    g.add_argument("--reserve", metavar="SIZE", help="memory kept free for the OS and the runtime "
-                   f"(default {DEFAULT_RESERVE_FRACTION * 100:.0f}%% of --memory)")
-    g.add_argument("--target-size", metavar="SIZE", help="GGUF file size, e.g. 103GB or 20MiB")
-    g.add_argument("--target-bpw", type=float, metavar="X",
-                   help="GGUF file size as bits per parameter of the original checkpoint (all its tensors)")
-    g.add_argument("--cache-type-k", default="f16", metavar="TYPE", help="KV cache K type at run time (f16)")
-    g.add_argument("--cache-type-v", default=None, metavar="TYPE", help="KV cache V type (default: K's)")
-    g.add_argument("--flash-attn", action="store_true",
-                   help="the runtime uses flash attention (much smaller compute buffer at long contexts)")
-    g.add_argument("--ubatch", type=int, default=DEFAULT_UBATCH, metavar="N", help="runtime n_ubatch (512)")
+@dataclass(frozen=True)
+class BudgetRequest:
+    """What the user asked for: exactly one of (memory + ctx), target_size or target_bpw, plus the runtime settings
+    that size the KV cache and compute buffers; `budget_for` turns it into a `Budget` for one checkpoint."""
+
+    memory: int | str | None = None  # device memory: bytes or a size such as "16GiB"
+    ctx: int | None = None  # context length the device must hold
+    reserve: int | str | None = None  # memory kept free (default DEFAULT_RESERVE_FRACTION of memory)
+    target_size: int | str | None = None  # GGUF file size
+    target_bpw: float | None = None  # GGUF file size as bits per parameter of the checkpoint
+    type_k: str = "f16"  # KV cache K type at run time
+    type_v: str | None = None  # KV cache V type (None: type_k)
+    n_ubatch: int = DEFAULT_UBATCH
+    flash_attn: bool = False
 
 
-def budget_from_args(args: argparse.Namespace, view: CheckpointView, overhead: int | None = None) -> Budget:
-    return weight_budget(view, memory=args.memory, ctx=args.ctx, reserve=args.reserve, target_size=args.target_size,
-                         target_bpw=args.target_bpw, overhead=overhead, type_k=args.cache_type_k,
-                         type_v=args.cache_type_v, n_ubatch=args.ubatch, flash_attn=args.flash_attn)
+def budget_for(request: BudgetRequest, view: CheckpointView, overhead: int | None = None) -> Budget:
+    """`weight_budget` of `view` for `request`; `overhead` as there."""
+    return weight_budget(view, memory=request.memory, ctx=request.ctx, reserve=request.reserve,
+                         target_size=request.target_size, target_bpw=request.target_bpw, overhead=overhead,
+                         type_k=request.type_k, type_v=request.type_v, n_ubatch=request.n_ubatch,
+                         flash_attn=request.flash_attn)

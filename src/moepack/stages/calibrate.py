@@ -7,7 +7,6 @@ count, i.e. llama.cpp's importance matrix. Saved as `calib/stats.safetensors` + 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -22,8 +21,7 @@ import numpy as np
 import torch
 
 from moepack.model.checkpoint import CheckpointView, open_checkpoint
-from moepack.backends import (Backend, LocalBackend, add_backend_args, as_tensor, backend_from_args,
-                                 layer_f32_bytes, open_view, torch_threads)
+from moepack.backends import Backend, LocalBackend, as_tensor, layer_f32_bytes, open_view, torch_threads
 from moepack.errors import MoepackError
 from moepack.model.runner import LayerRunner, layer_sources, moe_layers
 
@@ -39,8 +37,6 @@ __all__ = [
     "run_calibrate",
     "calib_dir",
     "expert_key",
-    "add_cli",
-    "run",
 ]
 
 log = logging.getLogger(__name__)
@@ -445,7 +441,7 @@ def run_calibrate(model_dir: str | Path, text: str | Path, out_dir: str | Path, 
     from moepack.model.textdata import text_sha256, tokenize_file
 
     if tokens < seq_len:
-        raise CalibError(f"--tokens {tokens} is less than one sequence of --seq-len {seq_len}")
+        raise CalibError(f"--calib-tokens {tokens} is less than one sequence of --seq-len {seq_len}")
     if shards is not None and shards < 1:
         raise CalibError(f"--shards must be at least 1 (got {shards})")
     view = open_checkpoint(model_dir)
@@ -463,7 +459,7 @@ def run_calibrate(model_dir: str | Path, text: str | Path, out_dir: str | Path, 
         calib, held = _split_tokens(ids, tokens, heldout_tokens, seq_len)
         if shards is not None and shards > len(calib):
             raise CalibError(f"--shards {shards} exceeds the {len(calib)} calibration sequences; use at most "
-                             f"{len(calib)} shards, or more --tokens or a shorter --seq-len")
+                             f"{len(calib)} shards, or more --calib-tokens or a shorter --seq-len")
         log.info("calibrating %s on %d tokens (%d x %d)", view.root, calib.size, *calib.shape)
         stats = calibrate(view, calib, batch_size=batch_size, progress=progress, heldout=held, manifest=inputs,
                           backend=backend, shards=shards, threads=threads)
@@ -489,42 +485,3 @@ def _reuse(out: Path, view: CheckpointView, inputs: dict[str, Any]) -> CalibStat
         log.info("reusing calibration statistics in %s (same model, text and settings)", out)
         return stats
     return None
-
-
-# ---- CLI -------------------------------------------------------------------------------------------------------
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("calibrate", help="record routing statistics and the importance matrix on calibration text",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_dir", help="Hugging Face checkpoint directory")
-    p.add_argument("--text", required=True, help="calibration text file (UTF-8)")
-    p.add_argument("--tokens", type=int, default=50_000, help="calibration tokens (default 50000)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
-    p.add_argument("--heldout-tokens", type=int, default=4096,
-                   help="tokens after the calibration tokens kept for KLD checks (default 4096)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward batch (default 8)")
-    p.add_argument("-o", "--out", required=True, help="run directory (statistics go to RUN_DIR/calib/)")
-    p.add_argument("--imatrix-out", help="also write llama.cpp's GGUF imatrix file (for llama-quantize --imatrix)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per task (default: all cores here; with --ray the smallest node's cores)")
-    add_backend_args(p, shards=True)
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    for flag, v in (("--tokens", args.tokens), ("--seq-len", args.seq_len), ("--batch-size", args.batch_size),
-                    ("--threads", 1 if args.threads is None else args.threads)):
-        if v < 1:
-            raise CalibError(f"{flag} must be at least 1 (got {v})")
-    with backend_from_args(args) as backend:
-        stats = run_calibrate(args.model_dir, args.text, args.out, tokens=args.tokens, seq_len=args.seq_len,
-                              heldout_tokens=args.heldout_tokens, batch_size=args.batch_size,
-                              imatrix_out=args.imatrix_out, backend=backend, shards=args.shards,
-                              threads=args.threads)
-    m = stats.manifest
-    print(f"calibrated {m['tokens']} tokens ({m['n_sequences']} x {m['seq_len']}, {m.get('shards', 1)} shard(s)) "
-          f"in {m['seconds']} s -> {calib_dir(args.out)}")
-    for layer, ex in m["never_routed"].items():
-        print(f"  layer {layer}: never routed experts {ex}")
-    if args.imatrix_out:
-        print(f"imatrix -> {args.imatrix_out}")
-    return 0

@@ -8,7 +8,6 @@ rows and e_score_correction_bias, and updates config.json; it is written tensor 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -42,8 +41,6 @@ __all__ = [
     "active_bytes_per_token",
     "top_k_auto",
     "run_prune",
-    "add_cli",
-    "run",
 ]
 
 log = logging.getLogger(__name__)
@@ -439,7 +436,7 @@ def run_prune(model_dir: str | Path, calib: str | Path, out_dir: str | Path, opt
     if opts.top_k == "auto":
         if stats.heldout is None:
             raise PruneError("--top-k auto needs held-out tokens, and this calibration has none; rerun moepack "
-                             "calibrate with a longer text or a larger --heldout-tokens")
+                             "calibrate with a longer text or a larger --sens-tokens")
         cands = _auto_candidates(plan, view, opts)
         plan["top_k_new"], plan["top_k_table"] = top_k_auto(view, plan, stats.heldout, cands, opts.kld_tol,
                                                             opts.batch_size, progress=progress)
@@ -455,47 +452,3 @@ def run_prune(model_dir: str | Path, calib: str | Path, out_dir: str | Path, opt
 def _same_plan(old: dict[str, Any], new: dict[str, Any]) -> bool:
     keys = ("model_fingerprint", "calib_fingerprint", "calib_dir", "options", "layers")
     return all(old.get(k) == new.get(k) for k in keys)
-
-
-# ---- CLI -------------------------------------------------------------------------------------------------------
-def top_k_arg(s: str) -> int | str:
-    if s == "auto":
-        return s
-    try:
-        return int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--top-k takes a whole number or 'auto', not {s!r}") from None
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prune", help="remove the least important routed experts and adjust top-k",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_dir", help="Hugging Face checkpoint directory")
-    p.add_argument("--calib", required=True, help="run directory of `moepack calibrate` (or its calib/ folder)")
-    p.add_argument("--keep", type=float, default=0.75, help="share R of routed experts kept per layer (default 0.75)")
-    p.add_argument("--alpha", type=float, default=0.5, help="frequency weight in the score criterion (default 0.5)")
-    p.add_argument("--criterion", choices=CRITERIA, default="score", help="importance criterion (default score)")
-    p.add_argument("--top-k", type=top_k_arg, default=None,
-                   help="experts per token after pruning: a number or 'auto' (default max(1, round(R*k)))")
-    p.add_argument("--kld-tol", type=float, default=0.01,
-                   help="--top-k auto: smallest k' whose mean KLD is within this many nats of the best (default 0.01)")
-    p.add_argument("--groups", choices=("preserve", "collapse"), default="preserve",
-                   help="group-limited routers: keep the same count per group (default) or merge into one group")
-    p.add_argument("--seed", type=int, default=0, help="seed for --criterion random (default 0)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward batch for --top-k auto")
-    p.add_argument("-o", "--out", required=True, help="output directory of the pruned checkpoint")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    opts = PruneOptions(keep=args.keep, alpha=args.alpha, criterion=args.criterion, top_k=args.top_k,
-                        groups=args.groups, seed=args.seed, kld_tol=args.kld_tol, batch_size=args.batch_size)
-    plan = run_prune(args.model_dir, args.calib, args.out, opts)
-    print(f"kept {plan['n_kept']} of {plan['n_experts']} experts in each of {len(plan['layers'])} MoE layers "
-          f"({plan['criterion']}), top-k {plan['top_k']} -> {plan['top_k_new']} -> {args.out}")
-    for row in plan["top_k_table"]:
-        print(f"  k'={row['top_k']}: mean KLD {row['kld_mean']:.4f}, top-1 agreement {row['top1_agree']:.3f}, "
-              f"{row['active_bytes']} active bytes/token")
-    for note in plan["notes"]:
-        print(f"  note: {note}")
-    return 0

@@ -20,7 +20,6 @@ inputs.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -37,7 +36,7 @@ from moepack.gguf import writer as go
 from moepack.pipeline import runstate
 from moepack.model.arch import Role
 from moepack.errors import MoepackError
-from moepack.backends import Backend, LocalBackend, add_backend_args, backend_from_args, torch_threads
+from moepack.backends import Backend, LocalBackend, torch_threads
 from moepack.stages.sensitivity.fakequant import FakeQuantWeights, QuantStore
 from moepack.gguf.names import OutTensor, gguf_group_name, gguf_outputs
 from moepack.model.runner import LayerRunner
@@ -60,8 +59,6 @@ __all__ = [
     "spearman",
     "save_json",
     "parse_base",
-    "add_cli",
-    "run",
 ]
 
 log = logging.getLogger(__name__)
@@ -458,64 +455,3 @@ def _measure_sensitivity(view: Any, ids: torch.Tensor, reference_logits: Any, re
 def save_json(obj: Any, path: str | Path) -> Path:
     """Write sensitivity.json atomically."""
     return runstate.save_json(obj, path, indent=1)
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sensitivity", help="measure ΔKLD per tensor group and GGML type (sensitivity.json)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_dir", type=Path, help="Hugging Face checkpoint directory (original or pruned)")
-    p.add_argument("--calib", type=Path, required=True, help="run directory of `moepack calibrate` (imatrix)")
-    p.add_argument("--text", type=Path, required=True, help="text to measure on (UTF-8)")
-    p.add_argument("--tokens", type=int, default=4096, help="tokens to measure on (default 4096)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
-    p.add_argument("--reference", type=Path, metavar="ORIG_MODEL_DIR",
-                   help="reference model (the unpruned original; default: MODEL_DIR unquantized)")
-    p.add_argument("--base", help=f"base types: TYPE or ROLE|CLASS|GROUP=TYPE,... (default {DEFAULT_BASE})")
-    p.add_argument("--ladder", default=",".join(DEFAULT_LADDER), help="upgrade types in order (default: %(default)s)")
-    p.add_argument("--mode", choices=MODES, default="kld", help="kld (measured; the proxy comes free) or proxy")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch and quantization threads per task (default 2; with --ray the smallest node's cores)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward batch (default 8)")
-    p.add_argument("--cache-dir", type=Path, help="keep quantized tensors on disk here (large models)")
-    p.add_argument("-o", "--output", type=Path, required=True, metavar="sensitivity.json")
-    add_backend_args(p)
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    from moepack.stages.calibrate import CalibStats, calib_dir
-    from moepack.model.checkpoint import open_checkpoint
-    from moepack.model.textdata import chunk_tokens, tokenize_file
-
-    for flag, v in (("--tokens", args.tokens), ("--seq-len", args.seq_len), ("--batch-size", args.batch_size),
-                    ("--threads", 1 if args.threads is None else args.threads)):
-        if v < 1:
-            raise SensitivityError(f"{flag} must be at least 1 (got {v})")
-    view = open_checkpoint(args.model_dir)
-    ref_view = open_checkpoint(args.reference) if args.reference else None
-    stats = CalibStats.load(calib_dir(args.calib))
-    ids = chunk_tokens(tokenize_file(args.model_dir, args.text, args.tokens), args.seq_len)  # (N, L)
-    with backend_from_args(args) as backend:
-        table = measure_sensitivity(view, ids, reference_view=ref_view, imatrix=stats, base=args.base,
-                                    ladder=[t for t in args.ladder.split(",") if t.strip()], mode=args.mode,
-                                    threads=args.threads or backend.default_threads(2), batch_size=args.batch_size,
-                                    cache_dir=args.cache_dir, backend=backend)
-    save_json(table, args.output)
-    _summary(table, args.output)
-    return 0
-
-
-def _summary(table: dict[str, Any], path: Path) -> None:
-    t, b = table["timing"], table["base"]
-    n_opt = sum(len(g["options"]) - 1 for g in table["groups"])
-    print(f"{path}: {len(table['groups'])} groups, {n_opt} upgrades, {b['tokens']} tokens, "
-          f"measure {b['measure']}, {t['total_s']:.1f} s")
-    if "kld" in b:
-        rho = table["proxy"]["spearman"]
-        print(f"  KLD of the all-base model: {b['kld']:.5f}; proxy rank agreement (Spearman): "
-              f"{'n/a' if rho is None else f'{rho:.3f}'}")
-    best = sorted(((o["dkld"], g["name"], o["type"]) for g in table["groups"] for o in g["options"][1:]))[:5]
-    for d, name, typ in best:
-        print(f"  {name:28s} {typ:8s} ΔKLD {d:+.5f}")

@@ -1,0 +1,61 @@
+"""`moepack compress MODEL_DIR (--memory SIZE -c N | --target-size SIZE | --target-bpw X) -o OUT.gguf`: calibrate ->
+prune -> adjust k' -> sensitivity -> allocate -> write -> verify, in one resumable run.
+
+The budget is a device (--memory and the context it must hold, -c/--ctx-size, as llama.cpp's -c; the KV cache and
+compute buffers are subtracted) or a file size (--target-size, or --target-bpw bits per parameter of the original
+checkpoint). Every stage artifact lives in the run directory (default: OUT.gguf's name + ".run" beside it); a rerun
+after an interruption redoes only unfinished stages and writes identical bytes. The written file is loaded in
+llama.cpp with the device's context and generates a few tokens before the command reports success.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from moepack.cli import options as o
+
+__all__ = ["add_cli", "run"]
+
+log = logging.getLogger(__name__)
+
+
+def add_cli(sub: o.Subparsers) -> None:
+    p = o.add_command(sub, "compress", "prune, adjust top-k and quantize a MoE checkpoint to fit a device budget",
+                      __doc__, run)
+    p.add_argument("model_dir", type=Path, help="Hugging Face checkpoint directory")
+    o.add_output(p, "OUT.gguf", "GGUF file to write")
+    o.add_budget(p)
+    o.add_keep(p, auto=True)
+    o.add_top_k(p)
+    o.add_calib_text(p)
+    o.add_calib_tokens(p)
+    o.add_seq_len(p)
+    o.add_sens_tokens(p, "held-out tokens after the calibration tokens, for sensitivity and KLD")
+    o.add_solver(p)
+    o.add_base(p, "the largest ladder type that leaves 30%% of the budget for upgrades")
+    o.add_ladder(p)
+    o.add_criterion(p)
+    p.add_argument("--run-dir", type=Path, metavar="DIR",
+                   help="stage artifacts (default OUT.gguf.run beside the output)")
+    o.add_threads(p, "torch and quantization threads of every stage and task", ray=True)
+    p.add_argument("--cache-dir", type=Path, metavar="DIR",
+                   help="keep the sensitivity stage's quantized tensors on disk here (large models; with --ray on "
+                        "storage every machine sees)")
+    o.add_repack(p, "verify")
+    o.add_backend(p, shards=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moepack.pipeline.compress import CompressOptions, compress, render_summary
+
+    o.check_positive(args, "calib_tokens", "seq_len", "sens_tokens", "threads")
+    with o.make_backend(args) as backend:
+        opts = CompressOptions(keep=args.keep, top_k=args.top_k, calib_text=args.calib_text,
+                               calib_tokens=args.calib_tokens, seq_len=args.seq_len, sens_tokens=args.sens_tokens,
+                               solver=args.solver, base=args.base, ladder=args.ladder, criterion=args.criterion,
+                               threads=o.threads(args, backend), shards=args.shards, cache_dir=args.cache_dir,
+                               extra_bufts=args.repack)
+        result = compress(args.model_dir, args.output, o.budget_request(args), opts, args.run_dir, backend)
+    print(render_summary(result))
+    return 0

@@ -1,0 +1,295 @@
+"""The flag vocabulary every `moepack` command shares, each flag defined once.
+
+Names follow llama.cpp's tools (`-c/--ctx-size`, `-t/--threads`, `--cache-type-k`, `--flash-attn`, `--ubatch-size`,
+`--imatrix FILE`) and Hugging Face's where they have one. Across commands:
+
+- `-o/--output PATH`     what the command writes (a file or a directory);
+- `--calib-text FILE`    calibration TEXT: text of the domain the model is deployed for, never the evaluation text;
+- `--calib-dir DIR`      a calibration RUN DIRECTORY, the output of `moepack calibrate` (statistics, imatrix);
+- `--calib-tokens N`, `--sens-tokens N`, `--seq-len N`: calibration tokens, held-out tokens, tokens per sequence;
+- `-t/--threads N`       default 2 (`DEFAULT_THREADS`) for every command; with `--ray`, the smallest node's cores.
+
+This module imports only light library modules (no torch, transformers or llama_cpp), so that building the parser
+stays cheap; the choices mirrored from heavy modules are checked against them by the tests.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from moepack.errors import MoepackError
+from moepack.stages.allocate import SOLVERS  # pure Python, as is budget
+from moepack.stages.budget import DEFAULT_RESERVE_FRACTION, DEFAULT_UBATCH, BudgetRequest
+
+if TYPE_CHECKING:
+    from moepack.backends import Backend
+
+__all__ = [
+    "Container",
+    "Subparsers",
+    "DEFAULT_THREADS",
+    "CALIB_TOKENS",
+    "SENS_TOKENS",
+    "SEQ_LEN",
+    "BATCH_SIZE",
+    "LADDER",
+    "BASE",
+    "CRITERIA",
+    "SENS_MODES",
+    "add_command",
+    "add_output",
+    "add_calib_text",
+    "add_calib_dir",
+    "add_calib_tokens",
+    "add_sens_tokens",
+    "add_seq_len",
+    "add_batch_size",
+    "add_threads",
+    "add_backend",
+    "add_budget",
+    "add_target_size",
+    "add_keep",
+    "add_top_k",
+    "add_criterion",
+    "add_solver",
+    "add_base",
+    "add_ladder",
+    "add_reference",
+    "add_repack",
+    "budget_request",
+    "make_backend",
+    "threads",
+    "check_positive",
+    "top_k_arg",
+    "keep_arg",
+    "ladder_arg",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THREADS = 2  # the cores of the smallest machine moepack supports
+CALIB_TOKENS = 50_000
+SENS_TOKENS = 4096
+SEQ_LEN = 512
+BATCH_SIZE = 8
+# Mirrors of constants in modules that import torch (checked equal by tests/test_cli.py):
+LADDER = ("IQ2_XXS", "IQ2_S", "IQ3_XXS", "IQ3_S", "Q4_K", "Q5_K", "Q6_K", "Q8_0")  # sensitivity.measure.DEFAULT_LADDER
+BASE = "IQ2_XXS"  # sensitivity.measure.DEFAULT_BASE
+CRITERIA = ("score", "frequency", "reap", "random")  # stages.prune.CRITERIA
+SENS_MODES = ("kld", "proxy", "both")  # sensitivity.measure.MODES
+
+_CALIB_TEXT_HELP = ("calibration text (UTF-8, paragraphs split by blank lines): a few hundred thousand characters of "
+                    "what the model will see deployed, the domain it must stay good at; never the text you evaluate "
+                    "on. Default: moepack's bundled mix of stories, encyclopedic prose, dialogue, code and web text")
+
+
+class Container(Protocol):
+    """A parser, an argument group or a mutually exclusive group."""
+
+    def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action: ...
+
+
+class Subparsers(Protocol):
+    """What `ArgumentParser.add_subparsers()` returns, as far as the command modules use it."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser: ...
+
+
+def add_command(sub: Subparsers, name: str, help: str, doc: str | None,
+                run: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows `doc` (the command module's docstring) as written."""
+    p = sub.add_parser(name, help=help, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=run)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------- arg types
+
+def top_k_arg(s: str) -> int | str:
+    if s == "auto":
+        return s
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--top-k takes a whole number or 'auto', not {s!r}") from None
+
+
+def keep_arg(s: str) -> float | str:
+    if s == "auto":
+        return s
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--keep takes a number in (0, 1] or 'auto', not {s!r}") from None
+
+
+def ladder_arg(s: str) -> tuple[str, ...]:
+    """"IQ2_XXS, q4_k,Q8_0" → ("IQ2_XXS", "Q4_K", "Q8_0"), each a GGML type name."""
+    from moepack.gguf.kernels import parse_type  # at parse time only: gguf and numpy
+
+    try:
+        ladder = tuple(parse_type(t.strip()).name for t in s.split(",") if t.strip())
+    except MoepackError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not ladder:
+        raise argparse.ArgumentTypeError("--ladder needs at least one type, e.g. IQ2_XXS,IQ3_S,Q4_K")
+    return ladder
+
+
+def check_positive(args: argparse.Namespace, *dests: str) -> None:
+    """MoepackError naming the flag when one of these whole-number options is below 1 (None = not given: fine)."""
+    for dest in dests:
+        v = getattr(args, dest, None)
+        if v is not None and v < 1:
+            raise MoepackError(f"--{dest.replace('_', '-')} must be at least 1 (got {v})")
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+
+def add_output(p: Container, metavar: str, help: str, required: bool = True) -> None:
+    p.add_argument("-o", "--output", type=Path, required=required, metavar=metavar, help=help)
+
+
+def add_calib_text(p: Container, required: bool = False, help: str = _CALIB_TEXT_HELP) -> None:
+    p.add_argument("--calib-text", type=Path, required=required, metavar="FILE", help=help)
+
+
+def add_calib_dir(p: Container, help: str, required: bool = True) -> None:
+    p.add_argument("--calib-dir", type=Path, required=required, metavar="DIR",
+                   help=f"{help}: a run directory of `moepack calibrate` (or its calib/ folder)")
+
+
+def add_calib_tokens(p: Container) -> None:
+    p.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS, metavar="N",
+                   help=f"tokens of --calib-text the statistics are taken on (default {CALIB_TOKENS})")
+
+
+def add_sens_tokens(p: Container, help: str) -> None:
+    p.add_argument("--sens-tokens", type=int, default=SENS_TOKENS, metavar="N",
+                   help=f"{help} (default {SENS_TOKENS})")
+
+
+def add_seq_len(p: Container) -> None:
+    p.add_argument("--seq-len", type=int, default=SEQ_LEN, metavar="N",
+                   help=f"tokens per sequence (default {SEQ_LEN})")
+
+
+def add_batch_size(p: Container, what: str = "sequences per forward batch") -> None:
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, metavar="N", help=f"{what} (default {BATCH_SIZE})")
+
+
+def add_reference(p: Container, help: str, required: bool = False, metavar: str = "MODEL") -> None:
+    p.add_argument("--reference", type=Path, required=required, metavar=metavar, help=help)
+
+
+# ---------------------------------------------------------------------------------------------------- where it runs
+
+def add_threads(p: Container, what: str, ray: bool = False) -> None:
+    """-t/--threads; with `ray`, not given means the smallest Ray node's cores (see `threads`)."""
+    on_ray = "; with --ray the cores of the smallest node" if ray else ""
+    p.add_argument("-t", "--threads", type=int, default=None, metavar="N",
+                   help=f"{what} (default {DEFAULT_THREADS}, the cores of the smallest machine moepack supports"
+                        f"{on_ray})")
+
+
+def threads(args: argparse.Namespace, backend: Backend | None = None) -> int:
+    """--threads as given, else DEFAULT_THREADS in-process and the smallest node's cores on Ray."""
+    if args.threads is not None:
+        return int(args.threads)
+    return backend.default_threads(DEFAULT_THREADS) if backend is not None else DEFAULT_THREADS
+
+
+def add_backend(p: Container, shards: bool = False) -> None:
+    """--ray (and --shards for calibration)."""
+    p.add_argument("--ray", metavar="auto|ADDRESS", default=None,
+                   help="run tasks on a Ray cluster: auto (a running cluster, else a local one), HEAD:6379 or "
+                        "ray://HEAD:10001; the checkpoint must be at the same path on every machine "
+                        "(needs moepack[ray]; see docs/distributed.md)")
+    if shards:
+        p.add_argument("--shards", type=int, default=None, metavar="N",
+                       help="calibration tasks, each a contiguous block of whole sequences (default 1; with --ray "
+                            "the cluster's CPUs / --threads); the statistics are sums, so any N gives the same "
+                            "numbers up to float64 rounding")
+
+
+def make_backend(args: argparse.Namespace) -> Backend:
+    """The backend of --ray, after checking --shards (a context manager: `with make_backend(args) as b:`)."""
+    from moepack.backends import make_backend as make
+
+    check_positive(args, "shards")
+    return make(args.ray)
+
+
+# ---------------------------------------------------------------------------------------------------- budget
+
+def add_target_size(g: Container, help: str) -> None:
+    g.add_argument("--target-size", metavar="SIZE", help=f"GGUF file size, e.g. 103GB, 20MiB or 1.5GiB{help}")
+
+
+def add_budget(p: argparse.ArgumentParser) -> None:
+    """The device or size budget (`budget_request` reads it back)."""
+    g = p.add_argument_group("budget (give --memory with -c/--ctx-size, or --target-size, or --target-bpw)")
+    g.add_argument("--memory", metavar="SIZE", help="device memory, e.g. 16GiB, 128GB, 8G (= 8 GiB)")
+    g.add_argument("-c", "--ctx-size", type=int, metavar="N",
+                   help="context length the device must hold, as llama.cpp's -c (sizes the KV cache)")
+    g.add_argument("--reserve", metavar="SIZE", help="memory kept free for the OS and the runtime "
+                   f"(default {DEFAULT_RESERVE_FRACTION * 100:.0f}%% of --memory)")
+    add_target_size(g, "")
+    g.add_argument("--target-bpw", type=float, metavar="X",
+                   help="GGUF file size as bits per parameter of the original checkpoint (all its tensors)")
+    g.add_argument("--cache-type-k", default="f16", metavar="TYPE", help="KV cache K type at run time (default f16)")
+    g.add_argument("--cache-type-v", default=None, metavar="TYPE", help="KV cache V type (default: K's)")
+    g.add_argument("--flash-attn", action="store_true",
+                   help="the runtime uses flash attention (much smaller compute buffer at long contexts)")
+    g.add_argument("--ubatch-size", type=int, default=DEFAULT_UBATCH, metavar="N",
+                   help=f"runtime n_ubatch (default {DEFAULT_UBATCH})")
+
+
+def budget_request(args: argparse.Namespace) -> BudgetRequest:
+    return BudgetRequest(memory=args.memory, ctx=args.ctx_size, reserve=args.reserve, target_size=args.target_size,
+                         target_bpw=args.target_bpw, type_k=args.cache_type_k, type_v=args.cache_type_v,
+                         n_ubatch=args.ubatch_size, flash_attn=args.flash_attn)
+
+
+# ---------------------------------------------------------------------------------------------------- pruning
+
+def add_keep(p: Container, auto: bool) -> None:
+    p.add_argument("--keep", type=keep_arg if auto else float, default=0.75, metavar="R" + ("|auto" if auto else ""),
+                   help="share R of routed experts kept per layer, in (0, 1]"
+                        + (", or auto: try several and keep the best" if auto else "") + " (default 0.75)")
+
+
+def add_top_k(p: Container) -> None:
+    p.add_argument("--top-k", type=top_k_arg, default=None, metavar="K|auto",
+                   help="experts per token after pruning: a number, or auto (the smallest k' within --kld-tol of "
+                        "the best on held-out tokens); default max(1, round(R*k))")
+
+
+def add_criterion(p: Container) -> None:
+    p.add_argument("--criterion", choices=CRITERIA, default="score", help="expert importance criterion (default score)")
+
+
+# ---------------------------------------------------------------------------------------------------- types
+
+def add_solver(p: Container) -> None:
+    p.add_argument("--solver", choices=SOLVERS, default="greedy",
+                   help="greedy: the paper's dynamic budgeting with back-off; exact: knapsack DP (default greedy)")
+
+
+def add_base(p: Container, default: str) -> None:
+    p.add_argument("--base", metavar="TYPES",
+                   help="base types: TYPE, or ROLE|CLASS|GROUP=TYPE,... e.g. routed_experts=IQ2_XXS,attention=Q4_K "
+                        f"(default: {default})")
+
+
+def add_ladder(p: Container) -> None:
+    p.add_argument("--ladder", type=ladder_arg, default=",".join(LADDER), metavar="T1,T2,...",
+                   help="upgrade types from the smallest up, comma-separated (default %(default)s)")
+
+
+def add_repack(p: Container, what: str) -> None:
+    p.add_argument("--repack", action="store_true",
+                   help=f"{what} with llama.cpp's CPU extra buffer types (weight repacking) on; off by default, as "
+                        "llama.cpp's --no-repack, since on AMX CPUs they abort DeepSeek models")
