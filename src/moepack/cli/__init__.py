@@ -22,7 +22,8 @@ COMMANDS = tuple(f"moepack.cli.{name}" for name in (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moepack", description="Pack Mixture-of-Experts LLMs into one edge machine.")
+    p = argparse.ArgumentParser(prog="moepack", description="Pack Mixture-of-Experts LLMs into one edge machine.",
+                                allow_abbrev=False)
     p.add_argument("--version", action="version", version=f"moepack {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)

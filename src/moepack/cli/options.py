@@ -100,7 +100,9 @@ class Subparsers(Protocol):
 def add_command(sub: Subparsers, name: str, help: str, doc: str | None,
                 run: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
     """A subcommand whose --help shows `doc` (the command module's docstring) as written."""
-    p = sub.add_parser(name, help=help, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # allow_abbrev=False: a renamed flag's old spelling (--ctx, --calib) fails instead of matching a prefix silently
+    p = sub.add_parser(name, help=help, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       allow_abbrev=False)
     p.set_defaults(func=run)
     return p
 
