@@ -132,3 +132,25 @@ def test_fixture_perplexity_within_card_bound(name: str) -> None:
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss.item()
     assert torch.exp(torch.tensor(loss)).item() < bound
+
+
+def test_inspect_plans_from_a_config_alone(capsys) -> None:
+    """DeepSeek-V3's config.json only, a 128 GB device at 8k context (the paper's case): the budget adds up, keep
+    0.75 leaves more bits per kept weight than keep 1.0, and a type 'fits' exactly when its estimate is in budget."""
+    from conftest import ROOT
+    from moepack.cli import main
+
+    cfg = ROOT / "data" / "configs" / "deepseek-v3"
+    assert main(["inspect", str(cfg), "--memory", "128GB", "-c", "8192", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    b, fit = d["fit"]["budget"], d["fit"]
+    assert b["memory"] == 128 * 10**9 and b["ctx"] == 8192
+    assert b["weights"] + b["overhead"] + b["kv_cache"] + b["compute"] + b["reserve"] <= b["memory"]
+    r1, r75 = fit["retentions"]
+    assert (r1["keep"], r75["keep"]) == (1.0, 0.75) and r75["bpw"] > r1["bpw"]
+    assert r1["params"] == d["params_total"] and r75["params"] < r1["params"]
+    for r in fit["retentions"]:
+        assert all(v["fits"] == (v["bytes"] <= b["weights"]) for v in r["types"].values())
+    assert r75["types"]["IQ1_S"]["bytes"] < r1["types"]["IQ1_S"]["bytes"]
+    assert main(["inspect", str(cfg), "--memory", "128GB", "-c", "8192"]) == 0
+    assert "bits per kept weight" in capsys.readouterr().out

@@ -1,5 +1,10 @@
-"""`moepack inspect MODEL_DIR [--json]`: the MoE structure, parameter counts and GGUF size estimates of a checkpoint,
-from config.json and safetensors headers alone."""
+"""`moepack inspect MODEL [--memory SIZE -c N | --target-size SIZE | --target-bpw X] [--json]`: the MoE structure,
+parameter counts and GGUF size estimates of a checkpoint, from config.json and safetensors headers alone.
+
+MODEL is a checkpoint directory, a directory holding only config.json (every tensor's shape is then derived from
+the architecture tables: plan before you download), or a Hugging Face repo id already in the local cache. With a
+budget it also prints what the budget leaves for weights, the bits per weight that gives at expert retention 1.0
+and 0.75, and which single types fit."""
 from __future__ import annotations
 
 import argparse
@@ -46,18 +51,45 @@ def _render(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _render_fit(f: dict[str, Any]) -> str:
+    b = f["budget"]
+    how = (f"device memory {_fmt_bytes(b['memory'])}, context {b['ctx']}: KV cache {_fmt_bytes(b['kv_cache'])}, "
+           f"compute buffers {_fmt_bytes(b['compute'])}, reserve {_fmt_bytes(b['reserve'])}"
+           if b["source"] == "memory" else f"file target {_fmt_bytes(b['target'])}")
+    lines = [f"  budget        {how}; GGUF overhead {_fmt_bytes(b['overhead'])}",
+             f"                leaves {_fmt_bytes(b['weights'])} for tensor data (file at most "
+             f"{_fmt_bytes(f['file_limit'])})"]
+    for r in f["retentions"]:
+        fit = [t for t, v in r["types"].items() if v["fits"]]
+        lines.append(f"  keep {r['keep']:<5g}    {r['bpw']:5.2f} bits per kept weight ({r['params']:,} parameters); "
+                     f"uniform types that fit: {', '.join(fit) or 'none'}")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     from moepack.gguf.estimate import describe
-    from moepack.model.checkpoint import open_checkpoint
+    from moepack.model.shapes import open_for_planning
+    from moepack.model.source import resolve_model
 
-    for model_dir in args.model_dirs:
-        d = describe(open_checkpoint(model_dir))
-        print(json.dumps(d, indent=2) if args.json else _render(d))
+    request = o.budget_request(args)
+    planned = any(v is not None for v in (request.memory, request.target_size, request.target_bpw))
+    for model in args.models:
+        view = open_for_planning(resolve_model(model))
+        d = describe(view)
+        if planned:
+            from moepack.stages.fit import fit_report
+
+            d["fit"] = fit_report(view, request)
+        print(json.dumps(d, indent=2) if args.json else
+              _render(d) + ("\n" + _render_fit(d["fit"]) if planned else ""))
     return 0
 
 
 def add_cli(sub: o.Subparsers) -> None:
     p = o.add_command(sub, "inspect", "show a checkpoint's MoE structure, parameter counts and GGUF size estimates",
                       __doc__, run)
-    p.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR", help="Hugging Face checkpoint directory")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="checkpoint directory, a directory with only config.json, or a repo id in the local "
+                        "Hugging Face cache")
+    o.add_budget(p)
     p.add_argument("--json", action="store_true", help="print JSON to stdout instead of the text summary")

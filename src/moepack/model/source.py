@@ -30,7 +30,8 @@ def resolve_model(arg: str | Path, cache_dir: str | Path | None = None, revision
             raise ModelNotFound(f"{path}: not a directory; pass a Hugging Face checkpoint directory or repo id")
         return path
     if not _REPO_ID.fullmatch(str(arg)):
-        raise ModelNotFound(f"{arg}: no such directory (and not a Hugging Face repo id such as deepseek-ai/DeepSeek-V3)")
+        raise ModelNotFound(f"{arg}: not a directory (nothing is there), nor a Hugging Face repo id such as "
+                            "deepseek-ai/DeepSeek-V3")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
