@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from moepack.gguf import kernels as ggml
+from moepack.gguf.types import LADDER
 
 ROOT = Path(__file__).resolve().parents[1]
-LADDER = ("IQ2_XXS", "IQ2_S", "IQ3_XXS", "IQ3_S", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 
 # DeepSeek-V3 (config.json of deepseek-ai/DeepSeek-V3): the numbers the model below uses.
 DSV3 = dict(hidden=7168, layers=61, dense_layers=3, experts=256, shared=1, top_k=8, expert_ffn=2048, dense_ffn=18432,
