@@ -42,7 +42,8 @@ def file_limit(model: Path, bpw: float) -> int:
 
 
 def run_compress(model: Path, work: Path, keep: float | str, bpw: float, args: argparse.Namespace) -> dict:
-    from moepack.pipeline.compress import CompressOptions, compress
+    from moepack.pipeline.compress import compress
+    from moepack.pipeline.options import CompressOptions
     from moepack.stages.budget import BudgetRequest
 
     out = work / f"moepack-r{keep}-b{bpw:g}.gguf"
@@ -64,10 +65,10 @@ def run_compress(model: Path, work: Path, keep: float | str, bpw: float, args: a
 def _plan_bytes(outs: list, types: dict[str, str]) -> int:
     import gguf
 
-    from moepack.gguf.estimate import tensor_bytes
+    from moepack.gguf.types import written_bytes
 
     f32 = gguf.GGMLQuantizationType.F32
-    return sum(tensor_bytes(o.shape, gguf.GGMLQuantizationType[types[o.name]] if o.name in types else f32)
+    return sum(written_bytes(o.shape, gguf.GGMLQuantizationType[types[o.name]] if o.name in types else f32)
                for o in outs)
 
 
@@ -155,7 +156,8 @@ def uniform(model: Path, work: Path, run_dir: Path) -> list[dict]:
 
 def evaluate_all(model: Path, rows: list[dict], work: Path, args: argparse.Namespace) -> dict:
     from moepack.eval import mc
-    from moepack.eval.evaluate import EvalConfig, evaluate_model, prepare_reference
+    from moepack.eval.evaluate import evaluate_model
+    from moepack.eval.reference import EvalConfig, prepare_reference
     from moepack.model.textdata import read_text
 
     text = DATA / "tinystories-valid.txt"

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from moepack.gguf import kernels as ggml
+from moepack.gguf.types import LADDER
 
 ROOT = Path(__file__).resolve().parents[1]
-LADDER = ("IQ2_XXS", "IQ2_S", "IQ3_XXS", "IQ3_S", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 
 # DeepSeek-V3 (config.json of deepseek-ai/DeepSeek-V3): the numbers the model below uses.
 DSV3 = dict(hidden=7168, layers=61, dense_layers=3, experts=256, shared=1, top_k=8, expert_ffn=2048, dense_ffn=18432,
@@ -95,7 +95,7 @@ def fixture_probe(tokens: int, threads: int) -> dict[str, float]:
 
     from moepack.stages.calibrate import calibrate
     from moepack.model.checkpoint import open_checkpoint
-    from moepack.stages.sensitivity.measure import measure_sensitivity
+    from moepack.stages.sensitivity.measure import SensitivityConfig, measure_sensitivity
 
     with tempfile.TemporaryDirectory() as d:
         path = build_tiny_model("deepseek_v3", Path(d) / "m", hidden=256, ffn=256, n_experts=16, top_k=4, n_layers=4,
@@ -104,7 +104,7 @@ def fixture_probe(tokens: int, threads: int) -> dict[str, float]:
         rng = np.random.default_rng(0)
         stats = calibrate(view, rng.integers(0, 4096, (4, 256)), progress=False, threads=threads)
         ids = rng.integers(0, 4096, (max(1, tokens // 256), 256))
-        t = measure_sensitivity(view, ids, imatrix=stats, threads=threads, progress=False)
+        t = measure_sensitivity(view, ids, SensitivityConfig(threads=threads, progress=False), imatrix=stats).to_dict()
     tm = t["timing"]
     return {"tokens": int(ids.size), "groups": len(t["groups"]), "probes": tm["probes"],
             "quantize_s": tm["quantize_s"], "probes_s": tm["probes_s"], "s_per_probe": tm["probes_s"] / tm["probes"],

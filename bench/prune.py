@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moepack.stages.calibrate import CalibStats, run_calibrate
 from moepack.model.checkpoint import open_checkpoint
+from moepack.model.pruned import pruned_view
 from moepack.model.runner import KLDReference, LayerRunner
-from moepack.stages.prune import PruneOptions, _auto_candidates, make_plan, pruned_view, top_k_auto
 from moepack.model.textdata import chunk_tokens, tokenize_file
+from moepack.schema import CalibStats
+from moepack.stages.calibrate import run_calibrate
+from moepack.stages.prune import PruneOptions, auto_candidates, make_plan, top_k_auto
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -45,14 +47,14 @@ def bench_model(model: Path, keeps: list[float], args: argparse.Namespace) -> li
         for crit, seed in CRITERIA:
             opts = PruneOptions(keep=keep, criterion=crit, seed=seed)
             plan = make_plan(view, stats, opts)
-            cands = _auto_candidates(plan, view, opts)
+            cands = auto_candidates(plan, view, opts)
             auto, _ = top_k_auto(view, plan, stats.heldout, cands, opts.kld_tol, args.batch, heldout, False)
             measured: dict[int, dict[str, float]] = {}
-            for policy, k in (("k", view.facts.top_k), ("round", plan["top_k_new"]), ("auto", auto)):
+            for policy, k in (("k", view.facts.top_k), ("round", plan.top_k_new), ("auto", auto)):
                 if k not in measured:
                     measured[k] = valid.variant(LayerRunner(pruned_view(view, plan, top_k=k)))
                 rows.append(dict(model=model.name, keep=keep, criterion=crit, seed=seed, policy=policy, top_k=k,
-                                 n_kept=plan["n_kept"], **measured[k]))
+                                 n_kept=plan.n_kept, **measured[k]))
                 print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
 

@@ -12,13 +12,14 @@ import time
 import numpy as np
 
 from moepack.gguf import kernels as ggml
+from moepack.gguf import types as gt
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1024)
     ap.add_argument("--cols", type=int, default=4096)
-    ap.add_argument("--types", default=",".join(t.name for t in ggml.QUANT_TYPES))
+    ap.add_argument("--types", default=",".join(t.name for t in gt.QUANT_TYPES))
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.rows, args.cols)).astype(np.float32)  # (rows, n)
@@ -28,7 +29,7 @@ def main() -> int:
     print("| type | bpw | init s | 1 thread MB/s | 2 threads MB/s | dequant MB/s |")
     print("|---|---|---|---|---|---|")
     for name in args.types.split(","):
-        t = ggml.parse_type(name)
+        t = gt.parse_type(name)
         t0 = time.perf_counter()
         ggml._init_type(t)
         init = time.perf_counter() - t0
@@ -40,7 +41,7 @@ def main() -> int:
         t0 = time.perf_counter()
         ggml.dequantize(q, t, x.shape, threads=2)
         deq = mb / (time.perf_counter() - t0)
-        bpw = ggml.bits_per_weight(t)
+        bpw = gt.bits_per_weight(t)
         print(f"| {t.name} | {bpw:.3f} | {init:.2f} | {speed[0]:.1f} | {speed[1]:.1f} | {deq:.0f} |")
     return 0
 

@@ -19,8 +19,8 @@ import gguf
 from moepack.gguf import kernels as ggml
 from moepack.stages.calibrate import run_calibrate
 from moepack.model.checkpoint import open_checkpoint
-from moepack.gguf.writer import imatrix_by_output, load_imatrix, write_gguf
-from moepack.gguf.quantize import write_imatrix_gguf
+from moepack.gguf.imatrix import ImatrixFile, imatrix_by_output, load_imatrix, write_imatrix_gguf
+from moepack.gguf.writer import write_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "data" / "tinystories-train.txt"
@@ -32,7 +32,7 @@ def bench(model: Path, qtype: str, threads: int, work: Path) -> dict:
     run_calibrate(model, TEXT, work, tokens=8192, seq_len=512, heldout_tokens=0, progress=False)
     im = load_imatrix(work, view)
     im_file = work / "imatrix.gguf"
-    write_imatrix_gguf(imatrix_by_output(view, im), im_file)
+    write_imatrix_gguf(ImatrixFile.of_means(imatrix_by_output(view, im)), im_file)
     src = work / "bf16.gguf"
     write_gguf(view, src, default_type="BF16", progress=False)
     in_bytes = sum(t.nbytes for t in view.tensors.values())

@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from moepack import ggml  # noqa: E402
+from moepack.gguf import kernels as ggml  # noqa: E402
 from moepack.stages.prune import write_checkpoint  # noqa: E402
 
 TEXT = ROOT / "data" / "tinystories-valid.txt"

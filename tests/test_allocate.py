@@ -13,9 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moepack.stages.allocate import (MAX_WORK, AllocationError, SensitivityTable, allocate, objective, solve_exact,
-                              solve_greedy)
 from moepack.cli import main
+from moepack.schema import SchemaError, SensitivityTable
+from moepack.stages.allocate import (MAX_WORK, AllocationError, allocate, file_budget, objective, solve_exact,
+                                     solve_greedy)
 
 EPS = 1e-9
 
@@ -209,8 +210,17 @@ def test_plan_contents() -> None:
     ({"groups": "x"}, "groups"),
 ])
 def test_schema_errors(change: dict, message: str) -> None:
-    with pytest.raises(AllocationError, match=message):
+    with pytest.raises(SchemaError, match=message):
         SensitivityTable.from_dict(_table(**change))
+
+
+def test_target_size_needs_the_tables_overhead() -> None:
+    """A file-size target is the tensor budget plus the GGUF's other bytes; a table without them is refused rather
+    than read as 0 bytes (which would let the file exceed the target)."""
+    t = SensitivityTable.from_dict(_table())
+    assert file_budget(t, 2650) == 2600
+    with pytest.raises(AllocationError, match="no overhead_bytes"):
+        file_budget(SensitivityTable.from_dict(_table(overhead_bytes=None)), 2650)
 
 
 def test_unknown_solver() -> None:

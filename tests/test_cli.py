@@ -53,9 +53,11 @@ def test_building_the_parser_imports_no_heavy_library() -> None:
 def test_mirrored_choices_match_the_library() -> None:
     """options.py keeps copies of constants that live in modules importing torch; they must not drift."""
     from moepack.cli import options
-    from moepack.pipeline.compress import CompressOptions
+    from moepack.pipeline.options import CompressOptions
     from moepack.stages.prune import CRITERIA
-    from moepack.stages.sensitivity.measure import DEFAULT_BASE, DEFAULT_LADDER, MODES
+    from moepack.gguf.types import DEFAULT_BASE
+    from moepack.gguf.types import LADDER as DEFAULT_LADDER
+    from moepack.stages.sensitivity.measure import MODES
 
     assert options.CRITERIA == CRITERIA
     assert options.LADDER == DEFAULT_LADDER == CompressOptions.ladder

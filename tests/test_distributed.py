@@ -2,6 +2,7 @@
 2-CPU Ray cluster, compared bitwise with the same work in-process; backend errors; the --ray / --shards CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -12,13 +13,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from moepack.stages.calibrate import CalibStats, calibrate, shard_bounds
-from moepack.model.checkpoint import open_checkpoint
+from moepack.backends import (DistributedError, LocalBackend, RayBackend, ViewRef, make_backend, open_view,
+                              partition, running_cluster)
 from moepack.cli import main
-from moepack.backends import (DistributedError, LocalBackend, RayBackend, ViewRef, _running_cluster, make_backend,
-                                 open_view, partition)
 from moepack.errors import MoepackError
-from moepack.stages.sensitivity.measure import measure_sensitivity
+from moepack.model.checkpoint import open_checkpoint
+from moepack.schema import CalibStats
+from moepack.stages.calibrate import calibrate, shard_bounds
+from moepack.stages.sensitivity.measure import SensitivityConfig, measure_sensitivity
 
 if os.environ.get("CI"):
     import ray  # CI installs moepack[ray] (the Makefile's install step): without it these tests fail, not skip
@@ -54,7 +56,7 @@ def test_calibration_on_ray_equals_local(arch, shared_tiny_model, ray_backend) -
     local = _arrays(calibrate(view, IDS, shards=2, **kw))
     remote_stats = calibrate(view, IDS, shards=2, backend=ray_backend, **kw)
     remote = _arrays(remote_stats)
-    assert remote_stats.manifest["shards"] == 2 and remote_stats.manifest["backend"] == "ray"
+    assert remote_stats.manifest.shards == 2 and remote_stats.manifest.backend == "ray"
     assert sorted(local) == sorted(remote)
     for k in local:
         assert np.array_equal(local[k], remote[k]), k
@@ -71,14 +73,19 @@ def test_sensitivity_on_ray_equals_local(arch, shared_tiny_model, ray_backend, t
     rng = np.random.default_rng(1)
     stats = calibrate(view, rng.integers(0, 256, (4, 16)), progress=False)
     ids = rng.integers(0, 256, (2, 16))
-    kw: dict[str, Any] = dict(imatrix=stats, ladder=["IQ2_XXS", "IQ3_S", "Q8_0"], threads=1, progress=False)
-    local = measure_sensitivity(view, ids, **kw)
-    remote = measure_sensitivity(view, ids, backend=ray_backend, tasks=3, **kw)
+    cfg = SensitivityConfig(ladder=("IQ2_XXS", "IQ3_S", "Q8_0"), threads=1, progress=False)
+
+    def measure(backend: Any = None, **over: Any) -> dict[str, Any]:
+        return measure_sensitivity(view, ids, dataclasses.replace(cfg, **over), imatrix=stats,
+                                   backend=backend).to_dict()
+
+    local = measure()
+    remote = measure(ray_backend, tasks=3)
     assert local["timing"]["probes"] > 10 and remote["timing"]["backend"] == "ray"
     strip = [json.dumps({k: v for k, v in t.items() if k != "timing"}, sort_keys=True) for t in (local, remote)]
     assert strip[0] == strip[1]
     if arch == "qwen3_moe":
-        cached = measure_sensitivity(view, ids, backend=ray_backend, tasks=2, cache_dir=tmp_path, **kw)
+        cached = measure(ray_backend, tasks=2, cache_dir=tmp_path)
         assert json.dumps({k: v for k, v in cached.items() if k != "timing"}, sort_keys=True) == strip[0]
         assert len(list(tmp_path.rglob("*.safetensors"))) >= sum(len(g["tensors"]) for g in local["groups"])
 
@@ -92,7 +99,7 @@ def test_cli_ray_round_trip_and_resume(shared_tiny_model, ray_backend, tmp_path,
     assert main(args + ["--ray", "auto", "-o", str(tmp_path / "ray")]) == 0  # this process's Ray connection
     assert "2 shard(s)" in capsys.readouterr().out
     assert main(args + ["-o", str(tmp_path / "local")]) == 0
-    a, b = (_arrays(CalibStats.load(tmp_path / d)) for d in ("ray", "local"))
+    a, b = (_arrays(CalibStats.read(tmp_path / d)) for d in ("ray", "local"))
     assert all(np.array_equal(a[k], b[k]) for k in a)
     man = json.loads((tmp_path / "ray" / "calib" / "manifest.json").read_text())
     assert man["shards"] == 2 and man["backend"] == "ray" and man["threads"] == 1
@@ -121,7 +128,7 @@ def test_backend_errors(shared_tiny_model, tmp_path, capsys, monkeypatch) -> Non
         m.setenv("RAY_TMPDIR", str(tmp_path))  # where a killed `ray start` left its address behind
         (tmp_path / "ray").mkdir()
         (tmp_path / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
-        assert _running_cluster() == ("127.0.0.1:1", str(tmp_path / "ray" / "ray_current_cluster"))
+        assert running_cluster() == ("127.0.0.1:1", str(tmp_path / "ray" / "ray_current_cluster"))
     with monkeypatch.context() as m:
         m.setitem(sys.modules, "ray", None)  # as if installed without the extra
         with pytest.raises(DistributedError, match=r"moepack\[ray\]"):
@@ -140,12 +147,15 @@ def _fresh_ray(address: str, monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 def test_view_ref_of_a_pruned_view_and_helpers(shared_tiny_model) -> None:
-    from moepack.stages.prune import PruneOptions, make_plan, pruned_view
+    from moepack.model.pruned import pruned_view
+    from moepack.stages.prune import PruneOptions, make_plan
 
     view = open_checkpoint(shared_tiny_model("qwen3_moe"))
     pv = pruned_view(view, make_plan(view, calibrate(view, IDS, progress=False), PruneOptions(keep=0.5)))
     ref = ViewRef.of(pv)
     assert ref.root == str(view.root.resolve()) and open_view(ref).fingerprint() == pv.fingerprint()
+    other_k = ViewRef.of(pruned_view(view, pv.plan, top_k=1))  # a k' other than the plan's travels too
+    assert other_k.top_k == 1 and open_view(other_k).facts.top_k == 1
     assert shard_bounds(7, 2, 2) == [(0, 4), (4, 7)] and shard_bounds(7, 9, 2) == [(0, 2), (2, 4), (4, 6), (6, 7)]
     assert shard_bounds(7, 1, 8) == [(0, 7)]
     bins = partition([5, 1, 1, 1, 4, 2], 3)

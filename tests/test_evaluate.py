@@ -13,7 +13,8 @@ import pytest
 from conftest import DATA, MODELS, build_tiny_model, fixture_dir
 from moepack.eval import mc
 from moepack.cli import main
-from moepack.eval.evaluate import EvalConfig, EvalError, evaluate, prepare_reference, to_markdown
+from moepack.eval.evaluate import evaluate, to_markdown
+from moepack.eval.reference import EvalConfig, EvalError, prepare_reference
 
 TEXT = DATA / "tinystories-valid.txt"
 CFG = EvalConfig(ctx=64, tokens=512, threads=1, speed=False, mc_items=None)
@@ -24,7 +25,7 @@ def _tokenizer_dir() -> Path:
     for name in ("tiny-qwen3-moe", "tiny-deepseek-v3"):
         if (MODELS / name / "tokenizer.json").is_file():
             return MODELS / name
-    pytest.skip("no fixture tokenizer.json under models/")
+    pytest.fail("no fixture tokenizer.json under models/ (the fixtures are committed: restore them from git)")
 
 
 def _f32_gguf(model_dir: Path, out: Path) -> Path:
@@ -190,7 +191,7 @@ def test_mc_loaders() -> None:
 def test_trained_fixture_picks_obvious_answers(tmp_path) -> None:
     model_dir = fixture_dir("tiny-qwen3-moe")
     gguf_path = _f32_gguf(model_dir, tmp_path / "fixture-f32.gguf")
-    from moepack.eval.evaluate import LlamaScorer, Reference
+    from moepack.eval.reference import LlamaScorer, Reference
 
     scorer = LlamaScorer(gguf_path, 128, 1)
     tokenize = scorer.tokenize

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from moepack.gguf import kernels as ggml
 from moepack.errors import MoepackError
+from moepack.gguf import kernels as ggml
+from moepack.gguf import types as gt
 
 ROWS, N = 64, 512
 N_LAYER, EMBD, FF, N_EXP, VOCAB = 2, 256, 96, 4, 512  # FF = 96: ffn_down rows exercise the K-quant fallback
@@ -34,14 +35,14 @@ SLOW_INIT = {T.IQ1_S, T.IQ1_M, T.IQ2_S, T.IQ2_XS}  # ggml builds their search gr
 
 
 @pytest.mark.parametrize("t", [pytest.param(t, marks=pytest.mark.slow) if t in SLOW_INIT else t
-                               for t in ggml.QUANT_TYPES], ids=lambda t: t.name)
+                               for t in gt.QUANT_TYPES], ids=lambda t: t.name)
 def test_round_trip(t: T, x: np.ndarray, imat: np.ndarray) -> None:
     q = _quantize(x, t, imat)
-    assert q.dtype == np.uint8 and q.shape == (ROWS, ggml.row_size(t, N))
+    assert q.dtype == np.uint8 and q.shape == (ROWS, gt.row_bytes(t, N))
     assert q.shape[1] == N // GGML_QUANT_SIZES[t][0] * GGML_QUANT_SIZES[t][1]
     y = ggml.dequantize(q, t, x.shape)
     rel = float(np.sqrt(np.mean((y - x) ** 2) / np.mean(x**2)))
-    bpw = ggml.bits_per_weight(t)
+    bpw = gt.bits_per_weight(t)
     # a b-bit quantizer of Gaussian data leaves about 2^-b relative RMS error; floats: half an ulp of the mantissa;
     # the ternary types are meant for ternary-trained weights, so only sanity-checked on Gaussian data
     bound = {T.F32: 1e-7, T.F16: 2.0**-11, T.BF16: 2.0**-8, T.TQ1_0: 0.85, T.TQ2_0: 0.85}.get(t, 3.0 * 2.0**-bpw)
@@ -73,15 +74,15 @@ def test_experts_use_their_own_imatrix(x: np.ndarray, imat: np.ndarray) -> None:
     w = np.stack([x, x[::-1]])  # (E=2, rows, n)
     im = np.stack([imat, imat[::-1]])  # (E, n)
     q = ggml.quantize(w, T.IQ3_S, imatrix=im)
-    assert q.shape == (2, ROWS, ggml.row_size(T.IQ3_S, N))
+    assert q.shape == (2, ROWS, gt.row_bytes(T.IQ3_S, N))
     np.testing.assert_array_equal(q[1], ggml.quantize(x[::-1], T.IQ3_S, imatrix=imat[::-1]))
     assert not np.array_equal(q[0], ggml.quantize(x, T.IQ3_S))  # the imatrix changes the choice
 
 
 def test_types_and_errors(x: np.ndarray) -> None:
-    assert ggml.parse_type("q4_k") == T.Q4_K and ggml.parse_type(T.IQ2_XXS) == T.IQ2_XXS
+    assert gt.parse_type("q4_k") == T.Q4_K and gt.parse_type(T.IQ2_XXS) == T.IQ2_XXS
     with pytest.raises(MoepackError, match="Q4_K"):
-        ggml.parse_type("Q4_Z")
+        gt.parse_type("Q4_Z")
     with pytest.raises(MoepackError, match="Q4_K_M"):
         ggml.parse_ftype("Q4_KM")
     assert ggml.parse_ftype("q4_k") == ggml.parse_ftype("Q4_K_M")
@@ -90,8 +91,8 @@ def test_types_and_errors(x: np.ndarray) -> None:
         ggml.quantize(x, T.IQ1_S)
     with pytest.raises(MoepackError, match="multiples of 256"):
         ggml.quantize(x[:, :96], T.Q4_K)
-    assert ggml.bits_per_weight(T.Q8_0) == 8.5 and ggml.bits_per_weight("Q4_K") == 4.5
-    assert ggml.row_size(T.Q6_K, 512) == 420
+    assert gt.bits_per_weight(T.Q8_0) == 8.5 and gt.bits_per_weight("Q4_K") == 4.5
+    assert gt.row_bytes(T.Q6_K, 512) == 420
 
 
 @pytest.mark.parametrize(("t", "n", "want"), [
@@ -100,12 +101,12 @@ def test_types_and_errors(x: np.ndarray) -> None:
     (T.TQ1_0, 96, T.Q4_0), (T.Q4_K, 100, T.F16), (T.F16, 7, T.F16),
 ])
 def test_fallback_type(t: T, n: int, want: T) -> None:
-    assert ggml.fallback_type(t, n) == want
+    assert gt.fallback_type(t, n) == want
 
 
 def test_no_fallback_like_llama_cpp() -> None:
     with pytest.raises(MoepackError, match="no fallback"):  # llama.cpp: "no tensor type fallback is defined"
-        ggml.fallback_type(T.Q8_0, 100)
+        gt.fallback_type(T.Q8_0, 100)
 
 
 # ------------------------------------------------------------------------ llama_model_quantize on a tiny GGUF
@@ -188,7 +189,7 @@ def _compare(out: Path, weights: dict[str, np.ndarray], imatrix: dict[str, np.nd
         if qtype == T.F32:
             np.testing.assert_array_equal(got, src.view(np.uint8).reshape(-1), err_msg=t.name)
             continue
-        assert qtype == ggml.fallback_type(qtype, src.shape[-1])
+        assert qtype == gt.fallback_type(qtype, src.shape[-1])
         im = None if imatrix is None else imatrix.get(t.name)
         if im is not None and src.ndim == 2:
             im = im[0]  # (n,)
@@ -210,8 +211,11 @@ def test_matches_llama_model_quantize_with_imatrix(tmp_path: Path) -> None:
     weights = _weights()
     _write_model(src := tmp_path / "f32.gguf", weights)
     want = _write_imatrix(im_path := tmp_path / "imatrix.gguf", weights)
-    values, meta = ggml.load_imatrix(im_path)
-    assert meta["chunks"] == 3 and meta["datasets"] == ["tiny.txt"] and values.keys() == want.keys()
+    from moepack.gguf.imatrix import read_imatrix
+
+    found = read_imatrix(im_path)
+    values = found.means()
+    assert found.chunk_count == 3 and found.datasets == ["tiny.txt"] and values.keys() == want.keys()
     for k in want:
         np.testing.assert_array_equal(values[k], want[k])
     with pytest.raises(MoepackError, match="imatrix"):

@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 
 from conftest import ARCHS, build_tiny_model, fixture_dir
-from moepack.gguf import kernels as ggml
-from moepack.model.checkpoint import open_checkpoint
 from moepack.cli import main
+from moepack.gguf import kernels as ggml
+from moepack.gguf.imatrix import ImatrixFile, write_imatrix_gguf
 from moepack.gguf.names import gguf_group_name, gguf_outputs, gguf_tensor_name
-from moepack.gguf.writer import WriteError, overhead_bytes, resolve_types, tensor_nbytes, write_gguf
-from moepack.gguf.quantize import write_imatrix_gguf
+from moepack.gguf.types import fallback_type, tensor_bytes
+from moepack.gguf.writer import WriteError, overhead_bytes, resolve_types, write_gguf
+from moepack.model.checkpoint import open_checkpoint
 
 GOLDEN = Path(__file__).parent / "golden"
 N_TOK = 64
@@ -214,9 +215,9 @@ def test_mixed_types_load_generate_and_size(models, tmp_path: Path) -> None:
     predicted = overhead_bytes(view, default_type=None, tensor_types=types)  # known before any weight is read
     assert predicted == reader.data_offset
     for o in gguf_outputs(view):
-        qtype = ggml.fallback_type(types[o.key], o.n_per_row) if o.quantizable else ggml.T.F32
+        qtype = fallback_type(types[o.key], o.n_per_row) if o.quantizable else gguf.GGMLQuantizationType.F32
         assert {t.name: t.tensor_type for t in reader.tensors}[o.name] == qtype
-        predicted += gguf.GGUFWriter.ggml_pad(tensor_nbytes(o.shape, qtype), gguf.GGUF_DEFAULT_ALIGNMENT)
+        predicted += gguf.GGUFWriter.ggml_pad(tensor_bytes(o.shape, qtype), gguf.GGUF_DEFAULT_ALIGNMENT)
     assert rep.path.stat().st_size == predicted
     plan = json.loads(_reader_meta(rep.path)["moepack.quant_plan"])
     assert plan["tensors"]["blk.1.ffn_down_exps.weight"] == "IQ3_S"
@@ -252,8 +253,8 @@ def test_row_blocks_write_the_same_bytes(models, tmp_path: Path, monkeypatch) ->
                        progress=False)
     monkeypatch.setattr(go, "BLOCK_BYTES", 4 * 64 * 7)  # 7 rows of width 64 per block: a ragged last block
     calls: list[int] = []
-    real = go._encode
-    monkeypatch.setattr(go, "_encode", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    real = ggml.quantize
+    monkeypatch.setattr(ggml, "quantize", lambda x, *a, **k: calls.append(x.shape[0]) or real(x, *a, **k))
     blocks = write_gguf(view, tmp_path / "blocks.gguf", default_type="Q6_K", tensor_types=types, threads=2,
                         progress=False)
     assert 7 in calls  # the block path ran
@@ -435,7 +436,7 @@ def test_imatrix_file_and_ftype_with_imatrix(models, tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     im = {o.key: rng.random((o.shape[0] if o.transform == "stack" else 1, o.n_per_row)).astype(np.float32) + 0.1
           for o in gguf_outputs(view) if o.quantizable and o.transform != "k_b"}
-    write_imatrix_gguf(im, tmp_path / "imatrix.gguf")
+    write_imatrix_gguf(ImatrixFile.of_means(im), tmp_path / "imatrix.gguf")
     assert main(["quantize", str(d), "--type", "IQ2_XXS", "--imatrix", str(tmp_path / "imatrix.gguf"),
                  "-o", str(tmp_path / "iq2.gguf")]) == 0
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "iq2.gguf").tensors}
@@ -446,20 +447,25 @@ def test_imatrix_file_and_ftype_with_imatrix(models, tmp_path: Path) -> None:
 
 
 def test_pruned_checkpoint(models, tmp_path: Path) -> None:
-    from moepack.stages.prune import pruned_view, write_checkpoint
+    from moepack.model.pruned import pruned_view
+    from moepack.schema import PruneGroups, PruneLayer, PrunePlan
+    from moepack.stages.prune import write_checkpoint
 
     d = models("qwen3_moe")
     view = open_checkpoint(d)
     keep = [0, 2, 3, 5, 6, 7]
-    plan = {"n_experts": 8, "n_kept": len(keep), "top_k_new": 2,
-            "groups": {"n_group": None, "topk_group": None, "n_group_new": None, "topk_group_new": None},
-            "layers": {str(L): {"kept": keep} for L in view.facts.moe_layers}}
+    layer = PruneLayer(keep, [1, 4], [1.0] * 8)
+    plan = PrunePlan(model=str(d), model_fingerprint=view.fingerprint(), calib=None, calib_fingerprint="",
+                     criterion="score", alpha=0.5, keep=0.75, seed=0, normalisation="by hand", n_experts=8,
+                     n_kept=len(keep), top_k=2, top_k_new=2, top_k_policy="fixed",
+                     groups=PruneGroups("none", None, None, len(keep), None, None), notes=[],
+                     layers={str(L): layer for L in view.facts.moe_layers})
     pruned = write_checkpoint(pruned_view(view, plan), tmp_path / "pruned", progress=False)
-    (pruned / "prune_plan.json").write_text(json.dumps(plan))
+    plan.write(pruned / "prune_plan.json")
     rng = np.random.default_rng(3)
     im = {o.key: rng.random((8 if o.transform == "stack" else 1, o.n_per_row)).astype(np.float32) + 0.1
           for o in gguf_outputs(view) if o.quantizable}  # of the original model: 8 expert rows
-    write_imatrix_gguf(im, tmp_path / "imatrix.gguf")
+    write_imatrix_gguf(ImatrixFile.of_means(im), tmp_path / "imatrix.gguf")
     out = tmp_path / "pruned.gguf"
     assert main(["quantize", str(pruned), "--type", "F32", "--imatrix", str(tmp_path / "imatrix.gguf"),
                  "-o", str(out)]) == 0

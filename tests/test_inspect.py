@@ -154,3 +154,43 @@ def test_inspect_plans_from_a_config_alone(capsys) -> None:
     assert r75["types"]["IQ1_S"]["bytes"] < r1["types"]["IQ1_S"]["bytes"]
     assert main(["inspect", str(cfg), "--memory", "128GB", "-c", "8192"]) == 0
     assert "bits per kept weight" in capsys.readouterr().out
+
+
+def _resave(path: Path, extra: dict[str, torch.Tensor] | None = None, drop_config: str | None = None) -> None:
+    from safetensors.torch import load_file, save_file
+
+    if extra:
+        sd = load_file(path / "model.safetensors")
+        sd.update(extra)
+        save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+    if drop_config:
+        cfg = json.loads((path / "config.json").read_text())
+        cfg.pop(drop_config)
+        (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_unknown_tensors_are_an_error_not_dropped(tiny_model) -> None:
+    """A tensor no layout names would be missing from the GGUF: refused. DeepSeek-V3's multi-token-prediction
+    tensors (past num_hidden_layers) and saved rotary buffers are not part of the served model: ignored."""
+    path = tiny_model("deepseek_v3")
+    _resave(path, {"model.layers.2.eh_proj.weight": torch.zeros(4, 8),
+                   "model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(8)})
+    view = open_checkpoint(path)
+    assert not [n for n in view.tensors if "eh_proj" in n or "inv_freq" in n]
+    _resave(path, {"model.layers.0.mlp.mystery.weight": torch.zeros(4, 8)})
+    with pytest.raises(CheckpointError, match=r"1 tensor\(s\) are not part of any deepseek_v3 layout.*mystery"):
+        open_checkpoint(path)
+
+
+def test_missing_config_keys_are_named(tiny_model) -> None:
+    """No silent 0 for a key the model needs: the error names it; the GGUF writer refuses invented metadata."""
+    from moepack.gguf.metadata import WriteError
+    from moepack.gguf.writer import overhead_bytes
+
+    path = tiny_model("qwen3_moe")
+    _resave(path, drop_config="rms_norm_eps")
+    with pytest.raises(WriteError, match="config.json has no rms_norm_eps"):
+        overhead_bytes(open_checkpoint(path))
+    _resave(path, drop_config="vocab_size")
+    with pytest.raises(CheckpointError, match="config.json has no vocab_size"):
+        open_checkpoint(path)

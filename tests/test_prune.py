@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from conftest import ARCHS
-from moepack.stages.calibrate import CalibStats, RouterStats, calibrate
 from moepack.model.checkpoint import open_checkpoint
-from moepack.stages.prune import (PruneError, PruneOptions, _shape, importance, make_plan, pruned_view, run_prune,
-                           select_experts, write_checkpoint)
+from moepack.model.pruned import kept_count, pruned_view
+from moepack.schema import CalibStats, PrunePlan, RouterStats
+from moepack.stages.calibrate import calibrate
+from moepack.stages.prune import (PruneError, PruneOptions, importance, make_plan, plan_shape, run_prune,
+                                  select_experts, write_checkpoint)
 
 IDS = np.random.default_rng(1).integers(0, 256, (4, 24))  # (N, L)
 
@@ -25,18 +27,18 @@ def _kw(arch: str) -> dict:
 
 def _calibrated(path: Path, run: Path) -> CalibStats:
     st = calibrate(open_checkpoint(path), IDS, progress=False, heldout=IDS[:2])
-    st.save(run / "calib")
+    st.write(run / "calib")
     return st
 
 
-def _mask_router(model, plan: dict) -> dict[int, torch.Tensor]:
+def _mask_router(model, plan: PrunePlan) -> dict[int, torch.Tensor]:
     """Original model with the removed experts' router logits at -inf (and, for sigmoid + bias routers, their
     choice score at -inf so that they are never selected)."""
     masks: dict[int, torch.Tensor] = {}
     with torch.no_grad():
-        for layer, d in plan["layers"].items():
+        for layer, d in plan.layers.items():
             gate = model.model.layers[int(layer)].mlp.gate
-            removed = torch.tensor(d["removed"])
+            removed = torch.tensor(d.removed)
             masks[gate.weight.data_ptr()] = removed
             if hasattr(gate, "e_score_correction_bias"):
                 gate.e_score_correction_bias[removed] = float("-inf")
@@ -53,19 +55,19 @@ def test_pruned_model_equals_masked_original(arch, shared_tiny_model, tmp_path, 
     k = view.facts.top_k
     plan = run_prune(src, tmp_path / "run", tmp_path / "out", PruneOptions(keep=0.5, top_k=k), progress=False)
     n_keep = view.facts.n_experts // 2
-    assert plan["n_kept"] == n_keep and plan["top_k_new"] == k
+    assert plan.n_kept == n_keep and plan.top_k_new == k
     pruned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     orig = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    for layer, d in plan["layers"].items():
+    for layer, d in plan.layers.items():
         mlp_p, mlp_o = pruned.model.layers[int(layer)].mlp, orig.model.layers[int(layer)].mlp
-        assert mlp_p.experts.gate_up_proj.shape[0] == n_keep == len(d["kept"])
-        assert torch.equal(mlp_p.experts.down_proj, mlp_o.experts.down_proj[d["kept"]])
-        assert torch.equal(mlp_p.gate.weight, mlp_o.gate.weight[d["kept"]])
+        assert mlp_p.experts.gate_up_proj.shape[0] == n_keep == len(d.kept)
+        assert torch.equal(mlp_p.experts.down_proj, mlp_o.experts.down_proj[d.kept])
+        assert torch.equal(mlp_p.gate.weight, mlp_o.gate.weight[d.kept])
     if view.facts.n_group:
-        assert plan["groups"]["mode"] == "preserve"
+        assert plan.groups.mode == "preserve"
         per = view.facts.n_experts // view.facts.n_group
-        for d in plan["layers"].values():
-            assert np.bincount(np.array(d["kept"]) // per).tolist() == [n_keep // view.facts.n_group] * 4
+        for d in plan.layers.values():
+            assert np.bincount(np.array(d.kept) // per).tolist() == [n_keep // view.facts.n_group] * 4
     masks = _mask_router(orig, plan)
     linear = torch.nn.functional.linear
 
@@ -91,11 +93,12 @@ def test_default_top_k_config_and_lazy_view(shared_tiny_model, tmp_path):
     st = _calibrated(src, tmp_path / "run")
     view = open_checkpoint(src)
     plan = make_plan(view, st, PruneOptions(keep=0.75))
-    assert plan["n_kept"] == 6 and plan["top_k_new"] == 2  # round(0.75 * 2) = 2 (half up)
+    assert plan.n_kept == 6 and plan.top_k_new == 2  # round(0.75 * 2) = 2 (half up)
+    assert PrunePlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan  # the JSON round trip is exact
     pv = pruned_view(view, plan)
     assert view.with_plan(plan).tensors == pv.tensors
     assert pv.facts.n_experts == 6 and pv.config["num_local_experts"] == 6 and "num_experts" not in pv.config
-    kept = plan["layers"]["1"]["kept"]
+    kept = plan.kept(1)
     name = "model.layers.1.mlp.experts.{}.up_proj.weight"
     assert torch.equal(pv.load(name.format(5)), view.load(name.format(kept[5])))
     assert pv.tensors["model.layers.1.mlp.gate.weight"].shape == (6, view.facts.hidden)
@@ -143,11 +146,25 @@ def test_validation_messages(shared_tiny_model, tmp_path):
     ]
     for view, opts, msg in cases:
         with pytest.raises(PruneError, match=msg.replace("(", r"\(").replace("[", r"\[")):
-            _shape(view, opts)
-    assert _shape(ds, PruneOptions(keep=0.25, groups="collapse")).new_groups == (1, 1)
+            plan_shape(view, opts)
+    assert plan_shape(ds, PruneOptions(keep=0.25, groups="collapse")).new_groups == (1, 1)
     st = _calibrated(shared_tiny_model("qwen3_moe"), tmp_path / "run")
     with pytest.raises(PruneError, match="another model"):
         make_plan(ds, st, PruneOptions())
+
+
+def test_kept_count_is_one_formula(shared_tiny_model, tmp_path, capsys):
+    """Keep 0.8 of 8 experts keeps ⌈6.4⌉ = 7: what prune writes, and what compress validates --top-k against."""
+    from moepack.cli import main
+
+    qw = open_checkpoint(shared_tiny_model("qwen3_moe"))
+    assert qw.facts.n_experts == 8 and kept_count(qw, 0.8) == 7 and plan_shape(qw, PruneOptions(keep=0.8)).n_keep == 7
+    assert kept_count(qw, 0.7) == 6  # 0.7 * 8 = 5.6000000000000005 → 6, not 7
+    ds = open_checkpoint(shared_tiny_model("deepseek_v3", n_experts=16))
+    assert kept_count(ds, 0.3) == 8 and kept_count(ds, 0.3, "collapse") == 5  # 4 groups keep the same number
+    out = str(tmp_path / "x.gguf")
+    assert main(["compress", str(qw.root), "--target-size", "10MB", "--keep", "0.8", "--top-k", "8", "-o", out]) == 2
+    assert "--top-k 8 exceeds the experts kept per layer at --keep 0.8 (7)" in capsys.readouterr().err
 
 
 def test_top_k_auto_and_cli(shared_tiny_model, tmp_path, capsys):
@@ -186,6 +203,6 @@ def test_multi_token_prediction_layer_is_left_out(tiny_model, tmp_path):
     st = _calibrated(src, tmp_path / "run")
     assert sorted(st.router) == [1]
     plan = run_prune(src, tmp_path / "run", tmp_path / "out", PruneOptions(keep=0.5), progress=False)
-    assert list(plan["layers"]) == ["1"] and "multi-token" in plan["notes"][-1]
+    assert list(plan.layers) == ["1"] and "multi-token" in plan.notes[-1]
     assert not [n for n in open_checkpoint(tmp_path / "out").tensors if ".layers.2." in n]
     transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")

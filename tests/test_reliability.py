@@ -351,20 +351,21 @@ def test_gguf_validated_before_rename(model: Path, tmp_path: Path) -> None:
     """write_gguf reopens its temporary with gguf's reader and checks every tensor's type, shape and byte size;
     a mismatch raises and nothing is renamed into place."""
     from moepack.gguf import writer as gguf_out
+    from moepack.gguf.names import gguf_outputs
     from moepack.model.checkpoint import open_checkpoint
 
     view = open_checkpoint(model)
     out = tmp_path / "x.gguf"
     gguf_out.write_gguf(view, out, default_type="F32", progress=False)
-    typed_q8, _, _ = gguf_out._prepare(view, "Q8_0", None, None, None, None, None)
+    typed_q8 = gguf_out.resolve_types(gguf_outputs(view), "Q8_0")
     with pytest.raises(gguf_out.WriteError, match="reads back as F32"):
-        gguf_out._verify(out, typed_q8)
-    typed_f32, _, _ = gguf_out._prepare(view, "F32", None, None, None, None, None)
-    gguf_out._verify(out, typed_f32)
+        gguf_out.verify_gguf(out, typed_q8)
+    typed_f32 = gguf_out.resolve_types(gguf_outputs(view), "F32")
+    gguf_out.verify_gguf(out, typed_f32)
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(out.read_bytes()[:-64])
     with pytest.raises((gguf_out.WriteError, ValueError)):
-        gguf_out._verify(cut, typed_f32)
+        gguf_out.verify_gguf(cut, typed_f32)
 
 
 # ---------------------------------------------------------------------------------------------------- fuzz
@@ -402,24 +403,24 @@ def test_fuzz_safetensors_header(safetensors_bytes: bytes, tmp_path: Path, edits
 
 @pytest.fixture(scope="module")
 def imatrix_bytes(tmp_path_factory) -> bytes:
-    from moepack.gguf.quantize import write_imatrix_gguf
+    from moepack.gguf.imatrix import ImatrixFile, write_imatrix_gguf
 
     p = tmp_path_factory.mktemp("im") / "im.gguf"
     rng = np.random.default_rng(0)
-    write_imatrix_gguf({"blk.0.ffn_up_exps.weight": rng.random((4, 32), dtype=np.float32),
-                        "blk.0.attn_q.weight": rng.random((1, 32), dtype=np.float32)}, p)
+    write_imatrix_gguf(ImatrixFile.of_means({"blk.0.ffn_up_exps.weight": rng.random((4, 32), dtype=np.float32),
+                                             "blk.0.attn_q.weight": rng.random((1, 32), dtype=np.float32)}), p)
     return p.read_bytes()
 
 
 @FUZZ
 @given(edits=_EDITS, cut=st.none() | st.integers(0, 2048))
 def test_fuzz_imatrix_reader(imatrix_bytes: bytes, tmp_path: Path, edits, cut) -> None:
-    from moepack.gguf.imatrix import load_imatrix
+    from moepack.gguf.imatrix import read_imatrix
 
     f = tmp_path / "fuzz.imatrix.gguf"
     f.write_bytes(_mutate(imatrix_bytes, edits, cut))
     try:
-        out = load_imatrix(f)
+        out = read_imatrix(f).means()
     except MoepackError:
         return
     assert all(isinstance(v, np.ndarray) for v in out.values())
@@ -460,11 +461,11 @@ def test_fuzz_quant_plan_reader(tmp_path: Path, doc, raw) -> None:
 @FUZZ
 @given(doc=_TABLEISH | _JSON, raw=st.none() | st.binary(max_size=32))
 def test_fuzz_sensitivity_table_reader(tmp_path: Path, doc, raw) -> None:
-    from moepack.stages.allocate import SensitivityTable
+    from moepack.schema import SensitivityTable
 
     f = tmp_path / "sensitivity.json"
     f.write_bytes(raw if raw is not None else json.dumps(doc).encode())
     try:
-        SensitivityTable.load(f)
+        SensitivityTable.read(f)
     except MoepackError:
         return

@@ -12,17 +12,21 @@ import torch
 
 from conftest import ARCHS as ALL_ARCHS
 from conftest import build_tiny_model
-from moepack.gguf import kernels as ggml
-from moepack.stages.allocate import SensitivityTable, allocate
-from moepack.stages.calibrate import calibrate
-from moepack.model.checkpoint import open_checkpoint
 from moepack.cli import main
+from moepack.gguf import kernels as ggml
 from moepack.gguf.names import gguf_outputs
-from moepack.model.runner import LayerRunner, token_kld
+from moepack.model import metrics
+from moepack.model.checkpoint import open_checkpoint
+from moepack.model.runner import LayerRunner
+from moepack.schema import SensitivityTable
+from moepack.stages.allocate import allocate
+from moepack.stages.calibrate import calibrate
 from moepack.stages.sensitivity.fakequant import FakeQuantWeights, QuantStore, gguf_f32, to_checkpoint
-from moepack.stages.sensitivity.probes import _head_batch, _Prober, _quantize_groups, _Reference, _reference, _typed_base
-from moepack.stages.sensitivity.measure import (SensitivityError, _prepare_imatrix, measure_sensitivity, plan_groups, plan_kld,
-                                 spearman)
+from moepack.stages.sensitivity.groups import SensitivityError, plan_groups
+from moepack.stages.sensitivity.measure import SensitivityConfig, measure_sensitivity, plan_kld, prepare_imatrix
+from moepack.stages.sensitivity.probes import (Prober, ReferenceLogProbs, head_batch, quantize_groups,
+                                               reference_logprobs, typed_base)
+from moepack.stages.sensitivity.table import spearman
 
 ARCHS = ("deepseek_v3", "qwen3_moe")
 LADDER = ["IQ2_XXS", "IQ3_S", "Q8_0"]
@@ -42,7 +46,7 @@ def tiny(tmp_path_factory) -> Any:
             view = open_checkpoint(model)
             rng = np.random.default_rng(0)
             stats = calibrate(view, rng.integers(0, VOCAB, (4, 32)), progress=False)
-            stats.save(root / "run" / "calib")
+            stats.write(root / "run" / "calib")
             cache[arch] = (model, view, rng.integers(0, VOCAB, (2, 32)), stats, root / "run")
         return cache[arch]
 
@@ -56,10 +60,16 @@ def tables(tiny) -> Any:
     def get(arch: str) -> dict[str, Any]:
         if arch not in cache:
             _, view, ids, stats, _ = tiny(arch)
-            cache[arch] = measure_sensitivity(view, ids, imatrix=stats, ladder=LADDER, progress=False)
+            cache[arch] = _measure(view, ids, imatrix=stats, ladder=LADDER)
         return cache[arch]
 
     return get
+
+
+def _measure(view: Any, ids: Any, imatrix: Any = None, **cfg: Any) -> dict[str, Any]:
+    """The table as its JSON dict (what sensitivity.json holds)."""
+    cfg["ladder"] = tuple(cfg.get("ladder", LADDER))
+    return measure_sensitivity(view, ids, SensitivityConfig(progress=False, **cfg), imatrix=imatrix).to_dict()
 
 
 def _strip(table: dict[str, Any]) -> str:
@@ -98,7 +108,7 @@ def test_deepseek_mla_group_and_fallbacks(tables) -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_measured_twice_identical(arch, tiny, tables) -> None:
     _, view, ids, stats, _ = tiny(arch)
-    again = measure_sensitivity(view, ids, imatrix=stats, ladder=LADDER, progress=False)
+    again = _measure(view, ids, imatrix=stats, ladder=LADDER)
     assert _strip(again) == _strip(tables(arch))
 
 
@@ -121,11 +131,11 @@ def test_fake_quant_equals_the_writers_file(arch, tiny, tmp_path) -> None:
     model, view, _, stats, run_dir = tiny(arch)
     out = tmp_path / "x.gguf"
     assert main(["quantize", str(model), "--type", "IQ3_S", "--calib-dir", str(run_dir), "-o", str(out)]) == 0
-    im, w = _prepare_imatrix(view, stats)
+    im, w = prepare_imatrix(view, stats)
     groups, _ = plan_groups(view, "IQ3_S", ["IQ3_S"], im)
     store = QuantStore(view, im, proxy_weights=w, threads=2)
-    _quantize_groups(store, groups, False)
-    weights = FakeQuantWeights(view, store, _typed_base(groups))
+    quantize_groups(store, groups, False)
+    weights = FakeQuantWeights(view, store, typed_base(groups))
     reader = {t.name: t for t in gguf.GGUFReader(out).tensors}
     from_file: dict[str, np.ndarray] = {}
     for g in groups:
@@ -158,21 +168,21 @@ def test_gguf_layout_round_trip(arch, shared_tiny_model) -> None:
 def test_cached_probe_equals_full_forward(arch, tiny) -> None:
     """A probe started from cached hidden states with kept base layers gives the KLD of a from-scratch forward."""
     _, view, ids, stats, _ = tiny(arch)
-    im, w = _prepare_imatrix(view, stats)
+    im, w = prepare_imatrix(view, stats)
     groups, _ = plan_groups(view, None, ["IQ2_XXS", "Q4_K"], im)
     store = QuantStore(view, im, proxy_weights=w, threads=2)
-    _quantize_groups(store, groups, False)
+    quantize_groups(store, groups, False)
     ids_t = torch.as_tensor(ids)
-    ref, _ = _reference(view, ids_t, None, None, 8)
-    weights = FakeQuantWeights(view, store, _typed_base(groups))
-    prober = _Prober(view, weights, ids_t, ref, 8, 1 << 30)
+    ref, _ = reference_logprobs(view, ids_t, None, None, 8)
+    weights = FakeQuantWeights(view, store, typed_base(groups))
+    prober = Prober(view, weights, ids_t, ref, 8, 1 << 30)
     for name in ("token_embd", "blk.1.ffn_up_exps", "blk.0.attn_output", "output"):
         g = next(g for g in groups if g.name == name)
         got = prober.probe(g, g.options[1])
         weights.override = {o.name: t.qtype for o, t in zip(g.outs, g.options[1].typed)}
         fresh = LayerRunner(view, loader=weights)
         h = fresh.run(fresh.embed(ids_t))
-        want = ref.kld(fresh, h, _head_batch(ids_t, view.facts.vocab))
+        want = ref.kld(fresh, h, head_batch(ids_t, view.facts.vocab))
         weights.override = {}
         assert got == pytest.approx(want, rel=1e-5, abs=1e-9), name
     assert prober.probe(groups[0], groups[0].options[0]) == pytest.approx(prober.base_kld, rel=1e-6)
@@ -190,7 +200,7 @@ def test_plan_kld(tiny, tables) -> None:
 
 
 def test_kld_formula_matches_token_kld() -> None:
-    """The probes' KLD agrees with token_kld and with float64 to 1e-5 at a real vocabulary size."""
+    """The probes' KLD agrees with metrics.token_kld and with float64 to 1e-5 at a real vocabulary size."""
     g = torch.Generator().manual_seed(0)
     ref_logits = torch.randn(3, 64, 4096, generator=g) * 4
     logits = ref_logits + torch.randn(3, 64, 4096, generator=g) * 0.3
@@ -199,12 +209,34 @@ def test_kld_formula_matches_token_kld() -> None:
         def logits(self, h: torch.Tensor) -> torch.Tensor:
             return h
 
-    ref = _Reference([ref_logits[:2], ref_logits[2:]])
-    want = float(token_kld(ref_logits, logits).mean())
+    ref = ReferenceLogProbs([ref_logits[:2], ref_logits[2:]])
+    want = float(metrics.token_kld(metrics.log_probs(ref_logits), metrics.log_probs(logits)).mean())
     lp_ref, lp = torch.log_softmax(ref_logits.double(), -1), torch.log_softmax(logits.double(), -1)
     exact = float((lp_ref.exp() * (lp_ref - lp)).sum(-1).mean())
     got = ref.kld(Head(), logits, 2)  # type: ignore[arg-type]
     assert got == pytest.approx(want, rel=1e-5) and got == pytest.approx(exact, rel=1e-5)
+
+
+def test_probe_kld_is_bitwise_the_formula_it_replaced() -> None:
+    """The probe KLDs feed the allocation: the one metrics implementation gives bit for bit what the probes summed
+    before it (per head batch Σ p (log p − log q) over the vocabulary in float32, the batch's tokens in float64,
+    the batches in Python floats in order)."""
+    g = torch.Generator().manual_seed(1)
+    ref_logits = torch.randn(5, 16, 1024, generator=g) * 3
+    logits = ref_logits + torch.randn(5, 16, 1024, generator=g) * 0.5
+
+    class Head:
+        def logits(self, h: torch.Tensor) -> torch.Tensor:
+            return h
+
+    batches = [ref_logits[:2], ref_logits[2:4], ref_logits[4:]]
+    total = 0.0
+    for z, b0 in zip(batches, range(0, 5, 2)):
+        lp = torch.log_softmax(z.float(), dim=-1)
+        lq = torch.log_softmax(logits[b0:b0 + 2], -1)
+        total += float((lp.exp() * (lp - lq)).sum(-1).double().sum())
+    old = total / (5 * 16)
+    assert ReferenceLogProbs(batches).kld(Head(), logits, 2) == old  # type: ignore[arg-type]
 
 
 def test_spearman() -> None:
@@ -215,8 +247,8 @@ def test_spearman() -> None:
 
 def test_proxy_mode_and_roles(tiny) -> None:
     _, view, ids, stats, _ = tiny("qwen3_moe")
-    t = measure_sensitivity(view, ids, imatrix=stats, ladder=["IQ2_XXS", "IQ3_S", "Q4_K", "Q8_0"], mode="proxy",
-                            base="routed_experts=Q4_K,attn_q=IQ3_S", progress=False)
+    t = _measure(view, ids, imatrix=stats, ladder=["IQ2_XXS", "IQ3_S", "Q4_K", "Q8_0"], mode="proxy",
+                 base="routed_experts=Q4_K,attn_q=IQ3_S")
     assert t["base"]["measure"] == "proxy" and "kld" not in t["base"] and "proxy" not in t
     by = {g["name"]: g for g in t["groups"]}
     assert [o["type"] for o in by["blk.0.ffn_gate_exps"]["options"]] == ["Q4_K", "Q8_0"]
@@ -227,16 +259,16 @@ def test_proxy_mode_and_roles(tiny) -> None:
         assert d == [o["proxy"] for o in g["options"]] and d[-1] < 0
     SensitivityTable.from_dict(t)
     with pytest.raises(SensitivityError, match="no group of"):
-        measure_sensitivity(view, ids, imatrix=stats, base="shared_experts=Q4_K", mode="proxy", progress=False)
+        _measure(view, ids, imatrix=stats, base="shared_experts=Q4_K", mode="proxy")
 
 
 def test_disk_cache_quantizes_once(tiny, tmp_path, monkeypatch) -> None:
     from moepack.gguf import writer as gguf_out
 
     _, view, ids, stats, _ = tiny("qwen3_moe")
-    kw: dict[str, Any] = dict(imatrix=stats, ladder=["IQ2_XXS", "Q4_K"], progress=False)
-    in_memory = measure_sensitivity(view, ids, **kw)
-    first = measure_sensitivity(view, ids, cache_dir=tmp_path, **kw)
+    kw: dict[str, Any] = dict(imatrix=stats, ladder=["IQ2_XXS", "Q4_K"])
+    in_memory = _measure(view, ids, **kw)
+    first = _measure(view, ids, cache_dir=tmp_path, **kw)
     files = sorted(tmp_path.rglob("*.safetensors"))
     assert len(files) == 2 * sum(len(g["tensors"]) for g in first["groups"])
 
@@ -244,22 +276,23 @@ def test_disk_cache_quantizes_once(tiny, tmp_path, monkeypatch) -> None:
         raise AssertionError("quantized again")
 
     monkeypatch.setattr(gguf_out, "tensor_data", refuse)
-    second = measure_sensitivity(view, ids, cache_dir=tmp_path, **kw)
+    second = _measure(view, ids, cache_dir=tmp_path, **kw)
     assert _strip(first) == _strip(second) == _strip(in_memory)
 
 
 def test_pruned_view_uses_the_original_imatrix(tiny) -> None:
-    from moepack.stages.prune import PruneOptions, make_plan, pruned_view
+    from moepack.model.pruned import pruned_view
+    from moepack.stages.prune import PruneOptions, make_plan
 
     _, view, ids, stats, _ = tiny("qwen3_moe")
     plan = make_plan(view, stats, PruneOptions(keep=0.5))
     pv = pruned_view(view, plan)
-    im, _ = _prepare_imatrix(pv, stats)
-    full, _ = _prepare_imatrix(view, stats)
-    kept = plan["layers"]["1"]["kept"]
+    im, _ = prepare_imatrix(pv, stats)
+    full, _ = prepare_imatrix(view, stats)
+    kept = plan.kept(1)
     assert np.array_equal(im["blk.1.ffn_down_exps.weight"], full["blk.1.ffn_down_exps.weight"][kept])
-    t = measure_sensitivity(pv, ids, reference_view=view, imatrix=stats, ladder=["IQ2_XXS", "Q8_0"],
-                            progress=False)
+    t = measure_sensitivity(pv, ids, SensitivityConfig(ladder=("IQ2_XXS", "Q8_0"), progress=False),
+                            reference_view=view, imatrix=stats).to_dict()
     assert t["base"]["reference"] == str(view.root) and t["base"]["kld"] > 0
 
 

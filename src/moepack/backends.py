@@ -25,11 +25,14 @@ import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from moepack.errors import MoepackError
+
+if TYPE_CHECKING:
+    from moepack.schema import PrunePlan
 
 __all__ = [
     "DistributedError",
@@ -43,6 +46,7 @@ __all__ = [
     "as_tensor",
     "partition",
     "layer_f32_bytes",
+    "running_cluster",
 ]
 
 log = logging.getLogger(__name__)
@@ -89,39 +93,25 @@ def as_tensor(a: Any):  # -> torch.Tensor
 
 @dataclass(frozen=True)
 class ViewRef:
-    """A checkpoint view as plain data: its directory (on storage every worker sees), the prune plan of a lazily
-    pruned view, and the fingerprint the worker's view must have (a different checkpoint at that path fails)."""
+    """A checkpoint view as plain data: its directory (on storage every worker sees), the prune plan and k' of a
+    lazily pruned view, and the fingerprint the worker's view must have (a different checkpoint at that path fails)."""
 
     root: str
     fingerprint: str
-    plan: dict[str, Any] | None = None  # PrunedView: the part of its prune plan that `pruned_view` reads
+    plan: PrunePlan | None = None  # PrunedView: the plan it was pruned by
+    top_k: int | None = None  # PrunedView: its k' (which may differ from the plan's)
 
     @classmethod
     def of(cls, view: Any) -> ViewRef:
         from moepack.model.checkpoint import CheckpointView
-        from moepack.stages.prune import PrunedView
+        from moepack.model.pruned import PrunedView
 
-        if isinstance(view, PrunedView) and view.base is not None:
-            return cls(str(Path(view.base.root).resolve()), view.fingerprint(), _plan_of(view))
+        if isinstance(view, PrunedView) and view.base is not None and view.plan is not None:
+            return cls(str(Path(view.base.root).resolve()), view.fingerprint(), view.plan, view.facts.top_k)
         if type(view) is not CheckpointView:
             raise DistributedError(f"a {type(view).__name__} cannot be sent to Ray workers; open the checkpoint "
                                    "with open_checkpoint (or prune it to disk) first")
         return cls(str(Path(view.root).resolve()), view.fingerprint())
-
-
-def _plan_of(view: Any) -> dict[str, Any]:
-    """The prune plan fields `prune.pruned_view` reads, rebuilt from a lazily pruned view."""
-    from moepack.model.arch import Role
-
-    base = view.base
-    layers: dict[str, dict[str, list[int]]] = {}
-    for name, ref in view.tensors.items():
-        if ref.role is Role.ROUTED_EXPERTS:
-            kept = layers.setdefault(str(ref.layer), {"kept": [0] * view.facts.n_experts})["kept"]
-            kept[ref.expert] = base.tensors[view.sources[name][0]].expert
-    groups = {"n_group": base.facts.n_group, "n_group_new": view.facts.n_group,
-              "topk_group_new": view.facts.topk_group}
-    return {"layers": layers, "n_kept": view.facts.n_experts, "top_k_new": view.facts.top_k, "groups": groups}
 
 
 def open_view(view: Any) -> Any:
@@ -129,12 +119,11 @@ def open_view(view: Any) -> Any:
     if not isinstance(view, ViewRef):
         return view
     from moepack.model.checkpoint import open_checkpoint
+    from moepack.model.pruned import pruned_view
 
     got = open_checkpoint(view.root)
     if view.plan is not None:
-        from moepack.stages.prune import pruned_view
-
-        got = pruned_view(got, view.plan)
+        got = pruned_view(got, view.plan, view.top_k)
     if got.fingerprint() != view.fingerprint:
         raise DistributedError(f"{view.root} on worker {socket.gethostname()} is not the checkpoint the driver "
                                "opened (config or tensor table differ); every machine must see the same files "
@@ -241,7 +230,7 @@ class RayBackend(Backend):
         self._owned = True
 
     def _connect_auto(self, timeout_s: float) -> None:
-        found, source = _running_cluster()
+        found, source = running_cluster()
         if found:
             try:
                 _check_reachable(found, timeout_s)
@@ -335,7 +324,7 @@ class RayBackend(Backend):
             self._owned = False
 
 
-def _running_cluster() -> tuple[str | None, str]:
+def running_cluster() -> tuple[str | None, str]:
     """(address, where it came from) of the cluster `ray.init(address="auto")` would join: RAY_ADDRESS, else the
     address the last `ray start` on this machine left in Ray's temp dir."""
     env = os.environ.get("RAY_ADDRESS", "").strip()

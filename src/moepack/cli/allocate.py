@@ -30,9 +30,10 @@ def add_cli(sub: o.Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moepack.stages.allocate import SensitivityTable, allocate, budget_bytes_for
+    from moepack.schema import SensitivityTable
+    from moepack.stages.allocate import allocate, budget_bytes_for
 
-    table = SensitivityTable.load(args.sensitivity)
+    table = SensitivityTable.read(args.sensitivity)
     budget = budget_bytes_for(table, target_size=args.target_size, budget_bytes=args.budget_bytes)
     plan = allocate(table, budget, args.solver)
     out = plan.save(args.output)

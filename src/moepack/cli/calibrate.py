@@ -42,7 +42,8 @@ def add_cli(sub: o.Subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moepack.model.textdata import DEFAULT_CALIB_TEXT
-    from moepack.stages.calibrate import calib_dir, run_calibrate
+    from moepack.schema import calib_dir
+    from moepack.stages.calibrate import run_calibrate
 
     o.check_positive(args, "calib_tokens", "seq_len", "batch_size", "threads")
     if args.sens_tokens < 0:
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
                               tokens=args.calib_tokens, seq_len=args.seq_len, heldout_tokens=args.sens_tokens,
                               batch_size=args.batch_size, imatrix_out=args.imatrix_out, backend=backend,
                               shards=args.shards, threads=o.threads(args, backend))
-    m = stats.manifest
+    m = stats.manifest.to_dict()
     print(f"calibrated {m['tokens']} tokens ({m['n_sequences']} x {m['seq_len']}, {m.get('shards', 1)} shard(s)) "
           f"in {m['seconds']} s -> {calib_dir(args.output)}")
     for layer, ex in m["never_routed"].items():

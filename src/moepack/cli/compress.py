@@ -47,7 +47,8 @@ def add_cli(sub: o.Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moepack.pipeline.compress import CompressOptions, compress, render_summary
+    from moepack.pipeline.compress import compress, render_summary
+    from moepack.pipeline.options import CompressOptions
 
     o.check_positive(args, "calib_tokens", "seq_len", "sens_tokens", "threads")
     with o.make_backend(args) as backend:

@@ -58,7 +58,8 @@ def add_cli(sub: o.Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moepack.eval.evaluate import EvalConfig, evaluate, to_markdown, write_report
+    from moepack.eval.evaluate import evaluate, to_markdown, write_report
+    from moepack.eval.reference import EvalConfig
 
     cfg = EvalConfig(ctx=args.window, tokens=args.tokens, mc=tuple(dict.fromkeys(args.mc)),
                      mc_items=args.mc_items or None, threads=o.threads(args), speed=not args.no_speed,

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     o.check_positive(args, "batch_size")
     opts = PruneOptions(keep=args.keep, alpha=args.alpha, criterion=args.criterion, top_k=args.top_k,
                         groups=args.groups, seed=args.seed, kld_tol=args.kld_tol, batch_size=args.batch_size)
-    plan = run_prune(args.model_dir, args.calib_dir, args.output, opts)
+    plan = run_prune(args.model_dir, args.calib_dir, args.output, opts).to_dict()
     print(f"kept {plan['n_kept']} of {plan['n_experts']} experts in each of {len(plan['layers'])} MoE layers "
           f"({plan['criterion']}), top-k {plan['top_k']} -> {plan['top_k_new']} -> {args.output}")
     for row in plan["top_k_table"]:

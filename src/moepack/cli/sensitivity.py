@@ -50,20 +50,20 @@ def add_cli(sub: o.Subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from moepack.model.checkpoint import open_checkpoint
     from moepack.model.textdata import chunk_tokens, tokenize_file
-    from moepack.stages.calibrate import CalibStats, calib_dir
-    from moepack.stages.sensitivity.measure import measure_sensitivity, save_json
+    from moepack.schema import CalibStats
+    from moepack.stages.sensitivity.measure import SensitivityConfig, measure_sensitivity
 
     o.check_positive(args, "sens_tokens", "seq_len", "batch_size", "threads")
     view = open_checkpoint(args.model_dir)
     ref_view = open_checkpoint(args.reference) if args.reference else None
-    stats = CalibStats.load(calib_dir(args.calib_dir))
+    stats = CalibStats.read(args.calib_dir)
     ids = chunk_tokens(tokenize_file(args.model_dir, args.calib_text, args.sens_tokens), args.seq_len)  # (N, L)
     with o.make_backend(args) as backend:
-        table = measure_sensitivity(view, ids, reference_view=ref_view, imatrix=stats, base=args.base,
-                                    ladder=list(args.ladder), mode=args.mode, threads=o.threads(args, backend),
-                                    batch_size=args.batch_size, cache_dir=args.cache_dir, backend=backend)
-    save_json(table, args.output)
-    _summary(table, args.output)
+        cfg = SensitivityConfig(base=args.base, ladder=tuple(args.ladder), mode=args.mode,
+                                threads=o.threads(args, backend), batch_size=args.batch_size, cache_dir=args.cache_dir)
+        table = measure_sensitivity(view, ids, cfg, reference_view=ref_view, imatrix=stats, backend=backend)
+    table.write(args.output)
+    _summary(table.to_dict(), args.output)
     return 0
 
 

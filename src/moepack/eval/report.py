@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
+from moepack.atomic import atomic_copy, atomic_path, atomic_write_text
 from moepack.errors import MoepackError
+from moepack.gguf.types import bits_per_weight
+from moepack.schema import PrunePlan, QuantPlan, SensitivityTable
 
 __all__ = ["ReportError", "find_artifacts", "build_report"]
 
@@ -33,6 +34,11 @@ class ReportError(MoepackError, ValueError):
 
 def _load(path: Path | None) -> Any:
     return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
+def _read(reader: Any, path: Path) -> Any:
+    """A stage artifact through its contract's reader; None where the run has none."""
+    return reader(path) if path.is_file() else None
 
 
 def _retention(path: Path) -> str:
@@ -55,9 +61,9 @@ def find_artifacts(run_dir: Path) -> dict[str, Any]:
         raise ReportError(f"{run_dir}: no summary.json or quant_plan-r*.json; is this a compress run directory?")
     evals = [p for p in sorted(run_dir.glob("*.json")) if (_load(p) or {}).get("models") is not None]
     return {"keep": keep, "summary": summary,
-            "prune_plan": _load(run_dir / f"pruned-r{keep}" / "prune_plan.json"),
-            "quant_plan": _load(run_dir / f"quant_plan-r{keep}.json"),
-            "sensitivity": _load(run_dir / f"sensitivity-r{keep}.json"),
+            "prune_plan": _read(PrunePlan.read, run_dir / f"pruned-r{keep}" / "prune_plan.json"),
+            "quant_plan": _read(QuantPlan.read, run_dir / f"quant_plan-r{keep}.json"),
+            "sensitivity": _read(SensitivityTable.read, run_dir / f"sensitivity-r{keep}.json"),
             "eval": _load(evals[0]) if evals else None}
 
 
@@ -71,46 +77,43 @@ def _plt():
 
 
 def _save(fig: Any, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".tmp.png") as tmp:  # matplotlib picks the format by the extension
+        fig.savefig(tmp, dpi=100)
     _plt().close(fig)
 
 
-def experts_chart(prune_plan: dict[str, Any], path: Path) -> None:
+def experts_chart(prune_plan: PrunePlan, path: Path) -> None:
     """Heat map layer × expert of the pruning importance; kept experts outlined."""
     import numpy as np
     from matplotlib.patches import Rectangle
 
     plt = _plt()
-    layers = sorted(prune_plan["layers"], key=int)
-    n = int(prune_plan["n_experts"])
+    layers = sorted(prune_plan.layers, key=int)
+    n = prune_plan.n_experts
     grid = np.full((len(layers), n), np.nan)  # (layers, experts)
     for i, L in enumerate(layers):
-        scores = prune_plan["layers"][L].get("scores") or []
+        scores = prune_plan.layers[L].scores
         grid[i, : len(scores)] = scores
     fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * n + 2), max(2.0, 0.45 * len(layers) + 1.2)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis")
     for i, L in enumerate(layers):
-        for e in prune_plan["layers"][L].get("kept", []):
+        for e in prune_plan.layers[L].kept:
             ax.add_patch(Rectangle((e - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="white", lw=1.2))
-        for e in prune_plan["layers"][L].get("removed", []):
+        for e in prune_plan.layers[L].removed:
             ax.text(e, i, "x", ha="center", va="center", color="red", fontsize=9)
     ax.set_yticks(range(len(layers)), [f"layer {L}" for L in layers])
     ax.set_xlabel("expert (x: removed)")
-    ax.set_title(f"importance ({prune_plan.get('criterion')}), kept {prune_plan.get('n_kept')} of {n}")
+    ax.set_title(f"importance ({prune_plan.criterion}), kept {prune_plan.n_kept} of {n}")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     _save(fig, path)
 
 
-def types_chart(quant_plan: dict[str, Any], path: Path) -> None:
+def types_chart(quant_plan: QuantPlan, path: Path) -> None:
     """One bar per quantized tensor: bits per weight of its chosen type, coloured by type (F32 ones left out)."""
-    from moepack.gguf.kernels import bits_per_weight
-
     plt = _plt()
-    names = [n for n, t in quant_plan["tensors"].items() if t not in ("F32", "F16", "BF16")]  # chosen types only
-    types = [quant_plan["tensors"][n] for n in names]
+    names = [n for n, t in quant_plan.tensors.items() if t not in ("F32", "F16", "BF16")]  # chosen types only
+    types = [quant_plan.tensors[n] for n in names]
     kinds = sorted(set(types), key=bits_per_weight)
     colour = {t: f"C{i % 10}" for i, t in enumerate(kinds)}
     fig, ax = plt.subplots(figsize=(8, max(3.0, 0.16 * len(names) + 1)))
@@ -124,24 +127,24 @@ def types_chart(quant_plan: dict[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
-def sensitivity_rows(table: dict[str, Any], n: int = SENS_ROWS) -> list[str]:
+def sensitivity_rows(table: SensitivityTable, n: int = SENS_ROWS) -> list[str]:
     """Markdown rows: groups sorted by the KLD gained by their first upgrade, per byte spent."""
     rows = []
-    for g in table.get("groups", []):
-        opts = g.get("options", [])
+    for g in table.groups:
+        opts = g.options
         if len(opts) < 2:
             continue
         base, nxt = opts[0], opts[1]
-        gain = base["dkld"] - nxt["dkld"]
-        extra = max(1, nxt["bytes"] - base["bytes"])
-        best = min(opts, key=lambda o: o["dkld"])
-        rows.append((gain / extra, g["name"], base, nxt, best))
+        gain = base.dkld - nxt.dkld
+        extra = max(1, nxt.bytes - base.bytes)
+        best = min(opts, key=lambda o: o.dkld)
+        rows.append((gain / extra, g.name, base, nxt, best))
     rows.sort(key=lambda r: -r[0])
     head = ["group", "base", "ΔKLD at base", "next type", "ΔKLD next", "KLD gained per KiB", "best ΔKLD (type)"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for per, name, base, nxt, best in rows[:n]:
-        out.append(f"| {name} | {base['type']} | {base['dkld']:.5f} | {nxt['type']} | {nxt['dkld']:.5f} | "
-                   f"{per * 1024:.2e} | {best['dkld']:.5f} ({best['type']}) |")
+        out.append(f"| {name} | {base.type} | {base.dkld:.5f} | {nxt.type} | {nxt.dkld:.5f} | "
+                   f"{per * 1024:.2e} | {best.dkld:.5f} ({best.type}) |")
     return out
 
 
@@ -178,8 +181,8 @@ def build_report(run_dir: str | Path, out: str | Path, pareto: str | Path | None
     if a["quant_plan"]:
         types_chart(a["quant_plan"], out.with_name(f"{stem}-types.png"))
         qp = a["quant_plan"]
-        lines += ["## Type per tensor", "", f"Predicted tensor bytes {qp.get('predicted_bytes', 0):,} of budget "
-                  f"{qp.get('budget_bytes', 0):,}; predicted KLD {qp.get('predicted_kld')}.", "",
+        lines += ["## Type per tensor", "", f"Predicted tensor bytes {qp.predicted_bytes:,} of budget "
+                  f"{qp.budget_bytes:,}; predicted KLD {qp.predicted_kld}.", "",
                   f"![types]({stem}-types.png)", ""]
     if a["sensitivity"]:
         lines += [f"## Sensitivity (top {SENS_ROWS} groups by KLD gained per byte of their first upgrade)", ""]
@@ -194,9 +197,7 @@ def build_report(run_dir: str | Path, out: str | Path, pareto: str | Path | None
             raise ReportError(f"{src}: no such Pareto plot")
         dst = out.with_name(f"{stem}-pareto.png")
         if src.resolve() != dst.resolve():
-            shutil.copyfile(src, dst)
+            atomic_copy(src, dst)
         lines += ["## Size vs KLD", "", f"![pareto]({dst.name})", ""]
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, out)
+    atomic_write_text(out, "\n".join(lines))
     return out

@@ -6,10 +6,11 @@ from typing import Any
 
 import gguf
 
+from moepack.gguf.types import written_bytes
 from moepack.model.arch import Role
 from moepack.model.checkpoint import CheckpointView
 
-__all__ = ["describe", "estimate_size", "tensor_bytes", "ESTIMATE_TYPES"]
+__all__ = ["describe", "estimate_size", "ESTIMATE_TYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -17,22 +18,10 @@ ESTIMATE_TYPES = ("Q8_0", "Q4_K", "Q3_K", "Q2_K", "IQ2_XXS", "IQ1_S")
 _F32 = gguf.GGMLQuantizationType.F32
 
 
-def tensor_bytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
-    """Bytes of a tensor at `qtype`, or at llama.cpp's fallback type when its rows do not fit the block size."""
-    from moepack.gguf.kernels import fallback_type
-
-    qtype = fallback_type(qtype, shape[-1])
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    n = 1
-    for s in shape:
-        n *= s
-    return n // block * size
-
-
 def estimate_size(view: CheckpointView, type_name: str) -> int:
     """GGUF tensor data bytes with every quantizable tensor at `type_name` and the rest at F32."""
     qtype = gguf.GGMLQuantizationType[type_name]
-    return sum(tensor_bytes(t.shape, qtype if t.quantizable else _F32) for t in view.tensors.values())
+    return sum(written_bytes(t.shape, qtype if t.quantizable else _F32) for t in view.tensors.values())
 
 
 def describe(view: CheckpointView) -> dict[str, Any]:

@@ -22,72 +22,28 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from moepack.atomic import atomic_path
 from moepack.errors import MoepackError
+from moepack.gguf.types import QUANT_TYPES, parse_type, row_bytes
 
 __all__ = [
-    "QUANT_TYPES",
     "ftypes",
+    "lib_dir",
     "quantize",
     "dequantize",
     "requires_imatrix",
-    "row_size",
-    "fallback_type",
-    "bits_per_weight",
-    "parse_type",
     "parse_ftype",
-    "load_imatrix",
     "quantize_gguf_ftype",
 ]
 
 log = logging.getLogger(__name__)
 
 T = GGMLQuantizationType
-# Weight types llama.cpp quantizes weights to (llama-quantize's tensor types), roughly from most to fewest bits.
-QUANT_TYPES: list[GGMLQuantizationType] = [
-    T.F32, T.F16, T.BF16, T.Q8_0, T.Q6_K, T.Q5_1, T.Q5_K, T.Q5_0, T.Q4_1, T.Q4_K, T.Q4_0, T.IQ4_NL, T.IQ4_XS,
-    T.MXFP4, T.Q3_K, T.IQ3_S, T.IQ3_XXS, T.Q2_K, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS, T.TQ2_0, T.IQ1_M, T.TQ1_0, T.IQ1_S,
-]
-
-# llama-quant.cpp `tensor_type_fallback`: the type used when the row width is not a multiple of the block size.
-_FALLBACK: dict[GGMLQuantizationType, GGMLQuantizationType] = {
-    **dict.fromkeys([T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ4_XS], T.IQ4_NL),
-    **dict.fromkeys([T.Q2_K, T.Q3_K, T.TQ1_0, T.TQ2_0], T.Q4_0),
-    T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
-}
-
 _MIN_CHUNK = 32 * 512  # elements per task, llama-quant.cpp's min_chunk_size
 
 
 def _names(items: Any) -> str:
     return ", ".join(items)
-
-
-def parse_type(name: str | GGMLQuantizationType) -> GGMLQuantizationType:
-    """'q4_k' / 'Q4_K' / the enum → GGMLQuantizationType, one of QUANT_TYPES."""
-    if isinstance(name, GGMLQuantizationType):
-        qtype: GGMLQuantizationType | None = name
-    else:
-        qtype = GGMLQuantizationType.__members__.get(str(name).strip().upper())
-    if qtype not in QUANT_TYPES:
-        raise MoepackError(f"unknown or unsupported GGML type {name!r}; valid: {_names(t.name for t in QUANT_TYPES)}")
-    return qtype
-
-
-def bits_per_weight(qtype: GGMLQuantizationType | str) -> float:
-    block, nbytes = GGML_QUANT_SIZES[parse_type(qtype)]
-    return 8.0 * nbytes / block
-
-
-def fallback_type(qtype: GGMLQuantizationType | str, n_per_row: int) -> GGMLQuantizationType:
-    """The type llama.cpp writes for `qtype` on rows of `n_per_row`: itself if the block fits, else its fallback."""
-    qtype = parse_type(qtype)
-    if n_per_row % GGML_QUANT_SIZES[qtype][0] == 0:
-        return qtype
-    if qtype not in _FALLBACK:
-        raise MoepackError(f"{qtype.name} needs rows that are multiples of {GGML_QUANT_SIZES[qtype][0]} "
-                           f"(got {n_per_row}) and llama.cpp defines no fallback for it; pick another type")
-    fb = _FALLBACK[qtype]
-    return fb if n_per_row % GGML_QUANT_SIZES[fb][0] == 0 else T.F16
 
 
 # ---------------------------------------------------------------------------------------------------- the library
@@ -102,7 +58,8 @@ class _TypeTraits(ctypes.Structure):
                 ("is_quantized", ctypes.c_bool), ("to_float", _TO_FLOAT), ("from_float_ref", ctypes.c_void_p)]
 
 
-def _lib_dir() -> Path:
+def lib_dir() -> Path:
+    """The directory of the llama.cpp libraries llama-cpp-python ships."""
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or not spec.submodule_search_locations:
         raise MoepackError("llama-cpp-python is not installed; `pip install llama-cpp-python` (it builds libggml)")
@@ -112,7 +69,7 @@ def _lib_dir() -> Path:
 @cache
 def _lib() -> ctypes.CDLL:
     names = {"linux": "libggml-base.so", "darwin": "libggml-base.dylib", "win32": "ggml-base.dll"}
-    path = _lib_dir() / names.get(sys.platform, "libggml-base.so")
+    path = lib_dir() / names.get(sys.platform, "libggml-base.so")
     if not path.exists():
         raise MoepackError(f"{path} not found; reinstall llama-cpp-python")
     lib = ctypes.CDLL(str(path))
@@ -147,15 +104,6 @@ def _init_type(qtype: GGMLQuantizationType) -> None:
 def requires_imatrix(qtype: GGMLQuantizationType | str) -> bool:
     """ggml's hard requirement (IQ2_XXS, IQ2_XS, IQ1_S); llama-quantize also refuses IQ3_XXS, IQ2_S, IQ1_M without."""
     return bool(_lib().ggml_quantize_requires_imatrix(parse_type(qtype).value))
-
-
-def row_size(qtype: GGMLQuantizationType | str, n_per_row: int) -> int:
-    """Bytes of one row of `n_per_row` weights (ggml_row_size); the row must be a whole number of blocks."""
-    qtype = parse_type(qtype)
-    if n_per_row % GGML_QUANT_SIZES[qtype][0]:
-        raise MoepackError(f"{qtype.name} needs rows that are multiples of {GGML_QUANT_SIZES[qtype][0]}, got "
-                           f"{n_per_row}; use fallback_type() as llama.cpp does")
-    return int(_lib().ggml_row_size(qtype.value, n_per_row))
 
 
 def _threads(threads: int | None) -> int:
@@ -209,7 +157,7 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType | str, imatrix: np.nd
     if x.ndim not in (2, 3):
         raise ValueError(f"quantize wants 2-D (rows, n) or 3-D (E, rows, n) data, got shape {x.shape}")
     n = x.shape[-1]
-    rs = row_size(qtype, n)
+    rs = row_bytes(qtype, n)
     im = _check_imatrix(imatrix, x.shape[:-1], n, qtype)
     if qtype == T.F32:
         return x.view(np.uint8).copy()  # (..., 4n)
@@ -241,7 +189,7 @@ def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType | str, shape: tuple[
     shape = tuple(int(s) for s in shape)
     n = shape[-1]
     n_rows = int(np.prod(shape[:-1], dtype=np.int64))
-    rs = row_size(qtype, n)
+    rs = row_bytes(qtype, n)
     buf = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)  # (bytes,)
     if buf.size != n_rows * rs:
         raise ValueError(f"{buf.size} bytes do not hold {shape} of {qtype.name} ({n_rows} rows x {rs} bytes)")
@@ -283,18 +231,6 @@ def parse_ftype(name: str) -> int:
     return ftypes()[key]
 
 
-def load_imatrix(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """llama.cpp imatrix GGUF → ({tensor: (E, n) float32 mean squared input}, {datasets, chunks}), as
-    llama-quantize's loader computes it (in_sum2 / counts, ones where an expert saw no tokens)."""
-    from moepack.gguf.imatrix import read_imatrix
-
-    im = read_imatrix(path)
-    if not im.entries:
-        raise MoepackError(f"{path} holds no imatrix entries (<name>.in_sum2 / <name>.counts tensors)")
-    return ({n: e.mean() for n, e in im.entries.items()},
-            {"datasets": list(im.datasets), "chunks": int(im.chunk_count)})
-
-
 class _LlamaLog:
     """Routes llama.cpp's log into ours for the duration of one call, keeping the lines for error messages."""
 
@@ -329,7 +265,12 @@ def _imatrix_params(llama_cpp: Any, imatrix: Path, keep: list[Any]) -> tuple[Any
     if not hasattr(llama_cpp, "llama_model_imatrix_data"):
         raise MoepackError("this llama-cpp-python passes the imatrix as a C++ std::map, which ctypes cannot build; "
                            "upgrade llama-cpp-python (>= 0.3.16 with llama_model_imatrix_data)")
-    values, meta = load_imatrix(imatrix)
+    from moepack.gguf.imatrix import read_imatrix
+
+    found = read_imatrix(imatrix)
+    if not found.entries:
+        raise MoepackError(f"{imatrix} holds no imatrix entries (<name>.in_sum2 / <name>.counts tensors)")
+    values = found.means()  # as llama-quantize's loader computes it: in_sum2 / counts, ones where none were seen
     arr = (llama_cpp.llama_model_imatrix_data * (len(values) + 1))()  # zeroed: the last entry ends the list
     for i, (name, v) in enumerate(values.items()):
         flat = np.ascontiguousarray(v.reshape(-1))  # (E*n,)
@@ -339,9 +280,9 @@ def _imatrix_params(llama_cpp: Any, imatrix: Path, keep: list[Any]) -> tuple[Any
     kv = (llama_cpp.llama_model_kv_override * 5)()
     notes: list[tuple[str, int | str]] = [("quantize.imatrix.file", str(imatrix)[-127:]),
                                           ("quantize.imatrix.entries_count", len(values)),
-                                          ("quantize.imatrix.chunks_count", int(meta["chunks"]))]
-    if meta["datasets"]:
-        notes.append(("quantize.imatrix.dataset", str(meta["datasets"][0])[-127:]))
+                                          ("quantize.imatrix.chunks_count", int(found.chunk_count))]
+    if found.datasets:
+        notes.append(("quantize.imatrix.dataset", str(found.datasets[0])[-127:]))
     for o, (key, val) in zip(kv, notes):
         o.key = key.encode()
         if isinstance(val, int):
@@ -375,17 +316,11 @@ def quantize_gguf_ftype(src: Path, dst: Path, ftype: str, imatrix: Path | None =
             keep.append(pattern.encode())
             o.pattern, o.type = keep[-1], parse_type(t).value
         params.tt_overrides = tt
-    tmp = dst.with_name(dst.name + ".tmp")
-    dst.parent.mkdir(parents=True, exist_ok=True)
     log.info("llama_model_quantize %s -> %s (%s)", src, dst, ftype)
-    try:
-        with _LlamaLog() as llog:
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    with atomic_path(dst) as tmp, _LlamaLog() as llog:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             why = [ln.split("failed to quantize:", 1)[1].strip() for ln in llog.lines if "failed to quantize:" in ln]
             reason = why[-1] if why else llog.tail()
             hint = "; pass imatrix= (llama.cpp's imatrix GGUF)" if "imatrix" in reason and imatrix is None else ""
             raise MoepackError(f"llama.cpp could not quantize {src} to {ftype}: {reason}{hint}")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -12,15 +12,14 @@ matrices refer to it — and `gguf_outputs` lists the tensors actually written.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import gguf
 
-from moepack.model.arch import Role
 from moepack.errors import MoepackError
+from moepack.model.arch import Role, beyond_decoder, expert_key
 
 if TYPE_CHECKING:
     from moepack.model.checkpoint import TensorRef
@@ -39,7 +38,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_EXPERT_RX = re.compile(r"\.experts\.\d+\.")
 # DeepSeek's kv_b_proj is written as these two tensors (convert_hf_to_gguf.py, DeepseekV2Model.modify_tensors):
 # (checkpoint-style name gguf's tensor map knows, transform).
 MLA_SPLIT = (("k_b_proj", "k_b"), ("v_b_proj", "v_b"))
@@ -100,7 +98,7 @@ def _n_blocks(view: Any) -> int:
 def source_key(name: str) -> str:
     """The checkpoint-side key gguf's tensor map knows: experts unnumbered (the converter's stacked name), the
     DeepSeek-V3 router bias written as `e_score_correction.bias` (as the converter renames it)."""
-    key = _EXPERT_RX.sub(".experts.", name)
+    key = expert_key(name)
     if key.endswith("e_score_correction_bias"):
         key = key[: -len("_bias")] + ".bias"
     return key
@@ -157,7 +155,7 @@ def gguf_outputs(view: Any) -> list[OutTensor]:
     groups: dict[str, list[TensorRef]] = {}
     n_blocks = _n_blocks(view)
     for ref in view.tensors.values():
-        if ref.layer is not None and ref.layer >= n_blocks:  # e.g. DeepSeek-V3's multi-token-prediction layer
+        if beyond_decoder(ref.layer, n_blocks):
             log.debug("skipping %s: layer %d is not part of the %d-layer model", ref.name, ref.layer, n_blocks)
             continue
         groups.setdefault(gguf_tensor_name(view, ref), []).append(ref)

@@ -20,12 +20,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from moepack.gguf import kernels as ggml
-from moepack.model.checkpoint import open_checkpoint
 from moepack.errors import MoepackError
-from moepack.gguf.writer import WriteReport, imatrix_by_output, load_imatrix, prune_imatrix, write_gguf
+from moepack.gguf import kernels as ggml
+from moepack.gguf.imatrix import ImatrixFile, imatrix_by_output, load_imatrix, prune_imatrix, write_imatrix_gguf
+from moepack.gguf.types import parse_type
+from moepack.gguf.writer import WriteReport, write_gguf
+from moepack.model.checkpoint import open_checkpoint
+from moepack.schema import PrunePlan
 
-__all__ = ["quantize_model", "read_quant_plan", "write_imatrix_gguf"]
+__all__ = ["quantize_model", "read_quant_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -53,32 +56,8 @@ def read_quant_plan(path: str | Path) -> tuple[dict[str, str], dict[str, Any]]:
         t = v.get("type") if isinstance(v, dict) else v
         if not isinstance(t, str):
             raise MoepackError(f"{p}: tensor {name!r} has no type name")
-        types[name] = ggml.parse_type(t).name
+        types[name] = parse_type(t).name
     return types, plan
-
-
-def write_imatrix_gguf(values: Mapping[str, np.ndarray], path: Path) -> None:
-    """{name: (E or 1, n) mean squared inputs} → llama.cpp's imatrix GGUF (in_sum2 = value, counts = 1)."""
-    import gguf
-
-    w = gguf.GGUFWriter(path, "imatrix")
-    w.add_type("imatrix")
-    w.add_array(gguf.Keys.IMatrix.DATASETS, ["moepack"])
-    w.add_uint32(gguf.Keys.IMatrix.CHUNK_COUNT, 1)
-    w.add_uint32(gguf.Keys.IMatrix.CHUNK_SIZE, 1)
-    for name in sorted(values):
-        v = np.asarray(values[name], dtype=np.float32).reshape(-1, np.shape(values[name])[-1])  # (E, n)
-        w.add_tensor(f"{name}.in_sum2", np.ascontiguousarray(v))
-        w.add_tensor(f"{name}.counts", np.ones((v.shape[0], 1), dtype=np.float32))  # (E, 1)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
-def _prune_plan(model_dir: Path) -> dict[str, Any] | None:
-    p = model_dir / "prune_plan.json"
-    return json.loads(p.read_text()) if p.is_file() else None
 
 
 def _intermediate_type(view: Any) -> str:
@@ -87,7 +66,7 @@ def _intermediate_type(view: Any) -> str:
 
 
 def _quantize_ftype(view: Any, out: Path, ftype: str, imatrix: Mapping[str, np.ndarray] | None,
-                    threads: int | None, prune_plan: dict[str, Any] | None) -> WriteReport:
+                    threads: int | None, prune_plan: PrunePlan | None) -> WriteReport:
     ggml.parse_ftype(ftype)  # validate before writing anything
     if imatrix is None and ftype.strip().upper() in _FTYPES_NEED_IMATRIX:
         raise MoepackError(f"llama.cpp's {ftype} mixture needs an importance matrix; pass --calib-dir RUN_DIR or --imatrix FILE")
@@ -97,7 +76,7 @@ def _quantize_ftype(view: Any, out: Path, ftype: str, imatrix: Mapping[str, np.n
         im_path = None
         if imatrix is not None:  # llama_model_quantize reads llama.cpp's imatrix GGUF
             im_path = Path(tmpdir) / "imatrix.gguf"
-            write_imatrix_gguf(imatrix_by_output(view, imatrix), im_path)
+            write_imatrix_gguf(ImatrixFile.of_means(imatrix_by_output(view, imatrix)), im_path)
         write_gguf(view, src, default_type=src_type, prune_plan=prune_plan, threads=threads,
                    plan_record={"ftype": ftype.upper(), "source_type": src_type})
         ggml.quantize_gguf_ftype(src, out, ftype, imatrix=im_path, threads=threads or 2)
@@ -124,12 +103,12 @@ def quantize_model(model_dir: str | Path, out: str | Path, *, qtype: str | None 
     if not os.access(out.parent, os.W_OK):
         raise MoepackError(f"{out.parent}: output directory is not writable")
     if qtype is not None:
-        qtype = ggml.parse_type(qtype).name  # validate before reading anything
+        qtype = parse_type(qtype).name  # validate before reading anything
     if ftype is not None:
         ggml.parse_ftype(ftype)
     types, whole = read_quant_plan(plan) if plan is not None else (None, None)
     view = open_checkpoint(model_dir)
-    prune = _prune_plan(model_dir)
+    prune = PrunePlan.beside(model_dir)
     im = load_imatrix(imatrix, view) if imatrix is not None else None
     if im is not None and prune is not None:
         im = prune_imatrix(im, prune)

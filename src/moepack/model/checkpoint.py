@@ -5,8 +5,6 @@ is inspected in milliseconds.
 """
 from __future__ import annotations
 
-from moepack.errors import MoepackError
-
 import hashlib
 import json
 import logging
@@ -14,11 +12,16 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from moepack.model.arch import EXPERT_COUNT_KEYS, ArchSpec, Role, spec_for
+from moepack.errors import MoepackError
+from moepack.model.arch import (DERIVED_BUFFERS, EXPERT_COUNT_KEYS, ArchSpec, Role, beyond_decoder, layer_index,
+                                spec_for)
+
+if TYPE_CHECKING:
+    from moepack.schema import PrunePlan
 
 __all__ = [
     "CheckpointError",
@@ -29,6 +32,7 @@ __all__ = [
     "read_safetensors_header",
     "read_tensor",
     "config_get",
+    "facts_from_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -200,9 +204,11 @@ def _shard_files(root: Path) -> list[Path]:
     return files
 
 
-def _collect_tensors(spec: ArchSpec, files: list[Path]) -> dict[str, TensorRef]:
+def _collect_tensors(spec: ArchSpec, cfg: dict[str, Any], files: list[Path]) -> dict[str, TensorRef]:
     tensors: dict[str, TensorRef] = {}
+    unserved: list[str] = []
     unknown: list[str] = []
+    n_layers = _need(cfg, "num_hidden_layers", "n_layer")
     for path in files:
         header, start = read_safetensors_header(path)
         for name, info in header.items():
@@ -210,23 +216,42 @@ def _collect_tensors(spec: ArchSpec, files: list[Path]) -> dict[str, TensorRef]:
                 continue
             m = spec.match(name)
             if m is None:
-                unknown.append(name)
+                # The multi-token-prediction layer's own tensors (DeepSeek-V3's eh_proj, enorm, ...) and derived
+                # buffers are not part of the served model; any other name would silently go missing.
+                served = not beyond_decoder(layer_index(name), n_layers) and not name.endswith(DERIVED_BUFFERS)
+                (unknown if served else unserved).append(name)
                 continue
             a, b = info["data_offsets"]
             tensors[name] = TensorRef(name, tuple(int(s) for s in info["shape"]), info["dtype"], path, start + a,
                                       b - a, m.rule.role, m.rule.kind, m.layer, m.expert)
     if unknown:
-        # Extra tensors (e.g. DeepSeek-V3's multi-token-prediction layer) are not part of the served model.
-        log.warning("ignoring %d tensor(s) not used by %s inference, e.g. %s", len(unknown), spec.model_type,
-                    unknown[0])
+        raise CheckpointError(f"{files[0].parent}: {len(unknown)} tensor(s) are not part of any {spec.model_type} "
+                              f"layout moepack knows, e.g. {', '.join(unknown[:3])}; they would be missing from the "
+                              "GGUF. Save the checkpoint with transformers' save_pretrained (the hub layout), or "
+                              "report the variant")
+    if unserved:
+        log.info("ignoring %d tensor(s) not used by %s inference (multi-token prediction, derived buffers), e.g. %s",
+                 len(unserved), spec.model_type, unserved[0])
     return tensors
 
 
+def _need(cfg: dict[str, Any], *keys: str) -> int:
+    v = config_get(cfg, *keys)
+    if v is None:
+        raise CheckpointError(f"config.json has no {' / '.join(keys)}; add it (the value the model was trained with)")
+    return int(v)
+
+
+def _zero_if_absent(cfg: dict[str, Any], *keys: str) -> int:
+    # Only for checkpoints without MoE layers: they have no expert counts, and every stage refuses them.
+    return int(config_get(cfg, *keys, default=0))
+
+
 def facts_from_config(spec: ArchSpec, cfg: dict[str, Any], tensors: dict[str, TensorRef]) -> MoEFacts:
-    n_layers = int(config_get(cfg, "num_hidden_layers", "n_layer", default=0))
+    n_layers = _need(cfg, "num_hidden_layers", "n_layer")
     moe = sorted({t.layer for t in tensors.values() if t.role is Role.ROUTER and t.layer is not None})
     groups = [config_get(cfg, k) for k in spec.group_keys] if spec.group_keys else [None, None]
-    n_experts = int(config_get(cfg, spec.n_experts_key, *EXPERT_COUNT_KEYS, default=0))
+    need = _need if moe else _zero_if_absent
     scoring = str(config_get(cfg, "scoring_func", default=spec.scoring_default))
     n_shared = int(config_get(cfg, spec.n_shared_key, default=spec.n_shared_default) if spec.n_shared_key
                    else spec.n_shared_default)
@@ -236,16 +261,16 @@ def facts_from_config(spec: ArchSpec, cfg: dict[str, Any], tensors: dict[str, Te
         n_layers=n_layers,
         moe_layers=tuple(moe),
         dense_layers=tuple(i for i in range(n_layers) if i not in moe),
-        n_experts=n_experts,
-        top_k=int(config_get(cfg, spec.top_k_key, default=0)),
+        n_experts=need(cfg, spec.n_experts_key, *EXPERT_COUNT_KEYS),
+        top_k=need(cfg, spec.top_k_key),
         n_shared_experts=n_shared if moe else 0,
-        expert_ffn=int(config_get(cfg, spec.expert_ffn_key, default=0)),
-        hidden=int(cfg.get("hidden_size", 0)),
-        vocab=int(cfg.get("vocab_size", 0)),
+        expert_ffn=need(cfg, spec.expert_ffn_key),
+        hidden=_need(cfg, "hidden_size"),
+        vocab=_need(cfg, "vocab_size"),
         scoring=scoring,
         router_bias=any(t.kind == spec.router_bias_kind for t in tensors.values()) if spec.router_bias_kind else False,
         norm_topk_prob=bool(config_get(cfg, "norm_topk_prob", default=spec.norm_topk_default)),
-        routed_scaling_factor=float(config_get(cfg, "routed_scaling_factor", default=1.0)),
+        routed_scaling_factor=float(config_get(cfg, "routed_scaling_factor", default=1.0)),  # absent: unscaled
         n_group=int(groups[0]) if groups[0] else None,
         topk_group=int(groups[1]) if groups[1] else None,
     )
@@ -293,9 +318,9 @@ class CheckpointView:
             h.update(f"{n}|{t.shape}|{t.dtype}|{t.nbytes}\n".encode())
         return h.hexdigest()[:16]
 
-    def with_plan(self, plan: dict[str, Any], top_k: int | None = None) -> CheckpointView:
+    def with_plan(self, plan: PrunePlan, top_k: int | None = None) -> CheckpointView:
         """The model as pruned by a prune plan (prune_plan.json), remapped lazily: no data is read."""
-        from moepack.stages.prune import pruned_view
+        from moepack.model.pruned import pruned_view  # the pruned view is a CheckpointView: imported when used
 
         return pruned_view(self, plan, top_k)
 
@@ -336,7 +361,7 @@ def open_checkpoint(model_dir: str | Path) -> CheckpointView:
         raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
     spec = spec_for(cfg.get("model_type"))
     _check_not_prequantized(root, cfg)
-    tensors = _collect_tensors(spec, _shard_files(root))
+    tensors = _collect_tensors(spec, cfg, _shard_files(root))
     _check_float_weights(root, tensors)
     facts = facts_from_config(spec, cfg, tensors)
     if not facts.moe_layers:

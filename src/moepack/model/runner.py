@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from moepack.model.arch import Role
-from moepack.model.checkpoint import CheckpointView
 from moepack.errors import MoepackError
+from moepack.model import metrics
+from moepack.model.arch import Role, beyond_decoder
+from moepack.model.checkpoint import CheckpointView
 
 if TYPE_CHECKING:
     from torch import nn
@@ -38,7 +39,6 @@ __all__ = [
     "layer_sources",
     "moe_prefix",
     "moe_layers",
-    "token_kld",
     "KLDReference",
 ]
 
@@ -79,9 +79,8 @@ def moe_prefix(view: CheckpointView) -> str:
 
 
 def moe_layers(view: CheckpointView) -> tuple[int, ...]:
-    """MoE layers of the served model: DeepSeek-V3's multi-token-prediction layer (index >= num_hidden_layers)
-    has a router too but is not part of the forward pass."""
-    return tuple(i for i in view.facts.moe_layers if i < view.facts.n_layers)
+    """MoE layers of the served model (without DeepSeek-V3's multi-token-prediction layer)."""
+    return tuple(i for i in view.facts.moe_layers if not beyond_decoder(i, view.facts.n_layers))
 
 
 def hf_config(view: CheckpointView, overrides: dict[str, Any] | None = None, attn_implementation: str = "sdpa",
@@ -130,13 +129,6 @@ def layer_sources(view: CheckpointView, layer: int) -> dict[str, ParamSource]:
         dn = tuple(experts[down][e] for e in range(n))
         out["mlp.experts.down_proj"] = ParamSource("mlp.experts.down_proj", dn, "down")
     return out
-
-
-def token_kld(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(ref || other) per token, in nats: (..., V) → (...)."""
-    lp_ref = torch.log_softmax(ref_logits.float(), dim=-1)
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    return (lp_ref.exp() * (lp_ref - lp)).sum(-1)
 
 
 class LayerRunner:
@@ -345,17 +337,18 @@ class KLDReference:
     def compare(self, h_final: torch.Tensor, runner: LayerRunner | None = None) -> dict[str, float]:
         """Metrics of final hidden states (N, L, H) from a variant whose head is `runner`'s (default: reference)."""
         runner = runner or self.runner
-        kld, agree, nll = [], [], []
+        mean, kld, agree, nll = metrics.KLDMean(), [], [], []
         for b0 in range(0, h_final.shape[0], self.batch_size):
             sl = slice(b0, b0 + self.batch_size)
             ref, got = self.runner.logits(self.h_final[sl]), runner.logits(h_final[sl])  # (B, L, V)
-            kld.append(token_kld(ref, got).reshape(-1))
-            agree.append((ref.argmax(-1) == got.argmax(-1)).reshape(-1).float())
+            k = metrics.token_kld(metrics.log_probs(ref), metrics.log_probs(got))  # (B, L)
+            mean.add(k)
+            kld.append(k.reshape(-1))
+            agree.append(metrics.top1_agree(ref, got).reshape(-1).float())
             tgt = self.ids[sl, 1:]  # (B, L-1)
-            nll.append(-torch.log_softmax(got[:, :-1], -1).gather(-1, tgt[..., None]).reshape(-1))
-        k = torch.cat(kld)
-        return dict(kld_mean=float(k.mean()), kld_p99=float(torch.quantile(k, 0.99)),
-                    top1_agree=float(torch.cat(agree).mean()), ppl=float(torch.cat(nll).mean().exp()))
+            nll.append(metrics.nll(metrics.log_probs(got[:, :-1]), tgt).reshape(-1))
+        return dict(kld_mean=mean.mean, kld_p99=float(torch.quantile(torch.cat(kld), 0.99)),
+                    top1_agree=float(torch.cat(agree).mean()), ppl=metrics.ppl(torch.cat(nll)))
 
     @torch.inference_mode()
     def variant(self, runner: LayerRunner, weight_override: WeightOverride | None = None,

@@ -9,53 +9,28 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moepack.stages.budget import Budget, BudgetRequest, budget_for, format_size
-from moepack.model.checkpoint import CheckpointView, open_checkpoint
+from moepack.atomic import atomic_copy, atomic_write_text
 from moepack.backends import Backend, LocalBackend
-from moepack.errors import MoepackError
-from moepack.pipeline.runstate import RunDir, atomic_write_text
+from moepack.model.checkpoint import CheckpointView, open_checkpoint
+from moepack.model.pruned import kept_count
 from moepack.model.textdata import DEFAULT_CALIB_TEXT
+from moepack.pipeline.candidates import Candidate, candidate
+from moepack.pipeline.options import KEEP_AUTO_CANDIDATES, CompressError, CompressOptions
+from moepack.pipeline.runstate import RunDir
+from moepack.schema import CalibStats, PrunePlan
+from moepack.stages.budget import Budget, BudgetRequest, budget_for, format_size
 
-__all__ = ["CompressOptions", "CompressResult", "compress", "render_summary", "KEEP_AUTO_CANDIDATES", "choose_base"]
+__all__ = ["CompressResult", "compress", "render_summary"]
 
 log = logging.getLogger(__name__)
 
-KEEP_AUTO_CANDIDATES = (1.0, 0.875, 0.75, 0.625)
-# A base type leaves this share of the budget to spend on measured upgrades.
-BASE_SHARE = 0.7
 SAMPLE_PROMPT = "Once upon a time, there was a little girl named"
 VERIFY_TARGET = "moepack.gguf.runtime:sample_text"  # run in a child process by _verify
-
-
-class CompressError(MoepackError, ValueError):
-    pass
-
-
-@dataclass
-class CompressOptions:
-    keep: float | str = 0.75  # retention R, or "auto"
-    top_k: int | str | None = None  # None: max(1, round(R·k)); an int; or "auto"
-    calib_text: Path | None = None
-    calib_tokens: int = 50_000
-    seq_len: int = 512
-    sens_tokens: int = 4096
-    solver: str = "greedy"
-    base: str | None = None  # per-role base types; None: the largest ladder type leaving room for upgrades
-    ladder: tuple[str, ...] = ("IQ2_XXS", "IQ2_S", "IQ3_XXS", "IQ3_S", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
-    criterion: str = "score"
-    alpha: float = 0.5
-    verify_ctx: int = 512
-    extra_bufts: bool = False  # verify with llama.cpp's CPU extra buffer types (repacking) on
-    threads: int = 2
-    progress: bool = True
-    shards: int | None = None  # calibration tasks (None: 1 in-process, one per task slot on Ray)
-    cache_dir: Path | None = None  # sensitivity: quantized tensors on disk (shared storage on a cluster)
 
 
 @dataclass
@@ -85,24 +60,12 @@ def _validate(opts: CompressOptions, view: CheckpointView) -> list[float]:
     keep = float(opts.keep)
     if not 0 < keep <= 1:
         raise CompressError(f"--keep must be in (0, 1] or 'auto' (got {opts.keep})")
-    if isinstance(opts.top_k, int) and opts.top_k > max(1, round(keep * view.facts.n_experts)):
-        raise CompressError(f"--top-k {opts.top_k} exceeds the experts kept per layer at --keep {keep}")
+    if isinstance(opts.top_k, int) and opts.top_k > (kept := kept_count(view, keep)):
+        raise CompressError(f"--top-k {opts.top_k} exceeds the experts kept per layer at --keep {keep} ({kept})")
     return [keep]
 
 
-def choose_base(view: CheckpointView, budget_bytes: int, ladder: tuple[str, ...]) -> str:
-    """The highest ladder type at which every quantizable tensor still fits in BASE_SHARE of the budget, so that
-    measured upgrades decide where the rest goes; the lowest type when none does."""
-    from moepack.gguf.estimate import estimate_size
-
-    best = ladder[0]
-    for t in ladder:
-        if estimate_size(view, t) <= BASE_SHARE * budget_bytes:
-            best = t
-    return best
-
-
-def _calibrate(model_dir: Path, run: RunDir, opts: CompressOptions, backend: Backend):  # -> CalibStats
+def _calibrate(model_dir: Path, run: RunDir, opts: CompressOptions, backend: Backend) -> CalibStats:
     from moepack.stages.calibrate import run_calibrate
 
     text = opts.calib_text or DEFAULT_CALIB_TEXT
@@ -117,141 +80,20 @@ def _calibrate(model_dir: Path, run: RunDir, opts: CompressOptions, backend: Bac
     return stats
 
 
-def _prune(model_dir: Path, run: RunDir, keep: float, opts: CompressOptions) -> tuple[CheckpointView, dict | None]:
-    from moepack.stages.prune import PruneOptions, run_prune
-
-    if keep >= 1.0 and opts.top_k is None:
-        return open_checkpoint(model_dir), None
-    out = run.path(f"pruned-r{keep:g}")
-    if out.exists() and not (out / "prune_plan.json").is_file():
-        log.info("removing %s: an interrupted prune (its plan, written last, is missing)", out)
-        shutil.rmtree(out)
-    t0 = time.perf_counter()
-    plan = run_prune(model_dir, run.root, out, PruneOptions(keep=keep, alpha=opts.alpha, criterion=opts.criterion,
-                                                            top_k=opts.top_k), progress=opts.progress)
-    run.timings[f"prune r={keep:g}"] = time.perf_counter() - t0
-    return open_checkpoint(out), plan
-
-
-def _sensitivity(run: RunDir, view: CheckpointView, ref: CheckpointView, stats, plan: dict | None, base: str,
-                 keep: float, opts: CompressOptions, backend: Backend) -> dict[str, Any]:
-    from moepack.stages.sensitivity.measure import measure_sensitivity, save_json
-
-    path = run.path(f"sensitivity-r{keep:g}.json")
-    key = {"model": view.fingerprint(), "reference": ref.fingerprint(), "calib": stats.manifest.get("text_sha256"),
-           "calib_tokens": stats.manifest.get("tokens"), "base": base, "ladder": list(opts.ladder),
-           "prune": plan and plan.get("layers"), "top_k": view.facts.top_k}
-    if stats.manifest.get("shards", 1) != 1:  # sums in another order: the imatrix may differ in its last bits
-        key["calib_shards"] = stats.manifest["shards"]
-
-    def work() -> None:
-        ids = stats.heldout
-        if ids is None:
-            raise CompressError("calibration kept no held-out tokens for sensitivity; use a longer --calib-text")
-        table = measure_sensitivity(view, ids, reference_view=ref, imatrix=stats, base=base, ladder=opts.ladder,
-                                    threads=opts.threads, progress=opts.progress, prune_plan=plan,
-                                    backend=backend, cache_dir=opts.cache_dir)
-        save_json(table, path)
-
-    run.stage(f"sensitivity-r{keep:g}", key, path, work)
-    return json.loads(path.read_text())
-
-
-def _allocate(run: RunDir, table: dict[str, Any], budget: Budget, keep: float, opts: CompressOptions):
-    from moepack.stages.allocate import SensitivityTable, allocate
-
-    overhead = int(table.get("overhead_bytes") or budget.overhead)
-    weights = budget.file_limit - overhead
-    plan = allocate(SensitivityTable.from_dict(table), weights, opts.solver)
-    path = plan.save(run.path(f"quant_plan-r{keep:g}.json"))
-    return plan, path, overhead
-
-
-def _measure(view: CheckpointView, ref: CheckpointView, stats, plan_tensors: dict[str, str],
-             prune_plan: dict | None, opts: CompressOptions) -> float:
-    from moepack.stages.sensitivity.measure import plan_kld
-
-    return float(plan_kld(view, stats.heldout, plan_tensors, reference_view=ref, imatrix=stats,
-                          prune_plan=prune_plan, threads=opts.threads))
-
-
-def _imatrix_for(view: CheckpointView, run: RunDir, prune_plan: dict | None):
+def _imatrix_for(view: CheckpointView, run: RunDir, prune_plan: PrunePlan | None) -> dict[str, Any]:
     """The original model's importance matrix, sliced to the kept experts (as `moepack quantize` does)."""
-    from moepack.gguf.writer import load_imatrix, prune_imatrix
+    from moepack.gguf.imatrix import load_imatrix, prune_imatrix
 
     im = load_imatrix(run.root, view)
     return prune_imatrix(im, prune_plan) if prune_plan else im
 
 
-@dataclass
-class _Candidate:
-    keep: float
-    view: CheckpointView
-    prune_plan: dict | None
-    plan: Any  # allocate.QuantPlan; None when screened out
-    plan_path: Path | None
-    overhead: int  # predicted non-tensor GGUF bytes
-    kld: float = float("nan")  # measured after allocation
-    prune_kld: float | None = None  # KLD of pruning alone (unquantized), measured when screening
-    same_as: float | None = None  # screened: the retention that gives the same pruned model
-
-    @property
-    def screened(self) -> bool:
-        return self.plan is None
-
-
-def _prune_kld(view: CheckpointView, ref: CheckpointView, stats, refs: dict[str, Any], opts: CompressOptions) -> float:
-    """KLD of the pruned model alone (unquantized) vs the original on the held-out tokens; the reference outputs are
-    computed once (kept in `refs`) from the first MoE layer on."""
-    from moepack.backends import torch_threads
-    from moepack.model.runner import KLDReference, LayerRunner, moe_layers
-
-    with torch_threads(opts.threads):
-        if "ref" not in refs:
-            refs["ref"] = KLDReference(LayerRunner(ref), stats.heldout, min(moe_layers(ref)))
-        return float(refs["ref"].variant(LayerRunner(view))["kld_mean"])
-
-
-def _candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats, budget: Budget, keep: float,
-               opts: CompressOptions, backend: Backend, done: list[_Candidate], refs: dict[str, Any]) -> _Candidate:
-    """Prune, measure, allocate and check one retention. Screening against the candidates `done` before it: a
-    retention that yields the same model as one of them (group rounding: keep 0.875 of 4 per group keeps 4) is not
-    measured again; and since quantization only adds error to what pruning costs, a retention whose pruning alone
-    already costs the best measured KLD is not measured further: its sensitivity table, the expensive part, is
-    skipped."""
-    view, prune_plan = _prune(model_dir, run, keep, opts)
-    measured = [c for c in done if not c.screened]
-    shape = (view.facts.n_experts, view.facts.top_k)
-    twin = next((c for c in measured if (c.view.facts.n_experts, c.view.facts.top_k) == shape), None)
-    if twin is not None:
-        log.info("keep %.3f keeps the same experts and top-k as keep %.3f; not measured again", keep, twin.keep)
-        return _Candidate(keep, view, prune_plan, None, None, 0, prune_kld=twin.prune_kld, same_as=twin.keep)
-    best_kld = min((c.kld for c in measured), default=float("inf"))
-    floor = None
-    if prune_plan is not None and best_kld < float("inf") and stats.heldout is not None:
-        t0 = time.perf_counter()
-        floor = _prune_kld(view, ref, stats, refs, opts)
-        run.timings[f"prune KLD r={keep:g}"] = time.perf_counter() - t0
-        if floor >= best_kld:
-            log.info("keep %.3f: pruning alone costs KLD %.5f >= %.5f of the best candidate; not measured further",
-                     keep, floor, best_kld)
-            return _Candidate(keep, view, prune_plan, None, None, 0, prune_kld=floor)
-    base = opts.base or choose_base(view, budget.weights, opts.ladder)
-    table = _sensitivity(run, view, ref, stats, prune_plan, base, keep, opts, backend)
-    plan, path, overhead = _allocate(run, table, budget, keep, opts)
-    cand = _Candidate(keep, view, prune_plan, plan, path, overhead, prune_kld=floor)
-    t0 = time.perf_counter()
-    cand.kld = _measure(view, ref, stats, plan.tensors, prune_plan, opts)
-    run.timings[f"measure r={keep:g}"] = time.perf_counter() - t0
-    log.info("keep %.3f: %s of tensors, measured KLD %.5f", keep, format_size(plan.predicted_bytes), cand.kld)
-    return cand
-
-
-def _write(run: RunDir, cand: _Candidate, out: Path, opts: CompressOptions) -> None:
+def _write(run: RunDir, cand: Candidate, out: Path, opts: CompressOptions) -> None:
     from moepack.gguf.writer import write_gguf
 
     staged = run.path("model.gguf")
-    key = {"plan": cand.plan.to_dict(), "prune": cand.prune_plan, "model": cand.view.fingerprint()}
+    prune = cand.prune_plan.to_dict() if cand.prune_plan is not None else None
+    key = {"plan": cand.plan.to_dict(), "prune": prune, "model": cand.view.fingerprint()}
 
     def work() -> None:
         write_gguf(cand.view, staged, default_type=None, tensor_types=cand.plan.tensors,
@@ -259,15 +101,11 @@ def _write(run: RunDir, cand: _Candidate, out: Path, opts: CompressOptions) -> N
                    prune_plan=cand.prune_plan, threads=opts.threads, progress=opts.progress)
 
     run.stage("write", key, staged, work)
-    tmp = out.with_name(out.name + ".tmp")
     try:
-        shutil.copyfile(staged, tmp)
-        os.replace(tmp, out)
+        atomic_copy(staged, out)
     except OSError as e:
         raise CompressError(f"{out}: cannot write the GGUF ({e.strerror or e}); the finished file stays at "
                             f"{staged}") from e
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _check_size(out: Path, budget: Budget) -> None:
@@ -306,10 +144,10 @@ def compress(model_dir: str | Path, out: str | Path, request: BudgetRequest, opt
     backend = backend or LocalBackend()
     run = RunDir(Path(run_dir) if run_dir else out.with_name(out.name + ".run"))
     stats = _calibrate(model_dir, run, opts, backend)
-    cands: list[_Candidate] = []
+    cands: list[Candidate] = []
     refs: dict[str, Any] = {}
     for k in keeps:  # largest retention first: it sets the bar the others are screened against
-        cands.append(_candidate(model_dir, ref, run, stats, budget, k, opts, backend, cands, refs))
+        cands.append(candidate(model_dir, ref, run, stats, budget, k, opts, backend, cands, refs))
     best = min((c for c in cands if not c.screened), key=lambda c: c.kld)
     _write(run, best, out, opts)
     _check_size(out, budget)
@@ -330,17 +168,15 @@ def compress(model_dir: str | Path, out: str | Path, request: BudgetRequest, opt
 
 def _check_feasible(view: CheckpointView, budget: Budget, opts: CompressOptions) -> None:
     """Fail before any work when even the smallest type everywhere, at the smallest retention, cannot fit."""
-    import gguf
-
+    from moepack.gguf.types import written_bytes
     from moepack.model.arch import Role
-    from moepack.gguf.estimate import tensor_bytes
 
     smallest = min(KEEP_AUTO_CANDIDATES) if opts.keep == "auto" else float(opts.keep)
-    low, f32 = gguf.GGMLQuantizationType[opts.ladder[0]], gguf.GGMLQuantizationType.F32
+    kept, n_experts = kept_count(view, smallest), view.facts.n_experts
     floor = 0
     for t in view.tensors.values():
-        b = tensor_bytes(t.shape, low if t.quantizable else f32)
-        floor += int(b * smallest) if t.role is Role.ROUTED_EXPERTS else b  # routed experts shrink with R
+        b = written_bytes(t.shape, opts.ladder[0] if t.quantizable else "F32")
+        floor += b * kept // n_experts if t.role is Role.ROUTED_EXPERTS else b  # as many expert tensors as kept
     if floor > budget.weights:
         raise CompressError(
             f"the budget leaves {format_size(budget.weights)} for weights, but the smallest achievable model "
@@ -348,8 +184,8 @@ def _check_feasible(view: CheckpointView, budget: Budget, opts: CompressOptions)
             f"(file about {format_size(floor + budget.overhead)}); give more memory or a larger target, or a lower --keep")
 
 
-def _result(out: Path, run: RunDir, ref: CheckpointView, best: _Candidate, budget: Budget,
-            cands: list[_Candidate], sample: str, verify_error: str | None) -> CompressResult:
+def _result(out: Path, run: RunDir, ref: CheckpointView, best: Candidate, budget: Budget,
+            cands: list[Candidate], sample: str, verify_error: str | None) -> CompressResult:
     types: dict[str, dict[str, int]] = {}
     for name, t in best.plan.tensors.items():
         if name.startswith("blk."):

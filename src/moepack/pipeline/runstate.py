@@ -9,15 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["RunDir", "key_hash", "file_sha256", "atomic_write_text", "save_json"]
+from moepack.atomic import atomic_write_text
+
+__all__ = ["RunDir", "key_hash", "file_sha256"]
 
 log = logging.getLogger(__name__)
 
@@ -32,30 +32,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write a text file atomically: a temporary file in the same directory, renamed into place (removed on
-    failure), with the permissions a plain open() would give."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def save_json(obj: Any, path: str | Path, indent: int = 2) -> Path:
-    """`obj` as JSON (plus a final newline), written atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
 def _artifact_files(artifact: Path) -> list[Path]:

@@ -1,6 +1,6 @@
 """Mixed precision under a byte budget: pick one GGML type per tensor group from measured sensitivity.
 
-Pure Python (no torch, no numpy): reads sensitivity.json, writes quant_plan.json.
+Pure Python (no torch): reads sensitivity.json, writes quant_plan.json (both moepack.schema contracts).
 
 sensitivity.json (schema version 1)::
 
@@ -45,25 +45,20 @@ Solvers (both return plans whose true byte total is within the budget):
 from __future__ import annotations
 
 import heapq
-import json
 import logging
 import math
 from array import array
-from dataclasses import dataclass, field
 from operator import lt
-from pathlib import Path
-from typing import Any
 
-from moepack.stages.budget import format_size as _fmt
 from moepack.errors import MoepackError
+from moepack.schema import QuantPlan, SensitivityTable
+from moepack.stages.budget import format_size
 
 __all__ = [
     "AllocationError",
-    "Option",
-    "Group",
-    "SensitivityTable",
-    "QuantPlan",
     "allocate",
+    "budget_bytes_for",
+    "file_budget",
     "solve_greedy",
     "solve_exact",
     "objective",
@@ -82,119 +77,6 @@ class AllocationError(MoepackError, ValueError):
     """A malformed sensitivity table or an impossible budget; the message says what to change."""
 
 
-@dataclass(frozen=True)
-class Option:
-    type: str
-    bytes: int
-    dkld: float
-
-
-@dataclass(frozen=True)
-class Group:
-    name: str
-    tensors: tuple[str, ...]
-    options: tuple[Option, ...]  # options[0] is the base
-
-
-def _num(x: Any, what: str, integer: bool = False) -> Any:
-    ok = isinstance(x, int) if integer else isinstance(x, (int, float))
-    if not ok or isinstance(x, bool) or (not integer and not math.isfinite(x)) or (integer and x < 0):
-        kind = "a non-negative integer" if integer else "a finite number"
-        raise AllocationError(f"sensitivity table: {what} must be {kind} (got {x!r})")
-    return x
-
-
-def _option(d: Any, where: str) -> Option:
-    if not isinstance(d, dict) or not isinstance(d.get("type"), str) or not d["type"]:
-        raise AllocationError(f"sensitivity table: {where}: an option needs a \"type\" name, \"bytes\" and \"dkld\"")
-    return Option(d["type"], _num(d.get("bytes"), f"{where} {d['type']} bytes", True),
-                  float(_num(d.get("dkld"), f"{where} {d['type']} dkld")))
-
-
-def _group(d: Any, i: int) -> Group:
-    if not isinstance(d, dict) or not isinstance(d.get("name"), str) or not d["name"]:
-        raise AllocationError(f"sensitivity table: group #{i} needs a \"name\"")
-    name = d["name"]
-    tensors = d.get("tensors")
-    if not isinstance(tensors, list) or not tensors or not all(isinstance(t, str) and t for t in tensors):
-        raise AllocationError(f"sensitivity table: group {name}: \"tensors\" must be a non-empty list of names")
-    raw = d.get("options")
-    if not isinstance(raw, list) or not raw:
-        raise AllocationError(f"sensitivity table: group {name}: \"options\" must be a non-empty list")
-    opts = tuple(_option(o, f"group {name}") for o in raw)
-    if len({o.type for o in opts}) != len(opts):
-        raise AllocationError(f"sensitivity table: group {name} lists a type twice")
-    if opts[0].dkld != 0.0:
-        raise AllocationError(f"sensitivity table: group {name}: the first (base) option must have dkld 0 "
-                              f"(got {opts[0].dkld}); dkld is measured relative to the all-base model")
-    small = min(opts, key=lambda o: o.bytes)
-    if small.bytes < opts[0].bytes:
-        raise AllocationError(f"sensitivity table: group {name}: {small.type} ({small.bytes} bytes) is smaller "
-                              f"than the base {opts[0].type} ({opts[0].bytes}); the base must be the smallest type")
-    return Group(name, tuple(tensors), opts)
-
-
-@dataclass(frozen=True)
-class SensitivityTable:
-    groups: tuple[Group, ...]
-    fixed_bytes: int = 0
-    base: dict[str, Any] = field(default_factory=dict)
-    fixed: dict[str, str] = field(default_factory=dict)
-    overhead_bytes: int | None = None
-
-    @property
-    def min_bytes(self) -> int:
-        """The smallest achievable tensor data: every group at its base type, plus the fixed tensors."""
-        return self.fixed_bytes + sum(g.options[0].bytes for g in self.groups)
-
-    @property
-    def max_bytes(self) -> int:
-        return self.fixed_bytes + sum(max(o.bytes for o in g.options) for g in self.groups)
-
-    @classmethod
-    def from_dict(cls, d: Any) -> SensitivityTable:
-        if not isinstance(d, dict) or not isinstance(d.get("groups"), list):
-            raise AllocationError("sensitivity table: expected a JSON object with a \"groups\" list")
-        if d.get("version", 1) != 1:
-            raise AllocationError(f"sensitivity table: version {d.get('version')!r} is not supported (this moepack "
-                                  "reads version 1); rerun `moepack sensitivity`")
-        groups = tuple(_group(g, i) for i, g in enumerate(d["groups"]))
-        seen: dict[str, str] = {}
-        for g in groups:
-            for t in g.tensors:
-                if t in seen:
-                    raise AllocationError(f"sensitivity table: tensor {t} is in groups {seen[t]} and {g.name}")
-                seen[t] = g.name
-        if len({g.name for g in groups}) != len(groups):
-            raise AllocationError("sensitivity table: two groups have the same name")
-        fixed = d.get("fixed") or {}
-        if not isinstance(fixed, dict) or not all(isinstance(v, str) for v in fixed.values()):
-            raise AllocationError("sensitivity table: \"fixed\" must map tensor names to type names")
-        overhead = d.get("overhead_bytes")
-        return cls(groups, _num(d.get("fixed_bytes", 0), "fixed_bytes", True), dict(d.get("base") or {}),
-                   dict(fixed), None if overhead is None else _num(overhead, "overhead_bytes", True))
-
-    @classmethod
-    def load(cls, path: str | Path) -> SensitivityTable:
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except OSError as e:
-            raise AllocationError(f"{path}: cannot read the sensitivity table ({e.strerror})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise AllocationError(f"{path}: not valid JSON ({e})") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"version": 1, "base": self.base, "fixed_bytes": self.fixed_bytes}
-        if self.fixed:
-            d["fixed"] = self.fixed
-        if self.overhead_bytes is not None:
-            d["overhead_bytes"] = self.overhead_bytes
-        d["groups"] = [{"name": g.name, "tensors": list(g.tensors),
-                        "options": [{"type": o.type, "bytes": o.bytes, "dkld": o.dkld} for o in g.options]}
-                       for g in self.groups]
-        return d
-
-
 # ------------------------------------------------------------------------------------------------------- solvers
 
 def _used(table: SensitivityTable, choice: list[int]) -> int:
@@ -209,8 +91,8 @@ def objective(table: SensitivityTable, choice: list[int]) -> float:
 def _check_feasible(table: SensitivityTable, budget: int) -> None:
     if budget < table.min_bytes:
         raise AllocationError(
-            f"budget {_fmt(budget)} is below the minimum achievable size {_fmt(table.min_bytes)}: every group at "
-            f"its base type plus {table.fixed_bytes:,} fixed bytes; give a budget of at least "
+            f"budget {format_size(budget)} is below the minimum achievable size {format_size(table.min_bytes)}: every "
+            f"group at its base type plus {table.fixed_bytes:,} fixed bytes; give a budget of at least "
             f"{table.min_bytes:,} bytes, or use smaller base types / keep fewer experts")
 
 
@@ -303,39 +185,6 @@ def _better(table: SensitivityTable, a: list[int], b: list[int]) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------------------- plan
 
-@dataclass(frozen=True)
-class QuantPlan:
-    solver: str
-    budget_bytes: int
-    predicted_bytes: int
-    fixed_bytes: int
-    predicted_dkld: float
-    groups: dict[str, str]
-    tensors: dict[str, str]
-    bucket_bytes: int | None = None
-    predicted_kld: float | None = None
-    base: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"version": 1, "solver": self.solver, "budget_bytes": self.budget_bytes,
-                "predicted_bytes": self.predicted_bytes, "fixed_bytes": self.fixed_bytes,
-                "bucket_bytes": self.bucket_bytes, "predicted_dkld": self.predicted_dkld,
-                "predicted_kld": self.predicted_kld, "groups": self.groups, "tensors": self.tensors,
-                "base": self.base}
-
-    def save(self, path: str | Path) -> Path:
-        """Write quant_plan.json atomically (a temporary file in the same directory, renamed into place)."""
-        from moepack.pipeline.runstate import save_json
-
-        return save_json(self.to_dict(), path)
-
-    def type_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for t in self.tensors.values():
-            counts[t] = counts.get(t, 0) + 1
-        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
-
-
 def allocate(table: SensitivityTable, budget_bytes: int, solver: str = "greedy",
              max_work: int = MAX_WORK) -> QuantPlan:
     """The plan of one type per group with the lowest predicted ΔKLD whose tensor bytes fit `budget_bytes`."""
@@ -357,23 +206,33 @@ def allocate(table: SensitivityTable, budget_bytes: int, solver: str = "greedy",
     dkld = objective(table, choice)
     kld = table.base.get("kld")
     kld = float(kld) + dkld if isinstance(kld, (int, float)) and not isinstance(kld, bool) else None
-    log.debug("%s: %s of %s budget, predicted ΔKLD %.5g", solver, _fmt(used), _fmt(budget_bytes), dkld)
+    log.debug("%s: %s of %s budget, predicted ΔKLD %.5g", solver, format_size(used), format_size(budget_bytes), dkld)
     return QuantPlan(solver, budget_bytes, used, table.fixed_bytes, dkld, groups, tensors, q, kld, table.base)
 
 
 def budget_bytes_for(table: SensitivityTable, *, target_size: int | str | None = None,
                      budget_bytes: int | str | None = None) -> int:
-    """The tensor bytes a plan may use: `budget_bytes` as given, or a GGUF file of `target_size` less the table's
-    overhead_bytes (non-tensor GGUF bytes); exactly one of the two. Sizes as `parse_size` reads them."""
+    """The tensor bytes a plan may use: `budget_bytes` as given, or `file_budget` of a GGUF file of `target_size`;
+    exactly one of the two. Sizes as `parse_size` reads them."""
     from moepack.stages.budget import parse_size
 
     if (target_size is None) == (budget_bytes is None):
         raise AllocationError("give exactly one of --target-size SIZE or --budget-bytes N")
     if budget_bytes is not None:
         return parse_size(budget_bytes)
-    target, overhead = parse_size(target_size), table.overhead_bytes or 0
+    return file_budget(table, parse_size(target_size))
+
+
+def file_budget(table: SensitivityTable, target: int) -> int:
+    """Tensor bytes a plan may use for a GGUF file of at most `target` bytes: the target less the table's
+    overhead_bytes (the GGUF's non-tensor bytes)."""
+    overhead = table.overhead_bytes
+    if overhead is None:
+        raise AllocationError("the sensitivity table has no overhead_bytes, so a --target-size cannot be turned into "
+                              "a tensor budget; rerun `moepack sensitivity` (it records them), or give "
+                              "--budget-bytes (tensor data only)")
     if target - overhead < table.min_bytes:
-        raise AllocationError(f"--target-size {_fmt(target)} is below the minimum achievable file size "
-                              f"{_fmt(table.min_bytes + overhead)} ({table.min_bytes:,} bytes of tensors at their "
-                              f"base types + {overhead:,} bytes of GGUF metadata)")
+        raise AllocationError(f"--target-size {format_size(target)} is below the minimum achievable file size "
+                              f"{format_size(table.min_bytes + overhead)} ({table.min_bytes:,} bytes of tensors at "
+                              f"their base types + {overhead:,} bytes of GGUF metadata)")
     return target - overhead

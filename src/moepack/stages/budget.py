@@ -47,6 +47,7 @@ __all__ = [
     "parse_size",
     "format_size",
     "attention_dims",
+    "ffn_width",
     "kv_cache_bytes",
     "compute_buffer_bytes",
     "gguf_overhead_bytes",
@@ -128,19 +129,18 @@ class AttentionDims:
     head_v: int  # V width per cached head (MLA: the latent, read as a view of K; no V tensor is allocated)
     hidden: int
     vocab: int
-    ffn: int  # widest per-token FFN activation of a layer: (top-k + shared) × expert width, or the dense width
 
 
 def _config(view_or_config: CheckpointView | dict[str, Any]) -> dict[str, Any]:
     return view_or_config if isinstance(view_or_config, dict) else view_or_config.config
 
 
-def _need(cfg: dict[str, Any], *keys: str) -> int:
+def _need(cfg: dict[str, Any], *keys: str, what: str = "the KV cache") -> int:
     from moepack.model.checkpoint import config_get
 
     v = config_get(cfg, *keys)
     if v is None:
-        raise BudgetError(f"config.json has no {' / '.join(keys)}; cannot size the KV cache")
+        raise BudgetError(f"config.json has no {' / '.join(keys)}; cannot size {what}")
     return int(v)
 
 
@@ -157,13 +157,22 @@ def attention_dims(view_or_config: CheckpointView | dict[str, Any]) -> Attention
     else:
         head = int(config_get(cfg, "head_dim", default=hidden // n_head))
         n_head_kv, head_k, head_v = int(config_get(cfg, "num_key_value_heads", default=n_head)), head, head
-    top_k = int(config_get(cfg, spec.top_k_key, default=0))
+    return AttentionDims(spec.kv_cache, _need(cfg, "num_hidden_layers", "n_layer"), n_head, n_head_kv, head_k,
+                         head_v, hidden, _need(cfg, "vocab_size"))
+
+
+def ffn_width(view_or_config: CheckpointView | dict[str, Any]) -> int:
+    """The widest per-token FFN activation of a layer: (top-k + shared) × expert width, or the dense width."""
+    from moepack.model.checkpoint import config_get
+
+    cfg = _config(view_or_config)
+    spec = spec_for(cfg.get("model_type"))
+    what = "the compute buffer"
+    top_k, expert = _need(cfg, spec.top_k_key, what=what), _need(cfg, spec.expert_ffn_key, what=what)
     shared = int(config_get(cfg, spec.n_shared_key, default=spec.n_shared_default) if spec.n_shared_key
                  else spec.n_shared_default)
-    expert = int(config_get(cfg, spec.expert_ffn_key, default=0))
-    dense = int(config_get(cfg, "intermediate_size", default=0))
-    return AttentionDims(spec.kv_cache, _need(cfg, "num_hidden_layers", "n_layer"), n_head, n_head_kv, head_k,
-                         head_v, hidden, _need(cfg, "vocab_size"), max((top_k + shared) * expert, dense))
+    dense = int(config_get(cfg, "intermediate_size", default=0))  # 0: no dense FFN, only experts widen a layer
+    return max((top_k + shared) * expert, dense)
 
 
 def _padded_ctx(ctx: int) -> int:
@@ -183,12 +192,13 @@ def _kv_type(name: str) -> gguf.GGMLQuantizationType:
 
 
 def _row_bytes(qtype: gguf.GGMLQuantizationType, n: int) -> int:
-    import gguf
+    from moepack.gguf.types import BlockSizeError, block_size, row_bytes
 
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    if n % block:
-        raise BudgetError(f"KV cache rows of {n} values do not fit {qtype.name} blocks of {block}; use f16")
-    return n // block * size
+    try:
+        return row_bytes(qtype, n)
+    except BlockSizeError:
+        raise BudgetError(f"KV cache rows of {n} values do not fit {qtype.name} blocks of {block_size(qtype)}; "
+                          "use f16") from None
 
 
 def kv_cache_bytes(view_or_config: CheckpointView | dict[str, Any], ctx: int, type_k: str = "f16",
@@ -249,7 +259,7 @@ def compute_buffer_bytes(view_or_config: CheckpointView | dict[str, Any], ctx: i
     n_kv = _padded_ctx(ctx)
     u = max(1, min(n_ubatch, ctx))
     scores = u * n_kv * (2 if flash_attn else 4 * (d.n_head + 1))
-    act = 4 * u * (4 * d.hidden + 3 * d.ffn + d.n_head * (d.head_k + d.head_v))
+    act = 4 * u * (4 * d.hidden + 3 * ffn_width(view_or_config) + d.n_head * (d.head_k + d.head_v))
     output = 4 * u * (d.vocab + 4 * d.hidden)
     return max(scores + act, output) + 4 * d.vocab
 
@@ -286,8 +296,7 @@ def gguf_overhead_bytes(view: CheckpointView) -> int:
     """
     stacked = {(t.layer, t.kind) for t in view.tensors.values() if t.expert is not None}
     n_tensors = sum(1 for t in view.tensors.values() if t.expert is None) + len(stacked)
-    vocab = int(view.config.get("vocab_size", 0))
-    return _OVERHEAD_FIXED + _PER_TENSOR * n_tensors + _tokenizer_bytes(Path(view.root), vocab)
+    return _OVERHEAD_FIXED + _PER_TENSOR * n_tensors + _tokenizer_bytes(Path(view.root), view.facts.vocab)
 
 
 # ---------------------------------------------------------------------------------------------------- the budget

@@ -7,41 +7,34 @@ count, i.e. llama.cpp's importance matrix. Saved as `calib/stats.safetensors` + 
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import re
 import time
-import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from moepack.model.checkpoint import CheckpointView, open_checkpoint
 from moepack.backends import Backend, LocalBackend, as_tensor, layer_f32_bytes, open_view, torch_threads
 from moepack.errors import MoepackError
-from moepack.model.runner import LayerRunner, layer_sources, moe_layers
+from moepack.model.arch import expert_id, expert_key
+from moepack.model.checkpoint import CheckpointView, open_checkpoint
+from moepack.model.runner import LayerRunner, moe_layers
+from moepack.schema import CalibInputs, CalibManifest, CalibStats, ImatrixEntry, RouterStats
+from moepack.stages.calib_hooks import Accumulator, mla_split, preparer
 
 __all__ = [
-    "RouterStats",
-    "ImatrixEntry",
-    "CalibStats",
     "CalibError",
     "calibrate",
     "calib_shard",
     "merge_shards",
     "shard_bounds",
     "run_calibrate",
-    "calib_dir",
-    "expert_key",
+    "imatrix_for",
 ]
 
 log = logging.getLogger(__name__)
 
-FORMAT = "moepack.calib/1"
 RARE_SHARE = 0.01  # an expert with under 1% of the uniform share of token slots is reported as rarely routed
 
 
@@ -49,252 +42,13 @@ class CalibError(MoepackError, ValueError):
     pass
 
 
-def expert_key(name: str) -> str:
-    """Checkpoint name of one expert's matrix → the name of the stacked entry: `.experts.7.` → `.experts.`."""
-    return re.sub(r"\.experts\.\d+\.", ".experts.", name, count=1)
-
-
-@dataclass
-class RouterStats:
-    """One MoE layer's routing statistics over `tokens` tokens with `top_k` routed slots each."""
-
-    counts: np.ndarray  # (E,) routed token slots per expert
-    weight_sum: np.ndarray  # (E,) sum of the weights multiplying the expert's output (after norm and scaling)
-    saliency_sum: np.ndarray  # (E,) sum of weight × ‖expert output‖₂
-    tokens: int
-    top_k: int
-
-    @property
-    def freq(self) -> np.ndarray:
-        """f_e: share of routed token slots (sums to 1 over the experts)."""
-        return self.counts / max(1, self.tokens * self.top_k)
-
-    @property
-    def score(self) -> np.ndarray:
-        """s_e: mean routing weight when selected; 0 for a never-routed expert."""
-        return self.weight_sum / np.maximum(self.counts, 1)
-
-    @property
-    def saliency(self) -> np.ndarray:
-        """REAP saliency: mean over routed tokens of weight × ‖expert output‖₂; 0 for a never-routed expert."""
-        return self.saliency_sum / np.maximum(self.counts, 1)
-
-
-@dataclass
-class ImatrixEntry:
-    """Sum of squared inputs per input column, per matrix: M = experts (stacked) or 1."""
-
-    sums: np.ndarray  # (M, n)
-    counts: np.ndarray  # (M,) tokens seen by each matrix
-
-    def mean(self) -> np.ndarray:
-        """Mean squared input (M, n); a matrix that saw no token gets ones, as llama-quantize does."""
-        c = self.counts[:, None]  # (M, 1)
-        return np.where(c > 0, self.sums / np.maximum(c, 1), 1.0).astype(np.float32)
-
-
-@dataclass
-class CalibStats:
-    manifest: dict[str, Any]
-    router: dict[int, RouterStats]
-    imatrix: dict[str, ImatrixEntry]  # checkpoint tensor name; expert matrices under `expert_key(name)`
-    heldout: np.ndarray | None = None  # (n, L) token ids kept out of the statistics (for KLD checks)
-
-    def imatrix_for(self, name: str) -> np.ndarray:
-        """Mean squared input per column (n,) for one checkpoint matrix (an expert's name gives its own row)."""
-        m = re.search(r"\.experts\.(\d+)\.", name)
-        key = expert_key(name) if m else name
-        if key not in self.imatrix:
-            raise KeyError(f"no importance matrix for {name}")
-        return self.imatrix[key].mean()[int(m.group(1)) if m else 0]
-
-    def save(self, out: Path) -> None:
-        from safetensors.numpy import save_file
-
-        out.mkdir(parents=True, exist_ok=True)
-        arrays: dict[str, np.ndarray] = {}
-        for layer, r in self.router.items():
-            arrays[f"router.{layer}.counts"] = r.counts.astype(np.float64)
-            arrays[f"router.{layer}.weight_sum"] = r.weight_sum.astype(np.float64)
-            arrays[f"router.{layer}.saliency_sum"] = r.saliency_sum.astype(np.float64)
-        for key, e in self.imatrix.items():
-            arrays[f"imatrix.{key}.in_sum2"] = np.ascontiguousarray(e.sums, dtype=np.float32)
-            arrays[f"imatrix.{key}.counts"] = e.counts.astype(np.float64)
-        if self.heldout is not None:
-            arrays["heldout_ids"] = np.ascontiguousarray(self.heldout, dtype=np.int64)
-        tmp = out / "stats.safetensors.tmp"
-        save_file(arrays, str(tmp))
-        os.replace(tmp, out / "stats.safetensors")
-        tmp = out / "manifest.json.tmp"
-        tmp.write_text(json.dumps(self.manifest, indent=2))
-        os.replace(tmp, out / "manifest.json")  # written last: its presence marks a complete artifact
-
-    @classmethod
-    def load(cls, path: str | Path) -> CalibStats:
-        from safetensors.numpy import load_file
-
-        d = calib_dir(path)
-        manifest = json.loads((d / "manifest.json").read_text())
-        if manifest.get("format") != FORMAT:
-            raise CalibError(f"{d}: not a moepack calibration ({manifest.get('format')!r}); rerun moepack calibrate")
-        arrays = load_file(str(d / "stats.safetensors"))
-        router: dict[int, RouterStats] = {}
-        for layer in manifest["moe_layers"]:
-            router[int(layer)] = RouterStats(
-                arrays[f"router.{layer}.counts"], arrays[f"router.{layer}.weight_sum"],
-                arrays[f"router.{layer}.saliency_sum"], int(manifest["tokens"]), int(manifest["top_k"]))
-        imatrix: dict[str, ImatrixEntry] = {}
-        for k, v in arrays.items():
-            if k.startswith("imatrix.") and k.endswith(".in_sum2"):
-                key = k[len("imatrix."):-len(".in_sum2")]
-                imatrix[key] = ImatrixEntry(v.astype(np.float64), arrays[f"imatrix.{key}.counts"])
-        return cls(manifest, router, imatrix, arrays.get("heldout_ids"))
-
-
-def calib_dir(path: str | Path) -> Path:
-    """A run directory or its `calib/` subdirectory → the directory holding manifest.json."""
-    p = Path(path)
-    for d in (p / "calib", p):
-        if (d / "manifest.json").is_file() and (d / "stats.safetensors").is_file():
-            return d
-    raise CalibError(f"{p}: no calibration statistics (calib/manifest.json); run `moepack calibrate ... -o {p}`")
-
-
-# ---- collection ------------------------------------------------------------------------------------------------
-@dataclass
-class _Acc:
-    """float64 accumulators for one run."""
-
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # imatrix key → (M, n)
-    counts: dict[str, torch.Tensor] = field(default_factory=dict)  # imatrix key → (M,)
-    router: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
-
-    def add(self, key: str, x: torch.Tensor, row: int = 0, n_rows: int = 1) -> None:
-        x = x.reshape(-1, x.shape[-1])  # (T, n)
-        if key not in self.sums:
-            self.sums[key] = torch.zeros(n_rows, x.shape[-1], dtype=torch.float64)
-            self.counts[key] = torch.zeros(n_rows, dtype=torch.float64)
-        self.sums[key][row] += x.float().pow(2).sum(0).double()
-        self.counts[key][row] += x.shape[0]
-
-    def add_heads(self, key: str, x: torch.Tensor, head0: int = 0, n_heads: int | None = None) -> None:
-        """Per-head inputs x (T, h, d) of heads head0..head0+h-1 (of n_heads): one row per head."""
-        n_heads = n_heads or x.shape[1]
-        if key not in self.sums:
-            self.sums[key] = torch.zeros(n_heads, x.shape[2], dtype=torch.float64)
-            self.counts[key] = torch.zeros(n_heads, dtype=torch.float64)
-        self.sums[key][head0:head0 + x.shape[1]] += x.float().pow(2).sum(0).double()
-        self.counts[key][head0:head0 + x.shape[1]] += x.shape[0]
-
-
-def _check_experts_layout(experts: torch.nn.Module) -> None:
-    flags = (getattr(experts, "has_bias", False), getattr(experts, "is_transposed", False),
-             getattr(experts, "is_concatenated", True), getattr(experts, "has_gate", True))
-    if flags != (False, False, True, True):
-        raise CalibError(f"{type(experts).__name__}: unsupported expert layout (bias/transposed/interleaved)")
-
-
-def _instrument_experts(experts: torch.nn.Module, layer: int, acc: _Acc, names: dict[str, str]) -> None:
-    """Replace the experts' forward with the eager per-expert loop that also records statistics.
-
-    Computes what transformers' eager experts forward computes, in the same order; `names` maps "gate", "up",
-    "down" to the imatrix keys.
-    """
-    _check_experts_layout(experts)
-    n_exp = int(experts.num_experts)
-    r = acc.router.setdefault(layer, {k: torch.zeros(n_exp, dtype=torch.float64)
-                                      for k in ("counts", "weight_sum", "saliency_sum")})
-
-    module = weakref.ref(experts)  # no module → forward → module cycle: the layer is freed as soon as it is dropped
-
-    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        experts = module()
-        out = torch.zeros_like(hidden_states)  # (T, H)
-        flat = top_k_index.reshape(-1)  # (T*k,)
-        r["counts"] += torch.bincount(flat, minlength=n_exp).double()
-        r["weight_sum"].index_add_(0, flat, top_k_weights.reshape(-1).double())
-        for e in torch.unique(flat).tolist():
-            tok, pos = torch.where(top_k_index == e)  # routed tokens and their top-k slot
-            x = hidden_states[tok]  # (n_e, H)
-            acc.add(names["gate"], x, e, n_exp)
-            acc.add(names["up"], x, e, n_exp)
-            gate, up = torch.nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)  # (n_e, I) each
-            a = experts.act_fn(gate) * up  # (n_e, I)
-            acc.add(names["down"], a, e, n_exp)
-            y = torch.nn.functional.linear(a, experts.down_proj[e])  # (n_e, H)
-            w = top_k_weights[tok, pos]  # (n_e,)
-            r["saliency_sum"][e] += (w.double() * y.double().norm(dim=-1)).sum()
-            out.index_add_(0, tok, (y * w[:, None]).to(out.dtype))
-        return out
-
-    experts.forward = forward
-
-
-def _preparer(view: CheckpointView, acc: _Acc):
-    """`prepare(i, layer)` for LayerRunner.run: hooks every linear map and instruments the experts."""
-
-    def prepare(i: int, layer: torch.nn.Module) -> None:
-        sources = layer_sources(view, i)
-        for path, mod in layer.named_modules():
-            if isinstance(mod, torch.nn.Linear) and f"{path}.weight" in sources:
-                key = sources[f"{path}.weight"].names[0]
-                mod.register_forward_pre_hook(lambda m, args, key=key: acc.add(key, args[0]))
-        experts = getattr(getattr(layer, "mlp", None), "experts", None)
-        if experts is not None and "mlp.experts.gate_up_proj" in sources:
-            n = view.facts.n_experts
-            gu = sources["mlp.experts.gate_up_proj"].names
-            names = {"gate": expert_key(gu[0]), "up": expert_key(gu[n]),
-                     "down": expert_key(sources["mlp.experts.down_proj"].names[0])}
-            _instrument_experts(experts, i, acc, names)
-        if _mla_split(view):
-            _hook_mla_k_b(view, i, layer, acc)
-            _hook_mla_v_b(view, i, layer, acc)
-
-    return prepare
-
-
-def _mla_split(view: CheckpointView) -> bool:
-    """Whether llama.cpp runs this model with kv_b_proj split into attn_k_b and attn_v_b (DeepSeek MLA)."""
-    return view.spec.gguf_arch == "deepseek2" and "kv_lora_rank" in view.config
-
-
-def _hook_mla_v_b(view: CheckpointView, i: int, layer: torch.nn.Module, acc: _Acc, chunk: int = 16) -> None:
-    """Input of llama.cpp's attn_v_b: per head, the attention-weighted sum of the normed latent kv (kv_lora wide).
-    Needs the attention probabilities, so DeepSeek layers are calibrated with eager attention."""
-    attn = layer.self_attn
-    key = f"model.layers.{i}.self_attn.v_b_proj.weight"
-    latent: dict[str, torch.Tensor] = {}
-
-    def keep_latent(mod: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
-        latent["c"] = out.reshape(out.shape[0], 1, -1, out.shape[-1])  # (B, 1, L, kv_lora)
-
-    def collect(mod: torch.nn.Module, args: Any, out: Any) -> None:
-        w, c = out[1], latent.pop("c")  # (B, H, L, L), (B, 1, L, kv_lora)
-        if w is None:
-            raise CalibError("DeepSeek calibration needs attention probabilities (eager attention)")
-        n_head = w.shape[1]
-        for h0 in range(0, n_head, chunk):
-            z = torch.matmul(w[:, h0:h0 + chunk].to(c.dtype), c)  # (B, h, L, kv_lora)
-            acc.add_heads(key, z.transpose(1, 2).reshape(-1, z.shape[1], z.shape[-1]), h0, n_head)  # (B*L, h, kv)
-
-    attn.kv_a_layernorm.register_forward_hook(keep_latent)
-    attn.register_forward_hook(collect)
-
-
-def _hook_mla_k_b(view: CheckpointView, i: int, layer: torch.nn.Module, acc: _Acc) -> None:
-    """llama.cpp splits DeepSeek's kv_b_proj into attn_k_b (applied to q_nope per head) and attn_v_b; record
-    q_nope, the input of attn_k_b, under `...self_attn.k_b_proj.weight` (rows: heads)."""
-    cfg = view.config
-    n_head, nope = int(cfg["num_attention_heads"]), int(cfg["qk_nope_head_dim"])
-    q = getattr(layer.self_attn, "q_b_proj", None) or getattr(layer.self_attn, "q_proj", None)
-    if q is None:
-        return
-    key = f"model.layers.{i}.self_attn.k_b_proj.weight"
-
-    def hook(mod: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
-        acc.add_heads(key, out.reshape(-1, n_head, out.shape[-1] // n_head)[..., :nope])  # (T, n_head, nope)
-
-    q.register_forward_hook(hook)
+def imatrix_for(stats: CalibStats, name: str) -> np.ndarray:
+    """Mean squared input per column (n,) for one checkpoint matrix (an expert's name gives its own row)."""
+    e = expert_id(name)
+    key = expert_key(name) if e is not None else name
+    if key not in stats.imatrix:
+        raise KeyError(f"no importance matrix for {name}")
+    return stats.imatrix[key].mean()[e if e is not None else 0]
 
 
 def _never_and_rare(router: dict[int, RouterStats]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
@@ -318,11 +72,11 @@ def calib_shard(ids: np.ndarray, view: Any, batch_size: int, threads: int,
     `view` is a checkpoint view or a `ViewRef` (re-opened from storage); runs on `threads` torch threads."""
     view = open_view(view)
     with torch_threads(threads):
-        runner = LayerRunner(view, attn_implementation="eager" if _mla_split(view) else "sdpa")
-        acc = _Acc()
+        runner = LayerRunner(view, attn_implementation="eager" if mla_split(view) else "sdpa")
+        acc = Accumulator()
         with torch.inference_mode():
             h = runner.embed(as_tensor(ids))  # (n, L, H)
-            runner.run(h, prepare=_preparer(view, acc), batch_size=batch_size, inplace=True,
+            runner.run(h, prepare=preparer(view, acc), batch_size=batch_size, inplace=True,
                        progress="calibrate" if progress else False)
             if "lm_head.weight" in view.tensors:
                 for b0 in range(0, h.shape[0], batch_size):
@@ -367,7 +121,7 @@ def _shard_bytes(view: CheckpointView, n_seq: int, seq_len: int, batch_size: int
 
 
 def calibrate(view: CheckpointView, ids: np.ndarray, *, batch_size: int = 8, progress: bool = True,
-              heldout: np.ndarray | None = None, manifest: dict[str, Any] | None = None,
+              heldout: np.ndarray | None = None, inputs: CalibInputs | None = None,
               backend: Backend | None = None, shards: int | None = None,
               threads: int | None = None) -> CalibStats:
     """Statistics of token sequences `ids` (N, L) through `view`, one decoder layer in memory at a time.
@@ -406,13 +160,12 @@ def calibrate(view: CheckpointView, ids: np.ndarray, *, batch_size: int = 8, pro
     for layer, ex in never.items():
         log.warning("layer %s: expert(s) %s never routed on the calibration text; their importance matrix falls "
                     "back to ones (as llama-quantize does) and their score/saliency is 0", layer, ex)
-    man = dict(manifest or {})
-    man.update(format=FORMAT, fingerprint=view.fingerprint(), arch=view.facts.arch, tokens=n_tok,
-               seq_len=int(ids.shape[1]), n_sequences=int(ids.shape[0]), top_k=top_k,
-               n_experts=view.facts.n_experts, moe_layers=list(moe_layers(view)), never_routed=never,
-               rarely_routed=rare, heldout_tokens=int(heldout.size) if heldout is not None else 0,
-               shards=len(bounds), batch_size=batch_size, threads=threads, backend=backend.name,
-               seconds=round(time.time() - t0, 2))
+    man = CalibManifest(fingerprint=view.fingerprint(), arch=view.facts.arch, tokens=n_tok,
+                        seq_len=int(ids.shape[1]), n_sequences=int(ids.shape[0]), top_k=top_k,
+                        n_experts=view.facts.n_experts, moe_layers=list(moe_layers(view)), never_routed=never,
+                        rarely_routed=rare, heldout_tokens=int(heldout.size) if heldout is not None else 0,
+                        shards=len(bounds), batch_size=batch_size, threads=threads, backend=backend.name,
+                        seconds=round(time.time() - t0, 2), inputs=inputs)
     return CalibStats(man, router, imatrix, heldout)
 
 
@@ -447,11 +200,9 @@ def run_calibrate(model_dir: str | Path, text: str | Path, out_dir: str | Path, 
     view = open_checkpoint(model_dir)
     if not moe_layers(view):
         raise CalibError(f"{model_dir}: no MoE layers; nothing to calibrate")
-    inputs = dict(model=str(Path(model_dir).resolve()), text=str(Path(text).resolve()),
-                  text_sha256=text_sha256(text), tokens_requested=tokens, seq_len_requested=seq_len,
-                  heldout_requested=heldout_tokens)
-    if shards is not None:
-        inputs["shards"] = shards
+    inputs = CalibInputs(model=str(Path(model_dir).resolve()), text=str(Path(text).resolve()),
+                         text_sha256=text_sha256(text), tokens_requested=tokens, seq_len_requested=seq_len,
+                         heldout_requested=heldout_tokens, shards=shards)
     out = Path(out_dir) / "calib"
     stats = _reuse(out, view, inputs)
     if stats is None:
@@ -461,27 +212,25 @@ def run_calibrate(model_dir: str | Path, text: str | Path, out_dir: str | Path, 
             raise CalibError(f"--shards {shards} exceeds the {len(calib)} calibration sequences; use at most "
                              f"{len(calib)} shards, or more --calib-tokens or a shorter --seq-len")
         log.info("calibrating %s on %d tokens (%d x %d)", view.root, calib.size, *calib.shape)
-        stats = calibrate(view, calib, batch_size=batch_size, progress=progress, heldout=held, manifest=inputs,
+        stats = calibrate(view, calib, batch_size=batch_size, progress=progress, heldout=held, inputs=inputs,
                           backend=backend, shards=shards, threads=threads)
-        stats.save(out)
-        log.info("calibration statistics in %s (%.1f s)", out, stats.manifest["seconds"])
+        stats.write(out)
+        log.info("calibration statistics in %s (%.1f s)", out, stats.manifest.seconds)
     if imatrix_out:
-        from moepack.gguf.imatrix import write_imatrix_gguf
+        from moepack.gguf.imatrix import ImatrixFile, write_imatrix_gguf
 
-        write_imatrix_gguf(stats, view, imatrix_out)
+        write_imatrix_gguf(ImatrixFile.of_stats(stats, view), imatrix_out)
     return stats
 
 
-def _reuse(out: Path, view: CheckpointView, inputs: dict[str, Any]) -> CalibStats | None:
+def _reuse(out: Path, view: CheckpointView, inputs: CalibInputs) -> CalibStats | None:
     if not (out / "manifest.json").is_file():
         return None
     try:
-        stats = CalibStats.load(out)
-    except (MoepackError, OSError, KeyError, json.JSONDecodeError):
+        stats = CalibStats.read(out)
+    except (MoepackError, OSError, KeyError):  # unreadable or from another moepack: calibrate again
         return None
-    same = stats.manifest.get("fingerprint") == view.fingerprint() and all(
-        stats.manifest.get(k) == v for k, v in inputs.items() if k != "model")
-    if same:
+    if stats.manifest.fingerprint == view.fingerprint() and inputs.matches(stats.manifest):
         log.info("reusing calibration statistics in %s (same model, text and settings)", out)
         return stats
     return None

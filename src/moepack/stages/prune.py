@@ -11,9 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from moepack.model.arch import Role
-from moepack.stages.calibrate import CalibStats, RouterStats, calib_dir
-from moepack.model.checkpoint import CheckpointView, TensorRef, open_checkpoint
+from moepack.atomic import atomic_path, save_json
 from moepack.errors import MoepackError
+from moepack.model.arch import Role
+from moepack.model.checkpoint import CheckpointView, open_checkpoint
+from moepack.model.pruned import (PrunedView, default_top_k, group_limited, kept_count, mtp_layers, pruned_view,
+                                  selection_groups)
 from moepack.model.runner import moe_layers
-from moepack.pipeline.runstate import save_json
+from moepack.schema import (CalibManifest, CalibStats, PruneGroups, PruneLayer, PrunePlan,
+                            RouterStats, TopKRow, calib_dir)
 
 __all__ = [
     "PruneError",
@@ -34,22 +34,21 @@ __all__ = [
     "CRITERIA",
     "importance",
     "select_experts",
+    "plan_shape",
+    "PlanShape",
     "make_plan",
-    "pruned_view",
-    "PrunedView",
     "write_checkpoint",
     "active_bytes_per_token",
     "top_k_auto",
+    "auto_candidates",
     "run_prune",
 ]
 
 log = logging.getLogger(__name__)
 
-PLAN_FORMAT = "moepack.prune_plan/1"
 CRITERIA = ("score", "frequency", "reap", "random")
 _COPY = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
          "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json")
-_EXPERT_COUNT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
 _SHARD_BYTES = 4 << 30
 
 
@@ -67,10 +66,6 @@ class PruneOptions:
     seed: int = 0  # for criterion "random"
     kld_tol: float = 0.01  # --top-k auto: smallest k' whose mean KLD is within this (nats) of the best
     batch_size: int = 8
-
-
-def _round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
 
 
 # ---- selection -------------------------------------------------------------------------------------------------
@@ -100,18 +95,10 @@ def select_experts(scores: np.ndarray, n_keep: int, n_group: int = 1) -> list[in
     return sorted(kept)
 
 
-def _group_limited(view: CheckpointView) -> bool:
-    """Whether routing picks groups first (DeepSeek-V3 noaux_tc, DeepSeek-V2 group_limited_greedy)."""
-    f = view.facts
-    if not f.n_group or f.n_group <= 1:
-        return False
-    if view.facts.arch == "deepseek_v2":
-        return view.config.get("topk_method", "greedy") == "group_limited_greedy"
-    return True
-
-
 @dataclass(frozen=True)
-class _Shape:
+class PlanShape:
+    """The counts and group settings a prune plan will have."""
+
     n_keep: int
     top_k: int
     n_group: int  # selection groups (1: global top)
@@ -119,9 +106,7 @@ class _Shape:
     notes: tuple[str, ...]
 
 
-def _shape(view: CheckpointView, opts: PruneOptions) -> _Shape:
-    """Counts and group settings of the pruned model; raises PruneError for anything infeasible."""
-    f = view.facts
+def _check_options(view: CheckpointView, opts: PruneOptions) -> None:
     if not moe_layers(view):
         raise PruneError(f"{view.root}: no MoE layers; nothing to prune")
     if not 0.0 < opts.keep <= 1.0:
@@ -132,20 +117,24 @@ def _shape(view: CheckpointView, opts: PruneOptions) -> _Shape:
         raise PruneError(f"unknown criterion {opts.criterion!r}; choose one of {', '.join(CRITERIA)}")
     if opts.groups not in ("preserve", "collapse"):
         raise PruneError(f"--groups {opts.groups!r}: choose preserve or collapse")
+
+
+def plan_shape(view: CheckpointView, opts: PruneOptions) -> PlanShape:
+    """Counts and group settings of the pruned model; raises PruneError for anything infeasible."""
+    _check_options(view, opts)
+    f = view.facts
     notes: list[str] = []
-    n_keep = max(1, math.ceil(round(opts.keep * f.n_experts, 9)))
-    grouped = _group_limited(view) and opts.groups == "preserve"
-    n_group = f.n_group if grouped else 1
-    if grouped and n_keep % n_group:
-        n_keep = math.ceil(n_keep / n_group) * n_group
+    n_keep, n_group = kept_count(view, opts.keep, opts.groups), selection_groups(view, opts.groups)
+    if n_keep != kept_count(view, opts.keep, "collapse"):
         notes.append(f"kept count rounded up to {n_keep} so that each of the {n_group} groups keeps the same number")
     new_groups = None
-    if _group_limited(view) and opts.groups == "collapse":
+    if group_limited(view) and opts.groups == "collapse":
         new_groups = (1, 1)
         notes.append("groups collapsed into one: routing is no longer group-limited")
-    elif f.n_group and f.n_group > 1 and not grouped and n_keep % f.n_group:
+    elif f.n_group and f.n_group > 1 and n_group == 1 and n_keep % f.n_group:
         new_groups = (1, 1)  # router not group-limited: keep config.json consistent
     top_k = _top_k(view, opts, n_keep)
+    grouped = n_group > 1
     reach = n_keep if not grouped else (f.topk_group or n_group) * (n_keep // n_group)
     if top_k > reach:
         where = f"the {f.topk_group} selected groups x {n_keep // n_group} kept experts" if grouped else \
@@ -155,13 +144,12 @@ def _shape(view: CheckpointView, opts: PruneOptions) -> _Shape:
     if f.arch == "deepseek_v3" and (n_keep // n_group) < 2:
         raise PruneError(f"DeepSeek-V3 routing scores each group by its top-2 experts, so every group needs at "
                          f"least 2 kept experts (got {n_keep // n_group}); raise --keep or use --groups collapse")
-    return _Shape(n_keep, top_k, n_group, new_groups, tuple(notes))
+    return PlanShape(n_keep, top_k, n_group, new_groups, tuple(notes))
 
 
 def _top_k(view: CheckpointView, opts: PruneOptions, n_keep: int) -> int:
-    k = view.facts.top_k
     if opts.top_k is None or opts.top_k == "auto":
-        return max(1, min(_round_half_up(opts.keep * k), n_keep))
+        return min(default_top_k(opts.keep, view.facts.top_k), n_keep)
     kk = int(opts.top_k)
     if kk < 1:
         raise PruneError(f"--top-k {kk}: a token needs at least one routed expert")
@@ -170,11 +158,10 @@ def _top_k(view: CheckpointView, opts: PruneOptions, n_keep: int) -> int:
     return kk
 
 
-def _check_fingerprint(view: CheckpointView, manifest: dict[str, Any]) -> None:
-    fp = manifest.get("fingerprint")
-    if fp != view.fingerprint():
-        raise PruneError(f"calibration statistics are from another model (fingerprint {fp}, "
-                         f"{manifest.get('model')}); this model is {view.fingerprint()}: rerun moepack "
+def _check_fingerprint(view: CheckpointView, manifest: CalibManifest) -> None:
+    if manifest.fingerprint != view.fingerprint():
+        raise PruneError(f"calibration statistics are from another model (fingerprint {manifest.fingerprint}, "
+                         f"{manifest.model}); this model is {view.fingerprint()}: rerun moepack "
                          f"calibrate on {view.root}")
 
 
@@ -185,112 +172,44 @@ def _check_calib(view: CheckpointView, stats: CalibStats) -> None:
         raise PruneError(f"calibration statistics lack MoE layer(s) {missing}; rerun moepack calibrate")
 
 
-def make_plan(view: CheckpointView, stats: CalibStats, opts: PruneOptions) -> dict[str, Any]:
-    """The prune plan (JSON-able): kept expert ids per layer with all scores, k', groups and the choices made."""
+def _groups(view: CheckpointView, sh: PlanShape, opts: PruneOptions) -> PruneGroups:
+    f = view.facts
+    mode = "preserve" if sh.n_group > 1 else (opts.groups if group_limited(view) else "none")
+    return PruneGroups(mode=mode, n_group=f.n_group, topk_group=f.topk_group, kept_per_group=sh.n_keep // sh.n_group,
+                       n_group_new=sh.new_groups[0] if sh.new_groups else f.n_group,
+                       topk_group_new=sh.new_groups[1] if sh.new_groups else f.topk_group)
+
+
+def make_plan(view: CheckpointView, stats: CalibStats, opts: PruneOptions) -> PrunePlan:
+    """The prune plan: kept expert ids per layer with all scores, k', groups and the choices made."""
     _check_calib(view, stats)
-    sh = _shape(view, opts)
+    sh = plan_shape(view, opts)
     rng = np.random.default_rng(opts.seed)
-    layers: dict[str, Any] = {}
+    layers: dict[str, PruneLayer] = {}
     for layer in moe_layers(view):
         scores = importance(stats.router[layer], opts.criterion, opts.alpha, rng)
         kept = select_experts(scores, sh.n_keep, sh.n_group)
-        layers[str(layer)] = dict(kept=kept, removed=[e for e in range(len(scores)) if e not in kept],
-                                  scores=[float(s) for s in scores])
+        layers[str(layer)] = PruneLayer(kept=kept, removed=[e for e in range(len(scores)) if e not in kept],
+                                        scores=[float(s) for s in scores])
     f = view.facts
     policy = "auto" if opts.top_k == "auto" else ("default" if opts.top_k is None else "fixed")
-    return dict(
-        format=PLAN_FORMAT, model=str(view.root), model_fingerprint=view.fingerprint(),
-        calib=stats.manifest.get("text"), calib_fingerprint=stats.manifest.get("fingerprint"),
+    return PrunePlan(
+        model=str(view.root), model_fingerprint=view.fingerprint(),
+        calib=stats.manifest.text, calib_fingerprint=stats.manifest.fingerprint,
         criterion=opts.criterion, alpha=opts.alpha, keep=opts.keep, seed=opts.seed,
         normalisation="frequency and score each divided by its per-layer maximum",
         n_experts=f.n_experts, n_kept=sh.n_keep, top_k=f.top_k, top_k_new=sh.top_k, top_k_policy=policy,
-        groups=dict(mode=("preserve" if sh.n_group > 1 else (opts.groups if _group_limited(view) else "none")),
-                    n_group=f.n_group, topk_group=f.topk_group, kept_per_group=sh.n_keep // sh.n_group,
-                    n_group_new=sh.new_groups[0] if sh.new_groups else f.n_group,
-                    topk_group_new=sh.new_groups[1] if sh.new_groups else f.topk_group),
-        notes=list(sh.notes) + _extra_layer_note(view), layers=layers, top_k_table=[],
+        groups=_groups(view, sh, opts), notes=list(sh.notes) + _extra_layer_note(view), layers=layers,
+        top_k_table=[],
     )
 
 
-def _extra_layers(view: CheckpointView) -> list[int]:
-    n = view.facts.n_layers
-    return sorted({t.layer for t in view.tensors.values() if t.layer is not None and t.layer >= n})
-
-
 def _extra_layer_note(view: CheckpointView) -> list[str]:
-    extra = _extra_layers(view)
+    extra = mtp_layers(view)
     if not extra:
         return []
     return [f"tensors of layer(s) {extra} beyond num_hidden_layers (multi-token prediction) are not written: "
             f"their experts were not calibrated"]
-
-
-# ---- lazy pruned view ------------------------------------------------------------------------------------------
-@dataclass
-class PrunedView(CheckpointView):
-    """A CheckpointView of the pruned model: names, shapes and config as pruned; tensors read lazily from `base`."""
-
-    base: CheckpointView | None = None
-    sources: dict[str, tuple[str, tuple[int, ...] | None]] = dataclasses.field(default_factory=dict)
-
-    def load(self, name: str):  # -> torch.Tensor
-        import torch
-
-        src, rows = self.sources[name]
-        t = self.base.load(src)
-        return t if rows is None else t.index_select(0, torch.tensor(rows))
-
-
-def _pruned_config(view: CheckpointView, plan: dict[str, Any], top_k: int) -> dict[str, Any]:
-    cfg = dict(view.config)
-    present = [k for k in _EXPERT_COUNT_KEYS if k in cfg] or [view.spec.n_experts_key]
-    for k in present:
-        cfg[k] = plan["n_kept"]
-    cfg[view.spec.top_k_key] = top_k
-    if cfg.get("num_nextn_predict_layers") and _extra_layers(view):
-        cfg["num_nextn_predict_layers"] = 0  # their tensors are not written (see pruned_view)
-    g = plan["groups"]
-    if view.spec.group_keys and g["n_group"]:
-        cfg[view.spec.group_keys[0]], cfg[view.spec.group_keys[1]] = g["n_group_new"], g["topk_group_new"]
-    return cfg
-
-
-def _pruned_ref(ref: TensorRef, kept: list[int] | None) -> tuple[TensorRef, tuple[int, ...] | None] | None:
-    if kept is None:
-        return ref, None
-    if ref.role is Role.ROUTED_EXPERTS:
-        if ref.expert not in kept:
-            return None
-        new = kept.index(ref.expert)
-        name = re.sub(rf"\.experts\.{ref.expert}\.", f".experts.{new}.", ref.name, count=1)
-        return dataclasses.replace(ref, name=name, expert=new), None
-    if ref.role is Role.ROUTER:
-        shape = (len(kept),) + tuple(ref.shape[1:])
-        nbytes = ref.nbytes // ref.shape[0] * len(kept)
-        return dataclasses.replace(ref, shape=shape, nbytes=nbytes), tuple(kept)
-    return ref, None
-
-
-def pruned_view(view: CheckpointView, plan: dict[str, Any], top_k: int | None = None) -> PrunedView:
-    """The pruned model as a lazy view (no data read); `top_k` overrides the plan's k'."""
-    k = plan["top_k_new"] if top_k is None else top_k
-    tensors: dict[str, TensorRef] = {}
-    sources: dict[str, tuple[str, tuple[int, ...] | None]] = {}
-    for name, ref in view.tensors.items():
-        if ref.layer is not None and ref.layer >= view.facts.n_layers:
-            continue  # multi-token-prediction layer: not part of the served model, not calibrated
-        kept = plan["layers"].get(str(ref.layer))["kept"] if str(ref.layer) in plan["layers"] else None
-        got = _pruned_ref(ref, kept)
-        if got is None:
-            continue
-        new, rows = got
-        tensors[new.name] = new
-        sources[new.name] = (name, rows)
-    g = plan["groups"]
-    facts = dataclasses.replace(view.facts, n_experts=plan["n_kept"], top_k=k, n_group=g["n_group_new"],
-                                topk_group=g["topk_group_new"])
-    return PrunedView(view.root, _pruned_config(view, plan, k), view.spec, facts, tensors,
-                      base=view, sources=sources)
 
 
 # ---- streaming writer ------------------------------------------------------------------------------------------
@@ -306,8 +225,7 @@ def _write_safetensors(view: CheckpointView, names: list[str], path: Path) -> No
         off += ref.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for n in names:
@@ -317,7 +235,6 @@ def _write_safetensors(view: CheckpointView, names: list[str], path: Path) -> No
                 raise PruneError(f"{n}: {raw.size} bytes loaded, {view.tensors[n].nbytes} expected")
             f.write(raw)  # the buffer itself: no bytes copy of a large tensor
             del t, raw  # before the next load: never two large tensors (lm_head, embed_tokens) at once
-    os.replace(tmp, path)
 
 
 def _shards(view: CheckpointView, names: list[str], max_bytes: int) -> list[list[str]]:
@@ -370,8 +287,6 @@ def write_checkpoint(view: CheckpointView, out_dir: str | Path, max_shard_bytes:
     return out
 
 
-
-
 # ---- top-k -----------------------------------------------------------------------------------------------------
 def active_bytes_per_token(view: CheckpointView) -> int:
     """Weight bytes one decoded token reads: all dense weights, k of E experts per MoE layer, one embedding row."""
@@ -387,9 +302,9 @@ def active_bytes_per_token(view: CheckpointView) -> int:
     return int(total)
 
 
-def top_k_auto(view: CheckpointView, plan: dict[str, Any], ids: np.ndarray, candidates: list[int],
+def top_k_auto(view: CheckpointView, plan: PrunePlan, ids: np.ndarray, candidates: list[int],
                tol: float, batch_size: int = 8, reference: Any = None,
-               progress: bool = True) -> tuple[int, list[dict[str, Any]]]:
+               progress: bool = True) -> tuple[int, list[TopKRow]]:
     """Measure each candidate k' (KLD vs the unpruned model on `ids` (N, L), active bytes); pick the smallest k'
     whose mean KLD is within `tol` of the best. `reference`: a KLDReference of `view` on `ids` to reuse."""
     from moepack.model.runner import KLDReference, LayerRunner
@@ -397,58 +312,72 @@ def top_k_auto(view: CheckpointView, plan: dict[str, Any], ids: np.ndarray, cand
     if reference is None:
         reference = KLDReference(LayerRunner(view), ids, min(moe_layers(view)), batch_size,
                                  progress="reference" if progress else False)
-    table: list[dict[str, Any]] = []
+    table: list[TopKRow] = []
     for k in candidates:
         pv = pruned_view(view, plan, top_k=k)
         m = reference.variant(LayerRunner(pv), progress=f"top-k {k}" if progress else False)
-        table.append(dict(top_k=k, **m, active_bytes=active_bytes_per_token(pv)))
-        log.info("top-k %d: mean KLD %.4f, active bytes/token %d", k, m["kld_mean"], table[-1]["active_bytes"])
-    best = min(r["kld_mean"] for r in table)
-    chosen = min(r["top_k"] for r in table if r["kld_mean"] <= best + tol)
+        table.append(TopKRow(top_k=k, **m, active_bytes=active_bytes_per_token(pv)))
+        log.info("top-k %d: mean KLD %.4f, active bytes/token %d", k, m["kld_mean"], table[-1].active_bytes)
+    best = min(r.kld_mean for r in table)
+    chosen = min(r.top_k for r in table if r.kld_mean <= best + tol)
     return chosen, table
 
 
-def _auto_candidates(plan: dict[str, Any], view: CheckpointView, opts: PruneOptions) -> list[int]:
-    lo = max(1, _round_half_up(opts.keep * view.facts.top_k))
-    hi = view.facts.top_k
-    g = plan["groups"]
-    reach = plan["n_kept"] if g["mode"] != "preserve" else g["topk_group"] * g["kept_per_group"]
-    return [k for k in range(lo, hi + 1) if k <= min(plan["n_kept"], reach)] or [plan["top_k_new"]]
+def auto_candidates(plan: PrunePlan, view: CheckpointView, opts: PruneOptions) -> list[int]:
+    """The k' that `--top-k auto` measures: from the default k' up to the original k, as far as tokens reach."""
+    lo, hi = default_top_k(opts.keep, view.facts.top_k), view.facts.top_k
+    g = plan.groups
+    reach = plan.n_kept if g.mode != "preserve" else g.topk_group * g.kept_per_group
+    return [k for k in range(lo, hi + 1) if k <= min(plan.n_kept, reach)] or [plan.top_k_new]
 
 
 # ---- stage -----------------------------------------------------------------------------------------------------
 def run_prune(model_dir: str | Path, calib: str | Path, out_dir: str | Path, opts: PruneOptions,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True) -> PrunePlan:
     """The prune stage: validate, plan, (measure k'), write the pruned checkpoint and OUT_DIR/prune_plan.json."""
     view = open_checkpoint(model_dir)
-    _shape(view, opts)  # validates the options before anything is read
-    _check_fingerprint(view, json.loads((calib_dir(calib) / "manifest.json").read_text()))
-    stats = CalibStats.load(calib_dir(calib))
-    plan = make_plan(view, stats, opts)
-    plan["options"] = dataclasses.asdict(opts)
-    plan["calib_dir"] = str(calib_dir(calib).resolve())
-    plan["active_bytes_per_token"] = dict(original=active_bytes_per_token(view))
+    plan_shape(view, opts)  # validates the options before anything is read
+    _check_fingerprint(view, CalibManifest.read(calib_dir(calib)))
+    stats = CalibStats.read(calib)
+    plan = dataclasses.replace(make_plan(view, stats, opts), options=dataclasses.asdict(opts),
+                               calib_dir=str(calib_dir(calib).resolve()),
+                               active_bytes_per_token=dict(original=active_bytes_per_token(view)))
     out = Path(out_dir)
-    old = out / "prune_plan.json"
-    if old.is_file() and _same_plan(json.loads(old.read_text()), plan):
+    old = _finished_plan(out)
+    if old is not None and _same_plan(old, plan):
         log.info("reusing pruned checkpoint in %s (same model, statistics and options)", out)
-        return json.loads(old.read_text())
+        return old
     if opts.top_k == "auto":
         if stats.heldout is None:
             raise PruneError("--top-k auto needs held-out tokens, and this calibration has none; rerun moepack "
                              "calibrate with a longer text or a larger --sens-tokens")
-        cands = _auto_candidates(plan, view, opts)
-        plan["top_k_new"], plan["top_k_table"] = top_k_auto(view, plan, stats.heldout, cands, opts.kld_tol,
-                                                            opts.batch_size, progress=progress)
+        cands = auto_candidates(plan, view, opts)
+        plan = plan.with_top_k(*top_k_auto(view, plan, stats.heldout, cands, opts.kld_tol, opts.batch_size,
+                                           progress=progress))
     pv = pruned_view(view, plan)
-    plan["active_bytes_per_token"]["pruned"] = active_bytes_per_token(pv)
+    plan = dataclasses.replace(plan, active_bytes_per_token={**plan.active_bytes_per_token,
+                                                             "pruned": active_bytes_per_token(pv)})
     write_checkpoint(pv, out, progress=progress)
-    save_json(plan, old)  # last: marks the output complete
-    log.info("pruned %s: %d of %d experts per layer, top-k %d -> %s", view.root, plan["n_kept"],
-             plan["n_experts"], plan["top_k_new"], out)
+    plan.write(out / "prune_plan.json")  # last: marks the output complete
+    log.info("pruned %s: %d of %d experts per layer, top-k %d -> %s", view.root, plan.n_kept, plan.n_experts,
+             plan.top_k_new, out)
     return plan
 
 
-def _same_plan(old: dict[str, Any], new: dict[str, Any]) -> bool:
+def _finished_plan(out: Path) -> PrunePlan | None:
+    """The plan of a finished earlier prune into `out` (its plan is written last), if readable."""
+    path = out / "prune_plan.json"
+    if not path.is_file():
+        return None
+    try:
+        return PrunePlan.read(path)
+    except MoepackError as e:  # from an older moepack or damaged: prune again
+        log.info("not reusing %s: %s", out, e)
+        return None
+
+
+def _same_plan(old: PrunePlan, new: PrunePlan) -> bool:
     keys = ("model_fingerprint", "calib_fingerprint", "calib_dir", "options", "layers")
-    return all(old.get(k) == new.get(k) for k in keys)
+    a, b = old.to_dict(), new.to_dict()
+    return all(a.get(k) == b.get(k) for k in keys)
+

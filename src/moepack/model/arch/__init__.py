@@ -6,12 +6,12 @@ Each spec names the config keys that carry the MoE facts and lists the checkpoin
 """
 from __future__ import annotations
 
-from moepack.errors import MoepackError
-
 import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable
+
+from moepack.errors import MoepackError
 
 __all__ = [
     "Role",
@@ -23,6 +23,13 @@ __all__ = [
     "supported",
     "MatchedName",
     "EXPERT_COUNT_KEYS",
+    "expert_id",
+    "expert_key",
+    "renumber_expert",
+    "is_expert_key",
+    "beyond_decoder",
+    "layer_index",
+    "DERIVED_BUFFERS",
 ]
 
 # Config keys that may carry the routed expert count besides the spec's own (transformers 5 saves Qwen3-MoE's as
@@ -98,6 +105,52 @@ class ArchSpec:
                 xid = int(gd["xid"]) if gd.get("xid") is not None else None
                 return MatchedName(rule, bid, xid)
         return None
+
+
+# Every supported checkpoint names one routed expert's matrices `....experts.<id>.<proj>.weight` (TensorRule
+# templates with {xid}, see _common.experts); the stacked form of a layer's experts drops the id.
+_EXPERT_RX = re.compile(r"\.experts\.(\d+)\.")
+_EXPERTS = ".experts."
+
+
+def expert_id(name: str) -> int | None:
+    """The routed expert a checkpoint tensor belongs to: `...experts.7.down_proj.weight` → 7; None otherwise."""
+    m = _EXPERT_RX.search(name)
+    return int(m.group(1)) if m else None
+
+
+def expert_key(name: str) -> str:
+    """One expert's matrix → the name of the layer's stacked entry: `.experts.7.` → `.experts.`."""
+    return _EXPERT_RX.sub(_EXPERTS, name, count=1)
+
+
+def renumber_expert(name: str, new: int) -> str:
+    """The name of one expert's matrix after its expert is renumbered to `new`."""
+    return _EXPERT_RX.sub(f"{_EXPERTS}{new}.", name, count=1)
+
+
+def is_expert_key(key: str) -> bool:
+    """Whether a (per-expert or stacked) checkpoint name is a routed expert's."""
+    return _EXPERTS in key
+
+
+# Every decoder-layer template starts with this prefix (_common.L); the MTP layer's own tensors do too.
+_LAYER_RX = re.compile(r"model\.layers\.(\d+)\.")
+# Buffers some checkpoints save that are recomputed from config.json (rotary frequencies); never weights.
+DERIVED_BUFFERS = (".rotary_emb.inv_freq",)
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a checkpoint tensor name belongs to (`model.layers.3.` → 3); None for the rest."""
+    m = _LAYER_RX.match(name)
+    return int(m.group(1)) if m else None
+
+
+def beyond_decoder(layer: int | None, n_layers: int) -> bool:
+    """Whether a tensor of `layer` sits past the decoder stack: DeepSeek-V3's multi-token-prediction layer (index
+    num_hidden_layers) has a router and experts too, but it is not part of the served forward, not calibrated and
+    not written."""
+    return layer is not None and layer >= n_layers
 
 
 class UnsupportedArchitecture(MoepackError, ValueError):

@@ -24,9 +24,12 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
+from moepack.atomic import atomic_path
+from moepack.errors import MoepackError
 from moepack.gguf import kernels as ggml
 from moepack.gguf import writer as go
-from moepack.errors import MoepackError
+from moepack.gguf.imatrix import imatrix_rows, importance_rows
+from moepack.gguf.metadata import WRITER_ID
 from moepack.gguf.names import OutTensor, gguf_outputs
 
 __all__ = ["FakeQuantError", "QuantStore", "FakeQuantWeights", "gguf_f32", "to_checkpoint"]
@@ -113,7 +116,7 @@ class QuantStore:
         self.dir = Path(cache_dir) / self._digest() if cache_dir is not None else None
 
     def _digest(self) -> str:
-        h = hashlib.sha256(f"{go.WRITER_ID}|{self.view.fingerprint()}".encode())
+        h = hashlib.sha256(f"{WRITER_ID}|{self.view.fingerprint()}".encode())
         for f in sorted({str(t.file) for t in self.view.tensors.values()}):
             st = os.stat(f)
             h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -146,7 +149,7 @@ class QuantStore:
             if self.dir is not None and self._path(o.name, t.qtype).is_file():
                 self._err[key] = float(load_file(str(self._path(o.name, t.qtype)))["err"][0])
                 continue
-            raw = np.ascontiguousarray(go.tensor_data(source, t, go.importance_rows(t, self.imatrix), self.threads))
+            raw = np.ascontiguousarray(go.tensor_data(source, t, importance_rows(t, self.imatrix), self.threads))
             raw = raw.view(np.uint8).reshape(-1)  # (bytes,)
             if raw.size != t.nbytes:
                 raise FakeQuantError(f"{o.name}: {raw.size} bytes quantized, the writer counts {t.nbytes}")
@@ -156,16 +159,14 @@ class QuantStore:
             if self.dir is None:
                 self._raw[key] = raw
                 continue
-            self.dir.mkdir(parents=True, exist_ok=True)
-            tmp = self._path(o.name, t.qtype).with_suffix(".tmp")
-            save_file({"raw": raw, "err": np.array([err], dtype=np.float64)}, str(tmp))
-            os.replace(tmp, self._path(o.name, t.qtype))
+            with atomic_path(self._path(o.name, t.qtype)) as tmp:
+                save_file({"raw": raw, "err": np.array([err], dtype=np.float64)}, str(tmp))
 
     def _proxy_err(self, o: OutTensor, x: np.ndarray, q: np.ndarray) -> float:
         d2 = np.square(x - q, dtype=np.float64)  # o.shape
         if o.name == "token_embd.weight" and self.token_freq is not None and len(self.token_freq) == o.shape[0]:
             return float(d2.sum(axis=-1) @ self.token_freq)  # rows weigh by token frequency
-        w = go.imatrix_rows(o, self.proxy_weights)  # (S, n) | (n,) | None
+        w = imatrix_rows(o, self.proxy_weights)  # (S, n) | (n,) | None
         col = d2.sum(axis=-2)  # (S, n) | (n,)
         return float((col * w).sum() if w is not None else col.sum())
 

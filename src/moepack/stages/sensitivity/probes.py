@@ -6,8 +6,8 @@ Order of work, and where each part runs:
 1. `quantize_task` per bin of groups (tasks): every group's tensors at their base type (KLD mode), or at every
    option type (proxy mode). The bytes come back to the driver's store, or stay under `cache_dir` (shared storage)
    where the tasks wrote them.
-2. In the driver, once: the reference distribution (`_reference`) and one forward with every group at its base
-   type, keeping the hidden states entering every layer (`_Prober`).
+2. In the driver, once: the reference distribution (`reference_logprobs`) and one forward with every group at its
+   base type, keeping the hidden states entering every layer (`Prober`).
 3. `probe_task` per bin of groups (tasks): quantizes its groups' upgrade types (each needed by this task only),
    then probes each (group, type) from the cached hidden states, with the base bytes, hidden states and reference
    shared by every task (sent once; read zero-copy on Ray). Upgrade bytes are dropped after their group.
@@ -17,7 +17,6 @@ same weights), so any split into bins, in-process or on Ray, gives bitwise the s
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
@@ -27,15 +26,17 @@ import torch
 from gguf import GGMLQuantizationType
 
 from moepack.backends import Backend, as_tensor, layer_f32_bytes, open_view, partition, torch_threads
-from moepack.stages.sensitivity.fakequant import FakeQuantWeights, QuantStore
+from moepack.model import metrics
 from moepack.model.runner import LayerRunner
+from moepack.stages.sensitivity.fakequant import FakeQuantWeights, QuantStore
+from moepack.stages.sensitivity.groups import GroupOption, GroupSpec, SensitivityError
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from moepack.stages.sensitivity.measure import GroupOption, GroupSpec
-
-__all__ = ["ProbeInputs", "quantize_task", "probe_task", "run_quantize", "run_probes"]
+__all__ = ["StoreInputs", "QuantizeInputs", "ProbeInputs", "ReferenceLogProbs", "Prober", "typed_base",
+           "quantize_groups", "head_batch", "reference_logprobs", "quantize_task", "probe_task", "run_quantize",
+           "run_probes"]
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,13 @@ _EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"  # the names Layer
 _HEAD_ELEMS = 1 << 26  # logits elements per head batch (256 MiB in float32)
 
 
-def _typed_base(groups: list[GroupSpec]) -> dict[str, GGMLQuantizationType]:
+def typed_base(groups: list[GroupSpec]) -> dict[str, GGMLQuantizationType]:
+    """GGUF tensor name → the type written with every group at its base."""
     return {o.name: t.qtype for g in groups for o, t in zip(g.outs, g.options[0].typed)}
 
 
-def _quantize_groups(store: QuantStore, groups: list[GroupSpec], progress: bool) -> None:
+def quantize_groups(store: QuantStore, groups: list[GroupSpec], progress: bool) -> None:
+    """Every option type of every group's tensors, in `store`."""
     store.quantize([(o, [opt.typed[i] for opt in g.options]) for g in groups for i, o in enumerate(g.outs)],
                    progress)
 
@@ -76,12 +79,12 @@ class _ProbeRunner(LayerRunner):
 
 # ---------------------------------------------------------------------------------------------------- KLD
 
-class _Reference:
-    """The reference's log-probabilities per head batch; KL(p ‖ q) = Σ p (log p − log q) is summed term by term
-    (a one-pass Σ p log p − Σ p z + logsumexp(z) form loses ~1e-5 relative to float32 cancellation)."""
+class ReferenceLogProbs:
+    """The reference's log-probabilities per head batch, and the mean KLD of a model's head against them
+    (moepack.model.metrics: summed term by term, each batch in float64)."""
 
     def __init__(self, batches: Iterable[torch.Tensor]) -> None:
-        self.lp: list[torch.Tensor] = [torch.log_softmax(z.float(), dim=-1) for z in batches]  # (B, L, V) each
+        self.lp: list[torch.Tensor] = [metrics.log_probs(z) for z in batches]  # (B, L, V) each
         self.n_tokens = sum(int(x[..., 0].numel()) for x in self.lp)
 
     def arrays(self) -> tuple[list[np.ndarray], ...]:
@@ -89,7 +92,7 @@ class _Reference:
         return ([t.numpy() for t in self.lp],)
 
     @classmethod
-    def from_arrays(cls, arrays: tuple[list[np.ndarray], ...]) -> _Reference:
+    def from_arrays(cls, arrays: tuple[list[np.ndarray], ...]) -> ReferenceLogProbs:
         ref = cls([])
         ref.lp = [as_tensor(a) for a in arrays[0]]
         ref.n_tokens = sum(int(a[..., 0].size) for a in arrays[0])
@@ -98,29 +101,29 @@ class _Reference:
     @torch.inference_mode()
     def kld(self, runner: LayerRunner, h_final: torch.Tensor, head_batch: int) -> float:
         """Mean KL(reference ‖ runner's head on h_final (N, L, H)) over all tokens."""
-        total = 0.0
+        mean = metrics.KLDMean()
         for i, b0 in enumerate(range(0, h_final.shape[0], head_batch)):
-            lq = torch.log_softmax(runner.logits(h_final[b0:b0 + head_batch]), -1)  # (B, L, V)
-            lp = self.lp[i]
-            total += float((lp.exp() * (lp - lq)).sum(-1).double().sum())
-        return total / self.n_tokens
+            lq = metrics.log_probs(runner.logits(h_final[b0:b0 + head_batch]))  # (B, L, V)
+            mean.add(metrics.token_kld(self.lp[i], lq))  # (B, L)
+        return mean.total / self.n_tokens
 
 
-def _head_batch(ids: torch.Tensor, vocab: int) -> int:
+def head_batch(ids: torch.Tensor, vocab: int) -> int:
+    """Sequences per head batch: about _HEAD_ELEMS logits at a time."""
     return max(1, _HEAD_ELEMS // max(1, ids.shape[1] * vocab))
 
 
-def _reference(view: Any, ids: torch.Tensor, reference_logits: Any, reference_view: Any,
-               batch_size: int) -> tuple[_Reference, str]:
-    from moepack.stages.sensitivity.measure import SensitivityError
-
-    hb = _head_batch(ids, view.facts.vocab)
+def reference_logprobs(view: Any, ids: torch.Tensor, reference_logits: Any, reference_view: Any,
+                       batch_size: int) -> tuple[ReferenceLogProbs, str]:
+    """(the reference distribution on `ids` (N, L), what it is): given logits (N, L, V), the reference model's
+    forward, or `view` itself unquantized."""
+    hb = head_batch(ids, view.facts.vocab)
     if reference_logits is not None:
         z = torch.as_tensor(reference_logits)
         if tuple(z.shape[:2]) != tuple(ids.shape) or z.shape[-1] != view.facts.vocab:
             raise SensitivityError(f"reference logits {tuple(z.shape)} do not match ids {tuple(ids.shape)} "
                                    f"and vocabulary {view.facts.vocab}")
-        return _Reference(z[b:b + hb] for b in range(0, z.shape[0], hb)), "logits"
+        return ReferenceLogProbs(z[b:b + hb] for b in range(0, z.shape[0], hb)), "logits"
     ref_view = reference_view if reference_view is not None else view
     if ref_view.facts.vocab != view.facts.vocab:
         raise SensitivityError(f"the reference model's vocabulary ({ref_view.facts.vocab}) differs from the "
@@ -128,22 +131,22 @@ def _reference(view: Any, ids: torch.Tensor, reference_logits: Any, reference_vi
     runner = LayerRunner(ref_view)
     with torch.inference_mode():
         h = runner.run(runner.embed(ids), batch_size=batch_size, inplace=True)
-        ref = _Reference(runner.logits(h[b:b + hb]) for b in range(0, h.shape[0], hb))
+        ref = ReferenceLogProbs(runner.logits(h[b:b + hb]) for b in range(0, h.shape[0], hb))
     runner.release()
     return ref, "self" if reference_view is None else str(ref_view.root)
 
 
 # ---------------------------------------------------------------------------------------------------- probes
 
-class _Prober:
+class Prober:
     """Base forward with cached hidden states (or given ones), then one probe per (group, option)."""
 
-    def __init__(self, view: Any, weights: FakeQuantWeights, ids: torch.Tensor, ref: _Reference, batch_size: int,
+    def __init__(self, view: Any, weights: FakeQuantWeights, ids: torch.Tensor, ref: ReferenceLogProbs, batch_size: int,
                  keep_bytes: int, hidden: list[torch.Tensor] | None = None) -> None:
         self.view, self.weights, self.ids, self.ref, self.bs = view, weights, ids, ref, batch_size
         self.runner = _ProbeRunner(view, weights, keep_bytes)
         self.n = self.runner.n_layers
-        self.hb = _head_batch(ids, view.facts.vocab)
+        self.hb = head_batch(ids, view.facts.vocab)
         self.head_name = _HEAD if _HEAD in view.tensors else _EMBED  # tied embeddings: token_embd is the head
         self.base_kld: float | None = None
         self.hidden = hidden  # hidden states entering layer L; [n]: after the last
@@ -181,36 +184,51 @@ class _Prober:
 # ---------------------------------------------------------------------------------------------------- tasks
 
 @dataclass(frozen=True)
-class ProbeInputs:
-    """Plain data every quantize / probe task shares (sent once per stage)."""
+class StoreInputs:
+    """How every quantize and probe task (and the driver) builds its QuantStore: plain data, sent once."""
 
-    view: Any  # the checkpoint view in-process; a distributed.ViewRef on Ray
+    view: Any  # the checkpoint view in-process; a backends.ViewRef on Ray
     imatrix: Mapping[str, np.ndarray] | None
     proxy_weights: Mapping[str, np.ndarray] | None
-    token_freq: np.ndarray | None
+    token_freq: np.ndarray | None  # (V,)
     threads: int
     cache_dir: str | None
+
+    def store(self, view: Any) -> QuantStore:
+        return QuantStore(view, self.imatrix, proxy_weights=self.proxy_weights, token_freq=self.token_freq,
+                          threads=self.threads, cache_dir=self.cache_dir)
+
+
+@dataclass(frozen=True)
+class QuantizeInputs:
+    """What every quantize task of one stage shares."""
+
+    store: StoreInputs
+    which: str  # "base": each group's base type; "all": every option type
+    progress: bool  # inner progress bars (one in-process task)
+
+
+@dataclass(frozen=True)
+class ProbeInputs:
+    """What every probe task shares: the store settings, the all-base state every probe restarts from."""
+
+    store: StoreInputs
     base: Mapping[str, str]  # GGUF tensor name → written type name, every group at its base
-    batch_size: int = 8
-    keep_bytes: int = 4 << 30
-    progress: bool = False  # inner progress bars (one in-process task)
-    base_raw: Mapping[tuple[str, str], tuple[Any, float]] | None = None  # QuantStore.entries of the base types
-    ids: np.ndarray | None = None  # (N, L)
-    hidden: list[np.ndarray] | None = None  # (N, L, H) entering each layer, all at base; [n]: after the last
-    ref: tuple[list[np.ndarray], ...] | None = None  # _Reference.arrays()
+    base_raw: Mapping[tuple[str, str], tuple[Any, float]]  # QuantStore.entries of the base types
+    ids: np.ndarray  # (N, L)
+    hidden: list[np.ndarray]  # (N, L, H) entering each layer, all at base; [n]: after the last
+    ref: tuple[list[np.ndarray], ...]  # ReferenceLogProbs.arrays()
+    batch_size: int
+    keep_bytes: int
+    progress: bool  # inner progress bars (one in-process task)
 
 
-def _store(view: Any, inp: ProbeInputs) -> QuantStore:
-    return QuantStore(view, inp.imatrix, proxy_weights=inp.proxy_weights, token_freq=inp.token_freq,
-                      threads=inp.threads, cache_dir=inp.cache_dir)
-
-
-def quantize_task(groups: list[GroupSpec], inp: ProbeInputs, which: str) -> dict[tuple[str, str], tuple[Any, float]]:
+def quantize_task(groups: list[GroupSpec], inp: QuantizeInputs) -> dict[tuple[str, str], tuple[Any, float]]:
     """Quantize `groups` at their base type (which="base") or every option type ("all"): store entries."""
-    view = open_view(inp.view)
-    with torch_threads(inp.threads):
-        store = _store(view, inp)
-        store.quantize([(o, [opt.typed[i] for opt in (g.options[:1] if which == "base" else g.options)])
+    view = open_view(inp.store.view)
+    with torch_threads(inp.store.threads):
+        store = inp.store.store(view)
+        store.quantize([(o, [opt.typed[i] for opt in (g.options[:1] if inp.which == "base" else g.options)])
                         for g in groups for i, o in enumerate(g.outs)], inp.progress)
     return store.entries()
 
@@ -220,15 +238,15 @@ def probe_task(groups: list[GroupSpec], inp: ProbeInputs) -> tuple[dict[tuple[st
     """Quantize each group's upgrade types and probe them: ({(tensor, type): proxy error}, {(group, type): KLD})."""
     from tqdm.auto import tqdm
 
-    view = open_view(inp.view)
+    view = open_view(inp.store.view)
     errs: dict[tuple[str, str], float] = {}
     kld: dict[tuple[str, str], float] = {}
-    with torch_threads(inp.threads):
-        store = _store(view, inp)
-        store.absorb(inp.base_raw or {})
+    with torch_threads(inp.store.threads):
+        store = inp.store.store(view)
+        store.absorb(inp.base_raw)
         weights = FakeQuantWeights(view, store, {k: GGMLQuantizationType[v] for k, v in inp.base.items()})
-        prober = _Prober(view, weights, torch.as_tensor(np.array(inp.ids)), _Reference.from_arrays(inp.ref),
-                         inp.batch_size, inp.keep_bytes, hidden=[as_tensor(h) for h in inp.hidden])
+        prober = Prober(view, weights, torch.as_tensor(np.array(inp.ids)), ReferenceLogProbs.from_arrays(inp.ref),
+                        inp.batch_size, inp.keep_bytes, hidden=[as_tensor(h) for h in inp.hidden])
         todo = sum(len(g.options) - 1 for g in groups)
         with tqdm(total=todo, desc="probes", unit="probe", disable=not inp.progress) as bar:
             for g in groups:
@@ -249,39 +267,40 @@ def _start(g: GroupSpec, n_layers: int) -> int:
     return 0 if _EMBED in g.sources else min(layers) if layers else n_layers
 
 
-def run_quantize(backend: Backend, store: QuantStore, groups: list[GroupSpec], inp: ProbeInputs, which: str,
+def run_quantize(backend: Backend, store: QuantStore, groups: list[GroupSpec], settings: StoreInputs, which: str,
                  tasks: int | None, progress: bool) -> None:
     """Stage 1 on `backend`: the entries land in the driver's `store`."""
     n_types = [1 if which == "base" else len(g.options) for g in groups]
     costs = [sum(o.numel for o in g.outs) * k for g, k in zip(groups, n_types)]
-    bins = partition(costs, tasks or backend.slots(inp.threads))
-    inp = dataclasses.replace(inp, progress=progress and backend.local and len(bins) == 1)
+    bins = partition(costs, tasks or backend.slots(settings.threads))
+    inp = QuantizeInputs(settings, which, progress and backend.local and len(bins) == 1)
     # the largest GGUF tensor: f32 source, its dequantized copy, the difference, its float64 square, the bytes
     mem = 24 * max(o.numel for g in groups for o in g.outs)
-    for entries in backend.map(quantize_task, [[groups[i] for i in b] for b in bins], inp, which,
-                               desc=f"quantize {which}", num_cpus=inp.threads, memory=mem, progress=progress):
+    for entries in backend.map(quantize_task, [[groups[i] for i in b] for b in bins], inp,
+                               desc=f"quantize {which}", num_cpus=settings.threads, memory=mem, progress=progress):
         store.absorb(entries)
 
 
-def run_probes(backend: Backend, view: Any, store: QuantStore, groups: list[GroupSpec], inp: ProbeInputs,
-               ids: torch.Tensor, ref: _Reference, tasks: int | None,
+def run_probes(backend: Backend, view: Any, store: QuantStore, groups: list[GroupSpec], settings: StoreInputs,
+               ids: torch.Tensor, ref: ReferenceLogProbs, batch_size: int, keep_bytes: int, tasks: int | None,
                progress: bool) -> tuple[float, dict[tuple[str, str], float]]:
     """Stages 2 and 3: the all-base forward here, then the probes on `backend`; (base KLD, {(group, type): KLD})."""
-    weights = FakeQuantWeights(view, store, _typed_base(groups))
-    prober = _Prober(view, weights, ids, ref, inp.batch_size, inp.keep_bytes)
+    base = typed_base(groups)
+    weights = FakeQuantWeights(view, store, base)
+    prober = Prober(view, weights, ids, ref, batch_size, keep_bytes)
     base_kld, hidden = prober.base_kld, [h.numpy() for h in prober.hidden]
     del prober, weights  # its kept layers: each task keeps its own
     base_keys = {(o.name, t.qtype.name) for g in groups for o, t in zip(g.outs, g.options[0].typed)}
     n = len(hidden) - 1
     costs = [(len(g.options) - 1) * (n - _start(g, n) + 1) for g in groups]
-    bins = partition(costs, tasks or backend.slots(inp.threads))
-    inp = dataclasses.replace(inp, base_raw=store.entries(base_keys), ids=ids.numpy(), hidden=hidden,
-                              ref=ref.arrays(), progress=progress and backend.local and len(bins) == 1)
-    mem = (min(inp.keep_bytes, n * layer_f32_bytes(view)) + 3 * layer_f32_bytes(view) + 2 * _HEAD_ELEMS * 4
+    bins = partition(costs, tasks or backend.slots(settings.threads))
+    inp = ProbeInputs(settings, {k: t.name for k, t in base.items()}, store.entries(base_keys), ids.numpy(), hidden,
+                      ref.arrays(), batch_size, keep_bytes, progress and backend.local and len(bins) == 1)
+    mem = (min(keep_bytes, n * layer_f32_bytes(view)) + 3 * layer_f32_bytes(view) + 2 * _HEAD_ELEMS * 4
            + sum(h.nbytes for h in hidden) + sum(a.nbytes for xs in inp.ref for a in xs))
     kld: dict[tuple[str, str], float] = {}
     for errs, part in backend.map(probe_task, [[groups[i] for i in b] for b in bins], inp, desc="probes",
-                                  num_cpus=inp.threads, memory=mem, progress=progress):
+                                  num_cpus=settings.threads, memory=mem, progress=progress):
         store.absorb({k: (None, e) for k, e in errs.items()})
         kld.update(part)
     return base_kld, kld

@@ -1,0 +1,162 @@
+"""One retention candidate of `moepack compress`: prune to it, screen it against the candidates measured before,
+measure its sensitivity, allocate the budget, and measure the KLD its plan really gets.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moepack.backends import Backend
+from moepack.model.checkpoint import CheckpointView, open_checkpoint
+from moepack.pipeline.options import BASE_SHARE, CompressError, CompressOptions
+from moepack.pipeline.runstate import RunDir
+from moepack.schema import CalibStats, PrunePlan, QuantPlan, SensitivityTable
+from moepack.stages.budget import Budget, format_size
+
+__all__ = ["Candidate", "candidate", "choose_base"]
+
+log = logging.getLogger(__name__)
+
+
+def choose_base(view: CheckpointView, budget_bytes: int, ladder: tuple[str, ...]) -> str:
+    """The highest ladder type at which every quantizable tensor still fits in BASE_SHARE of the budget, so that
+    measured upgrades decide where the rest goes; the lowest type when none does."""
+    from moepack.gguf.estimate import estimate_size
+
+    best = ladder[0]
+    for t in ladder:
+        if estimate_size(view, t) <= BASE_SHARE * budget_bytes:
+            best = t
+    return best
+
+
+def _prune(model_dir: Path, run: RunDir, keep: float,
+           opts: CompressOptions) -> tuple[CheckpointView, PrunePlan | None]:
+    from moepack.stages.prune import PruneOptions, run_prune
+
+    if keep >= 1.0 and opts.top_k is None:
+        return open_checkpoint(model_dir), None
+    out = run.path(f"pruned-r{keep:g}")
+    if out.exists() and not (out / "prune_plan.json").is_file():
+        log.info("removing %s: an interrupted prune (its plan, written last, is missing)", out)
+        shutil.rmtree(out)
+    t0 = time.perf_counter()
+    plan = run_prune(model_dir, run.root, out, PruneOptions(keep=keep, alpha=opts.alpha, criterion=opts.criterion,
+                                                            top_k=opts.top_k), progress=opts.progress)
+    run.timings[f"prune r={keep:g}"] = time.perf_counter() - t0
+    return open_checkpoint(out), plan
+
+
+def _sensitivity(run: RunDir, view: CheckpointView, ref: CheckpointView, stats: CalibStats, plan: PrunePlan | None,
+                 base: str, keep: float, opts: CompressOptions, backend: Backend) -> SensitivityTable:
+    from moepack.stages.sensitivity.measure import SensitivityConfig, measure_sensitivity
+
+    path = run.path(f"sensitivity-r{keep:g}.json")
+    key = {"model": view.fingerprint(), "reference": ref.fingerprint(), "calib": stats.manifest.text_sha256,
+           "calib_tokens": stats.manifest.tokens, "base": base, "ladder": list(opts.ladder),
+           "prune": plan.to_dict()["layers"] if plan is not None else None, "top_k": view.facts.top_k}
+    if stats.manifest.shards != 1:  # sums in another order: the imatrix may differ in its last bits
+        key["calib_shards"] = stats.manifest.shards
+
+    def work() -> None:
+        ids = stats.heldout
+        if ids is None:
+            raise CompressError("calibration kept no held-out tokens for sensitivity; use a longer --calib-text")
+        cfg = SensitivityConfig(base=base, ladder=opts.ladder, threads=opts.threads, progress=opts.progress,
+                                cache_dir=opts.cache_dir)
+        measure_sensitivity(view, ids, cfg, reference_view=ref, imatrix=stats, prune_plan=plan,
+                            backend=backend).write(path)
+
+    run.stage(f"sensitivity-r{keep:g}", key, path, work)
+    return SensitivityTable.read(path)  # from the file: a reused stage and a fresh one give the same table
+
+
+def _allocate(run: RunDir, table: SensitivityTable, budget: Budget, keep: float,
+              opts: CompressOptions) -> tuple[QuantPlan, Path, int]:
+    from moepack.stages.allocate import allocate
+
+    # A table from a moepack that did not always record its overhead: the budget's own estimate errs large, and
+    # _check_size verifies the written file against the budget.
+    overhead = table.overhead_bytes if table.overhead_bytes is not None else budget.overhead
+    weights = budget.file_limit - overhead
+    plan = allocate(table, weights, opts.solver)
+    path = plan.save(run.path(f"quant_plan-r{keep:g}.json"))
+    return plan, path, overhead
+
+
+def _measure(view: CheckpointView, ref: CheckpointView, stats: CalibStats, plan_tensors: dict[str, str],
+             prune_plan: PrunePlan | None, opts: CompressOptions) -> float:
+    from moepack.stages.sensitivity.measure import plan_kld
+
+    return float(plan_kld(view, stats.heldout, plan_tensors, reference_view=ref, imatrix=stats,
+                          prune_plan=prune_plan, threads=opts.threads))
+
+
+@dataclass
+class Candidate:
+    keep: float
+    view: CheckpointView
+    prune_plan: PrunePlan | None
+    plan: QuantPlan | None  # None when screened out
+    plan_path: Path | None
+    overhead: int  # predicted non-tensor GGUF bytes
+    kld: float = float("nan")  # measured after allocation
+    prune_kld: float | None = None  # KLD of pruning alone (unquantized), measured when screening
+    same_as: float | None = None  # screened: the retention that gives the same pruned model
+
+    @property
+    def screened(self) -> bool:
+        return self.plan is None
+
+
+def _prune_kld(view: CheckpointView, ref: CheckpointView, stats: CalibStats, refs: dict[str, Any],
+               opts: CompressOptions) -> float:
+    """KLD of the pruned model alone (unquantized) vs the original on the held-out tokens; the reference outputs are
+    computed once (kept in `refs`) from the first MoE layer on. The same KLD (moepack.model.metrics) as the
+    candidates' measured KLD it is screened against."""
+    from moepack.backends import torch_threads
+    from moepack.model.runner import KLDReference, LayerRunner, moe_layers
+
+    with torch_threads(opts.threads):
+        if "ref" not in refs:
+            refs["ref"] = KLDReference(LayerRunner(ref), stats.heldout, min(moe_layers(ref)))
+        return float(refs["ref"].variant(LayerRunner(view))["kld_mean"])
+
+
+def candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats: CalibStats, budget: Budget, keep: float,
+               opts: CompressOptions, backend: Backend, done: list[Candidate], refs: dict[str, Any]) -> Candidate:
+    """Prune, measure, allocate and check one retention. Screening against the candidates `done` before it: a
+    retention that yields the same model as one of them (group rounding: keep 0.875 of 4 per group keeps 4) is not
+    measured again; and since quantization only adds error to what pruning costs, a retention whose pruning alone
+    already costs the best measured KLD is not measured further: its sensitivity table, the expensive part, is
+    skipped."""
+    view, prune_plan = _prune(model_dir, run, keep, opts)
+    measured = [c for c in done if not c.screened]
+    shape = (view.facts.n_experts, view.facts.top_k)
+    twin = next((c for c in measured if (c.view.facts.n_experts, c.view.facts.top_k) == shape), None)
+    if twin is not None:
+        log.info("keep %.3f keeps the same experts and top-k as keep %.3f; not measured again", keep, twin.keep)
+        return Candidate(keep, view, prune_plan, None, None, 0, prune_kld=twin.prune_kld, same_as=twin.keep)
+    best_kld = min((c.kld for c in measured), default=float("inf"))
+    floor = None
+    if prune_plan is not None and best_kld < float("inf") and stats.heldout is not None:
+        t0 = time.perf_counter()
+        floor = _prune_kld(view, ref, stats, refs, opts)
+        run.timings[f"prune KLD r={keep:g}"] = time.perf_counter() - t0
+        if floor >= best_kld:
+            log.info("keep %.3f: pruning alone costs KLD %.5f >= %.5f of the best candidate; not measured further",
+                     keep, floor, best_kld)
+            return Candidate(keep, view, prune_plan, None, None, 0, prune_kld=floor)
+    base = opts.base or choose_base(view, budget.weights, opts.ladder)
+    table = _sensitivity(run, view, ref, stats, prune_plan, base, keep, opts, backend)
+    plan, path, overhead = _allocate(run, table, budget, keep, opts)
+    cand = Candidate(keep, view, prune_plan, plan, path, overhead, prune_kld=floor)
+    t0 = time.perf_counter()
+    cand.kld = _measure(view, ref, stats, plan.tensors, prune_plan, opts)
+    run.timings[f"measure r={keep:g}"] = time.perf_counter() - t0
+    log.info("keep %.3f: %s of tensors, measured KLD %.5f", keep, format_size(plan.predicted_bytes), cand.kld)
+    return cand

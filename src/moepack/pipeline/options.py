@@ -1,0 +1,43 @@
+"""What `moepack compress` is asked to do (CompressOptions) and the error it raises; shared by the pipeline's
+modules."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from moepack.errors import MoepackError
+from moepack.gguf.types import LADDER
+
+__all__ = ["CompressError", "CompressOptions", "KEEP_AUTO_CANDIDATES", "BASE_SHARE"]
+
+log = logging.getLogger(__name__)
+
+KEEP_AUTO_CANDIDATES = (1.0, 0.875, 0.75, 0.625)
+# A base type leaves this share of the budget to spend on measured upgrades.
+BASE_SHARE = 0.7
+
+
+class CompressError(MoepackError, ValueError):
+    pass
+
+
+@dataclass
+class CompressOptions:
+    keep: float | str = 0.75  # retention R, or "auto"
+    top_k: int | str | None = None  # None: max(1, round(R·k)); an int; or "auto"
+    calib_text: Path | None = None
+    calib_tokens: int = 50_000
+    seq_len: int = 512
+    sens_tokens: int = 4096
+    solver: str = "greedy"
+    base: str | None = None  # per-role base types; None: the largest ladder type leaving room for upgrades
+    ladder: tuple[str, ...] = LADDER
+    criterion: str = "score"
+    alpha: float = 0.5
+    verify_ctx: int = 512
+    extra_bufts: bool = False  # verify with llama.cpp's CPU extra buffer types (repacking) on
+    threads: int = 2
+    progress: bool = True
+    shards: int | None = None  # calibration tasks (None: 1 in-process, one per task slot on Ray)
+    cache_dir: Path | None = None  # sensitivity: quantized tensors on disk (shared storage on a cluster)

@@ -1,0 +1,164 @@
+"""What calibration records inside each decoder layer: forward hooks on every linear map (sums of squared inputs:
+llama.cpp's importance matrix), the experts' forward replaced by an instrumented eager loop (routing counts, weights
+and REAP saliency), and DeepSeek MLA's attn_k_b / attn_v_b inputs, which exist only inside attention.
+
+`preparer(view, acc)` is the `prepare(i, layer)` callback of `LayerRunner.run`; everything lands in an
+`Accumulator` of float64 sums.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from moepack.errors import MoepackError
+from moepack.model.arch import expert_key
+from moepack.model.checkpoint import CheckpointView
+from moepack.model.runner import layer_sources
+
+__all__ = ["HookError", "Accumulator", "preparer", "mla_split"]
+
+log = logging.getLogger(__name__)
+
+
+class HookError(MoepackError, ValueError):
+    """The model's modules are not laid out as calibration expects."""
+
+
+@dataclass
+class Accumulator:
+    """float64 accumulators for one run."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # imatrix key → (M, n)
+    counts: dict[str, torch.Tensor] = field(default_factory=dict)  # imatrix key → (M,)
+    router: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def add(self, key: str, x: torch.Tensor, row: int = 0, n_rows: int = 1) -> None:
+        x = x.reshape(-1, x.shape[-1])  # (T, n)
+        if key not in self.sums:
+            self.sums[key] = torch.zeros(n_rows, x.shape[-1], dtype=torch.float64)
+            self.counts[key] = torch.zeros(n_rows, dtype=torch.float64)
+        self.sums[key][row] += x.float().pow(2).sum(0).double()
+        self.counts[key][row] += x.shape[0]
+
+    def add_heads(self, key: str, x: torch.Tensor, head0: int = 0, n_heads: int | None = None) -> None:
+        """Per-head inputs x (T, h, d) of heads head0..head0+h-1 (of n_heads): one row per head."""
+        n_heads = n_heads or x.shape[1]
+        if key not in self.sums:
+            self.sums[key] = torch.zeros(n_heads, x.shape[2], dtype=torch.float64)
+            self.counts[key] = torch.zeros(n_heads, dtype=torch.float64)
+        self.sums[key][head0:head0 + x.shape[1]] += x.float().pow(2).sum(0).double()
+        self.counts[key][head0:head0 + x.shape[1]] += x.shape[0]
+
+
+def _check_experts_layout(experts: torch.nn.Module) -> None:
+    flags = (getattr(experts, "has_bias", False), getattr(experts, "is_transposed", False),
+             getattr(experts, "is_concatenated", True), getattr(experts, "has_gate", True))
+    if flags != (False, False, True, True):
+        raise HookError(f"{type(experts).__name__}: unsupported expert layout (bias/transposed/interleaved)")
+
+
+def _instrument_experts(experts: torch.nn.Module, layer: int, acc: Accumulator, names: dict[str, str]) -> None:
+    """Replace the experts' forward with the eager per-expert loop that also records statistics.
+
+    Computes what transformers' eager experts forward computes, in the same order; `names` maps "gate", "up",
+    "down" to the imatrix keys.
+    """
+    _check_experts_layout(experts)
+    n_exp = int(experts.num_experts)
+    r = acc.router.setdefault(layer, {k: torch.zeros(n_exp, dtype=torch.float64)
+                                      for k in ("counts", "weight_sum", "saliency_sum")})
+
+    module = weakref.ref(experts)  # no module → forward → module cycle: the layer is freed as soon as it is dropped
+
+    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        experts = module()
+        out = torch.zeros_like(hidden_states)  # (T, H)
+        flat = top_k_index.reshape(-1)  # (T*k,)
+        r["counts"] += torch.bincount(flat, minlength=n_exp).double()
+        r["weight_sum"].index_add_(0, flat, top_k_weights.reshape(-1).double())
+        for e in torch.unique(flat).tolist():
+            tok, pos = torch.where(top_k_index == e)  # routed tokens and their top-k slot
+            x = hidden_states[tok]  # (n_e, H)
+            acc.add(names["gate"], x, e, n_exp)
+            acc.add(names["up"], x, e, n_exp)
+            gate, up = torch.nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)  # (n_e, I) each
+            a = experts.act_fn(gate) * up  # (n_e, I)
+            acc.add(names["down"], a, e, n_exp)
+            y = torch.nn.functional.linear(a, experts.down_proj[e])  # (n_e, H)
+            w = top_k_weights[tok, pos]  # (n_e,)
+            r["saliency_sum"][e] += (w.double() * y.double().norm(dim=-1)).sum()
+            out.index_add_(0, tok, (y * w[:, None]).to(out.dtype))
+        return out
+
+    experts.forward = forward
+
+
+def preparer(view: CheckpointView, acc: Accumulator) -> Callable[[int, torch.nn.Module], None]:
+    """`prepare(i, layer)` for LayerRunner.run: hooks every linear map and instruments the experts."""
+
+    def prepare(i: int, layer: torch.nn.Module) -> None:
+        sources = layer_sources(view, i)
+        for path, mod in layer.named_modules():
+            if isinstance(mod, torch.nn.Linear) and f"{path}.weight" in sources:
+                key = sources[f"{path}.weight"].names[0]
+                mod.register_forward_pre_hook(lambda m, args, key=key: acc.add(key, args[0]))
+        experts = getattr(getattr(layer, "mlp", None), "experts", None)
+        if experts is not None and "mlp.experts.gate_up_proj" in sources:
+            n = view.facts.n_experts
+            gu = sources["mlp.experts.gate_up_proj"].names
+            names = {"gate": expert_key(gu[0]), "up": expert_key(gu[n]),
+                     "down": expert_key(sources["mlp.experts.down_proj"].names[0])}
+            _instrument_experts(experts, i, acc, names)
+        if mla_split(view):
+            _hook_mla_k_b(view, i, layer, acc)
+            _hook_mla_v_b(view, i, layer, acc)
+
+    return prepare
+
+
+def mla_split(view: CheckpointView) -> bool:
+    """Whether llama.cpp runs this model with kv_b_proj split into attn_k_b and attn_v_b (DeepSeek MLA)."""
+    return view.spec.gguf_arch == "deepseek2" and "kv_lora_rank" in view.config
+
+
+def _hook_mla_v_b(view: CheckpointView, i: int, layer: torch.nn.Module, acc: Accumulator, chunk: int = 16) -> None:
+    """Input of llama.cpp's attn_v_b: per head, the attention-weighted sum of the normed latent kv (kv_lora wide).
+    Needs the attention probabilities, so DeepSeek layers are calibrated with eager attention."""
+    attn = layer.self_attn
+    key = f"model.layers.{i}.self_attn.v_b_proj.weight"
+    latent: dict[str, torch.Tensor] = {}
+
+    def keep_latent(mod: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
+        latent["c"] = out.reshape(out.shape[0], 1, -1, out.shape[-1])  # (B, 1, L, kv_lora)
+
+    def collect(mod: torch.nn.Module, args: Any, out: Any) -> None:
+        w, c = out[1], latent.pop("c")  # (B, H, L, L), (B, 1, L, kv_lora)
+        if w is None:
+            raise HookError("DeepSeek calibration needs attention probabilities (eager attention)")
+        n_head = w.shape[1]
+        for h0 in range(0, n_head, chunk):
+            z = torch.matmul(w[:, h0:h0 + chunk].to(c.dtype), c)  # (B, h, L, kv_lora)
+            acc.add_heads(key, z.transpose(1, 2).reshape(-1, z.shape[1], z.shape[-1]), h0, n_head)  # (B*L, h, kv)
+
+    attn.kv_a_layernorm.register_forward_hook(keep_latent)
+    attn.register_forward_hook(collect)
+
+
+def _hook_mla_k_b(view: CheckpointView, i: int, layer: torch.nn.Module, acc: Accumulator) -> None:
+    """llama.cpp splits DeepSeek's kv_b_proj into attn_k_b (applied to q_nope per head) and attn_v_b; record
+    q_nope, the input of attn_k_b, under `...self_attn.k_b_proj.weight` (rows: heads)."""
+    cfg = view.config
+    n_head, nope = int(cfg["num_attention_heads"]), int(cfg["qk_nope_head_dim"])
+    q = getattr(layer.self_attn, "q_b_proj", None) or getattr(layer.self_attn, "q_proj", None)
+    if q is None:
+        return
+    key = f"model.layers.{i}.self_attn.k_b_proj.weight"
+
+    def hook(mod: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
+        acc.add_heads(key, out.reshape(-1, n_head, out.shape[-1] // n_head)[..., :nope])  # (T, n_head, nope)
+
+    q.register_forward_hook(hook)

@@ -1,0 +1,142 @@
+"""Tensor groups of the sensitivity stage and the type options of each.
+
+Groups are one GGUF tensor class in one layer ("blk.3.ffn_down_exps", "blk.0.attn_kv_b" = attn_k_b + attn_v_b),
+plus token_embd and output; each option's bytes are the GGUF bytes of the group's tensors at that type after
+llama.cpp's row-width fallbacks, as the writer resolves them (options that fall back to the bytes of a smaller one
+are dropped).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from moepack.errors import MoepackError
+from moepack.gguf.imatrix import importance_rows
+from moepack.gguf.kernels import requires_imatrix
+from moepack.gguf.names import OutTensor, gguf_group_name, gguf_outputs
+from moepack.gguf.types import DEFAULT_BASE, LADDER, bits_per_weight, parse_type
+from moepack.gguf.writer import TypedTensor, resolve_types
+from moepack.model.arch import Role
+
+__all__ = ["SensitivityError", "GroupOption", "GroupSpec", "parse_base", "plan_groups"]
+
+log = logging.getLogger(__name__)
+
+
+class SensitivityError(MoepackError, ValueError):
+    """Sensitivity cannot be measured as asked; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class GroupOption:
+    type: str  # the requested (ladder) type; the plan names it and the writer applies the same fallbacks
+    typed: tuple[TypedTensor, ...]  # one per GGUF tensor of the group, as the writer resolves it
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.nbytes for t in self.typed)
+
+    @property
+    def written(self) -> tuple[GGMLQuantizationType, ...]:
+        return tuple(t.qtype for t in self.typed)
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    name: str  # "blk.3.ffn_down_exps", "token_embd"
+    cls: str  # gguf_group_name: "ffn_down_exps"
+    role: Role
+    layer: int | None
+    outs: tuple[OutTensor, ...]
+    options: tuple[GroupOption, ...]  # options[0] is the base
+
+    @property
+    def sources(self) -> frozenset[str]:
+        return frozenset(s for o in self.outs for s in o.sources)
+
+
+def parse_base(spec: str | Mapping[str, str] | None) -> dict[str, str]:
+    """"routed_experts=IQ2_XXS,attention=Q4_K" (or "Q4_K" for every group) → {key: type name}."""
+    if spec is None:
+        return {}
+    items = spec.items() if isinstance(spec, Mapping) else (
+        (kv.split("=", 1) if "=" in kv else ("default", kv)) for kv in str(spec).split(",") if kv.strip())
+    return {k.strip(): parse_type(v).name for k, v in items}
+
+
+def _base_for(base: Mapping[str, str], g_name: str, cls: str, role: Role) -> str:
+    for key in (g_name, cls, role.value, "default", "*"):
+        if key in base:
+            return base[key]
+    return DEFAULT_BASE
+
+
+def _typed(o: OutTensor, qtype: str, imatrix: Mapping[str, np.ndarray] | None) -> TypedTensor | None:
+    """The writer's resolution of `o` at `qtype`; None where llama.cpp cannot write it (no fallback, no imatrix)."""
+    try:
+        t = resolve_types([o], qtype)[0]
+    except MoepackError:
+        return None
+    if t.qtype != GGMLQuantizationType.F32 and requires_imatrix(t.qtype) and importance_rows(t, imatrix) is None:
+        return None
+    return t
+
+
+def _candidates(base: str, ladder: list[str]) -> list[str]:
+    """The base, then the ladder types above it (the ladder is in upgrade order)."""
+    if base in ladder:
+        return ladder[ladder.index(base):]
+    return [base] + [t for t in ladder if bits_per_weight(t) > bits_per_weight(base)]
+
+
+def _options(name: str, outs: list[OutTensor], cands: list[str],
+             imatrix: Mapping[str, np.ndarray] | None) -> list[GroupOption]:
+    opts: list[GroupOption] = []
+    seen: set[tuple[GGMLQuantizationType, ...]] = set()
+    for t in cands:
+        typed = [_typed(o, t, imatrix) for o in outs]
+        if any(x is None for x in typed):
+            log.debug("%s: %s cannot be written (row width or importance matrix); skipped", name, t)
+            continue
+        opt = GroupOption(t, tuple(typed))  # type: ignore[arg-type]
+        if opt.written in seen or (opts and opt.bytes < opts[0].bytes):
+            continue  # the same bytes as a smaller option after fallbacks, or smaller than the base
+        seen.add(opt.written)
+        opts.append(opt)
+    if not opts:
+        raise SensitivityError(f"group {name} can be written at none of {', '.join(cands)} (row width "
+                               f"{outs[0].n_per_row}); add a type that suits it to the ladder or --base")
+    if opts[0].type != cands[0]:
+        log.info("%s: base %s cannot be written here; its base is %s", name, cands[0], opts[0].type)
+    return opts
+
+
+def plan_groups(view: Any, base: Mapping[str, str] | None = None, ladder: Iterable[str] = LADDER,
+                imatrix: Mapping[str, np.ndarray] | None = None) -> tuple[list[GroupSpec], list[OutTensor]]:
+    """(groups with their options, fixed F32 tensors) of the GGUF that `view` becomes."""
+    base = parse_base(base)
+    ladder = [parse_type(t).name for t in ladder]
+    by_name: dict[str, list[OutTensor]] = {}
+    fixed: list[OutTensor] = []
+    for o in gguf_outputs(view):
+        if not o.quantizable:
+            fixed.append(o)
+            continue
+        cls = gguf_group_name(view, o.sources[0])
+        by_name.setdefault(cls if o.layer is None else f"blk.{o.layer}.{cls}", []).append(o)
+    groups = []
+    for name, outs in by_name.items():
+        cls = name.rsplit(".", 1)[-1]
+        cands = _candidates(_base_for(base, name, cls, outs[0].role), ladder)
+        groups.append(GroupSpec(name, cls, outs[0].role, outs[0].layer, tuple(outs),
+                                tuple(_options(name, outs, cands, imatrix))))
+    known = {g.name for g in groups} | {g.cls for g in groups} | {g.role.value for g in groups} | {"default", "*"}
+    if unknown := sorted(set(base) - known):
+        raise SensitivityError(f"--base names {', '.join(unknown)}, which this model has no group of; use roles "
+                               f"({', '.join(sorted({g.role.value for g in groups}))}), tensor classes (e.g. "
+                               f"{groups[0].cls}) or group names")
+    return groups, fixed

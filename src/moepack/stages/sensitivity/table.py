@@ -1,0 +1,114 @@
+"""The sensitivity table's numbers besides the probes: the proxy ΔKLD of each upgrade and its rank agreement with
+the measured KLD, the GGUF overhead a plan from this table will have, and the table's groups.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from moepack.errors import MoepackError
+from moepack.gguf.kernels import requires_imatrix
+from moepack.gguf.names import OutTensor
+from moepack.gguf.types import QUANT_TYPES, block_size, parse_type
+from moepack.gguf.writer import ALIGNMENT, overhead_bytes
+from moepack.schema import Group, Option, PrunePlan
+from moepack.stages.sensitivity.fakequant import QuantStore
+from moepack.stages.sensitivity.groups import GroupSpec, SensitivityError
+
+__all__ = ["spearman", "agreement", "overhead", "table_groups", "proxies"]
+
+log = logging.getLogger(__name__)
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks from 0 with ties averaged."""
+    _, inv, cnt = np.unique(x, return_inverse=True, return_counts=True)
+    ends = np.cumsum(cnt)
+    return ((ends - cnt + ends - 1) / 2.0)[inv]
+
+
+def spearman(a: Iterable[float], b: Iterable[float]) -> float | None:
+    """Spearman rank correlation (ties averaged); None for fewer than 3 pairs or a constant side."""
+    x, y = np.asarray(list(a), dtype=np.float64), np.asarray(list(b), dtype=np.float64)
+    if x.size < 3 or x.size != y.size:
+        return None
+    rx, ry = _ranks(x) - (x.size - 1) / 2.0, _ranks(y) - (y.size - 1) / 2.0
+    den = float(np.sqrt((rx * rx).sum() * (ry * ry).sum()))
+    return None if den == 0 else float((rx * ry).sum() / den)
+
+
+def agreement(groups: list[GroupSpec], proxy: Mapping[tuple[str, str], float],
+               kld: Mapping[tuple[str, str], float], base_kld: float) -> dict[str, Any]:
+    keys = [(g.name, o.type) for g in groups for o in g.options[1:]]
+    out: dict[str, Any] = {"spearman": spearman([proxy[k] for k in keys], [kld[k] - base_kld for k in keys]),
+                           "n": len(keys), "by_type": {}}
+    for t in sorted({k[1] for k in keys}):
+        ks = [k for k in keys if k[1] == t]
+        out["by_type"][t] = spearman([proxy[k] for k in ks], [kld[k] - base_kld for k in ks])
+    return out
+
+
+def _header_type(name: str) -> str:
+    """A type whose name is as long as `name`'s and that needs no importance matrix (the header is estimated
+    without one): the metadata is then as long as with `name`."""
+    block = block_size(name)
+    for t in [parse_type(name)] + QUANT_TYPES:
+        if len(t.name) == len(name) and block_size(t) == block and not requires_imatrix(t):
+            return t.name
+    return name
+
+
+def overhead(view: Any, groups: list[GroupSpec], fixed: list[OutTensor], base: dict[str, Any],
+             prune_plan: PrunePlan | None) -> int:
+    """GGUF bytes outside the tensor data, for a plan with the longest type names and every tensor's worst
+    alignment padding (the writer's own header writer; 1 KiB more for plan notes)."""
+    longest = {o.name: max((opt.type for opt in g.options), key=len) for g in groups for o in g.outs}
+    plan = {"version": 1, "solver": "greedy", "budget_bytes": 10 ** 15, "predicted_bytes": 10 ** 15,
+            "fixed_bytes": 10 ** 15, "bucket_bytes": 10 ** 15, "predicted_dkld": -1.2345678901234567e-05,
+            "predicted_kld": 1.2345678901234567, "groups": {g.name: longest[g.outs[0].name] for g in groups},
+            "base": base}
+    types = {k: _header_type(v) for k, v in longest.items()}
+    quiet = logging.getLogger("gguf.gguf_writer")
+    level, quiet.level = quiet.level, logging.WARNING  # its INFO lines name a temporary file
+    try:
+        head = overhead_bytes(view, default_type=None, tensor_types=types, quant_plan=plan, prune_plan=prune_plan)
+    except MoepackError as e:  # what the writer refuses now, it refuses for the file: a table for it is useless
+        raise SensitivityError(f"{view.root} cannot be written as GGUF: {e}") from None
+    finally:
+        quiet.setLevel(level)
+    pad = ALIGNMENT
+    worst = sum(max(-t.nbytes % pad for t in (opt.typed[i] for opt in g.options))
+                for g in groups for i in range(len(g.outs)))
+    return head + worst + sum(-(o.numel * 4) % pad for o in fixed) + 1024
+
+
+def table_groups(groups: list[GroupSpec], proxy: dict[tuple[str, str], float],
+                 kld: dict[tuple[str, str], float] | None, base_kld: float | None) -> tuple[Group, ...]:
+    """The table's groups: per option its bytes, ΔKLD vs the all-base model (the proxy in proxy mode), the KLD
+    measured, the proxy, and the types written where a fallback replaced the requested one."""
+    out = []
+    for g in groups:
+        opts = []
+        for i, opt in enumerate(g.options):
+            k = (g.name, opt.type)
+            if kld is not None:
+                dkld, measured = (0.0, base_kld) if i == 0 else (kld[k] - base_kld, kld[k])
+            else:
+                dkld, measured = (0.0 if i == 0 else proxy[k]), None
+            written = ({t.out.name: t.qtype.name for t in opt.typed}
+                       if any(t.qtype != t.requested for t in opt.typed) else None)
+            opts.append(Option(opt.type, opt.bytes, dkld, measured, 0.0 if i == 0 else proxy[k], written))
+        out.append(Group(g.name, tuple(o.name for o in g.outs), tuple(opts), g.cls, g.role.value, g.layer))
+    return tuple(out)
+
+
+def proxies(store: QuantStore, groups: list[GroupSpec]) -> dict[tuple[str, str], float]:
+    """Proxy ΔKLD of each upgrade: −(err_base − err_t), summed over the group's tensors."""
+    out = {}
+    for g in groups:
+        errs = [sum(store.err(t.out.name, t.qtype) for t in opt.typed) for opt in g.options]
+        for opt, e in zip(g.options[1:], errs[1:]):
+            out[(g.name, opt.type)] = e - errs[0]
+    return out

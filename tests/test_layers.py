@@ -1,0 +1,92 @@
+"""House rules that keep the package layered: the import-linter contracts of pyproject.toml (cli > pipeline > eval >
+stages > gguf > backends > model, with errors/schema/atomic below them all), no module over 450 lines, and no
+module reaching into another module's private (underscore) names."""
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+SRC = ROOT / "src"
+PACKAGE = SRC / "moepack"
+MAX_LINES = 450
+
+
+def _module(path: Path) -> str:
+    """Dotted name of a source file: src/moepack/gguf/writer.py → moepack.gguf.writer; tests/x.py → tests.x."""
+    for base in (SRC, ROOT):
+        if path.is_relative_to(base):
+            return ".".join(p for p in path.relative_to(base).with_suffix("").parts if p != "__init__")
+    return path.stem
+
+
+def _sources() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py")) + sorted((ROOT / "tests").glob("*.py"))
+
+
+def test_import_contracts_hold() -> None:
+    """`lint-imports` (import-linter, the venv's own) keeps every contract of pyproject.toml."""
+    exe = Path(sys.executable).with_name("lint-imports")
+    assert exe.is_file(), f"{exe} missing: pip install import-linter (the test extra)"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([str(exe), "--no-cache"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    assert "0 broken" in r.stdout
+
+
+def test_no_module_is_too_long() -> None:
+    long = {str(p.relative_to(ROOT)): n for p in sorted(PACKAGE.rglob("*.py"))
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines (split them by responsibility): {long}"
+
+
+def _private_uses(path: Path) -> list[str]:
+    """`from moepack.x import _y`, `m._y` on an imported moepack module m, and private moepack modules imported
+    from outside their own package."""
+    me = _module(path)
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    aliases: dict[str, str] = {}  # local name → moepack module it names
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "moepack":
+            found += _private_module(me, node.module, node.lineno)
+            for a in node.names:
+                if a.name.startswith("_") and not a.name.startswith("__"):
+                    found.append(f"line {node.lineno}: from {node.module} import {a.name}")
+                aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "moepack":
+                    found += _private_module(me, a.name, node.lineno)
+                    aliases[a.asname or a.name.split(".")[0]] = a.name if a.asname else "moepack"
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            found.append(f"line {node.lineno}: {node.value.id}.{node.attr} ({aliases[node.value.id]})")
+    return found
+
+
+def _private_module(me: str, target: str, line: int) -> list[str]:
+    parts = target.split(".")
+    for i, p in enumerate(parts):
+        if p.startswith("_") and not p.startswith("__") and not me.startswith(".".join(parts[:i]) + "."):
+            return [f"line {line}: imports the private module {target}"]
+    return []
+
+
+def test_no_private_names_across_modules() -> None:
+    bad = {str(p.relative_to(ROOT)): uses for p in _sources() if (uses := _private_uses(p))}
+    assert not bad, f"private names used outside their module (make them public or move them): {bad}"
+
+
+def test_the_checks_catch_what_they_should(tmp_path: Path) -> None:
+    """The AST scan flags each kind of private use (a scan that finds nothing proves nothing otherwise)."""
+    f = tmp_path / "probe.py"
+    f.write_text("from moepack.gguf.kernels import _lib\nimport moepack.gguf.writer as go\ngo._encode\n"
+                 "from moepack.model.arch._common import L\nfrom moepack import __version__\n")
+    found = " | ".join(sorted(_private_uses(f)))
+    assert found.count("line ") == 3 and "import _lib" in found and "go._encode" in found and "_common" in found, found
