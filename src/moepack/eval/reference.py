@@ -218,7 +218,7 @@ class Reference:
 
     @property
     def ppl(self) -> float:
-        return float(np.exp(self.nll.mean()))
+        return metrics.ppl(self.nll)
 
     def tokenize(self, text: str) -> list[int]:
         if self._tokenize is None:

@@ -9,7 +9,8 @@ from moepack.errors import MoepackError
 
 import numpy as np
 
-__all__ = ["DEFAULT_CALIB_TEXT", "read_text", "text_sha256", "tokenize_file", "chunk_tokens", "load_tokenizer", "TextDataError"]
+__all__ = ["DEFAULT_CALIB_TEXT", "read_text", "text_sha256", "tokenize_file", "chunk_tokens", "load_tokenizer",
+           "TextDataError"]
 
 log = logging.getLogger(__name__)
 

@@ -79,8 +79,8 @@ def _allocate(run: RunDir, table: SensitivityTable, budget: Budget, keep: float,
               opts: CompressOptions) -> tuple[QuantPlan, Path, int]:
     from moepack.stages.allocate import allocate
 
-    # A table from a moepack that did not always record its overhead: the budget's own estimate errs large, and
-    # _check_size verifies the written file against the budget.
+    # No overhead_bytes: the checkpoint could not be written as GGUF when it was measured (sensitivity warned).
+    # The budget's own estimate errs large, and compress checks the written file against the budget.
     overhead = table.overhead_bytes if table.overhead_bytes is not None else budget.overhead
     weights = budget.file_limit - overhead
     plan = allocate(table, weights, opts.solver)

@@ -181,7 +181,8 @@ def _check_feasible(view: CheckpointView, budget: Budget, opts: CompressOptions)
         raise CompressError(
             f"the budget leaves {format_size(budget.weights)} for weights, but the smallest achievable model "
             f"(--keep {smallest:g}, every tensor at {opts.ladder[0]}) needs about {format_size(floor)} "
-            f"(file about {format_size(floor + budget.overhead)}); give more memory or a larger target, or a lower --keep")
+            f"(file about {format_size(floor + budget.overhead)}); give more memory or a larger target, or a lower "
+            "--keep")
 
 
 def _result(out: Path, run: RunDir, ref: CheckpointView, best: Candidate, budget: Budget,

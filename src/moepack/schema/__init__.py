@@ -12,6 +12,7 @@ change. Every stage imports its contracts from here; this package imports no lay
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 from moepack.schema.base import CALIB_FORMAT, PRUNE_PLAN_FORMAT, SENSITIVITY_FORMAT, SchemaError
@@ -26,6 +27,8 @@ _HOME = {
 }
 
 __all__ = ["SchemaError", "CALIB_FORMAT", "PRUNE_PLAN_FORMAT", "SENSITIVITY_FORMAT", *_HOME]
+
+log = logging.getLogger(__name__)
 
 
 def __getattr__(name: str) -> Any:

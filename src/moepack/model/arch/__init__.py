@@ -93,7 +93,7 @@ class ArchSpec:
     group_keys: tuple[str, str] | None = None  # (n_group, topk_group) for group-limited routers
     router_bias_kind: str | None = None  # kind of the router bias tensor (DeepSeek-V3 e_score_correction_bias)
     expert_projs: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down kinds
-    kv_cache: str = "gqa"  # "gqa" (per-head K and V) or "mla" (llama.cpp caches the MLA latent; see moepack.stages.budget)
+    kv_cache: str = "gqa"  # "gqa" (per-head K and V) or "mla" (llama.cpp caches the MLA latent; stages.budget)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def match(self, name: str) -> MatchedName | None:

@@ -28,7 +28,8 @@ def gqa_attention(bias: bool = False, qk_norm: bool = False) -> tuple[TensorRule
     return tuple(rules)
 
 
-def experts(prefix: str = "mlp", projs: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> tuple[TensorRule, ...]:
+def experts(prefix: str = "mlp",
+            projs: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> tuple[TensorRule, ...]:
     """Routed experts, one tensor per expert as checkpoints store them, plus the router."""
     rules = [TensorRule(f"{L}.{prefix}.experts.{{xid}}.{p}.weight", Role.ROUTED_EXPERTS, p) for p in projs]
     rules.append(TensorRule(f"{L}.{prefix}.gate.weight", Role.ROUTER, "router"))
