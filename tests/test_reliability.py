@@ -79,8 +79,11 @@ def test_missing_shard(model: Path, tmp_path: Path, capsys) -> None:
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wmap}))
     _fails(["inspect", str(d)], capsys, "missing", "model-00002-of-00002.safetensors")
     (d / "model.safetensors").unlink()
+    _fails(["inspect", str(d)], capsys, "missing")  # an index without its shards: a broken download
     (d / "model.safetensors.index.json").unlink()
-    _fails(["inspect", str(d)], capsys, "no *.safetensors")
+    _fails(["quantize", str(d), "--type", "Q8_0", "-o", str(tmp_path / "x.gguf")], capsys, "no *.safetensors")
+    assert main(["inspect", str(d)]) == 0  # config.json alone: planned from the derived shapes
+    assert "routed per MoE layer" in capsys.readouterr().out
 
 
 def test_truncated_safetensors(model: Path, tmp_path: Path, capsys) -> None:

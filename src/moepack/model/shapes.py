@@ -177,10 +177,11 @@ def config_view(model_dir: str | Path) -> CheckpointView:
 
 
 def open_for_planning(model_dir: str | Path) -> CheckpointView:
-    """The checkpoint's own headers when its weights are there, else the tensors its config.json implies. A
+    """The checkpoint's own headers when its weights are there, else the tensors its config.json implies (a
+    directory with a shard index but missing shards is a broken download: open_checkpoint says so). A
     pre-quantized release (DeepSeek-V3's FP8) is planned as the bf16 model moepack would read after conversion."""
     root = Path(model_dir)
-    if root.is_dir() and not any(root.glob("*.safetensors")):
+    if root.is_dir() and not any(root.glob("*.safetensors")) and not any(root.glob("*.safetensors.index.json")):
         log.info("%s: no weights; tensor shapes derived from config.json", root)
         return config_view(root)
     return open_checkpoint(root)
