@@ -129,7 +129,7 @@ def keep_arg(s: str) -> float | str:
 
 def ladder_arg(s: str) -> tuple[str, ...]:
     """"IQ2_XXS, q4_k,Q8_0" → ("IQ2_XXS", "Q4_K", "Q8_0"), each a GGML type name."""
-    from moepack.gguf.kernels import parse_type  # at parse time only: gguf and numpy
+    from moepack.gguf.types import parse_type  # at parse time only: gguf and numpy
 
     try:
         ladder = tuple(parse_type(t.strip()).name for t in s.split(",") if t.strip())
