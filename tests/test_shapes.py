@@ -70,5 +70,5 @@ def test_missing_keys_are_errors(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ShapeError, match="no kv_lora_rank"):
         config_view(tmp_path)
-    with pytest.raises(ShapeError, match="no config.json"):
+    with pytest.raises(CheckpointError, match="not a directory"):
         config_view(tmp_path / "absent")

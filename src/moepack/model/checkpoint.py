@@ -33,6 +33,7 @@ __all__ = [
     "read_tensor",
     "config_get",
     "facts_from_config",
+    "read_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -347,18 +348,23 @@ def _check_float_weights(root: Path, tensors: dict[str, TensorRef]) -> None:
                               f"moepack reads bf16/f16/f32 weights: {_TO_BF16}")
 
 
-def open_checkpoint(model_dir: str | Path) -> CheckpointView:
-    """Read config.json and the safetensors headers; raise `CheckpointError`/`UnsupportedArchitecture` clearly."""
-    root = Path(model_dir)
+def read_config(root: Path) -> dict[str, Any]:
+    """config.json of a model directory, with a clear error when it is absent or not JSON."""
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a directory; pass a Hugging Face checkpoint directory")
     cfg_path = root / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{root}: no config.json; this does not look like a Hugging Face checkpoint")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        return json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+
+
+def open_checkpoint(model_dir: str | Path) -> CheckpointView:
+    """Read config.json and the safetensors headers; raise `CheckpointError`/`UnsupportedArchitecture` clearly."""
+    root = Path(model_dir)
+    cfg = read_config(root)
     spec = spec_for(cfg.get("model_type"))
     _check_not_prequantized(root, cfg)
     tensors = _collect_tensors(spec, cfg, _shard_files(root))

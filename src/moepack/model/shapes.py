@@ -8,7 +8,6 @@ does not. tests/test_shapes.py checks every table against the headers of real ch
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any, Callable
 
 from moepack.model.arch import EXPERT_COUNT_KEYS, ArchSpec, Role, TensorRule, spec_for
 from moepack.model.checkpoint import (CheckpointError, CheckpointView, TensorRef, config_get, facts_from_config,
-                                      open_checkpoint)
+                                      open_checkpoint, read_config)
 
 __all__ = ["config_dims", "derive_tensors", "config_view", "open_for_planning", "moe_layer_ids", "ShapeError"]
 
@@ -163,13 +162,7 @@ def derive_tensors(spec: ArchSpec, cfg: dict[str, Any], dtype: str = "BF16") -> 
 def config_view(model_dir: str | Path) -> CheckpointView:
     """A view of a model from its config.json alone (a directory without weights)."""
     root = Path(model_dir)
-    path = root / "config.json"
-    if not path.is_file():
-        raise ShapeError(f"{root}: no config.json; pass a Hugging Face model directory (config.json is enough)")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ShapeError(f"{path}: invalid JSON ({e})") from None
+    cfg = read_config(root)
     spec = spec_for(cfg.get("model_type"))
     dtype = {"float32": "F32", "float16": "F16"}.get(str(cfg.get("torch_dtype") or cfg.get("dtype")), "BF16")
     tensors = derive_tensors(spec, cfg, dtype)
