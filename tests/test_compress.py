@@ -49,6 +49,23 @@ def test_compress_fits_budget_and_runs(model: Path, tmp_path: Path, capsys) -> N
     quant_types = {t.tensor_type.name for t in reader.tensors} - {"F32"}
     assert len(quant_types) >= 2, quant_types  # the allocation mixed types
     assert not list(tmp_path.glob("*.tmp"))
+    _check_run_command(out, text)
+
+
+def _check_run_command(out: Path, printed: str) -> None:
+    """summary.json and the printed summary hold the llama.cpp command line; what it says loads the file."""
+    import json
+    import shlex
+
+    from moepack.gguf.runtime import load_llama
+
+    cmd = json.loads((out.parent / (out.name + ".run") / "summary.json").read_text())["run_command"]
+    assert f"run it:        {cmd}" in printed
+    argv = shlex.split(cmd)
+    assert argv[0] == "llama-server" and argv[argv.index("-m") + 1] == str(out) and "--no-repack" in argv
+    llm = load_llama(argv[argv.index("-m") + 1], n_ctx=int(argv[argv.index("-c") + 1]), extra_bufts=False)
+    assert llm.n_ctx() == int(argv[argv.index("-c") + 1])
+    llm.close()
 
 
 def test_keep_auto_screens_retentions(model: Path, tmp_path: Path, capsys) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 from moepack.errors import MoepackError
 
-__all__ = ["load_llama", "run_isolated", "NativeCrash", "sample_text", "smoke_test", "NO_REPACK_HINT"]
+__all__ = ["llama_command", "load_llama", "run_isolated", "NativeCrash", "sample_text", "smoke_test", "NO_REPACK_HINT"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,14 @@ def load_llama(path: str | Path, *, extra_bufts: bool = False, **kwargs: Any):  
     kwargs.setdefault("verbose", False)
     with _model_defaults(extra_bufts):
         return Llama(model_path=str(path), **kwargs)
+
+
+def llama_command(path: str | Path, ctx: int, tool: str = "llama-server") -> str:
+    """The llama.cpp command line that runs `path` as moepack verified it: the whole model on the CPU, the device's
+    context, the CPU extra buffer types off (--no-repack: on AMX CPUs they abort DeepSeek files)."""
+    import shlex
+
+    return f"{tool} -m {shlex.quote(str(path))} -c {int(ctx)} --no-repack"
 
 
 def sample_text(path: str, prompt: str, n_ctx: int, max_tokens: int, threads: int,

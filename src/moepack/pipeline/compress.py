@@ -50,6 +50,7 @@ class CompressResult:
     timings: dict[str, float] = field(default_factory=dict)
     sample: str = ""
     verify_error: str | None = None  # why llama.cpp could not run the written file here, if it could not
+    run_command: str = ""  # the llama.cpp command line that runs the file as it was verified
 
 
 def _validate(opts: CompressOptions, view: CheckpointView) -> list[float]:
@@ -151,14 +152,15 @@ def compress(model_dir: str | Path, out: str | Path, request: BudgetRequest, opt
     best = min((c for c in cands if not c.screened), key=lambda c: c.kld)
     _write(run, best, out, opts)
     _check_size(out, budget)
-    from moepack.gguf.runtime import NativeCrash
+    from moepack.gguf.runtime import NativeCrash, llama_command
 
     sample, failure = "", None
+    ctx = opts.verify_ctx if budget.ctx is None else budget.ctx  # the device's context, or a short one for a size
     try:
-        sample = _verify(out, opts.verify_ctx if budget.ctx is None else budget.ctx, opts)
+        sample = _verify(out, ctx, opts)
     except NativeCrash as e:
         failure = str(e)
-    result = _result(out, run, ref, best, budget, cands, sample, failure)
+    result = _result(out, run, ref, best, budget, cands, sample, failure, llama_command(out, ctx))
     atomic_write_text(run.path("summary.json"), json.dumps(asdict(result), indent=2, default=str) + "\n")
     if failure:
         raise CompressError(f"{out} is written and its run summary is in {run.path('summary.json')}, but llama.cpp "
@@ -186,7 +188,7 @@ def _check_feasible(view: CheckpointView, budget: Budget, opts: CompressOptions)
 
 
 def _result(out: Path, run: RunDir, ref: CheckpointView, best: Candidate, budget: Budget,
-            cands: list[Candidate], sample: str, verify_error: str | None) -> CompressResult:
+            cands: list[Candidate], sample: str, verify_error: str | None, command: str) -> CompressResult:
     types: dict[str, dict[str, int]] = {}
     for name, t in best.plan.tensors.items():
         if name.startswith("blk."):
@@ -205,7 +207,8 @@ def _result(out: Path, run: RunDir, ref: CheckpointView, best: Candidate, budget
         candidates=[{"keep": c.keep, "top_k": c.view.facts.top_k, "kld": None if c.screened else c.kld,
                      "prune_kld": c.prune_kld, "screened": c.screened, "same_as": c.same_as,
                      "tensor_bytes": None if c.screened else c.plan.predicted_bytes} for c in cands],
-        timings=dict(run.timings), sample=sample, verify_error=verify_error)
+        timings=dict(run.timings), sample=sample, verify_error=verify_error,
+        run_command=command)
 
 
 def render_summary(r: CompressResult) -> str:
@@ -223,6 +226,7 @@ def render_summary(r: CompressResult) -> str:
         lines.append(f"    {cls:<16} " + ", ".join(f"{t} x{n}" for t, n in sorted(counts.items())))
     lines.append("  stage timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.timings.items()))
     lines.append(f"  sample: {r.sample!r}" if r.verify_error is None else f"  not verified: {r.verify_error}")
+    lines.append(f"  run it:        {r.run_command}")
     return "\n".join(lines)
 
 
