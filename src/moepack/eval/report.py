@@ -1,14 +1,5 @@
-"""`moepack report RUN_DIR [-o report.md] [--pareto PNG] [--eval EVAL.json]`: one Markdown page per compress run.
-
-The page shows, from the run directory's artifacts (no model is loaded):
-- the experts kept per MoE layer, as a heat map of the pruning importance (`pruned-r*/prune_plan.json`), kept
-  experts outlined;
-- the GGML type chosen for every tensor (`quant_plan-r*.json`), as a chart of bits per weight;
-- the top rows of the sensitivity table (`sensitivity-r*.json`): the groups whose first upgrade gains most KLD;
-- the eval table, when an eval JSON (`moepack eval --json-out`) is in the run directory or given;
-- the Pareto plot, when given (copied beside the page).
-Charts are PNG files written next to the page (`<page stem>-*.png`).
-"""
+"""The one-page report of a compress run, built from its run directory's artifacts alone (no model is loaded);
+what the page holds is described where the command is (`moepack.cli.report`, `moepack report --help`)."""
 from __future__ import annotations
 
 import json

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import gguf
+
 from moepack.gguf.estimate import ESTIMATE_TYPES, estimate_size
+from moepack.gguf.types import written_bytes
 from moepack.model.arch import Role
 from moepack.model.checkpoint import CheckpointView
 from moepack.stages.budget import BudgetRequest, budget_for
@@ -22,12 +25,9 @@ RETENTIONS = (1.0, 0.75)  # keep everything; the paper's retention
 
 def _kept_bytes(view: CheckpointView, type_name: str, keep: float) -> int:
     """estimate_size with the routed experts scaled by the retention (pruning keeps a share of them per layer)."""
-    routed = {n: t for n, t in view.tensors.items() if t.role is Role.ROUTED_EXPERTS}
-    total = estimate_size(view, type_name)
-    if keep >= 1.0 or not routed:
-        return total
-    sub = CheckpointView(view.root, view.config, view.spec, view.facts, routed)
-    return total - int(round((1 - keep) * estimate_size(sub, type_name)))
+    qtype = gguf.GGMLQuantizationType[type_name]  # routed experts are weight matrices: always at the type
+    routed = sum(written_bytes(t.shape, qtype) for t in view.tensors.values() if t.role is Role.ROUTED_EXPERTS)
+    return estimate_size(view, type_name) - int(round((1 - keep) * routed))
 
 
 def fit_report(view: CheckpointView, request: BudgetRequest) -> dict[str, Any]:
