@@ -93,6 +93,27 @@ def test_keep_auto_screens_retentions(model: Path, tmp_path: Path, capsys) -> No
     assert out.stat().st_size <= target
 
 
+def test_keep_auto_skips_retentions_that_cannot_fit(model: Path, tmp_path: Path) -> None:
+    """Under a budget only a pruned model fits, --keep auto passes over keep 1.0 before measuring it (no
+    sensitivity table) instead of failing, and the file comes from a smaller retention."""
+    import json
+
+    from moepack.model.checkpoint import open_checkpoint
+    from moepack.pipeline.candidates import floor_bytes
+    from moepack.stages.budget import gguf_overhead_bytes
+
+    view = open_checkpoint(model)
+    weights = (floor_bytes(view, "IQ2_XXS", 1.0) + floor_bytes(view, "IQ2_XXS", 0.75)) // 2
+    target = weights + gguf_overhead_bytes(view)
+    out, run_dir = tmp_path / "x.gguf", tmp_path / "run"
+    assert main(["compress", str(model), "--target-size", str(target), "--keep", "auto", "-o", str(out),
+                 "--run-dir", str(run_dir), *SMALL]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    first = summary["candidates"][0]
+    assert first["keep"] == 1.0 and first["infeasible"] and not (run_dir / "sensitivity-r1.json").exists()
+    assert summary["keep"] < 1.0 and out.stat().st_size <= target
+
+
 def test_infeasible_budget_fails_at_once(model: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "x.gguf"
     t0 = time.time()

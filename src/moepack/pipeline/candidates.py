@@ -17,7 +17,7 @@ from moepack.pipeline.runstate import RunDir
 from moepack.schema import CalibStats, PrunePlan, QuantPlan, SensitivityTable
 from moepack.stages.budget import Budget, format_size
 
-__all__ = ["Candidate", "candidate", "choose_base"]
+__all__ = ["Candidate", "candidate", "choose_base", "floor_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,21 @@ def choose_base(view: CheckpointView, budget_bytes: int, ladder: tuple[str, ...]
         if estimate_size(view, t) <= BASE_SHARE * budget_bytes:
             best = t
     return best
+
+
+def floor_bytes(view: CheckpointView, smallest: str, keep: float = 1.0) -> int:
+    """Tensor bytes of `view` with every quantizable tensor at `smallest` (after llama.cpp's fallbacks for odd row
+    widths) and the rest at F32; routed experts scaled to the share `keep` of them (1.0 for an already pruned view)."""
+    from moepack.gguf.types import written_bytes
+    from moepack.model.arch import Role
+    from moepack.model.pruned import kept_count
+
+    kept, n_experts = kept_count(view, keep), view.facts.n_experts
+    total = 0
+    for t in view.tensors.values():
+        b = written_bytes(t.shape, smallest if t.quantizable else "F32")
+        total += b * kept // n_experts if t.role is Role.ROUTED_EXPERTS else b  # as many expert tensors as kept
+    return total
 
 
 def _prune(model_dir: Path, run: RunDir, keep: float,
@@ -107,6 +122,7 @@ class Candidate:
     kld: float = float("nan")  # measured after allocation
     prune_kld: float | None = None  # KLD of pruning alone (unquantized), measured when screening
     same_as: float | None = None  # screened: the retention that gives the same pruned model
+    infeasible: bool = False  # screened: even the smallest type everywhere does not fit the budget
 
     @property
     def screened(self) -> bool:
@@ -142,19 +158,30 @@ def candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats: CalibSta
         log.info("keep %.3f keeps the same experts and top-k as keep %.3f; not measured again", keep, twin.keep)
         return Candidate(keep, view, prune_plan, None, None, 0, prune_kld=twin.prune_kld, same_as=twin.keep)
     best_kld = min((c.kld for c in measured), default=float("inf"))
-    floor = None
+    prune_floor = None
     if prune_plan is not None and best_kld < float("inf") and stats.heldout is not None:
         t0 = time.perf_counter()
-        floor = _prune_kld(view, ref, stats, refs, opts)
+        prune_floor = _prune_kld(view, ref, stats, refs, opts)
         run.timings[f"prune KLD r={keep:g}"] = time.perf_counter() - t0
-        if floor >= best_kld:
+        if prune_floor >= best_kld:
             log.info("keep %.3f: pruning alone costs KLD %.5f >= %.5f of the best candidate; not measured further",
-                     keep, floor, best_kld)
-            return Candidate(keep, view, prune_plan, None, None, 0, prune_kld=floor)
+                     keep, prune_floor, best_kld)
+            return Candidate(keep, view, prune_plan, None, None, 0, prune_kld=prune_floor)
+    floor = floor_bytes(view, opts.ladder[0])
+    if floor > budget.weights:  # e.g. keep 1.0 under a budget only a pruned model fits: try the next retention
+        log.info("keep %.3f: even every tensor at %s needs %s, over the %s for weights; not measured", keep,
+                 opts.ladder[0], format_size(floor), format_size(budget.weights))
+        return Candidate(keep, view, prune_plan, None, None, 0, prune_kld=None, infeasible=True)
     base = opts.base or choose_base(view, budget.weights, opts.ladder)
     table = _sensitivity(run, view, ref, stats, prune_plan, base, keep, opts, backend)
-    plan, path, overhead = _allocate(run, table, budget, keep, opts)
-    cand = Candidate(keep, view, prune_plan, plan, path, overhead, prune_kld=floor)
+    from moepack.stages.allocate import AllocationError
+
+    try:
+        plan, path, overhead = _allocate(run, table, budget, keep, opts)
+    except AllocationError as e:  # the measured minimum is a little above the estimate above
+        log.info("keep %.3f: %s", keep, e)
+        return Candidate(keep, view, prune_plan, None, None, 0, prune_kld=prune_floor, infeasible=True)
+    cand = Candidate(keep, view, prune_plan, plan, path, overhead, prune_kld=prune_floor)
     t0 = time.perf_counter()
     cand.kld = _measure(view, ref, stats, plan.tensors, prune_plan, opts)
     run.timings[f"measure r={keep:g}"] = time.perf_counter() - t0

@@ -19,7 +19,7 @@ from moepack.backends import Backend, LocalBackend
 from moepack.model.checkpoint import CheckpointView, open_checkpoint
 from moepack.model.pruned import kept_count
 from moepack.model.textdata import DEFAULT_CALIB_TEXT
-from moepack.pipeline.candidates import Candidate, candidate
+from moepack.pipeline.candidates import Candidate, candidate, floor_bytes
 from moepack.pipeline.options import KEEP_AUTO_CANDIDATES, CompressError, CompressOptions
 from moepack.pipeline.runstate import RunDir
 from moepack.schema import CalibStats, PrunePlan
@@ -149,7 +149,12 @@ def compress(model_dir: str | Path, out: str | Path, request: BudgetRequest, opt
     refs: dict[str, Any] = {}
     for k in keeps:  # largest retention first: it sets the bar the others are screened against
         cands.append(candidate(model_dir, ref, run, stats, budget, k, opts, backend, cands, refs))
-    best = min((c for c in cands if not c.screened), key=lambda c: c.kld)
+    fitting = [c for c in cands if not c.screened]
+    if not fitting:
+        raise CompressError(f"no retention of {', '.join(f'{k:g}' for k in keeps)} fits the budget "
+                            f"{format_size(budget.file_limit)} even at {opts.ladder[0]} everywhere; give a larger "
+                            "budget or a lower --keep")
+    best = min(fitting, key=lambda c: c.kld)
     _write(run, best, out, opts)
     _check_size(out, budget)
     from moepack.gguf.runtime import NativeCrash, llama_command
@@ -170,15 +175,8 @@ def compress(model_dir: str | Path, out: str | Path, request: BudgetRequest, opt
 
 def _check_feasible(view: CheckpointView, budget: Budget, opts: CompressOptions) -> None:
     """Fail before any work when even the smallest type everywhere, at the smallest retention, cannot fit."""
-    from moepack.gguf.types import written_bytes
-    from moepack.model.arch import Role
-
     smallest = min(KEEP_AUTO_CANDIDATES) if opts.keep == "auto" else float(opts.keep)
-    kept, n_experts = kept_count(view, smallest), view.facts.n_experts
-    floor = 0
-    for t in view.tensors.values():
-        b = written_bytes(t.shape, opts.ladder[0] if t.quantizable else "F32")
-        floor += b * kept // n_experts if t.role is Role.ROUTED_EXPERTS else b  # as many expert tensors as kept
+    floor = floor_bytes(view, opts.ladder[0], smallest)
     if floor > budget.weights:
         raise CompressError(
             f"the budget leaves {format_size(budget.weights)} for weights, but the smallest achievable model "
@@ -206,6 +204,7 @@ def _result(out: Path, run: RunDir, ref: CheckpointView, best: Candidate, budget
         measured_kld=best.kld,
         candidates=[{"keep": c.keep, "top_k": c.view.facts.top_k, "kld": None if c.screened else c.kld,
                      "prune_kld": c.prune_kld, "screened": c.screened, "same_as": c.same_as,
+                     "infeasible": c.infeasible,
                      "tensor_bytes": None if c.screened else c.plan.predicted_bytes} for c in cands],
         timings=dict(run.timings), sample=sample, verify_error=verify_error,
         run_command=command)
@@ -231,6 +230,8 @@ def render_summary(r: CompressResult) -> str:
 
 
 def _candidate_line(c: dict[str, Any]) -> str:
+    if c.get("infeasible"):
+        return f"keep {c['keep']:g} -> does not fit the budget at the smallest type (screened)"
     if c.get("same_as") is not None:
         return f"keep {c['keep']:g} -> same model as keep {c['same_as']:g} (screened)"
     if c.get("screened"):
