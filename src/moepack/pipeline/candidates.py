@@ -157,6 +157,11 @@ def candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats: CalibSta
     if twin is not None:
         log.info("keep %.3f keeps the same experts and top-k as keep %.3f; not measured again", keep, twin.keep)
         return Candidate(keep, view, prune_plan, None, None, 0, prune_kld=twin.prune_kld, same_as=twin.keep)
+    floor = floor_bytes(view, opts.ladder[0])
+    if floor > budget.weights:  # e.g. keep 1.0 under a budget only a pruned model fits: try the next retention
+        log.info("keep %.3f: even every tensor at %s needs %s, over the %s for weights; not measured", keep,
+                 opts.ladder[0], format_size(floor), format_size(budget.weights))
+        return Candidate(keep, view, prune_plan, None, None, 0, infeasible=True)
     best_kld = min((c.kld for c in measured), default=float("inf"))
     prune_floor = None
     if prune_plan is not None and best_kld < float("inf") and stats.heldout is not None:
@@ -167,11 +172,6 @@ def candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats: CalibSta
             log.info("keep %.3f: pruning alone costs KLD %.5f >= %.5f of the best candidate; not measured further",
                      keep, prune_floor, best_kld)
             return Candidate(keep, view, prune_plan, None, None, 0, prune_kld=prune_floor)
-    floor = floor_bytes(view, opts.ladder[0])
-    if floor > budget.weights:  # e.g. keep 1.0 under a budget only a pruned model fits: try the next retention
-        log.info("keep %.3f: even every tensor at %s needs %s, over the %s for weights; not measured", keep,
-                 opts.ladder[0], format_size(floor), format_size(budget.weights))
-        return Candidate(keep, view, prune_plan, None, None, 0, prune_kld=None, infeasible=True)
     base = opts.base or choose_base(view, budget.weights, opts.ladder)
     table = _sensitivity(run, view, ref, stats, prune_plan, base, keep, opts, backend)
     from moepack.stages.allocate import AllocationError
