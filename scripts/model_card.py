@@ -32,7 +32,7 @@ from scratch on `data/tinystories-train.txt` (TinyStories excerpt) by `scripts/t
 | routing | {routing} |
 | vocabulary | {vocab} (byte-level BPE, qwen2 pre-tokenizer regex, trained on the same text) |
 | parameters | {total:,} total, {active:,} active per token |
-| size on disk | {disk_mb:.1f} MB (model.safetensors) |
+| size on disk | {disk_mb:.1f} MB ({files}) |
 
 {extra}
 
@@ -66,6 +66,15 @@ Tests assert the perplexity on a slice of the validation text stays below **{bou
 """
 
 
+def _disk_mb(model_dir: Path) -> float:
+    return sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 1e6
+
+
+def _weight_files(model_dir: Path) -> str:
+    files = sorted(f.name for f in model_dir.glob("*.safetensors"))
+    return files[0] if len(files) == 1 else f"{len(files)} shards of at most 40 MB"
+
+
 def write_card(model_dir: Path) -> None:
     view = open_checkpoint(model_dir)
     d = describe(view)
@@ -92,7 +101,7 @@ def write_card(model_dir: Path) -> None:
         layers=d["layers"], n_moe=len(d["moe_layers"]), dense=d["dense_layers"] or "none", hidden=d["hidden"],
         experts=d["routed_experts"], expert_ffn=d["expert_ffn"], top_k=d["top_k"], shared=d["shared_experts"],
         routing=routing, vocab=d["vocab"], total=d["params_total"], active=d["params_active"],
-        disk_mb=(model_dir / "model.safetensors").stat().st_size / 1e6, extra=extra, tokens=t["tokens_trained"],
+        disk_mb=_disk_mb(model_dir), files=_weight_files(model_dir), extra=extra, tokens=t["tokens_trained"],
         steps=t["steps"], batch=t["batch"], seq=t["seq_len"], avail=t["train_tokens_available"], lr=t["lr"],
         bias_note=("; plus DeepSeek-V3's bias update of e_score_correction_bias (±0.001 per step toward even load)"
                    if r["bias"] else ""),
@@ -127,7 +136,7 @@ the corpus sources (CDLA-Sharing-1.0, CC BY-SA 3.0, public domain, PSF-2.0, ODC-
 | routing | {routing} |
 | vocabulary | {vocab} (byte-level BPE, qwen2 pre-tokenizer regex, trained on the corpus's train parts) |
 | parameters | {total:,} total, {active:,} active per token |
-| size on disk | {disk_mb:.1f} MB (model.safetensors) |
+| size on disk | {disk_mb:.1f} MB ({files}) |
 
 ## Training
 
@@ -163,7 +172,7 @@ def write_multi_card(model_dir: Path) -> None:
         dense=d["dense_layers"] or "none", hidden=d["hidden"], experts=d["routed_experts"],
         expert_ffn=d["expert_ffn"], top_k=d["top_k"], shared=d["shared_experts"], routing=routing,
         vocab=d["vocab"], total=d["params_total"], active=d["params_active"],
-        disk_mb=(model_dir / "model.safetensors").stat().st_size / 1e6, tokens=t["tokens_trained"],
+        disk_mb=_disk_mb(model_dir), files=_weight_files(model_dir), tokens=t["tokens_trained"],
         steps=t["steps"], batch=t["batch"], seq=t["seq_len"], avail=t["train_tokens_available"], lr=t["lr"],
         secs=t["train_seconds"], threads=t["threads"], uniform=1 / d["routed_experts"], rows=rows)
     (model_dir / "README.md").write_text(card)

@@ -180,8 +180,6 @@ def unigram_ppl(train: np.ndarray, valid: np.ndarray, vocab: int) -> float:
 
 def save_checkpoint(model, name: str, out: Path) -> None:
     """bf16 safetensors in the hub layout: one tensor per expert, router bias kept in fp32."""
-    from safetensors.torch import save_file
-
     tensors: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict().items():
         if key.endswith("mlp.experts.gate_up_proj"):
@@ -198,11 +196,29 @@ def save_checkpoint(model, name: str, out: Path) -> None:
             tensors[key] = t.clone()
     for key, t in tensors.items():
         tensors[key] = t.float().contiguous() if key.endswith("e_score_correction_bias") else t.to(torch.bfloat16).contiguous()
-    save_file(dict(sorted(tensors.items())), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_shards(dict(sorted(tensors.items())), out)
     cfg = json.loads(model.config.to_json_string())
     cfg.update({k: v for k, v in CONFIGS[name].items() if k in ("scoring_func", "topk_method", "architectures")})
     cfg["dtype"] = "bfloat16"
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+SHARD_BYTES = 40 * 10**6  # as the hub's max_shard_size: every committed file stays well under git hosts' 50 MB warning
+
+
+def save_shards(tensors: dict[str, torch.Tensor], out: Path, max_bytes: int = SHARD_BYTES) -> None:
+    """Write `tensors` as one model.safetensors, or as hub-style shards with an index when larger than `max_bytes`."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_bytes)
+    for old in list(out.glob("*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+        old.unlink()
+    for fname, names in split.filename_to_tensors.items():
+        save_file({n: tensors[n] for n in sorted(names)}, str(out / fname), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def load_data(name: str, out: Path) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:

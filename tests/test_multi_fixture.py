@@ -13,7 +13,8 @@ from moepack.model.checkpoint import open_checkpoint
 MULTI = MODELS / "tiny-deepseek-v3-multi"
 DOMAINS = ("stories", "encyclopedic", "dialogue", "code", "web")
 
-pytestmark = pytest.mark.skipif(not (MULTI / "model.safetensors").is_file(), reason="fixture not trained")
+pytestmark = pytest.mark.skipif(not any(MULTI.glob("*.safetensors")), reason="fixture not trained")
+SHARDS = sorted(MULTI.glob("*.safetensors"))
 
 
 def test_architecture_and_size() -> None:
@@ -23,7 +24,8 @@ def test_architecture_and_size() -> None:
     assert f.n_experts >= 32 and f.top_k >= 4
     assert view.config["n_group"] > 1 and view.config["topk_method"] == "noaux_tc"
     assert view.config["n_shared_experts"] >= 1 and view.config["first_k_dense_replace"] >= 1
-    assert (MULTI / "model.safetensors").stat().st_size <= 64 * 10**6
+    assert sum(f.stat().st_size for f in SHARDS) <= 64 * 10**6
+    assert all(f.stat().st_size <= 45 * 10**6 for f in SHARDS)  # each file under git hosts' 50 MB warning
 
 
 def test_learned_every_domain_and_card_matches() -> None:
