@@ -8,6 +8,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import DATA, MODELS, build_tiny_model, fixture_dir
@@ -205,3 +206,19 @@ def test_trained_fixture_picks_obvious_answers(tmp_path) -> None:
     assert m["ppl"] < 100  # a trained model, far below the 4096 of a uniform guess
     assert m["mc"]["cloze"]["acc"] >= 0.5  # chance is 0.25
     assert isinstance(prepare_reference(model_dir, TEXT, cfg), Reference)
+
+
+def test_kld_summary_ci_from_window_means() -> None:
+    from moepack.model import metrics
+
+    rng = np.random.default_rng(0)
+    kld = rng.exponential(0.01, size=(40, 31))  # 40 windows of 31 scored tokens
+    kld[::2] *= 3  # windows differ: the interval must come from their spread
+    s = metrics.kld_summary(kld.reshape(-1), blocks=40)
+    means = kld.mean(axis=1)
+    half = 1.96 * means.std(ddof=1) / np.sqrt(40)
+    assert s["kld_ci95_low"] == pytest.approx(kld.mean() - half) and s["kld_ci95_high"] == pytest.approx(kld.mean() + half)
+    token_half = 1.96 * kld.std(ddof=1) / np.sqrt(kld.size)
+    assert half > token_half  # between-window spread is wider than the naive token-level error here
+    assert s["kld_p99"] <= s["kld_p999"] <= s["kld_max"]
+    assert "kld_ci95_low" not in metrics.kld_summary(kld.reshape(-1))  # no windows given: no interval claimed

@@ -10,7 +10,9 @@ What is measured, and how:
   the first half of each window is context only: the logits at positions ctx/2 .. ctx-2 predict tokens
   ctx/2+1 .. ctx-1, so each window scores ctx/2 - 1 tokens. No BOS token is inserted.
 - `ppl`: exp(mean negative log-likelihood of the scored tokens).
-- `kld_*`: KL(reference ‖ model) of the next-token distributions, in nats, per scored token: mean, median, p99, max.
+- `kld_*`: KL(reference ‖ model) of the next-token distributions, in nats, per scored token: mean, median, p99,
+  p99.9, max, and the 95 % confidence interval of the mean (`kld_ci95_low/high`) from the spread of the window
+  means (with two windows or more).
   `top1`: share of scored positions where the model's most likely token is the reference's.
 - Multiple choice (`moepack.eval.mc`): PIQA, HellaSwag, a TinyStories cloze set; log-likelihood of each ending.
 - Speed and memory: each model alone in a fresh Python subprocess, loaded with `n_ctx = ctx` (no logits_all):
@@ -50,7 +52,7 @@ from moepack.eval.speed import measure_speed
 from moepack.model import metrics
 from moepack.model.textdata import read_text, text_sha256
 
-__all__ = ["SCORING", "evaluate", "evaluate_model", "window_metrics", "to_markdown", "write_report"]
+__all__ = ["SCORING", "evaluate", "evaluate_model", "kld_with_ci", "window_metrics", "to_markdown", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ def window_metrics(scorer: Scorer, ref: Reference, cfg: EvalConfig, desc: str = 
             rlp = np.asarray(ref.logp[row: row + len(lp)], dtype=np.float64)  # (c, V)
             kld[row: row + len(lp)] = metrics.token_kld(rlp, lp)
             nll[row: row + len(lp)] = metrics.nll(lp, targets[r: r + len(lp)])
-    return {"ppl": metrics.ppl(nll), **metrics.kld_summary(kld), "top1": float(top1.mean())}
+    return {"ppl": metrics.ppl(nll), **metrics.kld_summary(kld, blocks=len(ref.windows)), "top1": float(top1.mean())}
 
 
 def _mc_results(scorer: Scorer, tokenize: Tokenize, tasks: dict[str, list[mc.McItem]], name: str) -> dict:
@@ -182,10 +184,17 @@ def _fmt(v: Any, spec: str, scale: float = 1.0) -> str:
     return "—" if v is None else format(v * scale, spec)
 
 
+def kld_with_ci(m: dict[str, Any]) -> str:
+    """Mean KLD and the half-width of its 95 % confidence interval, e.g. `0.01234 ± 0.00051`."""
+    if m.get("kld_ci95_high") is None:
+        return _fmt(m.get("kld_mean"), ".5f")
+    return f"{m['kld_mean']:.5f} ± {(m['kld_ci95_high'] - m['kld_ci95_low']) / 2:.5f}"
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     """One table: the reference row, then one row per model."""
     tasks = list(report["settings"]["mc"])
-    head = (["model", "size MiB", "bpw", "PPL", "KLD mean", "KLD median", "KLD p99", "top-1 %"]
+    head = (["model", "size MiB", "bpw", "PPL", "KLD mean ± 95 % CI", "KLD median", "KLD p99", "top-1 %"]
             + [f"{t} ({report['settings']['mc'][t]['metric']}) %" for t in tasks]
             + ["prompt tok/s", "decode tok/s", "peak RSS MiB"])
     ref = report["reference"]
@@ -194,7 +203,7 @@ def to_markdown(report: dict[str, Any]) -> str:
             + [_fmt(ref["mc"][t]["score"], ".1f", 100) for t in tasks] + ["—"] * 3]
     for m in report["models"]:
         rows.append([f"`{Path(m['file']).name}`", _fmt(m["size_bytes"], ".1f", 2 ** -20), _fmt(m["bpw"], ".2f"),
-                     _fmt(m["ppl"], ".3f"), _fmt(m["kld_mean"], ".5f"), _fmt(m["kld_median"], ".5f"),
+                     _fmt(m["ppl"], ".3f"), kld_with_ci(m), _fmt(m["kld_median"], ".5f"),
                      _fmt(m["kld_p99"], ".4f"), _fmt(m["top1"], ".2f", 100)]
                     + [_fmt(m["mc"][t]["score"], ".1f", 100) for t in tasks]
                     + [_fmt(m.get("prompt_tps"), ".1f"), _fmt(m.get("decode_tps"), ".1f"),

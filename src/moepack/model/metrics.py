@@ -81,7 +81,15 @@ class KLDMean:
         return self.total / self.n_tokens
 
 
-def kld_summary(kld: np.ndarray) -> dict[str, float]:
-    """Mean, median, 99th percentile and maximum of per-token KLDs (N,)."""
-    return {"kld_mean": float(kld.mean()), "kld_median": float(np.median(kld)),
-            "kld_p99": float(np.percentile(kld, 99)), "kld_max": float(kld.max())}
+def kld_summary(kld: np.ndarray, blocks: int | None = None) -> dict[str, float]:
+    """Mean, median, 99th and 99.9th percentile and maximum of per-token KLDs (N,); with `blocks` (the number of
+    equal windows the tokens come in, in order), the 95 % confidence interval of the mean from the spread of the
+    window means: tokens of one window are correlated, so a token-level standard error would be too narrow."""
+    out = {"kld_mean": float(kld.mean()), "kld_median": float(np.median(kld)),
+           "kld_p99": float(np.percentile(kld, 99)), "kld_p999": float(np.percentile(kld, 99.9)),
+           "kld_max": float(kld.max())}
+    if blocks is not None and blocks >= 2:
+        means = kld.reshape(blocks, -1).mean(axis=1)  # (B,)
+        half = 1.96 * float(means.std(ddof=1)) / np.sqrt(blocks)
+        out.update(kld_ci95_low=out["kld_mean"] - half, kld_ci95_high=out["kld_mean"] + half)
+    return out
