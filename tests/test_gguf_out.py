@@ -22,6 +22,7 @@ from moepack.cli import main
 from moepack.gguf import kernels as ggml
 from moepack.gguf.imatrix import ImatrixFile, write_imatrix_gguf
 from moepack.gguf.names import gguf_group_name, gguf_outputs, gguf_tensor_name
+from moepack.gguf.recipe import RECIPE_MAX_BYTES, read_recipe, types_by_class
 from moepack.gguf.types import fallback_type, tensor_bytes
 from moepack.gguf.writer import WriteError, overhead_bytes, resolve_types, write_gguf
 from moepack.model.checkpoint import open_checkpoint
@@ -213,7 +214,9 @@ def test_mixed_types_load_generate_and_size(models, tmp_path: Path) -> None:
     assert rep.tensor_types[k_b] == "F16" and rep.fallbacks[k_b] == "Q4_K"
     reader = gguf.GGUFReader(rep.path)
     predicted = overhead_bytes(view, default_type=None, tensor_types=types)  # known before any weight is read
-    assert predicted == reader.data_offset
+    # the recipe is counted at its longest (test_recipe_allowance: exact at that length)
+    assert 0 <= predicted - reader.data_offset <= RECIPE_MAX_BYTES
+    predicted = reader.data_offset
     for o in gguf_outputs(view):
         qtype = fallback_type(types[o.key], o.n_per_row) if o.quantizable else gguf.GGMLQuantizationType.F32
         assert {t.name: t.tensor_type for t in reader.tensors}[o.name] == qtype
@@ -293,6 +296,74 @@ def test_resolve_types_row_fallbacks(models) -> None:
     assert typed["blk.0.ffn_up_exps.weight"].qtype.name == "Q5_0"
     assert typed["blk.0.attn_norm.weight"].qtype.name == "F32"
     assert typed["blk.0.ffn_gate_inp.weight"].qtype.name == "F32"
+
+
+# ---------------------------------------------------------------------------------------------------- recipe
+
+def _planned_bytes(view: Any, types: dict[str, str]) -> int:
+    """What a budget plans before writing: overhead_bytes plus every tensor's bytes padded to the alignment."""
+    total = overhead_bytes(view, default_type=None, tensor_types=types)
+    for t in resolve_types(gguf_outputs(view), None, types):
+        total += gguf.GGUFWriter.ggml_pad(t.nbytes, gguf.GGUF_DEFAULT_ALIGNMENT)
+    return total
+
+
+def test_recipe_version_and_quantized_by(models, tmp_path: Path) -> None:
+    import moepack
+    from moepack.model.pruned import pruned_view
+    from moepack.schema import PruneGroups, PruneLayer, PrunePlan
+
+    view = open_checkpoint(models("deepseek_v3:256"))
+    keep = [0, 2, 3, 5, 6, 7]
+    plan = PrunePlan(model="m", model_fingerprint=view.fingerprint(), calib=None, calib_fingerprint="",
+                     criterion="score", alpha=0.5, keep=0.75, seed=0, normalisation="by hand", n_experts=8,
+                     n_kept=len(keep), top_k=2, top_k_new=2, top_k_policy="fixed",
+                     groups=PruneGroups("none", None, None, len(keep), None, None), notes=[],
+                     layers={str(L): PruneLayer(keep, [1, 4], [1.0] * 8) for L in view.facts.moe_layers})
+    pruned = pruned_view(view, plan)
+    types = _mixed_types(pruned)
+    budget = {"from": "memory", "memory": 8 * 2**30, "ctx": 4096, "file_limit": 7 * 2**30}
+    rep = write_gguf(pruned, tmp_path / "r.gguf", default_type=None, tensor_types=types, prune_plan=plan,
+                     recipe={"budget": budget}, progress=False)
+    reader = gguf.GGUFReader(rep.path)
+    assert reader.fields["general.quantized_by"].contents() == "moepack"
+    assert reader.fields["moepack.version"].contents() == moepack.__version__
+    recipe = read_recipe(rep.path)
+    written = {t.name: t.tensor_type.name for t in reader.tensors}
+    quantizable = {o.name for o in gguf_outputs(pruned) if o.quantizable}
+    assert recipe["types"] == types_by_class({n: written[n] for n in quantizable})
+    assert recipe["types"]["ffn_down_exps"] == {"IQ3_S": 1} and recipe["types"]["attn_k_b"] == {"F16": 2}
+    assert recipe["experts"] == {"kept": 6, "of": 8, "layers": len(view.facts.moe_layers)}
+    assert recipe["keep"] == 0.75 and recipe["top_k"] == reader.fields["deepseek2.expert_used_count"].contents()
+    assert recipe["budget"] == budget
+    _llama(rep.path).close()
+    with pytest.raises(WriteError, match="derived"):  # the writer's own facts cannot be overridden
+        write_gguf(pruned, tmp_path / "x.gguf", default_type=None, tensor_types=types, recipe={"keep": 1.0})
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_recipe_allowance(models, tmp_path: Path) -> None:
+    """The budget is planned before the recipe exists: a recipe at its longest fills the allowance exactly, a
+    shorter one leaves the file smaller, a longer one is shortened (types counted over the file) or refused."""
+    view = open_checkpoint(models("qwen3_moe"))
+    types = {o.key: "Q8_0" for o in gguf_outputs(view) if o.quantizable}
+    planned = _planned_bytes(view, types)
+    short = write_gguf(view, tmp_path / "s.gguf", default_type=None, tensor_types=types, progress=False)
+    base = len(gguf.GGUFReader(short.path).fields["moepack.recipe"].contents())
+    assert short.n_bytes <= planned
+    pad = RECIPE_MAX_BYTES - base - len(',"note":""')  # the longest recipe there can be
+    full = write_gguf(view, tmp_path / "f.gguf", default_type=None, tensor_types=types, progress=False,
+                      recipe={"note": "x" * pad})
+    assert len(gguf.GGUFReader(full.path).fields["moepack.recipe"].contents()) == RECIPE_MAX_BYTES
+    assert full.n_bytes == planned
+    over = write_gguf(view, tmp_path / "o.gguf", default_type=None, tensor_types=types, progress=False,
+                      recipe={"note": "x" * (pad + 1)})
+    recipe = read_recipe(over.path)
+    assert "types" not in recipe and recipe["types_total"] == {"Q8_0": len(types)} and over.n_bytes <= planned
+    with pytest.raises(WriteError, match="allowance"):
+        write_gguf(view, tmp_path / "x.gguf", default_type=None, tensor_types=types,
+                   recipe={"note": "x" * RECIPE_MAX_BYTES})
+    assert not (tmp_path / "x.gguf").exists()
 
 
 # ---------------------------------------------------------------------------------------------------- golden
@@ -384,7 +455,10 @@ def _golden_model(d: Path, arch: str) -> Path:
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
-def test_golden_header(arch: str, tmp_path: Path) -> None:
+def test_golden_header(arch: str, tmp_path: Path, monkeypatch) -> None:
+    import moepack
+
+    monkeypatch.setattr(moepack, "__version__", "0.0.0")  # moepack.version: the golden bytes outlive releases
     d = _golden_model(tmp_path / "tiny-golden", arch)
     # Q4_K on rows of 32 (and DeepSeek's attn_k_b rows of 8) exercises llama.cpp's fallbacks: Q5_0, F16
     out = write_gguf(open_checkpoint(d), tmp_path / "g.gguf", default_type="Q4_K", progress=False).path
@@ -414,6 +488,8 @@ def test_cli_type_plan_ftype(models, tmp_path: Path, capsys) -> None:
     assert json.loads(meta["moepack.quant_plan"])["source"] == {"version": 1}
     assert main(["quantize", str(d), "--ftype", "Q4_K_M", "-o", str(tmp_path / "f.gguf"), "--threads", "2"]) == 0
     assert _reader_meta(tmp_path / "f.gguf")["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    assert read_recipe(tmp_path / "f.gguf")["ftype"] == "Q4_K_M"  # llama.cpp's quantizer keeps moepack.* keys
+    assert read_recipe(tmp_path / "t.gguf")["types"]["ffn_up_exps"] == {"Q4_K": 1}
     _llama(tmp_path / "f.gguf").close()
     capsys.readouterr()
     assert main(["quantize", str(d), "--ftype", "IQ2_XXS", "-o", str(tmp_path / "x.gguf")]) == 2

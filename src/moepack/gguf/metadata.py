@@ -14,18 +14,20 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import gguf
 from gguf import GGMLQuantizationType
 
+import moepack
 from moepack.errors import MoepackError
 from moepack.gguf.vocab import add_vocab
 
 if TYPE_CHECKING:
     from moepack.gguf.writer import TypedTensor
 
-__all__ = ["WriteError", "write_metadata", "has_metadata_writer", "WRITER_ID"]
+__all__ = ["WriteError", "write_metadata", "has_metadata_writer", "moepack_value", "WRITER_ID", "QUANTIZED_BY"]
 
 log = logging.getLogger(__name__)
 
 T = GGMLQuantizationType
-WRITER_ID = "moepack.gguf_out/1"  # bump when the bytes written for the same input change on purpose
+WRITER_ID = "moepack.gguf_out/2"  # bump when the bytes written for the same input change on purpose
+QUANTIZED_BY = "moepack"  # general.quantized_by
 
 
 class WriteError(MoepackError, ValueError):
@@ -194,10 +196,17 @@ def write_metadata(w: gguf.GGUFWriter, view: Any, typed: list[TypedTensor], n_ex
     if any(t.qtype not in (T.F32, T.F16, T.BF16) for t in typed):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_vocab(w, view.root, view.facts.vocab)
+    w.add_quantized_by(QUANTIZED_BY)
     w.add_string("moepack.writer", WRITER_ID)
+    w.add_string("moepack.version", moepack.__version__)  # read at call time: the golden test pins it
     w.add_string("moepack.source_fingerprint", view.fingerprint())
     for key in sorted(extra):
-        w.add_string(f"moepack.{key}", json.dumps(extra[key], sort_keys=True, separators=(",", ":")))
+        w.add_string(f"moepack.{key}", moepack_value(extra[key]))
+
+
+def moepack_value(value: Any) -> str:
+    """The string a moepack.* metadata key holds: compact JSON, keys sorted (deterministic bytes)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def has_metadata_writer(gguf_arch: str) -> bool:

@@ -25,6 +25,7 @@ from moepack.gguf import kernels as ggml
 from moepack.gguf.imatrix import importance_rows
 from moepack.gguf.metadata import WriteError, has_metadata_writer, write_metadata
 from moepack.gguf.names import OutTensor, gguf_outputs
+from moepack.gguf.recipe import RECIPE_KEY, file_recipe, recipe_json, recipe_placeholder
 from moepack.gguf.types import fallback_type, parse_type, tensor_bytes
 from moepack.schema import PrunePlan
 
@@ -214,10 +215,20 @@ def _plan_record(typed: list[TypedTensor], source_plan: Mapping[str, Any] | None
     return rec
 
 
+def _recipe(view: Any, typed: list[TypedTensor], n_expert: int, prune_plan: PrunePlan | None,
+            plan_record: Mapping[str, Any] | None, given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """moepack.recipe: what is written, plus the caller's `given` fields. A plan record naming an `ftype` means
+    llama.cpp's quantizer types this file's tensors afterwards (moepack quantize --ftype): the recipe names it."""
+    ftype = (plan_record or {}).get("ftype")
+    types = str(ftype) if ftype else {t.out.name: t.qtype.name for t in typed if t.out.quantizable}
+    n_layers = len({t.out.layer for t in typed if t.out.transform == "stack"})
+    return recipe_json(file_recipe(types, n_expert, n_layers, view.facts.top_k, prune_plan, given))
+
+
 def _prepare(view: Any, default_type: GGMLQuantizationType | str | None, tensor_types: Mapping[str, str] | None,
              imatrix: Mapping[str, np.ndarray] | None, quant_plan: Mapping[str, Any] | None,
              prune_plan: PrunePlan | None, plan_record: Mapping[str, Any] | None,
-             ) -> tuple[list[TypedTensor], int, dict[str, Any]]:
+             recipe: Mapping[str, Any] | None = None) -> tuple[list[TypedTensor], int, dict[str, Any]]:
     """Everything decided and validated before a byte is written: types, expert count, moepack.* metadata."""
     typed = resolve_types(gguf_outputs(view), default_type, tensor_types)
     _check_imatrix_needs(typed, imatrix)
@@ -228,6 +239,7 @@ def _prepare(view: Any, default_type: GGMLQuantizationType | str | None, tensor_
                              else _plan_record(typed, quant_plan)}
     if prune_plan is not None:
         extra["prune_plan"] = prune_plan.to_dict()
+    extra[RECIPE_KEY] = _recipe(view, typed, n_expert, prune_plan, plan_record, recipe)
     return typed, n_expert, extra
 
 
@@ -252,10 +264,12 @@ def overhead_bytes(view: Any, *, default_type: GGMLQuantizationType | str | None
                    tensor_types: Mapping[str, str] | None = None, quant_plan: Mapping[str, Any] | None = None,
                    prune_plan: PrunePlan | None = None) -> int:
     """Bytes of the GGUF before its tensor data (header, metadata with vocab and plans, tensor infos, padding):
-    the file is exactly this plus each tensor's bytes padded to the alignment. Reads no weights."""
+    the file is at most this plus each tensor's bytes padded to the alignment (the recipe, not known yet, is counted
+    at its longest: RECIPE_MAX_BYTES). Reads no weights."""
     import tempfile
 
     typed, n_expert, extra = _prepare(view, default_type, tensor_types, None, quant_plan, prune_plan, None)
+    extra[RECIPE_KEY] = recipe_placeholder()
     with tempfile.TemporaryDirectory() as d:
         w = _start_file(Path(d) / "header.gguf", view, typed, n_expert, extra)
         end = w.fout[0].tell()
@@ -267,19 +281,20 @@ def write_gguf(view: Any, out_path: str | Path, *, default_type: GGMLQuantizatio
                tensor_types: Mapping[str, str] | None = None, imatrix: Mapping[str, np.ndarray] | None = None,
                quant_plan: Mapping[str, Any] | None = None, prune_plan: PrunePlan | None = None,
                threads: int | None = None, progress: bool = True,
-               plan_record: Mapping[str, Any] | None = None) -> WriteReport:
+               plan_record: Mapping[str, Any] | None = None, recipe: Mapping[str, Any] | None = None) -> WriteReport:
     """Write `view` as GGUF to `out_path` (via `out_path`.tmp, checked, renamed). Returns what was written.
 
     `tensor_types` maps GGUF tensor names (or a kv_b source key) to GGML type names; tensors it does not name get
     `default_type` (None: every quantizable tensor must be named). `imatrix` maps GGUF names to (E or 1, n).
     The types written (after fallbacks) and `quant_plan`'s other fields go to metadata `moepack.quant_plan`
-    (`plan_record` replaces that record), `prune_plan` to `moepack.prune_plan`.
+    (`plan_record` replaces that record), `prune_plan` to `moepack.prune_plan`; `recipe` adds the caller's fields
+    (e.g. the budget) to `moepack.recipe` (moepack.gguf.recipe).
     """
     out_path = Path(out_path)
     if not out_path.parent.is_dir():
         raise WriteError(f"{out_path.parent}: output directory does not exist")
     typed, n_expert, extra = _prepare(view, default_type, tensor_types, imatrix, quant_plan, prune_plan,
-                                      plan_record)
+                                      plan_record, recipe)
     try:
         with atomic_path(out_path) as tmp:
             w = _start_file(tmp, view, typed, n_expert, extra)

@@ -89,17 +89,21 @@ def _imatrix_for(view: CheckpointView, run: RunDir, prune_plan: PrunePlan | None
     return prune_imatrix(im, prune_plan) if prune_plan else im
 
 
-def _write(run: RunDir, cand: Candidate, out: Path, opts: CompressOptions) -> None:
+def _write(run: RunDir, cand: Candidate, out: Path, opts: CompressOptions, budget: Budget) -> None:
+    from moepack.gguf.metadata import WRITER_ID
     from moepack.gguf.writer import write_gguf
+    from moepack.pipeline.recipe import compress_recipe
 
     staged = run.path("model.gguf")
     prune = cand.prune_plan.to_dict() if cand.prune_plan is not None else None
-    key = {"plan": cand.plan.to_dict(), "prune": prune, "model": cand.view.fingerprint()}
+    recipe = compress_recipe(cand, budget)  # into the GGUF's moepack.recipe, so part of the stage key
+    key = {"plan": cand.plan.to_dict(), "prune": prune, "model": cand.view.fingerprint(), "recipe": recipe,
+           "writer": WRITER_ID}
 
     def work() -> None:
         write_gguf(cand.view, staged, default_type=None, tensor_types=cand.plan.tensors,
                    imatrix=_imatrix_for(cand.view, run, cand.prune_plan), quant_plan=cand.plan.to_dict(),
-                   prune_plan=cand.prune_plan, threads=opts.threads, progress=opts.progress)
+                   prune_plan=cand.prune_plan, threads=opts.threads, progress=opts.progress, recipe=recipe)
 
     run.stage("write", key, staged, work)
     try:
@@ -155,7 +159,7 @@ def compress(model_dir: str | Path, out: str | Path, request: BudgetRequest, opt
                             f"{format_size(budget.file_limit)} even at {opts.ladder[0]} everywhere; give a larger "
                             "budget or a lower --keep")
     best = min(fitting, key=lambda c: c.kld)
-    _write(run, best, out, opts)
+    _write(run, best, out, opts, budget)
     _check_size(out, budget)
     from moepack.gguf.runtime import NativeCrash, llama_command
 
@@ -187,14 +191,9 @@ def _check_feasible(view: CheckpointView, budget: Budget, opts: CompressOptions)
 
 def _result(out: Path, run: RunDir, ref: CheckpointView, best: Candidate, budget: Budget,
             cands: list[Candidate], sample: str, verify_error: str | None, command: str) -> CompressResult:
-    types: dict[str, dict[str, int]] = {}
-    for name, t in best.plan.tensors.items():
-        if name.startswith("blk."):
-            cls = name.split(".")[2]
-        else:
-            cls = name.split(".")[0]
-        types.setdefault(cls, {}).setdefault(t, 0)
-        types[cls][t] += 1
+    from moepack.gguf.recipe import types_by_class
+
+    types = types_by_class(best.plan.tensors)
     size = out.stat().st_size
     n_params = sum(ref.param_counts().values())
     return CompressResult(
