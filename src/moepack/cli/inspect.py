@@ -4,7 +4,8 @@ parameter counts and GGUF size estimates of a checkpoint, from config.json and s
 MODEL is a checkpoint directory, a directory holding only config.json (every tensor's shape is then derived from
 the architecture tables: plan before you download), or a Hugging Face repo id already in the local cache. With a
 budget it also prints what the budget leaves for weights, the bits per weight that gives at expert retention 1.0
-and 0.75, and which single types fit."""
+and 0.75, and which single types and which of llama.cpp's standard mixtures (Q2_K, Q4_K_M, IQ2_XXS, ...; sizes from
+moepack.stages.mixtures) fit."""
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,32 @@ def _render(d: dict[str, Any]) -> str:
     for t, b in d["gguf_estimates"].items():
         bpw = 8 * b / d["params_total"]
         lines.append(f"    {t:<8} {_fmt_bytes(b):>12}  {bpw:5.2f} bits/weight")
+    lines.append("  llama.cpp mixtures (llama-quantize's per-tensor rules; tensor data, with an imatrix):")
+    row = []
+    for t, m in sorted(d["mixtures"].items(), key=lambda kv: kv[1]["bytes"]):
+        row.append(f"{t} {_fmt_bytes(m['bytes'])} ({m['bpw']:.2f})")
+        if len(row) == 4:
+            lines.append("    " + ", ".join(row))
+            row = []
+    if row:
+        lines.append("    " + ", ".join(row))
     return "\n".join(lines)
+
+
+def _mixtures(view: Any, keep: float, params: int, weights: int | None = None,
+              gpu_weights: int | None = None) -> dict[str, dict[str, Any]]:
+    """Each standard mixture's bytes and bits per weight at retention `keep`; with a budget, whether it fits
+    (with a GPU budget: all but the routed experts within the GPU's share, the experts within the rest)."""
+    from moepack.stages.mixtures import mixture_sizes
+
+    out = {}
+    for t, (total, routed) in mixture_sizes(view, keep).items():
+        m: dict[str, Any] = {"bytes": total, "routed_bytes": routed, "bpw": 8 * total / params}
+        if weights is not None:
+            m["fits"] = total <= weights and (gpu_weights is None or (
+                total - routed <= gpu_weights and routed <= weights - gpu_weights))
+        out[t] = m
+    return out
 
 
 def _render_fit(f: dict[str, Any]) -> str:
@@ -61,8 +87,13 @@ def _render_fit(f: dict[str, Any]) -> str:
              f"{_fmt_bytes(f['file_limit'])})"]
     for r in f["retentions"]:
         fit = [t for t, v in r["types"].items() if v["fits"]]
+        mix = sorted((m["bytes"], t) for t, m in r["mixtures"].items() if m["fits"])
         lines.append(f"  keep {r['keep']:<5g}    {r['bpw']:5.2f} bits per kept weight ({r['params']:,} parameters); "
                      f"uniform types that fit: {', '.join(fit) or 'none'}")
+        small_b, small_t = min((m["bytes"], t) for t, m in r["mixtures"].items())
+        lines.append("                llama.cpp mixtures that fit: " + (", ".join(
+            f"{t} ({_fmt_bytes(b)})" for b, t in mix) or f"none (the smallest, {small_t}, takes "
+            f"{_fmt_bytes(small_b)})"))
     return "\n".join(lines)
 
 
@@ -76,10 +107,14 @@ def run(args: argparse.Namespace) -> int:
     for model in args.models:
         view = open_for_planning(resolve_model(model))
         d = describe(view)
+        d["mixtures"] = _mixtures(view, 1.0, d["params_total"])
         if planned:
             from moepack.stages.fit import fit_report
 
-            d["fit"] = fit_report(view, request)
+            d["fit"] = fit = fit_report(view, request)
+            b = fit["budget"]
+            for r in fit["retentions"]:
+                r["mixtures"] = _mixtures(view, r["keep"], r["params"], b["weights"], b.get("gpu_weights"))
         print(json.dumps(d, indent=2) if args.json else
               _render(d) + ("\n" + _render_fit(d["fit"]) if planned else ""))
     return 0

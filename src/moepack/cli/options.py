@@ -39,6 +39,7 @@ __all__ = [
     "CRITERIA",
     "SENS_MODES",
     "add_command",
+    "resolve_models",
     "add_output",
     "add_calib_text",
     "add_calib_dir",
@@ -103,8 +104,21 @@ def add_command(sub: Subparsers, name: str, help: str, doc: str | None,
     # allow_abbrev=False: a renamed flag's old spelling (--ctx, --calib) fails instead of matching a prefix silently
     p = sub.add_parser(name, help=help, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                        allow_abbrev=False)
-    p.set_defaults(func=run)
+    p.set_defaults(func=lambda args: run(resolve_models(args)))
     return p
+
+
+def resolve_models(args: argparse.Namespace) -> argparse.Namespace:
+    """MODEL_DIR and --reference as every command takes them: a directory, or a Hugging Face repo id already in the
+    local cache (moepack.model.source; never a download). A --reference GGUF file stays as given."""
+    from moepack.model.source import resolve_model  # no huggingface_hub import until a repo id needs it
+
+    if getattr(args, "model_dir", None) is not None:
+        args.model_dir = resolve_model(args.model_dir)
+    ref = getattr(args, "reference", None)
+    if ref is not None and not Path(ref).is_file() and Path(ref).suffix != ".gguf":
+        args.reference = resolve_model(ref)
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------- arg types
