@@ -143,7 +143,7 @@ def test_mixture_tables_match_llama_quantize(arch: str, n_experts: int, ftypes: 
         got = {t.name: t.tensor_type.name for t in tensors}
         predicted = {n: t.name for n, t in mixture_types(view, ftype).items()}
         assert predicted == got, (ftype, {n: (predicted.get(n), g) for n, g in got.items() if predicted.get(n) != g})
-        assert sizes[ftype][0] == sum(int(t.n_bytes) for t in tensors), ftype
+        assert sizes[ftype].total == sum(int(t.n_bytes) for t in tensors), ftype
         out.unlink()
 
 
@@ -159,18 +159,18 @@ def test_deepseek_v3_mixtures_at_128gb() -> None:
     view = config_view(DSV3)
     weights = budget_for(BudgetRequest(memory="128GB", ctx=8192), view).weights
     full, kept = mixture_sizes(view, 1.0), mixture_sizes(view, 0.75)
-    assert all(total > weights for total, _ in full.values())
-    assert kept["IQ1_S"][0] <= weights < kept["IQ2_XXS"][0]
+    assert all(m.total > weights for m in full.values())
+    assert kept["IQ1_S"].total <= weights < kept["IQ2_XXS"].total
     for ftype in ("Q2_K", "IQ2_XXS", "IQ1_S"):
-        assert full[ftype][0] > estimate_size(view, ftype)
-    for ftype, (total, routed) in full.items():
-        assert kept[ftype][1] * 256 == routed * 192, ftype
-        assert total - routed == kept[ftype][0] - kept[ftype][1], ftype
+        assert full[ftype].total > estimate_size(view, ftype)
+    for ftype, (total, routed, _) in full.items():
+        assert kept[ftype].routed * 256 == routed * 192, ftype
+        assert total - routed == kept[ftype].total - kept[ftype].routed, ftype
     # Files llama-quantize made (bartowski/deepseek-ai_DeepSeek-V3-0324-GGUF, llama.cpp b4944, the same
     # architecture and shapes; sizes in GB as the hub lists them): within 0.1 %.
     for ftype, gb in (("Q8_0", 713.29), ("Q6_K", 550.80), ("Q5_K_M", 475.40), ("Q5_K_S", 461.81),
                       ("Q4_K_M", 404.43)):
-        assert abs(full[ftype][0] / 1e9 - gb) < 1e-3 * gb, ftype
+        assert abs(full[ftype].total / 1e9 - gb) < 1e-3 * gb, ftype
 
 
 def test_inspect_prints_the_mixtures_that_fit(capsys) -> None:
@@ -184,3 +184,20 @@ def test_inspect_prints_the_mixtures_that_fit(capsys) -> None:
     out = capsys.readouterr().out
     assert "llama.cpp mixtures that fit: none (the smallest, IQ1_S" in out
     assert "llama.cpp mixtures that fit: IQ1_S" in out
+
+
+def test_inspect_splits_mixtures_between_gpu_and_ram(capsys) -> None:
+    """With --gpu-memory, a mixture fits when its GPU-resident tensors fit the GPU's share and the routed experts
+    (and token_embd) the RAM's; the GPU share is the mixture minus what -ot exps=CPU leaves in RAM."""
+    pytest.importorskip("moepack.stages.placement")
+    assert main(["inspect", str(DSV3), "--gpu-memory", "24GB", "--memory", "128GB", "-c", "8192", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    b = d["fit"]["budget"]
+    embd = d["params"]["embedding"]  # token_embd stays in RAM, at its mixture type: between 1 and 32 bits
+    for r in d["fit"]["retentions"]:
+        for t, m in r["mixtures"].items():
+            ram = m["bytes"] - m["gpu_bytes"]
+            assert m["routed_bytes"] + embd / 8 < ram < m["routed_bytes"] + 4 * embd, t
+            assert m["fits"] == (m["gpu_bytes"] <= b["gpu_weights"] and ram <= b["weights"] - b["gpu_weights"]), t
+    assert d["fit"]["retentions"][1]["mixtures"]["IQ1_S"]["fits"]
+    assert not d["fit"]["retentions"][0]["mixtures"]["IQ1_S"]["fits"]

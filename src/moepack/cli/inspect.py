@@ -61,18 +61,23 @@ def _render(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _mixtures(view: Any, keep: float, params: int, weights: int | None = None,
-              gpu_weights: int | None = None) -> dict[str, dict[str, Any]]:
+def _mixtures(view: Any, keep: float, params: int, budget: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Each standard mixture's bytes and bits per weight at retention `keep`; with a budget, whether it fits
-    (with a GPU budget: all but the routed experts within the GPU's share, the experts within the rest)."""
+    (with a GPU budget: the GPU-resident tensors within the GPU's share, the rest within the RAM's)."""
     from moepack.stages.mixtures import mixture_sizes
 
+    gpu_budget = budget.get("gpu_weights") if budget else None
+    on_gpu = None
+    if gpu_budget is not None:
+        from moepack.stages.placement import on_gpu
     out = {}
-    for t, (total, routed) in mixture_sizes(view, keep).items():
-        m: dict[str, Any] = {"bytes": total, "routed_bytes": routed, "bpw": 8 * total / params}
-        if weights is not None:
-            m["fits"] = total <= weights and (gpu_weights is None or (
-                total - routed <= gpu_weights and routed <= weights - gpu_weights))
+    for t, size in mixture_sizes(view, keep, on_gpu=on_gpu).items():
+        m: dict[str, Any] = {"bytes": size.total, "routed_bytes": size.routed, "bpw": 8 * size.total / params}
+        if budget is not None:
+            m["fits"] = size.total <= budget["weights"]
+            if size.gpu is not None:
+                m["gpu_bytes"] = size.gpu
+                m["fits"] = size.gpu <= gpu_budget and size.total - size.gpu <= budget["weights"] - gpu_budget
         out[t] = m
     return out
 
@@ -85,6 +90,13 @@ def _render_fit(f: dict[str, Any]) -> str:
     lines = [f"  budget        {how}; GGUF overhead {_fmt_bytes(b['overhead'])}",
              f"                leaves {_fmt_bytes(b['weights'])} for tensor data (file at most "
              f"{_fmt_bytes(f['file_limit'])})"]
+    if b.get("gpu_weights") is not None:  # GPU + RAM: -ngl 99 -ot exps=CPU
+        lines[0] = (f"  budget        GPU {_fmt_bytes(b['gpu_memory'])} (KV cache {_fmt_bytes(b['kv_cache'])}, compute "
+                    f"buffers {_fmt_bytes(b['compute'])}, reserve {_fmt_bytes(b['gpu_reserve'])}) + RAM "
+                    f"{_fmt_bytes(b['memory'])} (compute buffers, reserve {_fmt_bytes(b['reserve'])}), context "
+                    f"{b['ctx']}; GGUF overhead {_fmt_bytes(b['overhead'])}")
+        lines[1] += (f": {_fmt_bytes(b['gpu_weights'])} on the GPU, {_fmt_bytes(b['weights'] - b['gpu_weights'])} "
+                     "in RAM (routed experts, token_embd)")
     for r in f["retentions"]:
         fit = [t for t, v in r["types"].items() if v["fits"]]
         mix = sorted((m["bytes"], t) for t, m in r["mixtures"].items() if m["fits"])
@@ -112,9 +124,8 @@ def run(args: argparse.Namespace) -> int:
             from moepack.stages.fit import fit_report
 
             d["fit"] = fit = fit_report(view, request)
-            b = fit["budget"]
             for r in fit["retentions"]:
-                r["mixtures"] = _mixtures(view, r["keep"], r["params"], b["weights"], b.get("gpu_weights"))
+                r["mixtures"] = _mixtures(view, r["keep"], r["params"], fit["budget"])
         print(json.dumps(d, indent=2) if args.json else
               _render(d) + ("\n" + _render_fit(d["fit"]) if planned else ""))
     return 0

@@ -14,7 +14,7 @@ types llama_model_quantize writes.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import gguf
 
@@ -25,7 +25,7 @@ from moepack.model.arch import Role
 from moepack.model.checkpoint import CheckpointView, config_get
 from moepack.model.pruned import kept_count
 
-__all__ = ["MIXTURES", "BASE", "RULES", "mixture_types", "mixture_sizes", "category"]
+__all__ = ["MIXTURES", "BASE", "RULES", "mixture_types", "mixture_sizes", "MixtureSize", "category"]
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +160,17 @@ def mixture_types(view: CheckpointView, ftype: str, n_experts: int | None = None
     return types
 
 
-def mixture_sizes(view: CheckpointView, keep: float = 1.0,
-                  ftypes: Sequence[str] = MIXTURES) -> dict[str, tuple[int, int]]:
-    """Mixture → (GGUF tensor data bytes, of which routed experts) of `view` in it, with kept_count(keep) routed
-    experts per MoE layer (the routed experts are what llama.cpp's `-ot exps=CPU` leaves in system RAM). Mixtures
-    llama.cpp cannot write for this model (rows no fallback fits) are left out."""
+class MixtureSize(NamedTuple):
+    total: int  # GGUF tensor data bytes
+    routed: int  # of which routed experts
+    gpu: int | None  # of which GPU-resident, when asked with `on_gpu`
+
+
+def mixture_sizes(view: CheckpointView, keep: float = 1.0, ftypes: Sequence[str] = MIXTURES,
+                  on_gpu: Callable[[str], bool] | None = None) -> dict[str, MixtureSize]:
+    """Mixture → its sizes for `view` with kept_count(keep) routed experts per MoE layer; `on_gpu(gguf name)`
+    (moepack.stages.placement.on_gpu) splits off the GPU-resident bytes. Mixtures llama.cpp cannot write for this
+    model (rows no fallback fits) are left out."""
     n_keep = kept_count(view, keep) if keep < 1.0 else view.facts.n_experts
     outs = gguf_outputs(view)
     sizes = {}
@@ -174,8 +180,9 @@ def mixture_sizes(view: CheckpointView, keep: float = 1.0,
         except MoepackError as e:  # a type without fallback on rows its blocks do not divide: llama.cpp refuses too
             log.info("llama.cpp cannot write %s as %s: %s", view.root, ftype, e)
             continue
-        routed = sum(written_bytes((n_keep,) + t.shape[1:], types[t.name])  # (E', rows, cols): experts dropped
-                     for t in outs if t.role is Role.ROUTED_EXPERTS)
-        rest = sum(written_bytes(t.shape, types[t.name]) for t in outs if t.role is not Role.ROUTED_EXPERTS)
-        sizes[ftype] = (routed + rest, routed)
+        nbytes = {t.name: written_bytes((n_keep,) + t.shape[1:] if t.role is Role.ROUTED_EXPERTS else t.shape,
+                                        types[t.name]) for t in outs}  # (E', rows, cols): pruning drops experts
+        routed = sum(nbytes[t.name] for t in outs if t.role is Role.ROUTED_EXPERTS)
+        gpu = sum(n for name, n in nbytes.items() if on_gpu(name)) if on_gpu else None
+        sizes[ftype] = MixtureSize(sum(nbytes.values()), routed, gpu)
     return sizes
