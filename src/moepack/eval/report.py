@@ -12,7 +12,8 @@ from moepack.errors import MoepackError
 from moepack.gguf.types import bits_per_weight
 from moepack.schema import PrunePlan, QuantPlan, SensitivityTable
 
-__all__ = ["ReportError", "find_artifacts", "build_report"]
+__all__ = ["ReportError", "find_artifacts", "build_report", "experts_chart", "types_chart", "pareto_points",
+           "pareto_chart"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,42 @@ def types_chart(quant_plan: QuantPlan, path: Path) -> None:
     ax.set_xlabel("bits per weight")
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=colour[t]) for t in kinds], labels=kinds, fontsize=7,
               loc="lower right")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def pareto_points(summary: dict[str, Any] | None, eval_report: dict[str, Any] | None
+                  ) -> tuple[str, list[tuple[str, int, float]]]:
+    """(what the sizes are, [(label, bytes, mean KLD)]) to plot: the eval report's models when it has two or more
+    (file bytes, KLD on the eval text), else the retentions compress measured (tensor bytes, KLD on held-out
+    calibration tokens); fewer than two points: nothing to trade off, an empty list."""
+    models = [m for m in (eval_report or {}).get("models") or [] if m.get("kld_mean") is not None]
+    if len(models) >= 2:
+        return "file", [(Path(m["file"]).name, int(m["size_bytes"]), float(m["kld_mean"])) for m in models]
+    cands = [c for c in (summary or {}).get("candidates") or [] if c.get("kld") is not None]
+    if len(cands) >= 2:
+        return "tensor", [(f"keep {c['keep']:g}, k {c['top_k']}", int(c["tensor_bytes"]), float(c["kld"]))
+                          for c in cands]
+    return "", []
+
+
+def pareto_chart(points: list[tuple[str, int, float]], sizes: str, path: Path) -> None:
+    """Size (MiB) against mean KLD, one labelled point each; the points no other beats on both joined."""
+    plt = _plt()
+    pts = sorted(points, key=lambda p: (p[1], p[2]))
+    front, best = [], float("inf")
+    for p in pts:
+        if p[2] < best:
+            front.append(p)
+            best = p[2]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([p[1] / 2**20 for p in pts], [p[2] for p in pts], color="C0")
+    ax.plot([p[1] / 2**20 for p in front], [p[2] for p in front], color="C1", lw=1)
+    for label, size, kld in pts:
+        ax.annotate(label, (size / 2**20, kld), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(f"{sizes} MiB")
+    ax.set_ylabel("mean KLD vs the original")
+    ax.set_title("size vs KLD (line: the Pareto front)")
     fig.tight_layout()
     _save(fig, path)
 

@@ -1,0 +1,249 @@
+"""The model card of a compress run: a README.md with the YAML front matter model hubs read (base_model, tags,
+quantized_by, license, library_name, pipeline_tag), then the base model, the quantization recipe, file size and
+bits per weight, the eval table, the llama.cpp command and charts (PNG files beside it, linked relatively).
+
+Every number comes from the run's files: summary.json, the GGUF's moepack.* metadata (the recipe), the prune and
+quant plans, an eval JSON, the source model's config.json and README.md. Everything is checked before anything is
+written; the charts go first and the card last, each atomically.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+from moepack.atomic import atomic_copy, atomic_write_text
+from moepack.gguf.metadata import QUANTIZED_BY
+from moepack.eval.report import (ReportError, experts_chart, find_artifacts, pareto_chart, pareto_points,
+                                 types_chart)
+
+__all__ = ["build_card", "card_path", "front_matter", "base_model_id", "source_license", "CARD_TAGS"]
+
+log = logging.getLogger(__name__)
+
+CARD_TAGS = ("gguf", "moe", "moepack")
+_SNAPSHOT = re.compile(r"models--([^/]+?)--([^/]+)/snapshots/[^/]+/?$")  # the Hugging Face cache layout
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+
+def _gguf_of(run_dir: Path, summary: dict[str, Any]) -> Path:
+    """The GGUF the card describes: compress's output, else the run's staged copy (the same bytes)."""
+    out = Path(summary.get("out") or "")
+    for p in (out, run_dir / "model.gguf"):
+        if str(p) and p.is_file() and p.stat().st_size == summary.get("file_bytes"):
+            return p
+    raise ReportError(f"{run_dir}: neither {out} nor {run_dir / 'model.gguf'} is the {summary.get('file_bytes')}-byte "
+                      "GGUF summary.json describes; rerun `moepack compress` with this run directory")
+
+
+def _gguf_meta(path: Path) -> dict[str, Any]:
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    get = {k: fields[k].contents() for k in ("general.quantized_by", "moepack.version", "moepack.recipe",
+                                                  "general.architecture") if k in fields}
+    get["recipe"] = json.loads(get.pop("moepack.recipe")) if "moepack.recipe" in get else None
+    return get
+
+
+def _source_dir(run_dir: Path, a: dict[str, Any]) -> Path | None:
+    """The checkpoint the run compressed, as calibration recorded it."""
+    path = run_dir / "calib" / "manifest.json"
+    model = json.loads(path.read_text()).get("model") if path.is_file() else None
+    if model is None and a["prune_plan"] is not None:
+        model = a["prune_plan"].model
+    return Path(model) if model else None
+
+
+def base_model_id(source: Path | None) -> str | None:
+    """The Hugging Face repo id of the source: from a hub cache snapshot path, else config.json's _name_or_path."""
+    if source is None:
+        return None
+    if m := _SNAPSHOT.search(source.as_posix()):
+        return f"{m.group(1)}/{m.group(2)}"
+    cfg = source / "config.json"
+    name = json.loads(cfg.read_text()).get("_name_or_path") if cfg.is_file() else None
+    return name if isinstance(name, str) and _REPO_ID.fullmatch(name) and not Path(name).exists() else None
+
+
+def source_license(source: Path | None) -> str | None:
+    """`license:` of the source model's card front matter (or config.json's "license"), if either says."""
+    if source is None:
+        return None
+    card = source / "README.md"
+    if card.is_file():
+        text = card.read_text(errors="replace")
+        if text.startswith("---\n") and (end := text.find("\n---", 4)) > 0:
+            for line in text[4:end].splitlines():
+                key, _, value = line.partition(":")
+                if key.strip() == "license" and value.strip():
+                    return value.strip().strip("'\"")
+    cfg = source / "config.json"
+    lic = json.loads(cfg.read_text()).get("license") if cfg.is_file() else None
+    return lic if isinstance(lic, str) and lic else None
+
+
+# ---------------------------------------------------------------------------------------------------- text
+
+def front_matter(fields: dict[str, Any]) -> str:
+    """YAML front matter: scalars as JSON strings (valid YAML), lists as block sequences; None values left out."""
+    lines = ["---"]
+    for key, value in fields.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            lines += [f"{key}:"] + [f"- {json.dumps(str(v))}" for v in value]
+        else:
+            lines.append(f"{key}: {json.dumps(value if isinstance(value, (int, float)) else str(value))}")
+    return "\n".join(lines + ["---", ""])
+
+
+def _types_rows(types: dict[str, dict[str, int]]) -> list[str]:
+    out = ["| tensor class | GGML types (tensors) |", "|---|---|"]
+    for cls, counts in sorted(types.items()):
+        out.append(f"| `{cls}` | " + ", ".join(f"{t} × {n}" for t, n in sorted(counts.items())) + " |")
+    return out
+
+
+def _budget_line(b: dict[str, Any]) -> str:
+    src = b.get("from", b.get("source"))
+    if src == "memory" and b.get("gpu_weights") is not None:  # GPU + RAM: two budgets (stages.placement)
+        how = (f"`--gpu-memory {b.get('gpu_memory')} --memory {b.get('memory')} --ctx-size {b.get('ctx')}`: "
+               f"{b['gpu_weights']:,} bytes of GPU-resident tensors, the rest in system RAM")
+    elif src == "memory":
+        how = f"`--memory {b.get('memory')} --ctx-size {b.get('ctx')}`"
+    elif src == "target_bpw":
+        how = f"`--target-bpw {b.get('bpw')}` over {b.get('n_params'):,} parameters"
+    else:
+        how = f"`--target-size {b.get('target')}`"
+    limit = b.get("file_limit", b.get("weights", 0) + b.get("overhead", 0))
+    return f"{limit:,} bytes of GGUF file ({how})"
+
+
+def _recipe_rows(recipe: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    e = recipe.get("experts") or {"kept": summary["n_experts"][0], "of": summary["n_experts"][1]}
+    rows = ["| | |", "|---|---|",
+            f"| routed experts kept per MoE layer | {e['kept']} of {e['of']} (keep {recipe.get('keep', summary['keep']):g})"
+            + (f", in {e['layers']} MoE layers" if e.get("layers") else "") + " |",
+            f"| experts used per token (k') | {recipe.get('top_k', summary['top_k'])} |"]
+    if budget := recipe.get("budget") or summary.get("budget"):
+        rows.append(f"| budget | {_budget_line(budget)} |")
+    if recipe.get("solver"):
+        rows.append(f"| allocation | `{recipe['solver']}`, on measured per-tensor KLD sensitivity |")
+    return rows
+
+
+def _command(summary: dict[str, Any], gguf_path: Path) -> str:
+    """The run's llama.cpp command, with the file named as it is shared (beside this card)."""
+    cmd = summary.get("llama_command") or summary.get("run_command")
+    if not cmd:
+        from moepack.gguf.runtime import llama_command
+
+        ctx = (summary.get("budget") or {}).get("ctx") or 4096  # a size budget names none: llama.cpp's default
+        return llama_command(gguf_path.name, ctx)
+    return cmd.replace(shlex.quote(str(summary.get("out"))), shlex.quote(gguf_path.name))
+
+
+def _charts(a: dict[str, Any], out: Path, pareto: Path | None) -> list[tuple[str, str, Any]]:
+    """(title, file name, how to write it) of each chart the run's files allow."""
+    stem, charts = out.stem, []
+    if a["prune_plan"] is not None:
+        charts.append(("Experts kept per MoE layer (pruning importance; kept outlined, removed crossed)",
+                       f"{stem}-experts.png", lambda p: experts_chart(a["prune_plan"], p)))
+    if a["quant_plan"] is not None:
+        charts.append(("GGML type per tensor (bits per weight)", f"{stem}-types.png",
+                       lambda p: types_chart(a["quant_plan"], p)))
+    if pareto is not None:
+        charts.append(("Size vs KLD", f"{stem}-pareto.png",
+                       lambda p: None if pareto.resolve() == p.resolve() else atomic_copy(pareto, p)))
+    else:
+        sizes, points = pareto_points(a["summary"], a["eval"])
+        if points:
+            what = "eval report's files" if sizes == "file" else "retentions compress measured"
+            charts.append((f"Size vs KLD (the {what})", f"{stem}-pareto.png",
+                           lambda p: pareto_chart(points, sizes, p)))
+    return charts
+
+
+def _body(a: dict[str, Any], gguf_path: Path, meta: dict[str, Any], base: str | None, source: Path | None,
+          charts: list[tuple[str, str, Any]]) -> list[str]:
+    s, recipe = a["summary"], meta.get("recipe") or {}
+    name = base or (source.name if source is not None else "the source model")
+    size = gguf_path.stat().st_size
+    version = f"moepack {meta['moepack.version']}" if "moepack.version" in meta else "moepack"
+    link = f"[{base}](https://huggingface.co/{base})" if base else f"`{name}`"
+    lines = [f"# {name.split('/')[-1]}: moepack GGUF", "",
+             f"`{gguf_path.name}` is {link} with routed experts pruned and weights quantized by {version} "
+             "to fit a byte budget, for llama.cpp.", "",
+             "## Base model", "",
+             f"- {'`' + base + '`' if base else 'no Hugging Face repo id recorded (add `base_model:` above)'}"
+             f"{f' (compressed from `{source}`)' if source is not None else ''}",
+             f"- architecture: `{meta.get('general.architecture', '?')}` (llama.cpp)", "",
+             "## Quantization recipe", "", *_recipe_rows(recipe, s), ""]
+    types = recipe.get("types") or {c: n for c, n in s.get("types", {}).items() if set(n) != {"F32"}}
+    lines += ["Types per tensor class (as written; norms, routers and biases stay F32):", "", *_types_rows(types), "",
+              "## File", "", "| | |", "|---|---|", f"| file | `{gguf_path.name}` |",
+              f"| size | {size:,} bytes ({size / 2**20:.2f} MiB) |",
+              f"| bits per weight | {s['bpw']:.3f} (file bits over the original model's parameters) |", ""]
+    lines += ["## Evaluation", ""]
+    if s.get("measured_kld") is not None:
+        lines += [f"Mean KLD vs the original on held-out calibration tokens, as compress measured the chosen plan "
+                  f"(fake-quantized forward): {s['measured_kld']:.5f}.", ""]
+    if a["eval"]:
+        from moepack.eval.evaluate import to_markdown
+
+        lines += [to_markdown(a["eval"]), ""]
+    else:
+        lines += ["No eval report in the run directory (`moepack eval ... --json-out RUN_DIR/eval.json` adds one).", ""]
+    lines += ["## Run it", "", "```sh", _command(s, gguf_path), "```", ""]
+    for title, file, _ in charts:
+        lines += [f"## {title}", "", f"![{title}]({file})", ""]
+    return lines
+
+
+def _summary(run_dir: Path) -> dict[str, Any]:
+    a = find_artifacts(run_dir)
+    if a["summary"] is None:
+        raise ReportError(f"{run_dir}: no summary.json; a model card needs a finished `moepack compress` run")
+    return a
+
+
+def card_path(run_dir: str | Path) -> Path:
+    """README.md beside the run's GGUF: where a model hub upload takes it from."""
+    run_dir = Path(run_dir)
+    return _gguf_of(run_dir, _summary(run_dir)["summary"]).with_name("README.md")
+
+
+def build_card(run_dir: str | Path, out: str | Path, pareto: str | Path | None = None,
+               eval_json: str | Path | None = None) -> Path:
+    """Write the model card `out` (e.g. beside the GGUF: DIR/README.md) and its charts; returns `out`."""
+    run_dir, out = Path(run_dir), Path(out)
+    a = _summary(run_dir)
+    if eval_json is not None:
+        a["eval"] = json.loads(Path(eval_json).read_text()) if Path(eval_json).is_file() else None
+        if a["eval"] is None:
+            raise ReportError(f"{eval_json}: no such eval JSON")
+    if pareto is not None and not Path(pareto).is_file():
+        raise ReportError(f"{pareto}: no such Pareto plot")
+    gguf_path = _gguf_of(run_dir, a["summary"])
+    meta, source = _gguf_meta(gguf_path), _source_dir(run_dir, a)
+    base = base_model_id(source)
+    charts = _charts(a, out, None if pareto is None else Path(pareto))
+    tags = [*CARD_TAGS, meta.get("general.architecture")]
+    head = front_matter({"base_model": base, "base_model_relation": "quantized" if base else None,
+                         "license": source_license(source), "library_name": "gguf",
+                         "pipeline_tag": "text-generation",
+                         "quantized_by": meta.get("general.quantized_by", QUANTIZED_BY),
+                         "tags": [t for t in tags if t]})
+    text = head + "\n".join(_body(a, gguf_path, meta, base, source, charts))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for _, file, write in charts:
+        write(out.with_name(file))
+    atomic_write_text(out, text)
+    log.info("wrote the model card %s (%d charts)", out, len(charts))
+    return out
