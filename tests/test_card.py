@@ -152,3 +152,19 @@ def test_pareto_from_measured_retentions(tmp_path: Path) -> None:
     assert pareto_points({"candidates": summary["candidates"][:1]}, None) == ("", [])  # one point: no trade-off
     pareto_chart(points, sizes, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_base_model_and_license_of_a_source(tmp_path: Path) -> None:
+    from moepack.eval.card import base_model_id, front_matter, source_license
+
+    snap = tmp_path / "hub" / "models--deepseek-ai--DeepSeek-V3" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    assert base_model_id(snap) == "deepseek-ai/DeepSeek-V3"
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps({"_name_or_path": str(tmp_path)}))  # a path, not a repo id
+    assert base_model_id(local) is None and source_license(local) is None
+    (local / "config.json").write_text(json.dumps({"license": "mit"}))
+    assert source_license(local) == "mit"
+    head = front_matter({"base_model": None, "license": "mit", "tags": ["gguf", "a: b"]})
+    assert "base_model" not in head and _front_matter(head + "\n") == {"license": "mit", "tags": ["gguf", "a: b"]}

@@ -181,8 +181,8 @@ def _body(a: dict[str, Any], gguf_path: Path, meta: dict[str, Any], base: str | 
              f"`{gguf_path.name}` is {link} with routed experts pruned and weights quantized by {version} "
              "to fit a byte budget, for llama.cpp.", "",
              "## Base model", "",
-             f"- {'`' + base + '`' if base else 'no Hugging Face repo id recorded (add `base_model:` above)'}"
-             f"{f' (compressed from `{source}`)' if source is not None else ''}",
+             f"- `{base}`" if base else f"- `{name}`: no Hugging Face repo id recorded (the source directory is not a "
+             "hub cache snapshot and its config.json names none); add `base_model: ORG/NAME` above before uploading",
              f"- architecture: `{meta.get('general.architecture', '?')}` (llama.cpp)", "",
              "## Quantization recipe", "", *_recipe_rows(recipe, s), ""]
     types = recipe.get("types") or {c: n for c, n in s.get("types", {}).items() if set(n) != {"F32"}}
