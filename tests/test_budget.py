@@ -171,3 +171,24 @@ def test_budget_cli_args(tiny_model) -> None:
     assert budget_request(p.parse_args(["--target-bpw", "2.5", "--ctx-size", "512", "--ubatch-size", "256"])) == \
         BudgetRequest(target_bpw=2.5, ctx=512, n_ubatch=256)
     assert CTX_PAD == 256
+
+
+def test_budget_cli_gpu_memory(tiny_model) -> None:
+    """--gpu-memory with --memory and -c gives the two budgets of moepack.stages.placement; --memory alone is
+    unchanged (no GPU part)."""
+    from moepack.cli.options import add_budget, budget_request
+
+    view = open_checkpoint(tiny_model("deepseek_v3"))
+    p = argparse.ArgumentParser()
+    add_budget(p)
+    request = budget_request(p.parse_args(["--gpu-memory", "24MiB", "--memory", "64MiB", "-c", "1024"]))
+    assert request == BudgetRequest(memory="64MiB", gpu_memory="24MiB", ctx=1024)
+    b = budget_for(request, view, overhead=0)
+    kv, compute = kv_cache_bytes(view, 1024), compute_buffer_bytes(view, 1024)
+    assert b.gpu_weights == 24 * 2**20 - kv - compute - int(24 * 2**20 * 0.05) and b.gpu_memory == 24 * 2**20
+    assert b.weights - b.gpu_weights == 64 * 2**20 - compute - int(64 * 2**20 * 0.05)  # no KV cache in RAM
+    assert b.file_limit == b.weights
+    alone = budget_for(budget_request(p.parse_args(["--memory", "64MiB", "-c", "1024"])), view, overhead=0)
+    assert alone == weight_budget(view, memory="64MiB", ctx=1024, overhead=0) and alone.gpu_weights is None
+    with pytest.raises(BudgetError, match="--gpu-memory needs --memory"):
+        budget_for(budget_request(p.parse_args(["--gpu-memory", "24MiB", "-c", "1024"])), view)

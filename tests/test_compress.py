@@ -59,7 +59,7 @@ def _check_run_command(out: Path, printed: str) -> None:
 
     from moepack.gguf.runtime import load_llama
 
-    cmd = json.loads((out.parent / (out.name + ".run") / "summary.json").read_text())["run_command"]
+    cmd = json.loads((out.parent / (out.name + ".run") / "summary.json").read_text())["llama_command"]
     assert f"run it:        {cmd}" in printed
     argv = shlex.split(cmd)
     assert argv[0] == "llama-server" and argv[argv.index("-m") + 1] == str(out) and "--no-repack" in argv

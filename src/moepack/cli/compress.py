@@ -1,11 +1,14 @@
-"""`moepack compress MODEL_DIR (--memory SIZE -c N | --target-size SIZE | --target-bpw X) -o OUT.gguf`: calibrate ->
-prune -> adjust k' -> sensitivity -> allocate -> write -> verify, in one resumable run.
+"""`moepack compress MODEL_DIR (--memory SIZE [--gpu-memory SIZE] -c N | --target-size SIZE | --target-bpw X) -o
+OUT.gguf`: calibrate -> prune -> adjust k' -> sensitivity -> allocate -> write -> verify, in one resumable run.
 
 The budget is a device (--memory and the context it must hold, -c/--ctx-size, as llama.cpp's -c; the KV cache and
-compute buffers are subtracted) or a file size (--target-size, or --target-bpw bits per parameter of the original
-checkpoint). Every stage artifact lives in the run directory (default: OUT.gguf's name + ".run" beside it); a rerun
-after an interruption redoes only unfinished stages and writes identical bytes. The written file is loaded in
-llama.cpp with the device's context and generates a few tokens before the command reports success.
+compute buffers are subtracted), a GPU + CPU machine (--gpu-memory for all but the routed experts plus the KV cache,
+--memory for the routed experts: two budgets, each allocated on its own, for llama.cpp's -ngl 99 -ot exps=CPU) or a
+file size (--target-size, or --target-bpw bits per parameter of the original checkpoint). The summary ends with the
+llama.cpp command that runs the file as placed. Every stage artifact lives in the run directory (default:
+OUT.gguf's name + ".run" beside it); a rerun after an interruption redoes only unfinished stages and writes identical
+bytes. The written file is loaded in llama.cpp with the device's context and generates a few tokens before the
+command reports success.
 """
 from __future__ import annotations
 

@@ -247,7 +247,11 @@ def add_target_size(g: Container, help: str) -> None:
 def add_budget(p: argparse.ArgumentParser) -> None:
     """The device or size budget (`budget_request` reads it back)."""
     g = p.add_argument_group("budget (give --memory with -c/--ctx-size, or --target-size, or --target-bpw)")
-    g.add_argument("--memory", metavar="SIZE", help="device memory, e.g. 16GiB, 128GB, 8G (= 8 GiB)")
+    g.add_argument("--memory", metavar="SIZE", help="device memory, e.g. 16GiB, 128GB, 8G (= 8 GiB); with "
+                   "--gpu-memory, the system RAM that holds the routed experts")
+    g.add_argument("--gpu-memory", metavar="SIZE",
+                   help="GPU memory for all but the routed experts, plus the KV cache (llama.cpp's -ngl 99 -ot "
+                        "exps=CPU); needs --memory and -c")
     g.add_argument("-c", "--ctx-size", type=int, metavar="N",
                    help="context length the device must hold, as llama.cpp's -c (sizes the KV cache)")
     g.add_argument("--reserve", metavar="SIZE", help="memory kept free for the OS and the runtime "
@@ -266,7 +270,8 @@ def add_budget(p: argparse.ArgumentParser) -> None:
 def budget_request(args: argparse.Namespace) -> BudgetRequest:
     return BudgetRequest(memory=args.memory, ctx=args.ctx_size, reserve=args.reserve, target_size=args.target_size,
                          target_bpw=args.target_bpw, type_k=args.cache_type_k, type_v=args.cache_type_v,
-                         n_ubatch=args.ubatch_size, flash_attn=args.flash_attn)
+                         n_ubatch=args.ubatch_size, flash_attn=args.flash_attn,
+                         gpu_memory=args.gpu_memory)
 
 
 # ---------------------------------------------------------------------------------------------------- pruning

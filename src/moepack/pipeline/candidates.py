@@ -15,38 +15,60 @@ from moepack.model.checkpoint import CheckpointView, open_checkpoint
 from moepack.pipeline.options import BASE_SHARE, CompressError, CompressOptions
 from moepack.pipeline.runstate import RunDir
 from moepack.schema import CalibStats, PrunePlan, QuantPlan, SensitivityTable
-from moepack.stages.budget import Budget, format_size
+from moepack.stages.budget import Budget, BudgetError, format_size
 
-__all__ = ["Candidate", "candidate", "choose_base", "floor_bytes"]
+__all__ = ["Candidate", "candidate", "choose_base", "floor_bytes", "fits"]
 
 log = logging.getLogger(__name__)
 
 
-def choose_base(view: CheckpointView, budget_bytes: int, ladder: tuple[str, ...]) -> str:
-    """The highest ladder type at which every quantizable tensor still fits in BASE_SHARE of the budget, so that
-    measured upgrades decide where the rest goes; the lowest type when none does."""
-    from moepack.gguf.estimate import estimate_size
-
+def choose_base(view: CheckpointView, budget: Budget, ladder: tuple[str, ...]) -> str:
+    """The highest ladder type at which every quantizable tensor still fits in BASE_SHARE of the budget (of each
+    budget, with a GPU + RAM pair), so that measured upgrades decide where the rest goes; the lowest type when none
+    does."""
+    sides = [(None, budget.weights)] if budget.gpu_weights is None else \
+        [("gpu", budget.gpu_weights), ("ram", budget.weights - budget.gpu_weights)]
     best = ladder[0]
     for t in ladder:
-        if estimate_size(view, t) <= BASE_SHARE * budget_bytes:
+        if all(floor_bytes(view, t, side=side) <= BASE_SHARE * limit for side, limit in sides):
             best = t
     return best
 
 
-def floor_bytes(view: CheckpointView, smallest: str, keep: float = 1.0) -> int:
+def floor_bytes(view: CheckpointView, smallest: str, keep: float = 1.0, side: str | None = None) -> int:
     """Tensor bytes of `view` with every quantizable tensor at `smallest` (after llama.cpp's fallbacks for odd row
-    widths) and the rest at F32; routed experts scaled to the share `keep` of them (1.0 for an already pruned view)."""
+    widths) and the rest at F32; routed experts scaled to the share `keep` of them (1.0 for an already pruned view).
+    `side` "gpu" or "ram" counts only the tensors placed there (moepack.stages.placement)."""
+    from moepack.gguf.names import gguf_tensor_name
     from moepack.gguf.types import written_bytes
     from moepack.model.arch import Role
     from moepack.model.pruned import kept_count
+    from moepack.stages.placement import on_gpu
 
     kept, n_experts = kept_count(view, keep), view.facts.n_experts
     total = 0
     for t in view.tensors.values():
+        if side is not None and on_gpu(gguf_tensor_name(view, t)) != (side == "gpu"):
+            continue
         b = written_bytes(t.shape, smallest if t.quantizable else "F32")
         total += b * kept // n_experts if t.role is Role.ROUTED_EXPERTS else b  # as many expert tensors as kept
     return total
+
+
+def fits(view: CheckpointView, smallest: str, budget: Budget, keep: float = 1.0) -> None:
+    """BudgetError unless `view` at retention `keep` with every tensor at `smallest` fits `budget` (each of a GPU +
+    RAM pair); the message says what would."""
+    from moepack.stages.budget import BudgetError
+    from moepack.stages.placement import check_floors
+
+    what = f"--keep {keep:g} with every tensor at {smallest}"
+    if budget.gpu_weights is not None:
+        check_floors(budget, floor_bytes(view, smallest, keep, "gpu"), floor_bytes(view, smallest, keep, "ram"), what)
+    elif (floor := floor_bytes(view, smallest, keep)) > budget.weights:
+        raise BudgetError(
+            f"the budget leaves {format_size(budget.weights)} for weights, but the smallest achievable model "
+            f"({what}) needs about {format_size(floor)} (file about {format_size(floor + budget.overhead)}); give "
+            "more memory or a larger target, or a lower --keep")
 
 
 def _prune(model_dir: Path, run: RunDir, keep: float,
@@ -98,7 +120,12 @@ def _allocate(run: RunDir, table: SensitivityTable, budget: Budget, keep: float,
     # The budget's own estimate errs large, and compress checks the written file against the budget.
     overhead = table.overhead_bytes if table.overhead_bytes is not None else budget.overhead
     weights = budget.file_limit - overhead
-    plan = allocate(table, weights, opts.solver)
+    if budget.gpu_weights is not None:
+        from moepack.stages.placement import allocate_placed
+
+        plan = allocate_placed(table, budget.gpu_weights, weights - budget.gpu_weights, opts.solver)
+    else:
+        plan = allocate(table, weights, opts.solver)
     path = plan.save(run.path(f"quant_plan-r{keep:g}.json"))
     return plan, path, overhead
 
@@ -157,10 +184,10 @@ def candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats: CalibSta
     if twin is not None:
         log.info("keep %.3f keeps the same experts and top-k as keep %.3f; not measured again", keep, twin.keep)
         return Candidate(keep, view, prune_plan, None, None, 0, prune_kld=twin.prune_kld, same_as=twin.keep)
-    floor = floor_bytes(view, opts.ladder[0])
-    if floor > budget.weights:  # e.g. keep 1.0 under a budget only a pruned model fits: try the next retention
-        log.info("keep %.3f: even every tensor at %s needs %s, over the %s for weights; not measured", keep,
-                 opts.ladder[0], format_size(floor), format_size(budget.weights))
+    try:
+        fits(view, opts.ladder[0], budget)
+    except BudgetError as e:  # e.g. keep 1.0 under a budget only a pruned model fits: try the next retention
+        log.info("keep %.3f: not measured: %s", keep, e)
         return Candidate(keep, view, prune_plan, None, None, 0, infeasible=True)
     best_kld = min((c.kld for c in measured), default=float("inf"))
     prune_floor = None
@@ -172,7 +199,7 @@ def candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats: CalibSta
             log.info("keep %.3f: pruning alone costs KLD %.5f >= %.5f of the best candidate; not measured further",
                      keep, prune_floor, best_kld)
             return Candidate(keep, view, prune_plan, None, None, 0, prune_kld=prune_floor)
-    base = opts.base or choose_base(view, budget.weights, opts.ladder)
+    base = opts.base or choose_base(view, budget, opts.ladder)
     table = _sensitivity(run, view, ref, stats, prune_plan, base, keep, opts, backend)
     from moepack.stages.allocate import AllocationError
 

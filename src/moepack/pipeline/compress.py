@@ -19,11 +19,11 @@ from moepack.backends import Backend, LocalBackend
 from moepack.model.checkpoint import CheckpointView, open_checkpoint
 from moepack.model.pruned import kept_count
 from moepack.model.textdata import DEFAULT_CALIB_TEXT
-from moepack.pipeline.candidates import Candidate, candidate, floor_bytes
+from moepack.pipeline.candidates import Candidate, candidate, fits
 from moepack.pipeline.options import KEEP_AUTO_CANDIDATES, CompressError, CompressOptions
 from moepack.pipeline.runstate import RunDir
 from moepack.schema import CalibStats, PrunePlan
-from moepack.stages.budget import Budget, BudgetRequest, budget_for, format_size
+from moepack.stages.budget import Budget, BudgetError, BudgetRequest, budget_for, format_size
 
 __all__ = ["CompressResult", "compress", "render_summary"]
 
@@ -50,7 +50,8 @@ class CompressResult:
     timings: dict[str, float] = field(default_factory=dict)
     sample: str = ""
     verify_error: str | None = None  # why llama.cpp could not run the written file here, if it could not
-    run_command: str = ""  # the llama.cpp command line that runs the file as it was verified
+    llama_command: str = ""  # the llama.cpp command line that runs the file as it was placed and verified
+    placement: dict[str, Any] | None = None  # GPU + RAM budgets: each side's tensor bytes and budget
 
 
 def _validate(opts: CompressOptions, view: CheckpointView) -> list[float]:
@@ -119,13 +120,15 @@ def _check_size(out: Path, budget: Budget) -> None:
         raise CompressError(f"{out} is {format_size(size)}, over the budget {format_size(budget.file_limit)}")
 
 
-def _verify(out: Path, ctx: int, opts: CompressOptions) -> str:
-    """Load the GGUF in llama.cpp with the device's context and generate a few tokens, in a child process (a crash
-    inside llama.cpp raises NativeCrash here)."""
-    from moepack.gguf.runtime import run_isolated
+def _verify(out: Path, ctx: int, opts: CompressOptions, placed: bool) -> str:
+    """Load the GGUF in llama.cpp with the device's context (and with `placed` the routed experts overridden to the
+    CPU, as the printed command does) and generate a few tokens, in a child process (a crash inside llama.cpp
+    raises NativeCrash here)."""
+    from moepack.gguf.runtime import EXPERTS_ON_CPU, run_isolated
 
     res = run_isolated(VERIFY_TARGET, {"path": str(out), "prompt": SAMPLE_PROMPT, "n_ctx": ctx, "max_tokens": 32,
-                                       "threads": opts.threads, "extra_bufts": opts.extra_bufts},
+                                       "threads": opts.threads, "extra_bufts": opts.extra_bufts,
+                                       "overrides": EXPERTS_ON_CPU if placed else None},
                        what=f"verifying {out.name}")
     return SAMPLE_PROMPT + res["text"]
 
@@ -166,10 +169,11 @@ def compress(model_dir: str | Path, out: str | Path, request: BudgetRequest, opt
     sample, failure = "", None
     ctx = opts.verify_ctx if budget.ctx is None else budget.ctx  # the device's context, or a short one for a size
     try:
-        sample = _verify(out, ctx, opts)
+        sample = _verify(out, ctx, opts, budget.gpu_weights is not None)
     except NativeCrash as e:
         failure = str(e)
-    result = _result(out, run, ref, best, budget, cands, sample, failure, llama_command(out, ctx))
+    command = llama_command(out, ctx, offload_experts=budget.gpu_weights is not None)
+    result = _result(out, run, ref, best, budget, cands, sample, failure, command)
     atomic_write_text(run.path("summary.json"), json.dumps(asdict(result), indent=2, default=str) + "\n")
     if failure:
         raise CompressError(f"{out} is written and its run summary is in {run.path('summary.json')}, but llama.cpp "
@@ -180,13 +184,10 @@ def compress(model_dir: str | Path, out: str | Path, request: BudgetRequest, opt
 def _check_feasible(view: CheckpointView, budget: Budget, opts: CompressOptions) -> None:
     """Fail before any work when even the smallest type everywhere, at the smallest retention, cannot fit."""
     smallest = min(KEEP_AUTO_CANDIDATES) if opts.keep == "auto" else float(opts.keep)
-    floor = floor_bytes(view, opts.ladder[0], smallest)
-    if floor > budget.weights:
-        raise CompressError(
-            f"the budget leaves {format_size(budget.weights)} for weights, but the smallest achievable model "
-            f"(--keep {smallest:g}, every tensor at {opts.ladder[0]}) needs about {format_size(floor)} "
-            f"(file about {format_size(floor + budget.overhead)}); give more memory or a larger target, or a lower "
-            "--keep")
+    try:
+        fits(view, opts.ladder[0], budget, smallest)
+    except BudgetError as e:
+        raise CompressError(str(e)) from None
 
 
 def _result(out: Path, run: RunDir, ref: CheckpointView, best: Candidate, budget: Budget,
@@ -206,7 +207,7 @@ def _result(out: Path, run: RunDir, ref: CheckpointView, best: Candidate, budget
                      "infeasible": c.infeasible,
                      "tensor_bytes": None if c.screened else c.plan.predicted_bytes} for c in cands],
         timings=dict(run.timings), sample=sample, verify_error=verify_error,
-        run_command=command)
+        llama_command=command, placement=best.plan.base.get("placement"))
 
 
 def render_summary(r: CompressResult) -> str:
@@ -224,7 +225,11 @@ def render_summary(r: CompressResult) -> str:
         lines.append(f"    {cls:<16} " + ", ".join(f"{t} x{n}" for t, n in sorted(counts.items())))
     lines.append("  stage timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.timings.items()))
     lines.append(f"  sample: {r.sample!r}" if r.verify_error is None else f"  not verified: {r.verify_error}")
-    lines.append(f"  run it:        {r.run_command}")
+    if p := r.placement:
+        sides = [f"{side} tensors {format_size(p[k]['bytes'])} of {format_size(p[k]['budget_bytes'])}"
+                 for side, k in (("GPU", "gpu"), ("RAM", "ram"))]
+        lines.append(f"  placement     {'; '.join(sides)} (-ot {p['override']})")
+    lines.append(f"  run it:        {r.llama_command}")
     return "\n".join(lines)
 
 

@@ -17,6 +17,9 @@ of 2.5 bits per original parameter"; after pruning the bits per *kept* parameter
 chosen types plus the fixed F32 tensors). The GGUF overhead (header, metadata, tokenizer, tensor table, alignment
 padding) is estimated by `gguf_overhead_bytes` unless the caller knows it exactly.
 
+GPU + RAM (``--gpu-memory SIZE`` with ``--memory`` and ``--ctx-size``): two budgets, one per placement
+(`moepack.stages.placement`: the routed experts in system RAM, the rest, KV cache included, on the GPU).
+
 KV cache and compute buffers follow the llama.cpp bundled with the installed llama-cpp-python (0.3.x; its
 `llama_kv_cache` / `sched_reserve` logs were used to check the formulas, see `kv_cache_bytes` and
 `compute_buffer_bytes`).
@@ -316,6 +319,9 @@ class Budget:
     target: int | None = None  # GGUF file size target (size targets only)
     bpw: float | None = None
     n_params: int | None = None  # parameter count --target-bpw refers to
+    gpu_memory: int | None = None  # GPU memory (GPU + RAM budgets only; then `memory` is the RAM)
+    gpu_reserve: int = 0
+    gpu_weights: int | None = None  # of `weights`, the bytes of GPU-resident tensors (moepack.stages.placement)
 
     @property
     def file_limit(self) -> int:
@@ -326,6 +332,10 @@ class Budget:
         return asdict(self)
 
     def describe(self) -> str:
+        if self.gpu_weights is not None:
+            from moepack.stages.placement import describe_placed
+
+            return describe_placed(self)
         if self.source == "memory":
             lines = [f"device memory     {format_size(self.memory or 0)}",
                      f"− KV cache        {format_size(self.kv_cache)}  (ctx {self.ctx})",
@@ -412,10 +422,16 @@ class BudgetRequest:
     type_v: str | None = None  # KV cache V type (None: type_k)
     n_ubatch: int = DEFAULT_UBATCH
     flash_attn: bool = False
+    gpu_memory: int | str | None = None  # GPU memory: then `memory` is system RAM (moepack.stages.placement)
 
 
 def budget_for(request: BudgetRequest, view: CheckpointView, overhead: int | None = None) -> Budget:
-    """`weight_budget` of `view` for `request`; `overhead` as there."""
+    """`weight_budget` of `view` for `request`, or with `gpu_memory` the two budgets of `placed_budget`;
+    `overhead` as there."""
+    if request.gpu_memory is not None:
+        from moepack.stages.placement import placed_budget
+
+        return placed_budget(view, request, overhead)
     return weight_budget(view, memory=request.memory, ctx=request.ctx, reserve=request.reserve,
                          target_size=request.target_size, target_bpw=request.target_bpw, overhead=overhead,
                          type_k=request.type_k, type_v=request.type_v, n_ubatch=request.n_ubatch,
