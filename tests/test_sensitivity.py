@@ -310,3 +310,90 @@ def test_cli_writes_the_table(tiny, tmp_path, capsys) -> None:
     plan_out = tmp_path / "plan.json"
     target = SensitivityTable.from_dict(t).min_bytes + t["overhead_bytes"] + 50_000
     assert main(["allocate", "--sensitivity", str(out), "--target-size", str(target), "-o", str(plan_out)]) == 0
+
+
+# ---------------------------------------------------------------------------------------------------- fast mode
+
+def _opts(t: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(g["name"], o["type"]): o for g in t["groups"] for o in g["options"][1:]}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fast_mode_probes_once_per_group_and_predicts_the_rest(arch, tiny, tables, monkeypatch) -> None:
+    """Fast mode: the full table's groups, types and bytes; one probe per group with an upgrade (counted at
+    Prober.probe), at its highest upgrade, whose ΔKLD is the full table's measurement bitwise; every other type is
+    α · Δerr with α >= 0 from that probe, and carries no measured KLD."""
+    _, view, ids, stats, _ = tiny(arch)
+    full = tables(arch)
+    calls: list[tuple[str, str]] = []
+    probe = Prober.probe
+    monkeypatch.setattr(Prober, "probe", lambda self, g, opt: calls.append((g.name, opt.type)) or probe(self, g, opt))
+    fast = _measure(view, ids, imatrix=stats, sensitivity="fast")
+    assert fast["base"]["sensitivity"] == "fast" and full["base"]["sensitivity"] == "full"
+    assert [(g["name"], [(o["type"], o["bytes"]) for o in g["options"]]) for g in fast["groups"]] == \
+        [(g["name"], [(o["type"], o["bytes"]) for o in g["options"]]) for g in full["groups"]]
+    with_upgrades = [g for g in fast["groups"] if len(g["options"]) > 1]
+    assert sorted(calls) == sorted((g["name"], g["options"][-1]["type"]) for g in with_upgrades)
+    assert fast["timing"]["probes"] == len(with_upgrades) < full["timing"]["probes"]
+    assert fast["base"]["kld"] == full["base"]["kld"]
+    f, m = _opts(fast), _opts(full)
+    for g in with_upgrades:
+        top = (g["name"], g["options"][-1]["type"])
+        assert f[top]["dkld"] == m[top]["dkld"] and f[top]["kld"] == m[top]["kld"]
+        alpha = max(0.0, f[top]["dkld"] / f[top]["proxy"]) if f[top]["proxy"] < 0 else 0.0
+        for o in g["options"][1:-1]:
+            k = (g["name"], o["type"])
+            assert "kld" not in o and o["proxy"] == m[k]["proxy"]
+            assert o["dkld"] == pytest.approx(alpha * o["proxy"], rel=1e-12, abs=1e-15) and o["dkld"] <= 0
+    table = SensitivityTable.from_dict(fast)
+    plan = allocate(table, (table.min_bytes + table.max_bytes) // 2)
+    assert len(set(plan.tensors.values())) >= 2
+
+
+def test_auto_keeps_fast_above_the_limit_and_completes_below(tiny, tables) -> None:
+    """auto times the fast probes: a full-table estimate above the limit keeps the fast table (the estimate in
+    "timing"); below it the remaining probes run and the table equals full mode's."""
+    _, view, ids, stats, _ = tiny("qwen3_moe")
+    fast = _measure(view, ids, imatrix=stats, sensitivity="fast")
+    kept = _measure(view, ids, imatrix=stats, sensitivity="auto", auto_limit_s=0.0)
+    assert _strip(kept) == _strip(fast)
+    assert kept["timing"]["full_estimate_s"] >= 0 and kept["timing"]["limit_s"] == 0.0
+    done = _measure(view, ids, imatrix=stats, sensitivity="auto", auto_limit_s=1e9)
+    assert _strip(done) == _strip(tables("qwen3_moe"))
+    with pytest.raises(SensitivityError, match="choose one of auto, fast, full"):
+        _measure(view, ids, imatrix=stats, sensitivity="quick")
+
+
+def test_sensitivity_option_parses_and_keys_the_cached_table(tiny, tables, tmp_path, monkeypatch) -> None:
+    """--sensitivity on sensitivity and compress (default auto, bad values refused); compress reuses a cached table
+    only for the same mode."""
+    from types import SimpleNamespace
+
+    from moepack.cli import build_parser
+    from moepack.pipeline import candidates
+    from moepack.pipeline.options import CompressOptions
+    from moepack.pipeline.runstate import RunDir
+    from moepack.stages.sensitivity import measure
+
+    p = build_parser()
+    sens = ["sensitivity", "m", "--calib-dir", "r", "--calib-text", "t", "-o", "s.json"]
+    comp = ["compress", "m", "-o", "x.gguf", "--target-bpw", "2.5"]
+    for argv in (sens, comp):
+        assert p.parse_args(argv).sensitivity == "auto"
+        assert p.parse_args(argv + ["--sensitivity", "fast"]).sensitivity == "fast"
+        with pytest.raises(SystemExit):
+            p.parse_args(argv + ["--sensitivity", "quick"])
+    _, view, _, _, _ = tiny("qwen3_moe")
+    ran: list[str] = []
+
+    def fake(view: Any, ids: Any, cfg: Any, **kw: Any) -> Any:
+        ran.append(cfg.sensitivity)
+        return SensitivityTable.from_dict(tables("qwen3_moe"))
+
+    monkeypatch.setattr(measure, "measure_sensitivity", fake)
+    stats = SimpleNamespace(manifest=SimpleNamespace(text_sha256="x", tokens=64, shards=1), heldout=np.zeros((1, 8)))
+    run = RunDir(tmp_path / "run")
+    for mode in ("full", "full", "fast", "fast", "full"):
+        candidates._sensitivity(run, view, view, stats, None, "IQ2_XXS", 1.0,
+                                CompressOptions(ladder=tuple(LADDER), sensitivity=mode, progress=False), None)
+    assert ran == ["full", "fast", "full"]

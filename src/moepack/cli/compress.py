@@ -38,6 +38,7 @@ def add_cli(sub: o.Subparsers) -> None:
     o.add_solver(p)
     o.add_base(p, "the largest ladder type that leaves 30%% of the budget for upgrades")
     o.add_ladder(p)
+    o.add_sensitivity(p)
     o.add_criterion(p)
     p.add_argument("--run-dir", type=Path, metavar="DIR",
                    help="stage artifacts (default OUT.gguf.run beside the output)")
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                                calib_tokens=args.calib_tokens, seq_len=args.seq_len, sens_tokens=args.sens_tokens,
                                solver=args.solver, base=args.base, ladder=args.ladder, criterion=args.criterion,
                                threads=o.threads(args, backend), shards=args.shards, cache_dir=args.cache_dir,
-                               extra_bufts=args.repack)
+                               extra_bufts=args.repack, sensitivity=args.sensitivity)
         result = compress(args.model_dir, args.output, o.budget_request(args), opts, args.run_dir, backend)
     print(render_summary(result))
     return 0

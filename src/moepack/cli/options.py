@@ -38,6 +38,7 @@ __all__ = [
     "BASE",
     "CRITERIA",
     "SENS_MODES",
+    "add_sensitivity",
     "add_command",
     "resolve_models",
     "add_output",
@@ -303,6 +304,13 @@ def add_base(p: Container, default: str) -> None:
     p.add_argument("--base", metavar="TYPES",
                    help="base types: TYPE, or ROLE|CLASS|GROUP=TYPE,... e.g. routed_experts=IQ2_XXS,attention=Q4_K "
                         f"(default: {default})")
+
+
+def add_sensitivity(p: Container) -> None:
+    p.add_argument("--sensitivity", choices=("auto", "fast", "full"), default="auto",  # sensitivity.fast.SPEEDS
+                   help="full: a forward pass per tensor group and ladder type; fast: one per group, the other types "
+                        "predicted from their quantization error; auto (default): fast when the full table's "
+                        "estimate (timed on the first probes) exceeds 30 min")
 
 
 def add_ladder(p: Container) -> None:

@@ -40,6 +40,7 @@ def add_cli(sub: o.Subparsers) -> None:
     o.add_base(p, o.BASE)
     o.add_ladder(p)
     p.add_argument("--mode", choices=o.SENS_MODES, default="kld", help="kld (measured; the proxy comes free) or proxy")
+    o.add_sensitivity(p)
     o.add_threads(p, "torch and quantization threads per task", ray=True)
     o.add_batch_size(p)
     p.add_argument("--cache-dir", type=Path, metavar="DIR", help="keep quantized tensors on disk here (large models)")
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     ids = chunk_tokens(tokenize_file(args.model_dir, args.calib_text, args.sens_tokens), args.seq_len)  # (N, L)
     with o.make_backend(args) as backend:
         cfg = SensitivityConfig(base=args.base, ladder=tuple(args.ladder), mode=args.mode,
-                                threads=o.threads(args, backend), batch_size=args.batch_size, cache_dir=args.cache_dir)
+                                threads=o.threads(args, backend), batch_size=args.batch_size, cache_dir=args.cache_dir,
+                                sensitivity=args.sensitivity)
         table = measure_sensitivity(view, ids, cfg, reference_view=ref_view, imatrix=stats, backend=backend)
     table.write(args.output)
     _summary(table.to_dict(), args.output)
@@ -71,7 +73,8 @@ def _summary(table: dict[str, Any], path: Path) -> None:
     t, b = table["timing"], table["base"]
     n_opt = sum(len(g["options"]) - 1 for g in table["groups"])
     print(f"{path}: {len(table['groups'])} groups, {n_opt} upgrades, {b['tokens']} tokens, "
-          f"measure {b['measure']}, {t['total_s']:.1f} s")
+          f"measure {b['measure']}"
+          f"{' (' + b['sensitivity'] + ')' if 'sensitivity' in b else ''}, {t['total_s']:.1f} s")
     if "kld" in b:
         rho = table["proxy"]["spearman"]
         print(f"  KLD of the all-base model: {b['kld']:.5f}; proxy rank agreement (Spearman): "

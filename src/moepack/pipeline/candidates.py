@@ -95,6 +95,7 @@ def _sensitivity(run: RunDir, view: CheckpointView, ref: CheckpointView, stats: 
     path = run.path(f"sensitivity-r{keep:g}.json")
     key = {"model": view.fingerprint(), "reference": ref.fingerprint(), "calib": stats.manifest.text_sha256,
            "calib_tokens": stats.manifest.tokens, "base": base, "ladder": list(opts.ladder),
+           "sensitivity": opts.sensitivity,
            "prune": plan.to_dict()["layers"] if plan is not None else None, "top_k": view.facts.top_k}
     if stats.manifest.shards != 1:  # sums in another order: the imatrix may differ in its last bits
         key["calib_shards"] = stats.manifest.shards
@@ -104,7 +105,7 @@ def _sensitivity(run: RunDir, view: CheckpointView, ref: CheckpointView, stats: 
         if ids is None:
             raise CompressError("calibration kept no held-out tokens for sensitivity; use a longer --calib-text")
         cfg = SensitivityConfig(base=base, ladder=opts.ladder, threads=opts.threads, progress=opts.progress,
-                                cache_dir=opts.cache_dir)
+                                cache_dir=opts.cache_dir, sensitivity=opts.sensitivity)
         measure_sensitivity(view, ids, cfg, reference_view=ref, imatrix=stats, prune_plan=plan,
                             backend=backend).write(path)
 

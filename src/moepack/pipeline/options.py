@@ -41,3 +41,4 @@ class CompressOptions:
     progress: bool = True
     shards: int | None = None  # calibration tasks (None: 1 in-process, one per task slot on Ray)
     cache_dir: Path | None = None  # sensitivity: quantized tensors on disk (shared storage on a cluster)
+    sensitivity: str = "auto"  # full | fast | auto (moepack.stages.sensitivity.fast)

@@ -15,7 +15,8 @@ forward. Both are always reported when KLD is measured, with their Spearman rank
 (moepack.stages.sensitivity.table).
 
 Output: a SensitivityTable (sensitivity.json, moepack.schema); every field except "timing" is a deterministic
-function of the inputs.
+function of the inputs (with sensitivity "auto", base["sensitivity"] records whether the time estimate kept the
+table fast).
 """
 from __future__ import annotations
 
@@ -37,8 +38,9 @@ from moepack.gguf.writer import resolve_types
 from moepack.model.runner import LayerRunner
 from moepack.schema import SENSITIVITY_FORMAT, CalibStats, PrunePlan, SensitivityTable
 from moepack.stages.sensitivity.fakequant import FakeQuantWeights, QuantStore
+from moepack.stages.sensitivity.fast import AUTO_LIMIT_S, FAST_PROBE, check_speed, predict, run_speed
 from moepack.stages.sensitivity.groups import SensitivityError, parse_base, plan_groups
-from moepack.stages.sensitivity.probes import StoreInputs, head_batch, reference_logprobs, run_probes, run_quantize
+from moepack.stages.sensitivity.probes import StoreInputs, head_batch, reference_logprobs, run_quantize
 from moepack.stages.sensitivity.table import agreement, overhead, proxies, table_groups
 
 if TYPE_CHECKING:
@@ -66,7 +68,7 @@ class SensitivityConfig:
     unnamed. cache_dir: keep quantized tensors on disk (large models; on Ray, storage every worker sees). threads:
     torch and quantization threads, here and in each task. tasks: bins of groups on the backend (default one per
     task slot); the table is the same for every backend and number of tasks. keep_layers_bytes: base layers kept
-    built between probes.
+    built between probes. sensitivity, auto_limit_s, fast_probe: which probes run (moepack.stages.sensitivity.fast).
     """
 
     base: str | Mapping[str, str] | None = None
@@ -78,8 +80,12 @@ class SensitivityConfig:
     cache_dir: str | Path | None = None
     keep_layers_bytes: int = 4 << 30
     tasks: int | None = None
+    sensitivity: str = "auto"  # full: every (group, type) probed; fast: one per group; auto: by the estimate
+    auto_limit_s: float = AUTO_LIMIT_S
+    fast_probe: int = FAST_PROBE
 
     def validate(self) -> None:
+        check_speed(self.sensitivity)
         if self.mode not in MODES:
             raise SensitivityError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.tasks is not None and self.tasks < 1:
@@ -191,24 +197,29 @@ def _measure(view: Any, ids: torch.Tensor, reference_logits: Any, reference_view
     store = settings.store(view)
     run_quantize(backend, store, groups, settings, "all" if cfg.mode == "proxy" else "base", cfg.tasks, cfg.progress)
     timing["quantize_s"] = time.perf_counter() - t0
-    kld = base_kld = None
+    kld = base_kld = predicted = None
     info = _base_info(view, ids, cfg, base_map, im is not None)
+    ran: dict[str, Any] = {}
     if cfg.mode != "proxy":
         t1 = time.perf_counter()
         ref, info["reference"] = reference_logprobs(view, ids, reference_logits, reference_view, cfg.batch_size)
         timing["reference_s"] = time.perf_counter() - t1
         t1 = time.perf_counter()
-        base_kld, kld = run_probes(backend, view, store, groups, settings, ids, ref, cfg.batch_size,
-                                   cfg.keep_layers_bytes, cfg.tasks, cfg.progress)
+        base_kld, kld, ran = run_speed(cfg.sensitivity, backend, view, store, groups, settings, ids, ref,
+                                       cfg.batch_size, cfg.keep_layers_bytes, cfg.tasks, cfg.progress,
+                                       cfg.auto_limit_s, cfg.fast_probe)
         timing["probes_s"] = time.perf_counter() - t1
-        info["kld"] = base_kld
+        info["kld"], info["sensitivity"] = base_kld, ran["sensitivity"]
     proxy = proxies(store, groups)
+    if ran.get("sensitivity") == "fast":
+        assert kld is not None and base_kld is not None
+        predicted = predict(groups, proxy, kld, base_kld)
     head = overhead(view, groups, fixed, info, prune_plan)
     agree = None if kld is None else {
         "weighting": "imatrix squared inputs per token; token_embd rows by token frequency",
         **agreement(groups, proxy, kld, base_kld)}
     timing["total_s"] = time.perf_counter() - t0
     timed = {k: round(v, 3) for k, v in timing.items()} | {"probes": len(kld or {}), "threads": cfg.threads,
-                                                           "backend": backend.name}
-    return SensitivityTable(table_groups(groups, proxy, kld, base_kld), sum(o.numel * 4 for o in fixed), info,
+                                                           "backend": backend.name} | ran.get("auto", {})
+    return SensitivityTable(table_groups(groups, proxy, kld, base_kld, predicted), sum(o.numel * 4 for o in fixed), info,
                             {o.name: "F32" for o in fixed}, head, SENSITIVITY_FORMAT, agree, timed)

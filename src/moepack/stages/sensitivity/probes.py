@@ -9,7 +9,8 @@ Order of work, and where each part runs:
 2. In the driver, once: the reference distribution (`reference_logprobs`) and one forward with every group at its
    base type, keeping the hidden states entering every layer (`Prober`).
 3. `probe_task` per bin of groups (tasks): quantizes its groups' upgrade types (each needed by this task only),
-   then probes each (group, type) from the cached hidden states, with the base bytes, hidden states and reference
+   then probes each picked (group, type) (all upgrades; or one per group in fast mode,
+   moepack.stages.sensitivity.fast) from the cached hidden states, with the base bytes, hidden states and reference
    shared by every task (sent once; read zero-copy on Ray). Upgrade bytes are dropped after their group.
 
 A probe's KLD depends only on its group, type and these shared inputs (a kept base layer and a rebuilt one hold the
@@ -18,7 +19,7 @@ same weights), so any split into bins, in-process or on Ray, gives bitwise the s
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import numpy as np
@@ -36,12 +37,14 @@ if TYPE_CHECKING:
 
 __all__ = ["StoreInputs", "QuantizeInputs", "ProbeInputs", "ReferenceLogProbs", "Prober", "typed_base",
            "quantize_groups", "head_batch", "reference_logprobs", "quantize_task", "probe_task", "run_quantize",
-           "run_probes"]
+           "run_probes", "base_state", "probe_bins", "Pick"]
 
 log = logging.getLogger(__name__)
 
 _EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"  # the names LayerRunner reads them by
 _HEAD_ELEMS = 1 << 26  # logits elements per head batch (256 MiB in float32)
+
+Pick = Mapping[str, tuple[str, ...]]  # group name → the option types to probe
 
 
 def typed_base(groups: list[GroupSpec]) -> dict[str, GGMLQuantizationType]:
@@ -221,6 +224,8 @@ class ProbeInputs:
     batch_size: int
     keep_bytes: int
     progress: bool  # inner progress bars (one in-process task)
+    pick: Pick | None = None  # None: every upgrade of every group
+    errors: bool = True  # quantize every upgrade type for its proxy error, not only the probed ones
 
 
 def quantize_task(groups: list[GroupSpec], inp: QuantizeInputs) -> dict[tuple[str, str], tuple[Any, float]]:
@@ -247,12 +252,13 @@ def probe_task(groups: list[GroupSpec], inp: ProbeInputs) -> tuple[dict[tuple[st
         weights = FakeQuantWeights(view, store, {k: GGMLQuantizationType[v] for k, v in inp.base.items()})
         prober = Prober(view, weights, torch.as_tensor(np.array(inp.ids)), ReferenceLogProbs.from_arrays(inp.ref),
                         inp.batch_size, inp.keep_bytes, hidden=[as_tensor(h) for h in inp.hidden])
-        todo = sum(len(g.options) - 1 for g in groups)
-        with tqdm(total=todo, desc="probes", unit="probe", disable=not inp.progress) as bar:
+        picked = {g.name: _picked(g, inp.pick) for g in groups}
+        with tqdm(total=sum(map(len, picked.values())), desc="probes", unit="probe", disable=not inp.progress) as bar:
             for g in groups:
                 have = set(store.entries())
-                store.quantize([(o, [opt.typed[i] for opt in g.options[1:]]) for i, o in enumerate(g.outs)])
-                for opt in g.options[1:]:
+                quant = g.options[1:] if inp.errors else picked[g.name]
+                store.quantize([(o, [opt.typed[i] for opt in quant]) for i, o in enumerate(g.outs)])
+                for opt in picked[g.name]:
                     kld[(g.name, opt.type)] = prober.probe(g, opt)
                     bar.update(1)
                 new = set(store.entries()) - have
@@ -260,6 +266,11 @@ def probe_task(groups: list[GroupSpec], inp: ProbeInputs) -> tuple[dict[tuple[st
                 store.forget(new)
         prober.runner.release()
     return errs, kld
+
+
+def _picked(g: GroupSpec, pick: Pick | None) -> list[GroupOption]:
+    """The upgrade options of `g` to probe."""
+    return list(g.options[1:]) if pick is None else [o for o in g.options[1:] if o.type in pick.get(g.name, ())]
 
 
 def _start(g: GroupSpec, n_layers: int) -> int:
@@ -281,26 +292,41 @@ def run_quantize(backend: Backend, store: QuantStore, groups: list[GroupSpec], s
         store.absorb(entries)
 
 
-def run_probes(backend: Backend, view: Any, store: QuantStore, groups: list[GroupSpec], settings: StoreInputs,
-               ids: torch.Tensor, ref: ReferenceLogProbs, batch_size: int, keep_bytes: int, tasks: int | None,
-               progress: bool) -> tuple[float, dict[tuple[str, str], float]]:
-    """Stages 2 and 3: the all-base forward here, then the probes on `backend`; (base KLD, {(group, type): KLD})."""
+def base_state(view: Any, store: QuantStore, groups: list[GroupSpec], settings: StoreInputs, ids: torch.Tensor,
+               ref: ReferenceLogProbs, batch_size: int, keep_bytes: int, progress: bool) -> tuple[float, ProbeInputs]:
+    """Stage 2: the all-base forward here; (base KLD, what every probe task shares)."""
     base = typed_base(groups)
     weights = FakeQuantWeights(view, store, base)
     prober = Prober(view, weights, ids, ref, batch_size, keep_bytes)
     base_kld, hidden = prober.base_kld, [h.numpy() for h in prober.hidden]
     del prober, weights  # its kept layers: each task keeps its own
     base_keys = {(o.name, t.qtype.name) for g in groups for o, t in zip(g.outs, g.options[0].typed)}
-    n = len(hidden) - 1
-    costs = [(len(g.options) - 1) * (n - _start(g, n) + 1) for g in groups]
-    bins = partition(costs, tasks or backend.slots(settings.threads))
-    inp = ProbeInputs(settings, {k: t.name for k, t in base.items()}, store.entries(base_keys), ids.numpy(), hidden,
-                      ref.arrays(), batch_size, keep_bytes, progress and backend.local and len(bins) == 1)
-    mem = (min(keep_bytes, n * layer_f32_bytes(view)) + 3 * layer_f32_bytes(view) + 2 * _HEAD_ELEMS * 4
-           + sum(h.nbytes for h in hidden) + sum(a.nbytes for xs in inp.ref for a in xs))
+    assert base_kld is not None
+    return base_kld, ProbeInputs(settings, {k: t.name for k, t in base.items()}, store.entries(base_keys),
+                                 ids.numpy(), hidden, ref.arrays(), batch_size, keep_bytes, progress)
+
+
+def probe_bins(backend: Backend, view: Any, store: QuantStore, groups: list[GroupSpec], inp: ProbeInputs,
+               tasks: int | None) -> dict[tuple[str, str], float]:
+    """Stage 3 on `backend`: the probes `inp.pick` names (all by default); {(group, type): KLD}. The proxy errors
+    of the types quantized land in the driver's `store`."""
+    n = len(inp.hidden) - 1
+    costs = [len(_picked(g, inp.pick)) * (n - _start(g, n) + 1) for g in groups]
+    bins = partition(costs, tasks or backend.slots(inp.store.threads))
+    inp = replace(inp, progress=inp.progress and backend.local and len(bins) == 1)
+    mem = (min(inp.keep_bytes, n * layer_f32_bytes(view)) + 3 * layer_f32_bytes(view) + 2 * _HEAD_ELEMS * 4
+           + sum(h.nbytes for h in inp.hidden) + sum(a.nbytes for xs in inp.ref for a in xs))
     kld: dict[tuple[str, str], float] = {}
     for errs, part in backend.map(probe_task, [[groups[i] for i in b] for b in bins], inp, desc="probes",
-                                  num_cpus=settings.threads, memory=mem, progress=progress):
+                                  num_cpus=inp.store.threads, memory=mem, progress=inp.progress):
         store.absorb({k: (None, e) for k, e in errs.items()})
         kld.update(part)
-    return base_kld, kld
+    return kld
+
+
+def run_probes(backend: Backend, view: Any, store: QuantStore, groups: list[GroupSpec], settings: StoreInputs,
+               ids: torch.Tensor, ref: ReferenceLogProbs, batch_size: int, keep_bytes: int, tasks: int | None,
+               progress: bool) -> tuple[float, dict[tuple[str, str], float]]:
+    """Stages 2 and 3, every probe: (base KLD, {(group, type): KLD})."""
+    base_kld, inp = base_state(view, store, groups, settings, ids, ref, batch_size, keep_bytes, progress)
+    return base_kld, probe_bins(backend, view, store, groups, inp, tasks)

@@ -41,7 +41,7 @@ def spearman(a: Iterable[float], b: Iterable[float]) -> float | None:
 
 def agreement(groups: list[GroupSpec], proxy: Mapping[tuple[str, str], float],
                kld: Mapping[tuple[str, str], float], base_kld: float) -> dict[str, Any]:
-    keys = [(g.name, o.type) for g in groups for o in g.options[1:]]
+    keys = [(g.name, o.type) for g in groups for o in g.options[1:] if (g.name, o.type) in kld]  # fast: probed ones
     out: dict[str, Any] = {"spearman": spearman([proxy[k] for k in keys], [kld[k] - base_kld for k in keys]),
                            "n": len(keys), "by_type": {}}
     for t in sorted({k[1] for k in keys}):
@@ -88,15 +88,20 @@ def overhead(view: Any, groups: list[GroupSpec], fixed: list[OutTensor], base: d
 
 
 def table_groups(groups: list[GroupSpec], proxy: dict[tuple[str, str], float],
-                 kld: dict[tuple[str, str], float] | None, base_kld: float | None) -> tuple[Group, ...]:
-    """The table's groups: per option its bytes, ΔKLD vs the all-base model (the proxy in proxy mode), the KLD
-    measured, the proxy, and the types written where a fallback replaced the requested one."""
+                 kld: dict[tuple[str, str], float] | None, base_kld: float | None,
+                 predicted: Mapping[tuple[str, str], float] | None = None) -> tuple[Group, ...]:
+    """The table's groups: per option its bytes, ΔKLD vs the all-base model (the proxy in proxy mode; `predicted`
+    where fast sensitivity did not probe it, moepack.stages.sensitivity.fast), the KLD measured (None where
+    predicted), the proxy, and the types written where a fallback replaced the requested one."""
     out = []
     for g in groups:
         opts = []
         for i, opt in enumerate(g.options):
             k = (g.name, opt.type)
-            if kld is not None:
+            if kld is not None and i > 0 and k not in kld:
+                assert predicted is not None, k
+                dkld, measured = predicted[k], None
+            elif kld is not None:
                 dkld, measured = (0.0, base_kld) if i == 0 else (kld[k] - base_kld, kld[k])
             else:
                 dkld, measured = (0.0 if i == 0 else proxy[k]), None

@@ -1,0 +1,100 @@
+"""Fast sensitivity: one probe per tensor group, every other type's ΔKLD predicted from llama.cpp's kernels alone.
+
+The loss increase of a quantized model is close to linear in each layer's weighted quantization error (the
+linearity theorem of HIGGS, Malinovskii et al. 2024: ΔLoss ≈ Σ_l α_l · error_l). So per group one probe at one
+ladder type t* measures ΔKLD(t*) and learns α_g = ΔKLD(t*) / Δerr(t*), where Δerr(t) = err(t) − err(base) is the
+imatrix-weighted squared error of the group's tensors (QuantStore's proxy; quantize and dequantize only, no
+forward); every other type is predicted as α_g · Δerr(t). The probed type keeps its measurement. An upgrade's
+measured ΔKLD can come out slightly positive (noise on a group that barely matters); α_g is then 0, so no type of
+that group is predicted to hurt more than it was measured to.
+
+Forward-pass cost: one probe per group instead of one per (group, type). `auto` runs these probes first, times
+them, and estimates the rest of the full table (remaining probes × measured seconds per probe); above `limit_s`
+the table stays fast, below it the remaining probes run and the table is full (the same numbers as `full`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import Any, Mapping
+
+import torch
+
+from moepack.backends import Backend
+from moepack.stages.sensitivity.fakequant import QuantStore
+from moepack.stages.sensitivity.groups import GroupSpec, SensitivityError
+from moepack.stages.sensitivity.probes import Pick, ReferenceLogProbs, StoreInputs, base_state, probe_bins
+
+__all__ = ["SPEEDS", "AUTO_LIMIT_S", "FAST_PROBE", "check_speed", "fast_pick", "predict", "run_speed"]
+
+log = logging.getLogger(__name__)
+
+SPEEDS = ("auto", "fast", "full")
+AUTO_LIMIT_S = 1800.0  # auto: a full table estimated to take longer than this stays fast
+FAST_PROBE = -1  # the upgrade probed in fast mode, as an index into the group's upgrades (-1: the highest)
+
+
+def check_speed(speed: str) -> None:
+    if speed not in SPEEDS:
+        raise SensitivityError(f"unknown sensitivity {speed!r}; choose one of {', '.join(SPEEDS)}")
+
+
+def fast_pick(groups: list[GroupSpec], at: int = FAST_PROBE) -> dict[str, tuple[str, ...]]:
+    """{group: (the one type probed,)} for every group with an upgrade; `at` indexes its upgrades (clamped)."""
+    out = {}
+    for g in groups:
+        ups = g.options[1:]
+        if ups:
+            out[g.name] = (ups[max(-len(ups), min(at, len(ups) - 1))].type,)
+    return out
+
+
+def predict(groups: list[GroupSpec], proxy: Mapping[tuple[str, str], float], kld: Mapping[tuple[str, str], float],
+            base_kld: float) -> dict[tuple[str, str], float]:
+    """ΔKLD of every upgrade: measured where probed, else α_g · Δerr with α_g from the group's probe."""
+    out: dict[tuple[str, str], float] = {}
+    for g in groups:
+        keys = [(g.name, o.type) for o in g.options[1:]]
+        probed = [k for k in keys if k in kld]
+        if not probed:
+            if keys:
+                raise SensitivityError(f"group {g.name} has no probe to learn its coefficient from")
+            continue
+        k0 = probed[0]
+        dk, de = kld[k0] - base_kld, proxy[k0]
+        alpha = max(0.0, dk / de) if de < 0 else 0.0  # an upgrade lowers the error: Δerr < 0
+        out.update({k: kld[k] - base_kld if k in kld else alpha * proxy[k] for k in keys})
+    return out
+
+
+def run_speed(speed: str, backend: Backend, view: Any, store: QuantStore, groups: list[GroupSpec],
+              settings: StoreInputs, ids: torch.Tensor, ref: ReferenceLogProbs, batch_size: int, keep_bytes: int,
+              tasks: int | None, progress: bool, limit_s: float = AUTO_LIMIT_S,
+              at: int = FAST_PROBE) -> tuple[float, dict[tuple[str, str], float], dict[str, Any]]:
+    """The probes of `speed`: (base KLD, {(group, type): measured KLD}, what ran: {"sensitivity": "fast" | "full",
+    "probes", and for auto the estimate it decided on})."""
+    check_speed(speed)
+    base_kld, inp = base_state(view, store, groups, settings, ids, ref, batch_size, keep_bytes, progress)
+    n_full = sum(len(g.options) - 1 for g in groups)
+    if speed == "full":
+        kld = probe_bins(backend, view, store, groups, inp, tasks)
+        return base_kld, kld, {"sensitivity": "full", "probes": len(kld)}
+    pick = fast_pick(groups, at)
+    t0 = time.perf_counter()
+    kld = probe_bins(backend, view, store, groups, replace(inp, pick=pick), tasks)
+    per_probe = (time.perf_counter() - t0) / max(1, len(kld))
+    info: dict[str, Any] = {"sensitivity": "fast", "probes": len(kld)}
+    if speed == "fast" or len(kld) == n_full:
+        return base_kld, kld, info | ({"sensitivity": "full"} if len(kld) == n_full else {})
+    rest: Pick = {g.name: tuple(o.type for o in g.options[1:] if (g.name, o.type) not in kld) for g in groups}
+    estimate = (n_full - len(kld)) * per_probe
+    info["auto"] = {"full_estimate_s": round(estimate, 1), "limit_s": limit_s, "s_per_probe": round(per_probe, 3)}
+    go = estimate <= limit_s
+    log.info("sensitivity auto: the full table needs %d more probes, about %.0f s at %.2f s per probe measured on "
+             "%d; %s", n_full - len(kld), estimate, per_probe, len(kld),
+             "measuring them (full)" if go else f"above {limit_s:.0f} s: keeping the fast table")
+    if not go:
+        return base_kld, kld, info
+    kld |= probe_bins(backend, view, store, groups, replace(inp, pick=rest, errors=False), tasks)
+    return base_kld, kld, info | {"sensitivity": "full", "probes": len(kld)}
