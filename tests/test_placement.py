@@ -22,13 +22,13 @@ from moepack.pipeline.candidates import floor_bytes
 from moepack.schema import Group, Option, SensitivityTable
 from moepack.stages.allocate import allocate
 from moepack.stages.budget import (DEFAULT_RESERVE_FRACTION, BudgetError, BudgetRequest, budget_for,
-                                   compute_buffer_bytes, gguf_overhead_bytes, kv_cache_bytes)
+                                   compute_buffer_bytes, gguf_overhead_bytes, kv_cache_bytes, parse_size)
 from moepack.stages.placement import (allocate_placed, check_floors, on_gpu, placed_budget, resident_bytes,
                                       smallest_memories, split_table)
 
 CTX, UBATCH = 256, 64
 SMALL = ["--calib-text", str(DATA / "tinystories-valid.txt"), "--calib-tokens", "1024", "--seq-len", "128",
-         "--sens-tokens", "256", "--keep", "1.0", "--ladder", "IQ2_XXS,Q4_K,Q8_0", "-c", str(CTX),
+         "--sens-tokens", "256", "--keep", "1.0", "--ladder", "IQ2_XXS,Q4_K", "-c", str(CTX),
          "--ubatch-size", str(UBATCH)]
 
 
@@ -101,6 +101,9 @@ def test_smallest_memories_are_tight(deepseek: Path) -> None:
     with pytest.raises(BudgetError, match="GPU: x needs") as e:
         check_floors(budget(gpu - 1, ram), gpu_floor, ram_floor, "x")
     assert "RAM:" not in str(e.value) and f"{gpu:,} and {ram:,} bytes" in str(e.value)
+    typed = re.search(r"--gpu-memory (\S+) --memory (\S+)", str(e.value))  # rounded up, to type: also fits
+    check_floors(budget(parse_size(typed[1]), parse_size(typed[2])), gpu_floor, ram_floor, "x")
+    assert parse_size(typed[1]) - gpu < 2**20 // 100 and parse_size(typed[2]) - ram < 2**20 // 100
     with pytest.raises(BudgetError, match="RAM: x needs"):
         check_floors(budget(gpu, ram - 1), gpu_floor, ram_floor, "x")
 

@@ -21,7 +21,7 @@ import math
 import re
 from dataclasses import replace
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from moepack.gguf.runtime import EXPERTS_ON_CPU
 from moepack.schema import QuantPlan, SensitivityTable
@@ -65,8 +65,7 @@ def _check_request(r: BudgetRequest) -> None:
         raise BudgetError("--gpu-memory needs --ctx-size N: the context length sizes the KV cache on the GPU")
 
 
-def placed_budget(view: CheckpointView | dict[str, Any], request: BudgetRequest,
-                  overhead: int | None = None) -> Budget:
+def placed_budget(view: CheckpointView, request: BudgetRequest, overhead: int | None = None) -> Budget:
     """The GPU + RAM budgets of `request` (see the module doc); `weights` is their sum, `gpu_weights` the GPU's.
     A budget that leaves no room on one side raises `BudgetError` with the smallest memories that would."""
     _check_request(request)
@@ -122,7 +121,7 @@ def smallest_memories(b: Budget, gpu_floor: int, ram_floor: int) -> tuple[int, i
 def _size_arg(n: int) -> str:
     """A size to type that is at least n bytes: GiB (or MiB below 1 GiB) rounded up to two decimals."""
     unit, scale = ("GiB", 2**30) if n >= 2**30 else ("MiB", 2**20)
-    return f"{Decimal(math.ceil(n * 100 / scale)) / 100}{unit}"
+    return f"{Decimal(-(-n * 100 // scale)) / 100}{unit}"
 
 
 def check_floors(b: Budget, gpu_floor: int, ram_floor: int, what: str) -> None:
