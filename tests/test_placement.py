@@ -149,16 +149,19 @@ def test_llama_command_places_the_experts() -> None:
         parse_overrides("exps")
 
 
-def test_infeasible_pair_fails_before_calibration(deepseek: Path, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("short", ["GPU", "RAM"])
+def test_infeasible_pair_fails_before_calibration(deepseek: Path, tmp_path: Path, capsys, short: str) -> None:
     out = tmp_path / "x.gguf"
     view = open_checkpoint(deepseek)
     b = placed_budget(view, BudgetRequest(memory="100MB", gpu_memory="100MB", ctx=CTX, n_ubatch=UBATCH))
-    need_gpu, _ = smallest_memories(b, floor_bytes(view, "IQ2_XXS", side="gpu"), 0)
+    need = smallest_memories(b, floor_bytes(view, "IQ2_XXS", side="gpu"), floor_bytes(view, "IQ2_XXS", side="ram"))
+    gpu, ram = (need[0] - 1000, "100MB") if short == "GPU" else ("100MB", need[1] - 1000)
     t0 = time.time()
-    assert main(["compress", str(deepseek), "--gpu-memory", str(need_gpu - 1000), "--memory", "100MB",
-                 "-o", str(out), *SMALL]) == 2
+    assert main(["compress", str(deepseek), "--gpu-memory", str(gpu), "--memory", str(ram), "-o", str(out),
+                 *SMALL]) == 2
     err = capsys.readouterr().err
-    assert "GPU: --keep 1 with every tensor at IQ2_XXS needs" in err and "RAM:" not in err
+    other = "RAM" if short == "GPU" else "GPU"
+    assert f"{short}: --keep 1 with every tensor at IQ2_XXS needs" in err and f"{other}:" not in err
     assert re.search(r"the smallest that fits: --gpu-memory \S+ --memory \S+", err), err
     assert time.time() - t0 < 30 and not out.exists() and not (tmp_path / "x.gguf.run").exists()
 
