@@ -12,6 +12,7 @@ from typing import Any
 
 from moepack.backends import Backend
 from moepack.model.checkpoint import CheckpointView, open_checkpoint
+from moepack.pipeline.dominance import Rivalry
 from moepack.pipeline.options import BASE_SHARE, CompressError, CompressOptions
 from moepack.pipeline.runstate import RunDir
 from moepack.schema import CalibStats, PrunePlan, QuantPlan, SensitivityTable
@@ -139,6 +140,22 @@ def _measure(view: CheckpointView, ref: CheckpointView, stats: CalibStats, plan_
                           prune_plan=prune_plan, threads=opts.threads))
 
 
+def _challenge(cand: Candidate, run: RunDir, table: SensitivityTable, budget: Budget, ref: CheckpointView,
+               stats: CalibStats, opts: CompressOptions) -> None:
+    """Measure llama.cpp's largest fitting mixtures against `cand`'s plan and keep the lowest (moepack.pipeline
+    .dominance): the plan is never worse on the selection tokens than the mixture a user would otherwise make."""
+    from moepack.pipeline.dominance import challenge
+
+    t0 = time.perf_counter()
+    allocated = cand.plan
+    cand.plan, cand.kld, cand.rivalry = challenge(
+        cand.view, table, budget, allocated, cand.kld, allocated.budget_bytes,
+        lambda tensors: _measure(cand.view, ref, stats, tensors, cand.prune_plan, opts), opts.mixtures)
+    if cand.plan is not allocated:
+        cand.plan_path = cand.plan.save(run.path(f"quant_plan-r{cand.keep:g}.json"))
+    run.timings[f"mixtures r={cand.keep:g}"] = time.perf_counter() - t0
+
+
 @dataclass
 class Candidate:
     keep: float
@@ -151,6 +168,7 @@ class Candidate:
     prune_kld: float | None = None  # KLD of pruning alone (unquantized), measured when screening
     same_as: float | None = None  # screened: the retention that gives the same pruned model
     infeasible: bool = False  # screened: even the smallest type everywhere does not fit the budget
+    rivalry: Rivalry | None = None  # llama.cpp's fitting mixtures measured against the allocated plan
 
     @property
     def screened(self) -> bool:
@@ -213,5 +231,7 @@ def candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats: CalibSta
     t0 = time.perf_counter()
     cand.kld = _measure(view, ref, stats, plan.tensors, prune_plan, opts)
     run.timings[f"measure r={keep:g}"] = time.perf_counter() - t0
+    if opts.mixtures:
+        _challenge(cand, run, table, budget, ref, stats, opts)
     log.info("keep %.3f: %s of tensors, measured KLD %.5f", keep, format_size(plan.predicted_bytes), cand.kld)
     return cand

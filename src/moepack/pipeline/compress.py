@@ -47,6 +47,7 @@ class CompressResult:
     types: dict[str, dict[str, int]]  # tensor class → type → count
     measured_kld: float  # KLD vs the original on held-out tokens, fake-quantized forward
     candidates: list[dict[str, Any]] = field(default_factory=list)
+    mixtures: dict[str, Any] | None = None  # llama.cpp's fitting mixtures measured against the plan (dominance)
     timings: dict[str, float] = field(default_factory=dict)
     sample: str = ""
     verify_error: str | None = None  # why llama.cpp could not run the written file here, if it could not
@@ -205,7 +206,9 @@ def _result(out: Path, run: RunDir, ref: CheckpointView, best: Candidate, budget
         candidates=[{"keep": c.keep, "top_k": c.view.facts.top_k, "kld": None if c.screened else c.kld,
                      "prune_kld": c.prune_kld, "screened": c.screened, "same_as": c.same_as,
                      "infeasible": c.infeasible,
-                     "tensor_bytes": None if c.screened else c.plan.predicted_bytes} for c in cands],
+                     "tensor_bytes": None if c.screened else c.plan.predicted_bytes,
+                     "mixtures": c.rivalry.to_dict() if c.rivalry else None} for c in cands],
+        mixtures=best.rivalry.to_dict() if best.rivalry else None,
         timings=dict(run.timings), sample=sample, verify_error=verify_error,
         llama_command=command, placement=best.plan.base.get("placement"))
 
@@ -218,6 +221,8 @@ def render_summary(r: CompressResult) -> str:
         f"  bytes         predicted tensors+metadata {r.predicted_bytes:,}; actual file {r.file_bytes:,}",
     ]
     lines.append(f"  KLD vs original (fake-quantized forward on held-out calibration tokens): {r.measured_kld:.5f}")
+    if r.mixtures:
+        lines.append(_mixtures_line(r.mixtures, r.measured_kld))
     if len(r.candidates) > 1:
         lines.append("  retention search: " + ", ".join(_candidate_line(c) for c in r.candidates))
     lines.append("  types per tensor class:")
@@ -231,6 +236,17 @@ def render_summary(r: CompressResult) -> str:
         lines.append(f"  placement     {'; '.join(sides)} (-ot {p['override']})")
     lines.append(f"  run it:        {r.llama_command}")
     return "\n".join(lines)
+
+
+def _mixtures_line(m: dict[str, Any], kld: float) -> str:
+    """The llama.cpp mixtures measured on the selection tokens, which plan won and by how much."""
+    measured = ", ".join(f"{x['name']} {x['kld']:.5f}" for x in m["mixtures"]) or "none fits"
+    line = f"  llama.cpp mixtures (same imatrix, selection KLD): {measured}; plan: {m['chosen']}"
+    if m["best_mixture"] is not None:
+        top = min(x["kld"] for x in m["mixtures"])
+        gain = f"{100 * (top - kld) / top:.1f}% below" if top > 0 else "equal to"
+        line += f" ({gain} {m['best_mixture']}; allocated plan {m['allocated_kld']:.5f})"
+    return line
 
 
 def _candidate_line(c: dict[str, Any]) -> str:

@@ -9,11 +9,14 @@ from pathlib import Path
 from moepack.errors import MoepackError
 from moepack.gguf.types import LADDER
 
-__all__ = ["CompressError", "CompressOptions", "KEEP_AUTO_CANDIDATES", "BASE_SHARE"]
+__all__ = ["CompressError", "CompressOptions", "KEEP_AUTO_CANDIDATES", "BASE_SHARE", "MIXTURE_RIVALS"]
 
 log = logging.getLogger(__name__)
 
 KEEP_AUTO_CANDIDATES = (1.0, 0.875, 0.75, 0.625)
+# llama.cpp's largest fitting mixtures measured against each plan (moepack.pipeline.dominance): the smaller ones
+# are coarser and rarely better.
+MIXTURE_RIVALS = 3
 # A base type leaves this share of the budget to spend on measured upgrades.
 BASE_SHARE = 0.7
 
@@ -41,4 +44,5 @@ class CompressOptions:
     progress: bool = True
     shards: int | None = None  # calibration tasks (None: 1 in-process, one per task slot on Ray)
     cache_dir: Path | None = None  # sensitivity: quantized tensors on disk (shared storage on a cluster)
+    mixtures: int = MIXTURE_RIVALS  # llama.cpp mixtures measured against each plan (0: none)
     sensitivity: str = "auto"  # full | fast | auto (moepack.stages.sensitivity.fast)

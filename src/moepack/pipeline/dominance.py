@@ -1,0 +1,152 @@
+"""llama.cpp's own mixtures as rivals of compress's plan: a compressed file is never worse, on the selection
+tokens, than the standard llama-quantize mixture (Q3_K_M, IQ2_XXS, ...) a user could make at the same budget.
+
+For one candidate view (pruned or not) the largest few mixtures whose tensors fit the budget (their per-tensor
+types and bytes predicted by moepack.stages.mixtures, no quantizing) are measured with the same fake-quantized
+forward and importance matrix as compress's own plan. When the best of them measures below the allocated plan, the
+greedy also starts from it (each group at the ladder option nearest below the mixture's bytes) and spends what is
+left by measured sensitivity; of the allocated plan, the mixture and that seeded plan the lowest measured KLD wins.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+from moepack.model.checkpoint import CheckpointView
+from moepack.schema import QuantPlan, SensitivityTable
+from moepack.stages.budget import Budget
+from moepack.stages.mixtures import MixtureSize
+
+__all__ = ["Rivalry", "fitting_mixtures", "mixture_plan", "seeded_plan", "challenge"]
+
+log = logging.getLogger(__name__)
+
+Measure = Callable[[dict[str, str]], float]  # plan tensors → selection KLD
+
+
+@dataclass
+class Rivalry:
+    """What compress measured against one candidate's allocated plan."""
+    allocated_kld: float
+    mixtures: list[dict[str, float | int | str]] = field(default_factory=list)  # name, tensor_bytes, kld
+    seeded_kld: float | None = None  # the greedy started from the best mixture
+    chosen: str = "allocated"  # allocated | mixture NAME | seeded from NAME
+
+    @property
+    def best_mixture(self) -> dict[str, float | int | str] | None:
+        return min(self.mixtures, key=lambda m: m["kld"], default=None)
+
+    def to_dict(self) -> dict[str, object]:
+        best = self.best_mixture
+        return {"allocated_kld": self.allocated_kld, "mixtures": self.mixtures, "seeded_kld": self.seeded_kld,
+                "chosen": self.chosen, "best_mixture": best["name"] if best else None}
+
+
+def fitting_mixtures(view: CheckpointView, budget: Budget, tensor_limit: int, n: int) -> list[tuple[str, MixtureSize]]:
+    """(mixture, its sizes) of the `n` largest llama.cpp mixtures whose tensors of `view` fit `tensor_limit`
+    (and, with a GPU + RAM budget, each side its own), largest first."""
+    from moepack.stages.mixtures import mixture_sizes
+    from moepack.stages.placement import on_gpu
+
+    placed = budget.gpu_weights is not None
+    sizes = mixture_sizes(view, on_gpu=on_gpu if placed else None)
+    fit = [(m, s) for m, s in sizes.items() if s.total <= tensor_limit and (
+        not placed or (s.gpu <= budget.gpu_weights and s.total - s.gpu <= tensor_limit - budget.gpu_weights))]
+    return sorted(fit, key=lambda ms: -ms[1].total)[:n]
+
+
+def _shapes(view: CheckpointView) -> dict[str, tuple[int, ...]]:
+    from moepack.gguf.names import gguf_outputs
+
+    return {t.name: tuple(t.shape) for t in gguf_outputs(view)}
+
+
+def mixture_plan(view: CheckpointView, table: SensitivityTable, name: str, size: MixtureSize,
+                 allocated: QuantPlan) -> QuantPlan:
+    """Mixture `name`'s types for every tensor of `view` as a quant plan over `table`'s groups (a group whose
+    tensors get different types is "mixed"); its predicted ΔKLD counts the groups whose type is a measured option.
+    Budget and placement budgets as the `allocated` plan's."""
+    from moepack.stages.mixtures import mixture_types
+
+    tensors = {k: v.name for k, v in mixture_types(view, name).items()}
+    groups, dkld = {}, 0.0
+    for g in table.groups:
+        types = {tensors[t] for t in g.tensors}
+        groups[g.name] = types.pop() if len(types) == 1 else "mixed"
+        dkld += next((o.dkld for o in g.options if o.type == groups[g.name]), 0.0)
+    base = table.base | {"mixture": name}
+    if (placed := allocated.base.get("placement")) is not None and size.gpu is not None:
+        base["placement"] = placed | {"gpu": placed["gpu"] | {"bytes": size.gpu},
+                                      "ram": placed["ram"] | {"bytes": size.total - size.gpu}}
+    return QuantPlan(f"mixture {name}", allocated.budget_bytes, size.total, table.fixed_bytes, dkld, groups, tensors,
+                     None, None, base)
+
+
+def _snap(table: SensitivityTable, mixture: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> list[int]:
+    """Per group the option of the mixture's type, else the largest option no larger than the mixture's bytes."""
+    from moepack.gguf.types import written_bytes
+
+    choice = []
+    for g in table.groups:
+        types = {mixture[t] for t in g.tensors}
+        exact = [i for i, o in enumerate(g.options) if types == {o.type}]
+        if exact:
+            choice.append(exact[0])
+            continue
+        nbytes = sum(written_bytes(shapes[t], mixture[t]) for t in g.tensors)
+        fit = [i for i, o in enumerate(g.options) if o.bytes <= nbytes]
+        choice.append(max(fit, key=lambda i: g.options[i].bytes) if fit else 0)
+    return choice
+
+
+def seeded_plan(view: CheckpointView, table: SensitivityTable, mixture: QuantPlan,
+                budget_bytes: int) -> QuantPlan | None:
+    """The greedy's plan started from `mixture` snapped to the table's options (None when that start does not fit:
+    the mixture's bytes sit in tensors the table keeps fixed)."""
+    from moepack.stages.allocate import AllocationError, objective, solve_greedy
+
+    start = _snap(table, mixture.tensors, _shapes(view))
+    try:
+        choice = solve_greedy(table, budget_bytes, start=start)
+    except AllocationError as e:
+        log.info("greedy from %s: %s", mixture.solver, e)
+        return None
+    tensors = dict(table.fixed)
+    for g, c in zip(table.groups, choice):
+        tensors.update({t: g.options[c].type for t in g.tensors})
+    used = table.fixed_bytes + sum(g.options[c].bytes for g, c in zip(table.groups, choice))
+    groups = {g.name: g.options[c].type for g, c in zip(table.groups, choice)}
+    dkld = objective(table, choice)
+    kld = table.base.get("kld")
+    kld = float(kld) + dkld if isinstance(kld, (int, float)) and not isinstance(kld, bool) else None
+    return QuantPlan(f"greedy from {mixture.solver}", budget_bytes, used, table.fixed_bytes, dkld, groups, tensors,
+                     None, kld, table.base | {"seeded_from": mixture.base.get("mixture")})
+
+
+def challenge(view: CheckpointView, table: SensitivityTable, budget: Budget, plan: QuantPlan, kld: float,
+              tensor_limit: int, measure: Measure, n: int) -> tuple[QuantPlan, float, Rivalry]:
+    """The plan (of `plan` with selection KLD `kld`, the fitting mixtures, and the greedy seeded by the best of
+    them when it beats `plan`) with the lowest measured KLD, and the record of what was measured."""
+    rivalry = Rivalry(kld)
+    best: tuple[QuantPlan, float] = (plan, kld)
+    mixtures: dict[str, QuantPlan] = {}
+    for name, size in fitting_mixtures(view, budget, tensor_limit, n):
+        mixtures[name] = mixture_plan(view, table, name, size, plan)
+        m_kld = measure(mixtures[name].tensors)
+        rivalry.mixtures.append({"name": name, "tensor_bytes": size.total, "kld": m_kld})
+        log.info("llama.cpp mixture %s: %d tensor bytes, selection KLD %.5f (allocated plan %.5f)",
+                 name, size.total, m_kld, kld)
+    top = rivalry.best_mixture
+    if top is None or not top["kld"] < kld:
+        return plan, kld, rivalry
+    rival = mixtures[str(top["name"])]
+    best, rivalry.chosen = (rival, float(top["kld"])), f"mixture {top['name']}"
+    if budget.gpu_weights is None and (seeded := seeded_plan(view, table, rival, plan.budget_bytes)) is not None:
+        rivalry.seeded_kld = measure(seeded.tensors)
+        if rivalry.seeded_kld < best[1]:
+            best, rivalry.chosen = (seeded, rivalry.seeded_kld), f"seeded from {top['name']}"
+    if math.isfinite(best[1]):
+        log.info("plan: %s, selection KLD %.5f (allocated %.5f)", rivalry.chosen, best[1], kld)
+    return best[0], best[1], rivalry

@@ -1,0 +1,76 @@
+"""compress is never worse than llama.cpp's own mixtures: its selection KLD is at most the best fitting mixture's,
+and when a mixture measures lower (here: a one-type ladder the allocator cannot spend the budget with) the
+mixture's plan is what gets written."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import pytest
+
+from conftest import DATA
+from moepack.cli import main
+
+SMALL = ["--calib-text", str(DATA / "tinystories-valid.txt"), "--calib-tokens", "1024", "--seq-len", "128",
+         "--sens-tokens", "256", "--keep", "1.0"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    from conftest import build_tiny_model
+
+    out = tmp_path_factory.mktemp("m") / "qwen3"
+    return build_tiny_model("qwen3_moe", out, tokenizer=True, hidden=256, ffn=256, n_experts=8, top_k=2, vocab=512)
+
+
+def _target(model: Path, divisor: int) -> int:
+    from moepack.model.checkpoint import open_checkpoint
+
+    return 2 * sum(open_checkpoint(model).param_counts().values()) // divisor
+
+
+def _run(model: Path, tmp_path: Path, target: int, *extra: str) -> tuple[dict, Path]:
+    out, run_dir = tmp_path / "x.gguf", tmp_path / "run"
+    assert main(["compress", str(model), "--target-size", str(target), "-o", str(out), "--run-dir", str(run_dir),
+                 *SMALL, *extra]) == 0
+    return json.loads((run_dir / "summary.json").read_text()), run_dir
+
+
+def test_plan_is_never_worse_than_the_fitting_mixtures(model: Path, tmp_path: Path, capsys) -> None:
+    from moepack.model.checkpoint import open_checkpoint
+    from moepack.stages.mixtures import mixture_sizes
+
+    summary, run_dir = _run(model, tmp_path, _target(model, 4))
+    m = summary["mixtures"]
+    limit = json.loads((run_dir / "quant_plan-r1.json").read_text())["budget_bytes"]
+    assert 1 <= len(m["mixtures"]) <= 3
+    listed = [x["tensor_bytes"] for x in m["mixtures"]]
+    assert listed == sorted(listed, reverse=True) and max(listed) <= limit
+    sizes = mixture_sizes(open_checkpoint(model))
+    assert [sizes[x["name"]].total for x in m["mixtures"]] == listed  # the bytes the mixtures table predicts
+    # the largest fitting ones: every mixture left out is either over the budget or smaller than those measured
+    for name, s in sizes.items():
+        if name not in {x["name"] for x in m["mixtures"]}:
+            assert s.total > limit or s.total <= min(listed), name
+    assert summary["measured_kld"] <= min(x["kld"] for x in m["mixtures"])
+    assert summary["measured_kld"] <= m["allocated_kld"]
+    assert "llama.cpp mixtures" in capsys.readouterr().out
+
+
+def test_a_better_mixture_is_taken(model: Path, tmp_path: Path, capsys) -> None:
+    """With IQ2_XXS as the only type, the allocated plan leaves most of a ~4 bpw budget unspent; the largest
+    fitting mixture measures lower, and its types are the ones written."""
+    from moepack.model.checkpoint import open_checkpoint
+    from moepack.stages.mixtures import mixture_types
+
+    summary, _ = _run(model, tmp_path, _target(model, 4), "--ladder", "IQ2_XXS", "--base", "IQ2_XXS")
+    m = summary["mixtures"]
+    best = min(m["mixtures"], key=lambda x: x["kld"])
+    assert best["kld"] < m["allocated_kld"]
+    assert m["chosen"] == f"mixture {best['name']}" and m["best_mixture"] == best["name"]
+    assert summary["measured_kld"] == best["kld"]
+    want = {k: v.name for k, v in mixture_types(open_checkpoint(model), best["name"]).items()}
+    written = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "x.gguf").tensors}
+    assert written == want
+    assert f"plan: mixture {best['name']}" in capsys.readouterr().out
