@@ -394,6 +394,6 @@ def test_sensitivity_option_parses_and_keys_the_cached_table(tiny, tables, tmp_p
     stats = SimpleNamespace(manifest=SimpleNamespace(text_sha256="x", tokens=64, shards=1), heldout=np.zeros((1, 8)))
     run = RunDir(tmp_path / "run")
     for mode in ("full", "full", "fast", "fast", "full"):
-        candidates._sensitivity(run, view, view, stats, None, "IQ2_XXS", 1.0,
+        candidates.sensitivity_stage(run, view, view, stats, None, "IQ2_XXS", 1.0,
                                 CompressOptions(ladder=tuple(LADDER), sensitivity=mode, progress=False), None)
     assert ran == ["full", "fast", "full"]

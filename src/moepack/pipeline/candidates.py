@@ -18,7 +18,7 @@ from moepack.pipeline.runstate import RunDir
 from moepack.schema import CalibStats, PrunePlan, QuantPlan, SensitivityTable
 from moepack.stages.budget import Budget, BudgetError, format_size
 
-__all__ = ["Candidate", "candidate", "choose_base", "floor_bytes", "fits"]
+__all__ = ["Candidate", "candidate", "choose_base", "floor_bytes", "fits", "sensitivity_stage"]
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,10 @@ def _prune(model_dir: Path, run: RunDir, keep: float,
     return open_checkpoint(out), plan
 
 
-def _sensitivity(run: RunDir, view: CheckpointView, ref: CheckpointView, stats: CalibStats, plan: PrunePlan | None,
-                 base: str, keep: float, opts: CompressOptions, backend: Backend) -> SensitivityTable:
+def sensitivity_stage(run: RunDir, view: CheckpointView, ref: CheckpointView, stats: CalibStats,
+                      plan: PrunePlan | None, base: str, keep: float, opts: CompressOptions,
+                      backend: Backend) -> SensitivityTable:
+    """The sensitivity table of one candidate, cached in the run directory under every input it depends on."""
     from moepack.stages.sensitivity.measure import SensitivityConfig, measure_sensitivity
 
     path = run.path(f"sensitivity-r{keep:g}.json")
@@ -219,7 +221,7 @@ def candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats: CalibSta
                      keep, prune_floor, best_kld)
             return Candidate(keep, view, prune_plan, None, None, 0, prune_kld=prune_floor)
     base = opts.base or choose_base(view, budget, opts.ladder)
-    table = _sensitivity(run, view, ref, stats, prune_plan, base, keep, opts, backend)
+    table = sensitivity_stage(run, view, ref, stats, prune_plan, base, keep, opts, backend)
     from moepack.stages.allocate import AllocationError
 
     try:
