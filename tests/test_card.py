@@ -37,7 +37,7 @@ def run(tmp_path_factory) -> dict[str, Path]:
     out, run_dir = root / "out" / "tiny.gguf", root / "run"
     out.parent.mkdir()
     assert main(["compress", str(model), "--target-size", str(target), "-o", str(out), "--run-dir", str(run_dir),
-                 *SMALL]) == 0
+                 "--keep", "0.75", *SMALL]) == 0
     assert main(["eval", str(out), "--reference", str(model), "--text", str(DATA / "tinystories-train.txt"),
                  "--window", "64", "--tokens", "256", "--no-speed", "--threads", "1",
                  "--cache-dir", str(root / "cache"), "--json-out", str(run_dir / "eval.json")]) == 0

@@ -40,7 +40,8 @@ def _bf16_bytes(model: Path) -> int:
 def test_compress_fits_budget_and_runs(model: Path, tmp_path: Path, capsys) -> None:
     target = _bf16_bytes(model) // 5
     out = tmp_path / "x.gguf"
-    assert main(["compress", str(model), "--target-size", str(target), "-o", str(out), *SMALL]) == 0
+    assert main(["compress", str(model), "--target-size", str(target), "--keep", "0.75", "-o", str(out),
+                 *SMALL]) == 0
     text = capsys.readouterr().out
     assert out.stat().st_size <= target
     assert "6 of 8 per MoE layer" in text and "top-k 2" in text  # keep 0.75: 6 of 8, k' = round(1.5) = 2
@@ -75,7 +76,7 @@ def test_keep_auto_screens_retentions(model: Path, tmp_path: Path, capsys) -> No
 
     out, run_dir = tmp_path / "x.gguf", tmp_path / "run"
     target = _bf16_bytes(model) // 3  # ~5 bpw: quantization costs little next to removing experts
-    assert main(["compress", str(model), "--target-size", str(target), "--keep", "auto", "-o", str(out),
+    assert main(["compress", str(model), "--target-size", str(target), "-o", str(out),  # the default: --keep auto
                  "--run-dir", str(run_dir), *SMALL]) == 0
     assert "screened" in capsys.readouterr().out
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -134,7 +135,7 @@ def test_interrupted_compress_resumes_to_same_bytes(model: Path, tmp_path: Path)
     target = str(_bf16_bytes(model) // 4)
     out, run = tmp_path / "x.gguf", tmp_path / "x.run"
     cmd = [sys.executable, "-m", "moepack.cli", "compress", str(model), "--target-size", target, "-o", str(out),
-           "--run-dir", str(run), *SMALL]
+           "--run-dir", str(run), "--keep", "0.75", *SMALL]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (run / "calib" / "manifest.json").is_file() and time.time() < deadline and proc.poll() is None:
@@ -151,5 +152,18 @@ def test_interrupted_compress_resumes_to_same_bytes(model: Path, tmp_path: Path)
 
     shutil.rmtree(run)
     out.unlink()
-    assert main(["compress", str(model), "--target-size", target, "-o", str(out), "--run-dir", str(run), *SMALL]) == 0
+    assert main(["compress", str(model), "--target-size", target, "-o", str(out), "--run-dir", str(run),
+                 "--keep", "0.75", *SMALL]) == 0
     assert _sha(out) == resumed
+
+
+def test_keep_defaults_to_auto() -> None:
+    """Without --keep, compress searches the retention with keep 1.0 among the candidates (never a fixed 0.75 that
+    may remove experts the model needs); prune keeps its explicit default."""
+    from moepack.cli import build_parser
+    from moepack.pipeline.options import KEEP_AUTO_CANDIDATES, CompressOptions
+
+    p = build_parser()
+    assert p.parse_args(["compress", "m", "-o", "x.gguf", "--target-bpw", "3"]).keep == "auto"
+    assert p.parse_args(["compress", "m", "-o", "x.gguf", "--target-bpw", "3", "--keep", "0.75"]).keep == 0.75
+    assert CompressOptions().keep == "auto" and 1.0 in KEEP_AUTO_CANDIDATES

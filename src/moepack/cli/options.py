@@ -278,9 +278,12 @@ def budget_request(args: argparse.Namespace) -> BudgetRequest:
 # ---------------------------------------------------------------------------------------------------- pruning
 
 def add_keep(p: Container, auto: bool) -> None:
-    p.add_argument("--keep", type=keep_arg if auto else float, default=0.75, metavar="R" + ("|auto" if auto else ""),
-                   help="share R of routed experts kept per layer, in (0, 1]"
-                        + (", or auto: try several and keep the best" if auto else "") + " (default 0.75)")
+    """`auto` (compress): the default searches the retention, keep 1.0 always among the candidates, so the default
+    never removes experts the model needs; the paper's 0.75 is `--keep 0.75`."""
+    p.add_argument("--keep", type=keep_arg if auto else float, default="auto" if auto else 0.75,
+                   metavar="R" + ("|auto" if auto else ""), help="share R of routed experts kept per layer, in (0, 1]"
+                   + (", or auto (default): measure 1.0, 0.875, 0.75 and 0.625 and keep the best" if auto
+                      else " (default 0.75)"))
 
 
 def add_top_k(p: Container) -> None:

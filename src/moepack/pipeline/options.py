@@ -27,7 +27,7 @@ class CompressError(MoepackError, ValueError):
 
 @dataclass
 class CompressOptions:
-    keep: float | str = 0.75  # retention R, or "auto"
+    keep: float | str = "auto"  # retention R, or "auto": the best of KEEP_AUTO_CANDIDATES (keep 1.0 among them)
     top_k: int | str | None = None  # None: max(1, round(R·k)); an int; or "auto"
     calib_text: Path | None = None
     calib_tokens: int = 50_000
