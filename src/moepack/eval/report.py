@@ -7,8 +7,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from moepack.atomic import atomic_copy, atomic_path, atomic_write_text
+from moepack.atomic import atomic_copy, atomic_write_text
 from moepack.errors import MoepackError
+from moepack.eval.plots import pyplot, save_figure
 from moepack.gguf.types import bits_per_weight
 from moepack.schema import PrunePlan, QuantPlan, SensitivityTable
 
@@ -59,27 +60,12 @@ def find_artifacts(run_dir: Path) -> dict[str, Any]:
             "eval": _load(evals[0]) if evals else None}
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> None:
-    with atomic_path(path, suffix=".tmp.png") as tmp:  # matplotlib picks the format by the extension
-        fig.savefig(tmp, dpi=100)
-    _plt().close(fig)
-
-
 def experts_chart(prune_plan: PrunePlan, path: Path) -> None:
     """Heat map layer × expert of the pruning importance; kept experts outlined."""
     import numpy as np
     from matplotlib.patches import Rectangle
 
-    plt = _plt()
+    plt = pyplot()
     layers = sorted(prune_plan.layers, key=int)
     n = prune_plan.n_experts
     grid = np.full((len(layers), n), np.nan)  # (layers, experts)
@@ -98,12 +84,12 @@ def experts_chart(prune_plan: PrunePlan, path: Path) -> None:
     ax.set_title(f"importance ({prune_plan.criterion}), kept {prune_plan.n_kept} of {n}")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def types_chart(quant_plan: QuantPlan, path: Path) -> None:
     """One bar per quantized tensor: bits per weight of its chosen type, coloured by type (F32 ones left out)."""
-    plt = _plt()
+    plt = pyplot()
     names = [n for n, t in quant_plan.tensors.items() if t not in ("F32", "F16", "BF16")]  # chosen types only
     types = [quant_plan.tensors[n] for n in names]
     kinds = sorted(set(types), key=bits_per_weight)
@@ -116,7 +102,7 @@ def types_chart(quant_plan: QuantPlan, path: Path) -> None:
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=colour[t]) for t in kinds], labels=kinds, fontsize=7,
               loc="lower right")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def pareto_points(summary: dict[str, Any] | None, eval_report: dict[str, Any] | None
@@ -136,7 +122,7 @@ def pareto_points(summary: dict[str, Any] | None, eval_report: dict[str, Any] | 
 
 def pareto_chart(points: list[tuple[str, int, float]], sizes: str, path: Path) -> None:
     """Size (MiB) against mean KLD, one labelled point each; the points no other beats on both joined."""
-    plt = _plt()
+    plt = pyplot()
     pts = sorted(points, key=lambda p: (p[1], p[2]))
     front, best = [], float("inf")
     for p in pts:
@@ -152,7 +138,7 @@ def pareto_chart(points: list[tuple[str, int, float]], sizes: str, path: Path) -
     ax.set_ylabel("mean KLD vs the original")
     ax.set_title("size vs KLD (line: the Pareto front)")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def sensitivity_rows(table: SensitivityTable, n: int = SENS_ROWS) -> list[str]:
