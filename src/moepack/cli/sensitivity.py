@@ -7,7 +7,9 @@ fallbacks. Every weight is fake-quantized exactly as the GGUF writer writes it, 
 --calib-dir. KLD mode measures KL(reference || model) per token on the first --sens-tokens tokens of --calib-text
 (held-out text of the deployment domain, like the calibration text; never the evaluation text), the reference being
 the original (unpruned) model. Proxy mode: the imatrix-weighted squared quantization error, no forward; both are
-reported when KLD is measured, with their rank agreement.
+reported when KLD is measured, with their rank agreement. --sensitivity fast probes one type per group and predicts
+the others from their quantization error (forward passes independent of the ladder length); auto (default) is fast
+when the full table's estimate, timed on those probes, exceeds 30 minutes.
 
 Output: sensitivity.json, the input of `moepack allocate`; every field except "timing" is a deterministic function
 of the inputs.

@@ -14,6 +14,10 @@ squared inputs per token, so experts weigh by how often they are routed; token_e
 forward. Both are always reported when KLD is measured, with their Spearman rank agreement
 (moepack.stages.sensitivity.table).
 
+Which probes run (config.sensitivity, moepack.stages.sensitivity.fast): "full" probes every (group, type); "fast"
+one type per group, every other type's ΔKLD predicted from it and the proxy (no forward per type); "auto" starts
+fast and completes the full table when the time it would take, measured on those probes, is under the limit.
+
 Output: a SensitivityTable (sensitivity.json, moepack.schema); every field except "timing" is a deterministic
 function of the inputs (with sensitivity "auto", base["sensitivity"] records whether the time estimate kept the
 table fast).
