@@ -84,7 +84,8 @@ def test_keep_auto_screens_retentions(model: Path, tmp_path: Path, capsys) -> No
     assert [c["keep"] for c in cands] == [1.0, 0.875, 0.75, 0.625] and not cands[0]["screened"]
     measured = [c for c in cands if not c["screened"]]
     best = min(c["kld"] for c in measured)
-    assert summary["measured_kld"] == best and summary["keep"] == min(measured, key=lambda c: c["kld"])["keep"]
+    assert summary["selection_kld"] == best and summary["keep"] == min(measured, key=lambda c: c["kld"])["keep"]
+    _check_report_tokens(run_dir, summary)
     screened = [c for c in cands if c["screened"]]
     assert screened
     for c in screened:
@@ -92,6 +93,25 @@ def test_keep_auto_screens_retentions(model: Path, tmp_path: Path, capsys) -> No
         if c["same_as"] is None:
             assert c["prune_kld"] >= min(m["kld"] for m in measured if m["keep"] > c["keep"])
     assert out.stat().st_size <= target
+
+
+def _check_report_tokens(run_dir: Path, summary: dict) -> None:
+    """The reported KLD is measured on tokens after the selection tokens in the calibration text, which no choice
+    saw: the same plan measured there differs from its selection KLD."""
+    import numpy as np
+
+    from moepack.schema import CalibStats
+
+    from moepack.model.textdata import tokenize_file
+
+    stats = CalibStats.read(run_dir)
+    assert stats.report is not None and stats.report.shape == stats.heldout.shape == (2, 128)  # --sens-tokens 256
+    ids = tokenize_file(Path(stats.manifest.model), CALIB, 1024 + 512)  # statistics, selection, report in order
+    assert np.array_equal(stats.heldout.ravel(), ids[1024:1280]) and np.array_equal(stats.report.ravel(), ids[1280:])
+    assert summary["report_tokens"] == stats.report.size
+    assert not np.array_equal(stats.report, stats.heldout)
+    assert summary["report_kld"] > 0 and summary["report_kld"] != summary["selection_kld"]
+    assert summary["measured_kld"] == summary["report_kld"]  # what moepack report and the model card show
 
 
 def test_keep_auto_skips_retentions_that_cannot_fit(model: Path, tmp_path: Path) -> None:

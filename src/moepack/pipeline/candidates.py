@@ -18,7 +18,7 @@ from moepack.pipeline.runstate import RunDir
 from moepack.schema import CalibStats, PrunePlan, QuantPlan, SensitivityTable
 from moepack.stages.budget import Budget, BudgetError, format_size
 
-__all__ = ["Candidate", "candidate", "choose_base", "floor_bytes", "fits", "sensitivity_stage"]
+__all__ = ["Candidate", "candidate", "choose_base", "floor_bytes", "fits", "measure_kld", "sensitivity_stage"]
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +134,14 @@ def _allocate(run: RunDir, table: SensitivityTable, budget: Budget, keep: float,
     return plan, path, overhead
 
 
-def _measure(view: CheckpointView, ref: CheckpointView, stats: CalibStats, plan_tensors: dict[str, str],
-             prune_plan: PrunePlan | None, opts: CompressOptions) -> float:
+def measure_kld(view: CheckpointView, ref: CheckpointView, stats: CalibStats, plan_tensors: dict[str, str],
+                prune_plan: PrunePlan | None, opts: CompressOptions, ids: Any = None) -> float:
+    """KLD vs `ref` of `view` with the plan's types, fake-quantized with the run's imatrix, on `ids` (default the
+    selection tokens, stats.heldout; compress's report uses stats.report)."""
     from moepack.stages.sensitivity.measure import plan_kld
 
-    return float(plan_kld(view, stats.heldout, plan_tensors, reference_view=ref, imatrix=stats,
-                          prune_plan=prune_plan, threads=opts.threads))
+    return float(plan_kld(view, stats.heldout if ids is None else ids, plan_tensors, reference_view=ref,
+                          imatrix=stats, prune_plan=prune_plan, threads=opts.threads))
 
 
 def _challenge(cand: Candidate, run: RunDir, table: SensitivityTable, budget: Budget, ref: CheckpointView,
@@ -152,7 +154,7 @@ def _challenge(cand: Candidate, run: RunDir, table: SensitivityTable, budget: Bu
     allocated = cand.plan
     cand.plan, cand.kld, cand.rivalry = challenge(
         cand.view, table, budget, allocated, cand.kld, allocated.budget_bytes,
-        lambda tensors: _measure(cand.view, ref, stats, tensors, cand.prune_plan, opts), opts.mixtures)
+        lambda tensors: measure_kld(cand.view, ref, stats, tensors, cand.prune_plan, opts), opts.mixtures)
     if cand.plan is not allocated:
         cand.plan_path = cand.plan.save(run.path(f"quant_plan-r{cand.keep:g}.json"))
     run.timings[f"mixtures r={cand.keep:g}"] = time.perf_counter() - t0
@@ -231,7 +233,7 @@ def candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats: CalibSta
         return Candidate(keep, view, prune_plan, None, None, 0, prune_kld=prune_floor, infeasible=True)
     cand = Candidate(keep, view, prune_plan, plan, path, overhead, prune_kld=prune_floor)
     t0 = time.perf_counter()
-    cand.kld = _measure(view, ref, stats, plan.tensors, prune_plan, opts)
+    cand.kld = measure_kld(view, ref, stats, plan.tensors, prune_plan, opts)
     run.timings[f"measure r={keep:g}"] = time.perf_counter() - t0
     if opts.mixtures:
         _challenge(cand, run, table, budget, ref, stats, opts)

@@ -45,14 +45,27 @@ class CompressResult:
     predicted_bytes: int
     bpw: float
     types: dict[str, dict[str, int]]  # tensor class → type → count
-    measured_kld: float  # KLD vs the original on held-out tokens, fake-quantized forward
+    selection_kld: float  # KLD vs the original on the selection tokens (every choice saw them), fake-quantized
+    report_kld: float | None  # the same on the report tokens no choice saw: the result (None: text too short)
     candidates: list[dict[str, Any]] = field(default_factory=list)
     mixtures: dict[str, Any] | None = None  # llama.cpp's fitting mixtures measured against the plan (dominance)
     timings: dict[str, float] = field(default_factory=dict)
+    report_tokens: int = 0
     sample: str = ""
     verify_error: str | None = None  # why llama.cpp could not run the written file here, if it could not
     llama_command: str = ""  # the llama.cpp command line that runs the file as it was placed and verified
     placement: dict[str, Any] | None = None  # GPU + RAM budgets: each side's tensor bytes and budget
+
+    @property
+    def measured_kld(self) -> float:
+        """The selection KLD (the name callers before the report split read)."""
+        return self.selection_kld
+
+    def summary(self) -> dict[str, Any]:
+        """summary.json: the fields, and `measured_kld` (the result: report KLD, else selection) for its readers
+        (moepack report, the model card)."""
+        kld = self.report_kld if self.report_kld is not None else self.selection_kld
+        return asdict(self) | {"measured_kld": kld}
 
 
 def _validate(opts: CompressOptions, view: CheckpointView) -> list[float]:
@@ -78,7 +91,8 @@ def _calibrate(model_dir: Path, run: RunDir, opts: CompressOptions, backend: Bac
     t0 = time.perf_counter()
     stats = run_calibrate(model_dir, text, run.root, tokens=opts.calib_tokens, seq_len=opts.seq_len,
                           heldout_tokens=opts.sens_tokens, progress=opts.progress, backend=backend,
-                          shards=opts.shards, threads=opts.threads)
+                          shards=opts.shards, threads=opts.threads,
+                          report_tokens=opts.sens_tokens if opts.report_tokens is None else opts.report_tokens)
     run.timings["calibrate"] = time.perf_counter() - t0
     return stats
 
@@ -174,12 +188,28 @@ def compress(model_dir: str | Path, out: str | Path, request: BudgetRequest, opt
     except NativeCrash as e:
         failure = str(e)
     command = llama_command(out, ctx, offload_experts=budget.gpu_weights is not None)
-    result = _result(out, run, ref, best, budget, cands, sample, failure, command)
-    atomic_write_text(run.path("summary.json"), json.dumps(asdict(result), indent=2, default=str) + "\n")
+    result = _result(out, run, ref, best, budget, cands, stats, _report_kld(run, best, ref, stats, opts), sample,
+                     failure, command)
+    atomic_write_text(run.path("summary.json"), json.dumps(result.summary(), indent=2, default=str) + "\n")
     if failure:
         raise CompressError(f"{out} is written and its run summary is in {run.path('summary.json')}, but llama.cpp "
                             f"could not run it here: {failure}")
     return result
+
+
+def _report_kld(run: RunDir, best: Candidate, ref: CheckpointView, stats: CalibStats,
+                opts: CompressOptions) -> float | None:
+    """The chosen plan's KLD on the report tokens (held out after the selection tokens; no choice saw them)."""
+    from moepack.pipeline.candidates import measure_kld
+
+    if stats.report is None:
+        log.warning("the calibration text left no report tokens after the selection tokens; the KLD reported is "
+                    "the selection KLD every choice was made on (use a longer --calib-text)")
+        return None
+    t0 = time.perf_counter()
+    kld = measure_kld(best.view, ref, stats, best.plan.tensors, best.prune_plan, opts, ids=stats.report)
+    run.timings["report KLD"] = time.perf_counter() - t0
+    return kld
 
 
 def _check_feasible(view: CheckpointView, budget: Budget, opts: CompressOptions) -> None:
@@ -191,8 +221,9 @@ def _check_feasible(view: CheckpointView, budget: Budget, opts: CompressOptions)
         raise CompressError(str(e)) from None
 
 
-def _result(out: Path, run: RunDir, ref: CheckpointView, best: Candidate, budget: Budget,
-            cands: list[Candidate], sample: str, verify_error: str | None, command: str) -> CompressResult:
+def _result(out: Path, run: RunDir, ref: CheckpointView, best: Candidate, budget: Budget, cands: list[Candidate],
+            stats: CalibStats, report_kld: float | None, sample: str, verify_error: str | None,
+            command: str) -> CompressResult:
     from moepack.gguf.recipe import types_by_class
 
     types = types_by_class(best.plan.tensors)
@@ -202,7 +233,7 @@ def _result(out: Path, run: RunDir, ref: CheckpointView, best: Candidate, budget
         out=out, run_dir=run.root, keep=best.keep, top_k=best.view.facts.top_k,
         n_experts=(best.view.facts.n_experts, ref.facts.n_experts), budget=budget.to_dict(), file_bytes=size,
         predicted_bytes=best.plan.predicted_bytes + best.overhead, bpw=8 * size / n_params, types=types,
-        measured_kld=best.kld,
+        selection_kld=best.kld, report_kld=report_kld, report_tokens=0 if stats.report is None else stats.report.size,
         candidates=[{"keep": c.keep, "top_k": c.view.facts.top_k, "kld": None if c.screened else c.kld,
                      "prune_kld": c.prune_kld, "screened": c.screened, "same_as": c.same_as,
                      "infeasible": c.infeasible,
@@ -220,9 +251,14 @@ def render_summary(r: CompressResult) -> str:
         f"  experts kept  {r.n_experts[0]} of {r.n_experts[1]} per MoE layer (keep {r.keep:g}), top-k {r.top_k}",
         f"  bytes         predicted tensors+metadata {r.predicted_bytes:,}; actual file {r.file_bytes:,}",
     ]
-    lines.append(f"  KLD vs original (fake-quantized forward on held-out calibration tokens): {r.measured_kld:.5f}")
+    if r.report_kld is not None:
+        lines.append(f"  KLD vs original (fake-quantized forward, {r.report_tokens:,} held-out tokens no choice saw): "
+                     f"{r.report_kld:.5f}; on the selection tokens {r.selection_kld:.5f}")
+    else:
+        lines.append(f"  KLD vs original on the selection tokens (the text left none for a report): "
+                     f"{r.selection_kld:.5f}")
     if r.mixtures:
-        lines.append(_mixtures_line(r.mixtures, r.measured_kld))
+        lines.append(_mixtures_line(r.mixtures, r.selection_kld))
     if len(r.candidates) > 1:
         lines.append("  retention search: " + ", ".join(_candidate_line(c) for c in r.candidates))
     lines.append("  types per tensor class:")

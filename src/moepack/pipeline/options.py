@@ -32,7 +32,8 @@ class CompressOptions:
     calib_text: Path | None = None
     calib_tokens: int = 50_000
     seq_len: int = 512
-    sens_tokens: int = 4096
+    sens_tokens: int = 4096  # selection tokens: held out from the statistics, every choice is measured on them
+    report_tokens: int | None = None  # held out after them for the reported KLD no choice saw (None: sens_tokens)
     solver: str = "greedy"
     base: str | None = None  # per-role base types; None: the largest ladder type leaving room for upgrades
     ladder: tuple[str, ...] = LADDER

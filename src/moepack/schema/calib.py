@@ -29,11 +29,14 @@ class CalibInputs:
     seq_len_requested: int
     heldout_requested: int
     shards: int | None = None  # an input only when given: the default takes statistics of any shard count
+    report_requested: int = 0  # held-out tokens after the held-out ones, for a report no choice saw (compress)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         if self.shards is None:
             del d["shards"]
+        if not self.report_requested:  # absent from manifests written before it existed
+            del d["report_requested"]
         return d
 
     def matches(self, manifest: CalibManifest) -> bool:
@@ -94,7 +97,8 @@ class CalibManifest:
                 keys = list(d)
                 asked = "shards" in d and keys.index("shards") < keys.index("format")  # among the inputs
                 inputs = CalibInputs(d["model"], d["text"], d["text_sha256"], d["tokens_requested"],
-                                     d["seq_len_requested"], d["heldout_requested"], d["shards"] if asked else None)
+                                     d["seq_len_requested"], d["heldout_requested"], d["shards"] if asked else None,
+                                     d.get("report_requested", 0))
             facts = {f.name: d[f.name] for f in fields(cls) if f.name != "inputs"}
         except KeyError as e:
             raise SchemaError(f"{where}: the calibration manifest lacks {e}; rerun moepack calibrate") from None
@@ -162,6 +166,7 @@ class CalibStats:
     router: dict[int, RouterStats]
     imatrix: dict[str, ImatrixEntry]  # checkpoint tensor name; a layer's experts stacked under model.arch.expert_key
     heldout: np.ndarray | None = None  # (n, L) token ids kept out of the statistics (for KLD checks)
+    report: np.ndarray | None = None  # (m, L) further held-out ids, after `heldout`: for a result no choice saw
 
     def write(self, out: Path) -> None:
         """calib/stats.safetensors, then calib/manifest.json (last: it marks the artifact complete)."""
@@ -177,6 +182,8 @@ class CalibStats:
             arrays[f"imatrix.{key}.counts"] = e.counts.astype(np.float64)
         if self.heldout is not None:
             arrays["heldout_ids"] = np.ascontiguousarray(self.heldout, dtype=np.int64)
+        if self.report is not None:
+            arrays["report_ids"] = np.ascontiguousarray(self.report, dtype=np.int64)
         with atomic_path(Path(out) / "stats.safetensors") as tmp:
             save_file(arrays, str(tmp))
         atomic_write_text(Path(out) / "manifest.json", json.dumps(self.manifest.to_dict(), indent=2))
@@ -197,4 +204,4 @@ class CalibStats:
             if k.startswith("imatrix.") and k.endswith(".in_sum2"):
                 key = k[len("imatrix."):-len(".in_sum2")]
                 imatrix[key] = ImatrixEntry(v.astype(np.float64), arrays[f"imatrix.{key}.counts"])
-        return cls(manifest, router, imatrix, arrays.get("heldout_ids"))
+        return cls(manifest, router, imatrix, arrays.get("heldout_ids"), arrays.get("report_ids"))

@@ -169,28 +169,30 @@ def calibrate(view: CheckpointView, ids: np.ndarray, *, batch_size: int = 8, pro
     return CalibStats(man, router, imatrix, heldout)
 
 
-def _split_tokens(ids: np.ndarray, tokens: int, heldout: int, seq_len: int) -> tuple[np.ndarray, np.ndarray | None]:
+def _split_tokens(ids: np.ndarray, tokens: int, heldout: int, seq_len: int,
+                  report: int = 0) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Statistics tokens, then held-out tokens, then report tokens (each (n, L), None when under one sequence)."""
     from moepack.model.textdata import chunk_tokens
 
-    if len(ids) < tokens + heldout:
+    if len(ids) < tokens + heldout + report:
         have = len(ids)
-        heldout = min(heldout, have // 8)
-        tokens = have - heldout
-        log.warning("text gives %d tokens, fewer than requested; using %d for statistics, %d held out",
-                    have, tokens, heldout)
+        heldout, report = min(heldout, have // 8), min(report, have // 8)
+        tokens = have - heldout - report
+        log.warning("text gives %d tokens, fewer than requested; using %d for statistics, %d held out, %d for the "
+                    "report", have, tokens, heldout, report)
     calib = chunk_tokens(ids[:tokens], seq_len)  # (N, L)
-    held = None
-    if heldout >= seq_len:
-        held = chunk_tokens(ids[tokens:tokens + heldout], seq_len)  # (n, L)
-    return calib, held
+    held = chunk_tokens(ids[tokens:tokens + heldout], seq_len) if heldout >= seq_len else None  # (n, L)
+    rep = chunk_tokens(ids[tokens + heldout:tokens + heldout + report], seq_len) if report >= seq_len else None
+    return calib, held, rep
 
 
 def run_calibrate(model_dir: str | Path, text: str | Path, out_dir: str | Path, *, tokens: int = 50_000,
                   seq_len: int = 512, heldout_tokens: int = 4096, batch_size: int = 8,
                   imatrix_out: str | Path | None = None, progress: bool = True, backend: Backend | None = None,
-                  shards: int | None = None, threads: int | None = None) -> CalibStats:
+                  shards: int | None = None, threads: int | None = None, report_tokens: int = 0) -> CalibStats:
     """The calibrate stage: statistics into OUT_DIR/calib/ (skipped when there with the same inputs; `shards`
-    counts as an input only when given: the default takes statistics made with any number of shards)."""
+    counts as an input only when given: the default takes statistics made with any number of shards).
+    `report_tokens` more are held out after the held-out tokens (CalibStats.report), for a KLD no choice saw."""
     from moepack.model.textdata import text_sha256, tokenize_file
 
     if tokens < seq_len:
@@ -202,18 +204,19 @@ def run_calibrate(model_dir: str | Path, text: str | Path, out_dir: str | Path, 
         raise CalibError(f"{model_dir}: no MoE layers; nothing to calibrate")
     inputs = CalibInputs(model=str(Path(model_dir).resolve()), text=str(Path(text).resolve()),
                          text_sha256=text_sha256(text), tokens_requested=tokens, seq_len_requested=seq_len,
-                         heldout_requested=heldout_tokens, shards=shards)
+                         heldout_requested=heldout_tokens, shards=shards, report_requested=report_tokens)
     out = Path(out_dir) / "calib"
     stats = _reuse(out, view, inputs)
     if stats is None:
-        ids = tokenize_file(model_dir, text, tokens + heldout_tokens)
-        calib, held = _split_tokens(ids, tokens, heldout_tokens, seq_len)
+        ids = tokenize_file(model_dir, text, tokens + heldout_tokens + report_tokens)
+        calib, held, report = _split_tokens(ids, tokens, heldout_tokens, seq_len, report_tokens)
         if shards is not None and shards > len(calib):
             raise CalibError(f"--shards {shards} exceeds the {len(calib)} calibration sequences; use at most "
                              f"{len(calib)} shards, or more --calib-tokens or a shorter --seq-len")
         log.info("calibrating %s on %d tokens (%d x %d)", view.root, calib.size, *calib.shape)
         stats = calibrate(view, calib, batch_size=batch_size, progress=progress, heldout=held, inputs=inputs,
                           backend=backend, shards=shards, threads=threads)
+        stats.report = report
         stats.write(out)
         log.info("calibration statistics in %s (%.1f s)", out, stats.manifest.seconds)
     if imatrix_out:
