@@ -51,6 +51,26 @@ def test_compress_fits_budget_and_runs(model: Path, tmp_path: Path, capsys) -> N
     assert len(quant_types) >= 2, quant_types  # the allocation mixed types
     assert not list(tmp_path.glob("*.tmp"))
     _check_run_command(out, text)
+    _check_criterion_auto(out.with_name(out.name + ".run"), text)
+
+
+def _check_criterion_auto(run_dir: Path, printed: str) -> None:
+    """The default --criterion auto measured every criterion's pruning-only KLD at keep 0.75 and pruned with the
+    lowest; the summary lists each."""
+    import json
+
+    from moepack.pipeline.criterion import AUTO_CRITERIA
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (cand,) = summary["candidates"]
+    tried = cand["criteria"]
+    assert [(t["criterion"], t["alpha"]) for t in tried] == list(AUTO_CRITERIA)
+    best = min(tried, key=lambda t: t["prune_kld"])
+    assert (summary["criterion"], summary["alpha"]) == (best["criterion"], best["alpha"])
+    assert cand["prune_kld"] == best["prune_kld"]
+    plan = json.loads((run_dir / "pruned-r0.75" / "prune_plan.json").read_text())
+    assert plan["criterion"] == best["criterion"]
+    assert "criterion at keep 0.75" in printed
 
 
 def _check_run_command(out: Path, printed: str) -> None:

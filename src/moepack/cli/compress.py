@@ -39,7 +39,7 @@ def add_cli(sub: o.Subparsers) -> None:
     o.add_base(p, "the largest ladder type that leaves 30%% of the budget for upgrades")
     o.add_ladder(p)
     o.add_sensitivity(p)
-    o.add_criterion(p)
+    o.add_criterion(p, auto=True)
     p.add_argument("--run-dir", type=Path, metavar="DIR",
                    help="stage artifacts (default OUT.gguf.run beside the output)")
     o.add_threads(p, "torch and quantization threads of every stage and task", ray=True)

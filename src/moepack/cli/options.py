@@ -292,8 +292,15 @@ def add_top_k(p: Container) -> None:
                         "the best on held-out tokens); default max(1, round(R*k))")
 
 
-def add_criterion(p: Container) -> None:
-    p.add_argument("--criterion", choices=CRITERIA, default="score", help="expert importance criterion (default score)")
+def add_criterion(p: Container, auto: bool = False) -> None:
+    """`auto` (compress): the default measures each criterion's pruning-only KLD and keeps the lowest."""
+    if auto:
+        p.add_argument("--criterion", choices=CRITERIA + ("auto",), default="auto",
+                       help="expert importance criterion, or auto (default): score at alpha 0, 0.5 and 1, reap and "
+                            "frequency, the lowest pruning-only KLD on held-out tokens")
+    else:
+        p.add_argument("--criterion", choices=CRITERIA, default="score",
+                       help="expert importance criterion (default score)")
 
 
 # ---------------------------------------------------------------------------------------------------- types

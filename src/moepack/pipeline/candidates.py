@@ -173,6 +173,9 @@ class Candidate:
     same_as: float | None = None  # screened: the retention that gives the same pruned model
     infeasible: bool = False  # screened: even the smallest type everywhere does not fit the budget
     rivalry: Rivalry | None = None  # llama.cpp's fitting mixtures measured against the allocated plan
+    criterion: str = "score"  # the pruning criterion and its α (score only)
+    alpha: float = 0.5
+    criteria: list[dict[str, Any]] | None = None  # --criterion auto: each criterion's pruning-only KLD
 
     @property
     def screened(self) -> bool:
@@ -194,7 +197,30 @@ def _prune_kld(view: CheckpointView, ref: CheckpointView, stats: CalibStats, ref
 
 
 def candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats: CalibStats, budget: Budget, keep: float,
-               opts: CompressOptions, backend: Backend, done: list[Candidate], refs: dict[str, Any]) -> Candidate:
+              opts: CompressOptions, backend: Backend, done: list[Candidate], refs: dict[str, Any]) -> Candidate:
+    """One retention (see _candidate); with --criterion auto, pruned by the criterion whose pruning alone costs the
+    least KLD on the selection tokens (moepack.pipeline.criterion)."""
+    import dataclasses
+
+    tried, known = None, None
+    if opts.criterion == "auto":
+        crit, alpha = "score", opts.alpha  # keep 1.0 drops no expert: any criterion gives the same model
+        if keep < 1.0 and stats.heldout is not None:
+            from moepack.pipeline.criterion import choose_criterion
+
+            t0 = time.perf_counter()
+            crit, alpha, known, tried = choose_criterion(
+                ref, stats, keep, lambda v: _prune_kld(v, ref, stats, refs, opts), opts.top_k)
+            run.timings[f"criterion r={keep:g}"] = time.perf_counter() - t0
+        opts = dataclasses.replace(opts, criterion=crit, alpha=alpha)
+    cand = _candidate(model_dir, ref, run, stats, budget, keep, opts, backend, done, refs, known)
+    cand.criterion, cand.alpha, cand.criteria = opts.criterion, opts.alpha, tried
+    return cand
+
+
+def _candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats: CalibStats, budget: Budget, keep: float,
+               opts: CompressOptions, backend: Backend, done: list[Candidate], refs: dict[str, Any],
+               known_prune_kld: float | None) -> Candidate:
     """Prune, measure, allocate and check one retention. Screening against the candidates `done` before it: a
     retention that yields the same model as one of them (group rounding: keep 0.875 of 4 per group keeps 4) is not
     measured again; and since quantization only adds error to what pruning costs, a retention whose pruning alone
@@ -213,11 +239,12 @@ def candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats: CalibSta
         log.info("keep %.3f: not measured: %s", keep, e)
         return Candidate(keep, view, prune_plan, None, None, 0, infeasible=True)
     best_kld = min((c.kld for c in measured), default=float("inf"))
-    prune_floor = None
+    prune_floor = known_prune_kld  # measured when choosing the criterion
     if prune_plan is not None and best_kld < float("inf") and stats.heldout is not None:
-        t0 = time.perf_counter()
-        prune_floor = _prune_kld(view, ref, stats, refs, opts)
-        run.timings[f"prune KLD r={keep:g}"] = time.perf_counter() - t0
+        if prune_floor is None:
+            t0 = time.perf_counter()
+            prune_floor = _prune_kld(view, ref, stats, refs, opts)
+            run.timings[f"prune KLD r={keep:g}"] = time.perf_counter() - t0
         if prune_floor >= best_kld:
             log.info("keep %.3f: pruning alone costs KLD %.5f >= %.5f of the best candidate; not measured further",
                      keep, prune_floor, best_kld)
@@ -237,5 +264,5 @@ def candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats: CalibSta
     run.timings[f"measure r={keep:g}"] = time.perf_counter() - t0
     if opts.mixtures:
         _challenge(cand, run, table, budget, ref, stats, opts)
-    log.info("keep %.3f: %s of tensors, measured KLD %.5f", keep, format_size(plan.predicted_bytes), cand.kld)
+    log.info("keep %.3f: %s of tensors, measured KLD %.5f", keep, format_size(cand.plan.predicted_bytes), cand.kld)
     return cand

@@ -49,6 +49,8 @@ class CompressResult:
     report_kld: float | None  # the same on the report tokens no choice saw: the result (None: text too short)
     candidates: list[dict[str, Any]] = field(default_factory=list)
     mixtures: dict[str, Any] | None = None  # llama.cpp's fitting mixtures measured against the plan (dominance)
+    criterion: str = "score"  # the pruning criterion (and α) of the chosen candidate
+    alpha: float = 0.5
     timings: dict[str, float] = field(default_factory=dict)
     report_tokens: int = 0
     sample: str = ""
@@ -238,7 +240,9 @@ def _result(out: Path, run: RunDir, ref: CheckpointView, best: Candidate, budget
                      "prune_kld": c.prune_kld, "screened": c.screened, "same_as": c.same_as,
                      "infeasible": c.infeasible,
                      "tensor_bytes": None if c.screened else c.plan.predicted_bytes,
-                     "mixtures": c.rivalry.to_dict() if c.rivalry else None} for c in cands],
+                     "mixtures": c.rivalry.to_dict() if c.rivalry else None,
+                     "criterion": c.criterion, "alpha": c.alpha, "criteria": c.criteria} for c in cands],
+        criterion=best.criterion, alpha=best.alpha,
         mixtures=best.rivalry.to_dict() if best.rivalry else None,
         timings=dict(run.timings), sample=sample, verify_error=verify_error,
         llama_command=command, placement=best.plan.base.get("placement"))
@@ -259,6 +263,11 @@ def render_summary(r: CompressResult) -> str:
                      f"{r.selection_kld:.5f}")
     if r.mixtures:
         lines.append(_mixtures_line(r.mixtures, r.selection_kld))
+    for c in r.candidates:
+        if c.get("criteria"):
+            tried = ", ".join(f"{_criterion_name(t)} {t['prune_kld']:.5f}" for t in c["criteria"])
+            lines.append(f"  criterion at keep {c['keep']:g} (pruning-only KLD on the selection tokens): {tried}; "
+                         f"chose {_criterion_name(c)}")
     if len(r.candidates) > 1:
         lines.append("  retention search: " + ", ".join(_candidate_line(c) for c in r.candidates))
     lines.append("  types per tensor class:")
@@ -283,6 +292,10 @@ def _mixtures_line(m: dict[str, Any], kld: float) -> str:
         gain = f"{100 * (top - kld) / top:.1f}% below" if top > 0 else "equal to"
         line += f" ({gain} {m['best_mixture']}; allocated plan {m['allocated_kld']:.5f})"
     return line
+
+
+def _criterion_name(c: dict[str, Any]) -> str:
+    return f"score alpha {c['alpha']:g}" if c["criterion"] == "score" else c["criterion"]
 
 
 def _candidate_line(c: dict[str, Any]) -> str:

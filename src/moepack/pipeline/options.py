@@ -37,7 +37,7 @@ class CompressOptions:
     solver: str = "greedy"
     base: str | None = None  # per-role base types; None: the largest ladder type leaving room for upgrades
     ladder: tuple[str, ...] = LADDER
-    criterion: str = "score"
+    criterion: str = "auto"  # or a fixed one of stages.prune.CRITERIA (moepack.pipeline.criterion)
     alpha: float = 0.5
     verify_ctx: int = 512
     extra_bufts: bool = False  # verify with llama.cpp's CPU extra buffer types (repacking) on
