@@ -34,7 +34,8 @@ def add_cli(sub: o.Subparsers) -> None:
     o.add_calib_text(p)
     o.add_calib_tokens(p)
     o.add_seq_len(p)
-    o.add_sens_tokens(p, "held-out tokens after the calibration tokens, for sensitivity and KLD")
+    o.add_sens_tokens(p, "selection tokens held out after the calibration tokens (sensitivity and every choice); as "
+                         "many again after them for the reported KLD, which no choice saw")
     o.add_solver(p)
     o.add_base(p, "the largest ladder type that leaves 30%% of the budget for upgrades")
     o.add_ladder(p)
