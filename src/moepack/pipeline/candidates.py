@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from moepack.backends import Backend
+from moepack.gguf.metadata import WRITER_ID
 from moepack.model.checkpoint import CheckpointView, open_checkpoint
 from moepack.pipeline.dominance import Rivalry
 from moepack.pipeline.options import BASE_SHARE, CompressError, CompressOptions
@@ -56,13 +57,14 @@ def floor_bytes(view: CheckpointView, smallest: str, keep: float = 1.0, side: st
     return total
 
 
-def fits(view: CheckpointView, smallest: str, budget: Budget, keep: float = 1.0) -> None:
+def fits(view: CheckpointView, smallest: str, budget: Budget, keep: float = 1.0, named: float | None = None) -> None:
     """BudgetError unless `view` at retention `keep` with every tensor at `smallest` fits `budget` (each of a GPU +
-    RAM pair); the message says what would."""
+    RAM pair); the message says what would, naming the retention `named` (default `keep`; an already pruned view is
+    checked at keep 1.0 of its experts but was asked for as its own retention)."""
     from moepack.stages.budget import BudgetError
     from moepack.stages.placement import check_floors
 
-    what = f"--keep {keep:g} with every tensor at {smallest}"
+    what = f"--keep {keep if named is None else named:g} with every tensor at {smallest}"
     if budget.gpu_weights is not None:
         check_floors(budget, floor_bytes(view, smallest, keep, "gpu"), floor_bytes(view, smallest, keep, "ram"), what)
     elif (floor := floor_bytes(view, smallest, keep)) > budget.weights:
@@ -99,7 +101,8 @@ def sensitivity_stage(run: RunDir, view: CheckpointView, ref: CheckpointView, st
     key = {"model": view.fingerprint(), "reference": ref.fingerprint(), "calib": stats.manifest.text_sha256,
            "calib_tokens": stats.manifest.tokens, "base": base, "ladder": list(opts.ladder),
            "sensitivity": opts.sensitivity,
-           "prune": plan.to_dict()["layers"] if plan is not None else None, "top_k": view.facts.top_k}
+           "prune": plan.to_dict()["layers"] if plan is not None else None, "top_k": view.facts.top_k,
+           "writer": WRITER_ID}  # the table holds the writer's overhead_bytes
     if stats.manifest.shards != 1:  # sums in another order: the imatrix may differ in its last bits
         key["calib_shards"] = stats.manifest.shards
 
@@ -234,7 +237,7 @@ def _candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats: CalibSt
         log.info("keep %.3f keeps the same experts and top-k as keep %.3f; not measured again", keep, twin.keep)
         return Candidate(keep, view, prune_plan, None, None, 0, prune_kld=twin.prune_kld, same_as=twin.keep)
     try:
-        fits(view, opts.ladder[0], budget)
+        fits(view, opts.ladder[0], budget, named=keep)
     except BudgetError as e:  # e.g. keep 1.0 under a budget only a pruned model fits: try the next retention
         log.info("keep %.3f: not measured: %s", keep, e)
         return Candidate(keep, view, prune_plan, None, None, 0, infeasible=True)
