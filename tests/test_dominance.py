@@ -74,3 +74,47 @@ def test_a_better_mixture_is_taken(model: Path, tmp_path: Path, capsys) -> None:
     written = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "x.gguf").tensors}
     assert written == want
     assert f"plan: mixture {best['name']}" in capsys.readouterr().out
+
+
+def _table(view):
+    """A sensitivity table over `view`'s quantizable tensors, one group each, ladder IQ2_XXS < Q4_K < Q6_K with
+    made-up ΔKLD falling with bits."""
+    from moepack.gguf.names import gguf_outputs
+    from moepack.gguf.types import written_bytes
+    from moepack.schema import SensitivityTable
+    from moepack.schema.tables import Group, Option
+
+    groups, fixed, fixed_bytes = [], {}, 0
+    for t in gguf_outputs(view):
+        if not t.quantizable:
+            fixed[t.name], fixed_bytes = "F32", fixed_bytes + written_bytes(t.shape, "F32")
+            continue
+        opts = tuple(Option(ty, written_bytes(t.shape, ty), -d) for ty, d in (("IQ2_XXS", 0), ("Q4_K", 2), ("Q6_K", 3)))
+        groups.append(Group(t.name, (t.name,), opts))
+    return SensitivityTable(tuple(groups), fixed_bytes, {}, fixed)
+
+
+def test_greedy_seeded_from_a_mixture_only_upgrades_it(model: Path) -> None:
+    """Seeded from Q4_K_M, each group starts at the mixture's type (or the largest option below its bytes, for
+    types off the ladder) and the greedy only spends the bytes left: never below that start, within the budget."""
+    from moepack.gguf.names import gguf_outputs
+    from moepack.model.checkpoint import open_checkpoint
+    from moepack.pipeline.dominance import _snap, mixture_plan, seeded_plan
+    from moepack.stages.allocate import allocate
+    from moepack.stages.mixtures import mixture_sizes
+
+    view = open_checkpoint(model)
+    table = _table(view)
+    size = mixture_sizes(view, ftypes=("Q4_K_M",))["Q4_K_M"]
+    budget = size.total + 50_000
+    mix = mixture_plan(view, table, "Q4_K_M", size, allocate(table, budget))
+    assert mix.predicted_bytes == size.total and mix.budget_bytes == budget
+    start = _snap(table, mix.tensors, {t.name: t.shape for t in gguf_outputs(view)})
+    seeded = seeded_plan(view, table, mix, budget)
+    assert seeded is not None and seeded.predicted_bytes <= budget
+    for g, c in zip(table.groups, start):
+        if mix.tensors[g.name] in ("IQ2_XXS", "Q4_K", "Q6_K"):
+            assert g.options[c].type == mix.tensors[g.name]
+        chosen = next(o for o in g.options if o.type == seeded.groups[g.name])
+        assert chosen.bytes >= g.options[c].bytes  # upgrades only
+    assert any(g.options[c].type != seeded.groups[g.name] for g, c in zip(table.groups, start))  # spent the slack

@@ -10,7 +10,6 @@ left by measured sensitivity; of the allocated plan, the mixture and that seeded
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -147,6 +146,5 @@ def challenge(view: CheckpointView, table: SensitivityTable, budget: Budget, pla
         rivalry.seeded_kld = measure(seeded.tensors)
         if rivalry.seeded_kld < best[1]:
             best, rivalry.chosen = (seeded, rivalry.seeded_kld), f"seeded from {top['name']}"
-    if math.isfinite(best[1]):
-        log.info("plan: %s, selection KLD %.5f (allocated %.5f)", rivalry.chosen, best[1], kld)
+    log.info("plan: %s, selection KLD %.5f (allocated %.5f)", rivalry.chosen, best[1], kld)
     return best[0], best[1], rivalry
