@@ -24,7 +24,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from claim import SENS_LADDER, file_limit  # noqa: E402  (bench/claim.py: the same ladder and budgets)
-from domain import write_section  # noqa: E402
 
 BEGIN, END = "<!-- bench/sensitivity.py: begin -->", "<!-- bench/sensitivity.py: end -->"
 
@@ -230,6 +229,18 @@ def main(argv: list[str] | None = None) -> int:
         res["compress"] = [bench_compress(m, args) for m in args.models]
         _write(res, args)
     return 0
+
+
+def write_section(md: Path, section: str) -> None:
+    """`section` in place of the one between this bench's markers in `md` (appended where there is none)."""
+    text = md.read_text() if md.is_file() else ""
+    if BEGIN not in text or END not in text:
+        md.write_text(text.rstrip("\n") + "\n\n" + section)
+        return
+    head, rest = text[: text.index(BEGIN)], text[text.index(END) + len(END):].lstrip("\n")
+    while BEGIN in rest and END in rest:  # a copy appended by an older run
+        rest = rest[: rest.index(BEGIN)] + rest[rest.index(END) + len(END):].lstrip("\n")
+    md.write_text(head + section + ("\n" + rest if rest.strip() else ""))
 
 
 def _write(res: dict[str, Any], args: argparse.Namespace) -> None:
