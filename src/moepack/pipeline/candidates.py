@@ -207,14 +207,21 @@ def candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats: CalibSta
 
     tried, known = None, None
     if opts.criterion == "auto":
-        crit, alpha = "score", opts.alpha  # keep 1.0 drops no expert: any criterion gives the same model
-        if keep < 1.0 and stats.heldout is not None:
+        from moepack.model.pruned import default_top_k, kept_count
+
+        crit, alpha = "score", opts.alpha  # a retention that drops no expert: any criterion gives the same model
+        n_kept = kept_count(ref, keep)
+        if n_kept < ref.facts.n_experts and stats.heldout is not None:
             from moepack.pipeline.criterion import choose_criterion
 
-            t0 = time.perf_counter()
-            crit, alpha, known, tried = choose_criterion(
-                ref, stats, keep, lambda v: _prune_kld(v, ref, stats, refs, opts), opts.top_k)
-            run.timings[f"criterion r={keep:g}"] = time.perf_counter() - t0
+            k = opts.top_k if isinstance(opts.top_k, int) else min(default_top_k(keep, ref.facts.top_k), n_kept)
+            memo = refs.setdefault("criteria", {})  # retentions that round to the same experts and k' share it
+            if (n_kept, k) not in memo:
+                t0 = time.perf_counter()
+                memo[n_kept, k] = choose_criterion(ref, stats, keep, lambda v: _prune_kld(v, ref, stats, refs, opts),
+                                                   opts.top_k)
+                run.timings[f"criterion r={keep:g}"] = time.perf_counter() - t0
+            crit, alpha, known, tried = memo[n_kept, k]
         opts = dataclasses.replace(opts, criterion=crit, alpha=alpha)
     cand = _candidate(model_dir, ref, run, stats, budget, keep, opts, backend, done, refs, known)
     cand.criterion, cand.alpha, cand.criteria = opts.criterion, opts.alpha, tried
