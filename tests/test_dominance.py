@@ -99,7 +99,7 @@ def test_greedy_seeded_from_a_mixture_only_upgrades_it(model: Path) -> None:
     types off the ladder) and the greedy only spends the bytes left: never below that start, within the budget."""
     from moepack.gguf.names import gguf_outputs
     from moepack.model.checkpoint import open_checkpoint
-    from moepack.pipeline.dominance import _snap, mixture_plan, seeded_plan
+    from moepack.pipeline.dominance import mixture_plan, seeded_plan, snap_to_options
     from moepack.stages.allocate import allocate
     from moepack.stages.mixtures import mixture_sizes
 
@@ -109,7 +109,7 @@ def test_greedy_seeded_from_a_mixture_only_upgrades_it(model: Path) -> None:
     budget = size.total + 50_000
     mix = mixture_plan(view, table, "Q4_K_M", size, allocate(table, budget))
     assert mix.predicted_bytes == size.total and mix.budget_bytes == budget
-    start = _snap(table, mix.tensors, {t.name: t.shape for t in gguf_outputs(view)})
+    start = snap_to_options(table, mix.tensors, {t.name: t.shape for t in gguf_outputs(view)})
     seeded = seeded_plan(view, table, mix, budget)
     assert seeded is not None and seeded.predicted_bytes <= budget
     for g, c in zip(table.groups, start):

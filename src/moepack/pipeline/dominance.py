@@ -18,7 +18,7 @@ from moepack.schema import QuantPlan, SensitivityTable
 from moepack.stages.budget import Budget
 from moepack.stages.mixtures import MixtureSize
 
-__all__ = ["Rivalry", "fitting_mixtures", "mixture_plan", "seeded_plan", "challenge"]
+__all__ = ["Rivalry", "fitting_mixtures", "mixture_plan", "snap_to_options", "seeded_plan", "challenge"]
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,8 @@ def mixture_plan(view: CheckpointView, table: SensitivityTable, name: str, size:
                      None, None, base)
 
 
-def _snap(table: SensitivityTable, mixture: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> list[int]:
+def snap_to_options(table: SensitivityTable, mixture: dict[str, str],
+                    shapes: dict[str, tuple[int, ...]]) -> list[int]:
     """Per group the option of the mixture's type, else the largest option no larger than the mixture's bytes."""
     from moepack.gguf.types import written_bytes
 
@@ -106,7 +107,7 @@ def seeded_plan(view: CheckpointView, table: SensitivityTable, mixture: QuantPla
     the mixture's bytes sit in tensors the table keeps fixed)."""
     from moepack.stages.allocate import AllocationError, objective, solve_greedy
 
-    start = _snap(table, mixture.tensors, _shapes(view))
+    start = snap_to_options(table, mixture.tensors, _shapes(view))
     try:
         choice = solve_greedy(table, budget_bytes, start=start)
     except AllocationError as e:
