@@ -161,8 +161,8 @@ def _ci(row: dict | None, domain: str) -> tuple[float, float] | None:
 
 
 def verdict(pt: dict[str, Any], domain: str) -> dict[str, Any]:
-    """Did keep auto prune, and did the pruned file beat quant-only (and llama.cpp's best fitting mixture) on the
-    target domain at no larger size with 95 % CIs apart?"""
+    """Did keep auto prune, and did its file beat quant-only (at no larger size) and llama.cpp's best mixture within
+    the same budget on the target domain, with 95 % CIs apart?"""
     a, q, l = pt["auto"], pt["quant_only"], pt["llama_best"]
     out: dict[str, Any] = {"pruned": bool(a.get("file")) and a["keep"] < 1.0}
     ca = _ci(a, domain)
@@ -172,9 +172,11 @@ def verdict(pt: dict[str, Any], domain: str) -> dict[str, Any]:
             out[name] = None
             continue
         out[name] = {"lower": a["eval"][domain]["kld_mean"] < other["eval"][domain]["kld_mean"],
-                     "cis_apart": ca[1] < co[0], "no_larger": a["size_bytes"] <= other["size_bytes"]}
-    vq = out["vs_quant_only"]
+                     "cis_apart": ca[1] < co[0], "no_larger": a["size_bytes"] <= other["size_bytes"],
+                     "both_fit": max(a["size_bytes"], other["size_bytes"]) <= pt["file_limit"]}
+    vq, vl = out["vs_quant_only"], out["vs_llama"]
     out["pruning_paid"] = bool(out["pruned"] and vq and vq["lower"] and vq["cis_apart"] and vq["no_larger"])
+    out["beat_llama"] = bool(vl and vl["lower"] and vl["cis_apart"] and vl["both_fit"])
     return out
 
 
@@ -224,19 +226,24 @@ def markdown(results: dict[str, Any], command: str) -> str:
                          if a.get("file") else "does not fit")
             paid = "yes" if v["pruning_paid"] else ("no (not pruned)" if not v["pruned"] else
                                                     "— (quant-only cannot fit)" if not q.get("file") else "no")
+            small = min(r["mixtures"], key=lambda m: m["size_bytes"])
+            llama_cell = (f"{lb['method']}, {_mib(lb)} MiB" if lb else
+                          f"none fits (smallest: {small['method']}, {_mib(small)} MiB)")
             lines.append(f"| {d} | {pt['budget_bpw']:g} | {pt['file_limit'] / 2**20:.2f} | {auto_cell} | {_kld(a, d)} "
-                         f"| {_quant_cell(q)} | {lb['method'] + ', ' + _mib(lb) + ' MiB' if lb else '—'} | "
+                         f"| {_quant_cell(q)} | {llama_cell} | "
                          f"{_kld(lb, d)} | {paid} | {_others(a, d)} | {_others(pt['quant_only'], d)} |")
     paid = [(r["domain"], pt["budget_bpw"]) for r in results["domains"] for pt in r["points"]
             if pt["verdict"]["pruning_paid"]]
-    beat = [(r["domain"], pt["budget_bpw"]) for r in results["domains"] for pt in r["points"]
-            if (pt["verdict"]["vs_llama"] or {}).get("cis_apart") and pt["verdict"]["vs_llama"]["no_larger"]]
+    beat = [(r["domain"], pt["budget_bpw"]) for r in results["domains"] for pt in r["points"] if pt["verdict"]["beat_llama"]]
+    none = [(r["domain"], pt["budget_bpw"]) for r in results["domains"] for pt in r["points"] if pt["llama_best"] is None]
     n = sum(len(r["points"]) for r in results["domains"])
     lines += ["", f"Pruning paid (keep auto pruned, KLD on the target domain below quant-only's at no larger size, "
                   f"CIs apart) at {len(paid)} of {n} (domain, budget) points"
                   + (": " + ", ".join(f"{d} {b:g} bpw" for d, b in paid) if paid else "") + ". "
-                  f"keep auto beat llama.cpp's best fitting mixture with CIs apart at {len(beat)} of {n}"
-                  + (": " + ", ".join(f"{d} {b:g} bpw" for d, b in beat) if beat else "") + ".", "", END]
+                  f"keep auto beat llama.cpp's best mixture within the same budget (lower KLD, CIs apart) at "
+                  f"{len(beat)} of {n}" + (": " + ", ".join(f"{d} {b:g} bpw" for d, b in beat) if beat else "")
+                  + f"; at {len(none)} of {n} no llama.cpp mixture fits the budget at all"
+                  + (": " + ", ".join(f"{d} {b:g} bpw" for d, b in none) if none else "") + ".", "", END]
     return "\n".join(lines) + "\n"
 
 
@@ -264,7 +271,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--ctx", type=int, default=256)
     p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--from-json", action="store_true", help="only rewrite the section from --out's results")
     args = p.parse_args(argv)
+    if args.from_json:
+        results = json.loads(args.out.read_text())
+        for r in results["domains"]:
+            for pt in r["points"]:
+                pt["verdict"] = verdict(pt, r["domain"])
+        args.out.write_text(json.dumps(results, indent=1, default=str))
+        write_section(args.md, markdown(results, results["command"]))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from moepack.model.checkpoint import open_checkpoint
     from moepack.pipeline.options import CompressOptions
@@ -278,9 +294,10 @@ def main(argv: list[str] | None = None) -> int:
                             "eval_tokens": args.eval_tokens, "criterion": CompressOptions().criterion,
                             "eval": ev.settings},
                "domains": domains, "seconds": round(time.perf_counter() - t0, 1)}
+    command = "python bench/domain.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results["command"] = command.strip()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, default=str))
-    command = "python bench/domain.py " + " ".join(argv if argv is not None else sys.argv[1:])
     write_section(args.md, markdown(results, command.strip()))
     print(markdown(results, command.strip()))
     return 0
