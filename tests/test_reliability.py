@@ -327,7 +327,8 @@ def test_corrupted_stage_artifact_is_recomputed(model: Path, tmp_path: Path, cap
     """compress, corrupt the cached sensitivity table, rerun: the hash mismatch is detected, the stage recomputed
     to the same bytes (sensitivity is deterministic), and the GGUF is identical."""
     out, run = tmp_path / "x.gguf", tmp_path / "run"
-    argv = ["compress", str(model), "--target-size", "1MB", "-o", str(out), "--run-dir", str(run), *SMALL]
+    argv = ["compress", str(model), "--target-size", "1MB", "--keep", "0.75", "-o", str(out), "--run-dir", str(run),
+            *SMALL]
     assert main(argv) == 0
     sens = run / "sensitivity-r0.75.json"
     first_sens, first_out = _untimed(sens), _sha(out)
