@@ -197,10 +197,8 @@ def _others(row: dict | None, domain: str) -> str:
     return ", ".join(f"{d} {row['eval'][d]['kld_mean']:.3f}" for d in DOMAINS if d != domain)
 
 
-def _quant_cell(q: dict) -> str:
-    if q.get("file"):
-        return f"{_mib(q)} MiB, {_kld(q, q['_domain'])}"
-    return "does not fit"
+def _quant_cell(q: dict, domain: str) -> str:
+    return f"{_mib(q)} MiB, {_kld(q, domain)}" if q.get("file") else "does not fit"
 
 
 def markdown(results: dict[str, Any], command: str) -> str:
@@ -221,7 +219,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
     for r in results["domains"]:
         d = r["domain"]
         for pt in r["points"]:
-            a, q, lb, v = pt["auto"], dict(pt["quant_only"], _domain=d), pt["llama_best"], pt["verdict"]
+            a, q, lb, v = pt["auto"], pt["quant_only"], pt["llama_best"], pt["verdict"]
             auto_cell = (f"{a['keep']:g} ({a['n_experts'][0]}/{a['n_experts'][1]}), {a['top_k']}, {_mib(a)}"
                          if a.get("file") else "does not fit")
             paid = "yes" if v["pruning_paid"] else ("no (not pruned)" if not v["pruned"] else
@@ -230,8 +228,8 @@ def markdown(results: dict[str, Any], command: str) -> str:
             llama_cell = (f"{lb['method']}, {_mib(lb)} MiB" if lb else
                           f"none fits (smallest: {small['method']}, {_mib(small)} MiB)")
             lines.append(f"| {d} | {pt['budget_bpw']:g} | {pt['file_limit'] / 2**20:.2f} | {auto_cell} | {_kld(a, d)} "
-                         f"| {_quant_cell(q)} | {llama_cell} | "
-                         f"{_kld(lb, d)} | {paid} | {_others(a, d)} | {_others(pt['quant_only'], d)} |")
+                         f"| {_quant_cell(q, d)} | {llama_cell} | "
+                         f"{_kld(lb, d)} | {paid} | {_others(a, d)} | {_others(q, d)} |")
     paid = [(r["domain"], pt["budget_bpw"]) for r in results["domains"] for pt in r["points"]
             if pt["verdict"]["pruning_paid"]]
     beat = [(r["domain"], pt["budget_bpw"]) for r in results["domains"] for pt in r["points"] if pt["verdict"]["beat_llama"]]
