@@ -27,6 +27,7 @@ from moepack.gguf.metadata import WriteError, has_metadata_writer, write_metadat
 from moepack.gguf.names import OutTensor, gguf_outputs
 from moepack.gguf.recipe import RECIPE_KEY, file_recipe, recipe_json, recipe_placeholder
 from moepack.gguf.types import fallback_type, parse_type, tensor_bytes
+from moepack.model.checkpoint import import_reader
 from moepack.schema import PrunePlan
 
 __all__ = [
@@ -295,6 +296,7 @@ def write_gguf(view: Any, out_path: str | Path, *, default_type: GGMLQuantizatio
         raise WriteError(f"{out_path.parent}: output directory does not exist")
     typed, n_expert, extra = _prepare(view, default_type, tensor_types, imatrix, quant_plan, prune_plan,
                                       plan_record, recipe)
+    import_reader()  # before the output exists: an interrupt inside torch's import would abort, not clean up
     try:
         with atomic_path(out_path) as tmp:
             w = _start_file(tmp, view, typed, n_expert, extra)

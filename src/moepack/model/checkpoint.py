@@ -30,6 +30,7 @@ __all__ = [
     "CheckpointView",
     "open_checkpoint",
     "read_safetensors_header",
+    "import_reader",
     "read_tensor",
     "config_get",
     "facts_from_config",
@@ -163,6 +164,12 @@ def _check_finite(ref: TensorRef, t) -> None:
         if not bool(torch.isfinite(flat[a:a + _FINITE_CHUNK]).all()):
             raise CheckpointError(f"{ref.file}: tensor {ref.name!r} holds NaN or inf values; fix or re-export the "
                                   "checkpoint (moepack cannot calibrate or quantize non-finite weights)")
+
+
+def import_reader() -> None:
+    """Import torch, which reads every tensor, now. A Ctrl-C that lands inside torch's import aborts the process
+    (its pybind11 init cannot hand the KeyboardInterrupt back), so writers call this before opening their output."""
+    import torch  # noqa: F401
 
 
 def read_tensor(ref: TensorRef):  # -> torch.Tensor
