@@ -115,13 +115,13 @@ class Evaluator:
         p = ROOT / file
         cache = p.with_suffix(f".eval-{domain}.json")
         stamp = [p.stat().st_size, p.stat().st_mtime_ns, self.cfg.tokens, self.cfg.ctx]
-        if cache.is_file() and json.loads(cache.read_text()).get("stamp") == stamp:
-            return json.loads(cache.read_text())["eval"]
+        if cache.is_file() and (hit := json.loads(cache.read_text())).get("stamp") == stamp and "text" in hit:
+            self.settings.setdefault(domain, hit["text"])  # the scored-token counts, without preparing the reference
+            return hit["eval"]
         e = evaluate_model(p, self._ref(domain), {}, self.cfg)
         keep = ("ppl", "kld_mean", "kld_ci95_low", "kld_ci95_high", "kld_median", "kld_p99", "top1")
         r = {k: e[k] for k in keep}
-        cache.write_text(json.dumps({"stamp": stamp, "eval": r}))
-        self._ref(domain)  # settings recorded even when every result was cached
+        cache.write_text(json.dumps({"stamp": stamp, "eval": r, "text": self.settings[domain]}))
         return r
 
 
