@@ -15,11 +15,14 @@ from conftest import DATA, MODELS, build_tiny_model, fixture_dir
 from moepack.eval import mc
 from moepack.cli import main
 from moepack.eval.evaluate import evaluate, to_markdown
-from moepack.eval.reference import EvalConfig, EvalError, prepare_reference
+from moepack.eval.reference import SCORED_TOKENS, EvalConfig, EvalError, prepare_reference, tokens_for
+from moepack.eval.speed import SPEED_RUNS
+from moepack.model import metrics
 
 TEXT = DATA / "tinystories-valid.txt"
 CFG = EvalConfig(ctx=64, tokens=512, threads=1, speed=False, mc_items=None)
-TIMING = {"eval_seconds", "load_seconds", "prompt_tps", "decode_tps", "peak_rss_bytes", "base_rss_bytes"}
+TIMING = {"eval_seconds", "load_seconds", "prompt_tps", "decode_tps", "peak_rss_bytes", "base_rss_bytes",
+          "speed_each_run"}
 
 
 def _tokenizer_dir() -> Path:
@@ -76,9 +79,12 @@ def test_kld_against_itself_is_zero(tiny, tmp_path) -> None:
     m = r["models"][0]
     assert r["reference"]["kind"] == "gguf"
     assert m["kld_mean"] == 0.0 and m["kld_max"] == 0.0 and m["kld_p99"] == 0.0
-    assert m["top1"] == 1.0
+    assert m["top1"] == 1.0 and m["top1_ci95_low"] == m["top1_ci95_high"] == 1.0
+    assert m["dp_rms"] == 0.0 and m["dp_rms_ci95_high"] == 0.0 and m["dp_mean"] == 0.0
+    assert m["ppl_ratio"] == 1.0 and m["ppl_ratio_ci95_low"] == m["ppl_ratio_ci95_high"] == 1.0
     assert m["ppl"] == pytest.approx(r["reference"]["ppl"], rel=1e-12)
     assert r["settings"]["scored_tokens"] == (512 // 64) * (64 // 2 - 1)
+    assert r["settings"]["short_text"] is None
 
 
 def test_ppl_equals_transformers(tiny, tmp_path) -> None:
@@ -90,6 +96,10 @@ def test_ppl_equals_transformers(tiny, tmp_path) -> None:
     assert m["ppl"] == pytest.approx(want, rel=1e-3)  # llama.cpp on the F32 GGUF
     assert m["tokenizer_agrees"] is True
     assert 0.0 <= m["kld_mean"] < 1e-3 and m["top1"] > 0.95
+    # llama.cpp vs transformers: the ratio is exactly the two PPLs', the differences small but not nil.
+    assert m["ppl_ratio"] == pytest.approx(m["ppl"] / r["reference"]["ppl"], rel=1e-9)
+    assert m["ppl_ratio_ci95_low"] <= m["ppl_ratio"] <= m["ppl_ratio_ci95_high"]
+    assert 0.0 < m["dp_rms"] < 1e-2 and m["dp_rms_ci95_low"] <= m["dp_rms"] <= m["dp_rms_ci95_high"]
     n_params = r["reference"]["params"]
     assert m["bpw"] == pytest.approx(8 * gguf_path.stat().st_size / n_params)
     assert m["bpw_tensors"] == pytest.approx(32.0, rel=0.01)
@@ -125,14 +135,20 @@ def test_cli_json_markdown_and_speed(tiny, tmp_path, capsys) -> None:
     assert rc == 0
     r = json.loads(out_json.read_text())
     m = r["models"][0]
-    for key in ("file", "size_bytes", "bpw", "ppl", "kld_mean", "kld_median", "kld_p99", "top1", "mc",
+    for key in ("file", "size_bytes", "bpw", "ppl", "kld_mean", "kld_median", "kld_p99", "kld_p999", "top1", "mc",
+                "top1_ci95_low", "dp_rms", "dp_rms_ci95_high", "ppl_ratio", "ppl_ratio_ci95_low", "ln_ppl_ratio",
                 "prompt_tps", "decode_tps", "peak_rss_bytes"):
         assert key in m, key
     assert m["prompt_tps"] > 0 and m["decode_tps"] > 0
+    runs = m["speed_each_run"]["decode_tps"]
+    assert r["settings"]["speed_runs"] == SPEED_RUNS == len(runs) and m["decode_tps"] == pytest.approx(np.median(runs), rel=1e-3)
     assert m["peak_rss_bytes"] > m["base_rss_bytes"] > 0
     assert set(m["mc"]["cloze"]) == {"n", "acc", "acc_norm", "metric", "score"}
     md = out_md.read_text()
     assert md == to_markdown(r) and "`tiny-f32.gguf`" in md and "cloze (acc) %" in md
+    quality, speed = md.split("\n\n", 1)[0], md.split("\n\n", 2)[2]
+    assert {"PPL ratio", "RMS Δp %", "same top %", "KLD p99.9"} <= {c.strip() for c in quality.splitlines()[0].split("|")}
+    assert "tok/s" not in quality and "decode tok/s" in speed and f"median of {SPEED_RUNS} run(s)" in speed
     assert md.splitlines()[0] in capsys.readouterr().out
 
 
@@ -222,3 +238,44 @@ def test_kld_summary_ci_from_window_means() -> None:
     assert half > token_half  # between-window spread is wider than the naive token-level error here
     assert s["kld_p99"] <= s["kld_p999"] <= s["kld_max"]
     assert "kld_ci95_low" not in metrics.kld_summary(kld.reshape(-1))  # no windows given: no interval claimed
+
+
+def test_pair_summary_by_hand() -> None:
+    same = metrics.pair_summary(np.full(6, 1.5), np.full(6, 1.5), np.ones(6, bool), blocks=3)
+    assert same["dp_rms"] == 0.0 and same["top1"] == 1.0 and same["ppl_ratio"] == 1.0
+    assert same["ppl_ratio_ci95_low"] == same["ppl_ratio_ci95_high"] == 1.0
+    # Two windows of two tokens; the reference gives each target p = 1/2, the model 1/4 in the first window.
+    ln2 = math.log(2)
+    s = metrics.pair_summary(np.full(4, ln2), np.array([2 * ln2, 2 * ln2, ln2, ln2]),
+                             np.array([True, False, True, True]), blocks=2)
+    assert s["dp_mean"] == pytest.approx(-0.125) and s["dp_rms"] == pytest.approx(math.sqrt(0.25 ** 2 / 2))
+    assert s["ln_ppl_ratio"] == pytest.approx(ln2 / 2) and s["ppl_ratio"] == pytest.approx(math.sqrt(2))
+    half = 1.96 * (ln2 / math.sqrt(2)) / math.sqrt(2)  # window means (ln 2, 0)
+    assert s["ppl_ratio_ci95_low"] == pytest.approx(math.exp(ln2 / 2 - half))
+    assert s["ppl_ratio_ci95_high"] == pytest.approx(math.exp(ln2 / 2 + half))
+    sq_half = 1.96 * (0.0625 / math.sqrt(2)) / math.sqrt(2)  # window means of dp^2: (1/16, 0)
+    assert s["dp_rms_ci95_low"] == 0.0  # mean(dp^2) - half < 0: clipped before the square root
+    assert s["dp_rms_ci95_high"] == pytest.approx(math.sqrt(0.03125 + sq_half))
+    assert s["top1"] == 0.75 and s["top1_ci95_high"] == 1.0  # window shares (1/2, 1): 0.75 + 0.49 clipped
+    assert s["top1_ci95_low"] == pytest.approx(0.75 - 1.96 * (0.5 / math.sqrt(2)) / math.sqrt(2))
+    assert "dp_rms_ci95_low" not in metrics.pair_summary(np.zeros(4), np.ones(4), np.ones(4, bool))
+
+
+def test_default_tokens_score_16k() -> None:
+    for ctx in (64, 128, 256, 512, 1024, 4096):
+        t = tokens_for(ctx)
+        scored = (t // ctx) * (ctx - ctx // 2 - 1)
+        assert SCORED_TOKENS <= scored < SCORED_TOKENS + (ctx - ctx // 2 - 1), ctx  # the fewest windows that do
+    assert EvalConfig().tokens == tokens_for(512) and EvalConfig(ctx=64).tokens == tokens_for(64)
+    assert EvalConfig(ctx=64, tokens=100).tokens == 100
+
+
+def test_short_text_scores_what_it_has(tiny, tmp_path) -> None:
+    _, gguf_path = tiny
+    short = tmp_path / "short.txt"
+    short.write_text(TEXT.read_text(encoding="utf-8")[:6000], encoding="utf-8")
+    r = evaluate([gguf_path], gguf_path, short, replace(CFG, tokens=tokens_for(64), cache_dir=tmp_path))
+    s = r["settings"]
+    assert 1 <= s["windows"] < tokens_for(64) // 64 and s["scored_tokens"] == s["windows"] * 31
+    assert f"{s['scored_tokens']} tokens scored instead of" in s["short_text"]
+    assert "Short text:" in to_markdown(r) and r["models"][0]["kld_mean"] == 0.0

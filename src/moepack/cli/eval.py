@@ -6,9 +6,12 @@ reference model.
   ids are cut into non-overlapping windows of --window tokens; as llama-perplexity does, the second half of each
   window is scored (--window/2 - 1 tokens per window), and --window is also the llama.cpp context size.
 - `ppl`: perplexity of the scored tokens; `kld_*`: KL(reference || model) per scored token, in nats (mean, median,
-  p99, max); `top1`: share of positions where the model's most likely token is the reference's.
+  p99, p99.9, max); `top1`: share of positions where the model's most likely token is the reference's (same top);
+  `dp_rms`: RMS of p_model(target) - p_ref(target); `ppl_ratio`: model PPL / reference PPL. Means, the RMS, the
+  share and the ratio come with a 95 % confidence interval from the spread of the window means.
 - --mc: multiple-choice accuracy (PIQA, HellaSwag, a cloze set built from --cloze-text), by log-likelihood.
-- Speed and memory: each model alone in a fresh subprocess: prompt and decode tokens per second, peak RSS.
+- Speed and memory: each model alone in a fresh subprocess: prompt and decode tokens per second (median of
+  repeated runs), peak RSS; a table of their own, apart from the quality numbers.
 - `bpw`: 8 x file size / the reference's parameter count (the original model's, so pruning lowers it).
 
 Scores do not depend on --threads; speed does (on a machine whose cores are shared with other jobs, ggml's spinning
@@ -41,7 +44,9 @@ def add_cli(sub: o.Subparsers) -> None:
     p.add_argument("--mc-items", type=int, default=500, metavar="N", help="items per task (0 = all; default 500)")
     p.add_argument("--window", type=int, default=512, metavar="N",
                    help="scored window length in tokens, also the llama.cpp context size (default 512)")
-    p.add_argument("--tokens", type=int, default=8192, metavar="N", help="text tokens to read (default 8192)")
+    p.add_argument("--tokens", type=int, default=0, metavar="N",
+                   help="text tokens to read (default 0: enough windows to score 16,384 tokens; a shorter text "
+                        "scores what it holds, and the report says so)")
     o.add_threads(p, "llama.cpp threads for scoring and the speed test (results do not depend on it)")
     p.add_argument("--prompt-tokens", type=int, default=128, metavar="N", help="prompt length of the speed test")
     p.add_argument("--gen-tokens", type=int, default=64, metavar="N", help="greedy decode steps of the speed test")

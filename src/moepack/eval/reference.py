@@ -25,13 +25,19 @@ from moepack.model import metrics
 from moepack.model.textdata import chunk_tokens, read_text, text_sha256
 
 __all__ = ["EvalConfig", "EvalError", "Scorer", "LlamaScorer", "HFScorer", "Reference", "prepare_reference",
-           "gguf_counts", "Tokenize", "ROW_CHUNK", "CACHE_VERSION"]
+           "gguf_counts", "Tokenize", "ROW_CHUNK", "CACHE_VERSION", "SCORED_TOKENS", "tokens_for"]
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 ROW_CHUNK = 64  # rows of (rows, vocab) float64 log-softmax at a time
 Tokenize = Callable[[str], list[int]]
+SCORED_TOKENS = 16384  # scored by default: llama-perplexity's KLD runs are of this order, and CIs narrow as 1/sqrt
+
+
+def tokens_for(ctx: int, scored: int = SCORED_TOKENS) -> int:
+    """Text tokens whose windows of `ctx` score at least `scored` tokens (ctx - ctx/2 - 1 per window)."""
+    return ctx * -(-scored // (ctx - ctx // 2 - 1))
 
 
 class EvalError(MoepackError, ValueError):
@@ -41,7 +47,7 @@ class EvalError(MoepackError, ValueError):
 @dataclass(frozen=True)
 class EvalConfig:
     ctx: int = 512
-    tokens: int = 8192  # text tokens read; windows = tokens // ctx
+    tokens: int = 0  # text tokens read, windows = tokens // ctx; 0: tokens_for(ctx), set when the config is made
     mc: tuple[str, ...] = ()
     mc_items: int | None = 500  # per task; None = all
     threads: int = 1  # results do not depend on it; see the module doc for why 1 is the default
@@ -52,6 +58,10 @@ class EvalConfig:
     data_dir: Path | None = None  # holds mc/ (default: the package's own)
     cloze_text: Path | None = None  # the text the cloze task is built from
     extra_bufts: bool = False  # llama.cpp's CPU extra buffer types (repacking); see moepack.gguf.runtime
+
+    def __post_init__(self) -> None:
+        if self.tokens == 0 and self.ctx >= 8:  # a smaller ctx is refused by validate()
+            object.__setattr__(self, "tokens", tokens_for(self.ctx))
 
     def validate(self) -> None:
         if self.ctx < 8:

@@ -1,5 +1,6 @@
 """The one home of the output metrics every stage compares models by: log-probabilities, KL(reference ‖ model),
-negative log-likelihood, top-1 agreement and perplexity.
+negative log-likelihood, top-1 agreement and perplexity; and the statistics `moepack eval` reports over scored
+tokens (`kld_summary`, `pair_summary`), each mean with a 95 % confidence interval from the spread of window means.
 
 Each function takes torch tensors (the layer-by-layer forward: float32, as the model computes) or numpy arrays
 (llama.cpp's logits in `moepack eval`: float64), and computes the same formula on either in that array's own
@@ -15,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["log_probs", "token_kld", "nll", "top1", "top1_agree", "ppl", "KLDMean", "kld_summary"]
+__all__ = ["log_probs", "token_kld", "nll", "top1", "top1_agree", "ppl", "KLDMean", "mean_ci95",
+           "kld_summary", "pair_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +83,58 @@ class KLDMean:
         return self.total / self.n_tokens
 
 
+def mean_ci95(x: np.ndarray, blocks: int | None) -> tuple[float, float] | None:
+    """The 95 % confidence interval of the mean of `x` (N,) from the spread of its `blocks` equal windows' means (the
+    tokens come in windows, in order); None without two windows. Tokens of one window are correlated, so a
+    token-level standard error would be too narrow."""
+    if blocks is None or blocks < 2:
+        return None
+    means = np.asarray(x, dtype=np.float64).reshape(blocks, -1).mean(axis=1)  # (B,)
+    m, half = float(means.mean()), 1.96 * float(means.std(ddof=1)) / np.sqrt(blocks)
+    return float(m - half), float(m + half)
+
+
+def _with_ci(out: dict[str, float], key: str, x: np.ndarray, blocks: int | None, ci_name: str = "") -> None:
+    """out[key] = mean of x, and out[NAME_ci95_low/high] (NAME: ci_name or key) when there are windows."""
+    out[key] = float(np.mean(x))
+    ci = mean_ci95(x, blocks)
+    if ci is not None:
+        out[f"{ci_name or key}_ci95_low"], out[f"{ci_name or key}_ci95_high"] = ci
+
+
 def kld_summary(kld: np.ndarray, blocks: int | None = None) -> dict[str, float]:
     """Mean, median, 99th and 99.9th percentile and maximum of per-token KLDs (N,); with `blocks` (the number of
-    equal windows the tokens come in, in order), the 95 % confidence interval of the mean from the spread of the
-    window means: tokens of one window are correlated, so a token-level standard error would be too narrow."""
-    out = {"kld_mean": float(kld.mean()), "kld_median": float(np.median(kld)),
-           "kld_p99": float(np.percentile(kld, 99)), "kld_p999": float(np.percentile(kld, 99.9)),
-           "kld_max": float(kld.max())}
-    if blocks is not None and blocks >= 2:
-        means = kld.reshape(blocks, -1).mean(axis=1)  # (B,)
-        half = 1.96 * float(means.std(ddof=1)) / np.sqrt(blocks)
-        out.update(kld_ci95_low=out["kld_mean"] - half, kld_ci95_high=out["kld_mean"] + half)
+    equal windows the tokens come in, in order), the 95 % confidence interval of the mean (`mean_ci95`)."""
+    out: dict[str, float] = {}
+    _with_ci(out, "kld_mean", kld, blocks, ci_name="kld")
+    out.update(kld_median=float(np.median(kld)), kld_p99=float(np.percentile(kld, 99)),
+               kld_p999=float(np.percentile(kld, 99.9)), kld_max=float(kld.max()))
+    return out
+
+
+def pair_summary(nll_ref: np.ndarray, nll_model: np.ndarray, same_top: np.ndarray,
+                 blocks: int | None = None) -> dict[str, float]:
+    """A model against the reference on the same scored tokens (N,), as llama-perplexity's KL-divergence run reports:
+
+    - `dp_mean`, `dp_rms`: mean and root mean square of Δp = p_model(target) − p_ref(target);
+    - `top1`: share of tokens where the model's most likely token is the reference's (`same_top`, bool);
+    - `ln_ppl_ratio` = mean(nll_model − nll_ref), and `ppl_ratio` = its exp = model PPL / reference PPL.
+
+    With `blocks` windows, each gets a 95 % interval (`*_ci95_low/high`) from window means: of mean(Δp²) for the RMS,
+    whose square root keeps the interval (clipped at 0), of the log ratio for the ratio (exp keeps it), and of the
+    share (clipped to [0, 1])."""
+    nll_ref, nll_model = np.asarray(nll_ref, dtype=np.float64), np.asarray(nll_model, dtype=np.float64)
+    dp = np.exp(-nll_model) - np.exp(-nll_ref)  # (N,)
+    out: dict[str, float] = {}
+    _with_ci(out, "dp_mean", dp, blocks)
+    sq: dict[str, float] = {}
+    _with_ci(sq, "dp_rms", dp * dp, blocks)
+    out.update({k: float(np.sqrt(max(v, 0.0))) for k, v in sq.items()})
+    _with_ci(out, "top1", np.asarray(same_top, dtype=np.float64), blocks)
+    for k in ("top1_ci95_low", "top1_ci95_high"):
+        if k in out:
+            out[k] = min(max(out[k], 0.0), 1.0)
+    _with_ci(out, "ln_ppl_ratio", nll_model - nll_ref, blocks)
+    for k in [k for k in out if k.startswith("ln_ppl_ratio")]:
+        out[k[3:]] = float(np.exp(out[k]))  # ppl_ratio, ppl_ratio_ci95_low/high
     return out
