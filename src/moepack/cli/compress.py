@@ -17,10 +17,13 @@ import logging
 from pathlib import Path
 
 from moepack.cli import options as o
+from moepack.errors import MoepackError
 
 __all__ = ["add_cli", "run"]
 
 log = logging.getLogger(__name__)
+
+REFINE = 4  # pipeline.options.REFINE_PASSES, mirrored to keep torch out of argument parsing (tests/test_refine.py)
 
 
 def add_cli(sub: o.Subparsers) -> None:
@@ -41,6 +44,9 @@ def add_cli(sub: o.Subparsers) -> None:
     o.add_ladder(p)
     o.add_sensitivity(p)
     o.add_criterion(p, auto=True)
+    p.add_argument("--refine", type=int, default=REFINE, metavar="N",
+                   help="after allocation, up to N passes of measured moves (budget-neutral swaps, upgrades into "
+                        "bytes left over) that the additive sensitivity model misses; 0: off (default %(default)s)")
     p.add_argument("--run-dir", type=Path, metavar="DIR",
                    help="stage artifacts (default OUT.gguf.run beside the output)")
     o.add_threads(p, "torch and quantization threads of every stage and task", ray=True)
@@ -56,12 +62,15 @@ def run(args: argparse.Namespace) -> int:
     from moepack.pipeline.options import CompressOptions
 
     o.check_positive(args, "calib_tokens", "seq_len", "sens_tokens", "threads")
+    if args.refine < 0:
+        raise MoepackError(f"--refine must be 0 (off) or a number of passes (got {args.refine})")
     with o.make_backend(args) as backend:
         opts = CompressOptions(keep=args.keep, top_k=args.top_k, calib_text=args.calib_text,
                                calib_tokens=args.calib_tokens, seq_len=args.seq_len, sens_tokens=args.sens_tokens,
                                solver=args.solver, base=args.base, ladder=args.ladder, criterion=args.criterion,
                                threads=o.threads(args, backend), shards=args.shards, cache_dir=args.cache_dir,
-                               extra_bufts=args.repack, sensitivity=args.sensitivity)
+                               extra_bufts=args.repack, sensitivity=args.sensitivity,
+                               refine=args.refine)
         result = compress(args.model_dir, args.output, o.budget_request(args), opts, args.run_dir, backend)
     print(render_summary(result))
     return 0

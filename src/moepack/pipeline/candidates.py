@@ -14,6 +14,7 @@ from moepack.backends import Backend
 from moepack.gguf.metadata import WRITER_ID
 from moepack.model.checkpoint import CheckpointView, open_checkpoint
 from moepack.pipeline.dominance import Rivalry
+from moepack.pipeline.refine import Refinement
 from moepack.pipeline.options import BASE_SHARE, CompressError, CompressOptions
 from moepack.pipeline.runstate import RunDir
 from moepack.schema import CalibStats, PrunePlan, QuantPlan, SensitivityTable
@@ -163,6 +164,22 @@ def _challenge(cand: Candidate, run: RunDir, table: SensitivityTable, budget: Bu
     run.timings[f"mixtures r={cand.keep:g}"] = time.perf_counter() - t0
 
 
+def _refine(cand: Candidate, run: RunDir, table: SensitivityTable, ref: CheckpointView, stats: CalibStats,
+            opts: CompressOptions) -> None:
+    """Measured moves of `cand`'s allocated plan that the additive model misses (moepack.pipeline.refine), chosen
+    on the selection tokens."""
+    from moepack.pipeline.refine import refine
+
+    t0 = time.perf_counter()
+    allocated = cand.plan
+    cand.plan, cand.kld, cand.refinement = refine(
+        table, allocated, cand.kld, lambda tensors: measure_kld(cand.view, ref, stats, tensors, cand.prune_plan, opts),
+        opts.refine)
+    if cand.plan is not allocated:
+        cand.plan_path = cand.plan.save(run.path(f"quant_plan-r{cand.keep:g}.json"))
+    run.timings[f"refine r={cand.keep:g}"] = time.perf_counter() - t0
+
+
 @dataclass
 class Candidate:
     keep: float
@@ -176,6 +193,7 @@ class Candidate:
     same_as: float | None = None  # screened: the retention that gives the same pruned model
     infeasible: bool = False  # screened: even the smallest type everywhere does not fit the budget
     rivalry: Rivalry | None = None  # llama.cpp's fitting mixtures measured against the allocated plan
+    refinement: Refinement | None = None  # measured moves after allocation, before the mixtures
     criterion: str = "score"  # the pruning criterion and its α (score only)
     alpha: float = 0.5
     criteria: list[dict[str, Any]] | None = None  # --criterion auto: each criterion's pruning-only KLD
@@ -272,6 +290,8 @@ def _candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats: CalibSt
     t0 = time.perf_counter()
     cand.kld = measure_kld(view, ref, stats, plan.tensors, prune_plan, opts)
     run.timings[f"measure r={keep:g}"] = time.perf_counter() - t0
+    if opts.refine > 0:
+        _refine(cand, run, table, ref, stats, opts)
     if opts.mixtures:
         _challenge(cand, run, table, budget, ref, stats, opts)
     log.info("keep %.3f: %s of tensors, measured KLD %.5f", keep, format_size(cand.plan.predicted_bytes), cand.kld)

@@ -49,6 +49,7 @@ class CompressResult:
     report_kld: float | None  # the same on the report tokens no choice saw: the result (None: text too short)
     candidates: list[dict[str, Any]] = field(default_factory=list)
     mixtures: dict[str, Any] | None = None  # llama.cpp's fitting mixtures measured against the plan (dominance)
+    refinement: dict[str, Any] | None = None  # the allocated plan's predicted vs measured KLD and the moves taken
     criterion: str = "score"  # the pruning criterion (and α) of the chosen candidate
     alpha: float = 0.5
     timings: dict[str, float] = field(default_factory=dict)
@@ -241,9 +242,11 @@ def _result(out: Path, run: RunDir, ref: CheckpointView, best: Candidate, budget
                      "infeasible": c.infeasible,
                      "tensor_bytes": None if c.screened else c.plan.predicted_bytes,
                      "mixtures": c.rivalry.to_dict() if c.rivalry else None,
+                     "refinement": c.refinement.to_dict() if c.refinement else None,
                      "criterion": c.criterion, "alpha": c.alpha, "criteria": c.criteria} for c in cands],
         criterion=best.criterion, alpha=best.alpha,
         mixtures=best.rivalry.to_dict() if best.rivalry else None,
+        refinement=best.refinement.to_dict() if best.refinement else None,
         timings=dict(run.timings), sample=sample, verify_error=verify_error,
         llama_command=command, placement=best.plan.base.get("placement"))
 
@@ -261,6 +264,8 @@ def render_summary(r: CompressResult) -> str:
     else:
         lines.append(f"  KLD vs original on the selection tokens (the text left none for a report): "
                      f"{r.selection_kld:.5f}")
+    if r.refinement:
+        lines.append(_refinement_line(r.refinement))
     if r.mixtures:
         lines.append(_mixtures_line(r.mixtures, r.selection_kld))
     for c in r.candidates:
@@ -292,6 +297,15 @@ def _mixtures_line(m: dict[str, Any], kld: float) -> str:
         gain = f"{100 * (top - kld) / top:.1f}% below" if top > 0 else "equal to"
         line += f" ({gain} {m['best_mixture']}; allocated plan {m['allocated_kld']:.5f})"
     return line
+
+
+def _refinement_line(f: dict[str, Any]) -> str:
+    """The allocated plan's additive prediction vs its measured selection KLD, and what refinement changed."""
+    pred = "n/a" if f["allocated_predicted_kld"] is None else f"{f['allocated_predicted_kld']:.5f}"
+    line = (f"  refinement (selection KLD): allocated plan predicted {pred}, measured {f['allocated_kld']:.5f}; "
+            f"{len(f['accepted'])} move(s) kept of {f['measured']} measured in {f['passes']} pass(es)")
+    return line + (f", {f['kld']:.5f} ({100 * f['gain'] / f['allocated_kld']:.1f}% lower)"
+                   if f["accepted"] and f["allocated_kld"] > 0 else "")
 
 
 def _criterion_name(c: dict[str, Any]) -> str:
