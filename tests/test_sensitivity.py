@@ -251,15 +251,35 @@ def test_proxy_mode_and_roles(tiny) -> None:
                  base="routed_experts=Q4_K,attn_q=IQ3_S")
     assert t["base"]["measure"] == "proxy" and "kld" not in t["base"] and "proxy" not in t
     by = {g["name"]: g for g in t["groups"]}
-    assert [o["type"] for o in by["blk.0.ffn_gate_exps"]["options"]] == ["Q4_K", "Q8_0"]
-    assert [o["type"] for o in by["blk.0.attn_q"]["options"]] == ["IQ3_S", "Q4_K", "Q8_0"]
+    # The base first, then every other type in order of bytes: downgrades below the base, upgrades above it.
+    assert [o["type"] for o in by["blk.0.ffn_gate_exps"]["options"]] == ["Q4_K", "IQ2_XXS", "IQ3_S", "Q8_0"]
+    assert [o["type"] for o in by["blk.0.attn_q"]["options"]] == ["IQ3_S", "IQ2_XXS", "Q4_K", "Q8_0"]
     assert [o["type"] for o in by["blk.0.attn_k"]["options"]][0] == "IQ2_XXS"
     for g in t["groups"]:
         d = [o["dkld"] for o in g["options"]]
         assert d == [o["proxy"] for o in g["options"]] and d[-1] < 0
+        base = g["options"][0]["bytes"]
+        assert all(o["dkld"] > 0 for o in g["options"] if o["bytes"] < base), g["name"]  # a downgrade hurts
     SensitivityTable.from_dict(t)
     with pytest.raises(SensitivityError, match="no group of"):
         _measure(view, ids, imatrix=stats, base="shared_experts=Q4_K", mode="proxy")
+
+
+def test_fast_mode_predicts_downgrades_and_auto_counts_them(tiny) -> None:
+    """From a mid-ladder base, fast mode predicts the types below it as positive ΔKLDs (α_g > 0 learnt from the
+    top upgrade's probe), and auto's full-table estimate counts every option, downgrades included."""
+    _, view, ids, stats, _ = tiny("qwen3_moe")
+    ladder = ["IQ2_XXS", "IQ3_S", "Q4_K", "Q8_0"]
+    t = _measure(view, ids, imatrix=stats, ladder=ladder, base="Q4_K", sensitivity="auto", auto_limit_s=0.0)
+    assert t["base"]["sensitivity"] == "fast"
+    down = [o for g in t["groups"] for o in g["options"] if o["bytes"] < g["options"][0]["bytes"]]
+    assert len(down) >= 2 * len(t["groups"]) and all(o["dkld"] >= 0 for o in down)
+    assert np.mean([o["dkld"] > 0 for o in down]) >= 0.75
+    options, probes = sum(len(g["options"]) - 1 for g in t["groups"]), t["timing"]["probes"]
+    assert probes == len(t["groups"]) and options >= 3 * probes
+    assert t["timing"]["full_estimate_s"] == pytest.approx((options - probes) * t["timing"]["s_per_probe"],
+                                                           rel=0.01, abs=0.2)
+    SensitivityTable.from_dict(t)
 
 
 def test_disk_cache_quantizes_once(tiny, tmp_path, monkeypatch) -> None:

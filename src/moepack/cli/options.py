@@ -77,8 +77,9 @@ SENS_TOKENS = 4096
 SEQ_LEN = 512
 BATCH_SIZE = 8
 # Mirrors of constants in modules that import torch (checked equal by tests/test_cli.py):
-LADDER = ("IQ2_XXS", "IQ2_S", "IQ3_XXS", "IQ3_S", "Q4_K", "Q5_K", "Q6_K", "Q8_0")  # sensitivity.measure.DEFAULT_LADDER
-BASE = "IQ2_XXS"  # sensitivity.measure.DEFAULT_BASE
+LADDER = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "Q3_K", "IQ3_S", "IQ4_XS", "Q4_K", "Q5_K",
+          "Q6_K", "Q8_0")  # gguf.types.LADDER
+BASE = "IQ1_S"  # gguf.types.DEFAULT_BASE
 CRITERIA = ("score", "frequency", "reap", "random")  # stages.prune.CRITERIA
 SENS_MODES = ("kld", "proxy", "both")  # sensitivity.measure.MODES
 
@@ -325,7 +326,8 @@ def add_sensitivity(p: Container) -> None:
 
 def add_ladder(p: Container) -> None:
     p.add_argument("--ladder", type=ladder_arg, default=",".join(LADDER), metavar="T1,T2,...",
-                   help="upgrade types from the smallest up, comma-separated (default %(default)s)")
+                   help="the types a group may take, comma-separated (default: every llama.cpp weight type, "
+                        "%(default)s)")
 
 
 def add_repack(p: Container, what: str) -> None:

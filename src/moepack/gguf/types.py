@@ -1,4 +1,4 @@
-"""Every byte-size fact of GGML types, in one place: which types moepack writes, the default upgrade ladder,
+"""Every byte-size fact of GGML types, in one place: which types moepack writes, the default type ladder,
 llama.cpp's row-width fallback rule, and the bytes of a row, a tensor and a tensor as llama.cpp writes it.
 
 All sizes come from gguf's GGML_QUANT_SIZES ((block size, bytes per block) per type), which `moepack.gguf.kernels`
@@ -36,8 +36,11 @@ QUANT_TYPES: list[GGMLQuantizationType] = [
     T.F32, T.F16, T.BF16, T.Q8_0, T.Q6_K, T.Q5_1, T.Q5_K, T.Q5_0, T.Q4_1, T.Q4_K, T.Q4_0, T.IQ4_NL, T.IQ4_XS,
     T.MXFP4, T.Q3_K, T.IQ3_S, T.IQ3_XXS, T.Q2_K, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS, T.TQ2_0, T.IQ1_M, T.TQ1_0, T.IQ1_S,
 ]
-# The upgrade ladder of sensitivity and compress, from the smallest type up; its first type is the default base.
-LADDER: tuple[str, ...] = ("IQ2_XXS", "IQ2_S", "IQ3_XXS", "IQ3_S", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+# The type ladder of sensitivity and compress: every type llama-quantize offers for a weight of 256-multiple rows
+# below F16, in order of bytes (Q3_K and IQ3_S tie; quality need not follow bytes: Q2_K is larger than IQ2_S and
+# often worse). Its first type is the default reference (base) type of the ΔKLD measurements.
+LADDER: tuple[str, ...] = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "Q3_K", "IQ3_S",
+                           "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 DEFAULT_BASE = LADDER[0]
 
 # llama-quant.cpp `tensor_type_fallback`: the type used when the row width is not a multiple of the block size.

@@ -28,7 +28,7 @@ def _num(x: Any, what: str, integer: bool = False) -> Any:
 class Option:
     type: str
     bytes: int  # the group's tensor data at this type, after llama.cpp's row-width fallbacks
-    dkld: float  # change of KLD vs the all-base model when only this group is raised to `type`
+    dkld: float  # change of KLD vs the all-base model when only this group is moved to `type`
     kld: float | None = None  # measured KLD of that model (KLD mode)
     proxy: float | None = None  # weighted quantization error proxy
     written: dict[str, str] | None = None  # tensor → type written, where a fallback replaced `type`
@@ -44,7 +44,7 @@ class Option:
 class Group:
     name: str
     tensors: tuple[str, ...]
-    options: tuple[Option, ...]  # options[0] is the base
+    options: tuple[Option, ...]  # options[0] is the base (dkld 0); the others may be smaller (downgrades) or larger
     cls: str | None = None  # gguf tensor class ("ffn_down_exps"); with role and layer, as sensitivity writes them
     role: str | None = None
     layer: int | None = None
@@ -86,10 +86,6 @@ def _group(d: Any, i: int) -> Group:
     if opts[0].dkld != 0.0:
         raise SchemaError(f"sensitivity table: group {name}: the first (base) option must have dkld 0 "
                           f"(got {opts[0].dkld}); dkld is measured relative to the all-base model")
-    small = min(opts, key=lambda o: o.bytes)
-    if small.bytes < opts[0].bytes:
-        raise SchemaError(f"sensitivity table: group {name}: {small.type} ({small.bytes} bytes) is smaller "
-                          f"than the base {opts[0].type} ({opts[0].bytes}); the base must be the smallest type")
     return Group(name, tuple(tensors), opts, d.get("class"), d.get("role"), d.get("layer"))
 
 
@@ -108,8 +104,8 @@ class SensitivityTable:
 
     @property
     def min_bytes(self) -> int:
-        """The smallest achievable tensor data: every group at its base type, plus the fixed tensors."""
-        return self.fixed_bytes + sum(g.options[0].bytes for g in self.groups)
+        """The smallest achievable tensor data: every group at its smallest option, plus the fixed tensors."""
+        return self.fixed_bytes + sum(min(o.bytes for o in g.options) for g in self.groups)
 
     @property
     def max_bytes(self) -> int:

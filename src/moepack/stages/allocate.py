@@ -14,14 +14,17 @@ sensitivity.json (schema version 1)::
       "groups": [
         {"name": "blk.3.ffn_down_exps",
          "tensors": ["blk.3.ffn_down_exps.weight"],           # GGUF tensor names, each in one group only
-         "options": [{"type": "IQ2_XXS", "bytes": 123, "dkld": 0.0},      # first = base: smallest, dkld 0
+         "options": [{"type": "IQ2_XXS", "bytes": 123, "dkld": 0.0},      # first = base (reference): dkld 0
+                     {"type": "IQ1_S", "bytes": 93, "dkld": 0.031},       # a downgrade: smaller, dkld > 0
                      {"type": "IQ3_S", "bytes": 200, "dkld": -0.012}, ...]}
       ]
     }
 
 `bytes` is the group's total tensor data at that type (after llama.cpp's fallbacks for odd row widths); `dkld` is
-the change of the KL divergence vs the all-base model when only this group is raised to that type (negative =
-better). The model is additive: the predicted change of a plan is the sum over groups.
+the change of the KL divergence vs the all-base model when only this group is moved to that type (negative =
+better). The base is only the reference point of these measurements: options smaller than it are downgrades the
+solvers may take as well, and quality need not follow bytes (Q2_K is larger than IQ2_S and can be worse). The model
+is additive: the predicted change of a plan is the sum over groups.
 
 quant_plan.json::
 
@@ -31,10 +34,12 @@ quant_plan.json::
 
 Solvers (both return plans whose true byte total is within the budget):
 
-- ``greedy`` — the paper's dynamic budgeting with back-off: repeatedly take the upgrade (relative to each group's
-  current type) with the most KLD saved per extra byte; when it would overshoot the budget, back off and take the
-  next best one that fits; stop when nothing fits. Upgrades that save nothing are never taken.
-- ``exact`` — multiple-choice knapsack by dynamic programming over byte buckets of q bytes above the all-base
+- ``greedy`` — the paper's dynamic budgeting with back-off, started from every group at its smallest option:
+  repeatedly take the upgrade (from each group's current type to any larger option, not only the next one, so an
+  option worse than a smaller one is skipped) with the most KLD saved per extra byte; when it would overshoot the
+  budget, back off and take the next best one that fits; stop when nothing fits. Upgrades that save nothing are
+  never taken.
+- ``exact`` — multiple-choice knapsack by dynamic programming over byte buckets of q bytes above the all-smallest
   size, with every extra cost rounded *up* to whole buckets, so the rounded plan can never exceed the budget.
   q is the gcd of all extra costs (real tensor sizes share large factors) when Σ options × (slack / q + 1)
   fits `max_work` DP cells — then the DP is exact, hence also monotone in the budget; otherwise q is the
@@ -61,6 +66,7 @@ __all__ = [
     "file_budget",
     "solve_greedy",
     "solve_exact",
+    "smallest",
     "objective",
     "budget_bytes_for",
     "SOLVERS",
@@ -79,6 +85,11 @@ class AllocationError(MoepackError, ValueError):
 
 # ------------------------------------------------------------------------------------------------------- solvers
 
+def smallest(table: SensitivityTable) -> list[int]:
+    """Each group's smallest option (the lowest dkld among equal bytes): the plan of table.min_bytes."""
+    return [min(range(len(g.options)), key=lambda i: (g.options[i].bytes, g.options[i].dkld)) for g in table.groups]
+
+
 def _used(table: SensitivityTable, choice: list[int]) -> int:
     return table.fixed_bytes + sum(g.options[c].bytes for g, c in zip(table.groups, choice))
 
@@ -92,14 +103,14 @@ def _check_feasible(table: SensitivityTable, budget: int) -> None:
     if budget < table.min_bytes:
         raise AllocationError(
             f"budget {format_size(budget)} is below the minimum achievable size {format_size(table.min_bytes)}: every "
-            f"group at its base type plus {table.fixed_bytes:,} fixed bytes; give a budget of at least "
+            f"group at its smallest type plus {table.fixed_bytes:,} fixed bytes; give a budget of at least "
             f"{table.min_bytes:,} bytes, or use smaller base types / keep fewer experts")
 
 
 def solve_greedy(table: SensitivityTable, budget: int, start: list[int] | None = None) -> list[int]:
-    """Dynamic budgeting with back-off (see the module docstring); `start` defaults to all-base."""
+    """Dynamic budgeting with back-off (see the module docstring); `start` defaults to all-smallest."""
     _check_feasible(table, budget)
-    choice = list(start) if start is not None else [0] * len(table.groups)
+    choice = list(start) if start is not None else smallest(table)
     used = _used(table, choice)
     if used > budget:
         raise AllocationError(f"greedy start uses {used} bytes, over the budget {budget}")
@@ -131,7 +142,7 @@ def solve_greedy(table: SensitivityTable, budget: int, start: list[int] | None =
 def _bucket(table: SensitivityTable, budget: int, max_work: int) -> int:
     """Bucket size q: a multiple of the gcd of all extra costs (so q = gcd is exact), no finer than max_work allows
     over the usable slack: Σ options × (slack / q + 1) ≤ max_work."""
-    extras = [o.bytes - g.options[0].bytes for g in table.groups for o in g.options]
+    extras = [o.bytes - min(x.bytes for x in g.options) for g in table.groups for o in g.options]
     step = math.gcd(*extras) or 1
     slack = min(budget, table.max_bytes) - table.min_bytes
     cells = max(1, max_work // max(1, len(extras)) - 1)
@@ -139,16 +150,18 @@ def _bucket(table: SensitivityTable, budget: int, max_work: int) -> int:
 
 
 def _dp_group(f: list[float], costs: list[int], dklds: list[float]) -> tuple[list[float], array]:
-    """One knapsack stage: new[b] = min over options o of f[b − costs[o]] + dklds[o] (costs[0] == 0).
+    """One knapsack stage: new[b] = min over options o of f[b − costs[o]] + dklds[o] (costs[m] == 0 for the
+    smallest option m).
 
     Whole-list operations (map, zip) rather than an index loop: about 3× faster in CPython.
     """
     n = len(f)
-    new = list(map(dklds[0].__add__, f))
-    pick = [0] * n
-    for o in range(1, len(costs)):
+    m = costs.index(0)
+    new = list(map(dklds[m].__add__, f))
+    pick = [m] * n
+    for o in range(len(costs)):
         c = costs[o]
-        if c >= n:
+        if o == m or c >= n:
             continue
         seg = new[c:]
         cand = list(map(dklds[o].__add__, f[: n - c]))  # f[b − c] + d for b = c … n−1
@@ -166,8 +179,8 @@ def solve_exact(table: SensitivityTable, budget: int, max_work: int = MAX_WORK) 
     f = [0.0] * n  # f[b] = best objective of the groups so far with at most b buckets of extra bytes
     picks, costs = [], []
     for g in table.groups:
-        base = g.options[0].bytes
-        c = [-(-(o.bytes - base) // q) for o in g.options]
+        low = min(o.bytes for o in g.options)
+        c = [-(-(o.bytes - low) // q) for o in g.options]
         f, pick = _dp_group(f, c, [o.dkld for o in g.options])
         picks.append(pick)
         costs.append(c)

@@ -4,9 +4,9 @@ The loss increase of a quantized model is close to linear in each layer's weight
 linearity theorem of HIGGS, Malinovskii et al. 2024: ΔLoss ≈ Σ_l α_l · error_l). So per group one probe at one
 ladder type t* measures ΔKLD(t*) and learns α_g = ΔKLD(t*) / Δerr(t*), where Δerr(t) = err(t) − err(base) is the
 imatrix-weighted squared error of the group's tensors (QuantStore's proxy; quantize and dequantize only, no
-forward); every other type is predicted as α_g · Δerr(t). The probed type keeps its measurement. An upgrade's
-measured ΔKLD can come out slightly positive (noise on a group that barely matters); α_g is then 0, so no type of
-that group is predicted to hurt more than it was measured to.
+forward); every other type, below the base (Δerr > 0: a positive ΔKLD) or above it, is predicted as α_g · Δerr(t),
+so a long ladder costs no more forward passes. The probed type keeps its measurement. A probe's measured ΔKLD can
+come out with the wrong sign (noise on a group that barely matters: an upgrade that hurts); α_g is then 0.
 
 Forward-pass cost: one probe per group instead of one per (group, type). `auto` runs these probes first, times
 them, and estimates the rest of the full table (remaining probes × measured seconds per probe); above `limit_s`
@@ -41,7 +41,8 @@ def check_speed(speed: str) -> None:
 
 
 def fast_pick(groups: list[GroupSpec], at: int = FAST_PROBE) -> dict[str, tuple[str, ...]]:
-    """{group: (the one type probed,)} for every group with an upgrade; `at` indexes its upgrades (clamped)."""
+    """{group: (the one type probed,)} for every group with another option; `at` indexes them in order of bytes
+    (clamped; -1: the largest)."""
     out = {}
     for g in groups:
         ups = g.options[1:]
@@ -52,7 +53,8 @@ def fast_pick(groups: list[GroupSpec], at: int = FAST_PROBE) -> dict[str, tuple[
 
 def predict(groups: list[GroupSpec], proxy: Mapping[tuple[str, str], float], kld: Mapping[tuple[str, str], float],
             base_kld: float) -> dict[tuple[str, str], float]:
-    """ΔKLD of every upgrade: measured where probed, else α_g · Δerr with α_g from the group's probe."""
+    """ΔKLD of every option but the base: measured where probed, else α_g · Δerr with α_g from the group's
+    probe."""
     out: dict[tuple[str, str], float] = {}
     for g in groups:
         keys = [(g.name, o.type) for o in g.options[1:]]
@@ -63,7 +65,7 @@ def predict(groups: list[GroupSpec], proxy: Mapping[tuple[str, str], float], kld
             continue
         k0 = probed[0]
         dk, de = kld[k0] - base_kld, proxy[k0]
-        alpha = max(0.0, dk / de) if de < 0 else 0.0  # an upgrade lowers the error: Δerr < 0
+        alpha = max(0.0, dk / de) if de else 0.0  # ΔKLD and Δerr share their sign: both < 0 for an upgrade
         out.update({k: kld[k] - base_kld if k in kld else alpha * proxy[k] for k in keys})
     return out
 

@@ -2,8 +2,10 @@
 
 Groups are one GGUF tensor class in one layer ("blk.3.ffn_down_exps", "blk.0.attn_kv_b" = attn_k_b + attn_v_b),
 plus token_embd and output; each option's bytes are the GGUF bytes of the group's tensors at that type after
-llama.cpp's row-width fallbacks, as the writer resolves them (options that fall back to the bytes of a smaller one
-are dropped).
+llama.cpp's row-width fallbacks, as the writer resolves them (an option that falls back to the types written for
+an earlier one is dropped). Options are the base (the reference of the ΔKLD measurements) and every other ladder
+type the group can be written at, smaller ones included: the allocator may move a group down from the base as well
+as up.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from moepack.gguf.types import DEFAULT_BASE, LADDER, bits_per_weight, parse_type
 from moepack.gguf.writer import TypedTensor, resolve_types
 from moepack.model.arch import Role
 
-__all__ = ["SensitivityError", "GroupOption", "GroupSpec", "parse_base", "plan_groups"]
+__all__ = ["SensitivityError", "GroupOption", "GroupSpec", "default_base", "parse_base", "plan_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ class GroupSpec:
     role: Role
     layer: int | None
     outs: tuple[OutTensor, ...]
-    options: tuple[GroupOption, ...]  # options[0] is the base
+    options: tuple[GroupOption, ...]  # options[0] is the base; the others in order of bytes, below it and above
 
     @property
     def sources(self) -> frozenset[str]:
@@ -68,11 +70,17 @@ def parse_base(spec: str | Mapping[str, str] | None) -> dict[str, str]:
     return {k.strip(): parse_type(v).name for k, v in items}
 
 
-def _base_for(base: Mapping[str, str], g_name: str, cls: str, role: Role) -> str:
+def default_base(ladder: Iterable[str]) -> str:
+    """The base of groups that --base does not name: the ladder's smallest type (DEFAULT_BASE for the default
+    ladder)."""
+    return min((parse_type(t).name for t in ladder), key=bits_per_weight, default=DEFAULT_BASE)
+
+
+def _base_for(base: Mapping[str, str], g_name: str, cls: str, role: Role, default: str) -> str:
     for key in (g_name, cls, role.value, "default", "*"):
         if key in base:
             return base[key]
-    return DEFAULT_BASE
+    return default
 
 
 def _typed(o: OutTensor, qtype: str, imatrix: Mapping[str, np.ndarray] | None) -> TypedTensor | None:
@@ -87,10 +95,8 @@ def _typed(o: OutTensor, qtype: str, imatrix: Mapping[str, np.ndarray] | None) -
 
 
 def _candidates(base: str, ladder: list[str]) -> list[str]:
-    """The base, then the ladder types above it (the ladder is in upgrade order)."""
-    if base in ladder:
-        return ladder[ladder.index(base):]
-    return [base] + [t for t in ladder if bits_per_weight(t) > bits_per_weight(base)]
+    """The base, then every other ladder type (downgrades and upgrades) in order of bits per weight."""
+    return [base] + sorted((t for t in ladder if t != base), key=bits_per_weight)
 
 
 def _options(name: str, outs: list[OutTensor], cands: list[str],
@@ -103,8 +109,8 @@ def _options(name: str, outs: list[OutTensor], cands: list[str],
             log.debug("%s: %s cannot be written (row width or importance matrix); skipped", name, t)
             continue
         opt = GroupOption(t, tuple(typed))  # type: ignore[arg-type]
-        if opt.written in seen or (opts and opt.bytes < opts[0].bytes):
-            continue  # the same bytes as a smaller option after fallbacks, or smaller than the base
+        if opt.written in seen:
+            continue  # the same written types as the base or a smaller option, after fallbacks
         seen.add(opt.written)
         opts.append(opt)
     if not opts:
@@ -112,7 +118,7 @@ def _options(name: str, outs: list[OutTensor], cands: list[str],
                                f"{outs[0].n_per_row}); add a type that suits it to the ladder or --base")
     if opts[0].type != cands[0]:
         log.info("%s: base %s cannot be written here; its base is %s", name, cands[0], opts[0].type)
-    return opts
+    return [opts[0], *sorted(opts[1:], key=lambda o: o.bytes)]  # fallbacks can reorder the bytes
 
 
 def plan_groups(view: Any, base: Mapping[str, str] | None = None, ladder: Iterable[str] = LADDER,
@@ -131,7 +137,7 @@ def plan_groups(view: Any, base: Mapping[str, str] | None = None, ladder: Iterab
     groups = []
     for name, outs in by_name.items():
         cls = name.rsplit(".", 1)[-1]
-        cands = _candidates(_base_for(base, name, cls, outs[0].role), ladder)
+        cands = _candidates(_base_for(base, name, cls, outs[0].role, default_base(ladder)), ladder)
         groups.append(GroupSpec(name, cls, outs[0].role, outs[0].layer, tuple(outs),
                                 tuple(_options(name, outs, cands, imatrix))))
     known = {g.name for g in groups} | {g.cls for g in groups} | {g.role.value for g in groups} | {"default", "*"}

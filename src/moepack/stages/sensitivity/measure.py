@@ -1,4 +1,4 @@
-"""Sensitivity: ΔKLD of the model's output for every tensor group raised from its base type to each ladder type.
+"""Sensitivity: ΔKLD of the model's output for every tensor group moved from its base type to each other ladder type.
 
 Groups and their type options: moepack.stages.sensitivity.groups. Every weight is fake-quantized exactly as the GGUF
 writer writes it (moepack.stages.sensitivity.fakequant: the writer's own code builds, types and quantizes each GGUF
@@ -37,13 +37,13 @@ from moepack.backends import Backend, LocalBackend, torch_threads
 from moepack.gguf.imatrix import ImatrixFile, prune_imatrix
 from moepack.gguf.metadata import WRITER_ID
 from moepack.gguf.names import gguf_outputs
-from moepack.gguf.types import DEFAULT_BASE, LADDER, parse_type
+from moepack.gguf.types import LADDER, parse_type
 from moepack.gguf.writer import resolve_types
 from moepack.model.runner import LayerRunner
 from moepack.schema import SENSITIVITY_FORMAT, CalibStats, PrunePlan, SensitivityTable
 from moepack.stages.sensitivity.fakequant import FakeQuantWeights, QuantStore
 from moepack.stages.sensitivity.fast import AUTO_LIMIT_S, FAST_PROBE, check_speed, predict, run_speed
-from moepack.stages.sensitivity.groups import SensitivityError, parse_base, plan_groups
+from moepack.stages.sensitivity.groups import SensitivityError, default_base, parse_base, plan_groups
 from moepack.stages.sensitivity.probes import StoreInputs, head_batch, reference_logprobs, run_quantize
 from moepack.stages.sensitivity.table import agreement, overhead, proxies, table_groups
 
@@ -68,7 +68,7 @@ MODES = ("kld", "proxy", "both")  # "both" = "kld": the proxy comes free with th
 class SensitivityConfig:
     """How sensitivity is measured.
 
-    base: {role | tensor class | group name | "default": type} (or one type for all); the ladder's first type where
+    base: {role | tensor class | group name | "default": type} (or one type for all); the ladder's smallest type where
     unnamed. cache_dir: keep quantized tensors on disk (large models; on Ray, storage every worker sees). threads:
     torch and quantization threads, here and in each task. tasks: bins of groups on the backend (default one per
     task slot); the table is the same for every backend and number of tasks. keep_layers_bytes: base layers kept
@@ -182,7 +182,7 @@ def _base_info(view: Any, ids: torch.Tensor, cfg: SensitivityConfig, base_map: d
                has_imatrix: bool) -> dict[str, Any]:
     """The table's "base": how it was measured (copied into the quant plan)."""
     return {"measure": "proxy" if cfg.mode == "proxy" else "kld", "types": dict(sorted(base_map.items())),
-            "default_type": base_map.get("default", base_map.get("*", DEFAULT_BASE)),
+            "default_type": base_map.get("default", base_map.get("*", default_base(cfg.ladder))),
             "ladder": [parse_type(t).name for t in cfg.ladder], "fingerprint": view.fingerprint(),
             "writer": WRITER_ID, "imatrix": has_imatrix, "sequences": int(ids.shape[0]),
             "seq_len": int(ids.shape[1]), "tokens": int(ids.numel())}
