@@ -1,92 +1,122 @@
-"""The central claim, measured: moepack compress vs uniform low-bit quantization at the same size.
+"""The central claim, measured: for the bytes of each llama.cpp file, is `moepack compress`'s file better?
 
-Run: .venv/bin/python bench/claim.py [--models models/tiny-qwen3-moe models/tiny-deepseek-v3] [--bpw 1.8 2.5 3.5]
-       [--auto] [--work out/bench-claim] [--out bench/results/claim.json] [--md docs/results.md]
+Per fixture, and per llama.cpp mixture from IQ1_S through Q4_K_M that llama.cpp writes and loads (a size point):
+- uniform: the mixture (`moepack quantize --ftype F`, llama_model_quantize) with the importance matrix of
+  compress's own calibration;
+- moepack: `compress --target-size <that file's bytes>` with compress's defaults (keep, criterion and sensitivity
+  auto; the bundled calibration text);
+- at the same size, the largest plan of each hand rule that fits: a dynamic mixture in Unsloth's style (attention,
+  shared experts, dense FFN and output HAND_STEPS ladder steps above the routed experts, ffn_down_exps and
+  token_embd one step above ffn_gate/up_exps), the paper authors' fixed rules (authors_plan) and prune-only (one
+  uniform type), the last two on the paper's pruned checkpoint (keep 0.75, score criterion, alpha 0.5).
+Every file is scored by moepack.eval against the bf16 checkpoint on data/tinystories-valid.txt, which neither the
+calibration nor the selection and report tokens (all from the calibration text) contain. Verdict per size point:
+moepack's mean KLD at least GOAL lower than the uniform file's, its file no larger, the 95 % CIs apart.
 
-Per fixture, one compress run directory per retention (calibration and sensitivity computed once, reused for every
-budget because the base type is fixed with --base), then:
-- moepack: compress --keep 0.75 (and --keep auto with --auto) at each --target-bpw;
-- quantization only: compress --keep 1.0 at each budget;
-- pruning only: the run's pruned-r0.75 checkpoint, `quantize --type T` with the largest T that fits the budget;
-- llama.cpp uniform mixtures with the importance matrix (`quantize --ftype F --calib-dir RUN_DIR`), natural sizes;
-- the paper authors' fixed per-tensor rules on the pruned-r0.75 checkpoint (`quantize --plan`), the base type
-  being the largest whose plan fits the budget.
-Every GGUF is evaluated with moepack.eval.evaluate against the HF checkpoint on tinystories-valid.txt (cloze only).
+One compress run directory per fixture serves every size point: its calibration (and the paper's pruning) is made
+once; a sensitivity table is reused whenever its key (the base type compress picks for the budget among them) is
+unchanged, so size points run in ascending order. Each finished cell is saved in --out at once: a rerun resumes,
+and --render-only redoes the page and plots from the JSON alone.
+
+Full run (both fixtures, every size point; see the report for its wall time), from the repository root:
+    .venv/bin/python bench/claim.py
+A subset of size points:   --ftypes IQ2_XXS Q2_K Q3_K_M
+Smoke test (small, not the committed results):
+    .venv/bin/python bench/claim.py --models models/tiny-qwen3-moe --ftypes IQ2_XXS --calib-tokens 4096
+      --sens-tokens 512 --eval-tokens 2048 --work out/claim-smoke --out out/claim-smoke/claim.json
+      --md out/claim-smoke/results.md --png out/claim-smoke/pareto.png
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
+EVAL_TEXT = DATA / "tinystories-valid.txt"
+GOAL = 0.25  # the KLD reduction the claim asks for
+HAND_STEPS = 3  # Unsloth-style rule: non-expert tensors this many ladder steps above the routed experts
+PAPER_PRUNE = {"keep": 0.75, "criterion": "score", "alpha": 0.5}
+# bench/domain.py imports these three: the mixtures and sensitivity ladder of its own comparison.
 FTYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ1_M")
-# upgrade order for the uniform (pruning only) and the authors' rules; "one step higher" = the next entry
-LADDER = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 SENS_LADDER = ("IQ1_S", "IQ2_XXS", "IQ2_S", "IQ3_S", "Q4_K", "Q6_K")
+EVAL_KEYS = ("size_bytes", "tensor_bytes", "bpw", "ppl", "kld_mean", "kld_ci95_low", "kld_ci95_high", "kld_median",
+             "kld_p99", "kld_p999", "top1", "top1_ci95_low", "top1_ci95_high", "dp_rms", "dp_rms_ci95_low",
+             "dp_rms_ci95_high", "ppl_ratio", "ppl_ratio_ci95_low", "ppl_ratio_ci95_high", "eval_seconds")
+ROWS = ("uniform", "moepack", "unsloth", "authors", "prune_only")
+LABELS = {"uniform": "llama.cpp uniform", "moepack": "moepack compress", "unsloth": "Unsloth-style rule",
+          "authors": "authors' rules (pruned)", "prune_only": "prune-only (uniform)"}
 
 log = logging.getLogger("claim")
 
 
 def file_limit(model: Path, bpw: float) -> int:
-    from moepack.stages.budget import BudgetRequest, budget_for
     from moepack.model.checkpoint import open_checkpoint
+    from moepack.stages.budget import BudgetRequest, budget_for
 
     return int(budget_for(BudgetRequest(target_bpw=bpw), open_checkpoint(model)).file_limit)
 
 
-def run_compress(model: Path, work: Path, keep: float | str, bpw: float, args: argparse.Namespace) -> dict:
-    from moepack.pipeline.compress import compress
-    from moepack.pipeline.options import CompressOptions
-    from moepack.stages.budget import BudgetRequest
+def _ladder() -> tuple[str, ...]:
+    from moepack.gguf.types import LADDER
 
-    out = work / f"moepack-r{keep}-b{bpw:g}.gguf"
-    run_dir = work / ("run-auto" if keep == "auto" else f"run-r{keep:g}")
-    info = out.with_suffix(".json")
-    if out.is_file() and info.is_file():
-        return json.loads(info.read_text())
-    opts = CompressOptions(keep=keep, base=args.base, ladder=tuple(args.ladder), calib_text=DATA / "tinystories-train.txt",
-                           calib_tokens=args.calib_tokens, seq_len=args.seq_len, sens_tokens=args.sens_tokens,
-                           threads=2, progress=False)
-    t0 = time.perf_counter()
-    r = compress(model, out, BudgetRequest(target_bpw=bpw), opts, run_dir)
-    d = {"file": str(out), "run_dir": str(run_dir), "keep": r.keep, "top_k": r.top_k,
-         "candidates": r.candidates, "timings": r.timings, "seconds": time.perf_counter() - t0}
-    info.write_text(json.dumps(d, indent=1, default=str))
-    return d
+    return LADDER
 
 
-def _plan_bytes(outs: list, types: dict[str, str]) -> int:
-    import gguf
+def _up(t: str, n: int) -> str:
+    lad = _ladder()
+    return lad[min(lad.index(t) + n, len(lad) - 1)]
 
-    from moepack.gguf.types import written_bytes
 
-    f32 = gguf.GGMLQuantizationType.F32
-    return sum(written_bytes(o.shape, gguf.GGMLQuantizationType[types[o.name]] if o.name in types else f32)
-               for o in outs)
+def size_points(model: Path) -> list[str]:
+    """llama.cpp's mixtures predicted between IQ1_S and Q4_K_M in size for `model`, smallest first."""
+    from moepack.model.checkpoint import open_checkpoint
+    from moepack.stages.mixtures import mixture_sizes
+
+    sizes = {f: s.total for f, s in mixture_sizes(open_checkpoint(model)).items()}
+    lo, hi = sizes["IQ1_S"], sizes["Q4_K_M"]
+    return sorted((f for f, s in sizes.items() if lo <= s <= hi), key=lambda f: (sizes[f], f))
+
+
+# ---- the hand rules ---------------------------------------------------------------------------------------------
+def unsloth_plan(view: Any, base: str) -> dict[str, str]:
+    """Unsloth-style dynamic mixture: ffn_gate/up_exps at `base`, ffn_down_exps and token_embd one step up; attention,
+    shared experts, dense FFN and output HAND_STEPS steps up."""
+    from moepack.gguf.names import gguf_outputs
+    from moepack.model.arch import Role
+
+    plan = {}
+    for o in (o for o in gguf_outputs(view) if o.quantizable):
+        if o.role is Role.ROUTED_EXPERTS:
+            plan[o.name] = _up(base, "ffn_down" in o.name)
+        elif o.role is Role.EMBEDDING:
+            plan[o.name] = _up(base, 1)
+        else:
+            plan[o.name] = _up(base, HAND_STEPS)
+    return plan
 
 
 def authors_plan(view: Any, base: str) -> dict[str, str]:
     """Chen et al.'s fixed rules: routed experts at `base`, the first and last eighth of MoE layers one step higher,
     ffn_down_exps one more step; attention Q4_K (dense FFN too), shared experts Q6_K, token_embd Q2_K, output Q5_K."""
-    from moepack.model.arch import Role
     from moepack.gguf.names import gguf_outputs
+    from moepack.model.arch import Role
 
     outs = [o for o in gguf_outputs(view) if o.quantizable]
     moe = sorted({o.layer for o in outs if o.role is Role.ROUTED_EXPERTS})
     edge = max(1, math.ceil(len(moe) / 8))
     edges = set(moe[:edge]) | set(moe[-edge:])
-    up = lambda t, n: LADDER[min(LADDER.index(t) + n, len(LADDER) - 1)]  # noqa: E731
     plan: dict[str, str] = {}
     for o in outs:
         if o.role is Role.ROUTED_EXPERTS:
-            plan[o.name] = up(base, (o.layer in edges) + ("ffn_down" in o.name))
+            plan[o.name] = _up(base, (o.layer in edges) + ("ffn_down" in o.name))
         elif o.role is Role.SHARED_EXPERTS:
             plan[o.name] = "Q6_K"
         elif o.name.startswith("token_embd"):
@@ -98,323 +128,486 @@ def authors_plan(view: Any, base: str) -> dict[str, str]:
     return plan
 
 
-def largest_fitting(view: Any, limit: int, overhead: int, plan_for) -> tuple[str, dict[str, str]] | None:
+def plan_bytes(view: Any, types: dict[str, str]) -> int:
+    """Tensor bytes of `view` written with `types` (F32 for tensors the plan leaves out), fallbacks included."""
     from moepack.gguf.names import gguf_outputs
+    from moepack.gguf.types import written_bytes
 
-    outs = gguf_outputs(view)
-    best = None
-    for t in LADDER:
-        types = plan_for(t)
-        if _plan_bytes(outs, types) + overhead <= limit:
-            best = (t, types)
-    return best
+    return sum(written_bytes(o.shape, types.get(o.name, "F32")) for o in gguf_outputs(view))
 
 
-def write_plan(pruned: Path, out: Path, types: dict[str, str], imatrix: Path, note: dict) -> None:
+def fitting_bases(view: Any, limit: int, overhead: int, plan_for: Callable[[str], dict[str, str]]) -> list[str]:
+    """Ladder types whose plan is predicted to fit `limit` file bytes, largest first."""
+    return [t for t in reversed(_ladder()) if plan_bytes(view, plan_for(t)) + overhead <= limit]
+
+
+def write_rule(src: Path, out: Path, run_dir: Path, limit: int, overhead: int,
+               plan_for: Callable[[str], dict[str, str]]) -> dict[str, Any]:
+    """The largest base whose rule's file is no larger than `limit`, written; the next base down whenever the
+    written file (its metadata larger than predicted) is over."""
     from moepack.gguf.quantize import quantize_model
-
-    plan = out.with_suffix(".quant_plan.json")
-    plan.write_text(json.dumps({"tensors": types, **note}, indent=1))
-    quantize_model(pruned, out, plan=plan, imatrix=imatrix, threads=2, progress=False)
-
-
-def baselines(model: Path, work: Path, bpw: float, run_dir: Path, overhead: int) -> list[dict]:
-    """Pruning only and the authors' rules at one budget, each the largest base that fits."""
     from moepack.model.checkpoint import open_checkpoint
-    from moepack.gguf.names import gguf_outputs
 
-    pruned = run_dir / "pruned-r0.75"
-    view = open_checkpoint(pruned)
-    limit = file_limit(model, bpw)
-    rows = []
-    quant = [o.name for o in gguf_outputs(view) if o.quantizable]
-    for method, plan_for in (("prune-only", lambda t: {n: t for n in quant}),
-                             ("authors", lambda t: authors_plan(view, t))):
-        out = work / f"{method}-b{bpw:g}.gguf"
-        fit = largest_fitting(view, limit, overhead, plan_for)
-        if fit is None:
-            rows.append({"method": method, "budget_bpw": bpw, "file": None, "note": "no base type fits"})
-            continue
-        t, types = fit
-        if not out.is_file():
-            write_plan(pruned, out, types, run_dir, {"rule": method, "base": t})
-        rows.append({"method": method, "budget_bpw": bpw, "file": str(out), "base": t})
-    return rows
+    view = open_checkpoint(src)
+    for base in fitting_bases(view, limit, overhead, plan_for):
+        plan = out.with_suffix(".quant_plan.json")
+        plan.write_text(json.dumps({"tensors": plan_for(base)}, indent=1))
+        quantize_model(src, out, plan=plan, imatrix=run_dir, threads=2, progress=False)
+        if out.stat().st_size <= limit:
+            return {"file": out, "base": base}
+        out.unlink()
+    return {"file": None, "error": "no base type fits"}
 
 
-def uniform(model: Path, work: Path, run_dir: Path) -> list[dict]:
-    from moepack.gguf.quantize import quantize_model
-
-    rows = []
-    for f in FTYPES:
-        out = work / f"llama-{f}.gguf"
-        if not out.is_file():
-            quantize_model(model, out, ftype=f, imatrix=run_dir, threads=2, progress=False)
-        rows.append({"method": f"llama.cpp {f}", "budget_bpw": None, "file": str(out)})
-    return rows
-
-
-def evaluate_all(model: Path, rows: list[dict], work: Path, args: argparse.Namespace) -> dict:
-    from moepack.eval import mc
-    from moepack.eval.evaluate import evaluate_model
-    from moepack.eval.reference import EvalConfig, prepare_reference
-    from moepack.model.textdata import read_text
-
-    text = DATA / "tinystories-valid.txt"
-    cfg = EvalConfig(ctx=args.ctx, tokens=args.eval_tokens, mc=("cloze",), mc_items=args.mc_items, threads=1,
-                     prompt_tokens=64, gen_tokens=32, cache_dir=work.parent / "evalcache", cloze_text=text)
-    tasks = {"cloze": mc.load_task("cloze", n=args.mc_items, cloze_text=text)}
-    ref = prepare_reference(model, text, cfg)
-    ref_cloze = mc.score_items("cloze", ref.scorer(cfg), ref.tokenize, tasks["cloze"], desc="cloze ref").to_dict()
-    ref.release()
-    sample = read_text(text)[:4000]
-    for r in rows:
-        if not r.get("file"):
-            continue
-        p = Path(r["file"])
-        cache = p.with_suffix(".eval.json")
-        stamp = [p.stat().st_size, p.stat().st_mtime_ns]
-        if cache.is_file() and json.loads(cache.read_text()).get("stamp") == stamp:
-            r["eval"] = json.loads(cache.read_text())["eval"]
-            continue
-        r["eval"] = evaluate_model(p, ref, tasks, cfg, sample)
-        cache.write_text(json.dumps({"stamp": stamp, "eval": r["eval"]}))
-    return {"params": ref.params, "size_bytes": ref.size_bytes, "ppl": ref.ppl, "cloze": ref_cloze["score"],
-            "settings": {"ctx": cfg.ctx, "tokens": cfg.tokens, "windows": len(ref.windows),
-                         "scored_tokens": len(ref.nll), "cloze_items": len(tasks["cloze"]), "threads": 1,
-                         "prompt_tokens": cfg.prompt_tokens, "gen_tokens": cfg.gen_tokens}}
-
-
-def bench_fixture(model: Path, args: argparse.Namespace) -> dict:
-    work = Path(args.work) / model.name
-    work.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    rows: list[dict] = []
-    keeps: list[float | str] = [0.75, 1.0] + (["auto"] if args.auto else [])
-    t0 = time.perf_counter()
-    for bpw in args.bpw:
-        for keep in keeps:
-            t = time.perf_counter()
-            d = run_compress(model, work, keep, bpw, args)
-            timings[f"compress keep={keep} bpw={bpw:g}"] = round(time.perf_counter() - t, 1)
-            method = "moepack quant-only (keep 1.0)" if keep == 1.0 else f"moepack keep {keep}"
-            rows.append({"method": method, "budget_bpw": bpw, "file": d["file"], "keep": d["keep"],
-                         "top_k": d["top_k"], "candidates": d["candidates"]})
-    run_dir = work / "run-r0.75"
-    overhead = int(json.loads((run_dir / "sensitivity-r0.75.json").read_text()).get("overhead_bytes") or 0)
-    t = time.perf_counter()
-    for bpw in args.bpw:
-        rows += baselines(model, work, bpw, run_dir, overhead)
-    timings["prune-only + authors"] = round(time.perf_counter() - t, 1)
-    t = time.perf_counter()
-    rows += uniform(model, work, run_dir)
-    timings["llama.cpp ftypes"] = round(time.perf_counter() - t, 1)
-    t = time.perf_counter()
-    ref = evaluate_all(model, rows, work, args)
-    timings["evaluate"] = round(time.perf_counter() - t, 1)
-    timings["total"] = round(time.perf_counter() - t0, 1)
-    limits = {str(b): file_limit(model, b) for b in args.bpw}
-    return {"model": model.name, "reference": ref, "rows": rows, "limits": limits, "timings": timings}
-
-
-def verdicts(fx: dict) -> list[dict]:
-    """Per budget and moepack variant: the best uniform mixture that fits, and whether the claim holds."""
-    out = []
-    uni = [r for r in fx["rows"] if r["method"].startswith("llama.cpp") and r.get("eval")]
-    for b, limit in fx["limits"].items():
-        fits = [r for r in uni if r["eval"]["size_bytes"] <= limit]
-        best = min(fits, key=lambda r: r["eval"]["kld_mean"]) if fits else None
-        for r in fx["rows"]:
-            if not r["method"].startswith("moepack") or str(r["budget_bpw"]) != b or not r.get("eval"):
-                continue
-            e = r["eval"]
-            v = {"budget_bpw": float(b), "limit_bytes": limit, "method": r["method"], "size": e["size_bytes"],
-                 "kld": e["kld_mean"], "baseline": best and best["method"],
-                 "baseline_size": best and best["eval"]["size_bytes"], "baseline_kld": best and best["eval"]["kld_mean"]}
-            if best:
-                v["smaller"] = e["size_bytes"] <= best["eval"]["size_bytes"]
-                v["kld_reduction"] = 1 - e["kld_mean"] / best["eval"]["kld_mean"]
-                v["holds"] = v["smaller"] and v["kld_reduction"] >= 0.25
-            out.append(v)
+# ---- the verdict ------------------------------------------------------------------------------------------------
+def verdict(moe: dict[str, Any] | None, uni: dict[str, Any] | None, goal: float = GOAL) -> dict[str, Any] | None:
+    """moepack's eval vs the uniform file's: the KLD reduction, no larger, CIs apart, and whether all three hold."""
+    if not moe or not uni:
+        return None
+    reduction = 1 - moe["kld_mean"] / uni["kld_mean"] if uni["kld_mean"] > 0 else float("-inf")
+    out = {"kld_reduction": reduction, "no_larger": moe["size_bytes"] <= uni["size_bytes"],
+           "cis_apart": moe["kld_ci95_high"] < uni["kld_ci95_low"], "goal": goal}
+    out["holds"] = bool(reduction >= goal and out["no_larger"] and out["cis_apart"])
     return out
 
 
-def _label(r: dict) -> str:
-    s = r["method"]
-    if r.get("budget_bpw") is not None:
-        s += f" @{r['budget_bpw']:g}"
-    if r.get("base"):
-        s += f" ({r['base']})"
-    return s
+# ---- one fixture ------------------------------------------------------------------------------------------------
+class Evaluator:
+    """moepack.eval of GGUF files against one checkpoint on EVAL_TEXT; the reference's log-probs cached."""
+
+    def __init__(self, model: Path, work: Path, args: argparse.Namespace) -> None:
+        from moepack.eval.reference import EvalConfig
+
+        self.model = model
+        self.cfg = EvalConfig(ctx=args.ctx, tokens=args.eval_tokens, mc=(), threads=1, speed=False,
+                              cache_dir=work / "evalcache")
+        self.ref: Any = None
+
+    def reference(self) -> Any:
+        from moepack.eval.reference import prepare_reference
+
+        if self.ref is None:
+            self.ref = prepare_reference(self.model, EVAL_TEXT, self.cfg)
+            self.ref.release()
+        return self.ref
+
+    def __call__(self, path: Path) -> dict[str, Any]:
+        from moepack.eval.evaluate import evaluate_model
+
+        e = evaluate_model(path, self.reference(), {}, self.cfg)
+        return {k: e[k] for k in EVAL_KEYS if k in e}
 
 
-def table(fx: dict) -> str:
-    ref = fx["reference"]
-    head = ["method", "size MiB", "bpw", "PPL", "KLD mean", "KLD p99", "top-1 %", "cloze %", "decode tok/s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-             f"| reference (HF bf16) | {ref['size_bytes'] / 2**20:.2f} | {8 * ref['size_bytes'] / ref['params']:.2f} "
-             f"| {ref['ppl']:.3f} | — | — | — | {100 * ref['cloze']:.1f} | — |"]
-    rows = [r for r in fx["rows"] if r.get("eval")]
-    for r in sorted(rows, key=lambda r: r["eval"]["size_bytes"]):
-        e = r["eval"]
-        dec = e.get("decode_tps")
-        lines.append(f"| {_label(r)} | {e['size_bytes'] / 2**20:.2f} | {e['bpw']:.2f} | {e['ppl']:.3f} | "
-                     f"{e['kld_mean']:.4f} | {e['kld_p99']:.3f} | {100 * e['top1']:.1f} | "
-                     f"{100 * e['mc']['cloze']['score']:.1f} | {'—' if dec is None else f'{dec:.0f}'} |")
-    for r in fx["rows"]:
-        if not r.get("file"):
-            lines.append(f"| {_label(r)} | — | — | — | — | — | — | — | — ({r.get('note')}) |")
-    return "\n".join(lines)
+class Fixture:
+    """The shared work of one fixture's size points: calibration, the paper's pruned checkpoint, the evaluator."""
+
+    def __init__(self, model: Path, args: argparse.Namespace) -> None:
+        from moepack.pipeline.options import CompressOptions
+
+        self.model, self.args = model, args
+        self.work = Path(args.work) / model.name
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.run_dir = self.work / "run"
+        self.opts = dataclasses.replace(CompressOptions(), calib_tokens=args.calib_tokens, seq_len=args.seq_len,
+                                        sens_tokens=args.sens_tokens, progress=False)
+        self.evaluate = Evaluator(model, self.work, args)
+        self.pruned = self.work / "pruned-paper"
+
+    def prepare(self) -> float:
+        """Compress's own calibration stage (so compress reuses it) and the paper's pruning; seconds spent."""
+        from moepack.backends import LocalBackend
+        from moepack.pipeline.compress import _calibrate  # compress's calibration, exactly as compress calls it
+        from moepack.pipeline.runstate import RunDir
+        from moepack.stages.prune import PruneOptions, run_prune
+
+        t0 = time.perf_counter()
+        _calibrate(self.model, RunDir(self.run_dir), self.opts, LocalBackend())
+        run_prune(self.model, self.run_dir, self.pruned, PruneOptions(**PAPER_PRUNE), progress=False)
+        return time.perf_counter() - t0
+
+    def uniform(self, ftype: str) -> dict[str, Any]:
+        from moepack.gguf.quantize import quantize_model
+
+        out = self.work / f"llama-{ftype}.gguf"
+        if not out.is_file():
+            quantize_model(self.model, out, ftype=ftype, imatrix=self.run_dir, threads=2, progress=False)
+        return {"file": out}
+
+    def moepack(self, target: int) -> dict[str, Any]:
+        from moepack.pipeline.compress import compress
+        from moepack.stages.budget import BudgetRequest
+
+        out = self.work / f"moepack-{target}.gguf"
+        r = compress(self.model, out, BudgetRequest(target_size=target), self.opts, self.run_dir)
+        mix = r.mixtures or {}
+        return {"file": out, "keep": r.keep, "top_k": r.top_k, "n_experts": list(r.n_experts),
+                "criterion": r.criterion, "alpha": r.alpha, "selection_kld": r.selection_kld,
+                "report_kld": r.report_kld, "started_from": mix.get("chosen"), "best_mixture": mix.get("best_mixture"),
+                "types": r.types, "stage_seconds": {k: round(v, 1) for k, v in r.timings.items()}}
+
+    def rules(self, target: int, overhead: int) -> dict[str, dict[str, Any]]:
+        from moepack.model.checkpoint import open_checkpoint
+
+        full, pruned = open_checkpoint(self.model), open_checkpoint(self.pruned)
+        flat = self._quantizable(pruned)
+        return {
+            "unsloth": write_rule(self.model, self.work / f"unsloth-{target}.gguf", self.run_dir, target, overhead,
+                                  lambda t: unsloth_plan(full, t)),
+            "authors": write_rule(self.pruned, self.work / f"authors-{target}.gguf", self.run_dir, target, overhead,
+                                  lambda t: authors_plan(pruned, t)),
+            "prune_only": write_rule(self.pruned, self.work / f"prune-only-{target}.gguf", self.run_dir, target,
+                                     overhead, lambda t: dict.fromkeys(flat, t)),
+        }
+
+    @staticmethod
+    def _quantizable(view: Any) -> list[str]:
+        from moepack.gguf.names import gguf_outputs
+
+        return [o.name for o in gguf_outputs(view) if o.quantizable]
 
 
-def plot(fixtures: list[dict], path: Path) -> None:
-    import matplotlib
+def _attempt(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """fn's row with its seconds, or the reason it failed (llama.cpp refusing a mixture, an infeasible budget)."""
+    from moepack.errors import MoepackError
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(fixtures), figsize=(6.5 * len(fixtures), 5), squeeze=False)
-    style = {"moepack keep 0.75": ("o", "C0"), "moepack keep auto": ("D", "C5"),
-             "moepack quant-only (keep 1.0)": ("s", "C1"), "prune-only": ("^", "C2"), "authors": ("v", "C3")}
-    for ax, fx in zip(axes[0], fixtures):
-        for r in fx["rows"]:
-            if not r.get("eval"):
-                continue
-            x, y = r["eval"]["size_bytes"] / 2**20, r["eval"]["kld_mean"]
-            if r["method"].startswith("llama.cpp"):
-                ax.scatter(x, y, marker="x", color="k", label="llama.cpp uniform (imatrix)")
-                ax.annotate(r["method"].split()[-1], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-            else:
-                m, c = style.get(r["method"], ("*", "C4"))
-                ax.scatter(x, y, marker=m, color=c, label=r["method"])
-        for b, limit in fx["limits"].items():
-            ax.axvline(limit / 2**20, color="grey", lw=0.6, ls=":")
-        ax.set_yscale("log")
-        ax.set_xlabel("GGUF size (MiB); dotted: budgets " + ", ".join(fx["limits"]) + " bpw")
-        ax.set_ylabel("mean KLD vs bf16 (nats, log)")
-        ax.set_title(fx["model"])
-        h, lab = ax.get_legend_handles_labels()
-        uniq = dict(zip(lab, h))
-        ax.legend(uniq.values(), uniq.keys(), fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    t0 = time.perf_counter()
+    try:
+        row = fn()
+    except MoepackError as e:
+        row = {"file": None, "error": str(e)}
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
 
 
-def _verdict_lines(fx: dict) -> list[str]:
-    lines = []
-    for v in verdicts(fx):
-        head = f"- **{v['budget_bpw']:g} bpw** (file limit {v['limit_bytes'] / 2**20:.2f} MiB), {v['method']}: "
-        if not v.get("baseline"):
-            lines.append(head + f"{v['size'] / 2**20:.2f} MiB, KLD {v['kld']:.4f}; no llama.cpp uniform mixture "
-                         "fits this budget, so there is nothing to beat at this size.")
+def _evaluated(fx: Fixture, row: dict[str, Any]) -> dict[str, Any]:
+    if row.get("file") is not None and "eval" not in row:
+        row["eval"] = _attempt(lambda: fx.evaluate(row["file"]))
+        if row["eval"].get("error"):
+            row["error"], row["eval"] = row["eval"]["error"], None
+    return row
+
+
+def run_cell(fx: Fixture, ftype: str, done: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """One size point: the uniform file, then every other row at its size (shared with an earlier point of the same
+    size, as in `done`), each evaluated."""
+    from moepack.eval.reference import gguf_counts
+
+    t0 = time.perf_counter()
+    cell: dict[str, Any] = {"ftype": ftype, "uniform": _evaluated(fx, _attempt(lambda: fx.uniform(ftype)))}
+    uni = cell["uniform"]
+    if uni.get("file") is None or not uni.get("eval"):
+        cell["seconds"] = round(time.perf_counter() - t0, 1)
+        return cell
+    target = Path(uni["file"]).stat().st_size
+    cell["target_bytes"] = target
+    if target in done:
+        cell.update({k: done[target][k] for k in ROWS[1:]}, same_size_as=done[target]["ftype"])
+    else:
+        cell["moepack"] = _evaluated(fx, _attempt(lambda: fx.moepack(target)))
+        overhead = target - gguf_counts(Path(uni["file"]))[1]  # non-tensor bytes: metadata, vocabulary
+        t = time.perf_counter()
+        for name, row in fx.rules(target, overhead).items():
+            cell[name] = _evaluated(fx, row)
+        cell["rules_seconds"] = round(time.perf_counter() - t, 1)
+    cell["verdict"] = verdict((cell.get("moepack") or {}).get("eval"), uni["eval"])
+    cell["seconds"] = round(time.perf_counter() - t0, 1)
+    return cell
+
+
+# ---- results JSON -----------------------------------------------------------------------------------------------
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    from moepack.pipeline.options import CompressOptions
+
+    d = CompressOptions()
+    return {"calib_text": "bundled (src/moepack/data/calibration.txt)", "calib_tokens": args.calib_tokens,
+            "seq_len": args.seq_len, "sens_tokens": args.sens_tokens, "keep": d.keep, "criterion": d.criterion,
+            "sensitivity": d.sensitivity, "eval_text": str(EVAL_TEXT.relative_to(ROOT)), "ctx": args.ctx,
+            "eval_tokens": args.eval_tokens, "goal": GOAL, "hand_steps": HAND_STEPS, "paper_prune": PAPER_PRUNE}
+
+
+def _portable(obj: Any, work: Path) -> Any:
+    """`obj` with every path relative to --work (files) or the repository (anything else), as JSON-ready values."""
+    if isinstance(obj, dict):
+        return {k: _portable(v, work) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_portable(v, work) for v in obj]
+    if isinstance(obj, Path):
+        p = obj.resolve()
+        return str(p.relative_to(work) if p.is_relative_to(work) else p.relative_to(ROOT) if p.is_relative_to(ROOT)
+                   else p.name)
+    if isinstance(obj, str):
+        for base in (str(work) + "/", str(ROOT) + "/"):
+            obj = obj.replace(base, "")
+        return obj
+    return obj
+
+
+def save(results: dict[str, Any], path: Path, work: Path) -> None:
+    from moepack.atomic import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(_portable(results, work.resolve()), indent=1, default=str) + "\n")
+
+
+def load(path: Path, want: dict[str, Any]) -> dict[str, Any]:
+    """The results so far when they were made with the same settings; a fresh record when there are none."""
+    if not path.is_file():
+        return {"settings": want, "fixtures": {}}
+    results = json.loads(path.read_text())
+    if results.get("settings") != want:
+        diff = sorted(k for k in set(want) | set(results.get("settings", {}))
+                      if want.get(k) != results.get("settings", {}).get(k))
+        sys.exit(f"{path} holds cells made with other settings ({', '.join(diff)}); rerun with the same flags, or "
+                 "give another --out and --work")
+    return results
+
+
+def bench_fixture(model: Path, ftypes: list[str] | None, results: dict[str, Any], args: argparse.Namespace) -> None:
+    from moepack.model.checkpoint import open_checkpoint
+
+    fx = Fixture(model, args)
+    rec = results["fixtures"].setdefault(model.name, {"model": str(model.resolve().relative_to(ROOT)), "cells": {}})
+    points = size_points(model)
+    todo = [f for f in points if f in (ftypes or points) and f not in rec["cells"]]
+    unknown = sorted(set(ftypes or ()) - set(points))
+    if unknown:
+        log.warning("%s: %s not between IQ1_S and Q4_K_M here (size points: %s)", model.name, unknown, points)
+    if not todo:
+        return
+    rec.setdefault("prepare_seconds", round(fx.prepare(), 1))
+    ref = fx.evaluate.reference()
+    rec.update(params=ref.params, size_bytes=ref.size_bytes, ppl=ref.ppl, scored_tokens=len(ref.nll),
+               windows=len(ref.windows), n_experts=open_checkpoint(model).facts.n_experts)
+    for f in todo:
+        done = {c["target_bytes"]: c for c in rec["cells"].values() if c.get("target_bytes") and "moepack" in c}
+        cell = run_cell(fx, f, done)
+        rec["cells"][f] = cell
+        save(results, args.out, Path(args.work))
+        print(f"{model.name} {f}: cell {cell['seconds']:.0f} s ({_cell_times(cell)})", flush=True)
+
+
+def _cell_times(cell: dict[str, Any]) -> str:
+    parts = [f"{k} {cell[k]['seconds']:.0f} s" for k in ("uniform", "moepack") if isinstance(cell.get(k), dict)]
+    if "rules_seconds" in cell:
+        parts.append(f"rules {cell['rules_seconds']:.0f} s")
+    if cell.get("same_size_as"):
+        parts.append(f"same size as {cell['same_size_as']}")
+    return ", ".join(parts)
+
+
+# ---- the page ---------------------------------------------------------------------------------------------------
+def _mib(n: int | None) -> str:
+    return "—" if n is None else f"{n / 2**20:.3f}"
+
+
+def _pm(e: dict[str, Any] | None, key: str, spec: str, scale: float = 1.0) -> str:
+    """e[key] ± the half-width of its 95 % CI (the value alone without one; — when not measured)."""
+    if not e or e.get(key) is None:
+        return "—"
+    lo, hi = e.get(f"{key}_ci95_low"), e.get(f"{key}_ci95_high")
+    if key == "kld_mean":
+        lo, hi = e.get("kld_ci95_low"), e.get("kld_ci95_high")
+    v = format(e[key] * scale, spec)
+    return v if lo is None or hi is None else f"{v} ± {format((hi - lo) / 2 * scale, spec)}"
+
+
+def _row_cell(row: dict[str, Any] | None) -> str:
+    """A baseline's KLD ± CI, its size and base type, or why it has none."""
+    if not row:
+        return "—"
+    if not row.get("eval"):
+        return f"— ({_short(row.get('error', 'not made'))})"
+    return f"{_pm(row['eval'], 'kld_mean', '.5f')} ({row.get('base')}, {_mib(row['eval']['size_bytes'])} MiB)"
+
+
+def _short(msg: str, n: int = 80) -> str:
+    msg = " ".join(str(msg).split()).replace("|", "/")
+    return msg if len(msg) <= n else msg[: n - 1] + "…"
+
+
+def _verdict_cell(v: dict[str, Any] | None) -> str:
+    if v is None:
+        return "— (not measured)"
+    why = [w for w, ok in ((f"reduction below {100 * v['goal']:.0f} %", v["kld_reduction"] >= v["goal"]),
+                           ("file larger", v["no_larger"]), ("CIs overlap", v["cis_apart"])) if not ok]
+    return "**holds**" if v["holds"] else "falls short: " + ", ".join(why)
+
+
+def fixture_table(rec: dict[str, Any]) -> list[str]:
+    head = ["size point", "uniform MiB", "uniform KLD", "moepack MiB", "moepack KLD", "KLD lower by", "verdict",
+            "moepack: keep, k', criterion, started from", "Unsloth-style rule", "authors' rules (pruned)",
+            "prune-only (pruned)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for f, c in _cells(rec):
+        u, m = c["uniform"], c.get("moepack") or {}
+        ue, me = u.get("eval"), m.get("eval")
+        if not ue:
+            lines.append(f"| {f} | — | — ({_short(u.get('error', 'not evaluated'))}) |" + " |" * (len(head) - 3))
             continue
-        ok = "**holds**" if v["holds"] else "**falls short**"
-        red = v["kld_reduction"]
-        cmp = (f"{100 * red:.1f}% lower" if red >= 0 else f"{v['kld'] / v['baseline_kld']:.1f}x the baseline's")
-        lines.append(head + f"{ok}: {v['size'] / 2**20:.3f} MiB vs {v['baseline']} {v['baseline_size'] / 2**20:.3f} "
-                     f"MiB ({'no larger' if v['smaller'] else 'LARGER by %.1f%%' % (100 * (v['size'] / v['baseline_size'] - 1))}"
-                     f"); mean KLD {v['kld']:.4f} vs {v['baseline_kld']:.4f}: {cmp} (goal: >= 25% lower).")
+        v = c.get("verdict")
+        how = (f"{m['keep']:g} ({m['n_experts'][0]}/{m['n_experts'][1]}), {m['top_k']}, {m['criterion']}, "
+               f"{m.get('started_from')}" if me else _short(m.get("error", "—")))
+        red = "—" if v is None else f"{100 * v['kld_reduction']:.1f} %"
+        same = f" (= {c['same_size_as']})" if c.get("same_size_as") else ""
+        lines.append(f"| {f}{same} | {_mib(ue['size_bytes'])} | {_pm(ue, 'kld_mean', '.5f')} | "
+                     f"{_mib(me and me['size_bytes'])} | {_pm(me, 'kld_mean', '.5f')} | {red} | {_verdict_cell(v)} | "
+                     f"{how} | {_row_cell(c.get('unsloth'))} | {_row_cell(c.get('authors'))} | "
+                     f"{_row_cell(c.get('prune_only'))} |")
     return lines
 
 
-def discussion(fx: dict) -> list[str]:
-    """Why the pruned files fall short, from the measured rows: the KLD floor that pruning alone sets."""
-    ev = {(r["method"], r.get("budget_bpw")): r["eval"] for r in fx["rows"] if r.get("eval")}
-    prune = [e["kld_mean"] for (m, _), e in ev.items() if m == "prune-only"]
-    pruned = [e["kld_mean"] for (m, _), e in ev.items() if m == "moepack keep 0.75"]
-    qonly = {b: e["kld_mean"] for (m, b), e in ev.items() if m.startswith("moepack quant-only")}
-    if not (prune and pruned and qonly):
+def pair_table(rec: dict[str, Any]) -> list[str]:
+    """llama-perplexity's other statistics for the uniform and moepack files, where eval reported them."""
+    keys = [("ppl_ratio", ".4f", 1.0, "PPL ratio"), ("dp_rms", ".2f", 100.0, "RMS Δp %"),
+            ("top1", ".2f", 100.0, "same top %")]
+    evals = [e for _, c in _cells(rec) for e in ((c["uniform"] or {}).get("eval"), (c.get("moepack") or {}).get("eval"))
+             if e]
+    keys = [k for k in keys if any(k[0] in e for e in evals)]
+    if not keys:
         return []
-    floor = min(pruned + prune)
-    return [f"Why: every file with 25% of the experts removed sits at a KLD floor of about {min(pruned + prune):.3f} "
-            f"(moepack keep 0.75: {min(pruned):.3f}-{max(pruned):.3f}; pruning with a uniform type: "
-            f"{min(prune):.3f}-{max(prune):.3f}) whatever the bits, while quantization alone costs "
-            + ", ".join(f"{v:.4f} at {b:g} bpw" for b, v in sorted(qonly.items()))
-            + f". On this 4-layer, 16-expert fixture trained to use every expert, removing a quarter of them costs "
-            f"more KLD than quantization alone at {', '.join(f'{b:g}' for b, v in sorted(qonly.items()) if v < floor) or 'no'}"
-            " bpw. moepack's own mixed precision without pruning "
-            "(quant-only rows) is the fair measure of its allocator here. `--keep auto` measures the KLD at every "
-            "retention and so picks 1.0 whenever pruning's KLD exceeds its savings (the keep auto rows, when run "
-            "with --auto). What would close the rest: a larger "
-            "fixture with more, more specialised experts (where the paper's pruning is cheap), and comparing at "
-            "`--target-size` equal to the uniform file's own size where the uniform mixture lands below the budget "
-            "(the size test above is against the baseline's file, not the budget).", ""]
+    head = ["size point"] + [f"{side} {k[3]}" for k in keys for side in ("uniform", "moepack")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for f, c in _cells(rec):
+        ue, me = (c["uniform"] or {}).get("eval"), (c.get("moepack") or {}).get("eval")
+        lines.append(f"| {f} | " + " | ".join(_pm(e, k, spec, sc) for k, spec, sc, _ in keys for e in (ue, me)) + " |")
+    return lines
 
 
-def markdown(fixtures: list[dict], command: str, png: str, args: argparse.Namespace) -> str:
-    s = fixtures[0]["reference"]["settings"]
-    out = ["# moepack vs uniform low-bit quantization on the trained fixtures", "",
-           "Produced by `bench/claim.py`; rerun to reproduce:", "", f"    {command}", "",
-           f"Evaluation: `moepack.eval.evaluate` through llama-cpp-python against the bf16 HF checkpoint on "
-           f"tinystories-valid.txt: {s['scored_tokens']} tokens scored in {s['windows']} windows of {s['ctx']} "
-           f"(KLD = KL(reference || model), nats); TinyStories cloze on {s['cloze_items']} items; decode tok/s "
-           f"on {s['threads']} thread, {s['prompt_tokens']}-token prompt, {s['gen_tokens']} decode steps, on a "
-           "shared 2-core machine (speed is noisy). bpw = 8 x file size / original parameter count.", "",
-           f"Compress settings: calibration {args.calib_tokens} tokens of tinystories-train.txt (seq {args.seq_len}),"
-           f" sensitivity on {args.sens_tokens} held-out tokens, base {args.base}, ladder {' '.join(args.ladder)}, "
-           "greedy allocation. Budgets via `--target-bpw`. One run directory per (fixture, keep); its calibration "
-           "and sensitivity table serve all three budgets.", "",
-           f"![Pareto: size vs mean KLD]({png})", ""]
-    if not args.auto:
-        out += ["`--keep auto` was not run: it measures a sensitivity table for each of 4 retentions "
-                "(1.0, 0.875, 0.75, 0.625) per fixture, which does not fit the time box this run had; "
-                "rerun with `--auto` to add it.", ""]
-    for fx in fixtures:
-        out += [f"## {fx['model']}", "", table(fx), "", "Verdict per budget (best llama.cpp uniform mixture that "
-                "fits the budget = lowest mean KLD among those no larger than the file limit):", ""]
-        out += _verdict_lines(fx)
-        out += [""] + discussion(fx)
-        out += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in fx["timings"].items()), ""]
+def _cells(rec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The fixture's size points in order of the uniform file's size (unmade ones last)."""
+    return sorted(rec["cells"].items(), key=lambda fc: (fc[1].get("target_bytes") or math.inf, fc[0]))
+
+
+def holds_count(rec: dict[str, Any]) -> tuple[int, int]:
+    vs = [c.get("verdict") for _, c in _cells(rec) if (c["uniform"] or {}).get("eval")]
+    return sum(bool(v and v["holds"]) for v in vs), len(vs)
+
+
+def timing_line(rec: dict[str, Any]) -> str:
+    cells = ", ".join(f"{f} {c['seconds']:.0f}" for f, c in _cells(rec))
+    total = rec.get("prepare_seconds", 0) + sum(c["seconds"] for _, c in _cells(rec))
+    return (f"Wall time (s): calibration and the paper's pruning {rec.get('prepare_seconds', 0):.0f}; per size point "
+            f"(uniform file, compress, hand rules, their evaluation) {cells}; total {total / 60:.1f} min.")
+
+
+def plot_fixture(rec: dict[str, Any], name: str, path: Path) -> None:
+    """Size vs mean KLD with 95 % CI bars, one series per method."""
+    from moepack.eval.plots import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    style = {"uniform": ("x", "k"), "moepack": ("o", "C0"), "unsloth": ("s", "C1"), "authors": ("v", "C3"),
+             "prune_only": ("^", "C2")}
+    for method in ROWS:
+        pts = sorted({(e["size_bytes"], e["kld_mean"], e["kld_ci95_low"], e["kld_ci95_high"])
+                      for _, c in _cells(rec) for e in [((c.get(method) or {}).get("eval"))] if e})
+        if not pts:
+            continue
+        x = [p[0] / 2**20 for p in pts]
+        y = [p[1] for p in pts]
+        err = [[max(p[1] - p[2], 0) for p in pts], [max(p[3] - p[1], 0) for p in pts]]
+        m, col = style[method]
+        ax.errorbar(x, y, yerr=err, fmt=m + ("-" if method in ("uniform", "moepack") else ""), color=col,
+                    capsize=2, lw=0.8, ms=5, label=LABELS[method])
+    ax.set_yscale("log")
+    ax.set_xlabel("GGUF file size (MiB)")
+    ax.set_ylabel("mean KLD vs bf16 (nats, log scale), 95 % CI")
+    ax.set_title(name)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+
+
+def plot_path(png: Path, name: str) -> Path:
+    return png.with_name(f"{png.stem}-{name}{png.suffix}")
+
+
+def markdown(results: dict[str, Any], pngs: dict[str, str]) -> str:
+    s = results["settings"]
+    fixtures = results["fixtures"]
+    counts = {n: holds_count(r) for n, r in fixtures.items()}
+    held, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
+    out = ["# moepack vs llama.cpp's mixtures at the same file size", "",
+           "Generated by `bench/claim.py` from `bench/results/claim.json`; rerun to reproduce:", "",
+           f"    {results['command']}", "",
+           f"**The goal (moepack's mean KLD at least {100 * s['goal']:.0f} % below the llama.cpp file's, its file no "
+           f"larger, the 95 % CIs apart) holds at {held} of {total} size points** ("
+           + "; ".join(f"{n}: {h} of {t}" for n, (h, t) in counts.items()) + ").", "",
+           "Method. Per fixture and per llama.cpp mixture from IQ1_S through Q4_K_M (a size point): the uniform file "
+           "is `moepack quantize --ftype F` (llama_model_quantize) with the importance matrix of compress's "
+           "calibration; moepack is `moepack compress --target-size <that file's bytes>` with its defaults "
+           f"(keep {s['keep']}, criterion {s['criterion']}, sensitivity {s['sensitivity']}; calibration text: "
+           f"{s['calib_text']}, {s['calib_tokens']:,} tokens in sequences of {s['seq_len']}, "
+           f"{s['sens_tokens']:,} selection and as many report tokens held out after them). Baselines at the same "
+           f"size, each the largest base type whose file fits: an Unsloth-style rule (ffn_gate/up_exps at the "
+           f"base; ffn_down_exps and token_embd one ladder step up; attention, shared experts, dense FFN and output "
+           f"{s['hand_steps']} steps up), the paper authors' fixed rules and one uniform type (prune-only), these "
+           f"two on the paper's pruned checkpoint (keep {s['paper_prune']['keep']:g}, criterion "
+           f"{s['paper_prune']['criterion']}, alpha {s['paper_prune']['alpha']:g}).", "",
+           f"Evaluation: `moepack.eval` (llama.cpp through llama-cpp-python) against the bf16 checkpoint on "
+           f"`{s['eval_text']}`, text that neither the calibration nor the selection and report tokens (all from "
+           f"the calibration text) contain; windows of {s['ctx']} tokens, the second half of each scored. KLD = "
+           "KL(reference || model) in nats, ± the half-width of the 95 % CI from the spread of the window means. "
+           "Rows marked (= X) have the same file size as size point X and share its files.", ""]
+    for name, rec in fixtures.items():
+        h, t = counts[name]
+        out += [f"## {name}", "",
+                f"{rec['params']:,} parameters, {rec['n_experts']} routed experts per MoE layer; {rec['scored_tokens']:,} "
+                f"tokens scored in {rec['windows']} windows; the reference's PPL {rec['ppl']:.3f}. The goal holds at "
+                f"{h} of {t} size points.", "", *fixture_table(rec), ""]
+        pair = pair_table(rec)
+        if pair:
+            out += ["Other statistics (± 95 % CI):", "", *pair, ""]
+        if name in pngs:
+            out += [f"![{name}: size vs mean KLD]({pngs[name]})", ""]
+        out += [timing_line(rec), ""]
     return "\n".join(out) + "\n"
 
 
+def render(results: dict[str, Any], args: argparse.Namespace) -> int:
+    from moepack.atomic import atomic_write_text
+
+    pngs = {}
+    for name, rec in results["fixtures"].items():
+        path = plot_path(args.png, name)
+        plot_fixture(rec, name, path)
+        pngs[name] = str(path.relative_to(args.md.parent.resolve()) if path.resolve().is_relative_to(
+            args.md.parent.resolve()) else path.name)
+    args.md.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.md, markdown(results, pngs))
+    print(args.md.read_text())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    from moepack.pipeline.options import CompressOptions
+
+    d = CompressOptions()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", type=Path,
-                   default=[ROOT / "models" / "tiny-qwen3-moe", ROOT / "models" / "tiny-deepseek-v3"])
-    p.add_argument("--bpw", nargs="+", type=float, default=[1.8, 2.5, 3.5])
-    p.add_argument("--auto", action="store_true", help="also run compress --keep auto (slow)")
-    p.add_argument("--base", default="IQ1_S", help="compress --base (fixed so sensitivity is reused)")
-    p.add_argument("--ladder", nargs="+", default=list(SENS_LADDER))
-    p.add_argument("--calib-tokens", type=int, default=16384)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--sens-tokens", type=int, default=1024)
-    p.add_argument("--ctx", type=int, default=512)
-    p.add_argument("--eval-tokens", type=int, default=4096)
-    p.add_argument("--mc-items", type=int, default=200)
+                   default=[ROOT / "models" / "tiny-deepseek-v3", ROOT / "models" / "tiny-qwen3-moe"])
+    p.add_argument("--ftypes", nargs="+", help="size points to run (default: every mixture IQ1_S..Q4_K_M)")
+    p.add_argument("--calib-tokens", type=int, default=d.calib_tokens, help="compress --calib-tokens")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="compress --seq-len")
+    p.add_argument("--sens-tokens", type=int, default=d.sens_tokens, help="compress --sens-tokens")
+    p.add_argument("--ctx", type=int, default=512, help="evaluation window")
+    p.add_argument("--eval-tokens", type=int, default=0, help="evaluation text tokens (0: 16k scored, eval's default)")
     p.add_argument("--work", type=Path, default=ROOT / "out" / "bench-claim")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "claim.json")
     p.add_argument("--md", type=Path, default=ROOT / "docs" / "results.md")
-    p.add_argument("--png", type=Path, default=ROOT / "docs" / "results-pareto.png")
-    p.add_argument("--render-only", action="store_true", help="redo the page and plot from --out's JSON")
+    p.add_argument("--png", type=Path, default=ROOT / "docs" / "results-pareto.png",
+                   help="plot path; one per fixture, named PNG-STEM-FIXTURE.png")
+    p.add_argument("--render-only", action="store_true", help="redo the page and plots from --out's JSON")
     args = p.parse_args(argv)
     if args.render_only:
-        d = json.loads(args.out.read_text())
-        return render(d["fixtures"], d["command"], args)
+        return render(json.loads(args.out.read_text()), args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    command = ".venv/bin/python bench/claim.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    fixtures = []
+    results = load(args.out, settings(args))
+    results["command"] = "python bench/claim.py " + " ".join(sys.argv[1:] if argv is None else argv)
     for m in args.models:
-        fixtures.append(bench_fixture(Path(m), args))
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        body = json.dumps({"command": command, "fixtures": fixtures,
-                           "verdicts": {f["model"]: verdicts(f) for f in fixtures}}, indent=1, default=str)
-        tmp.write_text(body.replace(str(args.work.resolve()) + "/", ""))  # paths relative to --work
-        tmp.replace(args.out)
-    return render(fixtures, command, args)
-
-
-def render(fixtures: list[dict], command: str, args: argparse.Namespace) -> int:
-    plot(fixtures, args.png)
-    rel = args.png.relative_to(args.md.parent) if args.png.is_relative_to(args.md.parent) else args.png
-    tmp = args.md.with_name(args.md.name + ".tmp")
-    tmp.write_text(markdown(fixtures, command, str(rel), args))
-    tmp.replace(args.md)
-    print(args.md.read_text())
-    return 0
+        bench_fixture(Path(m), args.ftypes, results, args)
+    save(results, args.out, Path(args.work))
+    return render(json.loads(args.out.read_text()), args)
 
 
 if __name__ == "__main__":

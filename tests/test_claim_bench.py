@@ -1,0 +1,58 @@
+"""bench/claim.py's pure parts: the per-size verdict, the Unsloth-style hand rule, paths kept out of the results."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import claim  # noqa: E402
+
+
+def _ev(kld: float, half: float, size: int) -> dict:
+    return {"kld_mean": kld, "kld_ci95_low": kld - half, "kld_ci95_high": kld + half, "size_bytes": size}
+
+
+def test_verdict_needs_all_three():
+    uni = _ev(0.10, 0.005, 1000)
+    assert claim.verdict(_ev(0.07, 0.005, 1000), uni)["holds"]  # 30 % lower, same size, CIs apart
+    assert claim.verdict(_ev(0.075, 0.005, 1000), uni)["kld_reduction"] == pytest.approx(0.25)
+    short = claim.verdict(_ev(0.08, 0.005, 1000), uni)  # 20 % lower: below the goal
+    assert not short["holds"] and short["cis_apart"] and short["no_larger"]
+    larger = claim.verdict(_ev(0.05, 0.005, 1001), uni)
+    assert not larger["holds"] and not larger["no_larger"]
+    wide = claim.verdict(_ev(0.07, 0.03, 1000), uni)  # 30 % lower but the CIs overlap
+    assert not wide["holds"] and not wide["cis_apart"]
+    assert claim.verdict(None, uni) is None and claim.verdict(_ev(0.07, 0.0, 1), None) is None
+
+
+def test_unsloth_rule_steps_above_the_routed_experts():
+    from moepack.gguf.names import gguf_outputs
+    from moepack.model.arch import Role
+    from moepack.model.checkpoint import open_checkpoint
+
+    view = open_checkpoint(ROOT / "models" / "tiny-deepseek-v3")
+    plan = claim.unsloth_plan(view, "IQ2_XXS")
+    lad = claim._ladder()
+    step = {n: lad.index(t) - lad.index("IQ2_XXS") for n, t in plan.items()}
+    roles = {o.name: o.role for o in gguf_outputs(view) if o.quantizable}
+    assert set(plan) == set(roles)
+    for name, role in roles.items():
+        if role is Role.ROUTED_EXPERTS:
+            assert step[name] == ("ffn_down" in name), name
+        elif role in (Role.ATTENTION, Role.SHARED_EXPERTS, Role.DENSE_FFN, Role.OUTPUT):
+            assert step[name] == claim.HAND_STEPS, name
+    assert {Role.ATTENTION, Role.SHARED_EXPERTS, Role.ROUTED_EXPERTS} <= set(roles.values())
+    # a larger base never gives a smaller file: fitting_bases' "largest first" is the largest file that fits
+    sizes = [claim.plan_bytes(view, claim.unsloth_plan(view, t)) for t in lad]
+    assert sizes == sorted(sizes)
+
+
+def test_results_hold_no_absolute_paths(tmp_path):
+    work = tmp_path / "work"
+    obj = {"file": work / "fx" / "a.gguf", "error": f"{ROOT}/models/x: bad; {work}/fx/b.gguf too",
+           "nested": [ROOT / "docs" / "results.md"]}
+    out = claim._portable(obj, work)
+    assert out == {"file": "fx/a.gguf", "error": "models/x: bad; fx/b.gguf too", "nested": ["docs/results.md"]}
