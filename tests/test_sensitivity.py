@@ -417,3 +417,45 @@ def test_sensitivity_option_parses_and_keys_the_cached_table(tiny, tables, tmp_p
         candidates.sensitivity_stage(run, view, view, stats, None, "IQ2_XXS", 1.0,
                                 CompressOptions(ladder=tuple(LADDER), sensitivity=mode, progress=False), None)
     assert ran == ["full", "fast", "full"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_plan_kld_reuse_equals_fresh(arch, tiny, tables) -> None:
+    """One PlanKLD over a sequence of plans (all-base, allocated, one group changed, the embedding changed, back
+    to the first) gives each plan exactly plan_kld's number, though it restarts at the first changed layer."""
+    from moepack.stages.sensitivity.measure import PlanKLD
+
+    _, view, ids, stats, _ = tiny(arch)
+    table = SensitivityTable.from_dict(tables(arch))
+    base = {n: g.options[0].type for g in table.groups for n in g.tensors}
+    alloc = allocate(table, (table.min_bytes + table.max_bytes) // 2).tensors
+    late = next(g for g in reversed(table.groups) if len(g.options) > 1 and "token_embd.weight" not in g.tensors)
+    other = next(o.type for o in late.options if o.type != alloc[late.tensors[0]])
+    one = dict(alloc) | {n: other for n in late.tensors}
+    emb = dict(one) | {"token_embd.weight": "Q8_0" if one["token_embd.weight"] != "Q8_0" else "IQ3_S"}
+    measurer = PlanKLD(view, ids, imatrix=stats)
+    plans = [base, alloc, one, emb, base]
+    got = [measurer(p) for p in plans]
+    want = [plan_kld(view, ids, p, imatrix=stats) for p in plans]
+    assert got == want
+    assert len(set(got[:4])) == 4  # the plans differ, so a stale hidden state would show
+
+
+@pytest.mark.parametrize("keep_bytes", [0, 1 << 30])
+def test_layer_major_probes_equal_one_at_a_time(keep_bytes, tiny) -> None:
+    """Probes run layer-major (each base layer built once for every probe passing through it, kept or not) give
+    bitwise the KLDs of one probe at a time, for every kind of group: token_embd, attention, experts, output."""
+    _, view, ids, stats, _ = tiny("deepseek_v3")
+    im, w = prepare_imatrix(view, stats)
+    groups, _ = plan_groups(view, None, ["IQ2_XXS", "IQ3_S", "Q4_K"], im)
+    store = QuantStore(view, im, proxy_weights=w, threads=2)
+    quantize_groups(store, groups, False)
+    ids_t = torch.as_tensor(ids)
+    ref, _ = reference_logprobs(view, ids_t, None, None, 8)
+    prober = Prober(view, FakeQuantWeights(view, store, typed_base(groups)), ids_t, ref, 8, keep_bytes)
+    probes = [(g, o) for g in groups for o in g.options[1:]]
+    assert {g.name for g, _ in probes} >= {"token_embd", "output", "blk.0.attn_output", "blk.1.ffn_up_exps"}
+    together = prober.probe_many(probes)
+    alone = [prober.probe_many([p])[0] for p in probes]
+    assert together == alone
+    assert len(set(together)) > len(probes) // 2  # distinct probes measure distinct KLDs

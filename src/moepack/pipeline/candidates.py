@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from moepack.stages.budget import Budget, BudgetError, format_size
 __all__ = ["Candidate", "candidate", "choose_base", "floor_bytes", "fits", "measure_kld", "sensitivity_stage"]
 
 log = logging.getLogger(__name__)
+
+_PLAN_KLD: dict[int, dict[tuple[Any, ...], Any]] = {}  # id(view) → measure_kld's PlanKLDs, dropped with the view
 
 
 def choose_base(view: CheckpointView, budget: Budget, ladder: tuple[str, ...]) -> str:
@@ -141,11 +144,24 @@ def _allocate(run: RunDir, table: SensitivityTable, budget: Budget, keep: float,
 def measure_kld(view: CheckpointView, ref: CheckpointView, stats: CalibStats, plan_tensors: dict[str, str],
                 prune_plan: PrunePlan | None, opts: CompressOptions, ids: Any = None) -> float:
     """KLD vs `ref` of `view` with the plan's types, fake-quantized with the run's imatrix, on `ids` (default the
-    selection tokens, stats.heldout; compress's report uses stats.report)."""
-    from moepack.stages.sensitivity.measure import plan_kld
+    selection tokens, stats.heldout; compress's report uses stats.report). The plans measured on one view and token
+    set share one PlanKLD (its reference, quantized tensors and unchanged layers' hidden states: the same numbers),
+    which lives as long as the view."""
+    import hashlib
 
-    return float(plan_kld(view, stats.heldout if ids is None else ids, plan_tensors, reference_view=ref,
-                          imatrix=stats, prune_plan=prune_plan, threads=opts.threads))
+    import numpy as np
+
+    from moepack.stages.sensitivity.measure import PlanKLD
+
+    ids = stats.heldout if ids is None else ids
+    key = (id(ref), id(stats), id(prune_plan), opts.threads,
+           hashlib.sha1(np.ascontiguousarray(ids).tobytes()).hexdigest())  # ref, stats, plan: held by the caller
+    if id(view) not in _PLAN_KLD:
+        weakref.finalize(view, _PLAN_KLD.pop, id(view), None)
+    memo = _PLAN_KLD.setdefault(id(view), {})
+    if key not in memo:
+        memo[key] = PlanKLD(view, ids, reference_view=ref, imatrix=stats, prune_plan=prune_plan, threads=opts.threads)
+    return float(memo[key](plan_tensors))
 
 
 def _challenge(cand: Candidate, run: RunDir, table: SensitivityTable, budget: Budget, ref: CheckpointView,

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 
 from moepack.backends import Backend, LocalBackend, torch_threads
 from moepack.gguf.imatrix import ImatrixFile, prune_imatrix
@@ -44,7 +45,7 @@ from moepack.schema import SENSITIVITY_FORMAT, CalibStats, PrunePlan, Sensitivit
 from moepack.stages.sensitivity.fakequant import FakeQuantWeights, QuantStore
 from moepack.stages.sensitivity.fast import AUTO_LIMIT_S, FAST_PROBE, check_speed, predict, run_speed
 from moepack.stages.sensitivity.groups import SensitivityError, default_base, parse_base, plan_groups
-from moepack.stages.sensitivity.probes import StoreInputs, head_batch, reference_logprobs, run_quantize
+from moepack.stages.sensitivity.probes import EMBED, StoreInputs, head_batch, reference_logprobs, run_quantize
 from moepack.stages.sensitivity.table import agreement, overhead, proxies, table_groups
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ __all__ = [
     "SensitivityConfig",
     "measure_sensitivity",
     "plan_kld",
+    "PlanKLD",
     "prune_plan_of",
     "prepare_imatrix",
 ]
@@ -156,17 +158,67 @@ def plan_kld(view: CheckpointView, ids: Any, tensor_types: Mapping[str, str], *,
              progress: bool = False) -> float:
     """Mean KLD vs the reference of `view` with every GGUF tensor at its type in `tensor_types` (a quant plan's
     "tensors"), fake-quantized exactly as the writer writes them: the KLD a plan really gets, without a GGUF."""
-    with torch_threads(threads):
-        ids_t = _check_ids(view, ids)
-        im, _ = prepare_imatrix(view, imatrix, prune_plan)
-        typed = [t for t in resolve_types(gguf_outputs(view), None, tensor_types) if t.out.quantizable]
-        store = QuantStore(view, im, threads=threads)
-        store.quantize([(t.out, [t]) for t in typed], progress)
-        ref, _ = reference_logprobs(view, ids_t, reference_logits, reference_view, batch_size)
-        runner = LayerRunner(view, loader=FakeQuantWeights(view, store, {t.out.name: t.qtype for t in typed}))
-        with torch.inference_mode():
-            h = runner.run(runner.embed(ids_t), batch_size=batch_size, inplace=True)
-        return ref.kld(runner, h, head_batch(ids_t, view.facts.vocab))
+    return PlanKLD(view, ids, reference_logits=reference_logits, reference_view=reference_view, imatrix=imatrix,
+                   prune_plan=prune_plan, threads=threads, batch_size=batch_size)(tensor_types, progress)
+
+
+class PlanKLD:
+    """`plan_kld` of many plans of one view on the same tokens (compress's allocated plan, refinement moves,
+    llama.cpp's mixtures), with the same numbers: the reference distribution is computed once, a (tensor, type)
+    the last plan used is not quantized again, and a plan's forward restarts at the first layer whose tensor types
+    differ from the last plan's (the hidden states entering each layer are kept; the forward runs layer by layer,
+    every sequence through a layer before the next, as plan_kld's single pass does). Memory: one plan's quantized
+    tensors and n_layers + 1 hidden states (N, L, H)."""
+
+    def __init__(self, view: CheckpointView, ids: Any, *, reference_logits: Any = None,
+                 reference_view: CheckpointView | None = None,
+                 imatrix: CalibStats | Mapping[str, np.ndarray] | None = None, prune_plan: PrunePlan | None = None,
+                 threads: int = 2, batch_size: int = 8) -> None:
+        self.view, self.threads, self.batch_size = view, threads, batch_size
+        self.ids = _check_ids(view, ids)
+        self._reference = (reference_logits, reference_view)
+        self.imatrix, _ = prepare_imatrix(view, imatrix, prune_plan)
+        self.store = QuantStore(view, self.imatrix, threads=threads)
+        self.outs = gguf_outputs(view)
+        self._ref: Any = None  # ReferenceLogProbs, on the first plan
+        self._keys: list[tuple[tuple[str, str], ...]] = []  # per entry of _hidden: the types it was computed with
+        self._hidden: list[torch.Tensor] = []  # (N, L, H): [0] the embedding's output, [i + 1] leaving layer i
+
+    def _stage_keys(self, types: Mapping[str, GGMLQuantizationType],
+                    n_layers: int) -> list[tuple[tuple[str, str], ...]]:
+        """Per hidden state: the types of every tensor it depends on (the embedding, then each layer's)."""
+        by: list[list[tuple[str, str]]] = [[] for _ in range(n_layers + 1)]
+        for o in self.outs:
+            if o.name in types and (o.layer is not None and o.layer < n_layers or EMBED in o.sources):
+                by[0 if o.layer is None else o.layer + 1].append((o.name, types[o.name].name))
+        keys, acc = [], ()
+        for part in by:
+            acc = acc + tuple(sorted(part))
+            keys.append(acc)
+        return keys
+
+    def __call__(self, tensor_types: Mapping[str, str], progress: bool = False) -> float:
+        with torch_threads(self.threads):
+            typed = [t for t in resolve_types(self.outs, None, tensor_types) if t.out.quantizable]
+            used = {(t.out.name, t.qtype.name) for t in typed}
+            kept = self.store.entries(k for k in self.store.entries() if k in used)
+            self.store = QuantStore(self.view, self.imatrix, threads=self.threads)  # only this plan's bytes
+            self.store.absorb(kept)
+            self.store.quantize([(t.out, [t]) for t in typed if (t.out.name, t.qtype.name) not in kept], progress)
+            if self._ref is None:
+                self._ref, _ = reference_logprobs(self.view, self.ids, *self._reference, self.batch_size)
+            types = {t.out.name: t.qtype for t in typed}
+            runner = LayerRunner(self.view, loader=FakeQuantWeights(self.view, self.store, types))
+            keys = self._stage_keys(types, runner.n_layers)
+            same = next((i for i, (a, b) in enumerate(zip(keys, self._keys)) if a != b), len(self._keys))
+            del self._hidden[same:]
+            with torch.inference_mode():
+                if not self._hidden:
+                    self._hidden.append(runner.embed(self.ids))
+                for i in range(len(self._hidden) - 1, runner.n_layers):
+                    self._hidden.append(runner.run(self._hidden[i], i, i + 1, batch_size=self.batch_size))
+            self._keys = keys
+            return self._ref.kld(runner, self._hidden[-1], head_batch(self.ids, self.view.facts.vocab))
 
 
 def _check_ids(view: Any, ids: Any) -> torch.Tensor:

@@ -37,11 +37,11 @@ if TYPE_CHECKING:
 
 __all__ = ["StoreInputs", "QuantizeInputs", "ProbeInputs", "ReferenceLogProbs", "Prober", "typed_base",
            "quantize_groups", "head_batch", "reference_logprobs", "quantize_task", "probe_task", "run_quantize",
-           "run_probes", "base_state", "probe_bins", "Pick"]
+           "run_probes", "base_state", "probe_bins", "Pick", "EMBED"]
 
 log = logging.getLogger(__name__)
 
-_EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"  # the names LayerRunner reads them by
+EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"  # the names LayerRunner reads them by
 _HEAD_ELEMS = 1 << 26  # logits elements per head batch (256 MiB in float32)
 
 Pick = Mapping[str, tuple[str, ...]]  # group name → the option types to probe
@@ -67,10 +67,13 @@ class _ProbeRunner(LayerRunner):
         self.fresh: set[int] = set()
         self._kept: dict[int, nn.Module] = {}
         self._room = keep_bytes
+        self.pinned: dict[int, nn.Module] = {}  # a base layer built once for every probe passing through it
 
     def layer(self, i: int, weight_override: Any = None) -> nn.Module:
         if i in self.fresh or weight_override is not None:
             return super().layer(i, weight_override)
+        if i in self.pinned:
+            return self.pinned[i]
         if i in self._kept:
             return self._kept[i]
         module = super().layer(i)
@@ -150,7 +153,7 @@ class Prober:
         self.runner = _ProbeRunner(view, weights, keep_bytes)
         self.n = self.runner.n_layers
         self.hb = head_batch(ids, view.facts.vocab)
-        self.head_name = _HEAD if _HEAD in view.tensors else _EMBED  # tied embeddings: token_embd is the head
+        self.head_name = _HEAD if _HEAD in view.tensors else EMBED  # tied embeddings: token_embd is the head
         self.base_kld: float | None = None
         self.hidden = hidden  # hidden states entering layer L; [n]: after the last
         if hidden is None:
@@ -162,26 +165,51 @@ class Prober:
 
     @torch.inference_mode()
     def probe(self, group: GroupSpec, option: GroupOption) -> float:
-        src = group.sources
-        layers = {o.layer for o in group.outs if o.layer is not None}
-        self.weights.override = {o.name: t.qtype for o, t in zip(group.outs, option.typed)}
-        self.runner.fresh = layers
+        return self.probe_many([(group, option)])[0]
+
+    @torch.inference_mode()
+    def probe_many(self, probes: list[tuple[GroupSpec, GroupOption]]) -> list[float]:
+        """KLD of each (group, option), layer-major: each probe enters at its group's first layer (its layers
+        rebuilt at its types) and each base layer after it is built once for all the probes passing through it,
+        not once per probe (a layer too large to keep built). Every sequence goes through a layer in the same
+        batches as one probe at a time, so the numbers are the same."""
+        types = [{o.name: t.qtype for o, t in zip(g.outs, opt.typed)} for g, opt in probes]
+        layers = [{o.layer for o in g.outs if o.layer is not None} for g, _ in probes]
+        live: dict[int, torch.Tensor] = {}
+        for j, (g, _) in enumerate(probes):
+            if EMBED in g.sources:
+                live[j] = self._with(types[j], set(), lambda: self.runner.embed(self.ids))
+        for i in range(self.n):
+            live |= {j: self.hidden[i] for j, (g, _) in enumerate(probes)
+                     if j not in live and _start(g, self.n) == i}
+            ours = [j for j in live if i in layers[j]]
+            for j in ours:
+                live[j] = self._with(types[j], layers[j], lambda: self.runner.run(live[j], i, i + 1,
+                                                                                 batch_size=self.bs))
+            rest = [j for j in live if i not in layers[j]]
+            if rest:
+                self.runner.pinned = {i: self.runner.layer(i)}
+                for j in rest:
+                    live[j] = self.runner.run(live[j], i, i + 1, batch_size=self.bs)
+                self.runner.pinned = {}
+        out = []
+        for j, (g, _) in enumerate(probes):
+            h = live.pop(j, self.hidden[self.n])  # output probes: only the head
+            if self.head_name not in g.sources:
+                out.append(self.ref.kld(self.runner, h, self.hb))
+                continue
+            self.runner.release()  # rebuild the head from the probed weights
+            out.append(self._with(types[j], set(), lambda: self.ref.kld(self.runner, h, self.hb)))
+            self.runner.release()
+        return out
+
+    def _with(self, override: dict[str, GGMLQuantizationType], fresh: set[int], work: Any) -> Any:
+        """work() with `override` on the base types and the layers `fresh` rebuilt from them."""
+        self.weights.override, self.runner.fresh = override, fresh
         try:
-            if _EMBED in src:
-                start, h = 0, self.runner.embed(self.ids)
-            else:
-                start = min(layers) if layers else self.n
-                h = self.hidden[start]
-            if start < self.n:
-                h = self.runner.run(h, start, self.n, batch_size=self.bs)
-            if self.head_name in src:
-                self.runner.release()  # rebuild the head from the probed weights
-            return self.ref.kld(self.runner, h, self.hb)
+            return work()
         finally:
-            self.weights.override = {}
-            self.runner.fresh = set()
-            if self.head_name in src:
-                self.runner.release()
+            self.weights.override, self.runner.fresh = {}, set()
 
 
 # ---------------------------------------------------------------------------------------------------- tasks
@@ -253,14 +281,19 @@ def probe_task(groups: list[GroupSpec], inp: ProbeInputs) -> tuple[dict[tuple[st
         prober = Prober(view, weights, torch.as_tensor(np.array(inp.ids)), ReferenceLogProbs.from_arrays(inp.ref),
                         inp.batch_size, inp.keep_bytes, hidden=[as_tensor(h) for h in inp.hidden])
         picked = {g.name: _picked(g, inp.pick) for g in groups}
+        by_start: dict[int, list[GroupSpec]] = {}
+        for g in groups:  # layer-major: the probes entering at one layer share every base layer after it
+            by_start.setdefault(_start(g, prober.n), []).append(g)
         with tqdm(total=sum(map(len, picked.values())), desc="probes", unit="probe", disable=not inp.progress) as bar:
-            for g in groups:
+            for start in sorted(by_start):
                 have = set(store.entries())
-                quant = g.options[1:] if inp.errors else picked[g.name]
-                store.quantize([(o, [opt.typed[i] for opt in quant]) for i, o in enumerate(g.outs)])
-                for opt in picked[g.name]:
-                    kld[(g.name, opt.type)] = prober.probe(g, opt)
-                    bar.update(1)
+                for g in by_start[start]:
+                    quant = g.options[1:] if inp.errors else picked[g.name]
+                    store.quantize([(o, [opt.typed[i] for opt in quant]) for i, o in enumerate(g.outs)])
+                probes = [(g, opt) for g in by_start[start] for opt in picked[g.name]]
+                for (g, opt), v in zip(probes, prober.probe_many(probes)):
+                    kld[(g.name, opt.type)] = v
+                bar.update(len(probes))
                 new = set(store.entries()) - have
                 errs.update({k: e for k, (_, e) in store.entries(new).items()})
                 store.forget(new)
@@ -275,7 +308,7 @@ def _picked(g: GroupSpec, pick: Pick | None) -> list[GroupOption]:
 
 def _start(g: GroupSpec, n_layers: int) -> int:
     layers = [o.layer for o in g.outs if o.layer is not None]
-    return 0 if _EMBED in g.sources else min(layers) if layers else n_layers
+    return 0 if EMBED in g.sources else min(layers) if layers else n_layers
 
 
 def run_quantize(backend: Backend, store: QuantStore, groups: list[GroupSpec], settings: StoreInputs, which: str,
