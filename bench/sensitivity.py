@@ -109,33 +109,45 @@ def bench_model(model: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def bench_compress(model: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """`moepack compress ... --sensitivity fast` and `full` timed end to end; each file evaluated by moepack eval."""
+    """`moepack compress ... --sensitivity fast` and `full`, interleaved `--repeats` times (median wall), timed end to
+    end from scratch with compress's own stage timings; each file evaluated once by moepack eval (the files of
+    repeats are the same)."""
     import subprocess
 
     exe = str(Path(sys.executable).parent / "moepack")
     flags = (f"--calib-text {_rel(args.calib_text)} --calib-tokens {args.calib_tokens} --sens-tokens "
              f"{args.sens_tokens} --seq-len {args.seq_len} -t {args.threads}")
     args.work.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     out: dict[str, Any] = {"model": _rel(model), "bpw": args.compress_bpw, "flags": flags,
-                           "eval_tokens": args.eval_tokens}
+                           "eval_tokens": args.eval_tokens, "commit": commit.stdout.strip() or None,
+                           "repeats": args.repeats}
+    walls: dict[str, list[float]] = {"full": [], "fast": []}
+    for _ in range(args.repeats):
+        for mode in ("full", "fast"):
+            gguf = args.work / f"{model.name}-{mode}.gguf"
+            run_dir = args.work / f"{model.name}-{mode}.run"
+            subprocess.run(["rm", "-rf", str(run_dir), str(gguf)], check=True)  # timed from scratch
+            t0 = time.perf_counter()
+            subprocess.run([exe, "compress", str(model), "--target-bpw", str(args.compress_bpw), "--keep", "1.0",
+                            "--sensitivity", mode, *flags.split(), "-o", str(gguf), "--run-dir", str(run_dir)],
+                           check=True, cwd=ROOT)
+            walls[mode].append(time.perf_counter() - t0)
+            print(f"compress {model.name} {mode}: {walls[mode][-1]:.0f} s", flush=True)
     for mode in ("full", "fast"):
-        gguf = args.work / f"{model.name}-{mode}.gguf"
-        run_dir = args.work / f"{model.name}-{mode}.run"
-        subprocess.run(["rm", "-rf", str(run_dir), str(gguf)], check=True)  # timed from scratch
-        t0 = time.perf_counter()
-        subprocess.run([exe, "compress", str(model), "--target-bpw", str(args.compress_bpw), "--keep", "1.0",
-                        "--sensitivity", mode, *flags.split(), "-o", str(gguf), "--run-dir", str(run_dir)],
-                       check=True, cwd=ROOT)
-        wall = time.perf_counter() - t0
+        gguf, run_dir = args.work / f"{model.name}-{mode}.gguf", args.work / f"{model.name}-{mode}.run"
         rec = json.loads((run_dir / "stages" / "sensitivity-r1.json").read_text())
+        stages = json.loads((run_dir / "summary.json").read_text())["timings"]
         ev = args.work / f"{model.name}-{mode}.eval.json"
         subprocess.run([exe, "eval", str(gguf), "--reference", str(model), "--text", str(args.eval_text),
                         "--tokens", str(args.eval_tokens), "--no-speed", "-t", "1", "--json-out", str(ev)],
                        check=True, cwd=ROOT)
         m = json.loads(ev.read_text())["models"][0]
-        out[mode] = {"wall_s": round(wall, 1), "sensitivity_s": rec["seconds"], "kld": m["kld_mean"],
-                     "kld_ci95": [m.get("kld_ci95_low"), m.get("kld_ci95_high")], "bytes": m.get("size_bytes")}
-        print(f"compress {model.name} {mode}: {wall:.0f} s", flush=True)
+        out[mode] = {"wall_s": round(float(np.median(walls[mode])), 1),
+                     "walls_s": [round(w, 1) for w in walls[mode]],
+                     "sensitivity_s": rec["seconds"], "stages_s": {k: round(v, 1) for k, v in stages.items()},
+                     "kld": m["kld_mean"], "kld_ci95": [m.get("kld_ci95_low"), m.get("kld_ci95_high")],
+                     "bytes": m.get("size_bytes")}
     return out
 
 
@@ -180,19 +192,21 @@ def to_markdown(res: dict[str, Any]) -> str:
                                                      if v is not None))
     for c in res.get("compress", []):
         lines += ["", f"`moepack compress {c['model']} --target-bpw {c['bpw']:g} --keep 1.0 --sensitivity fast|full` "
-                  f"({c['flags']}); the file's KLD from `moepack eval` on {c['eval_tokens']} tokens of "
-                  f"{a['eval_text']}:", "", "| mode | compress wall s | sensitivity stage s | file KLD (eval, 95 % CI) |",
-                  "|---|---|---|---|"]
+                  f"({c['flags']}) at commit {c.get('commit')}, interleaved, median wall of {c.get('repeats', 1)}; "
+                  f"the file's KLD from `moepack eval` on {c['eval_tokens']} tokens of {a['eval_text']}:", "",
+                  "| mode | compress wall s | sensitivity stage s | file KLD (eval, 95 % CI) |", "|---|---|---|---|"]
         for mode in ("full", "fast"):
             r = c[mode]
             lo, hi = r["kld_ci95"]
             lines.append(f"| {mode} | {r['wall_s']:.0f} | {r['sensitivity_s']:.0f} | {r['kld']:.5f} "
                          f"({lo:.5f} to {hi:.5f}) |")
         lines.append(f"\nfast / full: compress wall {100 * c['fast']['wall_s'] / c['full']['wall_s']:.0f} %, the "
-                     f"sensitivity stage {100 * c['fast']['sensitivity_s'] / c['full']['sensitivity_s']:.0f} % (the "
-                     "other stages, calibration, llama.cpp's mixtures, write and verify, cost the same in both; fast "
-                     "mode still quantizes every ladder type of every group), file KLD "
-                     f"{100 * (c['fast']['kld'] / c['full']['kld'] - 1):+.1f} %.")
+                     f"sensitivity stage {100 * c['fast']['sensitivity_s'] / c['full']['sensitivity_s']:.0f} %, file "
+                     f"KLD {100 * (c['fast']['kld'] / c['full']['kld'] - 1):+.1f} %. Stage seconds (compress's "
+                     "run.timings, last run of each):")
+        for mode in ("full", "fast"):
+            st = c[mode].get("stages_s", {})
+            lines.append(f"- {mode}: " + ", ".join(f"{k} {v:.0f}" for k, v in st.items()))
     return "\n".join(lines + ["", END]) + "\n"
 
 
@@ -207,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="also time `moepack compress --sensitivity fast` and `full` at --compress-bpw and eval both")
     p.add_argument("--compress-bpw", type=float, default=2.5)
     p.add_argument("--compress-only", action="store_true", help="add --compress's rows to the existing --out")
+    p.add_argument("--repeats", type=int, default=1, help="--compress: interleaved full / fast runs (median wall)")
     p.add_argument("--work", type=Path, default=ROOT / "out" / "bench-sensitivity")
     p.add_argument("--calib-tokens", type=int, default=4096)
     p.add_argument("--sens-tokens", type=int, default=512)
