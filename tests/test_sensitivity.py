@@ -459,3 +459,23 @@ def test_layer_major_probes_equal_one_at_a_time(keep_bytes, tiny) -> None:
     alone = [prober.probe_many([p])[0] for p in probes]
     assert together == alone
     assert len(set(together)) > len(probes) // 2  # distinct probes measure distinct KLDs
+
+
+def test_measure_kld_shares_one_measurer_per_view_and_tokens(tiny, tables) -> None:
+    """compress's measure_kld: plans on the selection tokens and then on other tokens (the report's), through the
+    view's cached measurers sharing quantized bytes, each equal to a fresh plan_kld."""
+    from moepack.pipeline import candidates as cands
+    from moepack.pipeline.options import CompressOptions
+
+    _, view, ids, stats, _ = tiny("qwen3_moe")
+    table = SensitivityTable.from_dict(tables("qwen3_moe"))
+    base = {n: g.options[0].type for g in table.groups for n in g.tensors}
+    alloc = allocate(table, (table.min_bytes + table.max_bytes) // 2).tensors
+    other = np.asarray(ids)[:, ::-1].copy()
+    opts = CompressOptions(threads=2)
+    got = [cands.measure_kld(view, view, stats, p, None, opts, ids=x)
+           for x, p in ((ids, base), (ids, alloc), (other, alloc), (other, base))]
+    want = [plan_kld(view, x, p, reference_view=view, imatrix=stats)
+            for x, p in ((ids, base), (ids, alloc), (other, alloc), (other, base))]
+    assert got == want
+    assert len(cands._PLAN_KLD[id(view)]) == 2  # one measurer per token set

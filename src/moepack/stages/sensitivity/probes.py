@@ -11,7 +11,9 @@ Order of work, and where each part runs:
 3. `probe_task` per bin of groups (tasks): quantizes its groups' upgrade types (each needed by this task only),
    then probes each picked (group, type) (all upgrades; or one per group in fast mode,
    moepack.stages.sensitivity.fast) from the cached hidden states, with the base bytes, hidden states and reference
-   shared by every task (sent once; read zero-copy on Ray). Upgrade bytes are dropped after their group.
+   shared by every task (sent once; read zero-copy on Ray). Layer-major: the groups entering at one layer are
+   probed together, so each base layer after it is built once for all their probes (`Prober.probe_many`; a layer
+   too large to keep built was rebuilt per probe); their upgrade bytes are dropped after them.
 
 A probe's KLD depends only on its group, type and these shared inputs (a kept base layer and a rebuilt one hold the
 same weights), so any split into bins, in-process or on Ray, gives bitwise the same numbers for the same threads.
