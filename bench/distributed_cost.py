@@ -8,6 +8,11 @@ tokens × 7168 × 1536); whether torch's results change with the thread count; a
 model of the fixtures' shape (DeepSeek-V3 layout: hidden 256, 4 layers, 16 experts × 256, top-4, vocab 4096), which
 gives the measured seconds per probe at that size. Then the cost of probing DeepSeek-V3 (671B) on N machines of
 `--cores` cores, from those rates; every assumption is printed with its number.
+
+`--v3-layer` measures instead one DeepSeek-V3-shaped MoE layer (bench/scale.py's synthetic checkpoint, 2 routed
+experts + the shared one, top-2) on `--threads` threads: building it from bf16, calibrating it and pushing tokens
+through it; and prints the cost model of a whole DeepSeek-V3 `compress` (calibrate + sensitivity + write) on one
+machine of `--cores` cores, in fast mode (one probe per group) and full mode (one per group and upgrade type).
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/scale.py
 
 from moepack.gguf import kernels as ggml
 from moepack.gguf.types import LADDER
@@ -147,13 +154,99 @@ def dsv3_model(rates: dict, gemm: dict, tokens: int, cores: int) -> dict[str, fl
             "hours_on": {n: core_s / (n * cores) / 3600 for n in (1, 4, 16, 64)}}
 
 
+def v3_layer_times(threads: int, tokens: int = 512) -> dict[str, float]:
+    """Seconds on one V3-shaped MoE layer (`threads` threads): build it from bf16 (read, convert, fuse experts),
+    forward `tokens` tokens through it, and the calibrate stage on the same tokens (build + forward + statistics)."""
+    from scale import v3_layer_checkpoint
+
+    from moepack.model.checkpoint import open_checkpoint
+    from moepack.model.runner import LayerRunner
+    from moepack.stages.calibrate import calibrate
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory(dir=ROOT / "out") as d:
+        view = open_checkpoint(v3_layer_checkpoint(Path(d)))
+        runner = LayerRunner(view)
+        ids = np.random.default_rng(0).integers(0, 4096, (tokens // 128, 128))  # (N, 128)
+        h = runner.embed(torch.as_tensor(ids))  # (N, 128, H)
+        build = _best(lambda: runner.layer(0), 2)
+        run = _best(lambda: runner.run(h, 0, 1), 2)  # build + forward
+        t0 = time.perf_counter()
+        calibrate(view, ids, progress=False, threads=threads)
+        calib = time.perf_counter() - t0
+        layer_bytes = sum(t.nbytes for t in view.tensors.values() if t.layer == 0)
+        cfg = view.config
+    h_, e_ffn = cfg["hidden_size"], cfg["moe_intermediate_size"]
+    attn = (h_ * 1536 + 1536 * 128 * 192 + h_ * 576 + 512 * 128 * 256 + 128 * 128 * h_)
+    active = attn + (cfg["num_experts_per_tok"] + cfg["n_shared_experts"]) * 3 * h_ * e_ffn
+    return {"threads": threads, "tokens": tokens, "layer_bytes": layer_bytes, "active": active, "build_s": build,
+            "forward_s": run - build, "calibrate_s": calib}
+
+
+def compress_model(layer: dict, rates: dict, gemm: dict, calib_tokens: int, probe_tokens: int,
+                   cores: int) -> dict[str, dict[str, float]]:
+    """Core-hours of DeepSeek-V3's compress in fast and full mode, from the measured V3-layer seconds (× threads =
+    core-seconds) and the per-core kernel rates. Per-token forward cost scales with the active weights of a layer."""
+    m = dsv3_model(rates, gemm, probe_tokens, cores)
+    c, thr = DSV3, layer["threads"]
+    per_tok_w = layer["forward_s"] * thr / (layer["tokens"] * layer["active"])  # core-s per token and active weight
+    cal_tok_w = (layer["calibrate_s"] - layer["build_s"]) * thr / (layer["tokens"] * layer["active"])
+    build_b = layer["build_s"] * thr / layer["layer_bytes"]  # core-s per bf16 byte built
+    v3_bytes = 2 * m["params"] - 2 * c["vocab"] * c["hidden"]  # bf16 bytes calibrate builds (no lm_head)
+    head_s = 2 * c["vocab"] * c["hidden"] / gemm["attn_flops"]  # per token
+    calib = calib_tokens * c["layers"] * m["active_per_token_layer"] * cal_tok_w + v3_bytes * build_b  # no head
+    base, ups = LADDER[0], LADDER[1:]
+    quant = m["params"] * sum(1 / rates[t]["quantize_wps"] for t in LADDER)  # every weight at every ladder type
+    errors = m["params"] * sum(1 / rates[t]["dequantize_wps"] for t in LADDER)  # fast mode's per-type error
+    build_q = m["mean_depth"] * m["layer_weights"] * (1 / rates[base]["dequantize_wps"]
+                                                      + 8 / gemm["copy_bytes_per_s"])
+    fwd = probe_tokens * (m["mean_depth"] * m["active_per_token_layer"] * per_tok_w + head_s)
+    probe = build_q + fwd
+    write = m["params"] / rates[base]["quantize_wps"]  # every weight once, at the slowest ladder kernel
+    out = {}
+    for mode, probes in (("fast", m["groups"]), ("full", m["probes"])):
+        terms = {"calibrate": calib, "quantize ladder": quant, "per-type error": errors if mode == "fast" else 0.0,
+                 "probes": probes * probe, "write": write}
+        out[mode] = {k: v / 3600 for k, v in terms.items()} | {
+            "probes_n": probes, "probe_core_s": probe, "total_core_h": sum(terms.values()) / 3600,
+            "wall_h": sum(terms.values()) / cores / 3600}
+    out["rates"] = {"per_tok_w": per_tok_w, "cal_tok_w": cal_tok_w, "build_b": build_b, "head_s": head_s,
+                    "probe_build_s": build_q, "probe_fwd_s": fwd}
+    return out
+
+
+def print_compress(layer: dict, cm: dict, cores: int, calib_tokens: int, probe_tokens: int) -> None:
+    gb = layer["layer_bytes"] / 1e9
+    print(f"V3-shaped MoE layer ({gb:.2f} GB bf16, {layer['active'] / 1e6:.0f}M active weights per token), "
+          f"{layer['threads']} threads, {layer['tokens']} tokens: build {layer['build_s']:.1f} s, forward "
+          f"{layer['forward_s']:.1f} s, calibrate {layer['calibrate_s']:.1f} s")
+    r = cm["rates"]
+    print(f"per core: forward {r['per_tok_w'] * 1e12:.1f} ps per token and active weight (calibrate "
+          f"{r['cal_tok_w'] * 1e12:.1f}), build from bf16 {1 / r['build_b'] / 1e9:.2f} GB/s; a probe "
+          f"({probe_tokens} tokens) builds {r['probe_build_s']:.0f} + runs {r['probe_fwd_s']:.0f} core-s")
+    print(f"\nDeepSeek-V3 compress ({calib_tokens} calibration tokens, {probe_tokens} probe tokens), core-hours; "
+          f"wall hours on one {cores}-core machine:\n")
+    print("| term | fast | full |\n|---|---:|---:|")
+    for k in ("calibrate", "quantize ladder", "per-type error", "probes", "write"):
+        print(f"| {k} | {cm['fast'][k]:.0f} | {cm['full'][k]:.0f} |")
+    print(f"| probes (count) | {cm['fast']['probes_n']} | {cm['full']['probes_n']} |")
+    print(f"| **total core-h** | {cm['fast']['total_core_h']:.0f} | {cm['full']['total_core_h']:.0f} |")
+    print(f"| **wall h, {cores} cores** | {cm['fast']['wall_h']:.1f} | {cm['full']['wall_h']:.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=4096, help="probe tokens (moepack's default --sens-tokens)")
     ap.add_argument("--cores", type=int, default=64, help="cores per machine in the DeepSeek-V3 model")
     ap.add_argument("--fixture-tokens", type=int, default=1024)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "distributed_cost.json")
+    ap.add_argument("--v3-layer", action="store_true", help="measure a V3-shaped layer; model a whole compress")
+    ap.add_argument("--threads", type=int, default=2, help="threads for the V3-layer measurements")
+    ap.add_argument("--calib-tokens", type=int, default=50_000, help="calibration tokens (compress's default)")
     args = ap.parse_args()
+    if args.v3_layer:
+        v3_compress(args)
+        return
     res = {"command": " ".join(["bench/distributed_cost.py", *sys.argv[1:]]), "torch_threads_same": thread_effect(),
            "rates": quant_rates(), "gemm": gemm_rates(args.tokens),
            "fixture": fixture_probe(args.fixture_tokens, threads=1)}
@@ -180,6 +273,24 @@ def main() -> None:
           f"{m['quantize_upgrades_core_s'] / 3600:.0f} core-h; total {m['total_core_s'] / 3600:.0f} core-h")
     print("  wall hours on N machines of", m["cores"], "cores:",
           ", ".join(f"N={n}: {v:.1f}" for n, v in m["hours_on"].items()))
+
+
+def v3_compress(args: argparse.Namespace) -> None:
+    command = " ".join(["bench/distributed_cost.py", *sys.argv[1:]])
+    print(f"$ .venv/bin/python {command}\n", flush=True)
+    rates, gemm = quant_rates(), gemm_rates(args.tokens)
+    layer = v3_layer_times(args.threads)
+    cm = compress_model(layer, rates, gemm, args.calib_tokens, args.tokens, args.cores)
+    out = args.out.with_name("compress_cost.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": command, "rates": rates, "gemm": gemm, "layer": layer, "model": cm},
+                              indent=1) + "\n")
+    print("| type | quantize (M weights/s/core) | dequantize (M weights/s/core) |\n|---|---:|---:|")
+    for t, r in rates.items():
+        print(f"| {t} | {r['quantize_wps'] / 1e6:.2f} | {r['dequantize_wps'] / 1e6:.0f} |")
+    print(f"float32 GEMM, 1 thread: attention-sized {gemm['attn_flops'] / 1e9:.1f} GFLOP/s; memcpy "
+          f"{gemm['copy_bytes_per_s'] / 1e9:.1f} GB/s\n")
+    print_compress(layer, cm, args.cores, args.calib_tokens, args.tokens)
 
 
 if __name__ == "__main__":

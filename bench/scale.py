@@ -128,6 +128,17 @@ def make_checkpoint(out: Path, n_layers: int, n_experts: int, shard_gib: float) 
     return total
 
 
+def v3_layer_checkpoint(work: Path, n_experts: int = 2) -> Path:
+    """A one-layer DeepSeek-V3-shaped checkpoint: its only layer a MoE layer with V3's attention, `n_experts` routed
+    experts (top-2) and the shared one; the fixture tokenizer's 4096-token vocab, so that the layer's tensors
+    dominate. For per-layer timings (bench/quantize_speed.py --v3-layer, bench/distributed_cost.py)."""
+    cfg = dict(v3_config(1, n_experts), first_k_dense_replace=0, vocab_size=4096, n_group=1, topk_group=1,
+               num_experts_per_tok=min(2, n_experts))
+    out = work / f"v3-layer-{n_experts}E"
+    write_checkpoint(SyntheticView(cfg), out, progress=False)
+    return out
+
+
 def layer_bytes(model_dir: Path) -> tuple[int, int]:
     """(bytes of the largest decoder layer, bytes of the largest tensor outside the layers) of a checkpoint."""
     from moepack.model.checkpoint import open_checkpoint
