@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DATA
-from moepack.pipeline.refine import candidate_moves, refine
+from moepack.pipeline.refine import byte_sides, candidate_moves, refine
 from moepack.schema import QuantPlan, SensitivityTable
 from moepack.schema.tables import Group, Option
 from moepack.stages.allocate import allocate
@@ -121,11 +121,11 @@ def test_moves_keep_each_side_of_a_placed_budget() -> None:
     plan = QuantPlan("greedy", 310, 310, 10, -0.02, {"blk.0.attn_q": "IQ2_XXS", "blk.0.ffn_up_exps": "Q4_K"},
                      {"blk.0.attn_q.weight": "IQ2_XXS", "blk.0.ffn_up_exps.weight": "Q4_K", "norm.weight": "F32"},
                      base={"kld": BASE_KLD, "placement": placement})
-    from moepack.pipeline.refine import _sides
-
-    sides = _sides(table, plan)
+    sides = byte_sides(table, plan)
     assert candidate_moves(table, [0, 1], sides) == []  # unplaced, the swap experts down, attention up would fit
     assert candidate_moves(table, [0, 1], [((True, True), 300)]) != []
+    new, _, rec = refine(table, plan, 0.03, lambda t: pytest.fail("no move fits, none is measured"))
+    assert new is plan and rec.passes == 1 and rec.tried == []
 
 
 def test_unknown_types_are_not_refined() -> None:
@@ -178,7 +178,8 @@ def test_compress_records_refinement_on_selection_tokens(model: Path, tmp_path: 
     out, run_dir = tmp_path / "x.gguf", tmp_path / "run"
     assert main(["compress", str(model), "--target-size", str(target), "-o", str(out), "--run-dir", str(run_dir),
                  "--calib-text", str(DATA / "tinystories-valid.txt"), "--calib-tokens", "1024", "--seq-len", "128",
-                 "--sens-tokens", "256", "--keep", "1.0", "--refine", "2"]) == 0
+                 "--sens-tokens", "256", "--keep", "1.0", "--ladder", "IQ2_XXS,IQ3_XXS,Q4_K,Q6_K",
+                 "--refine", "2"]) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     f = summary["refinement"]
     assert f == summary["candidates"][0]["refinement"] and f["skipped"] is None

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from moepack.pipeline.options import REFINE_PASSES
 from moepack.schema import QuantPlan, SensitivityTable
 
-__all__ = ["Move", "Refinement", "REFINE_WIDTH", "candidate_moves", "refine"]
+__all__ = ["Move", "Refinement", "REFINE_WIDTH", "byte_sides", "candidate_moves", "refine"]
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Refinement:
 Side = tuple[tuple[bool, ...], int]  # (which groups count, the group bytes they may use)
 
 
-def _sides(table: SensitivityTable, plan: QuantPlan) -> list[Side]:
+def byte_sides(table: SensitivityTable, plan: QuantPlan) -> list[Side]:
     """The byte limits a plan must keep: its budget less the fixed tensors, or with a GPU + RAM placement each
     side's budget (the fixed tensors on the GPU, as moepack.stages.placement places them)."""
     placed = plan.base.get("placement")
@@ -234,7 +234,7 @@ def refine(table: SensitivityTable, plan: QuantPlan, kld: float, measure: Measur
     if choice is None:
         rec.skipped = "the plan has a type that is not one of the table's options"
         return plan, kld, rec
-    search = _Search(table, plan, _sides(table, plan), measure, width, rec, {tuple(choice)})
+    search = _Search(table, plan, byte_sides(table, plan), measure, width, rec, {tuple(choice)})
     start = list(choice)
     while rec.passes < passes:
         rec.passes += 1
