@@ -11,14 +11,17 @@ Per fixture, and per llama.cpp mixture from IQ1_S through Q4_K_M that llama.cpp 
   uniform type), the last two on the paper's pruned checkpoint (keep 0.75, score criterion, alpha 0.5).
 Every file is scored by moepack.eval against the bf16 checkpoint on data/tinystories-valid.txt, which neither the
 calibration nor the selection and report tokens (all from the calibration text) contain. Verdict per size point:
-moepack's mean KLD at least GOAL lower than the uniform file's, its file no larger, the 95 % CIs apart.
+moepack's mean KLD at least 25 % lower than the uniform file's, its file no larger, the 95 % CIs apart.
 
 One compress run directory per fixture serves every size point: its calibration (and the paper's pruning) is made
 once; a sensitivity table is reused whenever its key (the base type compress picks for the budget among them) is
 unchanged, so size points run in ascending order. Each finished cell is saved in --out at once: a rerun resumes,
 and --render-only redoes the page and plots from the JSON alone.
 
-Full run (both fixtures, every size point; see the report for its wall time), from the repository root:
+Full run (both fixtures x 18 size points, compress's default token counts), from the repository root; it takes
+roughly 15 h on an idle 2-core machine (about 25 min per size point, most of it compress's sensitivity tables
+for each retention keep auto measures), so pick a subset with --ftypes, e.g. IQ1_S IQ2_XXS Q2_K Q3_K_M Q4_K_M (about
+4 h), and add points in later runs (cells already in --out are kept):
     .venv/bin/python bench/claim.py
 A subset of size points:   --ftypes IQ2_XXS Q2_K Q3_K_M
 Smoke test (small, not the committed results):
