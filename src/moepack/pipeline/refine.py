@@ -9,8 +9,9 @@ keeps the best improving one, pass by pass:
 - moves: budget-neutral swaps (one group one option down, another up, the plan still within its budget, each side
   of a GPU + RAM budget on its own) and single upgrades into the bytes left over;
 - ranking: each move's additive prediction plus a correction learned from the moves measured so far (per group, the
-  mean share of measured minus predicted effect of the measured moves that touched it): moves of groups that
-  measured better than the table says are tried first, those of groups that measured worse are put back;
+  mean share of measured minus predicted effect of the measured moves that touched it, signed by the direction it
+  moved): where the measured effect of a group differs most from the table, its moves are tried first when it
+  measured better and put back when it measured worse;
 - a pass measures the `width` best-ranked moves not measured before and accepts the one that lowers the measured
   KLD most; refinement stops at the first pass where none does, or after `passes` passes.
 
@@ -121,19 +122,27 @@ def _predicted(table: SensitivityTable, choice: list[int], move: Move) -> float:
 
 
 class _Corrections:
-    """Per group the mean share of (measured − predicted) change of the measured moves that touched it."""
+    """Per group how much more raising it lowers the measured KLD than the table says: the mean share of
+    (measured − predicted) change of the measured moves that touched it, signed by the direction it moved (a group
+    whose lowering measured worse than predicted is worth more raised), applied to a move by the same sign."""
 
-    def __init__(self, n: int) -> None:
-        self.sum, self.count = [0.0] * n, [0] * n
+    def __init__(self, table: SensitivityTable) -> None:
+        self.table = table
+        self.sum, self.count = [0.0] * len(table.groups), [0] * len(table.groups)
 
-    def learn(self, move: Move, predicted: float, measured: float) -> None:
+    def _sign(self, choice: list[int], g: int, o: int) -> int:
+        opts = self.table.groups[g].options
+        return 1 if opts[o].bytes > opts[choice[g]].bytes else -1
+
+    def learn(self, choice: list[int], move: Move, predicted: float, measured: float) -> None:
         share = (measured - predicted) / len(move.steps)
-        for g, _ in move.steps:
-            self.sum[g] += share
+        for g, o in move.steps:
+            self.sum[g] += self._sign(choice, g, o) * share
             self.count[g] += 1
 
-    def of(self, move: Move) -> float:
-        return math.fsum(self.sum[g] / self.count[g] for g, _ in move.steps if self.count[g])
+    def of(self, choice: list[int], move: Move) -> float:
+        return math.fsum(self._sign(choice, g, o) * self.sum[g] / self.count[g] for g, o in move.steps
+                         if self.count[g])
 
 
 def _apply(choice: list[int], move: Move) -> list[int]:
@@ -203,7 +212,7 @@ class _Search:
     seen: set[tuple[int, ...]] = field(default_factory=set)  # choices measured (or the start)
 
     def __post_init__(self) -> None:
-        self.corr = _Corrections(len(self.table.groups))
+        self.corr = _Corrections(self.table)
 
     def step(self, choice: list[int], kld: float) -> tuple[Move, float] | None:
         """Measure the `width` best-ranked unmeasured moves from `choice` (measured at `kld`); the one that lowers
@@ -211,13 +220,13 @@ class _Search:
         moves = [m for m in candidate_moves(self.table, choice, self.sides)
                  if tuple(_apply(choice, m)) not in self.seen]
         pred = {m: _predicted(self.table, choice, m) for m in moves}
-        moves.sort(key=lambda m: pred[m] + self.corr.of(m))
+        moves.sort(key=lambda m: pred[m] + self.corr.of(choice, m))
         best: tuple[Move, float] | None = None
         for m in moves[:self.width]:
             new = _apply(choice, m)
             self.seen.add(tuple(new))
             m_kld = self.measure(_tensors(self.table, self.plan, new))
-            self.corr.learn(m, pred[m], m_kld - kld)
+            self.corr.learn(choice, m, pred[m], m_kld - kld)
             self.rec.tried.append({"pass": self.rec.passes, "steps": _steps(self.table, choice, m),
                                    "predicted_delta": pred[m], "measured_delta": m_kld - kld})
             if m_kld < kld and (best is None or m_kld < best[1]):
