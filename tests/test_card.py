@@ -16,7 +16,8 @@ from moepack.cli import main
 from moepack.gguf.recipe import read_recipe, types_by_class
 
 SMALL = ["--calib-text", str(DATA / "tinystories-valid.txt"), "--calib-tokens", "1024", "--seq-len", "128",
-         "--sens-tokens", "256"]
+         "--sens-tokens", "256",
+         "--ladder", "IQ2_XXS,IQ2_S,IQ3_XXS,IQ3_S,Q4_K,Q5_K,Q6_K,Q8_0"]  # short: the whole ladder costs test time
 REPO = "acme/tiny-moe"
 LICENSE = "cdla-sharing-1.0"
 

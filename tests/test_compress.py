@@ -16,7 +16,8 @@ from conftest import DATA
 from moepack.cli import main
 
 CALIB = DATA / "tinystories-valid.txt"
-SMALL = ["--calib-text", str(CALIB), "--calib-tokens", "1024", "--seq-len", "128", "--sens-tokens", "256"]
+SMALL = ["--calib-text", str(CALIB), "--calib-tokens", "1024", "--seq-len", "128", "--sens-tokens", "256",
+         "--ladder", "IQ2_XXS,IQ2_S,IQ3_XXS,IQ3_S,Q4_K,Q5_K,Q6_K,Q8_0"]  # short: the whole ladder costs test time
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ from conftest import DATA
 from moepack.cli import main
 
 SMALL = ["--calib-text", str(DATA / "tinystories-valid.txt"), "--calib-tokens", "1024", "--seq-len", "128",
-         "--sens-tokens", "256"]
+         "--sens-tokens", "256",
+         "--ladder", "IQ2_XXS,IQ2_S,IQ3_XXS,IQ3_S,Q4_K,Q5_K,Q6_K,Q8_0"]  # short: the whole ladder costs test time
 
 
 def test_report_from_compress_run(tiny_model, tmp_path: Path, capsys) -> None:

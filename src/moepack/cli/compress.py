@@ -40,7 +40,7 @@ def add_cli(sub: o.Subparsers) -> None:
     o.add_sens_tokens(p, "selection tokens held out after the calibration tokens (sensitivity and every choice); as "
                          "many again after them for the reported KLD, which no choice saw")
     o.add_solver(p)
-    o.add_base(p, "the largest ladder type that leaves 30%% of the budget for upgrades")
+    o.add_base(p, "the ladder's smallest type; groups move up and down from it")
     o.add_ladder(p)
     o.add_sensitivity(p)
     o.add_criterion(p, auto=True)

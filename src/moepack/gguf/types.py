@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Iterable
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -23,6 +24,7 @@ __all__ = [
     "bits_per_weight",
     "block_size",
     "fallback_type",
+    "smallest_type",
     "row_bytes",
     "tensor_bytes",
     "written_bytes",
@@ -75,6 +77,12 @@ def block_size(qtype: GGMLQuantizationType | str) -> int:
 def bits_per_weight(qtype: GGMLQuantizationType | str) -> float:
     block, nbytes = GGML_QUANT_SIZES[parse_type(qtype)]
     return 8.0 * nbytes / block
+
+
+def smallest_type(types: Iterable[str]) -> str:
+    """The type of the fewest bits per weight among `types` (the first of a tie): the default reference (base) of
+    a ladder, and the type of its smallest model."""
+    return min((parse_type(t).name for t in types), key=bits_per_weight)
 
 
 def fallback_type(qtype: GGMLQuantizationType | str, n_per_row: int) -> GGMLQuantizationType:

@@ -13,32 +13,20 @@ from typing import Any
 
 from moepack.backends import Backend
 from moepack.gguf.metadata import WRITER_ID
+from moepack.gguf.types import smallest_type
 from moepack.model.checkpoint import CheckpointView, open_checkpoint
 from moepack.pipeline.dominance import Rivalry
 from moepack.pipeline.refine import Refinement
-from moepack.pipeline.options import BASE_SHARE, CompressError, CompressOptions
+from moepack.pipeline.options import CompressError, CompressOptions
 from moepack.pipeline.runstate import RunDir
 from moepack.schema import CalibStats, PrunePlan, QuantPlan, SensitivityTable
 from moepack.stages.budget import Budget, BudgetError, format_size
 
-__all__ = ["Candidate", "candidate", "choose_base", "floor_bytes", "fits", "measure_kld", "sensitivity_stage"]
+__all__ = ["Candidate", "candidate", "floor_bytes", "fits", "measure_kld", "sensitivity_stage"]
 
 log = logging.getLogger(__name__)
 
 _PLAN_KLD: dict[int, dict[tuple[Any, ...], Any]] = {}  # id(view) → measure_kld's PlanKLDs, dropped with the view
-
-
-def choose_base(view: CheckpointView, budget: Budget, ladder: tuple[str, ...]) -> str:
-    """The highest ladder type at which every quantizable tensor still fits in BASE_SHARE of the budget (of each
-    budget, with a GPU + RAM pair), so that measured upgrades decide where the rest goes; the lowest type when none
-    does."""
-    sides = [(None, budget.weights)] if budget.gpu_weights is None else \
-        [("gpu", budget.gpu_weights), ("ram", budget.weights - budget.gpu_weights)]
-    best = ladder[0]
-    for t in ladder:
-        if all(floor_bytes(view, t, side=side) <= BASE_SHARE * limit for side, limit in sides):
-            best = t
-    return best
 
 
 def floor_bytes(view: CheckpointView, smallest: str, keep: float = 1.0, side: str | None = None) -> int:
@@ -281,7 +269,7 @@ def _candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats: CalibSt
         log.info("keep %.3f keeps the same experts and top-k as keep %.3f; not measured again", keep, twin.keep)
         return Candidate(keep, view, prune_plan, None, None, 0, prune_kld=twin.prune_kld, same_as=twin.keep)
     try:
-        fits(view, opts.ladder[0], budget, named=keep)
+        fits(view, smallest_type(opts.ladder), budget, named=keep)
     except BudgetError as e:  # e.g. keep 1.0 under a budget only a pruned model fits: try the next retention
         log.info("keep %.3f: not measured: %s", keep, e)
         return Candidate(keep, view, prune_plan, None, None, 0, infeasible=True)
@@ -296,7 +284,9 @@ def _candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats: CalibSt
             log.info("keep %.3f: pruning alone costs KLD %.5f >= %.5f of the best candidate; not measured further",
                      keep, prune_floor, best_kld)
             return Candidate(keep, view, prune_plan, None, None, 0, prune_kld=prune_floor)
-    base = opts.base or choose_base(view, budget, opts.ladder)
+    # The reference of the ΔKLD measurements; the allocator moves groups both ways from it. The ladder's smallest
+    # type measured best (docs/performance.md, "Reference type and ladder").
+    base = opts.base or smallest_type(opts.ladder)
     table = sensitivity_stage(run, view, ref, stats, prune_plan, base, keep, opts, backend)
     from moepack.stages.allocate import AllocationError
 

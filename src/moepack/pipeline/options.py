@@ -9,7 +9,7 @@ from pathlib import Path
 from moepack.errors import MoepackError
 from moepack.gguf.types import LADDER
 
-__all__ = ["CompressError", "CompressOptions", "KEEP_AUTO_CANDIDATES", "BASE_SHARE", "MIXTURE_RIVALS", "REFINE_PASSES"]
+__all__ = ["CompressError", "CompressOptions", "KEEP_AUTO_CANDIDATES", "MIXTURE_RIVALS", "REFINE_PASSES"]
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +20,6 @@ MIXTURE_RIVALS = 3
 # Interaction refinement passes after allocation (moepack.pipeline.refine), each measuring up to 3 plans: on
 # tiny-deepseek-v3 at --target-bpw 2.5 --keep 1.0 they add at most about a quarter to compress's time.
 REFINE_PASSES = 4
-# A base type leaves this share of the budget to spend on measured upgrades.
-BASE_SHARE = 0.7
 
 
 class CompressError(MoepackError, ValueError):
@@ -38,7 +36,7 @@ class CompressOptions:
     sens_tokens: int = 4096  # selection tokens: held out from the statistics, every choice is measured on them
     report_tokens: int | None = None  # held out after them for the reported KLD no choice saw (None: sens_tokens)
     solver: str = "greedy"
-    base: str | None = None  # per-role base types; None: the largest ladder type leaving room for upgrades
+    base: str | None = None  # per-role reference (base) types; None: the ladder's smallest type
     ladder: tuple[str, ...] = LADDER
     criterion: str = "auto"  # or a fixed one of stages.prune.CRITERIA (moepack.pipeline.criterion)
     alpha: float = 0.5

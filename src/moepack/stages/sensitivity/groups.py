@@ -20,7 +20,7 @@ from moepack.errors import MoepackError
 from moepack.gguf.imatrix import importance_rows
 from moepack.gguf.kernels import requires_imatrix
 from moepack.gguf.names import OutTensor, gguf_group_name, gguf_outputs
-from moepack.gguf.types import DEFAULT_BASE, LADDER, bits_per_weight, parse_type
+from moepack.gguf.types import DEFAULT_BASE, LADDER, bits_per_weight, parse_type, smallest_type
 from moepack.gguf.writer import TypedTensor, resolve_types
 from moepack.model.arch import Role
 
@@ -73,7 +73,8 @@ def parse_base(spec: str | Mapping[str, str] | None) -> dict[str, str]:
 def default_base(ladder: Iterable[str]) -> str:
     """The base of groups that --base does not name: the ladder's smallest type (DEFAULT_BASE for the default
     ladder)."""
-    return min((parse_type(t).name for t in ladder), key=bits_per_weight, default=DEFAULT_BASE)
+    ladder = list(ladder)
+    return smallest_type(ladder) if ladder else DEFAULT_BASE
 
 
 def _base_for(base: Mapping[str, str], g_name: str, cls: str, role: Role, default: str) -> str:
