@@ -341,13 +341,14 @@ def _opts(t: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fast_mode_probes_once_per_group_and_predicts_the_rest(arch, tiny, tables, monkeypatch) -> None:
     """Fast mode: the full table's groups, types and bytes; one probe per group with an upgrade (counted at
-    Prober.probe), at its highest upgrade, whose ΔKLD is the full table's measurement bitwise; every other type is
+    Prober.probe_many), at its highest upgrade, whose ΔKLD is the full table's measurement bitwise; every other type is
     α · Δerr with α >= 0 from that probe, and carries no measured KLD."""
     _, view, ids, stats, _ = tiny(arch)
     full = tables(arch)
     calls: list[tuple[str, str]] = []
-    probe = Prober.probe
-    monkeypatch.setattr(Prober, "probe", lambda self, g, opt: calls.append((g.name, opt.type)) or probe(self, g, opt))
+    many = Prober.probe_many
+    monkeypatch.setattr(Prober, "probe_many",
+                        lambda self, ps: calls.extend((g.name, o.type) for g, o in ps) or many(self, ps))
     fast = _measure(view, ids, imatrix=stats, sensitivity="fast")
     assert fast["base"]["sensitivity"] == "fast" and full["base"]["sensitivity"] == "full"
     assert [(g["name"], [(o["type"], o["bytes"]) for o in g["options"]]) for g in fast["groups"]] == \
@@ -478,4 +479,4 @@ def test_measure_kld_shares_one_measurer_per_view_and_tokens(tiny, tables) -> No
     want = [plan_kld(view, x, p, reference_view=view, imatrix=stats)
             for x, p in ((ids, base), (ids, alloc), (other, alloc), (other, base))]
     assert got == want
-    assert len(cands._PLAN_KLD[id(view)]) == 2  # one measurer per token set
+    assert cands.cached_measurers(view) == 2  # one measurer per token set

@@ -155,6 +155,11 @@ def measure_kld(view: CheckpointView, ref: CheckpointView, stats: CalibStats, pl
     return float(memo[key](plan_tensors))
 
 
+def cached_measurers(view: CheckpointView) -> int:
+    """How many PlanKLDs measure_kld holds for `view` (one per token set)."""
+    return len(_PLAN_KLD.get(id(view), {}))
+
+
 def _challenge(cand: Candidate, run: RunDir, table: SensitivityTable, budget: Budget, ref: CheckpointView,
                stats: CalibStats, opts: CompressOptions) -> None:
     """Measure llama.cpp's largest fitting mixtures against `cand`'s plan and keep the lowest (moepack.pipeline
