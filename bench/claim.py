@@ -219,12 +219,12 @@ class Fixture:
     def prepare(self) -> float:
         """Compress's own calibration stage (so compress reuses it) and the paper's pruning; seconds spent."""
         from moepack.backends import LocalBackend
-        from moepack.pipeline.compress import _calibrate  # compress's calibration, exactly as compress calls it
+        from moepack.pipeline.compress import calibrate_run  # compress's calibration, exactly as compress calls it
         from moepack.pipeline.runstate import RunDir
         from moepack.stages.prune import PruneOptions, run_prune
 
         t0 = time.perf_counter()
-        _calibrate(self.model, RunDir(self.run_dir), self.opts, LocalBackend())
+        calibrate_run(self.model, RunDir(self.run_dir), self.opts, LocalBackend())
         run_prune(self.model, self.run_dir, self.pruned, PruneOptions(**PAPER_PRUNE), progress=False)
         return time.perf_counter() - t0
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from moepack.atomic import atomic_copy, atomic_write_text
 from moepack.backends import Backend, LocalBackend
+from moepack.gguf.types import smallest_type
 from moepack.model.checkpoint import CheckpointView, open_checkpoint
 from moepack.model.pruned import kept_count
 from moepack.model.textdata import DEFAULT_CALIB_TEXT
@@ -25,7 +26,7 @@ from moepack.pipeline.runstate import RunDir
 from moepack.schema import CalibStats, PrunePlan
 from moepack.stages.budget import Budget, BudgetError, BudgetRequest, budget_for, format_size
 
-__all__ = ["CompressResult", "compress", "render_summary"]
+__all__ = ["CompressResult", "calibrate_run", "compress", "render_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ def _validate(opts: CompressOptions, view: CheckpointView) -> list[float]:
     return [keep]
 
 
-def _calibrate(model_dir: Path, run: RunDir, opts: CompressOptions, backend: Backend) -> CalibStats:
+def calibrate_run(model_dir: Path, run: RunDir, opts: CompressOptions, backend: Backend) -> CalibStats:
+    """compress's calibration stage into `run` (reused when its inputs are unchanged); bench/claim.py runs it ahead."""
     from moepack.stages.calibrate import run_calibrate
 
     text = opts.calib_text or DEFAULT_CALIB_TEXT
@@ -169,7 +171,7 @@ def compress(model_dir: str | Path, out: str | Path, request: BudgetRequest, opt
         raise CompressError(f"--shards must be at least 1 (got {opts.shards})")
     backend = backend or LocalBackend()
     run = RunDir(Path(run_dir) if run_dir else out.with_name(out.name + ".run"))
-    stats = _calibrate(model_dir, run, opts, backend)
+    stats = calibrate_run(model_dir, run, opts, backend)
     cands: list[Candidate] = []
     refs: dict[str, Any] = {}
     for k in keeps:  # largest retention first: it sets the bar the others are screened against
@@ -177,7 +179,7 @@ def compress(model_dir: str | Path, out: str | Path, request: BudgetRequest, opt
     fitting = [c for c in cands if not c.screened]
     if not fitting:
         raise CompressError(f"no retention of {', '.join(f'{k:g}' for k in keeps)} fits the budget "
-                            f"{format_size(budget.file_limit)} even at {opts.ladder[0]} everywhere; give a larger "
+                            f"{format_size(budget.file_limit)} even at {smallest_type(opts.ladder)} everywhere; give a larger "
                             "budget or a lower --keep")
     best = min(fitting, key=lambda c: c.kld)
     _write(run, best, out, opts, budget)
@@ -219,7 +221,7 @@ def _check_feasible(view: CheckpointView, budget: Budget, opts: CompressOptions)
     """Fail before any work when even the smallest type everywhere, at the smallest retention, cannot fit."""
     smallest = min(KEEP_AUTO_CANDIDATES) if opts.keep == "auto" else float(opts.keep)
     try:
-        fits(view, opts.ladder[0], budget, smallest)
+        fits(view, smallest_type(opts.ladder), budget, smallest)
     except BudgetError as e:
         raise CompressError(str(e)) from None
 
