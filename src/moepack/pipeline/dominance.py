@@ -105,7 +105,7 @@ def seeded_plan(view: CheckpointView, table: SensitivityTable, mixture: QuantPla
                 budget_bytes: int) -> QuantPlan | None:
     """The greedy's plan started from `mixture` snapped to the table's options (None when that start does not fit:
     the mixture's bytes sit in tensors the table keeps fixed)."""
-    from moepack.stages.allocate import AllocationError, objective, solve_greedy
+    from moepack.stages.allocate import AllocationError, choice_plan, solve_greedy
 
     start = snap_to_options(table, mixture.tensors, _shapes(view))
     try:
@@ -113,16 +113,8 @@ def seeded_plan(view: CheckpointView, table: SensitivityTable, mixture: QuantPla
     except AllocationError as e:
         log.info("greedy from %s: %s", mixture.solver, e)
         return None
-    tensors = dict(table.fixed)
-    for g, c in zip(table.groups, choice):
-        tensors.update({t: g.options[c].type for t in g.tensors})
-    used = table.fixed_bytes + sum(g.options[c].bytes for g, c in zip(table.groups, choice))
-    groups = {g.name: g.options[c].type for g, c in zip(table.groups, choice)}
-    dkld = objective(table, choice)
-    kld = table.base.get("kld")
-    kld = float(kld) + dkld if isinstance(kld, (int, float)) and not isinstance(kld, bool) else None
-    return QuantPlan(f"greedy from {mixture.solver}", budget_bytes, used, table.fixed_bytes, dkld, groups, tensors,
-                     None, kld, table.base | {"seeded_from": mixture.base.get("mixture")})
+    return choice_plan(table, choice, f"greedy from {mixture.solver}", budget_bytes,
+                       base=table.base | {"seeded_from": mixture.base.get("mixture")})
 
 
 def challenge(view: CheckpointView, table: SensitivityTable, budget: Budget, plan: QuantPlan, kld: float,

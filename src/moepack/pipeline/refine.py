@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from moepack.pipeline.options import REFINE_PASSES
 from moepack.schema import QuantPlan, SensitivityTable
+from moepack.stages.allocate import choice_plan
 
 __all__ = ["Move", "Refinement", "REFINE_WIDTH", "byte_sides", "candidate_moves", "refine"]
 
@@ -171,32 +172,25 @@ def _choice_of(table: SensitivityTable, plan: QuantPlan) -> list[int] | None:
 
 
 def _additive_kld(table: SensitivityTable, choice: list[int]) -> float | None:
-    kld = table.base.get("kld")
-    if not isinstance(kld, (int, float)) or isinstance(kld, bool):
-        return None
-    return float(kld) + math.fsum(g.options[c].dkld for g, c in zip(table.groups, choice))
+    return choice_plan(table, choice, "", 0).predicted_kld
 
 
 def _tensors(table: SensitivityTable, plan: QuantPlan, choice: list[int]) -> dict[str, str]:
     """`plan`'s tensor types with the groups at `choice`."""
-    tensors = dict(plan.tensors)
-    for g, c in zip(table.groups, choice):
-        tensors.update({t: g.options[c].type for t in g.tensors})
-    return tensors
+    return choice_plan(table, choice, "", 0, tensors=plan.tensors).tensors
 
 
 def _plan(table: SensitivityTable, plan: QuantPlan, choice: list[int], sides: list[Side]) -> QuantPlan:
     """`plan` with the groups at `choice`: its tensors, bytes and additive predictions follow."""
-    tensors = _tensors(table, plan, choice)
     used = [_used(table, choice, m) for m, _ in sides]
     base = plan.base
     if (placed := base.get("placement")) is not None:
         base = base | {"placement": placed | {"gpu": placed["gpu"] | {"bytes": used[0] + table.fixed_bytes},
                                               "ram": placed["ram"] | {"bytes": used[1]}}}
-    dkld = math.fsum(g.options[c].dkld for g, c in zip(table.groups, choice))
-    return replace(plan, solver=f"{plan.solver} refined", predicted_bytes=table.fixed_bytes + sum(used),
-                   predicted_dkld=dkld, predicted_kld=_additive_kld(table, choice), base=base,
-                   groups={g.name: g.options[c].type for g, c in zip(table.groups, choice)}, tensors=tensors)
+    new = choice_plan(table, choice, f"{plan.solver} refined", plan.budget_bytes, plan.tensors, base,
+                      plan.bucket_bytes)
+    assert new.predicted_bytes == table.fixed_bytes + sum(used), (new.predicted_bytes, used)
+    return new
 
 
 # ------------------------------------------------------------------------------------------------------ search

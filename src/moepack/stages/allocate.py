@@ -52,6 +52,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+from typing import Any
 from array import array
 from operator import lt
 
@@ -62,13 +63,13 @@ from moepack.stages.budget import format_size
 __all__ = [
     "AllocationError",
     "allocate",
+    "choice_plan",
     "budget_bytes_for",
     "file_budget",
     "solve_greedy",
     "solve_exact",
     "smallest",
     "objective",
-    "budget_bytes_for",
     "SOLVERS",
     "MAX_WORK",
 ]
@@ -210,17 +211,28 @@ def allocate(table: SensitivityTable, budget_bytes: int, solver: str = "greedy",
     if solver == "exact":
         dp, q = solve_exact(table, budget_bytes, max_work)
         choice = _better(table, solve_greedy(table, budget_bytes, start=dp), greedy)
-    used = _used(table, choice)
-    assert used <= budget_bytes, (used, budget_bytes)
-    groups = {g.name: g.options[c].type for g, c in zip(table.groups, choice)}
-    tensors = dict(table.fixed)
+    plan = choice_plan(table, choice, solver, budget_bytes, bucket_bytes=q)
+    assert plan.predicted_bytes <= budget_bytes, (plan.predicted_bytes, budget_bytes)
+    log.debug("%s: %s of %s budget, predicted ΔKLD %.5g", solver, format_size(plan.predicted_bytes),
+              format_size(budget_bytes), plan.predicted_dkld)
+    return plan
+
+
+def choice_plan(table: SensitivityTable, choice: list[int], solver: str, budget_bytes: int,
+                tensors: dict[str, str] | None = None, base: dict[str, Any] | None = None,
+                bucket_bytes: int | None = None) -> QuantPlan:
+    """The quant plan of one option index per group: its groups' types over `tensors` (default the table's fixed
+    tensors), its bytes, and its additive ΔKLD and KLD (the table's base KLD + ΔKLD, when it has one). The one
+    place a choice becomes a plan: allocate, the refinement and the mixture-seeded greedy go through it."""
+    tensors = dict(table.fixed if tensors is None else tensors)
     for g, c in zip(table.groups, choice):
         tensors.update({t: g.options[c].type for t in g.tensors})
     dkld = objective(table, choice)
     kld = table.base.get("kld")
     kld = float(kld) + dkld if isinstance(kld, (int, float)) and not isinstance(kld, bool) else None
-    log.debug("%s: %s of %s budget, predicted ΔKLD %.5g", solver, format_size(used), format_size(budget_bytes), dkld)
-    return QuantPlan(solver, budget_bytes, used, table.fixed_bytes, dkld, groups, tensors, q, kld, table.base)
+    return QuantPlan(solver, budget_bytes, _used(table, choice), table.fixed_bytes, dkld,
+                     {g.name: g.options[c].type for g, c in zip(table.groups, choice)}, tensors, bucket_bytes, kld,
+                     table.base if base is None else base)
 
 
 def budget_bytes_for(table: SensitivityTable, *, target_size: int | str | None = None,
