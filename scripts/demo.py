@@ -53,7 +53,7 @@ def main_demo() -> None:
         print(f"  no llama.cpp mixture reaches {size:,} bytes; its smallest, {BASELINES[-1]}, is "
               f"{baseline.stat().st_size:,} bytes ({extra:.0%} larger): evaluated beside moepack's file")
     models = [str(ours), str(baseline)]
-    step(["eval", *models, "--reference", str(MODEL), "--text", str(EVAL), "--window", "256", "--tokens", "16384",
+    step(["eval", *models, "--reference", str(MODEL), "--text", str(EVAL), "--window", "256",
           "--json-out", str(OUT / "eval.json"), "--md-out", str(OUT / "eval.md")])
 
 
