@@ -46,6 +46,7 @@ DATA = ROOT / "data"
 EVAL_TEXT = DATA / "tinystories-valid.txt"
 GOAL = 0.25  # the KLD reduction the claim asks for
 HAND_STEPS = 3  # Unsloth-style rule: non-expert tensors this many ladder steps above the routed experts
+DEFAULT_MODELS = ("models/tiny-deepseek-v3", "models/tiny-qwen3-moe")
 PAPER_PRUNE = {"keep": 0.75, "criterion": "score", "alpha": 0.5}
 # bench/domain.py imports these three: the mixtures and sensitivity ladder of its own comparison.
 FTYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ1_M")
@@ -447,7 +448,8 @@ def fixture_table(rec: dict[str, Any]) -> list[str]:
             lines.append(f"| {f} | — | — ({_short(u.get('error', 'not evaluated'))}) |" + " |" * (len(head) - 3))
             continue
         v = c.get("verdict")
-        how = (f"{m['keep']:g} ({m['n_experts'][0]}/{m['n_experts'][1]}), {m['top_k']}, {m['criterion']}, "
+        crit = m.get("criterion") if me and m["keep"] < 1 else "— (none pruned)"
+        how = (f"{m['keep']:g} ({m['n_experts'][0]}/{m['n_experts'][1]}), {m['top_k']}, {crit}, "
                f"{m.get('started_from')}" if me else _short(m.get("error", "—")))
         red = "—" if v is None else f"{100 * v['kld_reduction']:.1f} %"
         same = f" (= {c['same_size_as']})" if c.get("same_size_as") else ""
@@ -581,13 +583,31 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> int:
     return 0
 
 
+def reproduce(results: dict[str, Any], argv: list[str]) -> str:
+    """The one command that makes every cell in `results` (runs that added size points or fixtures one at a time
+    resume into the same JSON): this run's other flags, with --models and --ftypes widened to all cells held."""
+    keep, skip = [], False
+    for a in argv:
+        if a.startswith("--"):
+            skip = a.split("=")[0] in ("--models", "--ftypes")
+        if not skip:
+            keep.append(a)
+    models = [str(rec["model"]) for rec in results["fixtures"].values()]
+    if sorted(models) != sorted(DEFAULT_MODELS):
+        keep += ["--models", *models]
+    held = {f for rec in results["fixtures"].values() for f in rec["cells"]}
+    order = [f for rec in results["fixtures"].values() for f in size_points(ROOT / str(rec["model"]))]
+    if held != set(order):
+        keep += ["--ftypes", *sorted(held, key=lambda f: order.index(f) if f in order else len(order))]
+    return "python bench/claim.py " + " ".join(keep)
+
+
 def main(argv: list[str] | None = None) -> int:
     from moepack.pipeline.options import CompressOptions
 
     d = CompressOptions()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", type=Path,
-                   default=[ROOT / "models" / "tiny-deepseek-v3", ROOT / "models" / "tiny-qwen3-moe"])
+    p.add_argument("--models", nargs="+", type=Path, default=[ROOT / m for m in DEFAULT_MODELS])
     p.add_argument("--ftypes", nargs="+", help="size points to run (default: every mixture IQ1_S..Q4_K_M)")
     p.add_argument("--calib-tokens", type=int, default=d.calib_tokens, help="compress --calib-tokens")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="compress --seq-len")
@@ -605,9 +625,9 @@ def main(argv: list[str] | None = None) -> int:
         return render(json.loads(args.out.read_text()), args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     results = load(args.out, settings(args))
-    results["command"] = "python bench/claim.py " + " ".join(sys.argv[1:] if argv is None else argv)
     for m in args.models:
         bench_fixture(Path(m), args.ftypes, results, args)
+    results["command"] = reproduce(results, sys.argv[1:] if argv is None else argv)
     save(results, args.out, Path(args.work))
     return render(json.loads(args.out.read_text()), args)
 

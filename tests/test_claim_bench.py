@@ -56,3 +56,14 @@ def test_results_hold_no_absolute_paths(tmp_path):
            "nested": [ROOT / "docs" / "results.md"]}
     out = claim._portable(obj, work)
     assert out == {"file": "fx/a.gguf", "error": "models/x: bad; fx/b.gguf too", "nested": ["docs/results.md"]}
+
+
+def test_reproduce_names_every_cell_held():
+    """Runs that add fixtures or size points one at a time resume into one JSON: its command makes all of them."""
+    cells = {"models/tiny-qwen3-moe": ["Q3_K_M", "IQ2_XXS"], "models/tiny-deepseek-v3": ["IQ2_XXS"]}
+    results = {"fixtures": {Path(m).name: {"model": m, "cells": dict.fromkeys(fs, {})} for m, fs in cells.items()}}
+    cmd = claim.reproduce(results, ["--models", "models/tiny-qwen3-moe", "--ftypes", "Q3_K_M", "--ctx", "256"])
+    assert cmd == "python bench/claim.py --ctx 256 --ftypes IQ2_XXS Q3_K_M"  # both fixtures: the default models
+    del results["fixtures"]["tiny-deepseek-v3"]
+    assert claim.reproduce(results, ["--ftypes=Q3_K_M"]) == \
+        "python bench/claim.py --models models/tiny-qwen3-moe --ftypes IQ2_XXS Q3_K_M"
