@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/scale.py
 
 from moepack.gguf import kernels as ggml
 from moepack.gguf.types import LADDER
+from moepack.stages.sensitivity.fast import PROXY_SAMPLE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -198,9 +199,16 @@ def compress_model(layer: dict, rates: dict, gemm: dict, calib_tokens: int, prob
     v3_bytes = 2 * m["params"] - 2 * c["vocab"] * c["hidden"]  # bf16 bytes calibrate builds (no lm_head)
     head_s = 2 * c["vocab"] * c["hidden"] / gemm["attn_flops"]  # per token
     calib = calib_tokens * c["layers"] * m["active_per_token_layer"] * cal_tok_w + v3_bytes * build_b  # no head
-    base = LADDER[0]
-    quant = m["params"] * sum(1 / rates[t]["quantize_wps"] for t in LADDER)  # every weight at every ladder type
-    errors = m["params"] * sum(1 / rates[t]["dequantize_wps"] for t in LADDER)  # fast mode's per-type error
+    base, top = LADDER[0], LADDER[-1]
+    # Full mode quantizes every weight at every ladder type (each is probed). Fast mode quantizes whole only the
+    # base and the probed (highest) type; every other type is quantized, for its error alone, on PROXY_SAMPLE of
+    # each tensor's rows (QuantStore.sample_errors), the base again on the same rows.
+    whole = {t: 1.0 for t in LADDER}
+    sampled = {t: (1.0 if t in (base, top) else PROXY_SAMPLE) for t in LADDER}
+    sampled[base] += PROXY_SAMPLE  # the base's error on the sampled rows, paired with each type's
+    quant = {mode: m["params"] * sum(f / rates[t]["quantize_wps"] for t, f in share.items())
+             for mode, share in (("fast", sampled), ("full", whole))}
+    errors = m["params"] * sum(f / rates[t]["dequantize_wps"] for t, f in sampled.items())  # fast mode's Δerr
     build_q = m["mean_depth"] * m["layer_weights"] * (1 / rates[base]["dequantize_wps"]
                                                       + 8 / gemm["copy_bytes_per_s"])
     fwd = probe_tokens * (m["mean_depth"] * m["active_per_token_layer"] * per_tok_w + head_s)
@@ -208,7 +216,7 @@ def compress_model(layer: dict, rates: dict, gemm: dict, calib_tokens: int, prob
     write = m["params"] / rates[WRITE_TYPE]["quantize_wps"]  # every weight once (a ~2.5 bpw plan)
     out = {}
     for mode, probes in (("fast", m["groups"]), ("full", m["probes"])):
-        terms = {"calibrate": calib, "quantize ladder": quant, "per-type error": errors if mode == "fast" else 0.0,
+        terms = {"calibrate": calib, "quantize ladder": quant[mode], "per-type error": errors if mode == "fast" else 0.0,
                  "probes": probes * probe, "write": write}
         out[mode] = {k: v / 3600 for k, v in terms.items()} | {
             "probes_n": probes, "probe_core_s": probe, "total_core_h": sum(terms.values()) / 3600,

@@ -349,7 +349,7 @@ def test_fast_mode_probes_once_per_group_and_predicts_the_rest(arch, tiny, table
     many = Prober.probe_many
     monkeypatch.setattr(Prober, "probe_many",
                         lambda self, ps: calls.extend((g.name, o.type) for g, o in ps) or many(self, ps))
-    fast = _measure(view, ids, imatrix=stats, sensitivity="fast")
+    fast = _measure(view, ids, imatrix=stats, sensitivity="fast", proxy_sample=1.0)  # every row: exact proxies
     assert fast["base"]["sensitivity"] == "fast" and full["base"]["sensitivity"] == "full"
     assert [(g["name"], [(o["type"], o["bytes"]) for o in g["options"]]) for g in fast["groups"]] == \
         [(g["name"], [(o["type"], o["bytes"]) for o in g["options"]]) for g in full["groups"]]
@@ -369,6 +369,50 @@ def test_fast_mode_probes_once_per_group_and_predicts_the_rest(arch, tiny, table
     table = SensitivityTable.from_dict(fast)
     plan = allocate(table, (table.min_bytes + table.max_bytes) // 2)
     assert len(set(plan.tensors.values())) >= 2
+
+
+def test_row_sample_is_seeded_per_tensor_and_spans_every_slice(tiny) -> None:
+    """row_sample: the same rows in every process (seeded by the name), a draw per expert of a stacked tensor, and
+    None where a tensor is measured whole (fraction 1, 1-D, or fewer than MIN_SAMPLE_ROWS rows)."""
+    from moepack.stages.sensitivity.fakequant import MIN_SAMPLE_ROWS, row_sample
+
+    _, view, _, _, _ = tiny("qwen3_moe")
+    outs = {o.name: o for o in gguf_outputs(view)}
+    exps = next(o for n, o in outs.items() if n.endswith("ffn_up_exps.weight"))
+    idx = row_sample(exps, 1 / 8)
+    assert idx is not None and idx.shape == (exps.shape[0], exps.shape[-2] // 8)
+    assert np.array_equal(idx, row_sample(exps, 1 / 8))
+    assert all(len(set(r)) == idx.shape[1] and list(r) == sorted(r) for r in idx)
+    assert len({tuple(r) for r in idx}) > 1  # each expert its own rows
+    assert row_sample(exps, 1.0) is None and row_sample(outs["output_norm.weight"], 1 / 8) is None
+    assert row_sample(exps, (MIN_SAMPLE_ROWS - 1) / exps.shape[-2]) is None
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fast_mode_samples_the_errors_of_types_not_probed(arch, tiny, tables) -> None:
+    """With a row sample, fast mode's base and probed (top) types keep their whole-tensor proxies and measured KLD
+    bitwise; the types between are estimated from the sample, close to the whole-tensor proxy (paired with the base's
+    error on the same rows) and still α · Δerr."""
+    _, view, ids, stats, _ = tiny(arch)
+    whole = _measure(view, ids, imatrix=stats, sensitivity="fast", proxy_sample=1.0)
+    sampled = _measure(view, ids, imatrix=stats, sensitivity="fast", proxy_sample=1 / 8)
+    assert sampled["base"]["proxy_sample"] == 1 / 8 and sampled["timing"]["sampled_errors"] > 0
+    assert whole["timing"]["sampled_errors"] == 0
+    w, s = _opts(whole), _opts(sampled)
+    rel = []
+    for g in sampled["groups"]:
+        if len(g["options"]) < 2:
+            continue
+        top = (g["name"], g["options"][-1]["type"])
+        assert s[top]["proxy"] == w[top]["proxy"] and s[top]["dkld"] == w[top]["dkld"]
+        for o in g["options"][1:-1]:
+            k = (g["name"], o["type"])
+            rel.append(abs(s[k]["proxy"] / w[k]["proxy"] - 1))
+            alpha = max(0.0, s[top]["dkld"] / s[top]["proxy"]) if s[top]["proxy"] < 0 else 0.0
+            assert s[k]["dkld"] == pytest.approx(alpha * s[k]["proxy"], rel=1e-12, abs=1e-15)
+    assert rel and max(rel) < 0.5 and float(np.median(rel)) < 0.15
+    with pytest.raises(SensitivityError, match="proxy_sample"):
+        _measure(view, ids, imatrix=stats, sensitivity="fast", proxy_sample=0.0)
 
 
 def test_auto_keeps_fast_above_the_limit_and_completes_below(tiny, tables) -> None:

@@ -87,12 +87,13 @@ def sensitivity_stage(run: RunDir, view: CheckpointView, ref: CheckpointView, st
                       plan: PrunePlan | None, base: str, keep: float, opts: CompressOptions,
                       backend: Backend) -> SensitivityTable:
     """The sensitivity table of one candidate, cached in the run directory under every input it depends on."""
+    from moepack.stages.sensitivity.fast import PROXY_SAMPLE
     from moepack.stages.sensitivity.measure import SensitivityConfig, measure_sensitivity
 
     path = run.path(f"sensitivity-r{keep:g}.json")
     key = {"model": view.fingerprint(), "reference": ref.fingerprint(), "calib": stats.manifest.text_sha256,
            "calib_tokens": stats.manifest.tokens, "base": base, "ladder": list(opts.ladder),
-           "sensitivity": opts.sensitivity,
+           "sensitivity": opts.sensitivity, "proxy_sample": PROXY_SAMPLE,
            "prune": plan.to_dict()["layers"] if plan is not None else None, "top_k": view.facts.top_k,
            "writer": WRITER_ID}  # the table holds the writer's overhead_bytes
     if stats.manifest.shards != 1:  # sums in another order: the imatrix may differ in its last bits

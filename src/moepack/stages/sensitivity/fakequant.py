@@ -5,6 +5,8 @@ split of kv_b_proj into attn_k_b / attn_v_b, the rotary permutation, llama.cpp's
 importance rows each tensor gets), dequantized with ggml's `to_float`, and mapped back to the checkpoint tensors it
 came from (`to_checkpoint`, the inverse of those layouts). `QuantStore` quantizes each (tensor, type) once and keeps
 the bytes in memory or on disk; `FakeQuantWeights` is a `LayerRunner` loader serving one type per GGUF tensor.
+`QuantStore.sample_errors` measures a type's proxy error alone on a row sample (no bytes kept), for types whose
+weights no forward needs.
 
     store = QuantStore(view, imatrix)
     typed = resolve_types(gguf_outputs(view), None, plan_types)
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -32,9 +35,14 @@ from moepack.gguf.imatrix import imatrix_rows, importance_rows
 from moepack.gguf.metadata import WRITER_ID
 from moepack.gguf.names import OutTensor, gguf_outputs
 
-__all__ = ["FakeQuantError", "QuantStore", "FakeQuantWeights", "gguf_f32", "to_checkpoint"]
+__all__ = ["FakeQuantError", "QuantStore", "FakeQuantWeights", "gguf_f32", "to_checkpoint", "row_sample",
+           "MIN_SAMPLE_ROWS"]
 
 log = logging.getLogger(__name__)
+
+
+MIN_SAMPLE_ROWS = 16  # fewer sampled rows per slice than this: the tensor's error is measured whole (too few rows
+# for a scaled estimate, and such a tensor is cheap to quantize anyway)
 
 
 class FakeQuantError(MoepackError, ValueError):
@@ -61,6 +69,29 @@ def gguf_f32(view: Any, o: OutTensor) -> np.ndarray:
     if o.transform == "stack":
         return np.stack([view.load_numpy_f32(s) for s in o.sources])  # (E, rows, n)
     return go.source_f32(view, o)
+
+
+def row_sample(o: OutTensor, fraction: float) -> np.ndarray | None:
+    """Row indices (S, m) of a `fraction` sample of each slice's rows (S = experts or heads of a 3-D tensor, else
+    1), seeded by the tensor's name so every process draws the same; None where the tensor is measured whole
+    (fraction 1, a 1-D tensor, or fewer than MIN_SAMPLE_ROWS rows sampled). Each slice draws its own rows, so a
+    stacked tensor's sample spans every expert. Random rather than every k-th row: rows have structure (rotary
+    pairs, heads stacked in k_b/v_b) that a stride could alias."""
+    if fraction >= 1.0 or len(o.shape) < 2:
+        return None
+    rows, lead = o.shape[-2], (o.shape[0] if len(o.shape) == 3 else 1)
+    m = math.ceil(rows * fraction)
+    if m >= rows or m < MIN_SAMPLE_ROWS:
+        return None
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(o.name.encode()).digest()[:8], "little"))
+    return np.sort(np.stack([rng.choice(rows, m, replace=False) for _ in range(lead)]), axis=-1)  # (S, m)
+
+
+def _take_rows(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """x (rows, n) or (S, rows, n) at row indices idx (S, m): (m, n) or (S, m, n)."""
+    if x.ndim == 2:
+        return np.ascontiguousarray(x[idx[0]])  # (m, n)
+    return np.ascontiguousarray(np.take_along_axis(x, idx[:, :, None], axis=1))  # (S, m, n)
 
 
 def _inverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -111,6 +142,8 @@ class QuantStore:
         self.token_freq = token_freq
         self._raw: dict[tuple[str, str], np.ndarray] = {}
         self._err: dict[tuple[str, str], float] = {}
+        self._sampled: dict[tuple[str, str], float] = {}  # errors measured on a row sample (no bytes)
+        self.sampled_rows: dict[tuple[str, str], int] = {}  # rows quantized for each sampled error, all slices
         self._deq: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
         self._deq_bytes, self._deq_limit = 0, deq_cache_bytes
         self.dir = Path(cache_dir) / self._digest() if cache_dir is not None else None
@@ -162,13 +195,70 @@ class QuantStore:
             with atomic_path(self._path(o.name, t.qtype)) as tmp:
                 save_file({"raw": raw, "err": np.array([err], dtype=np.float64)}, str(tmp))
 
-    def _proxy_err(self, o: OutTensor, x: np.ndarray, q: np.ndarray) -> float:
-        d2 = np.square(x - q, dtype=np.float64)  # o.shape
-        if o.name == "token_embd.weight" and self.token_freq is not None and len(self.token_freq) == o.shape[0]:
-            return float(d2.sum(axis=-1) @ self.token_freq)  # rows weigh by token frequency
+    def _by_freq(self, o: OutTensor) -> bool:
+        return o.name == "token_embd.weight" and self.token_freq is not None and len(self.token_freq) == o.shape[0]
+
+    def _proxy_err(self, o: OutTensor, x: np.ndarray, q: np.ndarray, rows: np.ndarray | None = None) -> float:
+        """The proxy error of x (o.shape, or its rows `rows` (1, m) of a sample) quantized to q."""
+        d2 = np.square(x - q, dtype=np.float64)  # o.shape | sampled rows
+        if self._by_freq(o):
+            assert self.token_freq is not None
+            freq = self.token_freq if rows is None else self.token_freq[rows[0]]
+            return float(d2.sum(axis=-1) @ freq)  # rows weigh by token frequency
         w = imatrix_rows(o, self.proxy_weights)  # (S, n) | (n,) | None
         col = d2.sum(axis=-2)  # (S, n) | (n,)
         return float((col * w).sum() if w is not None else col.sum())
+
+    def sample_errors(self, work: Sequence[tuple[OutTensor, Sequence[go.TypedTensor], go.TypedTensor]],
+                      fraction: float) -> None:
+        """The proxy error of each (GGUF tensor, type) in `work` (tensor, types, reference) estimated from the rows
+        `row_sample` draws, no bytes kept: err(ref) over the whole tensor + (rows / sampled rows) · Σ_sampled rows
+        (err_t − err_ref). Pairing each row with the reference's error on the same row cancels most of the
+        sampling noise: rows that quantize badly at t do so at the reference too, and Δerr = err(t) − err(ref) is
+        what the predictions use. ggml quantizes each row on its own, so a sampled row's bytes are the whole
+        tensor's. The token embedding weighs rows by token frequency: its error is exact from the rows of tokens
+        seen. A tensor `row_sample` keeps whole is quantized whole (`quantize`), as is a reference not quantized
+        yet; a (tensor, type) measured whole already keeps that measurement."""
+        whole: list[tuple[OutTensor, list[go.TypedTensor]]] = []
+        source = _MemoView(self.view)
+        self.quantize([(o, [ref]) for o, _, ref in work])  # the references' whole errors (normally there already)
+        for o, ts, ref in work:
+            todo = [t for t in ts if (o.name, t.qtype.name) not in self._err
+                    and (o.name, t.qtype.name) not in self._sampled]
+            idx, scale = self._sample_of(o, fraction) if todo else (None, 1.0)
+            if todo and idx is None:
+                whole.append((o, todo))
+            if not todo or idx is None:
+                continue
+            x = _take_rows(gguf_f32(source, o), idx)  # (m, n) | (S, m, n)
+            at_ref = self._sample_err(o, x, ref, idx)
+            for t in todo:
+                sample = at_ref if t.qtype == ref.qtype else self._sample_err(o, x, t, idx)
+                self._sampled[(o.name, t.qtype.name)] = self.err(o.name, ref.qtype) + scale * (sample - at_ref)
+                self.sampled_rows[(o.name, t.qtype.name)] = int(idx.size)
+        self.quantize(whole)
+
+    def _sample_err(self, o: OutTensor, x: np.ndarray, t: go.TypedTensor, idx: np.ndarray) -> float:
+        """The proxy error of the sampled rows x ((m, n) | (S, m, n), rows idx of `o`) quantized to t."""
+        raw = ggml.quantize(x, t.qtype, importance_rows(t, self.imatrix), self.threads)
+        return self._proxy_err(o, x, ggml.dequantize(raw, t.qtype, x.shape, self.threads), idx)
+
+    def _sample_of(self, o: OutTensor, fraction: float) -> tuple[np.ndarray | None, float]:
+        """(the rows (S, m) measured for `o`, None for all; the factor from their error to the whole tensor's)."""
+        if fraction < 1.0 and self._by_freq(o):
+            assert self.token_freq is not None
+            seen = np.flatnonzero(self.token_freq)[None]  # (1, m): rows of unseen tokens add no error
+            return (seen if seen.shape[1] < o.shape[0] else None), 1.0
+        idx = row_sample(o, fraction)
+        return idx, (1.0 if idx is None else o.shape[-2] / idx.shape[1])
+
+    def sampled_errors(self) -> dict[tuple[str, str], float]:
+        """{(GGUF name, type name): proxy error} measured on a row sample (`sample_errors`): plain data."""
+        return dict(self._sampled)
+
+    def absorb_sampled(self, errs: Mapping[tuple[str, str], float]) -> None:
+        """Take another store's `sampled_errors` (a whole measurement of the same key stays first in `err`)."""
+        self._sampled.update({k: float(e) for k, e in errs.items()})
 
     def raw(self, name: str, qtype: GGMLQuantizationType) -> np.ndarray:
         """The tensor's GGUF bytes at `qtype` (quantized before by `quantize`)."""
@@ -182,7 +272,9 @@ class QuantStore:
         raise FakeQuantError(f"{name} was not quantized to {qtype.name}")
 
     def err(self, name: str, qtype: GGMLQuantizationType) -> float:
-        return self._err[(name, qtype.name)]
+        """The proxy error: measured on the whole tensor where it was quantized whole, else on its row sample."""
+        key = (name, qtype.name)
+        return self._err[key] if key in self._err else self._sampled[key]
 
     def entries(self, keys: Iterable[tuple[str, str]] | None = None) -> dict[tuple[str, str], tuple[Any, float]]:
         """{(GGUF name, type name): (bytes, or None when they live under cache_dir, proxy error)} as plain data

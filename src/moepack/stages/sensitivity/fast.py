@@ -5,7 +5,10 @@ linearity theorem of HIGGS, Malinovskii et al. 2024: ΔLoss ≈ Σ_l α_l · err
 ladder type t* measures ΔKLD(t*) and learns α_g = ΔKLD(t*) / Δerr(t*), where Δerr(t) = err(t) − err(base) is the
 imatrix-weighted squared error of the group's tensors (QuantStore's proxy; quantize and dequantize only, no
 forward); every other type, below the base (Δerr > 0: a positive ΔKLD) or above it, is predicted as α_g · Δerr(t),
-so a long ladder costs no more forward passes. The probed type keeps its measurement. A probe's measured ΔKLD can
+so a long ladder costs no more forward passes. The probed type keeps its measurement. Δerr(t) of the types not
+probed needs no bytes, only an error: it is measured on a PROXY_SAMPLE fraction of each tensor's rows and scaled to
+the whole (QuantStore.sample_errors), so those types cost a fraction of a quantization; the base and the probed
+type are quantized whole (the probes and the writer compute with them). A probe's measured ΔKLD can
 come out with the wrong sign (noise on a group that barely matters: an upgrade that hurts); α_g is then 0.
 
 Forward-pass cost: one probe per group instead of one per (group, type). `auto` runs these probes first, times
@@ -26,13 +29,16 @@ from moepack.stages.sensitivity.fakequant import QuantStore
 from moepack.stages.sensitivity.groups import GroupSpec, SensitivityError
 from moepack.stages.sensitivity.probes import Pick, ReferenceLogProbs, StoreInputs, base_state, probe_bins
 
-__all__ = ["SPEEDS", "AUTO_LIMIT_S", "FAST_PROBE", "check_speed", "fast_pick", "predict", "run_speed"]
+__all__ = ["SPEEDS", "AUTO_LIMIT_S", "FAST_PROBE", "PROXY_SAMPLE", "check_speed", "fast_pick", "predict", "run_speed"]
 
 log = logging.getLogger(__name__)
 
 SPEEDS = ("auto", "fast", "full")
 AUTO_LIMIT_S = 1800.0  # auto: a full table estimated to take longer than this stays fast
 FAST_PROBE = -1  # the upgrade probed in fast mode, as an index into the group's upgrades (-1: the highest)
+# Fast mode: the fraction of each tensor's rows (per expert of a stacked tensor) on which the types not probed are
+# quantized for their proxy error. Chosen by bench/fast_sample.py on both fixtures (docs/performance.md):
+PROXY_SAMPLE = 1 / 8
 
 
 def check_speed(speed: str) -> None:
@@ -72,10 +78,11 @@ def predict(groups: list[GroupSpec], proxy: Mapping[tuple[str, str], float], kld
 
 def run_speed(speed: str, backend: Backend, view: Any, store: QuantStore, groups: list[GroupSpec],
               settings: StoreInputs, ids: torch.Tensor, ref: ReferenceLogProbs, batch_size: int, keep_bytes: int,
-              tasks: int | None, progress: bool, limit_s: float = AUTO_LIMIT_S,
-              at: int = FAST_PROBE) -> tuple[float, dict[tuple[str, str], float], dict[str, Any]]:
+              tasks: int | None, progress: bool, limit_s: float = AUTO_LIMIT_S, at: int = FAST_PROBE,
+              sample: float = PROXY_SAMPLE) -> tuple[float, dict[tuple[str, str], float], dict[str, Any]]:
     """The probes of `speed`: (base KLD, {(group, type): measured KLD}, what ran: {"sensitivity": "fast" | "full",
-    "probes", and for auto the estimate it decided on})."""
+    "probes", for a fast table "proxy_sample" (the row fraction of the types not probed), and for auto the
+    estimate it decided on})."""
     check_speed(speed)
     base_kld, inp = base_state(view, store, groups, settings, ids, ref, batch_size, keep_bytes, progress)
     n_full = sum(len(g.options) - 1 for g in groups)
@@ -84,11 +91,13 @@ def run_speed(speed: str, backend: Backend, view: Any, store: QuantStore, groups
         return base_kld, kld, {"sensitivity": "full", "probes": len(kld)}
     pick = fast_pick(groups, at)
     t0 = time.perf_counter()
-    kld = probe_bins(backend, view, store, groups, replace(inp, pick=pick), tasks)
+    kld = probe_bins(backend, view, store, groups, replace(inp, pick=pick, sample=sample), tasks)
     per_probe = (time.perf_counter() - t0) / max(1, len(kld))
-    info: dict[str, Any] = {"sensitivity": "fast", "probes": len(kld)}
-    if speed == "fast" or len(kld) == n_full:
-        return base_kld, kld, info | ({"sensitivity": "full"} if len(kld) == n_full else {})
+    if len(kld) == n_full:  # every upgrade probed: nothing was sampled
+        return base_kld, kld, {"sensitivity": "full", "probes": len(kld)}
+    info: dict[str, Any] = {"sensitivity": "fast", "probes": len(kld), "proxy_sample": sample}
+    if speed == "fast":
+        return base_kld, kld, info
     rest: Pick = {g.name: tuple(o.type for o in g.options[1:] if (g.name, o.type) not in kld) for g in groups}
     estimate = (n_full - len(kld)) * per_probe
     info["auto"] = {"full_estimate_s": round(estimate, 1), "limit_s": limit_s, "s_per_probe": round(per_probe, 3)}
@@ -99,4 +108,5 @@ def run_speed(speed: str, backend: Backend, view: Any, store: QuantStore, groups
     if not go:
         return base_kld, kld, info
     kld |= probe_bins(backend, view, store, groups, replace(inp, pick=rest, errors=False), tasks)
-    return base_kld, kld, info | {"sensitivity": "full", "probes": len(kld)}
+    # the remaining types were quantized whole for their probes: their whole errors replace the sampled ones
+    return base_kld, kld, {"sensitivity": "full", "probes": len(kld), "auto": info["auto"]}

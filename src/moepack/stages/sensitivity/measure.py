@@ -43,7 +43,7 @@ from moepack.gguf.writer import resolve_types
 from moepack.model.runner import LayerRunner
 from moepack.schema import SENSITIVITY_FORMAT, CalibStats, PrunePlan, SensitivityTable
 from moepack.stages.sensitivity.fakequant import FakeQuantWeights, QuantStore
-from moepack.stages.sensitivity.fast import AUTO_LIMIT_S, FAST_PROBE, check_speed, predict, run_speed
+from moepack.stages.sensitivity.fast import AUTO_LIMIT_S, FAST_PROBE, PROXY_SAMPLE, check_speed, predict, run_speed
 from moepack.stages.sensitivity.groups import SensitivityError, default_base, parse_base, plan_groups
 from moepack.stages.sensitivity.probes import EMBED, StoreInputs, head_batch, reference_logprobs, run_quantize
 from moepack.stages.sensitivity.table import agreement, overhead, proxies, table_groups
@@ -74,7 +74,8 @@ class SensitivityConfig:
     unnamed. cache_dir: keep quantized tensors on disk (large models; on Ray, storage every worker sees). threads:
     torch and quantization threads, here and in each task. tasks: bins of groups on the backend (default one per
     task slot); the table is the same for every backend and number of tasks. keep_layers_bytes: base layers kept
-    built between probes. sensitivity, auto_limit_s, fast_probe: which probes run (moepack.stages.sensitivity.fast).
+    built between probes. sensitivity, auto_limit_s, fast_probe: which probes run (moepack.stages.sensitivity.fast);
+    proxy_sample: the fraction of rows a fast table's types not probed are quantized on for their proxy error.
     """
 
     base: str | Mapping[str, str] | None = None
@@ -89,9 +90,12 @@ class SensitivityConfig:
     sensitivity: str = "auto"  # full: every (group, type) probed; fast: one per group; auto: by the estimate
     auto_limit_s: float = AUTO_LIMIT_S
     fast_probe: int = FAST_PROBE
+    proxy_sample: float = PROXY_SAMPLE
 
     def validate(self) -> None:
         check_speed(self.sensitivity)
+        if not 0.0 < self.proxy_sample <= 1.0:
+            raise SensitivityError(f"proxy_sample is a fraction of rows in (0, 1] (got {self.proxy_sample})")
         if self.mode not in MODES:
             raise SensitivityError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.tasks is not None and self.tasks < 1:
@@ -263,9 +267,11 @@ def _measure(view: Any, ids: torch.Tensor, reference_logits: Any, reference_view
         t1 = time.perf_counter()
         base_kld, kld, ran = run_speed(cfg.sensitivity, backend, view, store, groups, settings, ids, ref,
                                        cfg.batch_size, cfg.keep_layers_bytes, cfg.tasks, cfg.progress,
-                                       cfg.auto_limit_s, cfg.fast_probe)
+                                       cfg.auto_limit_s, cfg.fast_probe, cfg.proxy_sample)
         timing["probes_s"] = time.perf_counter() - t1
         info["kld"], info["sensitivity"] = base_kld, ran["sensitivity"]
+        if "proxy_sample" in ran:  # a fast table: the types not probed have errors from this fraction of rows
+            info["proxy_sample"] = ran["proxy_sample"]
     proxy = proxies(store, groups)
     if ran.get("sensitivity") == "fast":
         assert kld is not None and base_kld is not None
@@ -275,7 +281,9 @@ def _measure(view: Any, ids: torch.Tensor, reference_logits: Any, reference_view
         "weighting": "imatrix squared inputs per token; token_embd rows by token frequency",
         **agreement(groups, proxy, kld, base_kld)}
     timing["total_s"] = time.perf_counter() - t0
+    sampled = set(store.sampled_errors()) - set(store.entries())  # (tensor, type) errors from a row sample alone
     timed = {k: round(v, 3) for k, v in timing.items()} | {"probes": len(kld or {}), "threads": cfg.threads,
-                                                           "backend": backend.name} | ran.get("auto", {})
+                                                           "backend": backend.name, "sampled_errors": len(sampled),
+                                                           } | ran.get("auto", {})
     return SensitivityTable(table_groups(groups, proxy, kld, base_kld, predicted), sum(o.numel * 4 for o in fixed), info,
                             {o.name: "F32" for o in fixed}, head, SENSITIVITY_FORMAT, agree, timed)

@@ -10,7 +10,8 @@ Order of work, and where each part runs:
    base type, keeping the hidden states entering every layer (`Prober`).
 3. `probe_task` per bin of groups (tasks): quantizes its groups' upgrade types (each needed by this task only),
    then probes each picked (group, type) (all upgrades; or one per group in fast mode,
-   moepack.stages.sensitivity.fast) from the cached hidden states, with the base bytes, hidden states and reference
+   moepack.stages.sensitivity.fast, where the types not probed get their proxy error from a row sample alone,
+   QuantStore.sample_errors) from the cached hidden states, with the base bytes, hidden states and reference
    shared by every task (sent once; read zero-copy on Ray). Layer-major: the groups entering at one layer are
    probed together, so each base layer after it is built once for all their probes (`Prober.probe_many`; a layer
    too large to keep built was rebuilt per probe); their upgrade bytes are dropped after them.
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = ["StoreInputs", "QuantizeInputs", "ProbeInputs", "ReferenceLogProbs", "Prober", "typed_base",
            "quantize_groups", "head_batch", "reference_logprobs", "quantize_task", "probe_task", "run_quantize",
-           "run_probes", "base_state", "probe_bins", "Pick", "EMBED"]
+           "run_probes", "base_state", "probe_bins", "Pick", "Errors", "EMBED"]
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,7 @@ class ProbeInputs:
     progress: bool  # inner progress bars (one in-process task)
     pick: Pick | None = None  # None: every upgrade of every group
     errors: bool = True  # quantize every upgrade type for its proxy error, not only the probed ones
+    sample: float = 1.0  # the fraction of rows the types not probed are quantized on for their error (1: whole)
 
 
 def quantize_task(groups: list[GroupSpec], inp: QuantizeInputs) -> dict[tuple[str, str], tuple[Any, float]]:
@@ -268,13 +270,16 @@ def quantize_task(groups: list[GroupSpec], inp: QuantizeInputs) -> dict[tuple[st
     return store.entries()
 
 
-def probe_task(groups: list[GroupSpec], inp: ProbeInputs) -> tuple[dict[tuple[str, str], float],
-                                                                     dict[tuple[str, str], float]]:
-    """Quantize each group's upgrade types and probe them: ({(tensor, type): proxy error}, {(group, type): KLD})."""
+Errors = dict[tuple[str, str], float]  # (GGUF tensor, type) → proxy error
+
+
+def probe_task(groups: list[GroupSpec], inp: ProbeInputs) -> tuple[Errors, Errors, dict[tuple[str, str], float]]:
+    """Quantize each group's upgrade types and probe them: ({(tensor, type): proxy error of the whole tensor},
+    {(tensor, type): proxy error from a row sample (types not probed, `inp.sample` < 1)}, {(group, type): KLD})."""
     from tqdm.auto import tqdm
 
     view = open_view(inp.store.view)
-    errs: dict[tuple[str, str], float] = {}
+    errs: Errors = {}
     kld: dict[tuple[str, str], float] = {}
     with torch_threads(inp.store.threads):
         store = inp.store.store(view)
@@ -290,8 +295,13 @@ def probe_task(groups: list[GroupSpec], inp: ProbeInputs) -> tuple[dict[tuple[st
             for start in sorted(by_start):
                 have = set(store.entries())
                 for g in by_start[start]:
-                    quant = g.options[1:] if inp.errors else picked[g.name]
-                    store.quantize([(o, [opt.typed[i] for opt in quant]) for i, o in enumerate(g.outs)])
+                    whole = g.options[1:] if inp.errors and inp.sample >= 1.0 else picked[g.name]
+                    store.quantize([(o, [opt.typed[i] for opt in whole]) for i, o in enumerate(g.outs)])
+                    if inp.errors and inp.sample < 1.0:  # errors alone: no probe or writer needs these bytes
+                        probed = {opt.type for opt in picked[g.name]}
+                        rest = [opt for opt in g.options[1:] if opt.type not in probed]
+                        store.sample_errors([(o, [opt.typed[i] for opt in rest], g.options[0].typed[i])
+                                             for i, o in enumerate(g.outs)], inp.sample)
                 probes = [(g, opt) for g in by_start[start] for opt in picked[g.name]]
                 for (g, opt), v in zip(probes, prober.probe_many(probes)):
                     kld[(g.name, opt.type)] = v
@@ -300,7 +310,7 @@ def probe_task(groups: list[GroupSpec], inp: ProbeInputs) -> tuple[dict[tuple[st
                 errs.update({k: e for k, (_, e) in store.entries(new).items()})
                 store.forget(new)
         prober.runner.release()
-    return errs, kld
+    return errs, store.sampled_errors(), kld
 
 
 def _picked(g: GroupSpec, pick: Pick | None) -> list[GroupOption]:
@@ -352,9 +362,10 @@ def probe_bins(backend: Backend, view: Any, store: QuantStore, groups: list[Grou
     mem = (min(inp.keep_bytes, n * layer_f32_bytes(view)) + 3 * layer_f32_bytes(view) + 2 * _HEAD_ELEMS * 4
            + sum(h.nbytes for h in inp.hidden) + sum(a.nbytes for xs in inp.ref for a in xs))
     kld: dict[tuple[str, str], float] = {}
-    for errs, part in backend.map(probe_task, [[groups[i] for i in b] for b in bins], inp, desc="probes",
-                                  num_cpus=inp.store.threads, memory=mem, progress=inp.progress):
+    for errs, sampled, part in backend.map(probe_task, [[groups[i] for i in b] for b in bins], inp, desc="probes",
+                                           num_cpus=inp.store.threads, memory=mem, progress=inp.progress):
         store.absorb({k: (None, e) for k, e in errs.items()})
+        store.absorb_sampled(sampled)
         kld.update(part)
     return kld
 
