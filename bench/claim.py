@@ -431,8 +431,10 @@ def _short(msg: str, n: int = 80) -> str:
 def _verdict_cell(v: dict[str, Any] | None) -> str:
     if v is None:
         return "— (not measured)"
-    why = [w for w, ok in ((f"reduction below {100 * v['goal']:.0f} %", v["kld_reduction"] >= v["goal"]),
-                           ("file larger", v["no_larger"]), ("CIs overlap", v["cis_apart"])) if not ok]
+    worse = v["kld_reduction"] < 0  # then the CIs are not "overlapping" but on the wrong side, or both
+    why = [w for w, ok in (("KLD higher" if worse else f"reduction below {100 * v['goal']:.0f} %",
+                            v["kld_reduction"] >= v["goal"]), ("file larger", v["no_larger"]),
+                           ("CIs overlap", v["cis_apart"] or worse)) if not ok]
     return "**holds**" if v["holds"] else "falls short: " + ", ".join(why)
 
 

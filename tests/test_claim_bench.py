@@ -26,6 +26,10 @@ def test_verdict_needs_all_three():
     wide = claim.verdict(_ev(0.07, 0.03, 1000), uni)  # 30 % lower but the CIs overlap
     assert not wide["holds"] and not wide["cis_apart"]
     assert claim.verdict(None, uni) is None and claim.verdict(_ev(0.07, 0.0, 1), None) is None
+    assert claim._verdict_cell(wide) == "falls short: CIs overlap"
+    assert claim._verdict_cell(short) == "falls short: reduction below 25 %"
+    worse = claim.verdict(_ev(0.2, 0.005, 1000), uni)  # twice the KLD: its CI is apart, on the wrong side
+    assert claim._verdict_cell(worse) == "falls short: KLD higher"
 
 
 def test_unsloth_rule_steps_above_the_routed_experts():

@@ -40,7 +40,7 @@ def add_cli(sub: o.Subparsers) -> None:
     p.add_argument("--card", action="store_true",
                    help="write the model card (default: README.md beside the GGUF) instead of the run report")
     p.add_argument("--pareto", type=Path, metavar="PNG",
-                   help="a size-vs-KLD PNG to include (e.g. docs/results-pareto.png); the card draws one itself "
+                   help="a size-vs-KLD PNG to include (e.g. docs/results-pareto-tiny-qwen3-moe.png); the card draws one itself "
                         "when the run measured two or more sizes")
     p.add_argument("--eval", type=Path, metavar="EVAL.json",
                    help="an eval JSON (`moepack eval --json-out`), if not in the run directory")
