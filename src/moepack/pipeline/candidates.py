@@ -93,9 +93,11 @@ def sensitivity_stage(run: RunDir, view: CheckpointView, ref: CheckpointView, st
     path = run.path(f"sensitivity-r{keep:g}.json")
     key = {"model": view.fingerprint(), "reference": ref.fingerprint(), "calib": stats.manifest.text_sha256,
            "calib_tokens": stats.manifest.tokens, "base": base, "ladder": list(opts.ladder),
-           "sensitivity": opts.sensitivity, "proxy_sample": PROXY_SAMPLE,
+           "sensitivity": opts.sensitivity,
            "prune": plan.to_dict()["layers"] if plan is not None else None, "top_k": view.facts.top_k,
            "writer": WRITER_ID}  # the table holds the writer's overhead_bytes
+    if opts.sensitivity != "full":  # a fast table's errors of the types not probed come from this row fraction
+        key["proxy_sample"] = PROXY_SAMPLE
     if stats.manifest.shards != 1:  # sums in another order: the imatrix may differ in its last bits
         key["calib_shards"] = stats.manifest.shards
 
