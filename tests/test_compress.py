@@ -53,6 +53,46 @@ def test_compress_fits_budget_and_runs(model: Path, tmp_path: Path, capsys) -> N
     assert not list(tmp_path.glob("*.tmp"))
     _check_run_command(out, text)
     _check_criterion_auto(out.with_name(out.name + ".run"), text)
+    _check_references(out.with_name(out.name + ".run"), text)
+
+
+def test_reference_types_budget_type_then_smallest(model: Path) -> None:
+    """compress measures from the budget's own uniform type (the largest whose every tensor fits) and then from the
+    ladder's smallest; one reference where they agree or --base names one."""
+    import dataclasses
+
+    from moepack.model.checkpoint import open_checkpoint
+    from moepack.pipeline.candidates import budget_type, floor_bytes, reference_types
+    from moepack.pipeline.options import CompressOptions
+    from moepack.stages.budget import Budget
+
+    view = open_checkpoint(model)
+    opts = CompressOptions(ladder=("IQ2_XXS", "IQ3_S", "Q4_K", "Q8_0"))
+    at = {t: floor_bytes(view, t) for t in opts.ladder}
+
+    def budget(weights: int) -> Budget:
+        return Budget(memory=None, kv_cache=0, compute=0, reserve=0, weights=weights)
+
+    assert budget_type(view, budget(at["Q4_K"]), opts.ladder) == "Q4_K"
+    assert budget_type(view, budget(at["Q4_K"] - 1), opts.ladder) == "IQ3_S"
+    assert budget_type(view, budget(at["IQ2_XXS"] - 1), opts.ladder) == "IQ2_XXS"  # none fits: the smallest
+    assert reference_types(view, budget(at["Q8_0"] + 10), opts) == ["Q8_0", "IQ2_XXS"]
+    assert reference_types(view, budget(at["IQ3_S"] - 1), opts) == ["IQ2_XXS"]
+    assert reference_types(view, budget(at["Q8_0"]), dataclasses.replace(opts, base="Q4_K")) == ["Q4_K"]
+
+
+def _check_references(run_dir: Path, printed: str) -> None:
+    """Each reference type measured is in the summary with its refined plan's selection KLD; the plan kept is the
+    lower one's (or a llama.cpp mixture that measured lower still)."""
+    import json
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (cand,) = summary["candidates"]
+    refs = cand["references"]
+    assert len(refs) == 2 and refs[1]["base"] == "IQ2_XXS" and refs[0]["base"] != "IQ2_XXS", refs
+    assert cand["kld"] <= min(r["kld"] for r in refs)
+    assert (run_dir / "sensitivity-r0.75.json").is_file() and (run_dir / "sensitivity-r0.75-IQ2_XXS.json").is_file()
+    assert "reference types (selection KLD" in printed
 
 
 def _check_criterion_auto(run_dir: Path, printed: str) -> None:

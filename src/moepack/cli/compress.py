@@ -40,7 +40,8 @@ def add_cli(sub: o.Subparsers) -> None:
     o.add_sens_tokens(p, "selection tokens held out after the calibration tokens (sensitivity and every choice); as "
                          "many again after them for the reported KLD, which no choice saw")
     o.add_solver(p)
-    o.add_base(p, "the ladder's smallest type; groups move up and down from it")
+    o.add_base(p, "the budget's own uniform type and, where tables are cheap enough to be full, also the "
+                  "ladder's smallest, keeping whichever plan measures lower; groups move up and down from it")
     o.add_ladder(p)
     o.add_sensitivity(p)
     o.add_criterion(p, auto=True)

@@ -40,6 +40,14 @@ def _retention(path: Path) -> str:
     return stem.rsplit("-r", 1)[-1]
 
 
+def table_path(run_dir: Path, keep: str, plan: QuantPlan | None) -> Path:
+    """The sensitivity table the plan of retention `keep` was allocated from: compress measures a second reference
+    type into sensitivity-rKEEP-TYPE.json (moepack.pipeline.candidates.reference_types)."""
+    base = (plan.base or {}).get("default_type") if plan is not None else None
+    tagged = run_dir / f"sensitivity-r{keep}-{base}.json"
+    return tagged if base and tagged.is_file() else run_dir / f"sensitivity-r{keep}.json"
+
+
 def find_artifacts(run_dir: Path) -> dict[str, Any]:
     """The artifacts of the run's chosen retention (summary.json's keep; else the last quant plan written)."""
     if not run_dir.is_dir():
@@ -53,10 +61,10 @@ def find_artifacts(run_dir: Path) -> dict[str, Any]:
     else:
         raise ReportError(f"{run_dir}: no summary.json or quant_plan-r*.json; is this a compress run directory?")
     evals = [p for p in sorted(run_dir.glob("*.json")) if (_load(p) or {}).get("models") is not None]
+    plan = _read(QuantPlan.read, run_dir / f"quant_plan-r{keep}.json")
     return {"keep": keep, "summary": summary,
             "prune_plan": _read(PrunePlan.read, run_dir / f"pruned-r{keep}" / "prune_plan.json"),
-            "quant_plan": _read(QuantPlan.read, run_dir / f"quant_plan-r{keep}.json"),
-            "sensitivity": _read(SensitivityTable.read, run_dir / f"sensitivity-r{keep}.json"),
+            "quant_plan": plan, "sensitivity": _read(SensitivityTable.read, table_path(run_dir, keep, plan)),
             "eval": _load(evals[0]) if evals else None}
 
 

@@ -22,7 +22,8 @@ from moepack.pipeline.runstate import RunDir
 from moepack.schema import CalibStats, PrunePlan, QuantPlan, SensitivityTable
 from moepack.stages.budget import Budget, BudgetError, format_size
 
-__all__ = ["Candidate", "candidate", "floor_bytes", "fits", "measure_kld", "sensitivity_stage"]
+__all__ = ["Candidate", "candidate", "budget_type", "floor_bytes", "fits", "measure_kld", "reference_types",
+           "sensitivity_stage"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,29 @@ def floor_bytes(view: CheckpointView, smallest: str, keep: float = 1.0, side: st
         b = written_bytes(t.shape, smallest if t.quantizable else "F32")
         total += b * kept // n_experts if t.role is Role.ROUTED_EXPERTS else b  # as many expert tensors as kept
     return total
+
+
+def budget_type(view: CheckpointView, budget: Budget, ladder: tuple[str, ...]) -> str:
+    """The largest ladder type at which every quantizable tensor of `view` fits the budget (each side of a GPU + RAM
+    budget): the uniform plan nearest the budget, the smallest type where none fits."""
+    sides = [(None, budget.weights)] if budget.gpu_weights is None else \
+        [("gpu", budget.gpu_weights), ("ram", budget.weights - budget.gpu_weights)]
+    best = smallest_type(ladder)
+    for t in ladder:
+        if all(floor_bytes(view, t, side=side) <= limit for side, limit in sides):
+            best = t if floor_bytes(view, t) >= floor_bytes(view, best) else best
+    return best
+
+
+def reference_types(view: CheckpointView, budget: Budget, opts: CompressOptions) -> list[str]:
+    """The reference (base) types compress measures ΔKLD from, in order: --base alone when given; else the budget's
+    own uniform type (moves both ways from it stay near the plan, where the additive model holds best), then the
+    ladder's smallest type where it differs (measured best at 2.5 and 3.5 bpw in fast mode; docs/performance.md,
+    "Reference type and ladder"). Both are measured only where the first table was cheap enough to be full."""
+    if opts.base:
+        return [opts.base]
+    first, smallest = budget_type(view, budget, opts.ladder), smallest_type(opts.ladder)
+    return [first] if first == smallest else [first, smallest]
 
 
 def fits(view: CheckpointView, smallest: str, budget: Budget, keep: float = 1.0, named: float | None = None) -> None:
@@ -85,12 +109,13 @@ def _prune(model_dir: Path, run: RunDir, keep: float,
 
 def sensitivity_stage(run: RunDir, view: CheckpointView, ref: CheckpointView, stats: CalibStats,
                       plan: PrunePlan | None, base: str, keep: float, opts: CompressOptions,
-                      backend: Backend) -> SensitivityTable:
-    """The sensitivity table of one candidate, cached in the run directory under every input it depends on."""
+                      backend: Backend, tag: str = "") -> SensitivityTable:
+    """The sensitivity table of one candidate, cached in the run directory under every input it depends on (`tag`
+    tells apart the tables of one retention measured from different references)."""
     from moepack.stages.sensitivity.fast import PROXY_SAMPLE
     from moepack.stages.sensitivity.measure import SensitivityConfig, measure_sensitivity
 
-    path = run.path(f"sensitivity-r{keep:g}.json")
+    path = run.path(f"sensitivity-r{keep:g}{tag}.json")
     key = {"model": view.fingerprint(), "reference": ref.fingerprint(), "calib": stats.manifest.text_sha256,
            "calib_tokens": stats.manifest.tokens, "base": base, "ladder": list(opts.ladder),
            "sensitivity": opts.sensitivity,
@@ -110,7 +135,7 @@ def sensitivity_stage(run: RunDir, view: CheckpointView, ref: CheckpointView, st
         measure_sensitivity(view, ids, cfg, reference_view=ref, imatrix=stats, prune_plan=plan,
                             backend=backend).write(path)
 
-    run.stage(f"sensitivity-r{keep:g}", key, path, work)
+    run.stage(f"sensitivity-r{keep:g}{tag}", key, path, work)
     return SensitivityTable.read(path)  # from the file: a reused stage and a fresh one give the same table
 
 
@@ -212,6 +237,7 @@ class Candidate:
     criterion: str = "score"  # the pruning criterion and its α (score only)
     alpha: float = 0.5
     criteria: list[dict[str, Any]] | None = None  # --criterion auto: each criterion's pruning-only KLD
+    references: list[dict[str, Any]] | None = None  # each reference type measured: base, sensitivity, selection KLD
 
     @property
     def screened(self) -> bool:
@@ -292,23 +318,36 @@ def _candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats: CalibSt
             log.info("keep %.3f: pruning alone costs KLD %.5f >= %.5f of the best candidate; not measured further",
                      keep, prune_floor, best_kld)
             return Candidate(keep, view, prune_plan, None, None, 0, prune_kld=prune_floor)
-    # The reference of the ΔKLD measurements; the allocator moves groups both ways from it. The ladder's smallest
-    # type measured best (docs/performance.md, "Reference type and ladder").
-    base = opts.base or smallest_type(opts.ladder)
-    table = sensitivity_stage(run, view, ref, stats, prune_plan, base, keep, opts, backend)
     from moepack.stages.allocate import AllocationError
 
-    try:
-        plan, path, overhead = _allocate(run, table, budget, keep, opts)
-    except AllocationError as e:  # the measured minimum is a little above the estimate above
-        log.info("keep %.3f: %s", keep, e)
+    best: tuple[Candidate, SensitivityTable] | None = None
+    references: list[dict[str, Any]] = []
+    for i, base in enumerate(reference_types(view, budget, opts)):
+        if i and references and references[0]["sensitivity"] == "fast":
+            break  # a table too costly to complete: one reference, the budget's own type
+        table = sensitivity_stage(run, view, ref, stats, prune_plan, base, keep, opts, backend,
+                                  "" if i == 0 else f"-{base}")
+        try:
+            plan, path, overhead = _allocate(run, table, budget, keep, opts)
+        except AllocationError as e:  # the measured minimum is a little above the estimate above
+            log.info("keep %.3f, reference %s: %s", keep, base, e)
+            continue
+        cand = Candidate(keep, view, prune_plan, plan, path, overhead, prune_kld=prune_floor)
+        t0 = time.perf_counter()
+        cand.kld = measure_kld(view, ref, stats, plan.tensors, prune_plan, opts)
+        run.timings[f"measure r={keep:g}{'' if i == 0 else ' ' + base}"] = time.perf_counter() - t0
+        if opts.refine > 0:
+            _refine(cand, run, table, ref, stats, opts)
+        references.append({"base": base, "sensitivity": table.base.get("sensitivity"), "kld": cand.kld})
+        log.info("keep %.3f, reference %s: selection KLD %.5f", keep, base, cand.kld)
+        if best is None or cand.kld < best[0].kld:
+            best = (cand, table)
+    if best is None:
         return Candidate(keep, view, prune_plan, None, None, 0, prune_kld=prune_floor, infeasible=True)
-    cand = Candidate(keep, view, prune_plan, plan, path, overhead, prune_kld=prune_floor)
-    t0 = time.perf_counter()
-    cand.kld = measure_kld(view, ref, stats, plan.tensors, prune_plan, opts)
-    run.timings[f"measure r={keep:g}"] = time.perf_counter() - t0
-    if opts.refine > 0:
-        _refine(cand, run, table, ref, stats, opts)
+    cand, table = best
+    cand.references = references
+    if len(references) > 1:  # the run directory's plan is the chosen reference's (its table: table_path)
+        cand.plan_path = cand.plan.save(run.path(f"quant_plan-r{keep:g}.json"))
     if opts.mixtures:
         _challenge(cand, run, table, budget, ref, stats, opts)
     log.info("keep %.3f: %s of tensors, measured KLD %.5f", keep, format_size(cand.plan.predicted_bytes), cand.kld)

@@ -245,7 +245,8 @@ def _result(out: Path, run: RunDir, ref: CheckpointView, best: Candidate, budget
                      "tensor_bytes": None if c.screened else c.plan.predicted_bytes,
                      "mixtures": c.rivalry.to_dict() if c.rivalry else None,
                      "refinement": c.refinement.to_dict() if c.refinement else None,
-                     "criterion": c.criterion, "alpha": c.alpha, "criteria": c.criteria} for c in cands],
+                     "criterion": c.criterion, "alpha": c.alpha, "criteria": c.criteria,
+                     "references": c.references} for c in cands],
         criterion=best.criterion, alpha=best.alpha,
         mixtures=best.rivalry.to_dict() if best.rivalry else None,
         refinement=best.refinement.to_dict() if best.refinement else None,
@@ -266,6 +267,12 @@ def render_summary(r: CompressResult) -> str:
     else:
         lines.append(f"  KLD vs original on the selection tokens (the text left none for a report): "
                      f"{r.selection_kld:.5f}")
+    chosen = next((c for c in r.candidates if c["keep"] == r.keep and not c["screened"]), None)
+    if chosen and len(chosen.get("references") or []) > 1:
+        refs = chosen["references"]
+        won = min(refs, key=lambda x: x["kld"])["base"]
+        lines.append("  reference types (selection KLD of each one's refined plan): "
+                     + ", ".join(f"{x['base']} {x['kld']:.5f}" for x in refs) + f"; chose {won}")
     if r.refinement:
         lines.append(_refinement_line(r.refinement))
     if r.mixtures:

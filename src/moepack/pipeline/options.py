@@ -36,7 +36,7 @@ class CompressOptions:
     sens_tokens: int = 4096  # selection tokens: held out from the statistics, every choice is measured on them
     report_tokens: int | None = None  # held out after them for the reported KLD no choice saw (None: sens_tokens)
     solver: str = "greedy"
-    base: str | None = None  # per-role reference (base) types; None: the ladder's smallest type
+    base: str | None = None  # per-role reference (base) types; None: candidates.reference_types
     ladder: tuple[str, ...] = LADDER
     criterion: str = "auto"  # or a fixed one of stages.prune.CRITERIA (moepack.pipeline.criterion)
     alpha: float = 0.5
