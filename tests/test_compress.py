@@ -82,14 +82,15 @@ def test_reference_types_budget_type_then_smallest(model: Path) -> None:
 
 
 def _check_references(run_dir: Path, printed: str) -> None:
-    """Each reference type measured is in the summary with its refined plan's selection KLD; the plan kept is the
-    lower one's (or a llama.cpp mixture that measured lower still)."""
+    """Each reference type measured is in the summary with its refined plan's selection KLD (the smallest type's
+    table fast); the plan kept is the lower one's (or a llama.cpp mixture that measured lower still)."""
     import json
 
     summary = json.loads((run_dir / "summary.json").read_text())
     (cand,) = summary["candidates"]
     refs = cand["references"]
     assert len(refs) == 2 and refs[1]["base"] == "IQ2_XXS" and refs[0]["base"] != "IQ2_XXS", refs
+    assert refs[0]["sensitivity"] == "full" and refs[1]["sensitivity"] == "fast"  # the smallest's: fast
     assert cand["kld"] <= min(r["kld"] for r in refs)
     assert (run_dir / "sensitivity-r0.75.json").is_file() and (run_dir / "sensitivity-r0.75-IQ2_XXS.json").is_file()
     assert "reference types (selection KLD" in printed

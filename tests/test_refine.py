@@ -193,6 +193,8 @@ def test_compress_records_refinement_on_selection_tokens(model: Path, tmp_path: 
     # every measure before the report is on the selection tokens: the allocated plan, the moves, the mixtures
     report = [i for i in seen if i is not None]
     assert len(report) == 1 and seen[-1] is report[0]
-    assert len(seen) - 1 == 1 + f["measured"] + len(summary["mixtures"]["mixtures"]) + \
+    refs = summary["candidates"][0]["references"]  # each reference type: its allocated plan and its moves
+    assert f["measured"] in [r["refine_measured"] for r in refs]
+    assert len(seen) - 1 == sum(1 + r["refine_measured"] for r in refs) + len(summary["mixtures"]["mixtures"]) + \
         (summary["mixtures"]["seeded_kld"] is not None)
     assert "refinement (selection KLD): allocated plan predicted" in capsys.readouterr().out

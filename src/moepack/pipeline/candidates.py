@@ -3,6 +3,7 @@ measure its sensitivity, allocate the budget, and measure the KLD its plan reall
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -66,7 +67,8 @@ def reference_types(view: CheckpointView, budget: Budget, opts: CompressOptions)
     """The reference (base) types compress measures ΔKLD from, in order: --base alone when given; else the budget's
     own uniform type (moves both ways from it stay near the plan, where the additive model holds best), then the
     ladder's smallest type where it differs (measured best at 2.5 and 3.5 bpw in fast mode; docs/performance.md,
-    "Reference type and ladder"). Both are measured only where the first table was cheap enough to be full."""
+    "Reference type and ladder"), in fast mode. Both are measured only where the first table was cheap enough to be
+    full."""
     if opts.base:
         return [opts.base]
     first, smallest = budget_type(view, budget, opts.ladder), smallest_type(opts.ladder)
@@ -262,8 +264,6 @@ def candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats: CalibSta
               opts: CompressOptions, backend: Backend, done: list[Candidate], refs: dict[str, Any]) -> Candidate:
     """One retention (see _candidate); with --criterion auto, pruned by the criterion whose pruning alone costs the
     least KLD on the selection tokens (moepack.pipeline.criterion)."""
-    import dataclasses
-
     tried, known = None, None
     if opts.criterion == "auto":
         from moepack.model.pruned import default_top_k, kept_count
@@ -325,7 +325,10 @@ def _candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats: CalibSt
     for i, base in enumerate(reference_types(view, budget, opts)):
         if i and references and references[0]["sensitivity"] == "fast":
             break  # a table too costly to complete: one reference, the budget's own type
-        table = sensitivity_stage(run, view, ref, stats, prune_plan, base, keep, opts, backend,
+        # The smallest type's table is fast (one probe per group): as it was measured best, and at a fraction of a
+        # full table's probes.
+        table = sensitivity_stage(run, view, ref, stats, prune_plan, base, keep,
+                                  opts if i == 0 else dataclasses.replace(opts, sensitivity="fast"), backend,
                                   "" if i == 0 else f"-{base}")
         try:
             plan, path, overhead = _allocate(run, table, budget, keep, opts)
@@ -338,7 +341,8 @@ def _candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats: CalibSt
         run.timings[f"measure r={keep:g}{'' if i == 0 else ' ' + base}"] = time.perf_counter() - t0
         if opts.refine > 0:
             _refine(cand, run, table, ref, stats, opts)
-        references.append({"base": base, "sensitivity": table.base.get("sensitivity"), "kld": cand.kld})
+        references.append({"base": base, "sensitivity": table.base.get("sensitivity"), "kld": cand.kld,
+                           "refine_measured": len(cand.refinement.tried) if cand.refinement else 0})
         log.info("keep %.3f, reference %s: selection KLD %.5f", keep, base, cand.kld)
         if best is None or cand.kld < best[0].kld:
             best = (cand, table)
