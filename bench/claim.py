@@ -290,13 +290,28 @@ def _evaluated(fx: Fixture, row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def code_commit() -> str | None:
+    """The commit the cells are measured with (`+changes` where src/ or bench/ differ from it); None outside git."""
+    import subprocess
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        head, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--", "src", "bench")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
 def run_cell(fx: Fixture, ftype: str, done: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """One size point: the uniform file, then every other row at its size (shared with an earlier point of the same
     size, as in `done`), each evaluated."""
     from moepack.eval.reference import gguf_counts
 
     t0 = time.perf_counter()
-    cell: dict[str, Any] = {"ftype": ftype, "uniform": _evaluated(fx, _attempt(lambda: fx.uniform(ftype)))}
+    cell: dict[str, Any] = {"ftype": ftype, "commit": code_commit(),
+                            "uniform": _evaluated(fx, _attempt(lambda: fx.uniform(ftype)))}
     uni = cell["uniform"]
     if uni.get("file") is None or not uni.get("eval"):
         cell["seconds"] = round(time.perf_counter() - t0, 1)
@@ -438,6 +453,14 @@ def _verdict_cell(v: dict[str, Any] | None) -> str:
     return "**holds**" if v["holds"] else "falls short: " + ", ".join(why)
 
 
+def commits_line(rec: dict[str, Any]) -> str:
+    """Which commit of moepack measured which size points (a page can hold cells of several runs)."""
+    by: dict[str, list[str]] = {}
+    for f, c in _cells(rec):
+        by.setdefault(c.get("commit") or "not recorded", []).append(f)
+    return "Measured at commit " + "; ".join(f"{k}: {', '.join(v)}" for k, v in by.items()) + "."
+
+
 def fixture_table(rec: dict[str, Any]) -> list[str]:
     head = ["size point", "uniform MiB", "uniform KLD", "moepack MiB", "moepack KLD", "KLD lower by", "verdict",
             "moepack: keep, k', criterion, started from", "Unsloth-style rule", "authors' rules (pruned)",
@@ -560,7 +583,7 @@ def markdown(results: dict[str, Any], pngs: dict[str, str], source: str) -> str:
         out += [f"## {name}", "",
                 f"{rec['params']:,} parameters, {rec['n_experts']} routed experts per MoE layer; {rec['scored_tokens']:,} "
                 f"tokens scored in {rec['windows']} windows; the reference's PPL {rec['ppl']:.3f}. The goal holds at "
-                f"{h} of {t} size points.", "", *fixture_table(rec), ""]
+                f"{h} of {t} size points. {commits_line(rec)}", "", *fixture_table(rec), ""]
         pair = pair_table(rec)
         if pair:
             out += ["Other statistics (± 95 % CI):", "", *pair, ""]

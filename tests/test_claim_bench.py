@@ -71,3 +71,9 @@ def test_reproduce_names_every_cell_held():
     del results["fixtures"]["tiny-deepseek-v3"]
     assert claim.reproduce(results, ["--ftypes=Q3_K_M"]) == \
         "python bench/claim.py --models models/tiny-qwen3-moe --ftypes IQ2_XXS Q3_K_M"
+
+
+def test_commits_line_names_each_cells_commit():
+    rec = {"cells": {"IQ2_XXS": {"commit": "abc1234"}, "Q2_K": {"commit": "abc1234"}, "Q4_K_M": {}}}
+    assert claim.commits_line(rec) == "Measured at commit abc1234: IQ2_XXS, Q2_K; not recorded: Q4_K_M."
+    assert claim.code_commit() is None or len(claim.code_commit().split("+")[0]) >= 7
