@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bpw", type=float, nargs="+", default=[2.5, 3.5])
     p.add_argument("--bases", nargs="+", default=["IQ1_S", "rule"],
                    help="reference types; 'rule': the old 0.7-share rule")
-    p.add_argument("--work", type=Path, default=Path("/tmp/moepack-bench-reference"))
+    p.add_argument("--work", type=Path, default=ROOT / "out" / "bench-reference")
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/reference.json")
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)

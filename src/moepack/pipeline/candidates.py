@@ -56,11 +56,10 @@ def budget_type(view: CheckpointView, budget: Budget, ladder: tuple[str, ...]) -
     budget): the uniform plan nearest the budget, the smallest type where none fits."""
     sides = [(None, budget.weights)] if budget.gpu_weights is None else \
         [("gpu", budget.gpu_weights), ("ram", budget.weights - budget.gpu_weights)]
-    best = smallest_type(ladder)
-    for t in ladder:
-        if all(floor_bytes(view, t, side=side) <= limit for side, limit in sides):
-            best = t if floor_bytes(view, t) >= floor_bytes(view, best) else best
-    return best
+    fitting = {t: floor_bytes(view, t) for t in ladder
+               if all(floor_bytes(view, t, side=side) <= limit for side, limit in sides)}
+    # the most bytes, not the last in the ladder: llama.cpp's fallbacks for odd row widths can reorder them
+    return max(reversed(list(fitting)), key=fitting.__getitem__, default=smallest_type(ladder))
 
 
 def reference_types(view: CheckpointView, budget: Budget, opts: CompressOptions) -> list[str]:
@@ -219,7 +218,8 @@ def _refine(cand: Candidate, run: RunDir, table: SensitivityTable, ref: Checkpoi
         opts.refine)
     if cand.plan is not allocated:
         cand.plan_path = cand.plan.save(run.path(f"quant_plan-r{cand.keep:g}.json"))
-    run.timings[f"refine r={cand.keep:g}"] = time.perf_counter() - t0
+    key = f"refine r={cand.keep:g}"  # summed over the reference types refined
+    run.timings[key] = run.timings.get(key, 0.0) + time.perf_counter() - t0
 
 
 @dataclass

@@ -143,7 +143,6 @@ class QuantStore:
         self._raw: dict[tuple[str, str], np.ndarray] = {}
         self._err: dict[tuple[str, str], float] = {}
         self._sampled: dict[tuple[str, str], float] = {}  # errors measured on a row sample (no bytes)
-        self.sampled_rows: dict[tuple[str, str], int] = {}  # rows quantized for each sampled error, all slices
         self._deq: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
         self._deq_bytes, self._deq_limit = 0, deq_cache_bytes
         self.dir = Path(cache_dir) / self._digest() if cache_dir is not None else None
@@ -235,7 +234,6 @@ class QuantStore:
             for t in todo:
                 sample = at_ref if t.qtype == ref.qtype else self._sample_err(o, x, t, idx)
                 self._sampled[(o.name, t.qtype.name)] = self.err(o.name, ref.qtype) + scale * (sample - at_ref)
-                self.sampled_rows[(o.name, t.qtype.name)] = int(idx.size)
         self.quantize(whole)
 
     def _sample_err(self, o: OutTensor, x: np.ndarray, t: go.TypedTensor, idx: np.ndarray) -> float:
