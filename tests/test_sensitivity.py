@@ -464,6 +464,44 @@ def test_sensitivity_option_parses_and_keys_the_cached_table(tiny, tables, tmp_p
     assert ran == ["full", "fast", "full"]
 
 
+def test_probe_tokens_run_the_table_on_the_first_selection_sequences(tiny, tables, tmp_path, monkeypatch,
+                                                                     capsys) -> None:
+    """--probe-tokens: the table's probes see the first ceil(N / L) selection sequences; a table probed on fewer
+    tokens is cached apart from the one on all of them; 0 is refused before any work."""
+    from types import SimpleNamespace
+
+    from moepack.cli import main
+    from moepack.pipeline import candidates
+    from moepack.pipeline.options import CompressError, CompressOptions
+    from moepack.pipeline.runstate import RunDir
+    from moepack.stages.sensitivity import measure
+
+    held = np.arange(32).reshape(4, 8)  # (N, L)
+    assert candidates.probe_ids(held, None) is held
+    assert [candidates.probe_ids(held, n).shape[0] for n in (1, 8, 9, 100)] == [1, 1, 2, 4]
+    assert (candidates.probe_ids(held, 9) == held[:2]).all()
+    with pytest.raises(CompressError, match="at least 1"):
+        candidates.probe_ids(held, 0)
+    model, view, _, _, _ = tiny("qwen3_moe")
+    seen: list[int] = []
+
+    def fake(view: Any, ids: Any, cfg: Any, **kw: Any) -> Any:
+        seen.append(int(np.asarray(ids).size))
+        return SensitivityTable.from_dict(tables("qwen3_moe"))
+
+    monkeypatch.setattr(measure, "measure_sensitivity", fake)
+    stats = SimpleNamespace(manifest=SimpleNamespace(text_sha256="x", tokens=64, shards=1), heldout=held)
+    run = RunDir(tmp_path / "run")
+    for probe in (None, 8, 8, 32, None):  # 32 tokens = every sequence: the same table as None
+        candidates.sensitivity_stage(run, view, view, stats, None, "IQ2_XXS", 1.0,
+                                     CompressOptions(ladder=tuple(LADDER), probe_tokens=probe, progress=False), None)
+    assert seen == [32, 8, 32]
+    rc = main(["compress", str(model), "-o", str(tmp_path / "x.gguf"), "--target-bpw", "2.5",
+               "--probe-tokens", "0"])
+    assert rc != 0 and "--probe-tokens must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_plan_kld_reuse_equals_fresh(arch, tiny, tables) -> None:
     """One PlanKLD over a sequence of plans (all-base, allocated, one group changed, the embedding changed, back

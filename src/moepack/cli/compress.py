@@ -39,6 +39,10 @@ def add_cli(sub: o.Subparsers) -> None:
     o.add_seq_len(p)
     o.add_sens_tokens(p, "selection tokens held out after the calibration tokens (sensitivity and every choice); as "
                          "many again after them for the reported KLD, which no choice saw")
+    p.add_argument("--probe-tokens", type=int, metavar="N",
+                   help="run the sensitivity table's probes on the first N selection tokens only (rounded up to "
+                        "whole sequences): the table's cost falls in proportion, every plan is still measured on "
+                        "all --sens-tokens (default: all)")
     o.add_solver(p)
     o.add_base(p, "the budget's own uniform type and, where tables are cheap enough to be full, also the "
                   "ladder's smallest, keeping whichever plan measures lower; groups move up and down from it")
@@ -62,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from moepack.pipeline.compress import compress, render_summary
     from moepack.pipeline.options import CompressOptions
 
-    o.check_positive(args, "calib_tokens", "seq_len", "sens_tokens", "threads")
+    o.check_positive(args, "calib_tokens", "seq_len", "sens_tokens", "threads", "probe_tokens")
     if args.refine < 0:
         raise MoepackError(f"--refine must be 0 (off) or a number of passes (got {args.refine})")
     with o.make_backend(args) as backend:
@@ -71,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
                                solver=args.solver, base=args.base, ladder=args.ladder, criterion=args.criterion,
                                threads=o.threads(args, backend), shards=args.shards, cache_dir=args.cache_dir,
                                extra_bufts=args.repack, sensitivity=args.sensitivity,
-                               refine=args.refine)
+                               refine=args.refine, probe_tokens=args.probe_tokens)
         result = compress(args.model_dir, args.output, o.budget_request(args), opts, args.run_dir, backend)
     print(render_summary(result))
     return 0

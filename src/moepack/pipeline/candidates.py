@@ -23,8 +23,8 @@ from moepack.pipeline.runstate import RunDir
 from moepack.schema import CalibStats, PrunePlan, QuantPlan, SensitivityTable
 from moepack.stages.budget import Budget, BudgetError, format_size
 
-__all__ = ["Candidate", "candidate", "budget_type", "floor_bytes", "fits", "measure_kld", "reference_types",
-           "sensitivity_stage"]
+__all__ = ["Candidate", "candidate", "budget_type", "floor_bytes", "fits", "measure_kld", "probe_ids",
+           "reference_types", "sensitivity_stage"]
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,17 @@ def _prune(model_dir: Path, run: RunDir, keep: float,
     return open_checkpoint(out), plan
 
 
+def probe_ids(heldout: Any, probe_tokens: int | None) -> Any:
+    """The selection sequences (N, L) the sensitivity probes run on: the first ceil(probe_tokens / L) of them, at
+    least one (None: all). Fewer probe tokens make a table cheaper in proportion (the forward is most of a probe);
+    the plans built from it are still measured on every selection token."""
+    if heldout is None or probe_tokens is None:
+        return heldout
+    if probe_tokens < 1:
+        raise CompressError(f"probe tokens must be at least 1 (got {probe_tokens})")
+    return heldout[:max(1, -(-probe_tokens // heldout.shape[1]))]
+
+
 def sensitivity_stage(run: RunDir, view: CheckpointView, ref: CheckpointView, stats: CalibStats,
                       plan: PrunePlan | None, base: str, keep: float, opts: CompressOptions,
                       backend: Backend, tag: str = "") -> SensitivityTable:
@@ -126,11 +137,16 @@ def sensitivity_stage(run: RunDir, view: CheckpointView, ref: CheckpointView, st
         key["proxy_sample"] = PROXY_SAMPLE
     if stats.manifest.shards != 1:  # sums in another order: the imatrix may differ in its last bits
         key["calib_shards"] = stats.manifest.shards
+    ids = probe_ids(stats.heldout, opts.probe_tokens)
+    if ids is not None and stats.heldout is not None and ids.shape[0] < stats.heldout.shape[0]:
+        key["probe_tokens"] = int(ids.size)
 
     def work() -> None:
-        ids = stats.heldout
         if ids is None:
             raise CompressError("calibration kept no held-out tokens for sensitivity; use a longer --calib-text")
+        if "probe_tokens" in key:
+            log.info("sensitivity probes on %d of the %d selection tokens (--probe-tokens)", ids.size,
+                     stats.heldout.size)
         cfg = SensitivityConfig(base=base, ladder=opts.ladder, threads=opts.threads, progress=opts.progress,
                                 cache_dir=opts.cache_dir, sensitivity=opts.sensitivity)
         measure_sensitivity(view, ids, cfg, reference_view=ref, imatrix=stats, prune_plan=plan,

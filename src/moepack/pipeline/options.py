@@ -34,6 +34,7 @@ class CompressOptions:
     calib_tokens: int = 50_000
     seq_len: int = 512
     sens_tokens: int = 4096  # selection tokens: held out from the statistics, every choice is measured on them
+    probe_tokens: int | None = None  # the sensitivity table's probes on the first this many of them (None: all)
     report_tokens: int | None = None  # held out after them for the reported KLD no choice saw (None: sens_tokens)
     solver: str = "greedy"
     base: str | None = None  # per-role reference (base) types; None: candidates.reference_types
