@@ -186,9 +186,11 @@ def test_budget_cli_gpu_memory(tiny_model) -> None:
     b = budget_for(request, view, overhead=0)
     kv, compute = kv_cache_bytes(view, 1024), compute_buffer_bytes(view, 1024)
     assert b.gpu_weights == 24 * 2**20 - kv - compute - int(24 * 2**20 * 0.05) and b.gpu_memory == 24 * 2**20
-    assert b.weights - b.gpu_weights == 64 * 2**20 - compute - int(64 * 2**20 * 0.05)  # no KV cache in RAM
+    assert b.ram_weights == 64 * 2**20 - compute - int(64 * 2**20 * 0.05)  # no KV cache in RAM
+    assert b.ram_weights == b.weights - b.gpu_weights and b.sides() == [("gpu", b.gpu_weights), ("ram", b.ram_weights)]
     assert b.file_limit == b.weights
     alone = budget_for(budget_request(p.parse_args(["--memory", "64MiB", "-c", "1024"])), view, overhead=0)
     assert alone == weight_budget(view, memory="64MiB", ctx=1024, overhead=0) and alone.gpu_weights is None
+    assert alone.ram_weights is None and alone.sides() == [(None, alone.weights)]
     with pytest.raises(BudgetError, match="--gpu-memory needs --memory"):
         budget_for(budget_request(p.parse_args(["--gpu-memory", "24MiB", "-c", "1024"])), view)

@@ -54,10 +54,8 @@ def floor_bytes(view: CheckpointView, smallest: str, keep: float = 1.0, side: st
 def budget_type(view: CheckpointView, budget: Budget, ladder: tuple[str, ...]) -> str:
     """The largest ladder type at which every quantizable tensor of `view` fits the budget (each side of a GPU + RAM
     budget): the uniform plan nearest the budget, the smallest type where none fits."""
-    sides = [(None, budget.weights)] if budget.gpu_weights is None else \
-        [("gpu", budget.gpu_weights), ("ram", budget.weights - budget.gpu_weights)]
     fitting = {t: floor_bytes(view, t) for t in ladder
-               if all(floor_bytes(view, t, side=side) <= limit for side, limit in sides)}
+               if all(floor_bytes(view, t, side=side) <= limit for side, limit in budget.sides())}
     # the most bytes, not the last in the ladder: llama.cpp's fallbacks for odd row widths can reorder them
     return max(reversed(list(fitting)), key=fitting.__getitem__, default=smallest_type(ladder))
 

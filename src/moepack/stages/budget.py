@@ -324,6 +324,18 @@ class Budget:
     gpu_weights: int | None = None  # of `weights`, the bytes of GPU-resident tensors (moepack.stages.placement)
 
     @property
+    def ram_weights(self) -> int | None:
+        """Of `weights`, the bytes of the tensors in RAM (GPU + RAM budgets only; None otherwise)."""
+        return None if self.gpu_weights is None else self.weights - self.gpu_weights
+
+    def sides(self) -> list[tuple[str | None, int]]:
+        """(placement side, tensor bytes it may hold): ("gpu", ·) and ("ram", ·) for a GPU + RAM budget, else one
+        (None, weights) for the whole file."""
+        if self.gpu_weights is None or self.ram_weights is None:
+            return [(None, self.weights)]
+        return [("gpu", self.gpu_weights), ("ram", self.ram_weights)]
+
+    @property
     def file_limit(self) -> int:
         """The largest GGUF file this budget allows (tensor data + overhead)."""
         return self.weights + self.overhead

@@ -95,7 +95,7 @@ def describe_placed(b: Budget) -> str:
         f"− compute buffers {format_size(b.compute)}  (estimate)",
         f"− reserve         {format_size(b.reserve)}",
         f"− GGUF metadata   {format_size(b.overhead)}  (estimate)",
-        f"= RAM tensors     {format_size(b.weights - b.gpu_weights)}  (routed experts, -ot "
+        f"= RAM tensors     {format_size(b.ram_weights or 0)}  (routed experts, -ot "
         f"{','.join(f'{k}={v}' for k, v in EXPERTS_ON_CPU.items())}; token_embd)"])
 
 
@@ -127,8 +127,8 @@ def _size_arg(n: int) -> str:
 def check_floors(b: Budget, gpu_floor: int, ram_floor: int, what: str) -> None:
     """BudgetError when `what` (gpu_floor bytes of GPU-resident tensors, ram_floor in RAM) does not fit `b`; the
     message gives the smallest --gpu-memory and --memory that would fit it."""
-    assert b.gpu_weights is not None
-    ram_weights = b.weights - b.gpu_weights
+    assert b.gpu_weights is not None and b.ram_weights is not None
+    ram_weights = b.ram_weights
     short = [f"  {side}: {what} needs {format_size(floor)}, the budget leaves {format_size(left)}" if floor > 1
              else f"  {side}: nothing is left for tensors"
              for side, floor, left in (("GPU", gpu_floor, b.gpu_weights), ("RAM", ram_floor, ram_weights))
