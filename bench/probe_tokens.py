@@ -78,11 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     ns = argparse.Namespace(ctx=512, eval_tokens=0)  # claim's evaluation: windows of 512, eval's default 16k scored
     args.evaluate = {m.name: Evaluator(m, args.work / m.name, ns) for m in args.models}
-    rows = [run_one(m, b, n, args) for m in args.models for b in args.bpw for n in (None, *args.probe_tokens)]
     res = {"command": "bench/probe_tokens.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "commit": code_commit(), "rows": rows}
+           "commit": code_commit(), "rows": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    for m in args.models:
+        for b in args.bpw:
+            for n in (None, *args.probe_tokens):
+                res["rows"].append(run_one(m, b, n, args))
+                args.out.write_text(json.dumps(res, indent=1) + "\n")  # each row at once: a long run keeps them
     print("\n" + to_markdown(res))
     return 0
 
