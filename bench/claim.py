@@ -212,8 +212,8 @@ class Fixture:
         self.work = Path(args.work) / model.name
         self.work.mkdir(parents=True, exist_ok=True)
         self.run_dir = self.work / "run"
-        self.opts = dataclasses.replace(CompressOptions(), calib_tokens=args.calib_tokens, seq_len=args.seq_len,
-                                        sens_tokens=args.sens_tokens, progress=False)
+        self.opts = dataclasses.replace(CompressOptions(), calib_text=args.calib_text, calib_tokens=args.calib_tokens,
+                                        seq_len=args.seq_len, sens_tokens=args.sens_tokens, progress=False)
         self.evaluate = Evaluator(model, self.work, args)
         self.pruned = self.work / "pruned-paper"
 
@@ -337,7 +337,9 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     from moepack.pipeline.options import CompressOptions
 
     d = CompressOptions()
-    return {"calib_text": "bundled (src/moepack/data/calibration.txt)", "calib_tokens": args.calib_tokens,
+    calib = ("bundled (src/moepack/data/calibration.txt)" if args.calib_text is None
+             else f"`{_portable(args.calib_text, ROOT)}`")
+    return {"calib_text": calib, "calib_tokens": args.calib_tokens,
             "seq_len": args.seq_len, "sens_tokens": args.sens_tokens, "keep": d.keep, "criterion": d.criterion,
             "sensitivity": d.sensitivity, "eval_text": str(EVAL_TEXT.relative_to(ROOT)), "ctx": args.ctx,
             "eval_tokens": args.eval_tokens, "goal": GOAL, "hand_steps": HAND_STEPS, "paper_prune": PAPER_PRUNE}
@@ -634,6 +636,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", type=Path, default=[ROOT / m for m in DEFAULT_MODELS])
     p.add_argument("--ftypes", nargs="+", help="size points to run (default: every mixture IQ1_S..Q4_K_M)")
+    p.add_argument("--calib-text", type=Path, help="compress --calib-text, the importance matrix's text too (default: "
+                   "the bundled multi-domain text); e.g. data/calib/stories.txt, text of the evaluation's domain")
     p.add_argument("--calib-tokens", type=int, default=d.calib_tokens, help="compress --calib-tokens")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="compress --seq-len")
     p.add_argument("--sens-tokens", type=int, default=d.sens_tokens, help="compress --sens-tokens")
