@@ -18,11 +18,16 @@ once; a sensitivity table is reused whenever its key (the base type compress pic
 unchanged, so size points run in ascending order. Each finished cell is saved in --out at once: a rerun resumes,
 and --render-only redoes the page and plots from the JSON alone.
 
-Full run (both fixtures x 18 size points, compress's default token counts), from the repository root; it takes
-roughly 15 h on an idle 2-core machine (about 25 min per size point, most of it compress's sensitivity tables
-for each retention keep auto measures), so pick a subset with --ftypes, e.g. IQ1_S IQ2_XXS Q2_K Q3_K_M Q4_K_M (about
-4 h), and add points in later runs (cells already in --out are kept):
-    .venv/bin/python bench/claim.py
+Calibration text: compress's default, the bundled multi-domain text, or --calib-text FILE (e.g.
+data/calib/stories.txt, text of the fixtures' training and evaluation domain); either way the uniform files'
+importance matrix comes from the same calibration. Each has its own JSON, page and plots (defaults named after the
+file: bench/results/claim-stories.json, docs/results-stories.md), so the two never mix.
+
+Full run (both fixtures x 18 size points, compress's default token counts), from the repository root; each size
+point takes several minutes on an idle 2-core machine (each page's wall-time lines say how long), most of it
+compress's sensitivity tables, so pick a subset with --ftypes, e.g. IQ1_S IQ2_XXS Q2_K Q3_K_M Q4_K_M, and add
+points in later runs (cells already in --out are kept):
+    .venv/bin/python bench/claim.py [--calib-text data/calib/stories.txt]
 A subset of size points:   --ftypes IQ2_XXS Q2_K Q3_K_M
 Smoke test (small, not the committed results):
     .venv/bin/python bench/claim.py --models models/tiny-qwen3-moe --ftypes IQ2_XXS --calib-tokens 4096
@@ -629,6 +634,16 @@ def reproduce(results: dict[str, Any], argv: list[str]) -> str:
     return "python bench/claim.py " + " ".join(keep)
 
 
+def _default_paths(args: argparse.Namespace) -> None:
+    """Paths not given follow the calibration text (CALIB = its file stem; none for the bundled text), so a run
+    with --calib-text never resumes into, or overwrites, the bundled-text results."""
+    tag = "" if args.calib_text is None else f"-{args.calib_text.stem}"
+    args.work = args.work or ROOT / "out" / f"bench-claim{tag}"
+    args.out = args.out or ROOT / "bench" / "results" / f"claim{tag}.json"
+    args.md = args.md or ROOT / "docs" / f"results{tag}.md"
+    args.png = args.png or ROOT / "docs" / f"results{tag}-pareto.png"
+
+
 def main(argv: list[str] | None = None) -> int:
     from moepack.pipeline.options import CompressOptions
 
@@ -643,13 +658,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sens-tokens", type=int, default=d.sens_tokens, help="compress --sens-tokens")
     p.add_argument("--ctx", type=int, default=512, help="evaluation window")
     p.add_argument("--eval-tokens", type=int, default=0, help="evaluation text tokens (0: 16k scored, eval's default)")
-    p.add_argument("--work", type=Path, default=ROOT / "out" / "bench-claim")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "claim.json")
-    p.add_argument("--md", type=Path, default=ROOT / "docs" / "results.md")
-    p.add_argument("--png", type=Path, default=ROOT / "docs" / "results-pareto.png",
-                   help="plot path; one per fixture, named PNG-STEM-FIXTURE.png")
+    p.add_argument("--work", type=Path, help="run directories (default out/bench-claim[-CALIB])")
+    p.add_argument("--out", type=Path, help="results JSON (default bench/results/claim[-CALIB].json)")
+    p.add_argument("--md", type=Path, help="the page (default docs/results[-CALIB].md)")
+    p.add_argument("--png", type=Path, help="plot path (default docs/results[-CALIB]-pareto.png); one per fixture, "
+                   "named PNG-STEM-FIXTURE.png")
     p.add_argument("--render-only", action="store_true", help="redo the page and plots from --out's JSON")
     args = p.parse_args(argv)
+    _default_paths(args)
     if args.render_only:
         return render(json.loads(args.out.read_text()), args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

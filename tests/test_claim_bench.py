@@ -1,6 +1,7 @@
 """bench/claim.py's pure parts: the per-size verdict, the Unsloth-style hand rule, paths kept out of the results."""
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -77,3 +78,20 @@ def test_commits_line_names_each_cells_commit():
     rec = {"cells": {"IQ2_XXS": {"commit": "abc1234"}, "Q2_K": {"commit": "abc1234"}, "Q4_K_M": {}}}
     assert claim.commits_line(rec) == "Measured at commit abc1234: IQ2_XXS, Q2_K; not recorded: Q4_K_M."
     assert claim.code_commit() is None or len(claim.code_commit().split("+")[0]) >= 7
+
+
+def test_a_calibration_text_gets_its_own_results_and_a_relative_name_in_the_settings(tmp_path):
+    """Cells calibrated on other text never resume into (or overwrite) the bundled-text results, and the settings
+    name the text without an absolute path."""
+    bundled = argparse.Namespace(calib_text=None, work=None, out=None, md=None, png=None)
+    claim._default_paths(bundled)
+    assert (bundled.out, bundled.md) == (ROOT / "bench/results/claim.json", ROOT / "docs/results.md")
+    stories = argparse.Namespace(calib_text=ROOT / "data/calib/stories.txt", work=None,
+                                 out=None, md=tmp_path / "page.md", png=None)
+    claim._default_paths(stories)
+    assert stories.out == ROOT / "bench/results/claim-stories.json" and stories.md == tmp_path / "page.md"
+    assert stories.work == ROOT / "out/bench-claim-stories"
+    assert stories.png == ROOT / "docs/results-stories-pareto.png"
+    for k in ("calib_tokens", "seq_len", "sens_tokens", "ctx", "eval_tokens"):
+        setattr(stories, k, 1)
+    assert claim.settings(stories)["calib_text"] == "`data/calib/stories.txt`"
