@@ -1,12 +1,13 @@
 """What fewer sensitivity probe tokens cost: `compress --sensitivity fast --probe-tokens N` against all of them.
 
 Per fixture and `--bpw`: `moepack compress MODEL --target-bpw B --keep 1.0 --sensitivity fast` (compress's other
-defaults: the bundled calibration text, 50,000 calibration tokens, 4,096 selection tokens), once with the probes on
-every selection token and once per `--probe-tokens` value; each file scored by moepack.eval against the bf16
-checkpoint on data/tinystories-valid.txt (16k tokens scored, windows of 512; text no calibration, selection or
-report token comes from), mean KLD ± the 95 % CI. Also each run's sensitivity-stage seconds. The cost model of
-docs/performance.md (bench/distributed_cost.py --tokens) says what the probe count buys on DeepSeek-V3; this says
-what it costs in quality on the fixtures. Writes bench/results/probe_tokens.json and prints a markdown table.
+defaults: the bundled calibration text or --calib-text, 50,000 calibration tokens, 4,096 selection tokens), once
+with the probes on every selection token and once per `--probe-tokens` value; each file scored by moepack.eval
+against the bf16 checkpoint on data/tinystories-valid.txt (16k tokens scored, windows of 512; text no
+calibration, selection or report token comes from), mean KLD ± the 95 % CI. Also each run's sensitivity-stage
+seconds. The cost model of docs/performance.md (bench/distributed_cost.py --tokens) says what the probe count
+buys on DeepSeek-V3; this says what it costs in quality on the fixtures. Writes bench/results/probe_tokens.json
+(probe_tokens-CALIB.json with --calib-text) and prints a markdown table.
 
     nice .venv/bin/python bench/probe_tokens.py [--bpw 2.5 3.5] [--probe-tokens 1024]
 """
@@ -34,7 +35,7 @@ def run_one(model: Path, bpw: float, probe: int | None, args: argparse.Namespace
     work = args.work / tag
     work.mkdir(parents=True, exist_ok=True)
     opts = dataclasses.replace(CompressOptions(), keep=1.0, sensitivity="fast", probe_tokens=probe, progress=False,
-                               threads=args.threads)
+                               threads=args.threads, calib_text=args.calib_text)
     t0 = time.perf_counter()
     r = compress(model, work / "out.gguf", BudgetRequest(target_bpw=bpw), opts, work / "run")
     wall = time.perf_counter() - t0
@@ -73,13 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bpw", nargs="+", type=float, default=[2.5])
     p.add_argument("--probe-tokens", nargs="+", type=int, default=[1024], help="besides all selection tokens")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--work", type=Path, default=ROOT / "out" / "bench-probe-tokens")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "probe_tokens.json")
+    p.add_argument("--calib-text", type=Path, help="compress --calib-text (default: the bundled multi-domain text); "
+                   "e.g. data/calib/stories.txt, the evaluation text's domain")
+    p.add_argument("--work", type=Path, help="default out/bench-probe-tokens[-CALIB] (CALIB: the text's stem)")
+    p.add_argument("--out", type=Path, help="default bench/results/probe_tokens[-CALIB].json")
     args = p.parse_args(argv)
+    tag = "" if args.calib_text is None else f"-{args.calib_text.stem}"  # other text: other results, never mixed
+    args.work = args.work or ROOT / "out" / f"bench-probe-tokens{tag}"
+    args.out = args.out or ROOT / "bench" / "results" / f"probe_tokens{tag}.json"
     ns = argparse.Namespace(ctx=512, eval_tokens=0)  # claim's evaluation: windows of 512, eval's default 16k scored
     args.evaluate = {m.name: Evaluator(m, args.work / m.name, ns) for m in args.models}
     res = {"command": "bench/probe_tokens.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "commit": code_commit(), "rows": []}
+           "commit": code_commit(), "calib_text": str(args.calib_text or "bundled"), "rows": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for m in args.models:
         for b in args.bpw:
