@@ -56,9 +56,10 @@ def test_compress_fits_budget_and_runs(model: Path, tmp_path: Path, capsys) -> N
     _check_references(out.with_name(out.name + ".run"), text)
 
 
-def test_reference_types_budget_type_then_smallest(model: Path) -> None:
-    """compress measures from the budget's own uniform type (the largest whose every tensor fits) and then from the
-    ladder's smallest; one reference where they agree or --base names one."""
+def test_reference_types_smallest_then_budget_type(model: Path) -> None:
+    """compress measures from the ladder's smallest type (fast) and then from the budget's own uniform type (the
+    largest whose every tensor fits); one reference where they agree, in fast mode (the smallest) or where --base
+    names one."""
     import dataclasses
 
     from moepack.model.checkpoint import open_checkpoint
@@ -76,9 +77,34 @@ def test_reference_types_budget_type_then_smallest(model: Path) -> None:
     assert budget_type(view, budget(at["Q4_K"]), opts.ladder) == "Q4_K"
     assert budget_type(view, budget(at["Q4_K"] - 1), opts.ladder) == "IQ3_S"
     assert budget_type(view, budget(at["IQ2_XXS"] - 1), opts.ladder) == "IQ2_XXS"  # none fits: the smallest
-    assert reference_types(view, budget(at["Q8_0"] + 10), opts) == ["Q8_0", "IQ2_XXS"]
+    assert reference_types(view, budget(at["Q8_0"] + 10), opts) == ["IQ2_XXS", "Q8_0"]
+    assert reference_types(view, budget(at["Q8_0"] + 10), dataclasses.replace(opts, sensitivity="fast")) == \
+        ["IQ2_XXS"]
     assert reference_types(view, budget(at["IQ3_S"] - 1), opts) == ["IQ2_XXS"]
     assert reference_types(view, budget(at["Q8_0"]), dataclasses.replace(opts, base="Q4_K")) == ["Q4_K"]
+
+
+def test_the_budget_types_full_table_runs_when_the_smallest_types_timing_affords_it(monkeypatch) -> None:
+    """After the smallest type's fast table, auto measures the budget type's full table only when its estimate
+    (every option of every group at the fast table's seconds per probe) is under the auto limit; full always, fast
+    never, and never on a table that recorded no timing."""
+    from types import SimpleNamespace
+
+    from moepack.pipeline import candidates
+    from moepack.pipeline.options import CompressOptions
+    from moepack.stages.sensitivity import fast
+
+    table = SimpleNamespace(timing={"probes": 4, "probes_s": 2.0},  # 0.5 s per probe
+                            groups=[SimpleNamespace(options=[0, 1, 2, 3])] * 4)  # 3 options beyond the base each
+    assert candidates.full_estimate_s(table) == 6.0
+    auto = CompressOptions()
+    assert auto.sensitivity == "auto" and candidates.budget_reference_affordable(table, auto)
+    monkeypatch.setattr(fast, "AUTO_LIMIT_S", 5.0)
+    assert not candidates.budget_reference_affordable(table, auto)
+    assert candidates.budget_reference_affordable(table, CompressOptions(sensitivity="full"))
+    monkeypatch.setattr(fast, "AUTO_LIMIT_S", 1e9)
+    assert not candidates.budget_reference_affordable(table, CompressOptions(sensitivity="fast"))
+    assert not candidates.budget_reference_affordable(SimpleNamespace(timing=None, groups=table.groups), auto)
 
 
 def _check_references(run_dir: Path, printed: str) -> None:
@@ -89,8 +115,8 @@ def _check_references(run_dir: Path, printed: str) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     (cand,) = summary["candidates"]
     refs = cand["references"]
-    assert len(refs) == 2 and refs[1]["base"] == "IQ2_XXS" and refs[0]["base"] != "IQ2_XXS", refs
-    assert refs[0]["sensitivity"] == "full" and refs[1]["sensitivity"] == "fast"  # the smallest's: fast
+    assert len(refs) == 2 and refs[0]["base"] == "IQ2_XXS" and refs[1]["base"] != "IQ2_XXS", refs
+    assert refs[0]["sensitivity"] == "fast" and refs[1]["sensitivity"] == "full"  # the smallest's: fast
     assert cand["kld"] <= min(r["kld"] for r in refs)
     assert (run_dir / "sensitivity-r0.75.json").is_file() and (run_dir / "sensitivity-r0.75-IQ2_XXS.json").is_file()
     assert "reference types (selection KLD" in printed

@@ -44,8 +44,9 @@ def add_cli(sub: o.Subparsers) -> None:
                         "whole sequences): the table's cost falls in proportion, every plan is still measured on "
                         "all --sens-tokens (default: all)")
     o.add_solver(p)
-    o.add_base(p, "the budget's own uniform type and, where tables are cheap enough to be full, also the "
-                  "ladder's smallest, keeping whichever plan measures lower; groups move up and down from it")
+    o.add_base(p, "the ladder's smallest type (a fast table) and then, unless --sensitivity fast or a full "
+                  "table is too costly for auto, the budget's own uniform type (a full table), keeping whichever "
+                  "plan measures lower; groups move up and down from it")
     o.add_ladder(p)
     o.add_sensitivity(p)
     o.add_criterion(p, auto=True)

@@ -61,15 +61,42 @@ def budget_type(view: CheckpointView, budget: Budget, ladder: tuple[str, ...]) -
 
 
 def reference_types(view: CheckpointView, budget: Budget, opts: CompressOptions) -> list[str]:
-    """The reference (base) types compress measures ΔKLD from, in order: --base alone when given; else the budget's
-    own uniform type (moves both ways from it stay near the plan, where the additive model holds best), then the
-    ladder's smallest type where it differs (measured best at 2.5 and 3.5 bpw in fast mode; docs/performance.md,
-    "Reference type and ladder"), in fast mode. Both are measured only where the first table was cheap enough to be
-    full."""
+    """The reference (base) types compress measures ΔKLD from, in the order measured: --base alone when given;
+    else the ladder's smallest type with a fast table (one probe per group: the reference fast mode measures best
+    from, docs/performance.md "Reference type and ladder"), then the budget's own uniform type with a full table
+    (moves both ways from it stay near the plan, where the additive model holds best) where that is affordable:
+    always with --sensitivity full, never with fast, and with auto when the smallest type's table, timed, puts the
+    full one under the auto limit (`budget_reference_affordable`)."""
     if opts.base:
         return [opts.base]
     first, smallest = budget_type(view, budget, opts.ladder), smallest_type(opts.ladder)
-    return [first] if first == smallest else [first, smallest]
+    if first == smallest:
+        return [first]
+    return [smallest] if opts.sensitivity == "fast" else [smallest, first]
+
+
+def full_estimate_s(table: SensitivityTable) -> float | None:
+    """Seconds a full table of `table`'s groups would take, at the seconds per probe `table` measured (None when
+    it recorded no timing)."""
+    t = table.timing or {}
+    if not t.get("probes") or t.get("probes_s") is None:
+        return None
+    return sum(len(g.options) - 1 for g in table.groups) * float(t["probes_s"]) / int(t["probes"])
+
+
+def budget_reference_affordable(first: SensitivityTable, opts: CompressOptions) -> bool:
+    """Whether the budget type's full table runs after the smallest type's fast one (`first`): with auto, when its
+    estimate from `first`'s measured seconds per probe is under the auto limit (printed before it starts)."""
+    from moepack.stages.sensitivity.fast import AUTO_LIMIT_S
+
+    if opts.sensitivity != "auto":
+        return opts.sensitivity == "full"
+    est = full_estimate_s(first)
+    ok = est is not None and est <= AUTO_LIMIT_S
+    log.info("sensitivity auto: a full table from the budget's own type needs about %s (limit %.0f s): %s",
+             "an unknown time" if est is None else f"{est:.0f} s", AUTO_LIMIT_S,
+             "measuring it" if ok else "one reference, the smallest type's fast table")
+    return ok
 
 
 def fits(view: CheckpointView, smallest: str, budget: Budget, keep: float = 1.0, named: float | None = None) -> None:
@@ -336,14 +363,22 @@ def _candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats: CalibSt
 
     best: tuple[Candidate, SensitivityTable] | None = None
     references: list[dict[str, Any]] = []
-    for i, base in enumerate(reference_types(view, budget, opts)):
-        if i and references and references[0]["sensitivity"] == "fast":
-            break  # a table too costly to complete: one reference, the budget's own type
-        # The smallest type's table is fast (one probe per group): as it was measured best, and at a fraction of a
-        # full table's probes.
+    refs = reference_types(view, budget, opts)
+    first_table: SensitivityTable | None = None
+    for i, base in enumerate(refs):
+        if len(refs) == 1:  # one reference (--base, fast mode, or the budget's type is the smallest): as asked
+            mode = opts.sensitivity
+        elif i == 0:  # the smallest type: one probe per group, as measured best, and it times the probes
+            mode = "fast"
+        elif first_table is not None and budget_reference_affordable(first_table, opts):
+            mode = "full"
+        else:
+            break
+        # Tables are named by reference: the budget's own type (or the only one) untagged, the smallest tagged.
         table = sensitivity_stage(run, view, ref, stats, prune_plan, base, keep,
-                                  opts if i == 0 else dataclasses.replace(opts, sensitivity="fast"), backend,
-                                  "" if i == 0 else f"-{base}")
+                                  dataclasses.replace(opts, sensitivity=mode), backend,
+                                  "" if base == refs[-1] else f"-{base}")
+        first_table = first_table or table
         try:
             plan, path, overhead = _allocate(run, table, budget, keep, opts)
         except AllocationError as e:  # the measured minimum is a little above the estimate above
