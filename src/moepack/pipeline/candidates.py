@@ -99,6 +99,17 @@ def budget_reference_affordable(first: SensitivityTable, opts: CompressOptions) 
     return ok
 
 
+def _reference_mode(i: int, n: int, first: SensitivityTable | None, opts: CompressOptions) -> str | None:
+    """The sensitivity mode of reference i of n (None: not measured): one reference (--base, fast mode, or the
+    budget's type is the smallest) as asked; the smallest type fast (as measured best; it times the probes); the
+    budget's type full where affordable."""
+    if n == 1:
+        return opts.sensitivity
+    if i == 0:
+        return "fast"
+    return "full" if first is not None and budget_reference_affordable(first, opts) else None
+
+
 def fits(view: CheckpointView, smallest: str, budget: Budget, keep: float = 1.0, named: float | None = None) -> None:
     """BudgetError unless `view` at retention `keep` with every tensor at `smallest` fits `budget` (each of a GPU +
     RAM pair); the message says what would, naming the retention `named` (default `keep`; an already pruned view is
@@ -366,13 +377,8 @@ def _candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats: CalibSt
     refs = reference_types(view, budget, opts)
     first_table: SensitivityTable | None = None
     for i, base in enumerate(refs):
-        if len(refs) == 1:  # one reference (--base, fast mode, or the budget's type is the smallest): as asked
-            mode = opts.sensitivity
-        elif i == 0:  # the smallest type: one probe per group, as measured best, and it times the probes
-            mode = "fast"
-        elif first_table is not None and budget_reference_affordable(first_table, opts):
-            mode = "full"
-        else:
+        mode = _reference_mode(i, len(refs), first_table, opts)
+        if mode is None:
             break
         # Tables are named by reference: the budget's own type (or the only one) untagged, the smallest tagged.
         table = sensitivity_stage(run, view, ref, stats, prune_plan, base, keep,
