@@ -4,7 +4,7 @@ Per fixture, and per llama.cpp mixture from IQ1_S through Q4_K_M that llama.cpp 
 - uniform: the mixture (`moepack quantize --ftype F`, llama_model_quantize) with the importance matrix of
   compress's own calibration;
 - moepack: `compress --target-size <that file's bytes>` with compress's defaults (keep, criterion and sensitivity
-  auto; the bundled calibration text);
+  auto) on the calibration text below;
 - at the same size, the largest plan of each hand rule that fits: a dynamic mixture in Unsloth's style (attention,
   shared experts, dense FFN and output HAND_STEPS ladder steps above the routed experts, ffn_down_exps and
   token_embd one step above ffn_gate/up_exps), the paper authors' fixed rules (authors_plan) and prune-only (one
@@ -18,16 +18,17 @@ once; a sensitivity table is reused whenever its key (the base type compress pic
 unchanged, so size points run in ascending order. Each finished cell is saved in --out at once: a rerun resumes,
 and --render-only redoes the page and plots from the JSON alone.
 
-Calibration text: compress's default, the bundled multi-domain text, or --calib-text FILE (e.g.
-data/calib/stories.txt, text of the fixtures' training and evaluation domain); either way the uniform files'
-importance matrix comes from the same calibration. Each has its own JSON, page and plots (defaults named after the
-file: bench/results/claim-stories.json, docs/results-stories.md), so the two never mix.
+Calibration text: by default data/calib/stories.txt (CALIB_TEXT: the fixtures' training and evaluation domain,
+none of it in the evaluation text), or --calib-text bundled (compress's own default, the bundled multi-domain text)
+or another file; either way the uniform files' importance matrix comes from the same calibration. Each has its own
+JSON, page and plots (bench/results/claim.json and docs/results.md; claim-bundled.json and results-bundled.md), so
+they never mix.
 
 Full run (both fixtures x 18 size points, compress's default token counts), from the repository root; each size
 point takes several minutes on an idle 2-core machine (each page's wall-time lines say how long), most of it
 compress's sensitivity tables, so pick a subset with --ftypes, e.g. IQ1_S IQ2_XXS Q2_K Q3_K_M Q4_K_M, and add
 points in later runs (cells already in --out are kept):
-    .venv/bin/python bench/claim.py [--calib-text data/calib/stories.txt]
+    .venv/bin/python bench/claim.py [--calib-text bundled]
 A subset of size points:   --ftypes IQ2_XXS Q2_K Q3_K_M
 Smoke test (small, not the committed results):
     .venv/bin/python bench/claim.py --models models/tiny-qwen3-moe --ftypes IQ2_XXS --calib-tokens 4096
@@ -49,6 +50,10 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 EVAL_TEXT = DATA / "tinystories-valid.txt"
+# The calibration (and importance matrix) text by default: the fixtures' own domain, held out from EVAL_TEXT (the
+# fixtures were trained on it, which calibration may be; data/SOURCES.md). `--calib-text bundled`: compress's own
+# default, the bundled multi-domain text.
+CALIB_TEXT = DATA / "calib" / "stories.txt"
 GOAL = 0.25  # the KLD reduction the claim asks for
 HAND_STEPS = 3  # Unsloth-style rule: non-expert tensors this many ladder steps above the routed experts
 DEFAULT_MODELS = ("models/tiny-deepseek-v3", "models/tiny-qwen3-moe")
@@ -635,9 +640,13 @@ def reproduce(results: dict[str, Any], argv: list[str]) -> str:
 
 
 def _default_paths(args: argparse.Namespace) -> None:
-    """Paths not given follow the calibration text (CALIB = its file stem; none for the bundled text), so a run
-    with --calib-text never resumes into, or overwrites, the bundled-text results."""
-    tag = "" if args.calib_text is None else f"-{args.calib_text.stem}"
+    """Paths not given follow the calibration text (CALIB: none for CALIB_TEXT, "bundled" for compress's bundled
+    text, else the file's stem), so runs on different calibration texts never resume into, or overwrite, each other's
+    results."""
+    if args.calib_text == Path("bundled"):
+        args.calib_text = None
+    tag = ("-bundled" if args.calib_text is None else "" if args.calib_text.resolve() == CALIB_TEXT.resolve()
+           else f"-{args.calib_text.stem}")
     args.work = args.work or ROOT / "out" / f"bench-claim{tag}"
     args.out = args.out or ROOT / "bench" / "results" / f"claim{tag}.json"
     args.md = args.md or ROOT / "docs" / f"results{tag}.md"
@@ -651,8 +660,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", type=Path, default=[ROOT / m for m in DEFAULT_MODELS])
     p.add_argument("--ftypes", nargs="+", help="size points to run (default: every mixture IQ1_S..Q4_K_M)")
-    p.add_argument("--calib-text", type=Path, help="compress --calib-text, the importance matrix's text too (default: "
-                   "the bundled multi-domain text); e.g. data/calib/stories.txt, text of the evaluation's domain")
+    p.add_argument("--calib-text", type=Path, default=CALIB_TEXT,
+                   help="compress --calib-text, the importance matrix's text too (default: data/calib/stories.txt, "
+                        "the evaluation's domain); 'bundled': compress's default, the bundled multi-domain text")
     p.add_argument("--calib-tokens", type=int, default=d.calib_tokens, help="compress --calib-tokens")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="compress --seq-len")
     p.add_argument("--sens-tokens", type=int, default=d.sens_tokens, help="compress --sens-tokens")

@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
                                               "threads")} | {"calib_text": _rel(args.calib_text), "eval_text": _rel(args.eval_text)}
     res = {"command": "bench/sensitivity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "settings": settings, "rows": rows}
+    old = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if not args.compress and "compress" in old:  # the tables again: the compress rows (their own flags) stay
+        res |= {k: old[k] for k in ("compress", "compress_command") if k in old}
     _write(res, args)
     if args.compress:  # written again with it: the tables part stays when a compress run fails
         res["compress"] = [bench_compress(m, args) for m in args.models]

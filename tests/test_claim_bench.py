@@ -81,17 +81,22 @@ def test_commits_line_names_each_cells_commit():
 
 
 def test_a_calibration_text_gets_its_own_results_and_a_relative_name_in_the_settings(tmp_path):
-    """Cells calibrated on other text never resume into (or overwrite) the bundled-text results, and the settings
-    name the text without an absolute path."""
-    bundled = argparse.Namespace(calib_text=None, work=None, out=None, md=None, png=None)
-    claim._default_paths(bundled)
-    assert (bundled.out, bundled.md) == (ROOT / "bench/results/claim.json", ROOT / "docs/results.md")
-    stories = argparse.Namespace(calib_text=ROOT / "data/calib/stories.txt", work=None,
-                                 out=None, md=tmp_path / "page.md", png=None)
+    """Cells calibrated on other text never resume into (or overwrite) the default (stories) results, and the
+    settings name the text without an absolute path."""
+    stories = argparse.Namespace(calib_text=claim.CALIB_TEXT, work=None, out=None, md=None, png=None)
     claim._default_paths(stories)
-    assert stories.out == ROOT / "bench/results/claim-stories.json" and stories.md == tmp_path / "page.md"
-    assert stories.work == ROOT / "out/bench-claim-stories"
-    assert stories.png == ROOT / "docs/results-stories-pareto.png"
-    for k in ("calib_tokens", "seq_len", "sens_tokens", "ctx", "eval_tokens"):
-        setattr(stories, k, 1)
+    assert (stories.out, stories.md) == (ROOT / "bench/results/claim.json", ROOT / "docs/results.md")
+    bundled = argparse.Namespace(calib_text=Path("bundled"), work=None, out=None, md=tmp_path / "page.md", png=None)
+    claim._default_paths(bundled)
+    assert bundled.calib_text is None  # compress's own default text
+    assert bundled.out == ROOT / "bench/results/claim-bundled.json" and bundled.md == tmp_path / "page.md"
+    assert bundled.work == ROOT / "out/bench-claim-bundled"
+    assert bundled.png == ROOT / "docs/results-bundled-pareto.png"
+    other = argparse.Namespace(calib_text=ROOT / "data/calib/code.txt", work=None, out=None, md=None, png=None)
+    claim._default_paths(other)
+    assert other.out == ROOT / "bench/results/claim-code.json"
+    for ns in (stories, bundled):
+        for k in ("calib_tokens", "seq_len", "sens_tokens", "ctx", "eval_tokens"):
+            setattr(ns, k, 1)
     assert claim.settings(stories)["calib_text"] == "`data/calib/stories.txt`"
+    assert claim.settings(bundled)["calib_text"].startswith("bundled")
