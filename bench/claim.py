@@ -639,14 +639,21 @@ def reproduce(results: dict[str, Any], argv: list[str]) -> str:
     return "python bench/claim.py " + " ".join(keep)
 
 
+def calib_tag(text: Path | None, default: Path | None) -> str:
+    """The suffix of a bench's result names for calibration text `text` (None: compress's bundled text): none for the
+    bench's `default`, "-bundled", or "-STEM"; bench/probe_tokens.py names its results the same way."""
+    if text == default or (text is not None and default is not None and text.resolve() == default.resolve()):
+        return ""
+    return "-bundled" if text is None else f"-{text.stem}"
+
+
 def _default_paths(args: argparse.Namespace) -> None:
     """Paths not given follow the calibration text (CALIB: none for CALIB_TEXT, "bundled" for compress's bundled
     text, else the file's stem), so runs on different calibration texts never resume into, or overwrite, each other's
     results."""
     if args.calib_text == Path("bundled"):
         args.calib_text = None
-    tag = ("-bundled" if args.calib_text is None else "" if args.calib_text.resolve() == CALIB_TEXT.resolve()
-           else f"-{args.calib_text.stem}")
+    tag = calib_tag(args.calib_text, CALIB_TEXT)
     args.work = args.work or ROOT / "out" / f"bench-claim{tag}"
     args.out = args.out or ROOT / "bench" / "results" / f"claim{tag}.json"
     args.md = args.md or ROOT / "docs" / f"results{tag}.md"

@@ -23,7 +23,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from claim import Evaluator, code_commit  # noqa: E402  (bench/claim.py: the same evaluation and commit record)
+from claim import Evaluator, calib_tag, code_commit  # noqa: E402  (claim.py: same evaluation, commits, result names)
 
 
 def run_one(model: Path, bpw: float, probe: int | None, args: argparse.Namespace) -> dict[str, Any]:
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="default out/bench-probe-tokens[-CALIB] (CALIB: the text's stem)")
     p.add_argument("--out", type=Path, help="default bench/results/probe_tokens[-CALIB].json")
     args = p.parse_args(argv)
-    tag = "" if args.calib_text is None else f"-{args.calib_text.stem}"  # other text: other results, never mixed
+    tag = calib_tag(args.calib_text, None)  # other text: other results, never mixed
     args.work = args.work or ROOT / "out" / f"bench-probe-tokens{tag}"
     args.out = args.out or ROOT / "bench" / "results" / f"probe_tokens{tag}.json"
     ns = argparse.Namespace(ctx=512, eval_tokens=0)  # claim's evaluation: windows of 512, eval's default 16k scored

@@ -97,6 +97,8 @@ def test_the_budget_types_full_table_runs_when_the_smallest_types_timing_affords
     table = SimpleNamespace(timing={"probes": 4, "probes_s": 2.0},  # 0.5 s per probe
                             groups=[SimpleNamespace(options=[0, 1, 2, 3])] * 4)  # 3 options beyond the base each
     assert candidates.full_estimate_s(table) == 6.0
+    measured = SimpleNamespace(timing=table.timing | {"s_per_probe": 0.25}, groups=table.groups)
+    assert candidates.full_estimate_s(measured) == 3.0  # the probes' own seconds, when the table recorded them
     auto = CompressOptions()
     assert auto.sensitivity == "auto" and candidates.budget_reference_affordable(table, auto)
     monkeypatch.setattr(fast, "AUTO_LIMIT_S", 5.0)

@@ -351,6 +351,7 @@ def test_fast_mode_probes_once_per_group_and_predicts_the_rest(arch, tiny, table
                         lambda self, ps: calls.extend((g.name, o.type) for g, o in ps) or many(self, ps))
     fast = _measure(view, ids, imatrix=stats, sensitivity="fast", proxy_sample=1.0)  # every row: exact proxies
     assert fast["base"]["sensitivity"] == "fast" and full["base"]["sensitivity"] == "full"
+    assert fast["timing"]["s_per_probe"] > 0  # its probes' own seconds: what compress estimates a full table from
     assert [(g["name"], [(o["type"], o["bytes"]) for o in g["options"]]) for g in fast["groups"]] == \
         [(g["name"], [(o["type"], o["bytes"]) for o in g["options"]]) for g in full["groups"]]
     with_upgrades = [g for g in fast["groups"] if len(g["options"]) > 1]

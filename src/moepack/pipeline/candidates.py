@@ -76,12 +76,14 @@ def reference_types(view: CheckpointView, budget: Budget, opts: CompressOptions)
 
 
 def full_estimate_s(table: SensitivityTable) -> float | None:
-    """Seconds a full table of `table`'s groups would take, at the seconds per probe `table` measured (None when
-    it recorded no timing)."""
+    """Seconds a full table of `table`'s groups would take, at the seconds per probe `table` measured (its fast
+    probes' own; for a table written before that was recorded, its probe stage over its probes), None when it
+    recorded no timing."""
     t = table.timing or {}
-    if not t.get("probes") or t.get("probes_s") is None:
-        return None
-    return sum(len(g.options) - 1 for g in table.groups) * float(t["probes_s"]) / int(t["probes"])
+    per = t.get("s_per_probe")
+    if per is None and t.get("probes") and t.get("probes_s") is not None:
+        per = float(t["probes_s"]) / int(t["probes"])
+    return None if per is None else sum(len(g.options) - 1 for g in table.groups) * float(per)
 
 
 def budget_reference_affordable(first: SensitivityTable, opts: CompressOptions) -> bool:

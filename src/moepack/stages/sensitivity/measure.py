@@ -285,5 +285,7 @@ def _measure(view: Any, ids: torch.Tensor, reference_logits: Any, reference_view
     timed = {k: round(v, 3) for k, v in timing.items()} | {"probes": len(kld or {}), "threads": cfg.threads,
                                                            "backend": backend.name, "sampled_errors": len(sampled),
                                                            } | ran.get("auto", {})
+    if "s_per_probe" in ran:  # a fast table: its probes' own seconds each (candidates.full_estimate_s)
+        timed["s_per_probe"] = ran["s_per_probe"]
     return SensitivityTable(table_groups(groups, proxy, kld, base_kld, predicted), sum(o.numel * 4 for o in fixed), info,
                             {o.name: "F32" for o in fixed}, head, SENSITIVITY_FORMAT, agree, timed)
