@@ -19,6 +19,8 @@ import numpy as np
 from moepack.errors import MoepackError
 from moepack.model.arch import (DERIVED_BUFFERS, EXPERT_COUNT_KEYS, ArchSpec, Role, beyond_decoder, layer_index,
                                 spec_for)
+from moepack.model.stored import (DTYPE_BYTES, FORMAT_ADAPTERS, Logical, RawTensor, Stored, decode, split_fused,
+                                  torch_dtype)
 
 if TYPE_CHECKING:
     from moepack.schema import PrunePlan
@@ -39,11 +41,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# safetensors dtype → bytes per element (the safetensors format's own list).
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_DTYPE_BYTES = DTYPE_BYTES
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors reference implementation's own limit
-_READ_CHUNK = 256 * 2**20  # bytes per read() call: Linux returns short reads above ~2 GiB
 _FINITE_CHUNK = 64 * 2**20  # elements per finiteness check: bounds the temporary bool mask
 
 
@@ -65,10 +64,16 @@ class TensorRef:
     kind: str  # e.g. "gate_proj", "q_a_proj", "router"
     layer: int | None = None
     expert: int | None = None
+    stored: Stored | None = None  # how the values are made (fused experts, compressed formats); None: plain
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def stored_nbytes(self) -> int:
+        """Bytes the checkpoint spends on this tensor (its compressed values and scales, where it has them)."""
+        return self.stored.stored_nbytes if self.stored is not None else self.nbytes
 
     @property
     def quantizable(self) -> bool:
@@ -146,16 +151,6 @@ def _check_entry(path: Path, name: str, info: Any, data_len: int) -> None:
         raise CheckpointError(f"{path}: tensor {name!r} has an invalid header entry (dtype, shape or offsets)")
 
 
-def _torch_dtype(dtype: str):  # -> torch.dtype
-    import torch
-
-    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-             "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
-    return table[dtype]
-
-
 def _check_finite(ref: TensorRef, t) -> None:
     import torch
 
@@ -173,22 +168,18 @@ def import_reader() -> None:
 
 
 def read_tensor(ref: TensorRef):  # -> torch.Tensor
-    """The data of `ref` from its shard, checked to be complete and (for floats) finite."""
-    import torch
-
+    """The data of `ref` from its shard(s), decoded where it is stored compressed or fused, checked to be complete
+    and (for floats) finite."""
     if ref.file is None:
         raise CheckpointError(f"{ref.name}: this model was read from config.json alone; download its weights "
                               "(*.safetensors) into the directory to calibrate, prune or quantize it")
-    t = torch.empty(ref.shape, dtype=_torch_dtype(ref.dtype))
-    buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())  # (nbytes,) writable view of t
-    with open(ref.file, "rb", buffering=0) as f:
-        f.seek(ref.offset)
-        pos = 0
-        while pos < ref.nbytes:
-            n = f.readinto(buf[pos:pos + _READ_CHUNK])
-            if not n:
-                raise CheckpointError(f"{ref.file}: truncated; tensor {ref.name!r} ends past the end of the file")
-            pos += n
+    if ref.stored is not None:
+        t = decode(ref.stored)
+        if tuple(t.shape) != ref.shape:
+            raise CheckpointError(f"{ref.file}: {ref.name} decodes to shape {tuple(t.shape)}, expected {ref.shape}")
+        t = t.to(torch_dtype(ref.dtype))
+    else:
+        t = RawTensor(ref.name, ref.shape, ref.dtype, ref.file, ref.offset, ref.nbytes).read()
     if t.is_floating_point():
         _check_finite(ref, t)
     return t
@@ -212,26 +203,51 @@ def _shard_files(root: Path) -> list[Path]:
     return files
 
 
-def _collect_tensors(spec: ArchSpec, cfg: dict[str, Any], files: list[Path]) -> dict[str, TensorRef]:
-    tensors: dict[str, TensorRef] = {}
-    unserved: list[str] = []
-    unknown: list[str] = []
-    n_layers = _need(cfg, "num_hidden_layers", "n_layer")
+def _raw_tensors(files: list[Path]) -> dict[str, RawTensor]:
+    """Every tensor of every shard as stored (validated headers, no data)."""
+    raw: dict[str, RawTensor] = {}
     for path in files:
         header, start = read_safetensors_header(path)
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            m = spec.match(name)
-            if m is None:
-                # The multi-token-prediction layer's own tensors (DeepSeek-V3's eh_proj, enorm, ...) and derived
-                # buffers are not part of the served model; any other name would silently go missing.
-                served = not beyond_decoder(layer_index(name), n_layers) and not name.endswith(DERIVED_BUFFERS)
-                (unknown if served else unserved).append(name)
-                continue
             a, b = info["data_offsets"]
-            tensors[name] = TensorRef(name, tuple(int(s) for s in info["shape"]), info["dtype"], path, start + a,
-                                      b - a, m.rule.role, m.rule.kind, m.layer, m.expert)
+            raw[name] = RawTensor(name, tuple(int(s) for s in info["shape"]), info["dtype"], path, start + a, b - a)
+    return raw
+
+
+def _logical_tensors(root: Path, cfg: dict[str, Any], raw: dict[str, RawTensor]) -> dict[str, Logical]:
+    """The float tensors the stored ones stand for: a quantization_config's format decoded (its scale tensors
+    consumed), plain tensors as they are."""
+    q = cfg.get("quantization_config")
+    if isinstance(q, dict) and q:
+        adapter = FORMAT_ADAPTERS.get(str(q.get("quant_method")))
+        if adapter is None:
+            raise CheckpointError(f"{root}: the checkpoint is already quantized (quantization_config.quant_method "
+                                  f"= {q.get('quant_method')!r}), in a format moepack cannot read; it reads bf16/f16/f32"
+                                  f"{''.join(', ' + m for m in sorted(FORMAT_ADAPTERS))} checkpoints: {_TO_BF16}")
+        return adapter(raw, q)
+    return {n: Logical(n, r.shape, r.dtype, r) for n, r in raw.items()}
+
+
+def _collect_tensors(spec: ArchSpec, cfg: dict[str, Any], files: list[Path]) -> dict[str, TensorRef]:
+    tensors: dict[str, TensorRef] = {}
+    unserved: list[str] = []
+    unknown: list[str] = []
+    n_layers = _need(cfg, "num_hidden_layers", "n_layer")
+    logical = _logical_tensors(files[0].parent, cfg, _raw_tensors(files))
+    for name, lt in split_fused(logical, spec.fused, n_layers).items():
+        m = spec.match(name)
+        if m is None:
+            # The multi-token-prediction layer's own tensors (DeepSeek-V3's eh_proj, enorm, ...) and derived
+            # buffers are not part of the served model; any other name would silently go missing.
+            served = not beyond_decoder(layer_index(name), n_layers) and not name.endswith(DERIVED_BUFFERS)
+            (unknown if served else unserved).append(name)
+            continue
+        r = lt.raw
+        nbytes = math.prod(lt.shape) * DTYPE_BYTES[lt.dtype] if lt.stored is not None else r.nbytes
+        tensors[name] = TensorRef(name, lt.shape, lt.dtype, r.file, r.offset, nbytes, m.rule.role, m.rule.kind,
+                                  m.layer, m.expert, lt.stored)
     if unknown:
         raise CheckpointError(f"{files[0].parent}: {len(unknown)} tensor(s) are not part of any {spec.model_type} "
                               f"layout moepack knows, e.g. {', '.join(unknown[:3])}; they would be missing from the "
@@ -338,16 +354,6 @@ _TO_BF16 = ("convert it to bf16 first (for DeepSeek-V3/R1's FP8 release: DeepSee
             "and point moepack at the converted checkpoint")
 
 
-def _check_not_prequantized(root: Path, cfg: dict[str, Any]) -> None:
-    """Block-quantized checkpoints (FP8 with weight_scale_inv, GPTQ, AWQ, ...) hold scaled integers or FP8 values
-    that read as wrong weights without their scales: refuse them clearly instead of compressing garbage."""
-    q = cfg.get("quantization_config")
-    if isinstance(q, dict) and q:
-        method = q.get("quant_method", "unknown")
-        raise CheckpointError(f"{root}: the checkpoint is already quantized (quantization_config.quant_method = "
-                              f"{method!r}); moepack reads bf16/f16/f32 weights: {_TO_BF16}")
-
-
 def _check_float_weights(root: Path, tensors: dict[str, TensorRef]) -> None:
     bad = [t for t in tensors.values() if t.quantizable and t.dtype not in _FLOAT_DTYPES]
     if bad:
@@ -373,7 +379,6 @@ def open_checkpoint(model_dir: str | Path) -> CheckpointView:
     root = Path(model_dir)
     cfg = read_config(root)
     spec = spec_for(cfg.get("model_type"))
-    _check_not_prequantized(root, cfg)
     tensors = _collect_tensors(spec, cfg, _shard_files(root))
     _check_float_weights(root, tensors)
     facts = facts_from_config(spec, cfg, tensors)

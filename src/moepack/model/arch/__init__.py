@@ -12,6 +12,7 @@ from enum import Enum
 from typing import Any, Callable
 
 from moepack.errors import MoepackError
+from moepack.model.stored import FusedSplit
 
 __all__ = [
     "Role",
@@ -94,6 +95,7 @@ class ArchSpec:
     router_bias_kind: str | None = None  # kind of the router bias tensor (DeepSeek-V3 e_score_correction_bias)
     expert_projs: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down kinds
     kv_cache: str = "gqa"  # "gqa" (per-head K and V) or "mla" (llama.cpp caches the MLA latent; stages.budget)
+    fused: tuple[FusedSplit, ...] = ()  # stacked expert tensors the reader splits per expert (gpt-oss, Llama 4)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def match(self, name: str) -> MatchedName | None:
