@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml Makefile
 	# The CPU wheel of torch first (from local disk): a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	# llama-cpp-python compiles llama.cpp on first install (about 7 minutes on 2 cores; pip caches the wheel).
-	# The ray extra too: tests/test_distributed.py runs the Ray backend on a local 2-CPU cluster.
-	$(BIN)/python -m pip install -q -e '.[test,ray]'
+	# The ray extra too: tests/test_distributed.py runs the Ray backend on a local 2-CPU cluster; the serve extra:
+	# tests/test_serve.py starts llama-cpp-python's OpenAI-compatible server.
+	$(BIN)/python -m pip install -q -e '.[test,ray,serve]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from moepack.gguf import kernels as ggml  # noqa: E402
+from moepack.model.arch import spec_for  # noqa: E402
 from moepack.stages.prune import write_checkpoint  # noqa: E402
 
 TEXT = ROOT / "data" / "tinystories-valid.txt"
@@ -96,6 +97,7 @@ class SyntheticView:
     def __init__(self, cfg: dict[str, Any], seed: int = 0) -> None:
         self.root = TOKENIZER_FROM
         self.config = cfg
+        self.spec = spec_for(cfg["model_type"])  # write_checkpoint asks it whether experts are stacked
         self.seed = seed
         self.tensors = {n: SimpleNamespace(shape=s, dtype="F32" if n.endswith("e_score_correction_bias") else "BF16",
                                            nbytes=int(np.prod(s)) * (4 if n.endswith("_bias") else 2))
@@ -112,9 +114,42 @@ class SyntheticView:
         return (torch.randn(shape, generator=g) * std).to(torch.bfloat16)
 
 
-def make_checkpoint(out: Path, n_layers: int, n_experts: int, shard_gib: float) -> int:
+FP8_BLOCK = 128
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+              "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}  # DeepSeek-V3's release
+
+
+def _fp8_stored(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether DeepSeek-V3's FP8 release stores this tensor in e4m3: every weight matrix but the embeddings,
+    lm_head and the routers."""
+    return len(shape) == 2 and not name.endswith(("embed_tokens.weight", "lm_head.weight", "mlp.gate.weight"))
+
+
+class Fp8SyntheticView(SyntheticView):
+    """The same synthetic model stored as DeepSeek-V3's FP8 release is: e4m3 weight matrices, each with an f32
+    `weight_scale_inv` per 128 x 128 block (partial blocks at the edges), and the quantization_config."""
+
+    def __init__(self, cfg: dict[str, Any], seed: int = 0) -> None:
+        super().__init__(dict(cfg, quantization_config=FP8_CONFIG), seed)
+        for n, t in list(self.tensors.items()):
+            if _fp8_stored(n, t.shape):
+                grid = tuple(-(-d // FP8_BLOCK) for d in t.shape)
+                self.tensors[n] = SimpleNamespace(shape=t.shape, dtype="F8_E4M3", nbytes=int(np.prod(t.shape)))
+                self.tensors[n + "_scale_inv"] = SimpleNamespace(shape=grid, dtype="F32", nbytes=4 * int(np.prod(grid)))
+
+    def load(self, name: str) -> torch.Tensor:
+        t = self.tensors[name]
+        if name.endswith("_scale_inv"):  # e4m3 values of spread 16 times these give the bf16 model's std
+            return torch.full(t.shape, self.tensors[name[:-len("_scale_inv")]].shape[-1] ** -0.5 / 16)
+        if t.dtype != "F8_E4M3":
+            return super().load(name)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + sum(map(ord, name)) * 7919 + len(name))
+        return (torch.randn(t.shape, generator=g) * 16).clamp(-448, 448).to(torch.float8_e4m3fn)
+
+
+def make_checkpoint(out: Path, n_layers: int, n_experts: int, shard_gib: float, fp8: bool = False) -> int:
     """Write the synthetic checkpoint (skipped when a complete one is there); returns its tensor bytes."""
-    view = SyntheticView(v3_config(n_layers, n_experts))
+    view = (Fp8SyntheticView if fp8 else SyntheticView)(v3_config(n_layers, n_experts))
     total = sum(t.nbytes for t in view.tensors.values())
     index = out / "model.safetensors.index.json"
     same_cfg = (out / "config.json").is_file() and json.loads((out / "config.json").read_text()) == view.config
@@ -140,17 +175,19 @@ def v3_layer_checkpoint(work: Path, n_experts: int = 2) -> Path:
 
 
 def layer_bytes(model_dir: Path) -> tuple[int, int]:
-    """(bytes of the largest decoder layer, bytes of the largest tensor outside the layers) of a checkpoint."""
+    """(bytes of the largest decoder layer, bytes of the largest tensor outside the layers) of a checkpoint, in
+    bf16 for a compressed one (FP8): the goal stays the bf16 route's."""
     from moepack.model.checkpoint import open_checkpoint
 
     view = open_checkpoint(model_dir)
     per_layer: dict[int, int] = {}
     top = 0
     for t in view.tensors.values():
+        nbytes = 2 * t.numel if t.stored is not None else t.nbytes
         if t.layer is None:
-            top = max(top, t.nbytes)
+            top = max(top, nbytes)
         else:
-            per_layer[t.layer] = per_layer.get(t.layer, 0) + t.nbytes
+            per_layer[t.layer] = per_layer.get(t.layer, 0) + nbytes
     return max(per_layer.values()), top
 
 
@@ -233,8 +270,8 @@ def stage_reads(model_dir: Path, pruned: Path) -> dict[str, int]:
     from moepack.model.checkpoint import open_checkpoint
 
     full = open_checkpoint(model_dir)
-    calib = sum(t.nbytes for n, t in full.tensors.items() if n != "lm_head.weight")
-    kept = sum(t.nbytes for t in open_checkpoint(pruned).tensors.values()) if pruned.is_dir() else 0
+    calib = sum(t.stored_nbytes for n, t in full.tensors.items() if n != "lm_head.weight")  # FP8: e4m3 + scales
+    kept = sum(t.stored_nbytes for t in open_checkpoint(pruned).tensors.values()) if pruned.is_dir() else 0
     return {"calibrate": calib, "prune": kept, "quantize": kept}
 
 
@@ -278,22 +315,29 @@ def thread_speedup(qtype: str, n_experts: int = 8) -> dict[str, float]:
 
 
 # ---- report ------------------------------------------------------------------------------------------------------
-def v3_bytes(keep: float) -> dict[str, int]:
-    """Bytes the full DeepSeek-V3 (61 layers, 256 routed experts; bf16) gives each stage to read, from its config
-    through transformers' module shapes: calibrate reads everything but lm_head, prune and quantize the kept part."""
+def v3_bytes(keep: float, fp8: bool = False) -> dict[str, int]:
+    """Bytes the full DeepSeek-V3 (61 layers, 256 routed experts; bf16, or its FP8 release) gives each stage to
+    read, from its config through transformers' module shapes: calibrate reads everything but lm_head, prune and
+    quantize the kept part."""
+    def nbytes(name: str, shape: tuple[int, ...]) -> int:
+        if fp8 and _fp8_stored(name, shape):  # e4m3 values + one f32 scale per block
+            return int(np.prod(shape)) + 4 * int(np.prod([-(-d // FP8_BLOCK) for d in shape]))
+        return 2 * int(np.prod(shape))
+
     shapes = disk_shapes(V3_CONFIG)
-    total = sum(2 * int(np.prod(s)) for s in shapes.values())
-    routed = sum(2 * int(np.prod(s)) for n, s in shapes.items() if ".experts." in n)
-    head = 2 * int(np.prod(shapes["lm_head.weight"]))
+    total = sum(nbytes(n, s) for n, s in shapes.items())
+    routed = sum(nbytes(n, s) for n, s in shapes.items() if ".experts." in n)
+    head = nbytes("lm_head.weight", shapes["lm_head.weight"])
     kept = total - round((1 - keep) * routed)
     return {"total": total, "calibrate": total - head, "prune": kept, "quantize": kept}
 
 
-def extrapolate(results: list[StageResult], speedup: float, keep: float) -> dict[str, dict[str, float]]:
+def extrapolate(results: list[StageResult], speedup: float, keep: float,
+                fp8: bool = False) -> dict[str, dict[str, float]]:
     """Hours for the full DeepSeek-V3 at each stage's measured throughput (tensor bytes read per second), here and
     on a 16-core machine: quantize is compute-bound and scales as 1 + (n - 1)(s - 1) with the measured 2-thread
     speedup s; calibrate and prune are taken as bound by disk and memory bandwidth, i.e. no faster."""
-    full = v3_bytes(keep)
+    full = v3_bytes(keep, fp8)
     out: dict[str, dict[str, float]] = {}
     for r in results:
         if r.rc != 0 or r.read_bytes == 0:
@@ -314,6 +358,8 @@ def main() -> int:
     ap.add_argument("--keep", type=float, default=0.5, help="prune retention (default 0.5: one expert per group)")
     ap.add_argument("--tokens", type=int, default=256, help="calibration tokens (default 256)")
     ap.add_argument("--no-cap", action="store_true", help="run without the cgroup (when not permitted)")
+    ap.add_argument("--fp8", action="store_true", help="store the checkpoint as DeepSeek-V3's FP8 release (e4m3 "
+                    "weights, 128 x 128 block scales) and read it as it is")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--threads-only", action="store_true", help="only measure the quantizer's 1 -> 2 thread speedup")
     args = ap.parse_args()
@@ -329,13 +375,14 @@ def main() -> int:
     report: dict[str, Any] = {"command": " ".join(sys.argv), "cap_bytes": None if cap is None else cap.limit,
                               "runs": []}
     for n_layers in args.layers:
-        work = args.work / f"v3-{n_layers}L-{args.experts}E"
+        work = args.work / f"v3-{n_layers}L-{args.experts}E{'-fp8' if args.fp8 else ''}"
         model_dir = work / "checkpoint"
-        print(f"\n== {n_layers} layers, {args.experts} routed experts per MoE layer", flush=True)
-        size = make_checkpoint(model_dir, n_layers, args.experts, shard_gib=2.0)
+        print(f"\n== {n_layers} layers, {args.experts} routed experts per MoE layer{', FP8' if args.fp8 else ''}",
+              flush=True)
+        size = make_checkpoint(model_dir, n_layers, args.experts, shard_gib=2.0, fp8=args.fp8)
         largest_layer, largest_top = layer_bytes(model_dir)
         results = run_pipeline(model_dir, work, cap, args.type, args.keep, args.tokens)
-        report["runs"].append({"layers": n_layers, "experts": args.experts, "checkpoint_bytes": size,
+        report["runs"].append({"layers": n_layers, "experts": args.experts, "fp8": args.fp8, "checkpoint_bytes": size,
                                "largest_layer_bytes": largest_layer, "largest_other_tensor_bytes": largest_top,
                                "goal_bytes": 2 * max(largest_layer, largest_top) + 2 * GiB,
                                "stages": [r.__dict__ for r in results]})
@@ -343,7 +390,7 @@ def main() -> int:
     report["threads"] = thread_speedup(args.type)
     print(f"  {report['threads']}", flush=True)
     last = [StageResult(**s) for s in report["runs"][-1]["stages"]]
-    report["extrapolation"] = extrapolate(last, report["threads"]["speedup"], args.keep)
+    report["extrapolation"] = extrapolate(last, report["threads"]["speedup"], args.keep, args.fp8)
     print_tables(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

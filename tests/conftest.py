@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 DATA = ROOT / "data"
 FIXTURES = ("tiny-qwen3-moe", "tiny-deepseek-v3")
-ARCHS = ("qwen3_moe", "qwen2_moe", "deepseek_v3", "deepseek_v2", "mixtral", "olmoe")
+ARCHS = ("qwen3_moe", "qwen2_moe", "deepseek_v3", "deepseek_v2", "mixtral", "olmoe", "minimax_m2", "dots1", "hunyuan_v1_moe", "qwen3_next", "glm4_moe", "kimi_k2", "gpt_oss", "llama4_text", "ernie4_5_moe", "glm_moe_dsa")
 
 
 def tiny_config(arch: str, hidden: int = 64, ffn: int = 64, n_experts: int = 8, top_k: int = 2,
@@ -32,7 +32,56 @@ def tiny_config(arch: str, hidden: int = 64, ffn: int = 64, n_experts: int = 8, 
                            num_key_value_heads=heads)
     if arch == "mixtral":
         return base | dict(num_local_experts=n_experts, intermediate_size=ffn)
-    if arch in ("deepseek_v3", "deepseek_v2"):
+    if arch == "llama4_text":
+        # four layers: llama.cpp's pattern of 3 chunked-attention layers with RoPE, then a global one without;
+        # MoE every 2nd layer (Maverick's interleave) beside a shared expert (the real models route top-1)
+        return base | dict(num_hidden_layers=max(n_layers, 4), num_local_experts=n_experts, intermediate_size=ffn,
+                           intermediate_size_mlp=2 * ffn, head_dim=hidden // heads, interleave_moe_layer_step=2,
+                           rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if arch == "gpt_oss":
+        # as the hub config: attention biases and sinks, sliding / full layers (window under the tests' 64
+        # tokens), YaRN; intermediate_size is the expert width
+        rope = dict(rope_type="yarn", factor=4.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                    original_max_position_embeddings=64, rope_theta=150000.0)
+        return base | dict(num_local_experts=n_experts, intermediate_size=ffn, head_dim=hidden // heads,
+                           sliding_window=16, rope_parameters=rope, rms_norm_eps=1e-5)
+    if arch == "qwen3_next":
+        # one gated DeltaNet layer, then one gated full-attention layer; two key heads shared by four value heads
+        lin = hidden // 4
+        return base | dict(num_experts=n_experts, moe_intermediate_size=ffn, intermediate_size=2 * ffn,
+                           shared_expert_intermediate_size=ffn, head_dim=hidden // heads, norm_topk_prob=True,
+                           linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=lin,
+                           linear_value_head_dim=lin, linear_conv_kernel_dim=4, full_attention_interval=2)
+    if arch == "dots1":
+        # as dots.llm1's config: multi-head attention (llama.cpp's dots1 has no GQA), a leading dense layer, two
+        # shared experts, sigmoid router + correction bias although scoring_func says "noaux_tc", no sliding window
+        return base | dict(num_key_value_heads=heads, n_routed_experts=n_experts, n_shared_experts=2,
+                           moe_intermediate_size=ffn, intermediate_size=2 * ffn, first_k_dense_replace=1,
+                           num_hidden_layers=max(n_layers, 2), norm_topk_prob=True, routed_scaling_factor=2.5,
+                           scoring_func="noaux_tc", sliding_window=None)
+    if arch == "hunyuan_v1_moe":
+        # as Hunyuan-A13B's config: top-k as a per-layer list, experts and the shared MLP both intermediate_size wide
+        return {k: v for k, v in base.items() if k != "num_experts_per_tok"} | dict(
+            num_experts=n_experts, moe_topk=[top_k] * n_layers, intermediate_size=ffn, head_dim=hidden // heads)
+    if arch == "minimax_m2":
+        # as the hub config: every layer MoE, sigmoid router with correction bias, half of each head rotated
+        return base | dict(num_local_experts=n_experts, intermediate_size=ffn, head_dim=hidden // heads,
+                           rotary_dim=hidden // heads // 2, scoring_func="sigmoid", use_routing_bias=True,
+                           bos_token_id=None, eos_token_id=None)
+    if arch == "ernie4_5_moe":
+        # ERNIE-4.5-300B-A47B-like (21B-A3B ties its embeddings): one dense layer first, a shared expert, softmax
+        # router + correction bias
+        return base | dict(moe_num_experts=n_experts, moe_intermediate_size=ffn, intermediate_size=2 * ffn,
+                           moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_interval=1,
+                           num_hidden_layers=max(n_layers, 2))
+    if arch == "glm4_moe":
+        # GLM-4.5-like: one dense layer first, a shared expert, sigmoid router + bias in one group, q/k/v biases,
+        # per-head q/k norms (GLM-4.5 355B; Air has none), rotary on half of each head
+        return base | dict(n_routed_experts=n_experts, n_shared_experts=1, moe_intermediate_size=ffn,
+                           intermediate_size=2 * ffn, head_dim=hidden // heads, first_k_dense_replace=1, n_group=1,
+                           topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, attention_bias=True,
+                           use_qk_norm=True, partial_rotary_factor=0.5, num_hidden_layers=max(n_layers, 2))
+    if arch in ("deepseek_v3", "deepseek_v2", "kimi_k2", "glm_moe_dsa"):
         mla = dict(num_key_value_heads=heads, q_lora_rank=hidden, kv_lora_rank=hidden, qk_nope_head_dim=16,
                    qk_rope_head_dim=16, v_head_dim=hidden // heads, n_routed_experts=n_experts, n_shared_experts=1,
                    moe_intermediate_size=ffn, intermediate_size=2 * ffn, first_k_dense_replace=1,
@@ -40,15 +89,61 @@ def tiny_config(arch: str, hidden: int = 64, ffn: int = 64, n_experts: int = 8, 
                    norm_topk_prob=True, routed_scaling_factor=2.5)
         if arch == "deepseek_v3":
             return base | mla | dict(num_hidden_layers=max(n_layers, 2))
+        if arch == "glm_moe_dsa":  # GLM-5: DeepSeek-V3's layout in one group plus a DSA indexer (top-k > context)
+            return base | mla | dict(num_hidden_layers=max(n_layers, 2), n_group=1, topk_group=1, index_n_heads=8,
+                                     index_head_dim=128, index_topk=2048)
+        if arch == "kimi_k2":  # DeepSeek-V3's layout with every expert in one group
+            register_kimi_k2()
+            return base | mla | dict(num_hidden_layers=max(n_layers, 2), n_group=1, topk_group=1,
+                                     routed_scaling_factor=2.827)
         return base | mla | dict(num_hidden_layers=max(n_layers, 2), topk_method="group_limited_greedy",
                                  norm_topk_prob=False, routed_scaling_factor=1.0)
     raise ValueError(arch)
 
 
 # Tokenizer family of each architecture's real checkpoints (for write_tiny_tokenizer).
-TOKENIZER_KIND = {"mixtral": "spm", "olmoe": "gpt2"}
+TOKENIZER_KIND = {"gpt_oss": "gpt-4o", "llama4_text": "llama4", "mixtral": "spm", "olmoe": "gpt2", "minimax_m2": "o200k", "glm4_moe": "glm", "ernie4_5_moe": "spm", "glm_moe_dsa": "glm"}
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+# GPT-4o's (o200k) split, which MiniMax-M2's tokenizer.json uses; its special tokens (bos, eos, role start).
+_O200K_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_MINIMAX_SPECIAL = ("]~!b[", "[e~[", "]~b]")
+_LLAMA4_SPECIAL = ("<|begin_of_text|>", "<|eot|>", "<|end_of_text|>", "<|header_start|>", "<|header_end|>")
+_GPT_OSS_SPECIAL = ("<|startoftext|>", "<|return|>", "<|endoftext|>", "<|start|>", "<|message|>", "<|end|>")
+
+
+# GLM-4 / GLM-4.5's split (Llama 3's regex; llama.cpp's "glm4") and the special tokens of GLM-4.5's tokenizer.json.
+_GLM_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GLM_SPECIAL = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                "<|assistant|>", "<|observation|>")
+
+
+def register_kimi_k2() -> None:
+    """Kimi-K2's hub checkpoints run DeepSeek-V3's modeling code as remote code under model_type `kimi_k2`, which
+    transformers does not know: register that pairing so that the tests' reference loads load the tiny Kimi
+    checkpoints as trust_remote_code would (moepack itself runs them through ArchSpec.extra["hf_model_type"])."""
+    import transformers
+    from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
+                                                 register_checkpoint_conversion_mapping)
+
+    if "kimi_k2" in transformers.CONFIG_MAPPING:
+        return
+
+    class KimiK2Config(transformers.DeepseekV3Config):
+        model_type = "kimi_k2"
+
+    class KimiK2ForCausalLM(transformers.DeepseekV3ForCausalLM):
+        config_class = KimiK2Config
+
+    transformers.AutoConfig.register("kimi_k2", KimiK2Config)
+    transformers.AutoModelForCausalLM.register(KimiK2Config, KimiK2ForCausalLM)
+    # one tensor per expert on disk, fused in memory: DeepSeek-V3's key conversion
+    register_checkpoint_conversion_mapping("kimi_k2", get_checkpoint_conversion_mapping("deepseek_v3"))
 
 
 def _tokenizer_text() -> list[str]:
@@ -59,22 +154,38 @@ def write_tiny_tokenizer(out: Path, kind: str, vocab: int) -> None:
     """A small trained tokenizer.json + tokenizer_config.json in `out`, shaped like real checkpoints' tokenizers.
 
     kind: "bpe" (byte-level BPE with Qwen2's split regex), "gpt2" (byte-level BPE, GPT-2 regex; OLMoE-like),
+    "o200k" (byte-level BPE with GPT-4o's split regex and MiniMax-M2's special tokens), "gpt-4o" (the same split
+    with gpt-oss's harmony special tokens), "llama4" (the same split with Llama 4's special tokens),
     "spm" (SentencePiece-style BPE with byte fallback and <0xXX> tokens; Mixtral-like). Deterministic.
     """
     import json
 
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-    if kind in ("bpe", "gpt2"):
+    if kind in ("bpe", "gpt2", "o200k", "gpt-4o", "llama4"):
         tok = Tokenizer(models.BPE())
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=kind == "gpt2")
+        split = _O200K_SPLIT if kind in ("o200k", "gpt-4o", "llama4") else _QWEN2_SPLIT
         tok.pre_tokenizer = (byte_level if kind == "gpt2" else pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"), byte_level]))
+            [pre_tokenizers.Split(Regex(split), behavior="isolated"), byte_level]))
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"], show_progress=False,
+        specials = list(_MINIMAX_SPECIAL) if kind == "o200k" else ["<|endoftext|>"]
+        specials = list(_GPT_OSS_SPECIAL) if kind == "gpt-4o" else specials
+        specials = list(_LLAMA4_SPECIAL) if kind == "llama4" else specials
+        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator(_tokenizer_text(), trainer)
-        special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "add_bos_token": False}
+        special = {"bos_token": specials[0], "eos_token": specials[1 % len(specials)], "add_bos_token": False}
+    elif kind == "glm":  # GLM-4.5: byte-level BPE split by Llama 3's regex, GLM's special tokens
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_GLM_SPLIT), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                              use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=list(_GLM_SPECIAL), show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(_tokenizer_text(), trainer)
+        special = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "add_bos_token": False}
     elif kind == "spm":
         byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
         tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
@@ -113,11 +224,25 @@ def build_tiny_model(arch: str, out: Path, seed: int = 0, tokenizer: bool = Fals
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(torch.rand_like(buf) * 0.1)
+        if arch == "ernie4_5_moe":  # its correction bias is a parameter
+            for name, p in model.named_parameters():
+                if name.endswith("e_score_correction_bias"):
+                    p.copy_(torch.rand_like(p) * 0.1)
+        if arch == "gpt_oss":  # expert biases start at zero: random, so that their handling is checked
+            for name, p in model.named_parameters():
+                if name.endswith("_proj_bias"):
+                    p.copy_(torch.randn_like(p) * 0.1)
+        if arch == "qwen3_next":  # zero-centred RMSNorm weights (x·(1 + w)): random, so the GGUF's +1 is checked
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight") and ".linear_attn.norm." not in name:
+                    p.copy_(torch.randn_like(p) * 0.1)
     model.save_pretrained(out)
-    if arch == "deepseek_v3":  # as hub configs carry them; transformers 5 drops them on save
+    if arch in ("deepseek_v3", "kimi_k2"):  # as hub configs carry them; transformers 5 drops them on save
         p = out / "config.json"
         c = json.loads(p.read_text())
         c.update(scoring_func="sigmoid", topk_method="noaux_tc")
+        if arch == "kimi_k2":  # Kimi-K2's config.json names DeepSeek-V3's class
+            c.update(architectures=["DeepseekV3ForCausalLM"], num_nextn_predict_layers=0)
         p.write_text(json.dumps(c, indent=2))
     if tokenizer:
         write_tiny_tokenizer(out, TOKENIZER_KIND.get(arch, "bpe"), cfg.vocab_size)

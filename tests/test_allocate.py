@@ -279,7 +279,7 @@ def test_cli_writes_plan(tmp_path: Path, capsys) -> None:
     sens = tmp_path / "sensitivity.json"
     sens.write_text(json.dumps(_table()))
     out = tmp_path / "run" / "quant_plan.json"
-    assert main(["allocate", "--sensitivity", str(sens), "--target-size", "2650", "--solver", "exact",
+    assert main(["allocate", "--sensitivity", str(sens), "--target-size", "2650B", "--solver", "exact",
                  "-o", str(out)]) == 0
     plan = json.loads(out.read_text())
     assert plan["budget_bytes"] == 2600  # the target less the table's overhead_bytes

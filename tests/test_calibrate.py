@@ -90,8 +90,9 @@ def test_calibration_statistics_consistent(arch, shared_tiny_model):
         assert np.all(np.isfinite(r.score)) and np.all(r.score[r.counts > 0] > 0)
         assert np.all(r.saliency[r.counts > 0] > 0)
         srcs = layer_sources(view, layer)
-        gate = st.imatrix[expert_key(srcs["mlp.experts.gate_up_proj"].names[0])]
-        down = st.imatrix[expert_key(srcs["mlp.experts.down_proj"].names[0])]
+        moe = "feed_forward" if "feed_forward.experts.down_proj" in srcs else "mlp"  # Llama 4: feed_forward
+        gate = st.imatrix[expert_key(srcs[f"{moe}.experts.gate_up_proj"].names[0])]
+        down = st.imatrix[expert_key(srcs[f"{moe}.experts.down_proj"].names[0])]
         assert np.array_equal(gate.counts, r.counts) and np.array_equal(down.counts, r.counts)
         assert gate.sums.shape == (view.facts.n_experts, view.facts.hidden)
         assert down.sums.shape == (view.facts.n_experts, view.facts.expert_ffn)

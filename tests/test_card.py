@@ -37,7 +37,7 @@ def run(tmp_path_factory) -> dict[str, Path]:
     target = 2 * sum(open_checkpoint(model).param_counts().values()) // 5
     out, run_dir = root / "out" / "tiny.gguf", root / "run"
     out.parent.mkdir()
-    assert main(["compress", str(model), "--target-size", str(target), "-o", str(out), "--run-dir", str(run_dir),
+    assert main(["compress", str(model), "--target-size", f"{target}B", "-o", str(out), "--run-dir", str(run_dir),
                  "--keep", "0.75", *SMALL]) == 0
     assert main(["eval", str(out), "--reference", str(model), "--text", str(DATA / "tinystories-train.txt"),
                  "--window", "64", "--tokens", "256", "--no-speed", "--threads", "1",
@@ -97,7 +97,7 @@ def test_model_card(run, tmp_path: Path, capsys) -> None:
     assert f"| bits per weight | {summary['bpw']:.3f}" in text
     assert "| routed experts kept per MoE layer | 6 of 8 (keep 0.75)" in text
     assert "| experts used per token (k') | 2 |" in text
-    assert f"--target-size {summary['budget']['target']}" in text
+    assert f"--target-size {summary['budget']['target']}B" in text  # a unit: the flag refuses a bare number
     for cls, counts in read_recipe(run["out"])["types"].items():
         assert f"| `{cls}` | " + ", ".join(f"{t} × {n}" for t, n in sorted(counts.items())) + " |" in text
     assert "## Evaluation" in text and "| model | size MiB |" in text and "`tiny.gguf`" in text  # the eval table
@@ -169,3 +169,47 @@ def test_base_model_and_license_of_a_source(tmp_path: Path) -> None:
     assert source_license(local) == "mit"
     head = front_matter({"base_model": None, "license": "mit", "tags": ["gguf", "a: b"]})
     assert "base_model" not in head and _front_matter(head + "\n") == {"license": "mit", "tags": ["gguf", "a: b"]}
+
+
+def test_card_names_calibration_runs_and_build(run, tmp_path: Path) -> None:
+    """The calibration text and its domain, llama-cli / llama-server / ollama lines with the verified context, and
+    the llama.cpp build compress verified the file with."""
+    page = tmp_path / "share" / "README.md"
+    assert main(["report", str(run["run"]), "-o", str(page)]) == 0
+    text = page.read_text()
+    calib = text[text.index("## Calibration"):text.index("## Evaluation")]
+    assert "`tinystories-valid.txt`" in calib and "| domain | tinystories-valid" in calib
+    assert "1,024 for the statistics, 256 selection tokens" in calib
+    summary = json.loads((run["run"] / "summary.json").read_text())
+    ctx = re.search(r" -c (\d+)", summary["llama_command"]).group(1)
+    assert f"llama-cli -m tiny.gguf -c {ctx}" in text and f"llama-server -m tiny.gguf -c {ctx}" in text
+    assert f"PARAMETER num_ctx {ctx}" in text and "ollama create tiny -f Modelfile && ollama run tiny" in text
+    assert summary["runtime"].startswith("llama-cpp-python ") and f"Verified by `moepack compress` with " \
+        f"{summary['runtime']}" in text
+
+
+def test_card_finds_the_eval_beside_the_gguf_and_fills_no_license_silently(run, tmp_path: Path) -> None:
+    """The demo writes eval.json beside the GGUF, not in the run directory: the card finds it there. A source whose
+    card names no licence gets a placeholder the user must fill, never a bare "other"."""
+    from moepack.eval.card import LICENSE_PLACEHOLDER, license_fields
+
+    share = tmp_path / "share"
+    run_dir = tmp_path / "run"
+    shutil.copytree(run["run"], run_dir, ignore=shutil.ignore_patterns("eval.json"))
+    share.mkdir()
+    gguf_path = share / run["out"].name
+    shutil.copy(run["out"], gguf_path)
+    shutil.copy(run["run"] / "eval.json", share / "eval.json")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps(summary | {"out": str(gguf_path)}))
+    assert main(["report", str(run_dir), "--card"]) == 0
+    text = (share / "README.md").read_text()
+    assert "| model | size MiB |" in text and "No eval report" not in text
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "README.md").write_text("---\nlicense: other\n---\n")
+    assert license_fields(bare) == {"license": "other", "license_name": LICENSE_PLACEHOLDER}
+    (bare / "README.md").write_text("---\nlicense: other\nlicense_name: deepseek\nlicense_link: LICENSE\n---\n")
+    assert license_fields(bare) == {"license": "other", "license_name": "deepseek", "license_link": "LICENSE"}
+    (bare / "README.md").unlink()
+    assert license_fields(bare)["license_name"] == LICENSE_PLACEHOLDER

@@ -107,3 +107,116 @@ def test_threads_default_and_ftype_alias() -> None:
     for alias in ("Q4_K", "q3_k", "Q5_K"):
         with pytest.raises(MoepackError, match=r"--type .* or\s+--ftype Q\d_K_M"):
             check_ftype(alias)
+
+
+# ---- issue 30: no silent misreadings, errors that name the command and the fix, one meaning per flag
+
+SIZE_FLAGS = ("--memory", "--gpu-memory", "--reserve", "--target-size")
+
+
+def test_sizes_without_a_unit_are_refused_with_the_fix(capsys) -> None:
+    from conftest import ROOT
+
+    cfg = str(ROOT / "data" / "configs" / "qwen3-30b-a3b")
+    for argv in (["inspect", cfg, "--memory", "128", "-c", "8192"], ["inspect", cfg, "--target-size", "5000000"],
+                 ["compress", cfg, "-o", "x.gguf", "--memory", "128", "-c", "8192"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "has no unit" in err, err
+        assert f"moepack {argv[0]}: error: argument" in err and "GB (10^9 bytes)" in err and "GiB" in err
+    assert main(["inspect", cfg, "--target-size", "5000000000B", "--json"]) == 0  # bytes, said so: fine
+    capsys.readouterr()
+
+
+def test_every_size_flag_explains_its_units() -> None:
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    seen = 0
+    for name, p in sub.choices.items():
+        for a in p._actions:
+            if set(a.option_strings) & set(SIZE_FLAGS):
+                seen += 1
+                # the units spelled out, or "units as --memory" in a parser whose --memory spells them out
+                text = a.help if "units as --memory" not in a.help else \
+                    next(b.help for b in p._actions if "--memory" in b.option_strings)
+                assert "powers of 1000" in text and "powers of 1024" in text and "128G = 128GiB" in text, name
+    assert seen >= 9  # inspect and compress: four each; allocate: --target-size
+
+
+def test_gpu_memory_and_reserve_need_memory(capsys) -> None:
+    from conftest import ROOT
+
+    cfg = str(ROOT / "data" / "configs" / "deepseek-v3")
+    assert main(["inspect", cfg, "--gpu-memory", "24GB", "-c", "8192"]) == 2
+    assert "moepack inspect: error: --gpu-memory needs --memory SIZE" in capsys.readouterr().err
+    assert main(["inspect", cfg, "--reserve", "4GB", "--target-size", "100GB"]) == 2
+    assert "--reserve needs --memory" in capsys.readouterr().err
+
+
+def test_unknown_flag_names_the_command_and_the_closest_flag(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", "x", "--target-sizee", "100GB"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "usage: moepack inspect" in err
+    assert "moepack inspect: error: unrecognized arguments: --target-sizee 100GB" in err
+    assert "did you mean --target-size?" in err
+    with pytest.raises(SystemExit):
+        main(["compress", "x", "-o", "y.gguf", "--kld-tol", "0.1"])  # prune's flag: no close one in compress
+    assert "moepack compress: error: unrecognized arguments: --kld-tol" in capsys.readouterr().err
+
+
+def test_debug_is_accepted_before_and_after_the_command(tmp_path, capsys) -> None:
+    p = build_parser()
+    assert p.parse_args(["--debug", "inspect", "m"]).debug and p.parse_args(["inspect", "m", "--debug"]).debug
+    assert not getattr(p.parse_args(["inspect", "m"]), "debug", False)
+    assert main(["inspect", str(tmp_path)]) == 2
+    with pytest.raises(Exception, match="no config.json"):  # --debug after the command: the traceback
+        main(["inspect", str(tmp_path), "--debug"])
+
+
+def test_inspect_of_a_directory_without_config_says_so_first(tmp_path, caplog, capsys) -> None:
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        assert main(["inspect", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert "derived from config.json" not in caplog.text
+
+
+def test_one_meaning_per_flag_and_stated_defaults() -> None:
+    """compress and sensitivity name their quantized-tensor cache --quant-cache; eval's --cache-dir (reference
+    log-probs) is the only --cache-dir; no help sends the user to a flag its command lacks (another command's is
+    named as such); every option with a default value says it; the positional model is MODEL everywhere."""
+    import argparse
+    import re
+
+    flags = _flags()
+    assert [n for n, f in flags.items() if "--cache-dir" in f] == ["eval"]
+    assert "--quant-cache" in flags["compress"] and "--quant-cache" in flags["sensitivity"]
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, p in sub.choices.items():
+        mentioned = {f for a in p._actions for f in re.findall(r"--[a-z][a-z-]+", a.help or "")}
+        own = {f for a in p._actions for f in a.option_strings}
+        helps = " ".join(a.help or "" for a in p._actions)
+        for flag in mentioned - own:  # a flag this command lacks is named as another tool's
+            tools = r"(eval's|compress's|llama\.cpp's|llama-quantize|report|eval|calibrate|prune)"
+            assert re.search(rf"{tools} {flag}\b", helps), (name, flag)
+        for a in p._actions:
+            if not a.option_strings or a.required or a.dest in ("help", "debug", "version"):
+                if a.dest == "model_dir":
+                    assert a.metavar == "MODEL" and "repo id" in a.help, name
+                continue
+            if isinstance(a, argparse._StoreTrueAction) or a.default in (None, argparse.SUPPRESS):
+                continue
+            assert "default" in (a.help or "").lower(), (name, a.option_strings)
+        assert own  # every command has flags
+
+
+def test_glossary_defines_the_words_the_help_uses() -> None:
+    from conftest import ROOT
+
+    text = (ROOT / "docs" / "usage.md").read_text()
+    gloss = text[text.index("## Glossary"):]
+    for term in ("k'", "KLD", "REAP", "importance matrix", "ladder", "selection tokens", "report tokens",
+                 "retention", "reference type"):
+        assert f"**{term}**" in gloss, term

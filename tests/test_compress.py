@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,12 +39,17 @@ def _bf16_bytes(model: Path) -> int:
     return 2 * sum(open_checkpoint(model).param_counts().values())
 
 
-def test_compress_fits_budget_and_runs(model: Path, tmp_path: Path, capsys) -> None:
+def test_compress_fits_budget_and_runs(model: Path, tmp_path: Path, capsys, caplog) -> None:
+    import logging
+
     target = _bf16_bytes(model) // 5
-    out = tmp_path / "x.gguf"
-    assert main(["compress", str(model), "--target-size", str(target), "--keep", "0.75", "-o", str(out),
-                 *SMALL]) == 0
+    out, saved = tmp_path / "x.gguf", tmp_path / "pruned"
+    with caplog.at_level(logging.INFO):
+        assert main(["compress", str(model), "--target-size", f"{target}B", "--keep", "0.75", "-o", str(out),
+                     "--save-pruned", str(saved), *SMALL]) == 0
     text = capsys.readouterr().out
+    _check_plan_printed_first(caplog)
+    _check_saved_pruned(saved, out)
     assert out.stat().st_size <= target
     assert "6 of 8 per MoE layer" in text and "top-k 2" in text  # keep 0.75: 6 of 8, k' = round(1.5) = 2
     reader = gguf.GGUFReader(out)
@@ -109,6 +115,39 @@ def test_the_budget_types_full_table_runs_when_the_smallest_types_timing_affords
     assert not candidates.budget_reference_affordable(SimpleNamespace(timing=None, groups=table.groups), auto)
 
 
+def _check_plan_printed_first(caplog) -> None:
+    """Every compress logs its plan (stages, predicted wall time, peak RAM, scratch disk) before the first stage."""
+    messages = [r.getMessage() for r in caplog.records]
+    plan = next(i for i, m in enumerate(messages) if m.startswith("compress plan"))
+    first_stage = next(i for i, m in enumerate(messages) if "calibrat" in m.lower() and i != plan)
+    assert plan < first_stage
+    for needle in ("wall time", "peak RAM", "scratch disk", "calibrate", "for each retention of 0.75"):
+        assert needle in messages[plan], needle
+
+
+def _check_saved_pruned(saved: Path, out: Path) -> None:
+    """--save-pruned writes the chosen retention's checkpoint (and nothing is written per retention otherwise): it
+    opens with 6 of 8 experts and its prune plan; quantizing it is the same model the GGUF holds."""
+    from moepack.model.checkpoint import open_checkpoint
+
+    view = open_checkpoint(saved)
+    assert view.facts.n_experts == 6 and (saved / "prune_plan.json").is_file()
+    assert gguf.GGUFReader(out).fields["general.name"].contents() == "qwen3"  # the source's name, not a temp dir
+
+
+def _check_run_dir_bounded(run_dir: Path, out: Path, model: Path) -> None:
+    """The run directory holds calibration statistics, sensitivity tables, prune and quant plans, stage records and
+    the summary: no pruned checkpoint per retention, no second copy of the output."""
+    allowed = re.compile(r"calib/(manifest\.json|stats\.safetensors)|stages/[\w.=-]+\.json|summary\.json"
+                         r"|(sensitivity|quant_plan|prune_plan)-r[\d.]+(-\w+)?\.json")
+    files = [p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()]
+    assert files and all(allowed.fullmatch(f) for f in files), [f for f in files if not allowed.fullmatch(f)]
+    assert not list(run_dir.rglob("*.gguf")) and not list(run_dir.rglob("*.safetensors.index.json"))
+    stats = (run_dir / "calib" / "stats.safetensors").stat().st_size
+    total = sum(p.stat().st_size for p in run_dir.rglob("*") if p.is_file())
+    assert total < stats + (1 << 20) < out.stat().st_size < _bf16_bytes(model), (total, stats)
+
+
 def _check_references(run_dir: Path, printed: str) -> None:
     """Each reference type measured is in the summary with its refined plan's selection KLD (the smallest type's
     table fast); the plan kept is the lower one's (or a llama.cpp mixture that measured lower still)."""
@@ -138,7 +177,7 @@ def _check_criterion_auto(run_dir: Path, printed: str) -> None:
     best = min(tried, key=lambda t: t["prune_kld"])
     assert (summary["criterion"], summary["alpha"]) == (best["criterion"], best["alpha"])
     assert cand["prune_kld"] == best["prune_kld"]
-    plan = json.loads((run_dir / "pruned-r0.75" / "prune_plan.json").read_text())
+    plan = json.loads((run_dir / "prune_plan-r0.75.json").read_text())
     assert plan["criterion"] == best["criterion"]
     assert "criterion at keep 0.75" in printed
 
@@ -166,7 +205,7 @@ def test_keep_auto_screens_retentions(model: Path, tmp_path: Path, capsys) -> No
 
     out, run_dir = tmp_path / "x.gguf", tmp_path / "run"
     target = _bf16_bytes(model) // 3  # ~5 bpw: quantization costs little next to removing experts
-    assert main(["compress", str(model), "--target-size", str(target), "-o", str(out),  # the default: --keep auto
+    assert main(["compress", str(model), "--target-size", f"{target}B", "-o", str(out),  # the default: --keep auto
                  "--run-dir", str(run_dir), *SMALL]) == 0
     assert "screened" in capsys.readouterr().out
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -176,6 +215,7 @@ def test_keep_auto_screens_retentions(model: Path, tmp_path: Path, capsys) -> No
     best = min(c["kld"] for c in measured)
     assert summary["selection_kld"] == best and summary["keep"] == min(measured, key=lambda c: c["kld"])["keep"]
     _check_report_tokens(run_dir, summary)
+    _check_run_dir_bounded(run_dir, out, model)
     screened = [c for c in cands if c["screened"]]
     assert screened
     for c in screened:
@@ -217,7 +257,7 @@ def test_keep_auto_skips_retentions_that_cannot_fit(model: Path, tmp_path: Path)
     weights = (floor_bytes(view, "IQ2_XXS", 1.0) + floor_bytes(view, "IQ2_XXS", 0.75)) // 2
     target = weights + gguf_overhead_bytes(view)
     out, run_dir = tmp_path / "x.gguf", tmp_path / "run"
-    assert main(["compress", str(model), "--target-size", str(target), "--keep", "auto", "-o", str(out),
+    assert main(["compress", str(model), "--target-size", f"{target}B", "--keep", "auto", "-o", str(out),
                  "--run-dir", str(run_dir), *SMALL]) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     first = summary["candidates"][0]
@@ -242,7 +282,7 @@ def test_bad_keep_is_rejected(model: Path, tmp_path: Path, capsys) -> None:
 def test_interrupted_compress_resumes_to_same_bytes(model: Path, tmp_path: Path) -> None:
     """Kill compress mid-way (after calibration), rerun: finished stages are reused and the bytes are identical
     to an uninterrupted run."""
-    target = str(_bf16_bytes(model) // 4)
+    target = f"{_bf16_bytes(model) // 4}B"
     out, run = tmp_path / "x.gguf", tmp_path / "x.run"
     cmd = [sys.executable, "-m", "moepack.cli", "compress", str(model), "--target-size", target, "-o", str(out),
            "--run-dir", str(run), "--keep", "0.75", *SMALL]
@@ -277,3 +317,24 @@ def test_keep_defaults_to_auto() -> None:
     assert p.parse_args(["compress", "m", "-o", "x.gguf", "--target-bpw", "3"]).keep == "auto"
     assert p.parse_args(["compress", "m", "-o", "x.gguf", "--target-bpw", "3", "--keep", "0.75"]).keep == 0.75
     assert CompressOptions().keep == "auto" and 1.0 in KEEP_AUTO_CANDIDATES
+
+
+def test_dry_run_prints_the_cost_of_deepseek_v3_from_its_config(tmp_path: Path, capsys) -> None:
+    """`compress --dry-run` on DeepSeek-V3's config.json alone: the budget, the stages, a wall time that grows with
+    each retention measured, peak RAM (less with --quant-cache) and scratch disk; nothing is written."""
+    from conftest import ROOT
+
+    out = tmp_path / "v3.gguf"
+    argv = ["compress", str(ROOT / "data" / "configs" / "deepseek-v3"), "--memory", "128GB", "-c", "8192", "-t", "64",
+            "-o", str(out), "--dry-run"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "= weights" in text and "for each retention of 1, 0.875, 0.75, 0.625" in text
+    wall = re.search(r"wall time +([\d.]+) (h|min|s) to ([\d.]+) (h|min|s) on 64 threads", text)
+    assert wall and float(wall.group(3)) > float(wall.group(1)), text
+    ram = re.search(r"peak RAM +[\d.]+ GiB \(([\d,]+) bytes\); [\d.]+ GiB \(([\d,]+) bytes\) with --quant-cache", text)
+    assert ram and int(ram.group(2).replace(",", "")) < int(ram.group(1).replace(",", "")), text
+    assert "scratch disk" in text and "no pruned checkpoint per retention" in text
+    assert not out.exists() and not list(tmp_path.iterdir())
+    assert main(argv[:-1] + ["--keep", "0.75", "--dry-run"]) == 0
+    assert "for each retention of 0.75:" in capsys.readouterr().out

@@ -114,7 +114,10 @@ def test_config_alone_gives_every_header_entry(tmp_path: Path, capsys) -> None:
 LLAMA_CASES = [("qwen3_moe", 4, ("Q2_K", "Q3_K_M", "Q4_K_M", "IQ2_M", "IQ3_XS")),
                ("mixtral", 8, ("Q3_K_M", "Q4_K_M", "IQ2_XXS")),
                ("deepseek_v3", 8, ("Q2_K", "IQ3_XXS")),
-               ("qwen2_moe", 4, ("Q4_K_S",))]
+               ("qwen2_moe", 4, ("Q4_K_S",)),
+               ("qwen3_next", 4, ("Q2_K", "Q3_K_M", "Q4_K_M", "IQ2_XXS")),
+               ("gpt_oss", 4, ("Q4_K_M", "IQ2_XXS")),  # expert biases, sinks: F32
+               ("llama4_text", 4, ("Q3_K_M", "Q4_K_M"))]
 
 
 @pytest.mark.slow

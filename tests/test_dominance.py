@@ -33,7 +33,7 @@ def _target(model: Path, divisor: int) -> int:
 
 def _run(model: Path, tmp_path: Path, target: int, *extra: str) -> tuple[dict, Path]:
     out, run_dir = tmp_path / "x.gguf", tmp_path / "run"
-    assert main(["compress", str(model), "--target-size", str(target), "-o", str(out), "--run-dir", str(run_dir),
+    assert main(["compress", str(model), "--target-size", f"{target}B", "-o", str(out), "--run-dir", str(run_dir),
                  *SMALL, *extra]) == 0
     return json.loads((run_dir / "summary.json").read_text()), run_dir
 

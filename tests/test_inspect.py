@@ -33,7 +33,9 @@ def test_inspect_every_arch(arch: str, tiny_model, capsys) -> None:
     n_model = sum(p.numel() for p in model.parameters()) + sum(
         b.numel() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
     assert d["params_total"] == n_model
-    assert d["params"][Role.ROUTED_EXPERTS.value] == len(d["moe_layers"]) * 4 * 3 * d["hidden"] * d["expert_ffn"]
+    biases = 2 * d["expert_ffn"] + d["hidden"] if arch == "gpt_oss" else 0  # gpt-oss: gate, up, down biases
+    assert d["params"][Role.ROUTED_EXPERTS.value] == len(d["moe_layers"]) * 4 * (
+        3 * d["hidden"] * d["expert_ffn"] + biases)
     assert d["bf16_bytes"] == 2 * n_model
     est = d["gguf_estimates"]
     assert est["Q8_0"] > est["Q4_K"] >= est["Q3_K"] >= est["Q2_K"] >= est["IQ2_XXS"] > est["IQ1_S"] > 0
@@ -146,14 +148,85 @@ def test_inspect_plans_from_a_config_alone(capsys) -> None:
     b, fit = d["fit"]["budget"], d["fit"]
     assert b["memory"] == 128 * 10**9 and b["ctx"] == 8192
     assert b["weights"] + b["overhead"] + b["kv_cache"] + b["compute"] + b["reserve"] <= b["memory"]
-    r1, r75 = fit["retentions"]
-    assert (r1["keep"], r75["keep"]) == (1.0, 0.75) and r75["bpw"] > r1["bpw"]
+    from moepack.pipeline.options import KEEP_AUTO_CANDIDATES
+
+    rows = fit["retentions"]
+    assert tuple(r["keep"] for r in rows) == KEEP_AUTO_CANDIDATES == (1.0, 0.875, 0.75, 0.625)  # what compress tries
+    r1, r75 = rows[0], rows[2]
+    assert r75["bpw"] > r1["bpw"]
     assert r1["params"] == d["params_total"] and r75["params"] < r1["params"]
     for r in fit["retentions"]:
         assert all(v["fits"] == (v["bytes"] <= b["weights"]) for v in r["types"].values())
     assert r75["types"]["IQ1_S"]["bytes"] < r1["types"]["IQ1_S"]["bytes"]
     assert main(["inspect", str(cfg), "--memory", "128GB", "-c", "8192"]) == 0
     assert "bits per kept weight" in capsys.readouterr().out
+
+
+def _fit(capsys, cfg: str, *budget: str) -> tuple[dict, str]:
+    from conftest import ROOT
+
+    path = str(ROOT / "data" / "configs" / cfg)
+    from moepack.cli.inspect import render_fit
+
+    assert main(["inspect", path, *budget, "--json"]) == 0  # the text is the same report rendered
+    fit = json.loads(capsys.readouterr().out)["fit"]
+    return fit, render_fit(fit)
+
+
+def test_inspect_verdict_for_deepseek_v3_at_128gb(capsys) -> None:
+    """Unpruned V3 is short of 128 GB by a stated amount; the largest retention that fits is named with its types;
+    each retention's row says fits or not; the remedies for keep 1 come with numbers, and the memory named fits."""
+    from moepack.model.shapes import open_for_planning
+    from moepack.stages.budget import BudgetRequest, budget_for
+
+    fit, text = _fit(capsys, "deepseek-v3", "--memory", "128GB", "-c", "8192")
+    v, rows = fit["verdict"], fit["retentions"]
+    assert v["fits"] and v["keep"] == 0.875 and not rows[0]["fits"] and all(r["fits"] for r in rows[1:])
+    (short,) = rows[0]["short"]
+    assert short["side"] == "file" and short["short"] == short["need"] - short["left"] > 0
+    assert short["left"] == fit["budget"]["weights"]
+    assert "verdict       fits pruned: keep 0.875 (224 experts per layer) at IQ1_S" in text
+    assert "the file is short by 12.2 GiB at IQ1_S" in text
+    remedies = {r["what"]: r for r in v["remedies"]}
+    assert {"more memory", "a smaller context", "a q8_0 KV cache", "flash attention"} <= set(remedies)
+    assert not remedies["flash attention"]["fits"] and remedies["flash attention"]["freed"]["file"] > 0
+    from conftest import ROOT
+
+    view = open_for_planning(ROOT / "data" / "configs" / "deepseek-v3")
+    more = remedies["more memory"]["memory"]  # the smallest memory whose budget holds keep 1 at IQ1_S
+    assert budget_for(BudgetRequest(memory=more, ctx=8192), view).weights >= short["need"]
+    assert budget_for(BudgetRequest(memory=more - 1, ctx=8192), view).weights < short["need"]
+    assert "more memory: --memory 132.03GiB" in text
+
+
+def test_inspect_verdict_when_nothing_fits_and_when_all_fits(capsys) -> None:
+    """V3 on a 24 GB GPU + 64 GB RAM at 32k: no retention fits, the RAM side is short, and what would fit is said;
+    Qwen3-30B-A3B at 128 GB fits unpruned at Q8_0. The RAM budget line names its compute buffers."""
+    fit, text = _fit(capsys, "deepseek-v3", "--gpu-memory", "24GB", "--memory", "64GB", "-c", "32768")
+    v = fit["verdict"]
+    assert not v["fits"] and v["remedy_keep"] == 0.625 and [s["side"] for s in v["short"]] == ["ram"]
+    assert "does not fit at any retention compress tries (down to keep 0.625" in text
+    assert "the RAM side is short" in text
+    assert re.search(r"RAM 59\.6 GiB \(compute buffers \d", text)
+    assert re.search(r"more memory: --gpu-memory \S+ --memory \S+", text)
+    fit, text = _fit(capsys, "qwen3-30b-a3b", "--memory", "128GB", "-c", "32768")
+    assert fit["verdict"]["keep"] == 1.0 and fit["verdict"]["best_type"] == "Q8_0"
+    assert "verdict       fits unpruned at Q8_0" in text and "to fit" not in text
+
+
+def test_one_formula_for_uniform_bytes(tiny_model) -> None:
+    """inspect's table and compress's feasibility check (candidates.floor_bytes) are one formula: kept experts
+    rounded up per group (keep 0.875 of 8 experts in 4 groups keeps 8, not 7)."""
+    from moepack.pipeline.candidates import floor_bytes
+    from moepack.stages.budget import BudgetRequest
+    from moepack.stages.fit import fit_report, uniform_bytes
+
+    view = open_checkpoint(tiny_model("deepseek_v3", n_experts=8, hidden=256, ffn=256))
+    fit = fit_report(view, BudgetRequest(target_size="1GB"))
+    for r in fit["retentions"]:
+        for t, v in r["types"].items():
+            assert v["bytes"] == uniform_bytes(view, t, r["keep"]) == floor_bytes(view, t, r["keep"]), (t, r["keep"])
+    assert uniform_bytes(view, "Q8_0", 0.875) == uniform_bytes(view, "Q8_0", 1.0)  # 7 rounds up to 8 in 4 groups
 
 
 def _resave(path: Path, extra: dict[str, torch.Tensor] | None = None, drop_config: str | None = None) -> None:

@@ -155,7 +155,7 @@ def test_infeasible_pair_fails_before_calibration(deepseek: Path, tmp_path: Path
     view = open_checkpoint(deepseek)
     b = placed_budget(view, BudgetRequest(memory="100MB", gpu_memory="100MB", ctx=CTX, n_ubatch=UBATCH))
     need = smallest_memories(b, floor_bytes(view, "IQ2_XXS", side="gpu"), floor_bytes(view, "IQ2_XXS", side="ram"))
-    gpu, ram = (need[0] - 1000, "100MB") if short == "GPU" else ("100MB", need[1] - 1000)
+    gpu, ram = (f"{need[0] - 1000}B", "100MB") if short == "GPU" else ("100MB", f"{need[1] - 1000}B")
     t0 = time.time()
     assert main(["compress", str(deepseek), "--gpu-memory", str(gpu), "--memory", str(ram), "-o", str(out),
                  *SMALL]) == 2
@@ -186,7 +186,7 @@ def placed_run(deepseek: Path, tmp_path_factory) -> tuple[Path, tuple[int, int],
     gpu, ram = _sizes(deepseek)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert main(["compress", str(deepseek), "--gpu-memory", str(gpu), "--memory", str(ram), "-o", str(out),
+        assert main(["compress", str(deepseek), "--gpu-memory", f"{gpu}B", "--memory", f"{ram}B", "-o", str(out),
                      *SMALL]) == 0
     return out, (gpu, ram), printed.getvalue()
 

@@ -31,17 +31,29 @@ def _calibrated(path: Path, run: Path) -> CalibStats:
     return st
 
 
+def _router_of(mlp):
+    if hasattr(mlp, "gate"):
+        return getattr(mlp.gate, "wg", mlp.gate)  # Hunyuan: the linear map is mlp.gate.wg
+    return mlp.router  # gpt-oss: mlp.router (with a bias)
+
+
+def _moe_of(layer):
+    return getattr(layer, "mlp", None) or layer.feed_forward  # Llama 4: feed_forward
+
+
 def _mask_router(model, plan: PrunePlan) -> dict[int, torch.Tensor]:
     """Original model with the removed experts' router logits at -inf (and, for sigmoid + bias routers, their
     choice score at -inf so that they are never selected)."""
     masks: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for layer, d in plan.layers.items():
-            gate = model.model.layers[int(layer)].mlp.gate
+            mlp = _moe_of(model.model.layers[int(layer)])
+            gate = _router_of(mlp)
             removed = torch.tensor(d.removed)
             masks[gate.weight.data_ptr()] = removed
-            if hasattr(gate, "e_score_correction_bias"):
-                gate.e_score_correction_bias[removed] = float("-inf")
+            for holder in (gate, mlp):  # MiniMax-M2 keeps its correction bias beside the gate
+                if hasattr(holder, "e_score_correction_bias"):
+                    holder.e_score_correction_bias[removed] = float("-inf")
     return masks
 
 
@@ -59,11 +71,13 @@ def test_pruned_model_equals_masked_original(arch, shared_tiny_model, tmp_path, 
     pruned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     orig = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     for layer, d in plan.layers.items():
-        mlp_p, mlp_o = pruned.model.layers[int(layer)].mlp, orig.model.layers[int(layer)].mlp
+        mlp_p, mlp_o = _moe_of(pruned.model.layers[int(layer)]), _moe_of(orig.model.layers[int(layer)])
         assert mlp_p.experts.gate_up_proj.shape[0] == n_keep == len(d.kept)
         assert torch.equal(mlp_p.experts.down_proj, mlp_o.experts.down_proj[d.kept])
-        assert torch.equal(mlp_p.gate.weight, mlp_o.gate.weight[d.kept])
-    if view.facts.n_group:
+        assert torch.equal(_router_of(mlp_p).weight, _router_of(mlp_o).weight[d.kept])
+        if getattr(_router_of(mlp_o), "bias", None) is not None:  # router bias rows go with the router rows
+            assert torch.equal(_router_of(mlp_p).bias, _router_of(mlp_o).bias[d.kept])
+    if view.facts.n_group and view.facts.n_group > 1:  # group-limited routers (GLM-4.5, Kimi-K2: one group)
         assert plan.groups.mode == "preserve"
         per = view.facts.n_experts // view.facts.n_group
         for d in plan.layers.values():

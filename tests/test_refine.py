@@ -176,7 +176,7 @@ def test_compress_records_refinement_on_selection_tokens(model: Path, tmp_path: 
     monkeypatch.setattr(cands, "measure_kld", spy)
     target = 2 * sum(open_checkpoint(model).param_counts().values()) // 4
     out, run_dir = tmp_path / "x.gguf", tmp_path / "run"
-    assert main(["compress", str(model), "--target-size", str(target), "-o", str(out), "--run-dir", str(run_dir),
+    assert main(["compress", str(model), "--target-size", f"{target}B", "-o", str(out), "--run-dir", str(run_dir),
                  "--calib-text", str(DATA / "tinystories-valid.txt"), "--calib-tokens", "1024", "--seq-len", "128",
                  "--sens-tokens", "256", "--keep", "1.0", "--ladder", "IQ2_XXS,IQ3_XXS,Q4_K,Q6_K",
                  "--refine", "2"]) == 0

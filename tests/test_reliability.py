@@ -98,15 +98,15 @@ def test_truncated_safetensors(model: Path, tmp_path: Path, capsys) -> None:
 
 
 def test_prequantized_checkpoint_is_refused(model: Path, tmp_path: Path, capsys) -> None:
-    """FP8 (DeepSeek-V3's release: e4m3 weights + weight_scale_inv) or GPTQ/AWQ checkpoints read as wrong weights
-    without their scales; they are refused with the conversion to do, not compressed into garbage."""
+    """GPTQ/AWQ/bitsandbytes checkpoints (and FP8 weights whose config lost its quantization_config) read as wrong
+    weights without their scales; they are refused with what moepack reads, not compressed into garbage."""
     import torch
     from safetensors.torch import save_file
 
     d = _copy(model, tmp_path)
     cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps(cfg | {"quantization_config": {"quant_method": "fp8"}}))
-    _fails(["inspect", str(d)], capsys, "already quantized", "'fp8'", "bf16")
+    (d / "config.json").write_text(json.dumps(cfg | {"quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    _fails(["inspect", str(d)], capsys, "'gptq'", "bf16", "fp8", "compressed-tensors", "mxfp4")
     (d / "config.json").write_text(json.dumps(cfg))  # config silent, but the weights themselves are FP8
     from safetensors.torch import load_file
 

@@ -17,7 +17,7 @@ def test_report_from_compress_run(tiny_model, tmp_path: Path, capsys) -> None:
     model = tiny_model("qwen3_moe", tokenizer=True, hidden=256, ffn=256, n_experts=8, top_k=2, vocab=512)
     target = 2 * sum(open_checkpoint(model).param_counts().values()) // 5  # a fifth of bf16
     run_dir, out = tmp_path / "run", tmp_path / "x.gguf"
-    assert main(["compress", str(model), "--target-size", str(target), "-o", str(out), "--run-dir", str(run_dir),
+    assert main(["compress", str(model), "--target-size", f"{target}B", "-o", str(out), "--run-dir", str(run_dir),
                  "--keep", "0.75", *SMALL]) == 0
     pareto = tmp_path / "p.png"
     pareto.write_bytes(b"\x89PNG\r\n\x1a\n")  # any file: the page only links a copy

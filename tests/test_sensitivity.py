@@ -329,7 +329,7 @@ def test_cli_writes_the_table(tiny, tmp_path, capsys) -> None:
     assert not list(tmp_path.glob(".s.json*"))  # written atomically, nothing left behind
     plan_out = tmp_path / "plan.json"
     target = SensitivityTable.from_dict(t).min_bytes + t["overhead_bytes"] + 50_000
-    assert main(["allocate", "--sensitivity", str(out), "--target-size", str(target), "-o", str(plan_out)]) == 0
+    assert main(["allocate", "--sensitivity", str(out), "--target-size", f"{target}B", "-o", str(plan_out)]) == 0
 
 
 # ---------------------------------------------------------------------------------------------------- fast mode

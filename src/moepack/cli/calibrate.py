@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 def add_cli(sub: o.Subparsers) -> None:
     p = o.add_command(sub, "calibrate", "record routing statistics and the importance matrix on calibration text",
                       __doc__, run)
-    p.add_argument("model_dir", help="Hugging Face checkpoint directory")
+    o.add_model(p)
     o.add_calib_text(p)
     o.add_calib_tokens(p)
     o.add_seq_len(p)

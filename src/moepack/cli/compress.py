@@ -7,8 +7,14 @@ compute buffers are subtracted), a GPU + CPU machine (--gpu-memory for all but t
 file size (--target-size, or --target-bpw bits per parameter of the original checkpoint). The summary ends with the
 llama.cpp command that runs the file as placed. Every stage artifact lives in the run directory (default:
 OUT.gguf's name + ".run" beside it); a rerun after an interruption redoes only unfinished stages and writes identical
-bytes. The written file is loaded in llama.cpp with the device's context and generates a few tokens before the
-command reports success.
+bytes; candidates are pruned lazily (no checkpoint per retention; --save-pruned DIR writes the chosen one) and the
+GGUF is written once, at -o. The written file is loaded in llama.cpp with the device's context and generates a few
+tokens before the command reports success.
+
+Every run first prints its plan: the stages, the wall time predicted on this machine (docs/performance.md's cost
+model, calibrated by a short timing probe), peak RAM and scratch disk; --dry-run prints only that (from a
+config.json alone, too). Sizes need a unit: 128GB = 128*10^9 bytes, 128GiB = 128G = 128*2^30. Words: docs/usage.md's
+glossary.
 """
 from __future__ import annotations
 
@@ -29,11 +35,11 @@ REFINE = 4  # pipeline.options.REFINE_PASSES, mirrored to keep torch out of argu
 def add_cli(sub: o.Subparsers) -> None:
     p = o.add_command(sub, "compress", "prune, adjust top-k and quantize a MoE checkpoint to fit a device budget",
                       __doc__, run)
-    p.add_argument("model_dir", type=Path, help="Hugging Face checkpoint directory")
+    o.add_model(p)
     o.add_output(p, "OUT.gguf", "GGUF file to write")
     o.add_budget(p)
     o.add_keep(p, auto=True)
-    o.add_top_k(p)
+    o.add_top_k(p, tol_flag=False)
     o.add_calib_text(p)
     o.add_calib_tokens(p)
     o.add_seq_len(p)
@@ -54,29 +60,44 @@ def add_cli(sub: o.Subparsers) -> None:
                    help="after allocation, up to N passes of measured moves (budget-neutral swaps, upgrades into "
                         "bytes left over) that the additive sensitivity model misses; 0: off (default %(default)s)")
     p.add_argument("--run-dir", type=Path, metavar="DIR",
-                   help="stage artifacts (default OUT.gguf.run beside the output)")
+                   help="stage artifacts: calibration statistics, sensitivity tables, prune and quant plans, summary "
+                        "(default OUT.gguf.run beside the output; candidates are pruned lazily, no checkpoint is "
+                        "written per retention, and the GGUF is written once, at -o)")
+    p.add_argument("--save-pruned", type=Path, metavar="DIR",
+                   help="also write the chosen retention's pruned model as a Hugging Face checkpoint to DIR "
+                        "(default: none; it takes about the source's size on disk)")
     o.add_threads(p, "torch and quantization threads of every stage and task", ray=True)
-    p.add_argument("--cache-dir", type=Path, metavar="DIR",
-                   help="keep the sensitivity stage's quantized tensors on disk here (large models; with --ray on "
-                        "storage every machine sees)")
+    o.add_quant_cache(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the budget and print the stages, the predicted wall time on this machine, peak RAM and "
+                        "scratch disk, then stop (every compress prints the same first); works on a directory "
+                        "holding only config.json")
     o.add_repack(p, "verify")
     o.add_backend(p, shards=True)
 
 
-def run(args: argparse.Namespace) -> int:
-    from moepack.pipeline.compress import compress, render_summary
+def _options(args: argparse.Namespace, threads: int, shards: int | None = None):  # -> CompressOptions
     from moepack.pipeline.options import CompressOptions
+
+    return CompressOptions(keep=args.keep, top_k=args.top_k, calib_text=args.calib_text,
+                           calib_tokens=args.calib_tokens, seq_len=args.seq_len, sens_tokens=args.sens_tokens,
+                           solver=args.solver, base=args.base, ladder=args.ladder, criterion=args.criterion,
+                           threads=threads, shards=shards, cache_dir=args.quant_cache, extra_bufts=args.repack,
+                           sensitivity=args.sensitivity, refine=args.refine, probe_tokens=args.probe_tokens,
+                           save_pruned=args.save_pruned)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moepack.pipeline.compress import compress, dry_run, render_summary
 
     o.check_positive(args, "calib_tokens", "seq_len", "sens_tokens", "threads", "probe_tokens")
     if args.refine < 0:
         raise MoepackError(f"--refine must be 0 (off) or a number of passes (got {args.refine})")
+    if args.dry_run:
+        print(dry_run(args.model_dir, o.budget_request(args), _options(args, o.threads(args))))
+        return 0
     with o.make_backend(args) as backend:
-        opts = CompressOptions(keep=args.keep, top_k=args.top_k, calib_text=args.calib_text,
-                               calib_tokens=args.calib_tokens, seq_len=args.seq_len, sens_tokens=args.sens_tokens,
-                               solver=args.solver, base=args.base, ladder=args.ladder, criterion=args.criterion,
-                               threads=o.threads(args, backend), shards=args.shards, cache_dir=args.cache_dir,
-                               extra_bufts=args.repack, sensitivity=args.sensitivity,
-                               refine=args.refine, probe_tokens=args.probe_tokens)
+        opts = _options(args, o.threads(args, backend), args.shards)
         result = compress(args.model_dir, args.output, o.budget_request(args), opts, args.run_dir, backend)
     print(render_summary(result))
     return 0

@@ -40,7 +40,8 @@ def add_cli(sub: o.Subparsers) -> None:
     o.add_reference(p, "reference model: checkpoint directory or GGUF file", required=True, metavar="MODEL_DIR|GGUF")
     p.add_argument("--text", required=True, type=Path, metavar="FILE",
                    help="evaluation text (UTF-8); not the calibration text")
-    p.add_argument("--mc", nargs="+", action="extend", default=[], choices=TASKS, help="multiple-choice tasks")
+    p.add_argument("--mc", nargs="+", action="extend", default=[], choices=TASKS,
+                   help="multiple-choice tasks (default: none)")
     p.add_argument("--mc-items", type=int, default=500, metavar="N", help="items per task (0 = all; default 500)")
     p.add_argument("--window", type=int, default=512, metavar="N",
                    help="scored window length in tokens, also the llama.cpp context size (default 512)")
@@ -48,10 +49,14 @@ def add_cli(sub: o.Subparsers) -> None:
                    help="text tokens to read (default 0: enough windows to score 16,384 tokens; a shorter text "
                         "scores what it holds, and the report says so)")
     o.add_threads(p, "llama.cpp threads for scoring and the speed test (results do not depend on it)")
-    p.add_argument("--prompt-tokens", type=int, default=128, metavar="N", help="prompt length of the speed test")
-    p.add_argument("--gen-tokens", type=int, default=64, metavar="N", help="greedy decode steps of the speed test")
+    p.add_argument("--prompt-tokens", type=int, default=128, metavar="N",
+                   help="prompt length of the speed test (default 128)")
+    p.add_argument("--gen-tokens", type=int, default=64, metavar="N",
+                   help="greedy decode steps of the speed test (default 64)")
     p.add_argument("--no-speed", action="store_true", help="skip the speed and memory subprocess")
-    p.add_argument("--cache-dir", type=Path, metavar="DIR", help="reference cache (default ~/.cache/moepack/eval)")
+    p.add_argument("--cache-dir", type=Path, metavar="DIR",
+                   help="where the reference's log-probabilities are cached between runs (default "
+                        "~/.cache/moepack/eval; compress's --quant-cache is another cache: quantized tensors)")
     p.add_argument("--data-dir", type=Path, metavar="DIR",
                    help="directory holding mc/ (default: moepack's bundled PIQA and HellaSwag)")
     p.add_argument("--cloze-text", type=Path, metavar="FILE",

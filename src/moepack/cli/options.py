@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
@@ -42,6 +43,7 @@ __all__ = [
     "add_command",
     "resolve_models",
     "add_output",
+    "add_model",
     "add_calib_text",
     "add_calib_dir",
     "add_calib_tokens",
@@ -60,6 +62,7 @@ __all__ = [
     "add_ladder",
     "add_reference",
     "add_repack",
+    "add_quant_cache",
     "budget_request",
     "make_backend",
     "threads",
@@ -67,6 +70,8 @@ __all__ = [
     "top_k_arg",
     "keep_arg",
     "ladder_arg",
+    "size_arg",
+    "SIZE_UNITS",
 ]
 
 log = logging.getLogger(__name__)
@@ -107,6 +112,9 @@ def add_command(sub: Subparsers, name: str, help: str, doc: str | None,
     p = sub.add_parser(name, help=help, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                        allow_abbrev=False)
     p.set_defaults(func=lambda args: run(resolve_models(args)))
+    # also after the subcommand; SUPPRESS: not given here leaves `moepack --debug CMD`'s value alone
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks and debug logging (also accepted before the command)")
     return p
 
 
@@ -143,6 +151,27 @@ def keep_arg(s: str) -> float | str:
         raise argparse.ArgumentTypeError(f"--keep takes a number in (0, 1] or 'auto', not {s!r}") from None
 
 
+SIZE_UNITS = ("a unit is required: kB/MB/GB/TB are powers of 1000 (128GB = 128*10^9 bytes, as disks and "
+              "vendors count), KiB/MiB/GiB/TiB and K/M/G/T powers of 1024 (128G = 128GiB = 137.4*10^9 bytes, as "
+              "RAM is built), B bytes")
+_UNITLESS = re.compile(r"\s*[\d_]*\.?[\d_]*(?:[eE][+-]?\d+)?\s*")
+
+
+def size_arg(s: str) -> str:
+    """A size with its unit, checked at parse time ("128" alone is refused: bytes or GB? the message says)."""
+    from moepack.stages.budget import parse_size  # pure Python
+
+    if _UNITLESS.fullmatch(s) and any(c.isdigit() for c in s):
+        n = s.strip()
+        raise argparse.ArgumentTypeError(f"{s!r} has no unit; write {n}GB (10^9 bytes), {n}GiB or {n}G (2^30 bytes), "
+                                         f"or {n}B for bytes")
+    try:
+        parse_size(s)
+    except MoepackError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return s
+
+
 def ladder_arg(s: str) -> tuple[str, ...]:
     """"IQ2_XXS, q4_k,Q8_0" → ("IQ2_XXS", "Q4_K", "Q8_0"), each a GGML type name."""
     from moepack.gguf.types import parse_type  # at parse time only: gguf and numpy
@@ -165,6 +194,12 @@ def check_positive(args: argparse.Namespace, *dests: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
+
+def add_model(p: Container, note: str = "") -> None:
+    """The positional MODEL every command but inspect, eval and report takes (resolve_models reads it)."""
+    p.add_argument("model_dir", metavar="MODEL", help=f"Hugging Face checkpoint directory{note}, or the repo id of one "
+                   "in the local Hugging Face cache (e.g. Qwen/Qwen3-30B-A3B; moepack never downloads)")
+
 
 def add_output(p: Container, metavar: str, help: str, required: bool = True) -> None:
     p.add_argument("-o", "--output", type=Path, required=required, metavar=metavar, help=help)
@@ -224,7 +259,7 @@ def add_backend(p: Container, shards: bool = False) -> None:
     p.add_argument("--ray", metavar="auto|ADDRESS", default=None,
                    help="run tasks on a Ray cluster: auto (a running cluster, else a local one), HEAD:6379 or "
                         "ray://HEAD:10001; the checkpoint must be at the same path on every machine "
-                        "(needs moepack[ray]; see docs/distributed.md)")
+                        "(needs moepack[ray]; see docs/distributed.md); default: in-process")
     if shards:
         p.add_argument("--shards", type=int, default=None, metavar="N",
                        help="calibration tasks, each a contiguous block of whole sequences (default 1; with --ray "
@@ -243,21 +278,23 @@ def make_backend(args: argparse.Namespace) -> Backend:
 # ---------------------------------------------------------------------------------------------------- budget
 
 def add_target_size(g: Container, help: str) -> None:
-    g.add_argument("--target-size", metavar="SIZE", help=f"GGUF file size, e.g. 103GB, 20MiB or 1.5GiB{help}")
+    g.add_argument("--target-size", type=size_arg, metavar="SIZE",
+                   help=f"GGUF file size, e.g. 103GB, 20MiB or 1.5GiB{help}; {SIZE_UNITS}")
 
 
 def add_budget(p: argparse.ArgumentParser) -> None:
     """The device or size budget (`budget_request` reads it back)."""
     g = p.add_argument_group("budget (give --memory with -c/--ctx-size, or --target-size, or --target-bpw)")
-    g.add_argument("--memory", metavar="SIZE", help="device memory, e.g. 16GiB, 128GB, 8G (= 8 GiB); with "
-                   "--gpu-memory, the system RAM that holds the routed experts")
-    g.add_argument("--gpu-memory", metavar="SIZE",
+    g.add_argument("--memory", type=size_arg, metavar="SIZE",
+                   help="device memory, e.g. 16GiB, 128GB, 8G (= 8 GiB); with --gpu-memory, the system RAM that "
+                        f"holds the routed experts; {SIZE_UNITS}")
+    g.add_argument("--gpu-memory", type=size_arg, metavar="SIZE",
                    help="GPU memory for all but the routed experts, plus the KV cache (llama.cpp's -ngl 99 -ot "
-                        "exps=CPU); needs --memory and -c")
+                        "exps=CPU); needs --memory and -c (refused without them); units as --memory")
     g.add_argument("-c", "--ctx-size", type=int, metavar="N",
                    help="context length the device must hold, as llama.cpp's -c (sizes the KV cache)")
-    g.add_argument("--reserve", metavar="SIZE", help="memory kept free for the OS and the runtime "
-                   f"(default {DEFAULT_RESERVE_FRACTION * 100:.0f}%% of --memory)")
+    g.add_argument("--reserve", type=size_arg, metavar="SIZE", help="memory kept free for the OS and the runtime "
+                   f"(default {DEFAULT_RESERVE_FRACTION * 100:.0f}%% of --memory; needs --memory); units as --memory")
     add_target_size(g, "")
     g.add_argument("--target-bpw", type=float, metavar="X",
                    help="GGUF file size as bits per parameter of the original checkpoint (all its tensors)")
@@ -270,6 +307,13 @@ def add_budget(p: argparse.ArgumentParser) -> None:
 
 
 def budget_request(args: argparse.Namespace) -> BudgetRequest:
+    """The budget flags as a request; flags that only qualify --memory are refused without it (never ignored)."""
+    if args.memory is None:
+        alone = [f for f, v in (("--gpu-memory", args.gpu_memory), ("--reserve", args.reserve)) if v is not None]
+        if alone:
+            raise MoepackError(f"{' and '.join(alone)} need{'s' if len(alone) == 1 else ''} --memory SIZE and "
+                               "-c/--ctx-size N (with --gpu-memory, --memory is the system RAM that holds the routed "
+                               "experts)")
     return BudgetRequest(memory=args.memory, ctx=args.ctx_size, reserve=args.reserve, target_size=args.target_size,
                          target_bpw=args.target_bpw, type_k=args.cache_type_k, type_v=args.cache_type_v,
                          n_ubatch=args.ubatch_size, flash_attn=args.flash_attn,
@@ -287,10 +331,12 @@ def add_keep(p: Container, auto: bool) -> None:
                       else " (default 0.75)"))
 
 
-def add_top_k(p: Container) -> None:
+def add_top_k(p: Container, tol_flag: bool = True) -> None:
+    """`tol_flag`: the command has --kld-tol (prune); compress uses prune's default tolerance."""
+    tol = "--kld-tol" if tol_flag else "0.01 nats (prune's default tolerance)"
     p.add_argument("--top-k", type=top_k_arg, default=None, metavar="K|auto",
-                   help="experts per token after pruning: a number, or auto (the smallest k' within --kld-tol of "
-                        "the best on held-out tokens); default max(1, round(R*k))")
+                   help="experts per token after pruning, k': a number, or auto (the smallest k' whose mean KLD on "
+                        f"held-out tokens is within {tol} of the best); default max(1, round(R*k))")
 
 
 def add_criterion(p: Container, auto: bool = False) -> None:
@@ -328,6 +374,13 @@ def add_ladder(p: Container) -> None:
     p.add_argument("--ladder", type=ladder_arg, default=",".join(LADDER), metavar="T1,T2,...",
                    help="the types a group may take, comma-separated (default: every llama.cpp weight type, "
                         "%(default)s)")
+
+
+def add_quant_cache(p: Container) -> None:
+    p.add_argument("--quant-cache", type=Path, metavar="DIR",
+                   help="keep the sensitivity stage's quantized tensors on disk in DIR instead of RAM (large models; "
+                        "with --ray on storage every machine sees); default: none, in memory. (eval's --cache-dir is "
+                        "another thing: its reference log-probabilities)")
 
 
 def add_repack(p: Container, what: str) -> None:

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def add_cli(sub: o.Subparsers) -> None:
     p = o.add_command(sub, "prune", "remove the least important routed experts and adjust top-k", __doc__, run)
-    p.add_argument("model_dir", help="Hugging Face checkpoint directory")
+    o.add_model(p)
     o.add_calib_dir(p, "routing statistics")
     o.add_keep(p, auto=False)
     p.add_argument("--alpha", type=float, default=0.5, help="frequency weight in the score criterion (default 0.5)")

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 def add_cli(sub: o.Subparsers) -> None:
     p = o.add_command(sub, "quantize", "write a GGUF at one GGML type, a quant plan, or a llama.cpp ftype mixture",
                       __doc__, run)
-    p.add_argument("model_dir", type=Path, help="Hugging Face checkpoint directory (original or pruned)")
+    o.add_model(p, " (original or pruned)")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--type", dest="qtype", metavar="T",
                      help="moepack's writer: this GGML type (Q4_K, IQ2_XXS, ...) for every weight matrix")

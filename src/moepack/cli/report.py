@@ -3,11 +3,12 @@
 Two pages, each from the run directory's files alone (no model is loaded):
 
 The run report (default, `-o PAGE.md`): how the run decided, for the person who ran it —
-- the experts kept per MoE layer, as a heat map of the pruning importance (`pruned-r*/prune_plan.json`), kept
+- the experts kept per MoE layer, as a heat map of the pruning importance (`prune_plan-r*.json`), kept
   experts outlined;
 - the GGML type chosen for every tensor (`quant_plan-r*.json`), as a chart of bits per weight;
 - the top rows of the sensitivity table (`sensitivity-r*.json`): the groups whose first upgrade gains most KLD;
-- the eval table, when an eval JSON (`moepack eval --json-out`) is in the run directory or given;
+- the eval table, when an eval JSON (`moepack eval --json-out`) is in the run directory (for the card, also
+  beside the GGUF) or given;
 - the Pareto plot, when given (copied beside the page).
 
 The model card (`--card`, or an output named README.md): the page to share beside the GGUF on a model hub — YAML
@@ -43,7 +44,8 @@ def add_cli(sub: o.Subparsers) -> None:
                    help="a size-vs-KLD PNG to include (e.g. docs/results-pareto-tiny-qwen3-moe.png); the card draws one itself "
                         "when the run measured two or more sizes")
     p.add_argument("--eval", type=Path, metavar="EVAL.json",
-                   help="an eval JSON (`moepack eval --json-out`), if not in the run directory")
+                   help="an eval JSON (`moepack eval --json-out`); default: one that scored this GGUF in the run "
+                        "directory or beside the GGUF")
 
 
 def run(args: argparse.Namespace) -> int:

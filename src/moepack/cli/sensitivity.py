@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 def add_cli(sub: o.Subparsers) -> None:
     p = o.add_command(sub, "sensitivity", "measure ΔKLD per tensor group and GGML type (sensitivity.json)",
                       __doc__, run)
-    p.add_argument("model_dir", type=Path, help="Hugging Face checkpoint directory (original or pruned)")
+    o.add_model(p, " (original or pruned)")
     o.add_calib_dir(p, "importance matrix")
     o.add_calib_text(p, required=True, help="text to measure on (UTF-8): held-out text of the deployment domain, "
                                             "like the calibration text; never the text you evaluate on")
@@ -41,11 +41,11 @@ def add_cli(sub: o.Subparsers) -> None:
                     metavar="ORIG_MODEL_DIR")
     o.add_base(p, o.BASE)
     o.add_ladder(p)
-    p.add_argument("--mode", choices=o.SENS_MODES, default="kld", help="kld (measured; the proxy comes free) or proxy")
+    p.add_argument("--mode", choices=o.SENS_MODES, default="kld", help="kld (measured; the proxy comes free) or proxy (default kld)")
     o.add_sensitivity(p)
     o.add_threads(p, "torch and quantization threads per task", ray=True)
     o.add_batch_size(p)
-    p.add_argument("--cache-dir", type=Path, metavar="DIR", help="keep quantized tensors on disk here (large models)")
+    o.add_quant_cache(p)
     o.add_output(p, "sensitivity.json", "sensitivity table to write")
     o.add_backend(p)
 
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     ids = chunk_tokens(tokenize_file(args.model_dir, args.calib_text, args.sens_tokens), args.seq_len)  # (N, L)
     with o.make_backend(args) as backend:
         cfg = SensitivityConfig(base=args.base, ladder=tuple(args.ladder), mode=args.mode,
-                                threads=o.threads(args, backend), batch_size=args.batch_size, cache_dir=args.cache_dir,
+                                threads=o.threads(args, backend), batch_size=args.batch_size, cache_dir=args.quant_cache,
                                 sensitivity=args.sensitivity)
         table = measure_sensitivity(view, ids, cfg, reference_view=ref_view, imatrix=stats, backend=backend)
     table.write(args.output)

@@ -18,8 +18,8 @@ __all__ = ["add_cli", "run"]
 def add_cli(sub: o.Subparsers) -> None:
     p = o.add_command(sub, "usage", "expert usage per domain: heat map and the experts each domain barely uses",
                       __doc__, run)
-    p.add_argument("model_dir", help="Hugging Face checkpoint directory")
-    p.add_argument("--calib-text", action="append", required=True, metavar="NAME=FILE",
+    o.add_model(p)
+    p.add_argument("--calib-text", action="append", required=True, metavar="[NAME=]FILE",
                    help="a domain's text (at least two; e.g. code=data/calib/code.txt); a bare FILE is named by its stem")
     o.add_calib_tokens(p)
     o.add_seq_len(p)

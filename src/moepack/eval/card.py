@@ -20,7 +20,8 @@ from moepack.gguf.metadata import QUANTIZED_BY
 from moepack.eval.report import (ReportError, experts_chart, find_artifacts, pareto_chart, pareto_points,
                                  types_chart)
 
-__all__ = ["build_card", "card_path", "front_matter", "base_model_id", "source_license", "CARD_TAGS"]
+__all__ = ["build_card", "card_path", "front_matter", "base_model_id", "source_license", "license_fields",
+           "find_eval", "CARD_TAGS", "LICENSE_PLACEHOLDER"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,22 @@ def _gguf_of(run_dir: Path, summary: dict[str, Any]) -> Path:
             return p
     raise ReportError(f"{run_dir}: neither {out} nor {run_dir / 'model.gguf'} is the {summary.get('file_bytes')}-byte "
                       "GGUF summary.json describes; rerun `moepack compress` with this run directory")
+
+
+def find_eval(run_dir: Path, gguf_path: Path) -> dict[str, Any] | None:
+    """An eval report (`moepack eval --json-out`) that scored this GGUF: in the run directory (where compress's
+    docs put it) or beside the GGUF (where the demo writes eval.json); else any eval report in the run directory."""
+    reports = []
+    for folder in dict.fromkeys((run_dir, gguf_path.parent)):
+        for p in sorted(folder.glob("*.json")):
+            try:
+                d = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(d, dict) and isinstance(d.get("models"), list):
+                reports.append((folder, d))
+    mine = [d for _, d in reports if any(Path(str(m.get("file", ""))).name == gguf_path.name for m in d["models"])]
+    return (mine or [d for f, d in reports if f == run_dir] or [None])[0]
 
 
 def _gguf_meta(path: Path) -> dict[str, Any]:
@@ -71,21 +88,48 @@ def base_model_id(source: Path | None) -> str | None:
     return name if isinstance(name, str) and _REPO_ID.fullmatch(name) and not Path(name).exists() else None
 
 
+def _card_fields(source: Path) -> dict[str, str]:
+    """The scalar keys of the source model card's YAML front matter (README.md), as written."""
+    card = source / "README.md"
+    text = card.read_text(errors="replace") if card.is_file() else ""
+    out: dict[str, str] = {}
+    if text.startswith("---\n") and (end := text.find("\n---", 4)) > 0:
+        for line in text[4:end].splitlines():
+            key, _, value = line.partition(":")
+            if value.strip() and not line.startswith((" ", "-")):
+                out[key.strip()] = value.strip().strip("'\"")
+    return out
+
+
+def _license_found(source: Path | None) -> dict[str, str]:
+    """license, license_name and license_link as the source's card front matter (or config.json's "license") says."""
+    fields = _card_fields(source) if source is not None else {}
+    out = {k: fields[k] for k in ("license", "license_name", "license_link") if fields.get(k)}
+    cfg = source / "config.json" if source is not None else None
+    if "license" not in out and cfg is not None and cfg.is_file():
+        lic = json.loads(cfg.read_text()).get("license")
+        if isinstance(lic, str) and lic:
+            out["license"] = lic
+    return out
+
+
 def source_license(source: Path | None) -> str | None:
     """`license:` of the source model's card front matter (or config.json's "license"), if either says."""
-    if source is None:
-        return None
-    card = source / "README.md"
-    if card.is_file():
-        text = card.read_text(errors="replace")
-        if text.startswith("---\n") and (end := text.find("\n---", 4)) > 0:
-            for line in text[4:end].splitlines():
-                key, _, value = line.partition(":")
-                if key.strip() == "license" and value.strip():
-                    return value.strip().strip("'\"")
-    cfg = source / "config.json"
-    lic = json.loads(cfg.read_text()).get("license") if cfg.is_file() else None
-    return lic if isinstance(lic, str) and lic else None
+    return _license_found(source).get("license")
+
+
+LICENSE_PLACEHOLDER = "FILL IN: the source model's licence (see its model card) before uploading"
+
+
+def license_fields(source: Path | None) -> dict[str, str]:
+    """The card's license keys: the source's; a licence "other" without a name or link, or none at all, gets the
+    placeholder name LICENSE_PLACEHOLDER, which the user must replace."""
+    out = _license_found(source)
+    if "license" not in out:
+        return {"license": "other", "license_name": LICENSE_PLACEHOLDER}
+    if out["license"] == "other" and not out.get("license_name") and not out.get("license_link"):
+        out["license_name"] = LICENSE_PLACEHOLDER
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- text
@@ -110,17 +154,28 @@ def _types_rows(types: dict[str, dict[str, int]]) -> list[str]:
     return out
 
 
+def _size_flag(n: Any) -> str:
+    """A byte count as a size flag takes it (a unit is required): GB or GiB when exact, else B."""
+    n = int(n or 0)
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("GiB", 2**30), ("MB", 10**6), ("MiB", 2**20)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return f"{n}B"
+
+
 def _budget_line(b: dict[str, Any]) -> str:
     src = b.get("from", b.get("source"))
+    size = _size_flag
     if src == "memory" and b.get("gpu_weights") is not None:  # GPU + RAM: two budgets (stages.placement)
-        how = (f"`--gpu-memory {b.get('gpu_memory')} --memory {b.get('memory')} --ctx-size {b.get('ctx')}`: "
+        how = (f"`--gpu-memory {size(b.get('gpu_memory'))} --memory {size(b.get('memory'))} "
+               f"--ctx-size {b.get('ctx')}`: "
                f"{b['gpu_weights']:,} bytes of GPU-resident tensors, the rest in system RAM")
     elif src == "memory":
-        how = f"`--memory {b.get('memory')} --ctx-size {b.get('ctx')}`"
+        how = f"`--memory {size(b.get('memory'))} --ctx-size {b.get('ctx')}`"
     elif src == "target_bpw":
         how = f"`--target-bpw {b.get('bpw')}` over {b.get('n_params'):,} parameters"
     else:
-        how = f"`--target-size {b.get('target')}`"
+        how = f"`--target-size {size(b.get('target'))}`"
     limit = b.get("file_limit", b.get("weights", 0) + b.get("overhead", 0))
     return f"{limit:,} bytes of GGUF file ({how})"
 
@@ -147,6 +202,42 @@ def _command(summary: dict[str, Any], gguf_path: Path) -> str:
         ctx = (summary.get("budget") or {}).get("ctx") or 4096  # a size budget names none: llama.cpp's default
         return llama_command(gguf_path.name, ctx)
     return cmd.replace(shlex.quote(str(summary.get("out"))), shlex.quote(gguf_path.name))
+
+
+BUNDLED_DOMAINS = "stories, encyclopedic prose, dialogue, Python code and web text"
+
+
+def _calibration_rows(manifest: dict[str, Any] | None) -> list[str]:
+    """Which text decided the experts removed and the bits per tensor, and its domain."""
+    if not manifest:
+        return ["No calibration manifest in the run directory.", ""]
+    text = Path(str(manifest.get("text") or ""))
+    from moepack.model.textdata import DEFAULT_CALIB_TEXT
+
+    domain = (f"moepack's bundled mix of {BUNDLED_DOMAINS}" if text.name == DEFAULT_CALIB_TEXT.name
+              and text.parent.name == DEFAULT_CALIB_TEXT.parent.name else f"{text.stem} (from the file name)")
+    sha = str(manifest.get("text_sha256") or "")[:16]
+    return ["The calibration text decided which experts were removed and where the bits went:", "",
+            "| | |", "|---|---|", f"| calibration text | `{text.name}` (sha256 {sha}…) |", f"| domain | {domain} |",
+            f"| tokens | {manifest.get('tokens', 0):,} for the statistics, {manifest.get('heldout_tokens', 0):,} "
+            f"selection tokens every choice was measured on, {manifest.get('report_requested', 0):,} report tokens "
+            "no choice saw |", ""]
+
+
+def _run_rows(summary: dict[str, Any], gguf_path: Path, runtime: str | None) -> list[str]:
+    """llama-cli, llama-server and ollama, as compress verified the file; and the build it was verified with."""
+    server = _command(summary, gguf_path)
+    cli = server.replace("llama-server", "llama-cli", 1) + ' -p "Once upon a time"'
+    ctx = m.group(1) if (m := re.search(r" -c (\d+)", server)) else 4096  # the context compress verified
+    name = gguf_path.stem.lower().replace("_", "-")
+    built = (f"Verified by `moepack compress` with {runtime}; older llama.cpp builds may not know this "
+             "architecture." if runtime else "The llama.cpp build it was verified with was not recorded (a run from "
+             "an older moepack).")
+    return ["```sh", cli, f"{server} --port 8080", "```", "",
+            "With ollama (a Modelfile naming the file; ollama has no `--no-repack` or `-ot`, so on CPUs with AMX a "
+            "DeepSeek-style file may abort there, see llama.cpp's `--no-repack`):", "",
+            "```sh", f"printf 'FROM ./{gguf_path.name}\\nPARAMETER num_ctx {ctx}\\n' > Modelfile",
+            f"ollama create {name} -f Modelfile && ollama run {name}", "```", "", built, ""]
 
 
 def _charts(a: dict[str, Any], out: Path, pareto: Path | None) -> list[tuple[str, str, Any]]:
@@ -190,7 +281,7 @@ def _body(a: dict[str, Any], gguf_path: Path, meta: dict[str, Any], base: str | 
               "## File", "", "| | |", "|---|---|", f"| file | `{gguf_path.name}` |",
               f"| size | {size:,} bytes ({size / 2**20:.2f} MiB) |",
               f"| bits per weight | {s['bpw']:.3f} (file bits over the original model's parameters) |", ""]
-    lines += ["## Evaluation", ""]
+    lines += ["## Calibration", "", *_calibration_rows(a.get("calib")), "## Evaluation", ""]
     if s.get("measured_kld") is not None:
         lines += [f"Mean KLD vs the original on held-out calibration tokens, as compress measured the chosen plan "
                   f"(fake-quantized forward): {s['measured_kld']:.5f}.", ""]
@@ -199,8 +290,9 @@ def _body(a: dict[str, Any], gguf_path: Path, meta: dict[str, Any], base: str | 
 
         lines += [to_markdown(a["eval"]), ""]
     else:
-        lines += ["No eval report in the run directory (`moepack eval ... --json-out RUN_DIR/eval.json` adds one).", ""]
-    lines += ["## Run it", "", "```sh", _command(s, gguf_path), "```", ""]
+        lines += ["No eval report in the run directory or beside the GGUF (`moepack eval ... --json-out "
+                  "RUN_DIR/eval.json` adds one).", ""]
+    lines += ["## Run it", "", *_run_rows(s, gguf_path, s.get("runtime"))]
     for title, file, _ in charts:
         lines += [f"## {title}", "", f"![{title}]({file})", ""]
     return lines
@@ -231,12 +323,18 @@ def build_card(run_dir: str | Path, out: str | Path, pareto: str | Path | None =
     if pareto is not None and not Path(pareto).is_file():
         raise ReportError(f"{pareto}: no such Pareto plot")
     gguf_path = _gguf_of(run_dir, a["summary"])
+    if eval_json is None:
+        a["eval"] = find_eval(run_dir, gguf_path)
+    manifest = run_dir / "calib" / "manifest.json"
+    a["calib"] = json.loads(manifest.read_text()) if manifest.is_file() else None
     meta, source = _gguf_meta(gguf_path), _source_dir(run_dir, a)
     base = base_model_id(source)
     charts = _charts(a, out, None if pareto is None else Path(pareto))
     tags = [*CARD_TAGS, meta.get("general.architecture")]
+    lic = license_fields(source)
     head = front_matter({"base_model": base, "base_model_relation": "quantized" if base else None,
-                         "license": source_license(source), "library_name": "gguf",
+                         "license": lic["license"], "license_name": lic.get("license_name"),
+                         "license_link": lic.get("license_link"), "library_name": "gguf",
                          "pipeline_tag": "text-generation",
                          "quantized_by": meta.get("general.quantized_by", QUANTIZED_BY),
                          "tags": [t for t in tags if t]})

@@ -25,7 +25,7 @@ from moepack.model import metrics
 from moepack.model.textdata import chunk_tokens, read_text, text_sha256
 
 __all__ = ["EvalConfig", "EvalError", "Scorer", "LlamaScorer", "HFScorer", "Reference", "prepare_reference",
-           "gguf_counts", "Tokenize", "ROW_CHUNK", "CACHE_VERSION", "SCORED_TOKENS", "tokens_for"]
+           "gguf_counts", "Tokenize", "ROW_CHUNK", "CACHE_VERSION", "SCORED_TOKENS", "tokens_for", "hf_config_kw"]
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,19 @@ class LlamaScorer:
         self.llm.close()
 
 
+def hf_config_kw(model_dir: Path) -> dict[str, Any]:
+    """Kimi-K2's config.json says model_type kimi_k2, which transformers has no class for (the hub ships remote
+    code): load it with the config its ArchSpec names (DeepSeek-V3's). Other checkpoints as transformers reads them."""
+    from moepack.model.arch import spec_for, supported
+    from moepack.model.checkpoint import open_checkpoint, read_config
+    from moepack.model.runner import hf_config
+
+    model_type = read_config(Path(model_dir)).get("model_type")
+    if model_type not in supported() or "hf_model_type" not in spec_for(model_type).extra:
+        return {}
+    return {"config": hf_config(open_checkpoint(model_dir))}
+
+
 class HFScorer:
     """A Hugging Face checkpoint in transformers, float32."""
 
@@ -156,7 +169,8 @@ class HFScorer:
 
         self.torch = torch
         self.threads = threads
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
+                                                                       **hf_config_kw(model_dir)).eval()
         self.n_vocab = int(self.model.config.vocab_size)
 
     def _logits(self, batch: list[list[int]]) -> np.ndarray:

@@ -35,7 +35,7 @@ def _read(reader: Any, path: Path) -> Any:
 
 
 def _retention(path: Path) -> str:
-    """'0.75' from 'quant_plan-r0.75.json' / 'sensitivity-r0.75.json' / 'pruned-r0.75'."""
+    """'0.75' from 'quant_plan-r0.75.json' / 'sensitivity-r0.75.json' / 'prune_plan-r0.75.json'."""
     stem = path.name[:-5] if path.name.endswith(".json") else path.name
     return stem.rsplit("-r", 1)[-1]
 
@@ -46,6 +46,15 @@ def table_path(run_dir: Path, keep: str, plan: QuantPlan | None) -> Path:
     base = (plan.base or {}).get("default_type") if plan is not None else None
     tagged = run_dir / f"sensitivity-r{keep}-{base}.json"
     return tagged if base and tagged.is_file() else run_dir / f"sensitivity-r{keep}.json"
+
+
+def _prune_plan(run_dir: Path, keep: str) -> PrunePlan | None:
+    """The chosen retention's prune plan: prune_plan-rKEEP.json (compress prunes lazily), or inside the pruned
+    checkpoint that runs before that wrote (pruned-rKEEP/)."""
+    for path in (run_dir / f"prune_plan-r{keep}.json", run_dir / f"pruned-r{keep}" / "prune_plan.json"):
+        if path.is_file():
+            return PrunePlan.read(path)
+    return None
 
 
 def find_artifacts(run_dir: Path) -> dict[str, Any]:
@@ -63,7 +72,7 @@ def find_artifacts(run_dir: Path) -> dict[str, Any]:
     evals = [p for p in sorted(run_dir.glob("*.json")) if (_load(p) or {}).get("models") is not None]
     plan = _read(QuantPlan.read, run_dir / f"quant_plan-r{keep}.json")
     return {"keep": keep, "summary": summary,
-            "prune_plan": _read(PrunePlan.read, run_dir / f"pruned-r{keep}" / "prune_plan.json"),
+            "prune_plan": _prune_plan(run_dir, keep),
             "quant_plan": plan, "sensitivity": _read(SensitivityTable.read, table_path(run_dir, keep, plan)),
             "eval": _load(evals[0]) if evals else None}
 

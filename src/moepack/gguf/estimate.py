@@ -9,6 +9,7 @@ import gguf
 from moepack.gguf.types import written_bytes
 from moepack.model.arch import Role
 from moepack.model.checkpoint import CheckpointView
+from moepack.model.formats import stored_summary
 
 __all__ = ["describe", "estimate_size", "ESTIMATE_TYPES"]
 
@@ -30,6 +31,9 @@ def describe(view: CheckpointView) -> dict[str, Any]:
     total = sum(counts.values())
     routed_per_expert = counts[Role.ROUTED_EXPERTS.value] / max(1, len(f.moe_layers) * f.n_experts)
     active = total - counts[Role.ROUTED_EXPERTS.value] + routed_per_expert * f.top_k * len(f.moe_layers)
+    # The input embedding is a row lookup, not a matmul: some vendors (gpt-oss) leave it out of "active". Tied
+    # embeddings are also the output head, which every token multiplies by in full, so they stay in.
+    lookup = counts[Role.EMBEDDING.value] if counts[Role.OUTPUT.value] else 0
     return {
         "path": str(view.root),
         "architecture": f.arch,
@@ -55,7 +59,15 @@ def describe(view: CheckpointView) -> dict[str, Any]:
         "params": counts,
         "params_total": total,
         "params_active": int(active),
+        "params_active_without_embedding": int(active - lookup),
         "bf16_bytes": 2 * total,
         "gguf_estimates": {t: estimate_size(view, t) for t in ESTIMATE_TYPES},
         "fingerprint": view.fingerprint(),
+        "stored": _stored(view, total),
     }
+
+
+def _stored(view: CheckpointView, params: int) -> dict[str, Any]:
+    """The checkpoint's own bytes (FP8 values and their block scales, ...), bits per weight over the parameters."""
+    s = stored_summary(view.tensors.values())
+    return s | {"bpw": 8 * s["bytes"] / max(1, params)}

@@ -20,6 +20,7 @@ import numpy as np
 
 from moepack.atomic import atomic_path
 from moepack.errors import MoepackError
+from moepack.gguf.linear_attn import QKVZ_SPLIT
 from moepack.gguf.names import OutTensor, gguf_outputs
 from moepack.model.arch import is_expert_key
 from moepack.schema import CalibStats, ImatrixEntry
@@ -94,6 +95,9 @@ def imatrix_entries(stats: CalibStats, view: CheckpointView) -> dict[str, Imatri
         if not is_expert_key(key) and sums.shape[0] > 1:
             sums, counts = sums.reshape(1, -1), counts[:1]  # (1, M*n): one count per dense tensor
         out[name] = ImatrixEntry(sums, counts)
+        if key.endswith(".in_proj_qkvz.weight"):  # written as attn_qkv + attn_gate, both fed the same inputs
+            for hf, _ in QKVZ_SPLIT:
+                out[gguf_tensor_name(view, key.replace("in_proj_qkvz", hf))] = ImatrixEntry(sums, counts)
     return out
 
 

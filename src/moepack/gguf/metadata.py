@@ -51,6 +51,16 @@ def _rope(cfg: dict[str, Any]) -> dict[str, Any]:
     return rope
 
 
+def _rope_base(cfg: dict[str, Any], rope: dict[str, Any]) -> float:
+    """rope_theta; Hunyuan's "dynamic" rope with a fixed alpha (NTK-alpha) only stretches the base, to
+    theta * alpha^(d / (d - 2)), as transformers computes it and the converter writes it."""
+    base = float(rope["rope_theta"])
+    if rope.get("rope_type", rope.get("type")) == "dynamic" and rope.get("alpha"):
+        d = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+        base *= float(rope["alpha"]) ** (d / (d - 2))
+    return base
+
+
 def _kv_heads(cfg: dict[str, Any]) -> int:
     # transformers' configs read an absent (or null) num_key_value_heads as multi-head attention.
     return int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
@@ -62,15 +72,16 @@ def _meta_common(w: gguf.GGUFWriter, view: Any, n_expert: int) -> None:
     w.add_embedding_length(f.hidden)
     w.add_block_count(f.n_layers)
     # The converter writes intermediate_size; an all-MoE config without it has only the expert width.
-    w.add_feed_forward_length(int(cfg.get("intermediate_size") or f.expert_ffn))
+    dense_key = view.spec.extra.get("dense_ffn_key", "intermediate_size")  # Llama 4: intermediate_size_mlp
+    w.add_feed_forward_length(int(cfg.get(dense_key) or f.expert_ffn))
     w.add_head_count(int(cfg["num_attention_heads"]))
-    if view.spec.gguf_arch == "deepseek2":  # MLA runs as MQA over the compressed KV (the converter's note)
+    if view.spec.kv_cache == "mla":  # MLA runs as MQA over the compressed KV (the converter's note)
         w.add_head_count_kv(1)
     else:
         w.add_head_count_kv(_kv_heads(cfg))
     w.add_layer_norm_rms_eps(float(_need(cfg, "rms_norm_eps")))
     rope = _rope(cfg)
-    w.add_rope_freq_base(float(rope["rope_theta"]))
+    w.add_rope_freq_base(_rope_base(cfg, rope))
     kind, factor = rope.get("rope_type", rope.get("type")), rope.get("factor")
     if kind == "linear" and factor:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -90,7 +101,7 @@ def _meta_common(w: gguf.GGUFWriter, view: Any, n_expert: int) -> None:
         w.add_expert_count(n_expert)
         w.add_expert_used_count(f.top_k)
         w.add_expert_weights_norm(bool(f.norm_topk_prob))
-    if cfg.get("head_dim") and view.spec.gguf_arch != "deepseek2":
+    if cfg.get("head_dim") and view.spec.kv_cache != "mla":
         w.add_key_length(int(cfg["head_dim"]))
         w.add_value_length(int(cfg["head_dim"]))
 
@@ -149,18 +160,198 @@ def _meta_deepseek2(w: gguf.GGUFWriter, view: Any) -> None:
         w.add_rope_scaling_yarn_log_mul(0.1 * float(rope["mscale_all_dim"]))  # as the converter writes it
 
 
+def _add_gating(w: gguf.GGUFWriter, scoring: str, arch: str) -> None:
+    """expert_gating_func: llama.cpp's build_moe_ffn aborts without it for the archs that read it optionally."""
+    gating = {"sigmoid": gguf.ExpertGatingFuncType.SIGMOID, "softmax": gguf.ExpertGatingFuncType.SOFTMAX}
+    if scoring not in gating:
+        raise WriteError(f"llama.cpp's {arch} has no {scoring!r} expert scoring; supported: sigmoid, softmax")
+    w.add_expert_gating_func(gating[scoring])
+
+
+def _rotary_dim(cfg: dict[str, Any]) -> int:
+    """Rotated dimensions per head: MiniMax-M2's rotary_dim, else head_dim x partial_rotary_factor (transformers 5
+    saves it in rope_parameters)."""
+    if cfg.get("rotary_dim"):
+        return int(cfg["rotary_dim"])
+    head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    factor = _rope(cfg).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    return int(head_dim * float(factor))
+
+
+def _meta_minimax_m2(w: gguf.GGUFWriter, view: Any) -> None:
+    # The converter's MiniMaxM2Model: expert width from intermediate_size, rotary_dim, sigmoid gating.
+    w.add_expert_feed_forward_length(view.facts.expert_ffn)
+    w.add_rope_dimension_count(_rotary_dim(view.config))
+    _add_gating(w, view.facts.scoring, "minimax-m2")
+
+
+def _meta_gpt_oss(w: gguf.GGUFWriter, view: Any) -> None:
+    """gpt-oss, as the converter's GptOssModel writes it: sliding window and expert width. llama.cpp hard-codes the
+    rest (softmax over the chosen k, SwiGLU alpha 1.702 / limit 7, sliding layers 0, 2, 4, ...)."""
+    cfg = view.config
+    for key, want in (("swiglu_alpha", 1.702), ("swiglu_limit", 7.0)):
+        if cfg.get(key) is not None and abs(float(cfg[key]) - want) > 1e-6:
+            raise WriteError(f"llama.cpp's gpt-oss computes its SwiGLU with {key} = {want}; this model has {cfg[key]}")
+    w.add_sliding_window(int(_need(cfg, "sliding_window")))
+    w.add_expert_feed_forward_length(view.facts.expert_ffn)
+    types = cfg.get("layer_types")
+    if types and any((t == "sliding_attention") != (i % 2 == 0) for i, t in enumerate(types)):
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in types])  # llama.cpp reads the array
+
+
+def _meta_dots1(w: gguf.GGUFWriter, view: Any) -> None:
+    # The converter's Dots1Model: leading dense layers, shared experts, routed scale; sigmoid gating (the model's
+    # router; llama.cpp aborts without a gating function).
+    cfg, f = view.config, view.facts
+    if _kv_heads(cfg) != int(cfg["num_attention_heads"]):
+        raise WriteError("llama.cpp's dots1 runs multi-head attention only (its K and V are num_attention_heads "
+                         "wide); this model has num_key_value_heads != num_attention_heads")
+    w.add_expert_feed_forward_length(f.expert_ffn)
+    w.add_leading_dense_block_count(_leading_dense(view))
+    w.add_expert_shared_count(f.n_shared_experts)
+    w.add_expert_weights_scale(float(f.routed_scaling_factor))
+    _add_gating(w, f.scoring, "dots1")
+    if f.n_group and f.topk_group and 1 < f.n_group and f.topk_group < f.n_group:  # else: not group-limited
+        w.add_expert_group_count(f.n_group)
+        w.add_expert_group_used_count(f.topk_group)
+
+
+def _meta_hunyuan_moe(w: gguf.GGUFWriter, view: Any) -> None:
+    # The converter's HunYuanMoEModel: the shared MLP's width (intermediate_size), the experts' width and count of
+    # shared experts. llama.cpp sizes the routed experts by feed_forward_length and always routes with a softmax.
+    f = view.facts
+    w.add_expert_shared_feed_forward_length(int(_need(view.config, "intermediate_size")))
+    w.add_expert_feed_forward_length(f.expert_ffn)
+    w.add_expert_shared_count(f.n_shared_experts)
+
+
+def _check_llama4(view: Any) -> None:
+    """llama.cpp's llama4 hard-codes what transformers reads from config.json; refuse configs that differ."""
+    cfg, f = view.config, view.facts
+    n = f.n_layers
+    fixed = {"attention_chunk_size": 8192, "floor_scale": 8192, "attn_scale": 0.1,
+             "use_qk_norm": f.n_experts != 128 if "use_qk_norm" in cfg else None}
+    for key, want in fixed.items():
+        if want is not None and cfg.get(key) is not None and cfg[key] != want:
+            raise WriteError(f"llama.cpp's llama4 runs with {key} = {want}; this model has {cfg[key]}")
+    if cfg.get("no_rope_layers") and list(cfg["no_rope_layers"]) != [int((i + 1) % 4 != 0) for i in range(n)]:
+        raise WriteError("llama.cpp's llama4 skips RoPE in every 4th layer; this model's no_rope_layers differ")
+    chunked = [t == "chunked_attention" for t in cfg.get("layer_types") or []]
+    if chunked and chunked != [i % 4 < 3 for i in range(n)]:
+        raise WriteError("llama.cpp's llama4 runs 3 chunked-attention layers, then one global; this model's "
+                         "layer_types differ")
+
+
+def _meta_llama4(w: gguf.GGUFWriter, view: Any) -> None:
+    """Llama 4 text, as the converter's Llama4Model writes it: MoE every interleave_moe_layer_step-th layer."""
+    cfg = view.config
+    _check_llama4(view)
+    w.add_rope_dimension_count(int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]))
+    w.add_interleave_moe_layer_step(int(_need(cfg, "interleave_moe_layer_step")))
+    w.add_expert_feed_forward_length(view.facts.expert_ffn)
+    moe = [i for i in range(view.facts.n_layers) if (i + 1) % int(cfg["interleave_moe_layer_step"]) == 0]
+    if list(view.facts.moe_layers) != moe:
+        raise WriteError(f"llama.cpp's llama4 puts experts in layers {moe}; this model has them in "
+                         f"{list(view.facts.moe_layers)}")
+
+
 def _leading_dense(view: Any) -> int:
     dense = list(view.facts.dense_layers)
     if dense != list(range(len(dense))):
-        raise WriteError(f"llama.cpp's deepseek2 needs the dense layers first; this model has dense layers {dense}")
+        raise WriteError(f"llama.cpp's {view.spec.gguf_arch} needs the dense layers first; this model has dense "
+                         f"layers {dense}")
     return len(dense)
 
 
+def _meta_glm4moe(w: gguf.GGUFWriter, view: Any) -> None:
+    """GLM-4.5 family, as the converter's Glm4MoeModel writes it (the MTP layer left out: no nextn_predict_layers)."""
+    cfg, f = view.config, view.facts
+    head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    partial = _rope(cfg).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5))  # converter default
+    w.add_rope_dimension_count(int(head_dim * float(partial)))  # rotary on the first part of each head only
+    w.add_expert_feed_forward_length(f.expert_ffn)
+    w.add_expert_shared_count(f.n_shared_experts)
+    w.add_leading_dense_block_count(_leading_dense(view))
+    if f.scoring != "sigmoid":
+        raise WriteError(f"llama.cpp's glm4moe routes with sigmoid scores; this model's scoring is {f.scoring!r}")
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_expert_weights_scale(float(f.routed_scaling_factor))
+    if f.n_group and f.topk_group and 1 < f.n_group and f.topk_group < f.n_group:  # else: not group-limited
+        w.add_expert_group_count(f.n_group)
+        w.add_expert_group_used_count(f.topk_group)
+
+
+def _meta_qwen3next(w: gguf.GGUFWriter, view: Any) -> None:
+    """Qwen3-Next, as the converter's Qwen3NextModel writes it (the MTP head left out: no nextn_predict_layers)."""
+    from moepack.model.arch.qwen_next import full_attention_interval
+
+    cfg, f = view.config, view.facts
+    if f.dense_layers:  # llama.cpp's qwen3next loads a router and experts in every layer
+        raise WriteError(f"llama.cpp's qwen3next needs every layer to be MoE; this model has dense layers "
+                         f"{list(f.dense_layers)} (mlp_only_layers / decoder_sparse_step)")
+    k_dim, v_dim = int(_need(cfg, "linear_key_head_dim")), int(_need(cfg, "linear_value_head_dim"))
+    if k_dim != v_dim:  # llama.cpp sizes both head widths by ssm.state_size
+        raise WriteError(f"llama.cpp's qwen3next needs linear_key_head_dim == linear_value_head_dim "
+                         f"({k_dim} != {v_dim})")
+    w.add_expert_feed_forward_length(f.expert_ffn)
+    w.add_expert_shared_feed_forward_length(int(_need(cfg, "shared_expert_intermediate_size")))
+    w.add_ssm_conv_kernel(int(_need(cfg, "linear_conv_kernel_dim")))
+    w.add_ssm_state_size(k_dim)
+    w.add_ssm_group_count(int(_need(cfg, "linear_num_key_heads")))
+    w.add_ssm_time_step_rank(int(_need(cfg, "linear_num_value_heads")))
+    w.add_ssm_inner_size(v_dim * int(cfg["linear_num_value_heads"]))
+    try:
+        w.add_full_attention_interval(full_attention_interval(cfg))  # llama.cpp rebuilds the layer types from it
+    except MoepackError as e:
+        raise WriteError(str(e)) from None
+    head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    partial = _rope(cfg).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.25))  # converter default
+    w.add_rope_dimension_count(int(head_dim * float(partial)))  # rotary on the first quarter of each head
+
+
+def _meta_glm_dsa(w: gguf.GGUFWriter, view: Any) -> None:
+    """GLM-5 as the converter's GlmMoeDsaModel writes it: DeepSeek-V3's keys plus the DSA indexer's."""
+    cfg = view.config
+    _meta_deepseek2(w, view)
+    partial = float(_rope(cfg).get("partial_rotary_factor", 1.0))
+    if partial != 1.0:  # the converter rewrites the rope width with the partial factor
+        w.add_rope_dimension_count(int(int(cfg["qk_rope_head_dim"]) * partial))
+    w.add_indexer_head_count(int(_need(cfg, "index_n_heads")))
+    w.add_indexer_key_length(int(_need(cfg, "index_head_dim")))
+    w.add_indexer_top_k(int(_need(cfg, "index_topk")))
+    if cfg.get("indexer_types") is not None:  # per layer: its own indexer ("full") or the previous one's top-k
+        # gguf 0.19 has no constant for this key yet: llama-arch.cpp's LLM_KV_ATTENTION_INDEXER_TYPES
+        key = gguf.Keys.Attention.Indexer.TOP_K.format(arch=w.arch).replace(".top_k", ".types")
+        w.add_array(key, [t == "full" for t in cfg["indexer_types"]])
+
+
+def _meta_ernie4_5_moe(w: gguf.GGUFWriter, view: Any) -> None:
+    """ERNIE-4.5-MoE as the converter's Ernie4_5MoeModel writes it; softmax gating and the renormalised top-k are
+    llama.cpp's fixed choices for this architecture (no keys)."""
+    f, cfg = view.facts, view.config
+    start, step = (f.moe_layers or (f.n_layers,))[0], int(cfg.get("moe_layer_interval") or 1)
+    # llama.cpp's loader gives every layer from leading_dense_block_count on experts; its graph routes in those
+    # with (i + 1) % step == 0: only a contiguous MoE tail is representable
+    if list(f.moe_layers) != list(range(start, f.n_layers)) or f.scoring != "softmax":
+        raise WriteError(f"llama.cpp's ernie4_5-moe runs softmax-routed MoE layers {start}..{f.n_layers - 1}; this "
+                         f"model has {f.scoring} routing in layers {list(f.moe_layers)}")
+    w.add_expert_feed_forward_length(f.expert_ffn)
+    w.add_interleave_moe_layer_step(step)
+    w.add_leading_dense_block_count(start)
+    w.add_expert_shared_count(f.n_shared_experts)
+    if f.n_shared_experts:  # the shared experts run as one FFN this wide
+        w.add_expert_shared_feed_forward_length(f.expert_ffn * f.n_shared_experts)
+
+
 # llama.cpp hard-codes top-k weight renormalisation for these architectures (deepseek2 reads expert_weights_norm).
-_FIXED_NORM_TOPK = {"qwen3moe": True, "qwen2moe": False, "olmoe": False, "llama": True}
+_FIXED_NORM_TOPK = {"ernie4_5-moe": True, "hunyuan-moe": True, "qwen3next": True, "gpt-oss": True, "llama4": False,
+                    "minimax-m2": True, "qwen3moe": True, "qwen2moe": False, "olmoe": False, "llama": True}
 _ARCH_META: dict[str, Callable[[gguf.GGUFWriter, Any], None]] = {
+    "dots1": _meta_dots1, "hunyuan-moe": _meta_hunyuan_moe,
+    "minimax-m2": _meta_minimax_m2, "gpt-oss": _meta_gpt_oss, "llama4": _meta_llama4,
     "qwen3moe": _meta_qwen3moe, "qwen2moe": _meta_qwen2moe, "llama": _meta_llama, "olmoe": _meta_olmoe,
-    "deepseek2": _meta_deepseek2,
+    "deepseek2": _meta_deepseek2, "glm4moe": _meta_glm4moe, "qwen3next": _meta_qwen3next,
+    "ernie4_5-moe": _meta_ernie4_5_moe, "glm-dsa": _meta_glm_dsa,
 }
 
 

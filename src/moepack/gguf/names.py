@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import gguf
 
 from moepack.errors import MoepackError
+from moepack.gguf.rope import generated_outputs
+from moepack.gguf.linear_attn import QKVZ_SPLIT, qkvz_shapes
 from moepack.model.arch import Role, beyond_decoder, expert_key
 
 if TYPE_CHECKING:
@@ -97,10 +99,15 @@ def _n_blocks(view: Any) -> int:
 
 def source_key(name: str) -> str:
     """The checkpoint-side key gguf's tensor map knows: experts unnumbered (the converter's stacked name), the
-    DeepSeek-V3 router bias written as `e_score_correction.bias` (as the converter renames it)."""
+    DeepSeek-V3 router bias written as `e_score_correction.bias`, Qwen3-Next's `dt_bias` as `dt_proj.bias` (as
+    the converter renames them)."""
     key = expert_key(name)
     if key.endswith("e_score_correction_bias"):
         key = key[: -len("_bias")] + ".bias"
+    elif key.endswith(".linear_attn.dt_bias"):
+        key = key[: -len("dt_bias")] + "dt_proj.bias"
+    elif key.endswith(".self_attn.sinks"):  # gpt-oss's attention sinks: the converter appends `.weight`
+        key += ".weight"
     return key
 
 
@@ -131,7 +138,7 @@ def gguf_group_name(view: Any, ref: TensorRef | str) -> str:
 
 def _mla_split(view: Any) -> bool:
     """Whether kv_b_proj is written as attn_k_b + attn_v_b (the layout the bundled llama.cpp converter writes)."""
-    return view.spec.gguf_arch == "deepseek2"
+    return view.spec.kv_cache == "mla"  # deepseek2 (DeepSeek-V2/V3, Kimi-K2), glm-dsa (GLM-5)
 
 
 def _mla_outputs(view: Any, ref: TensorRef, key: str) -> list[OutTensor]:
@@ -147,7 +154,26 @@ def _mla_outputs(view: Any, ref: TensorRef, key: str) -> list[OutTensor]:
                       ref.quantizable, ref.role, ref.layer) for hf, part in MLA_SPLIT]
 
 
-_KEEP_F32 = (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP, gguf.MODEL_TENSOR.FFN_EXP_PROBS_B)
+def _qkvz_outputs(view: Any, ref: TensorRef, key: str) -> list[OutTensor]:
+    """Qwen3-Next's in_proj_qkvz → attn_qkv, attn_gate, as the converter's Qwen3NextModel.modify_tensors splits it."""
+    shapes = qkvz_shapes(view.config)
+    if ref.shape != (shapes["qkvz_qkv"][0] + shapes["qkvz_z"][0], shapes["qkvz_z"][1]):
+        raise GGUFNameError(f"{ref.name}: shape {ref.shape} does not match the config's linear-attention heads")
+    return [OutTensor(_lookup(view, ref.name.replace("in_proj_qkvz", hf))[1], shapes[part], (ref.name,), part, key,
+                      ref.quantizable, ref.role, ref.layer) for hf, part in QKVZ_SPLIT]
+
+
+def _plain_output(view: Any, ref: TensorRef, key: str, quantizable: bool) -> OutTensor:
+    """One tensor written from one: as stored, or changed as the architecture's converter changes it."""
+    transform = view.spec.extra.get("gguf_transforms", {}).get(ref.kind, "")
+    if view.spec.gguf_arch == "llama" and ref.kind in ("q_proj", "k_proj"):
+        transform = "permute_" + ref.kind[0]
+    shape = (ref.shape[0], ref.shape[-1]) if transform == "squeeze" else ref.shape  # conv1d (C, 1, K) → (C, K)
+    return OutTensor(key, shape, (ref.name,), transform, key, quantizable, ref.role, ref.layer)
+
+
+_KEEP_F32 = (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP, gguf.MODEL_TENSOR.FFN_EXP_PROBS_B,
+             gguf.MODEL_TENSOR.INDEXER_PROJ)  # the DSA indexer's head weights (GLM-5): F32 as the converter writes
 
 
 def gguf_outputs(view: Any) -> list[OutTensor]:
@@ -173,11 +199,11 @@ def gguf_outputs(view: Any) -> list[OutTensor]:
                                   quantizable, ref.role, ref.layer))
         elif ref.kind == "kv_b_proj" and _mla_split(view):
             outs.extend(_mla_outputs(view, ref, key))
+        elif ref.kind == "in_proj_qkvz":
+            outs.extend(_qkvz_outputs(view, ref, key))
         else:
-            transform = ""
-            if view.spec.gguf_arch == "llama" and ref.kind in ("q_proj", "k_proj"):
-                transform = "permute_" + ref.kind[0]
-            outs.append(OutTensor(key, ref.shape, (ref.name,), transform, key, quantizable, ref.role, ref.layer))
+            outs.append(_plain_output(view, ref, key, quantizable))
+    outs += generated_outputs(view, OutTensor)  # Llama 4's rope_freqs, made from config.json
     return sorted(outs, key=_file_order)
 
 

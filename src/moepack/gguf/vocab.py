@@ -43,8 +43,12 @@ _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p
           r"|\s+(?!\S)|\s+")
 _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
            r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen3.5's split: Qwen2's with combining marks (\p{M}) kept inside words (llama.cpp's "qwen35").
+_QWEN35 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _PRE_BY_REGEXES: dict[tuple[str, ...], str] = {
     (_QWEN2,): "qwen2",
+    (_QWEN35,): "qwen35",
     (_LLAMA3,): "llama-bpe",
 }
 
@@ -56,6 +60,38 @@ def _deepseek_pre(regexes: tuple[str, ...]) -> str | None:
     if len(regexes) >= 3 and regexes[0] == "[\r\n]":
         return "deepseek-llm"  # DeepSeek-LLM / V2
     return None
+
+
+# GLM-4 / GLM-4.5 split with Llama 3's regex; llama.cpp tells them apart by vocabulary (the converter's checksum)
+# and runs "glm4" without a BOS token. Their vocabulary's mark is the [gMASK] prefix token; the converter's
+# _set_vocab_glm also names these special tokens.
+_GLM_MARK = "[gMASK]"
+_GLM_SPECIAL = {"bos": _GLM_MARK, "eot": "<|user|>", "unk": "<|endoftext|>", "eom": "<|observation|>"}
+
+
+def _added(tok: dict[str, Any]) -> dict[str, int]:
+    return {a["content"]: int(a["id"]) for a in tok.get("added_tokens") or []}
+
+
+def _glm_pre(tok: dict[str, Any], regexes: tuple[str, ...]) -> str | None:
+    return "glm4" if regexes == (_LLAMA3,) and _GLM_MARK in _added(tok) else None
+
+
+# o200k (GPT-4o's tokenizer.json split, also MiniMax-M2's): llama.cpp runs "gpt-4o" and "minimax-m2" with the same
+# regexes; the converter tells them apart by vocabulary (its checksum). MiniMax's mark is its end-of-turn token,
+# which llama.cpp itself recognises by text.
+_O200K = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+          r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+          r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_MINIMAX_MARK = "[e~["
+_LLAMA4_MARK = "<|header_start|>"  # Llama 4's chat header token (the converter names its vocabulary "llama4")
+
+
+def _o200k_pre(tok: dict[str, Any], regexes: tuple[str, ...]) -> str | None:
+    if regexes != (_O200K,):
+        return None
+    added = _added(tok)
+    return "minimax-m2" if _MINIMAX_MARK in added else "llama4" if _LLAMA4_MARK in added else "gpt-4o"
 
 
 def _split_regexes(pre: dict[str, Any] | None) -> tuple[tuple[str, ...], bool]:
@@ -76,6 +112,10 @@ def _split_regexes(pre: dict[str, Any] | None) -> tuple[tuple[str, ...], bool]:
 def pre_tokenizer_name(tokenizer: dict[str, Any]) -> str:
     """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer.json, from its split regexes."""
     regexes, gpt2_regex = _split_regexes(tokenizer.get("pre_tokenizer"))
+    if (name := _glm_pre(tokenizer, regexes)) is not None:
+        return name
+    if (name := _o200k_pre(tokenizer, regexes)) is not None:
+        return name
     if regexes in _PRE_BY_REGEXES:
         return _PRE_BY_REGEXES[regexes]
     if (name := _deepseek_pre(regexes)) is not None:
@@ -177,7 +217,13 @@ def add_vocab(writer: gguf.GGUFWriter, model_dir: str | Path, n_vocab: int) -> V
         writer.add_tokenizer_pre(pre)
         writer.add_token_list(tokens)
         writer.add_token_types(toktypes)
-        gguf.SpecialVocab(root, load_merges=True, n_vocab=n_vocab).add_to_gguf(writer, quiet=True)
+        special = gguf.SpecialVocab(root, load_merges=True, n_vocab=n_vocab)
+        if pre == "glm4":
+            added = _added(tok)
+            for kind, content in _GLM_SPECIAL.items():
+                if content in added:
+                    special._set_special_token(kind, added[content])
+        special.add_to_gguf(writer, quiet=True)
     elif _is_spm_bpe(tok):
         model, pre = "llama", None
         for i, t in enumerate(tokens):

@@ -23,8 +23,10 @@ from gguf import GGMLQuantizationType
 from moepack.atomic import atomic_path
 from moepack.gguf import kernels as ggml
 from moepack.gguf.imatrix import importance_rows
+from moepack.gguf.linear_attn import ELEMENTWISE, split_qkvz
 from moepack.gguf.metadata import WriteError, has_metadata_writer, write_metadata
 from moepack.gguf.names import OutTensor, gguf_outputs
+from moepack.gguf.rope import generated_f32
 from moepack.gguf.recipe import RECIPE_KEY, file_recipe, recipe_json, recipe_placeholder
 from moepack.gguf.types import fallback_type, parse_type, tensor_bytes
 from moepack.model.checkpoint import import_reader
@@ -118,6 +120,8 @@ def _permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def source_f32(view: Any, o: OutTensor) -> np.ndarray:
     """Float32 data of a non-stacked output tensor, transformed into llama.cpp's layout."""
+    if not o.sources:  # made from config.json (rope_freqs)
+        return generated_f32(view, o)
     x = view.load_numpy_f32(o.sources[0])
     cfg = view.config
     if o.transform == "permute_q":
@@ -129,6 +133,10 @@ def source_f32(view: Any, o: OutTensor) -> np.ndarray:
         kv = x.reshape(n_head, -1, x.shape[-1])  # (n_head, nope + v, kv_lora)
         x = kv[:, :nope, :].transpose(0, 2, 1) if o.transform == "k_b" else kv[:, nope:, :]
         # k_b: (n_head, kv_lora, nope); v_b: (n_head, v, kv_lora)
+    elif o.transform in ("qkvz_qkv", "qkvz_z"):
+        x = split_qkvz(x, cfg, o.transform)
+    elif o.transform in ELEMENTWISE:
+        x = ELEMENTWISE[o.transform](x)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.shape != o.shape:
         raise WriteError(f"{o.name}: built shape {x.shape}, expected {o.shape}")

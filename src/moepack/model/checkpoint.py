@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moepack.errors import MoepackError
-from moepack.model.arch import (DERIVED_BUFFERS, EXPERT_COUNT_KEYS, ArchSpec, Role, beyond_decoder, layer_index,
-                                spec_for)
+from moepack.model.arch import (DERIVED_BUFFERS, EXPERT_COUNT_KEYS, F32_KINDS, ArchSpec, Role, beyond_decoder,
+                                layer_index, spec_for)
 from moepack.model.stored import (DTYPE_BYTES, FORMAT_ADAPTERS, Logical, RawTensor, Stored, decode, split_fused,
                                   torch_dtype)
+from moepack.model import formats  # noqa: F401  (registers the compressed formats' adapters and decoders)
 
 if TYPE_CHECKING:
     from moepack.schema import PrunePlan
@@ -32,11 +33,13 @@ __all__ = [
     "CheckpointView",
     "open_checkpoint",
     "read_safetensors_header",
+    "raw_tensors",
     "import_reader",
     "read_tensor",
     "config_get",
     "facts_from_config",
     "read_config",
+    "text_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,7 +81,7 @@ class TensorRef:
     @property
     def quantizable(self) -> bool:
         """Weight matrices get a GGML type; norms, routers and biases stay F32, as llama.cpp keeps them."""
-        return len(self.shape) >= 2 and self.role not in (Role.NORM, Role.ROUTER)
+        return len(self.shape) >= 2 and self.role not in (Role.NORM, Role.ROUTER) and self.kind not in F32_KINDS
 
 
 @dataclass(frozen=True)
@@ -203,7 +206,7 @@ def _shard_files(root: Path) -> list[Path]:
     return files
 
 
-def _raw_tensors(files: list[Path]) -> dict[str, RawTensor]:
+def raw_tensors(files: list[Path]) -> dict[str, RawTensor]:
     """Every tensor of every shard as stored (validated headers, no data)."""
     raw: dict[str, RawTensor] = {}
     for path in files:
@@ -223,25 +226,26 @@ def _logical_tensors(root: Path, cfg: dict[str, Any], raw: dict[str, RawTensor])
     if isinstance(q, dict) and q:
         adapter = FORMAT_ADAPTERS.get(str(q.get("quant_method")))
         if adapter is None:
-            raise CheckpointError(f"{root}: the checkpoint is already quantized (quantization_config.quant_method "
-                                  f"= {q.get('quant_method')!r}), in a format moepack cannot read; it reads bf16/f16/f32"
-                                  f"{''.join(', ' + m for m in sorted(FORMAT_ADAPTERS))} checkpoints: {_TO_BF16}")
+            raise CheckpointError(f"{root}: quantization_config.quant_method {q.get('quant_method')!r} is not a "
+                                  f"format moepack reads; it reads bf16/f16/f32, {', '.join(formats.SUPPORTED)}")
         return adapter(raw, q)
     return {n: Logical(n, r.shape, r.dtype, r) for n, r in raw.items()}
 
 
-def _collect_tensors(spec: ArchSpec, cfg: dict[str, Any], files: list[Path]) -> dict[str, TensorRef]:
+def _collect_tensors(spec: ArchSpec, cfg: dict[str, Any], files: list[Path], prefix: str = "") -> dict[str, TensorRef]:
     tensors: dict[str, TensorRef] = {}
     unserved: list[str] = []
     unknown: list[str] = []
     n_layers = _need(cfg, "num_hidden_layers", "n_layer")
-    logical = _logical_tensors(files[0].parent, cfg, _raw_tensors(files))
+    raw = raw_tensors(files)
+    logical = _logical_tensors(files[0].parent, cfg, _text_weights(raw, prefix) if prefix else raw)
     for name, lt in split_fused(logical, spec.fused, n_layers).items():
         m = spec.match(name)
         if m is None:
             # The multi-token-prediction layer's own tensors (DeepSeek-V3's eh_proj, enorm, ...) and derived
             # buffers are not part of the served model; any other name would silently go missing.
-            served = not beyond_decoder(layer_index(name), n_layers) and not name.endswith(DERIVED_BUFFERS)
+            served = not beyond_decoder(layer_index(name), n_layers) and not name.endswith(DERIVED_BUFFERS) \
+                and not name.startswith(spec.extra.get("unserved_prefixes", ()))  # Qwen3-Next's mtp.*
             (unknown if served else unserved).append(name)
             continue
         r = lt.raw
@@ -263,6 +267,11 @@ def _need(cfg: dict[str, Any], *keys: str) -> int:
     v = config_get(cfg, *keys)
     if v is None:
         raise CheckpointError(f"config.json has no {' / '.join(keys)}; add it (the value the model was trained with)")
+    if isinstance(v, list):  # Hunyuan's per-layer lists (moe_topk): llama.cpp runs one value for every layer
+        if not v or len(set(v)) != 1:
+            raise CheckpointError(f"config.json's {' / '.join(keys)} is {v}: moepack and llama.cpp need one value "
+                                  "for every layer")
+        v = v[0]
     return int(v)
 
 
@@ -276,7 +285,8 @@ def facts_from_config(spec: ArchSpec, cfg: dict[str, Any], tensors: dict[str, Te
     moe = sorted({t.layer for t in tensors.values() if t.role is Role.ROUTER and t.layer is not None})
     groups = [config_get(cfg, k) for k in spec.group_keys] if spec.group_keys else [None, None]
     need = _need if moe else _zero_if_absent
-    scoring = str(config_get(cfg, "scoring_func", default=spec.scoring_default))
+    # dots1: the router's own score function, whatever config.json's scoring_func says ("noaux_tc")
+    scoring = spec.extra.get("scoring") or str(config_get(cfg, "scoring_func", default=spec.scoring_default))
     n_shared = int(config_get(cfg, spec.n_shared_key, default=spec.n_shared_default) if spec.n_shared_key
                    else spec.n_shared_default)
     return MoEFacts(
@@ -335,8 +345,11 @@ class CheckpointView:
         return counts
 
     def fingerprint(self) -> str:
-        """Identifies the model by its config and tensor table (names, shapes, dtypes), not its data."""
-        h = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
+        """Identifies the model by its config and tensor table (names, shapes, dtypes), not its data. How the
+        checkpoint stores the values (quantization_config) is left out: an FP8 release and its dequantized copy
+        are one model, with one cache and one GGUF."""
+        cfg = {k: v for k, v in self.config.items() if k != "quantization_config"}
+        h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
         for n in sorted(self.tensors):
             t = self.tensors[n]
             h.update(f"{n}|{t.shape}|{t.dtype}|{t.nbytes}\n".encode())
@@ -350,8 +363,8 @@ class CheckpointView:
 
 
 _FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
-_TO_BF16 = ("convert it to bf16 first (for DeepSeek-V3/R1's FP8 release: DeepSeek's inference/fp8_cast_bf16.py) "
-            "and point moepack at the converted checkpoint")
+_TO_BF16 = ("config.json has no quantization_config saying how to decode them: restore the release's own (FP8 with "
+            "weight_scale_inv: quant_method fp8, weight_block_size [128, 128]), or convert it to bf16")
 
 
 def _check_float_weights(root: Path, tensors: dict[str, TensorRef]) -> None:
@@ -374,12 +387,37 @@ def read_config(root: Path) -> dict[str, Any]:
         raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
 
 
+def text_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """(config, weight-name prefix) of the text model moepack packs: a multimodal checkpoint (Llama 4's
+    Llama4ForConditionalGeneration) gives its text_config and the prefix of the text weights (`language_model.`);
+    any other checkpoint itself and ""."""
+    wrap = spec_for(cfg.get("model_type")).extra.get("multimodal")  # (text config key, prefix, text model_type)
+    if not wrap:
+        return cfg, ""
+    key, prefix, model_type = wrap
+    if not isinstance(cfg.get(key), dict):
+        raise CheckpointError(f"config.json of a {cfg.get('model_type')} model has no {key}; moepack packs its text "
+                              "model and reads that model's settings there")
+    # architectures: the text model's class, so that a pruned text-only checkpoint names what it is
+    return {"model_type": model_type, "architectures": [spec_for(model_type).hf_class], **cfg[key]}, prefix
+
+
+def _text_weights(raw: dict[str, RawTensor], prefix: str) -> dict[str, RawTensor]:
+    """The text model's tensors of a multimodal checkpoint, named as the text model's own checkpoint names them
+    (`language_model.model.layers.0...` → `model.layers.0...`); the vision tower and projector are not packed."""
+    text = {n[len(prefix):]: r for n, r in raw.items() if n.startswith(prefix)}
+    if len(text) < len(raw):
+        log.info("packing the text model: %d tensor(s) outside %s* (vision tower, projector) are left out",
+                 len(raw) - len(text), prefix)
+    return text
+
+
 def open_checkpoint(model_dir: str | Path) -> CheckpointView:
     """Read config.json and the safetensors headers; raise `CheckpointError`/`UnsupportedArchitecture` clearly."""
     root = Path(model_dir)
-    cfg = read_config(root)
+    cfg, prefix = text_config(read_config(root))
     spec = spec_for(cfg.get("model_type"))
-    tensors = _collect_tensors(spec, cfg, _shard_files(root))
+    tensors = _collect_tensors(spec, cfg, _shard_files(root), prefix)
     _check_float_weights(root, tensors)
     facts = facts_from_config(spec, cfg, tensors)
     if not facts.moe_layers:

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from moepack.model.arch import Role, beyond_decoder, renumber_expert
+from moepack.model.arch import ArchSpec, Role, beyond_decoder, renumber_expert
 from moepack.model.checkpoint import CheckpointView, TensorRef
 from moepack.schema import PrunePlan
 
@@ -79,7 +79,8 @@ class PrunedView(CheckpointView):
 
         src, rows = self.sources[name]
         t = self.base.load(src)
-        return t if rows is None else t.index_select(0, torch.tensor(rows))
+        return t if rows is None else t.index_select(_expert_axis(self.spec, self.tensors[name].kind),
+                                                     torch.tensor(rows))
 
 
 def _pruned_config(view: CheckpointView, plan: PrunePlan, top_k: int) -> dict[str, Any]:
@@ -96,7 +97,13 @@ def _pruned_config(view: CheckpointView, plan: PrunePlan, top_k: int) -> dict[st
     return cfg
 
 
-def _pruned_ref(ref: TensorRef, kept: list[int] | None) -> tuple[TensorRef, tuple[int, ...] | None] | None:
+def _expert_axis(spec: ArchSpec, kind: str) -> int:
+    """The axis of a router tensor that runs over experts: the first unless the spec says (ERNIE's (1, E) bias)."""
+    return spec.extra.get("expert_axis", {}).get(kind, 0)
+
+
+def _pruned_ref(ref: TensorRef, kept: list[int] | None,
+                axis: int = 0) -> tuple[TensorRef, tuple[int, ...] | None] | None:
     if kept is None:
         return ref, None
     if ref.role is Role.ROUTED_EXPERTS:
@@ -105,9 +112,10 @@ def _pruned_ref(ref: TensorRef, kept: list[int] | None) -> tuple[TensorRef, tupl
         new = kept.index(ref.expert)
         return dataclasses.replace(ref, name=renumber_expert(ref.name, new), expert=new), None
     if ref.role is Role.ROUTER:
-        shape = (len(kept),) + tuple(ref.shape[1:])
-        nbytes = ref.nbytes // ref.shape[0] * len(kept)
-        return dataclasses.replace(ref, shape=shape, nbytes=nbytes), tuple(kept)
+        shape = list(ref.shape)  # (E, H) router, (E,) bias; ERNIE's bias (1, E) with axis -1
+        shape[axis] = len(kept)
+        nbytes = ref.nbytes // ref.shape[axis] * len(kept)
+        return dataclasses.replace(ref, shape=tuple(shape), nbytes=nbytes), tuple(kept)
     return ref, None
 
 
@@ -119,7 +127,8 @@ def pruned_view(view: CheckpointView, plan: PrunePlan, top_k: int | None = None)
     for name, ref in view.tensors.items():
         if beyond_decoder(ref.layer, view.facts.n_layers):
             continue
-        got = _pruned_ref(ref, plan.kept(ref.layer) if ref.layer is not None else None)
+        got = _pruned_ref(ref, plan.kept(ref.layer) if ref.layer is not None else None,
+                          _expert_axis(view.spec, ref.kind))
         if got is None:
             continue
         new, rows = got

@@ -26,6 +26,7 @@ from moepack.errors import MoepackError
 from moepack.model import metrics
 from moepack.model.arch import Role, beyond_decoder
 from moepack.model.checkpoint import CheckpointView
+from moepack.model.stored import FusedSplit, fused_members, join_fused
 
 if TYPE_CHECKING:
     from torch import nn
@@ -60,22 +61,25 @@ class ForwardError(MoepackError, ValueError):
 class ParamSource:
     """How one parameter of a transformers decoder layer is built from checkpoint tensors.
 
-    fuse: "copy" (one tensor), "gate_up" (stack over experts of cat(gate_e, up_e): (E, 2I, H)) or
-    "down" (stack over experts: (E, H, I)). For fused sources `names` holds gate_0..gate_{E-1}, up_0.. (gate_up)
-    or down_0..down_{E-1}.
+    fuse: "copy" (one tensor), "gate_up" (stack over experts of cat(gate_e, up_e): (E, 2I, H)),
+    "down" (stack over experts: (E, H, I)) or "split" (the inverse of the architecture's FusedSplit `split`: the
+    stacked tensor as the checkpoint stores it, which is transformers' in-memory layout for gpt-oss / Llama 4).
+    For fused sources `names` holds gate_0..gate_{E-1}, up_0.. (gate_up), down_0..down_{E-1}, or for "split"
+    each expert's outputs in turn (e0 out0, e0 out1, e1 out0, ...).
     """
 
     key: str
     names: tuple[str, ...]
     fuse: str = "copy"
+    split: FusedSplit | None = None
 
 
 def moe_prefix(view: CheckpointView) -> str:
     """The checkpoint's name of the MoE block inside a layer ("mlp"; Mixtral: "block_sparse_moe")."""
     for rule in view.spec.rules:
-        if rule.role is Role.ROUTER and rule.kind == "router":
+        if rule.role is Role.ROUTER and rule.kind == "router" and rule.template.endswith(".gate.weight"):
             return rule.template.split("{bid}.", 1)[1].rsplit(".gate.weight", 1)[0]
-    return "mlp"
+    return "mlp"  # gpt-oss (mlp.router); Llama 4 (feed_forward.router: in-memory keys keep that name)
 
 
 def moe_layers(view: CheckpointView) -> tuple[int, ...]:
@@ -90,11 +94,16 @@ def hf_config(view: CheckpointView, overrides: dict[str, Any] | None = None, att
 
     cfg = dict(view.config)
     cfg.update(overrides or {})
-    model_type = cfg.pop("model_type")
+    model_type = view.spec.extra.get("hf_model_type", cfg.pop("model_type"))  # Kimi-K2 runs as deepseek_v3
+    cfg.pop("model_type", None)
     for k in ("transformers_version", "architectures", "dtype", "torch_dtype"):
         cfg.pop(k, None)
+    for src, dst in view.spec.extra.get("hf_config_keys", {}).items():  # Hunyuan's release: attention_head_dim
+        if cfg.get(dst) is None and cfg.get(src) is not None:
+            cfg[dst] = cfg[src]
     config = transformers.AutoConfig.for_model(model_type, **cfg)
-    config._attn_implementation = attn_implementation
+    # gpt-oss: attention sinks exist only in transformers' eager (and flex) attention
+    config._attn_implementation = view.spec.extra.get("attn_implementation", attn_implementation)
     if experts_implementation is not None:
         config._experts_implementation = experts_implementation
     return config
@@ -115,8 +124,11 @@ def layer_sources(view: CheckpointView, layer: int) -> dict[str, ParamSource]:
         key = ref.name[len(prefix):]
         if moe != "mlp" and key.startswith(moe + "."):
             key = "mlp." + key[len(moe) + 1:]
+        key = view.spec.extra.get("hf_keys", {}).get(key, key)  # ERNIE: transformers renames its router statics
         out[key] = ParamSource(key, (ref.name,))
-    if experts:
+    if experts and view.spec.fused:
+        out.update(_split_sources(view, layer, prefix, experts))
+    elif experts:
         gate, up, down = view.spec.expert_projs
         n = view.facts.n_experts
         for kind in (gate, up, down):
@@ -128,6 +140,25 @@ def layer_sources(view: CheckpointView, layer: int) -> dict[str, ParamSource]:
         out["mlp.experts.gate_up_proj"] = ParamSource("mlp.experts.gate_up_proj", gu, "gate_up")
         dn = tuple(experts[down][e] for e in range(n))
         out["mlp.experts.down_proj"] = ParamSource("mlp.experts.down_proj", dn, "down")
+    return out
+
+
+def _split_sources(view: CheckpointView, layer: int, prefix: str,
+                   experts: dict[str, dict[int, str]]) -> dict[str, ParamSource]:
+    """Stacked expert parameters of an architecture whose checkpoints fuse experts: each FusedSplit's stacked
+    tensor, rebuilt from the (possibly pruned and renumbered) per-expert tensors."""
+    n = view.facts.n_experts
+    have = {name for by_e in experts.values() for name in by_e.values()}
+    out: dict[str, ParamSource] = {}
+    for split in view.spec.fused:
+        members = fused_members(split, layer, n)
+        flat = tuple(name for per in members for name in per)
+        missing = [name for name in flat if name not in have]
+        if missing:
+            raise ForwardError(f"{view.root}: layer {layer} lacks {missing[0]} ({len(missing)} per-expert tensors "
+                               f"of {split.template} missing; expected experts 0..{n - 1})")
+        key = split.template.replace("{bid}", str(layer))[len(prefix):]
+        out[key] = ParamSource(key, flat, "split", split)
     return out
 
 
@@ -153,6 +184,9 @@ class LayerRunner:
         with torch.device("meta"):
             self._skeleton = transformers.AutoModelForCausalLM.from_config(self.config)
         self.n_layers = int(self.config.num_hidden_layers)
+        if "shared" in (getattr(self.config, "indexer_types", None) or ()):  # GLM-5.2
+            raise ForwardError(f"{view.root}: layers that reuse the previous layer's DSA top-k (indexer_types "
+                               "'shared') need state carried across layers, which the layer runner does not do yet")
         rotary = self._skeleton.model.rotary_emb
         self._rotary = type(rotary)(config=self.config).to(self.device)
         self._head: tuple[nn.Module, nn.Module] | None = None
@@ -175,6 +209,10 @@ class LayerRunner:
     def _build(self, src: ParamSource, override: WeightOverride | None) -> torch.Tensor:
         if src.fuse == "copy":
             return self._tensor(src.names[0], override)
+        if src.fuse == "split":
+            k = len(src.split.outputs)
+            names = [list(src.names[i:i + k]) for i in range(0, len(src.names), k)]  # [expert][output]
+            return join_fused(src.split, names, lambda name: self._tensor(name, override))
         if src.fuse not in ("gate_up", "down"):
             raise ValueError(src.fuse)
         # Fill a preallocated stack expert by expert: peak is the fused tensor plus one expert's matrix.
@@ -242,6 +280,15 @@ class LayerRunner:
             masks = {"full_attention": create_causal_mask(**kw)}
             if self._uses_sliding():
                 masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)
+            if "chunked_attention" in (getattr(self.config, "layer_types", None) or ()):  # Llama 4
+                from transformers.masking_utils import create_chunked_causal_mask
+
+                masks["chunked_attention"] = create_chunked_causal_mask(**kw)
+            if "indexed_attention" in (getattr(self.config, "layer_types", None) or ()):  # GLM-5's DSA layers
+                # a materialised causal mask, as transformers builds it: the indexer reads it
+                masks["indexed_attention"] = create_causal_mask(**kw, allow_is_causal_skip=False)
+            if "linear_attention" in (getattr(self.config, "layer_types", None) or ()):
+                masks["linear_attention"] = None  # recurrent layers mask only padding, and no sequence is padded
             self._pos_cache = {(b, n): (pos, pe, masks)}
         return self._pos_cache[(b, n)]
 
@@ -282,8 +329,8 @@ class LayerRunner:
             for sl in self._batches(out.shape[0], batch_size):
                 h = out[sl]
                 pos, pe, masks = self._positions(h)
-                out[sl] = layer(h, attention_mask=self._mask_for(i, masks), position_ids=pos,
-                                position_embeddings=pe)
+                y = layer(h, attention_mask=self._mask_for(i, masks), position_ids=pos, position_embeddings=pe)
+                out[sl] = y[0] if isinstance(y, tuple) else y  # GLM-5's layers also return their DSA top-k
             del layer
         return out
 

@@ -40,6 +40,10 @@ __all__ = [
     "apply_layout",
     "layout_shape",
     "split_fused",
+    "layout_view",
+    "unlayout_shape",
+    "join_fused",
+    "fused_members",
     "DTYPE_BYTES",
     "torch_dtype",
 ]
@@ -242,3 +246,52 @@ def split_fused(logical: dict[str, Logical], splits: tuple[FusedSplit, ...], n_l
                                        replace(one, layout=stored.layout + ops))
     return out
 
+
+
+# ---- the way back: per-expert tensors → the stacked tensor (the runtime's in-memory layout, pruned checkpoints) ----
+def layout_view(t, layout: tuple[str, ...]):  # torch.Tensor -> torch.Tensor
+    """`apply_layout` as a view of `t` (every op is a view): writing into it writes the entries of `t` that the
+    layout reads, so a per-expert tensor goes back to its place in the stacked one."""
+    for op in layout:
+        t = _OPS[op](t)
+    return t
+
+
+def unlayout_shape(shape: tuple[int, ...], layout: tuple[str, ...]) -> tuple[int, ...]:
+    """The shape of the slice that `layout` cuts a tensor of `shape` from (the inverse of `layout_shape`)."""
+    s = list(shape)
+    for op in reversed(layout):
+        if op == "T":
+            s[-1], s[-2] = s[-2], s[-1]
+        elif op in _OPS:
+            s[-1] *= 2
+        else:
+            raise StoredFormatError(f"unknown layout op {op!r}")
+    return tuple(s)
+
+
+def join_fused(split: FusedSplit, names: list[list[str]], load: Callable[[str], Any]):  # -> torch.Tensor
+    """The stacked tensor of `split`, (E, *slice), from the per-expert tensors `names[e][j]` (output j of expert e,
+    in the order of split.outputs), each loaded with `load` and placed at once: peak is the stacked tensor plus one
+    expert's part."""
+    import torch
+
+    out = None
+    for e, parts in enumerate(names):
+        if len(parts) != len(split.outputs):
+            raise StoredFormatError(f"{split.template}: expert {e} has {len(parts)} parts, expected "
+                                    f"{len(split.outputs)}")
+        for (_, ops), name in zip(split.outputs, parts):
+            t = load(name)
+            if out is None:
+                out = torch.empty((len(names),) + unlayout_shape(tuple(t.shape), ops), dtype=t.dtype,
+                                  device=t.device)
+            layout_view(out[e], ops).copy_(t)
+            del t
+    return out
+
+
+def fused_members(split: FusedSplit, layer: int, n_experts: int) -> list[list[str]]:
+    """Names of the per-expert tensors of `split` in layer `layer`: [expert][output]."""
+    return [[tpl.replace("{bid}", str(layer)).replace("{xid}", str(e)) for tpl, _ in split.outputs]
+            for e in range(n_experts)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import time
 import weakref
 from dataclasses import dataclass
@@ -32,23 +31,11 @@ _PLAN_KLD: dict[int, dict[tuple[Any, ...], Any]] = {}  # id(view) → measure_kl
 
 
 def floor_bytes(view: CheckpointView, smallest: str, keep: float = 1.0, side: str | None = None) -> int:
-    """Tensor bytes of `view` with every quantizable tensor at `smallest` (after llama.cpp's fallbacks for odd row
-    widths) and the rest at F32; routed experts scaled to the share `keep` of them (1.0 for an already pruned view).
-    `side` "gpu" or "ram" counts only the tensors placed there (moepack.stages.placement)."""
-    from moepack.gguf.names import gguf_tensor_name
-    from moepack.gguf.types import written_bytes
-    from moepack.model.arch import Role
-    from moepack.model.pruned import kept_count
-    from moepack.stages.placement import on_gpu
+    """Tensor bytes of `view` at retention `keep` with every quantizable tensor at `smallest`: the one formula,
+    moepack.stages.fit.uniform_bytes (which inspect uses too)."""
+    from moepack.stages.fit import uniform_bytes
 
-    kept, n_experts = kept_count(view, keep), view.facts.n_experts
-    total = 0
-    for t in view.tensors.values():
-        if side is not None and on_gpu(gguf_tensor_name(view, t)) != (side == "gpu"):
-            continue
-        b = written_bytes(t.shape, smallest if t.quantizable else "F32")
-        total += b * kept // n_experts if t.role is Role.ROUTED_EXPERTS else b  # as many expert tensors as kept
-    return total
+    return uniform_bytes(view, smallest, keep, side)
 
 
 def budget_type(view: CheckpointView, budget: Budget, ladder: tuple[str, ...]) -> str:
@@ -129,21 +116,23 @@ def fits(view: CheckpointView, smallest: str, budget: Budget, keep: float = 1.0,
             "more memory or a larger target, or a lower --keep")
 
 
-def _prune(model_dir: Path, run: RunDir, keep: float,
+def _prune(model_dir: Path, ref: CheckpointView, run: RunDir, stats: CalibStats, keep: float,
            opts: CompressOptions) -> tuple[CheckpointView, PrunePlan | None]:
-    from moepack.stages.prune import PruneOptions, run_prune
+    """Retention `keep` as a prune plan (prune_plan-rKEEP.json) and the lazy view of the model it leaves: no pruned
+    checkpoint is written (`--save-pruned` writes the chosen one), every stage reads the original's tensors."""
+    from moepack.stages.prune import PruneOptions, plan_prune
 
     if keep >= 1.0 and opts.top_k is None:
         return open_checkpoint(model_dir), None
-    out = run.path(f"pruned-r{keep:g}")
-    if out.exists() and not (out / "prune_plan.json").is_file():
-        log.info("removing %s: an interrupted prune (its plan, written last, is missing)", out)
-        shutil.rmtree(out)
-    t0 = time.perf_counter()
-    plan = run_prune(model_dir, run.root, out, PruneOptions(keep=keep, alpha=opts.alpha, criterion=opts.criterion,
-                                                            top_k=opts.top_k), progress=opts.progress)
-    run.timings[f"prune r={keep:g}"] = time.perf_counter() - t0
-    return open_checkpoint(out), plan
+    path = run.path(f"prune_plan-r{keep:g}.json")
+    popts = PruneOptions(keep=keep, alpha=opts.alpha, criterion=opts.criterion, top_k=opts.top_k)
+    m = stats.manifest
+    key = {"model": ref.fingerprint(), "calib": m.text_sha256, "calib_tokens": m.tokens, "heldout": m.heldout_tokens,
+           "calib_shards": m.shards, "options": dataclasses.asdict(popts)}
+    run.stage(f"prune-r{keep:g}", key, path,  # timed as the stage
+              lambda: plan_prune(ref, run.root, popts, progress=opts.progress).write(path))
+    plan = PrunePlan.read(path)
+    return ref.with_plan(plan), plan
 
 
 def probe_ids(heldout: Any, probe_tokens: int | None) -> Any:
@@ -349,7 +338,7 @@ def _candidate(model_dir: Path, ref: CheckpointView, run: RunDir, stats: CalibSt
     measured again; and since quantization only adds error to what pruning costs, a retention whose pruning alone
     already costs the best measured KLD is not measured further: its sensitivity table, the expensive part, is
     skipped."""
-    view, prune_plan = _prune(model_dir, run, keep, opts)
+    view, prune_plan = _prune(model_dir, ref, run, stats, keep, opts)
     measured = [c for c in done if not c.screened]
     shape = (view.facts.n_experts, view.facts.top_k)
     twin = next((c for c in measured if (c.view.facts.n_experts, c.view.facts.top_k) == shape), None)

@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moepack.atomic import atomic_copy, atomic_write_text
+from moepack.atomic import atomic_write_text
 from moepack.backends import Backend, LocalBackend
+from moepack.errors import MoepackError
 from moepack.gguf.types import smallest_type
 from moepack.model.checkpoint import CheckpointView, open_checkpoint
 from moepack.model.pruned import kept_count
@@ -26,7 +27,7 @@ from moepack.pipeline.runstate import RunDir
 from moepack.schema import CalibStats, PrunePlan
 from moepack.stages.budget import Budget, BudgetError, BudgetRequest, budget_for, format_size
 
-__all__ = ["CompressResult", "calibrate_run", "compress", "render_summary"]
+__all__ = ["CompressResult", "calibrate_run", "compress", "dry_run", "render_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class CompressResult:
     verify_error: str | None = None  # why llama.cpp could not run the written file here, if it could not
     llama_command: str = ""  # the llama.cpp command line that runs the file as it was placed and verified
     placement: dict[str, Any] | None = None  # GPU + RAM budgets: each side's tensor bytes and budget
+    runtime: str = ""  # the llama.cpp build the file was verified with (the model card names it)
 
     @property
     def measured_kld(self) -> float:
@@ -111,27 +113,53 @@ def _imatrix_for(view: CheckpointView, run: RunDir, prune_plan: PrunePlan | None
 
 
 def _write(run: RunDir, cand: Candidate, out: Path, opts: CompressOptions, budget: Budget) -> None:
+    """The GGUF, written once, at `out` (atomically); the run directory records it (stages/write.json: its inputs and
+    sha256, so a rerun reuses it while it is intact) instead of holding a second copy."""
     from moepack.gguf.metadata import WRITER_ID
     from moepack.gguf.writer import write_gguf
     from moepack.pipeline.recipe import compress_recipe
 
-    staged = run.path("model.gguf")
     prune = cand.prune_plan.to_dict() if cand.prune_plan is not None else None
     recipe = compress_recipe(cand, budget)  # into the GGUF's moepack.recipe, so part of the stage key
     key = {"plan": cand.plan.to_dict(), "prune": prune, "model": cand.view.fingerprint(), "recipe": recipe,
-           "writer": WRITER_ID}
+           "writer": WRITER_ID, "out": str(out.resolve())}
 
     def work() -> None:
-        write_gguf(cand.view, staged, default_type=None, tensor_types=cand.plan.tensors,
+        write_gguf(cand.view, out, default_type=None, tensor_types=cand.plan.tensors,
                    imatrix=_imatrix_for(cand.view, run, cand.prune_plan), quant_plan=cand.plan.to_dict(),
                    prune_plan=cand.prune_plan, threads=opts.threads, progress=opts.progress, recipe=recipe)
 
-    run.stage("write", key, staged, work)
     try:
-        atomic_copy(staged, out)
+        run.stage("write", key, out, work)
     except OSError as e:
-        raise CompressError(f"{out}: cannot write the GGUF ({e.strerror or e}); the finished file stays at "
-                            f"{staged}") from e
+        raise CompressError(f"{out}: cannot write the GGUF ({e.strerror or e})") from e
+
+
+def _check_save_pruned(dest: Path | None, model_dir: Path) -> None:
+    """Refuse a --save-pruned directory the checkpoint writer would refuse, before any work."""
+    if dest is None:
+        return
+    if dest.resolve() == model_dir.resolve():
+        raise CompressError(f"--save-pruned {dest} is the input checkpoint; choose a new directory")
+    if dest.is_dir() and any(dest.iterdir()) and not (dest / "prune_plan.json").is_file():
+        raise CompressError(f"--save-pruned {dest} exists and is not a moepack pruned checkpoint; choose an empty "
+                            "or new directory")
+
+
+def _save_pruned(best: Candidate, dest: Path | None, opts: CompressOptions) -> None:
+    """--save-pruned DIR: the chosen candidate's pruned model as a Hugging Face checkpoint (nothing else is written
+    per retention)."""
+    if dest is None:
+        return
+    if best.prune_plan is None:
+        log.info("--save-pruned: keep %g removed no expert; the source checkpoint is the model, nothing written",
+                 best.keep)
+        return
+    from moepack.stages.prune import write_checkpoint
+
+    write_checkpoint(best.view, dest, progress=opts.progress)
+    best.prune_plan.write(dest / "prune_plan.json")  # last: marks the output complete, as `moepack prune` does
+    log.info("--save-pruned: wrote the pruned checkpoint (keep %g) to %s", best.keep, dest)
 
 
 def _check_size(out: Path, budget: Budget) -> None:
@@ -165,10 +193,15 @@ def compress(model_dir: str | Path, out: str | Path, request: BudgetRequest, opt
         raise CompressError(f"{out.parent}: output directory is not writable")
     ref = open_checkpoint(model_dir)
     keeps = _validate(opts, ref)
+    _check_save_pruned(opts.save_pruned, model_dir)
     budget = budget_for(request, ref)
     _check_feasible(ref, budget, opts)
     if opts.shards is not None and opts.shards < 1:
         raise CompressError(f"--shards must be at least 1 (got {opts.shards})")
+    try:
+        log.info("%s", _plan_text(ref, budget, opts, keeps))
+    except (MoepackError, ValueError, KeyError) as e:  # an estimate must never stop the run it describes
+        log.warning("no cost estimate for this model (%s); compressing anyway", e)
     backend = backend or LocalBackend()
     run = RunDir(Path(run_dir) if run_dir else out.with_name(out.name + ".run"))
     stats = calibrate_run(model_dir, run, opts, backend)
@@ -183,6 +216,7 @@ def compress(model_dir: str | Path, out: str | Path, request: BudgetRequest, opt
                             "budget or a lower --keep")
     best = min(fitting, key=lambda c: c.kld)
     _write(run, best, out, opts, budget)
+    _save_pruned(best, opts.save_pruned, opts)
     _check_size(out, budget)
     from moepack.gguf.runtime import NativeCrash, llama_command
 
@@ -215,6 +249,24 @@ def _report_kld(run: RunDir, best: Candidate, ref: CheckpointView, stats: CalibS
     kld = measure_kld(best.view, ref, stats, best.plan.tensors, best.prune_plan, opts, ids=stats.report)
     run.timings["report KLD"] = time.perf_counter() - t0
     return kld
+
+
+def _plan_text(view: CheckpointView, budget: Budget, opts: CompressOptions, keeps: list[float]) -> str:
+    from moepack.pipeline.cost import estimate_cost, render_cost, timing_probe
+
+    return render_cost(estimate_cost(view, budget, opts, keeps, timing_probe()))
+
+
+def dry_run(model_dir: str | Path, request: BudgetRequest, opts: CompressOptions) -> str:
+    """What `compress` would do and cost, checked as it checks (budget, retention, feasibility) without running it;
+    works on a directory holding only config.json (moepack.model.shapes)."""
+    from moepack.model.shapes import open_for_planning
+
+    view = open_for_planning(model_dir)
+    keeps = _validate(opts, view)
+    budget = budget_for(request, view)
+    _check_feasible(view, budget, opts)
+    return f"{budget.describe()}\n{_plan_text(view, budget, opts, keeps)}"
 
 
 def _check_feasible(view: CheckpointView, budget: Budget, opts: CompressOptions) -> None:
@@ -251,7 +303,19 @@ def _result(out: Path, run: RunDir, ref: CheckpointView, best: Candidate, budget
         mixtures=best.rivalry.to_dict() if best.rivalry else None,
         refinement=best.refinement.to_dict() if best.refinement else None,
         timings=dict(run.timings), sample=sample, verify_error=verify_error,
-        llama_command=command, placement=best.plan.base.get("placement"))
+        llama_command=command, placement=best.plan.base.get("placement"), runtime=_runtime())
+
+
+def _runtime() -> str:
+    """'llama-cpp-python 0.3.36 (llama.cpp 0.5.0-dev)': the runtime compress verifies with."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        import llama_cpp
+
+        return f"llama-cpp-python {version('llama-cpp-python')} (llama.cpp {llama_cpp.llama_version().decode()})"
+    except (PackageNotFoundError, ImportError, AttributeError, OSError):
+        return ""
 
 
 def render_summary(r: CompressResult) -> str:

@@ -8,12 +8,13 @@ from pathlib import Path
 
 from moepack.errors import MoepackError
 from moepack.gguf.types import LADDER
+from moepack.stages.fit import RETENTIONS
 
 __all__ = ["CompressError", "CompressOptions", "KEEP_AUTO_CANDIDATES", "MIXTURE_RIVALS", "REFINE_PASSES"]
 
 log = logging.getLogger(__name__)
 
-KEEP_AUTO_CANDIDATES = (1.0, 0.875, 0.75, 0.625)
+KEEP_AUTO_CANDIDATES = RETENTIONS  # the one list; `moepack inspect` reports each of them
 # llama.cpp's largest fitting mixtures measured against each plan (moepack.pipeline.dominance): the smaller ones
 # are coarser and rarely better.
 MIXTURE_RIVALS = 3
@@ -50,3 +51,4 @@ class CompressOptions:
     mixtures: int = MIXTURE_RIVALS  # llama.cpp mixtures measured against each plan (0: none)
     sensitivity: str = "auto"  # full | fast | auto (moepack.stages.sensitivity.fast)
     refine: int = REFINE_PASSES  # measured refinement passes after allocation (0: none; moepack.pipeline.refine)
+    save_pruned: Path | None = None  # also write the chosen retention's pruned HF checkpoint here

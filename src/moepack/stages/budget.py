@@ -97,7 +97,7 @@ def parse_size(text: str | int) -> int:
     m = _SIZE_RX.fullmatch(str(text))
     unit = m.group(2).lower() if m else None
     if m is None or unit not in _UNITS:
-        raise BudgetError(f"cannot read size {text!r}; write e.g. 123456, 20MB, 1.5GiB or 8G "
+        raise BudgetError(f"cannot read size {text!r}; write e.g. 20MB, 1.5GiB, 8G or 123456B "
                           "(units: B, kB/MB/GB/TB = 1000^n, KiB/MiB/GiB/TiB or K/M/G/T = 1024^n)")
     try:
         value = Decimal(m.group(1).replace("_", "")) * _UNITS[unit]
@@ -160,8 +160,8 @@ def attention_dims(view_or_config: CheckpointView | dict[str, Any]) -> Attention
     else:
         head = int(config_get(cfg, "head_dim", default=hidden // n_head))
         n_head_kv, head_k, head_v = int(config_get(cfg, "num_key_value_heads", default=n_head)), head, head
-    return AttentionDims(spec.kv_cache, _need(cfg, "num_hidden_layers", "n_layer"), n_head, n_head_kv, head_k,
-                         head_v, hidden, _need(cfg, "vocab_size"))
+    n_layers = spec.extra["kv_layers"](cfg) if "kv_layers" in spec.extra else _need(cfg, "num_hidden_layers", "n_layer")
+    return AttentionDims(spec.kv_cache, n_layers, n_head, n_head_kv, head_k, head_v, hidden, _need(cfg, "vocab_size"))
 
 
 def ffn_width(view_or_config: CheckpointView | dict[str, Any]) -> int:
@@ -174,7 +174,7 @@ def ffn_width(view_or_config: CheckpointView | dict[str, Any]) -> int:
     top_k, expert = _need(cfg, spec.top_k_key, what=what), _need(cfg, spec.expert_ffn_key, what=what)
     shared = int(config_get(cfg, spec.n_shared_key, default=spec.n_shared_default) if spec.n_shared_key
                  else spec.n_shared_default)
-    dense = int(config_get(cfg, "intermediate_size", default=0))  # 0: no dense FFN, only experts widen a layer
+    dense = int(config_get(cfg, spec.extra.get("dense_ffn_key", "intermediate_size"), default=0))  # 0: only experts
     return max((top_k + shared) * expert, dense)
 
 
@@ -214,6 +214,9 @@ def kv_cache_bytes(view_or_config: CheckpointView | dict[str, Any], ctx: int, ty
 
         n_layers × ctx × n_kv_heads × (head_dim · bytes(type_k) + head_dim · bytes(type_v))
 
+    Hybrid (Qwen3-Next): n_layers counts the full-attention layers; plus the linear-attention layers' F32 recurrent
+    state (`moepack.model.arch.qwen_next.recurrent_state_bytes`, as llama_memory_recurrent allocates it).
+
     MLA (DeepSeek-V2/V3)::
 
         n_layers × ctx × (kv_lora_rank + qk_rope_head_dim) · bytes(type_k)        (no V cache)
@@ -233,7 +236,9 @@ def kv_cache_bytes(view_or_config: CheckpointView | dict[str, Any], ctx: int, ty
     k = n * d.n_head_kv * _row_bytes(_kv_type(type_k), d.head_k)
     if d.kv_cache == "mla":
         return k
-    return k + n * d.n_head_kv * _row_bytes(_kv_type(type_v or type_k), d.head_v)
+    cfg = _config(view_or_config)  # hybrid models (Qwen3-Next): plus the linear-attention layers' recurrent state
+    state = spec_for(cfg.get("model_type")).extra.get("recurrent_bytes", lambda c: 0)(cfg)
+    return k + n * d.n_head_kv * _row_bytes(_kv_type(type_v or type_k), d.head_v) + state
 
 
 def compute_buffer_bytes(view_or_config: CheckpointView | dict[str, Any], ctx: int,

@@ -55,10 +55,28 @@ class Accumulator:
 
 
 def _check_experts_layout(experts: torch.nn.Module) -> None:
-    flags = (getattr(experts, "has_bias", False), getattr(experts, "is_transposed", False),
-             getattr(experts, "is_concatenated", True), getattr(experts, "has_gate", True))
-    if flags != (False, False, True, True):
-        raise HookError(f"{type(experts).__name__}: unsupported expert layout (bias/transposed/interleaved)")
+    # Bias, transposed and interleaved layouts (gpt-oss) are handled by _expert_linear and the module's own
+    # _apply_gate; experts without a gate projection are not.
+    if not getattr(experts, "has_gate", True):
+        raise HookError(f"{type(experts).__name__}: unsupported expert layout (no gate_up projection)")
+
+
+def _apply_gate(experts: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up (n, 2I) → (n, I) with the module's own gating (gpt-oss: interleaved, clamped SwiGLU with alpha)."""
+    if hasattr(experts, "_apply_gate"):
+        return experts._apply_gate(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)  # (n, I) each
+    return experts.act_fn(gate) * up
+
+
+def _expert_linear(experts: torch.nn.Module, x: torch.Tensor, name: str, e: int) -> torch.Tensor:
+    """One expert's projection `name` ("gate_up_proj" / "down_proj") of x (n, in) → (n, out), as transformers'
+    experts compute it: weights (E, out, in), or (E, in, out) when transposed; plus the expert's bias if any."""
+    w = getattr(experts, name)[e]
+    y = x @ w if getattr(experts, "is_transposed", False) else torch.nn.functional.linear(x, w)
+    if getattr(experts, "has_bias", False):
+        y = y + getattr(experts, f"{name}_bias")[e]
+    return y
 
 
 def _instrument_experts(experts: torch.nn.Module, layer: int, acc: Accumulator, names: dict[str, str]) -> None:
@@ -85,16 +103,22 @@ def _instrument_experts(experts: torch.nn.Module, layer: int, acc: Accumulator, 
             x = hidden_states[tok]  # (n_e, H)
             acc.add(names["gate"], x, e, n_exp)
             acc.add(names["up"], x, e, n_exp)
-            gate, up = torch.nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)  # (n_e, I) each
-            a = experts.act_fn(gate) * up  # (n_e, I)
+            a = _apply_gate(experts, _expert_linear(experts, x, "gate_up_proj", e))  # (n_e, 2I) → (n_e, I)
             acc.add(names["down"], a, e, n_exp)
-            y = torch.nn.functional.linear(a, experts.down_proj[e])  # (n_e, H)
+            y = _expert_linear(experts, a, "down_proj", e)  # (n_e, H)
             w = top_k_weights[tok, pos]  # (n_e,)
             r["saliency_sum"][e] += (w.double() * y.double().norm(dim=-1)).sum()
             out.index_add_(0, tok, (y * w[:, None]).to(out.dtype))
         return out
 
     experts.forward = forward
+
+
+def _imatrix_keys(view: CheckpointView, layer: int) -> dict[str, str]:
+    """"gate", "up", "down" → the imatrix keys of the layer's stacked experts (`...experts.gate_proj.weight`)."""
+    gate, up, down = view.spec.expert_projs
+    return {role: expert_key(view.expert_ref(layer, 0, kind).name)
+            for role, kind in (("gate", gate), ("up", up), ("down", down))}
 
 
 def preparer(view: CheckpointView, acc: Accumulator) -> Callable[[int, torch.nn.Module], None]:
@@ -108,11 +132,12 @@ def preparer(view: CheckpointView, acc: Accumulator) -> Callable[[int, torch.nn.
                 mod.register_forward_pre_hook(lambda m, args, key=key: acc.add(key, args[0]))
         experts = getattr(getattr(layer, "mlp", None), "experts", None)
         if experts is not None and "mlp.experts.gate_up_proj" in sources:
-            n = view.facts.n_experts
-            gu = sources["mlp.experts.gate_up_proj"].names
-            names = {"gate": expert_key(gu[0]), "up": expert_key(gu[n]),
-                     "down": expert_key(sources["mlp.experts.down_proj"].names[0])}
-            _instrument_experts(experts, i, acc, names)
+            _instrument_experts(experts, i, acc, _imatrix_keys(view, i))
+        moe = getattr(layer, "feed_forward", None)  # Llama 4: the router scales the experts' input
+        if moe is not None and hasattr(moe, "experts") and "feed_forward.experts.gate_up_proj" in sources:
+            from moepack.stages.calib_llama4 import instrument_scaled_input_moe
+
+            instrument_scaled_input_moe(moe, i, acc, _imatrix_keys(view, i))
         if mla_split(view):
             _hook_mla_k_b(view, i, layer, acc)
             _hook_mla_v_b(view, i, layer, acc)
@@ -122,7 +147,7 @@ def preparer(view: CheckpointView, acc: Accumulator) -> Callable[[int, torch.nn.
 
 def mla_split(view: CheckpointView) -> bool:
     """Whether llama.cpp runs this model with kv_b_proj split into attn_k_b and attn_v_b (DeepSeek MLA)."""
-    return view.spec.gguf_arch == "deepseek2" and "kv_lora_rank" in view.config
+    return view.spec.kv_cache == "mla" and "kv_lora_rank" in view.config  # deepseek2, glm-dsa
 
 
 def _hook_mla_v_b(view: CheckpointView, i: int, layer: torch.nn.Module, acc: Accumulator, chunk: int = 16) -> None:

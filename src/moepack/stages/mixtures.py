@@ -14,7 +14,7 @@ types llama_model_quantize writes.
 from __future__ import annotations
 
 import logging
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import gguf
 
@@ -87,8 +87,10 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "IQ4_NL": _EIGHT + _OUTPUT + (("attn_v", "gqa>=4", "Q5_K"), _OUT8),
 }
 
-# tensor_get_category: substrings of the GGUF name, first match wins (ffn_* also match _exps and _shexp).
-_CATEGORIES = (("attn_kv_b.weight", "attn_v"), ("attn_v.weight", "attn_v"), ("attn_k.weight", "attn_k"),
+# tensor_get_category: substrings of the GGUF name, first match wins (ffn_* also match _exps and _shexp). attn_qkv
+# (Qwen3-Next's linear attention) is attn_v-like to llama.cpp (category_is_attn_v): counted and typed with attn_v.
+_CATEGORIES = (("attn_qkv.weight", "attn_v"),
+               ("attn_kv_b.weight", "attn_v"), ("attn_v.weight", "attn_v"), ("attn_k.weight", "attn_k"),
                ("attn_q.weight", "attn_q"), ("attn_output.weight", "attn_output"), ("ffn_up", "ffn_up"),
                ("ffn_gate", "ffn_gate"), ("ffn_down", "ffn_down"))
 
@@ -105,7 +107,8 @@ def _llama_quantizes(name: str, shape: tuple[int, ...]) -> bool:
     """tensor_allows_quantization for these architectures: 2-D and 3-D weights except norms and the router. ggml
     counts dimensions up to the last one above 1: Qwen2-MoE's (1, H) shared-expert gate is 1-D to it."""
     n_dims = len(shape) - next((i for i, d in enumerate(shape) if d != 1), len(shape))  # numpy order: ne reversed
-    return n_dims >= 2 and name.endswith("weight") and "_norm.weight" not in name and "ffn_gate_inp.weight" not in name
+    return (n_dims >= 2 and name.endswith("weight") and "_norm.weight" not in name and "ffn_gate_inp.weight" not in name
+            and "ssm_conv1d" not in name)
 
 
 def _more_bits(i: int, n: int) -> bool:  # llama.cpp's use_more_bits
@@ -167,12 +170,13 @@ class MixtureSize(NamedTuple):
 
 
 def mixture_sizes(view: CheckpointView, keep: float = 1.0, ftypes: Sequence[str] = MIXTURES,
-                  on_gpu: Callable[[str], bool] | None = None) -> dict[str, MixtureSize]:
+                  on_gpu: Callable[[str], bool] | None = None, outs: list[Any] | None = None
+                  ) -> dict[str, MixtureSize]:
     """Mixture → its sizes for `view` with kept_count(keep) routed experts per MoE layer; `on_gpu(gguf name)`
     (moepack.stages.placement.on_gpu) splits off the GPU-resident bytes. Mixtures llama.cpp cannot write for this
     model (rows no fallback fits) are left out."""
     n_keep = kept_count(view, keep) if keep < 1.0 else view.facts.n_experts
-    outs = gguf_outputs(view)
+    outs = gguf_outputs(view) if outs is None else outs  # `outs`: gguf_outputs(view), when the caller has it
     sizes = {}
     for ftype in ftypes:
         try:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from moepack.model.checkpoint import CheckpointView
 
 __all__ = ["RAM_PATTERNS", "on_gpu", "resident_bytes", "placed_budget", "describe_placed", "smallest_memories",
-           "check_floors", "split_table", "allocate_placed"]
+           "size_flag", "check_floors", "split_table", "allocate_placed"]
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def smallest_memories(b: Budget, gpu_floor: int, ram_floor: int) -> tuple[int, i
             _smallest(ram_floor + b.compute + b.overhead, None if fraction else b.reserve))
 
 
-def _size_arg(n: int) -> str:
+def size_flag(n: int) -> str:
     """A size to type that is at least n bytes: GiB (or MiB below 1 GiB) rounded up to two decimals."""
     unit, scale = ("GiB", 2**30) if n >= 2**30 else ("MiB", 2**20)
     return f"{Decimal(-(-n * 100 // scale)) / 100}{unit}"
@@ -136,7 +136,7 @@ def check_floors(b: Budget, gpu_floor: int, ram_floor: int, what: str) -> None:
     if short:
         gpu, ram = smallest_memories(b, gpu_floor, ram_floor)
         raise BudgetError("the GPU + RAM budgets do not fit:\n" + "\n".join(short) + f"\n{describe_placed(b)}\n"
-                          f"the smallest that fits: --gpu-memory {_size_arg(gpu)} --memory {_size_arg(ram)} "
+                          f"the smallest that fits: --gpu-memory {size_flag(gpu)} --memory {size_flag(ram)} "
                           f"({gpu:,} and {ram:,} bytes) at --ctx-size {b.ctx}; or lower --ctx-size or --keep")
 
 

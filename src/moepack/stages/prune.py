@@ -22,9 +22,12 @@ from moepack.atomic import atomic_path, save_json
 from moepack.errors import MoepackError
 from moepack.model.arch import Role
 from moepack.model.checkpoint import CheckpointView, open_checkpoint
+from moepack.model.formats import part_names
+from moepack.model.fused import stacked_view
 from moepack.model.pruned import (PrunedView, default_top_k, group_limited, kept_count, mtp_layers, pruned_view,
                                   selection_groups)
 from moepack.model.runner import moe_layers
+from moepack.model.stored import RawTensor
 from moepack.schema import (CalibManifest, CalibStats, PruneGroups, PruneLayer, PrunePlan,
                             RouterStats, TopKRow, calib_dir)
 
@@ -42,6 +45,7 @@ __all__ = [
     "top_k_auto",
     "auto_candidates",
     "run_prune",
+    "plan_prune",
 ]
 
 log = logging.getLogger(__name__)
@@ -141,8 +145,8 @@ def plan_shape(view: CheckpointView, opts: PruneOptions) -> PlanShape:
             f"{n_keep} kept experts"
         raise PruneError(f"top-k {top_k} exceeds the experts a token can reach ({reach} = {where}); "
                          f"lower --top-k or raise --keep")
-    if f.arch == "deepseek_v3" and (n_keep // n_group) < 2:
-        raise PruneError(f"DeepSeek-V3 routing scores each group by its top-2 experts, so every group needs at "
+    if view.spec.extra.get("group_top2") and (n_keep // n_group) < 2:
+        raise PruneError(f"{f.arch} routing scores each group by its top-2 experts, so every group needs at "
                          f"least 2 kept experts (got {n_keep // n_group}); raise --keep or use --groups collapse")
     return PlanShape(n_keep, top_k, n_group, new_groups, tuple(notes))
 
@@ -213,28 +217,51 @@ def _extra_layer_note(view: CheckpointView) -> list[str]:
 
 
 # ---- streaming writer ------------------------------------------------------------------------------------------
-def _write_safetensors(view: CheckpointView, names: list[str], path: Path) -> None:
-    """One safetensors file, header first (from the refs), then each tensor's bytes as it is loaded."""
+def _stored_parts(view: CheckpointView, n: str) -> list[tuple[str, RawTensor]] | None:
+    """The source's own tensors for `n` (FP8 values and block scales, int4 packs), renamed with it: a pruned
+    checkpoint keeps the source's format. None: `n` is written as loaded (plain, sliced or fused)."""
+    stored = getattr(view.tensors[n], "stored", None)  # bench/scale.py's synthetic refs have none
+    rows = view.sources[n][1] if isinstance(view, PrunedView) and n in view.sources else None
+    names = part_names(n, stored) if stored is not None and rows is None else None
+    return None if names is None else list(zip(names, stored.parts))
+
+
+def _all_decoded(view: CheckpointView) -> bool:
+    """Whether `view` reads compressed tensors of which none can be written as stored (MXFP4 slices of fused
+    experts): they are written decoded, and the source's quantization_config would no longer be true."""
+    refs = [*view.tensors.values(), *getattr(getattr(view, "inner", None), "tensors", {}).values()]
+    compressed = any(getattr(r, "stored", None) is not None and r.stored.format != "plain" for r in refs)
+    return compressed and not any(_stored_parts(view, n) for n in view.tensors)
+
+
+def _write_safetensors(view: CheckpointView, names: list[str], path: Path) -> dict[str, int]:
+    """One safetensors file, header first (from the refs), then each tensor's bytes as it is loaded. Returns the
+    bytes of each tensor written (a stored tensor's parts under their own names)."""
     import torch
 
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    off = 0
+    items: list[tuple[str, RawTensor | None, int]] = []  # (name, stored part or None: load `name`, bytes)
     for n in names:
-        ref = view.tensors[n]
-        header[n] = {"dtype": ref.dtype, "shape": list(ref.shape), "data_offsets": [off, off + ref.nbytes]}
-        off += ref.nbytes
+        parts = _stored_parts(view, n)
+        items += [(pn, p, p.nbytes) for pn, p in parts] if parts else [(n, None, view.tensors[n].nbytes)]
+    off = 0
+    for n, p, nb in items:
+        dtype, shape = (p.dtype, p.shape) if p is not None else (view.tensors[n].dtype, view.tensors[n].shape)
+        header[n] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + nb]}
+        off += nb
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
-        for n in names:
-            t = view.load(n).contiguous()
+        for n, p, nb in items:
+            t = (p.read() if p is not None else view.load(n)).contiguous()
             raw = t.reshape(-1).view(torch.uint8).numpy()  # (nbytes,)
-            if raw.size != view.tensors[n].nbytes:
-                raise PruneError(f"{n}: {raw.size} bytes loaded, {view.tensors[n].nbytes} expected")
+            if raw.size != nb:
+                raise PruneError(f"{n}: {raw.size} bytes loaded, {nb} expected")
             f.write(raw)  # the buffer itself: no bytes copy of a large tensor
             del t, raw  # before the next load: never two large tensors (lm_head, embed_tokens) at once
+    return {n: nb for n, _, nb in items}
 
 
 def _shards(view: CheckpointView, names: list[str], max_bytes: int) -> list[list[str]]:
@@ -268,17 +295,21 @@ def write_checkpoint(view: CheckpointView, out_dir: str | Path, max_shard_bytes:
     out = Path(out_dir)
     src = view.base.root if isinstance(view, PrunedView) and view.base is not None else view.root
     _prepare_out(out, src)
+    view = stacked_view(view)  # gpt-oss, Llama 4: experts stacked again, as transformers loads them
     names = sorted(view.tensors)
     shards = _shards(view, names, max_shard_bytes)
     weight_map: dict[str, str] = {}
+    total = 0
     for i, shard in enumerate(tqdm(shards, desc="write", unit="shard", disable=not progress or len(shards) < 2)):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        _write_safetensors(view, shard, out / fname)
-        weight_map.update({n: fname for n in shard})
+        written = _write_safetensors(view, shard, out / fname)
+        weight_map.update({n: fname for n in written})
+        total += sum(written.values())
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(view.tensors[n].nbytes for n in names)}, "weight_map": weight_map}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         save_json(index, out / "model.safetensors.index.json")
-    save_json(view.config, out / "config.json")
+    save_json({k: v for k, v in view.config.items() if k != "quantization_config" or not _all_decoded(view)},
+              out / "config.json")
     for name in _COPY:
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)
@@ -332,21 +363,19 @@ def auto_candidates(plan: PrunePlan, view: CheckpointView, opts: PruneOptions) -
 
 
 # ---- stage -----------------------------------------------------------------------------------------------------
-def run_prune(model_dir: str | Path, calib: str | Path, out_dir: str | Path, opts: PruneOptions,
-              progress: bool = True) -> PrunePlan:
-    """The prune stage: validate, plan, (measure k'), write the pruned checkpoint and OUT_DIR/prune_plan.json."""
-    view = open_checkpoint(model_dir)
+def _base_plan(view: CheckpointView, calib: str | Path, opts: PruneOptions) -> tuple[PrunePlan, CalibStats]:
     plan_shape(view, opts)  # validates the options before anything is read
     _check_fingerprint(view, CalibManifest.read(calib_dir(calib)))
     stats = CalibStats.read(calib)
     plan = dataclasses.replace(make_plan(view, stats, opts), options=dataclasses.asdict(opts),
                                calib_dir=str(calib_dir(calib).resolve()),
                                active_bytes_per_token=dict(original=active_bytes_per_token(view)))
-    out = Path(out_dir)
-    old = _finished_plan(out)
-    if old is not None and _same_plan(old, plan):
-        log.info("reusing pruned checkpoint in %s (same model, statistics and options)", out)
-        return old
+    return plan, stats
+
+
+def _finish_plan(view: CheckpointView, plan: PrunePlan, stats: CalibStats, opts: PruneOptions,
+                 progress: bool) -> PrunePlan:
+    """k' measured (--top-k auto) and the pruned model's active bytes per token added."""
     if opts.top_k == "auto":
         if stats.heldout is None:
             raise PruneError("--top-k auto needs held-out tokens, and this calibration has none; rerun moepack "
@@ -354,10 +383,29 @@ def run_prune(model_dir: str | Path, calib: str | Path, out_dir: str | Path, opt
         cands = auto_candidates(plan, view, opts)
         plan = plan.with_top_k(*top_k_auto(view, plan, stats.heldout, cands, opts.kld_tol, opts.batch_size,
                                            progress=progress))
-    pv = pruned_view(view, plan)
-    plan = dataclasses.replace(plan, active_bytes_per_token={**plan.active_bytes_per_token,
-                                                             "pruned": active_bytes_per_token(pv)})
-    write_checkpoint(pv, out, progress=progress)
+    return dataclasses.replace(plan, active_bytes_per_token={**plan.active_bytes_per_token,
+                                                             "pruned": active_bytes_per_token(pruned_view(view, plan))})
+
+
+def plan_prune(view: CheckpointView, calib: str | Path, opts: PruneOptions, progress: bool = True) -> PrunePlan:
+    """The prune stage's plan, with no checkpoint written: `view.with_plan(plan)` is the pruned model, read lazily
+    (what compress measures and writes its candidates through)."""
+    plan, stats = _base_plan(view, calib, opts)
+    return _finish_plan(view, plan, stats, opts, progress)
+
+
+def run_prune(model_dir: str | Path, calib: str | Path, out_dir: str | Path, opts: PruneOptions,
+              progress: bool = True) -> PrunePlan:
+    """The prune stage: validate, plan, (measure k'), write the pruned checkpoint and OUT_DIR/prune_plan.json."""
+    view = open_checkpoint(model_dir)
+    plan, stats = _base_plan(view, calib, opts)
+    out = Path(out_dir)
+    old = _finished_plan(out)
+    if old is not None and _same_plan(old, plan):
+        log.info("reusing pruned checkpoint in %s (same model, statistics and options)", out)
+        return old
+    plan = _finish_plan(view, plan, stats, opts, progress)
+    write_checkpoint(pruned_view(view, plan), out, progress=progress)
     plan.write(out / "prune_plan.json")  # last: marks the output complete
     log.info("pruned %s: %d of %d experts per layer, top-k %d -> %s", view.root, plan.n_kept, plan.n_experts,
              plan.top_k_new, out)

@@ -31,6 +31,7 @@ __all__ = [
     "beyond_decoder",
     "layer_index",
     "DERIVED_BUFFERS",
+    "F32_KINDS",
 ]
 
 # Config keys that may carry the routed expert count besides the spec's own (transformers 5 saves Qwen3-MoE's as
@@ -140,6 +141,9 @@ def is_expert_key(key: str) -> bool:
 _LAYER_RX = re.compile(r"model\.layers\.(\d+)\.")
 # Buffers some checkpoints save that are recomputed from config.json (rotary frequencies); never weights.
 DERIVED_BUFFERS = (".rotary_emb.inv_freq",)
+# Weight kinds llama.cpp never quantizes although they are matrices: the linear-attention short convolution
+# (llama-quant.cpp skips "ssm_conv1d"; Qwen3-Next conv1d, (channels, 1, kernel)).
+F32_KINDS = ("conv1d",)
 
 
 def layer_index(name: str) -> int | None:
@@ -181,4 +185,8 @@ def spec_for(model_type: str | None) -> ArchSpec:
 
 
 # Import the table modules so that they register.
-from moepack.model.arch import deepseek, mixtral, olmoe, qwen  # noqa: E402,F401
+from moepack.model.arch import deepseek, ernie, glm, kimi, mixtral, olmoe, qwen  # noqa: E402,F401
+from moepack.model.arch import dots, hunyuan, minimax  # noqa: E402,F401
+from moepack.model.arch import qwen_next  # noqa: E402,F401
+from moepack.model.arch import gpt_oss  # noqa: E402,F401
+from moepack.model.arch import llama4  # noqa: E402,F401

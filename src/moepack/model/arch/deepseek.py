@@ -5,7 +5,7 @@ from __future__ import annotations
 from moepack.model.arch import ArchSpec, Role, TensorRule, register
 from moepack.model.arch._common import L, dense_ffn, experts, skeleton
 
-__all__: list[str] = []
+__all__ = ["deepseek_rules"]
 
 
 def _mla() -> tuple[TensorRule, ...]:
@@ -22,7 +22,8 @@ def _mla() -> tuple[TensorRule, ...]:
     )
 
 
-def _rules() -> tuple[TensorRule, ...]:
+def deepseek_rules() -> tuple[TensorRule, ...]:
+    """DeepSeek-V3's tensors (MLA, routed + shared experts, router bias, dense FFN); Kimi-K2 and GLM-5 reuse them."""
     return (
         skeleton()
         + _mla()
@@ -42,13 +43,14 @@ def deepseek_v3() -> ArchSpec:
         gguf_arch="deepseek2",
         n_experts_key="n_routed_experts",
         expert_ffn_key="moe_intermediate_size",
-        rules=_rules(),
+        rules=deepseek_rules(),
         n_shared_key="n_shared_experts",
         scoring_default="sigmoid",
         norm_topk_default=True,
         group_keys=("n_group", "topk_group"),
         kv_cache="mla",
         router_bias_kind="router_bias",
+        extra={"group_top2": True},  # noaux_tc scores each expert group by its top-2 experts
     )
 
 
@@ -61,7 +63,7 @@ def deepseek_v2() -> ArchSpec:
         gguf_arch="deepseek2",
         n_experts_key="n_routed_experts",
         expert_ffn_key="moe_intermediate_size",
-        rules=_rules(),
+        rules=deepseek_rules(),
         n_shared_key="n_shared_experts",
         scoring_default="softmax",
         norm_topk_default=False,

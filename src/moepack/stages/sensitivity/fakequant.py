@@ -32,6 +32,7 @@ from moepack.errors import MoepackError
 from moepack.gguf import kernels as ggml
 from moepack.gguf import writer as go
 from moepack.gguf.imatrix import imatrix_rows, importance_rows
+from moepack.gguf.linear_attn import join_qkvz
 from moepack.gguf.metadata import WRITER_ID
 from moepack.gguf.names import OutTensor, gguf_outputs
 
@@ -119,6 +120,9 @@ def to_checkpoint(view: Any, name: str, outs: Sequence[OutTensor], arrays: Seque
         kv[:, :nope] = k_b.transpose(0, 2, 1)
         kv[:, nope:] = v_b
         return kv.reshape(-1, kv_lora)  # (n_head*(nope + v), kv_lora)
+    if o.transform in ("qkvz_qkv", "qkvz_z"):
+        parts = {t.transform: a for t, a in zip(outs, arrays)}
+        return join_qkvz(parts["qkvz_qkv"], parts["qkvz_z"], cfg)
     if o.transform:
         raise FakeQuantError(f"{o.name}: no inverse for the writer's transform {o.transform!r}")
     return x
