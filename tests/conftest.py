@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 DATA = ROOT / "data"
 FIXTURES = ("tiny-qwen3-moe", "tiny-deepseek-v3")
-ARCHS = ("qwen3_moe", "qwen2_moe", "deepseek_v3", "deepseek_v2", "mixtral", "olmoe", "minimax_m2", "dots1", "hunyuan_v1_moe", "qwen3_next", "glm4_moe", "kimi_k2", "gpt_oss", "llama4_text", "ernie4_5_moe", "glm_moe_dsa")
+ARCHS = ("qwen3_moe", "qwen2_moe", "deepseek_v3", "deepseek_v2", "mixtral", "olmoe", "minimax_m2", "dots1", "hunyuan_v1_moe", "qwen3_next", "glm4_moe", "kimi_k2", "gpt_oss", "llama4_text", "ernie4_5_moe", "glm_moe_dsa", "qwen3_5_moe_text")
 
 
 def tiny_config(arch: str, hidden: int = 64, ffn: int = 64, n_experts: int = 8, top_k: int = 2,
@@ -52,6 +52,16 @@ def tiny_config(arch: str, hidden: int = 64, ffn: int = 64, n_experts: int = 8, 
                            shared_expert_intermediate_size=ffn, head_dim=hidden // heads, norm_topk_prob=True,
                            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=lin,
                            linear_value_head_dim=lin, linear_conv_kernel_dim=4, full_attention_interval=2)
+    if arch == "qwen3_5_moe_text":
+        # Qwen3.5-MoE as Qwen3_5MoeForCausalLM saves it: one DeltaNet layer (two key heads, four value heads: the
+        # converter's value-head reordering is exercised), then one gated full-attention layer
+        lin = hidden // 4
+        return base | dict(num_experts=n_experts, moe_intermediate_size=ffn, shared_expert_intermediate_size=ffn,
+                           head_dim=hidden // heads, linear_num_key_heads=2, linear_num_value_heads=4,
+                           linear_key_head_dim=lin, linear_value_head_dim=lin, linear_conv_kernel_dim=4,
+                           full_attention_interval=2, rope_parameters=dict(  # M-RoPE sections within 4 rotary dims
+                               rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25,
+                               mrope_section=[1, 1, 0], mrope_interleaved=True))
     if arch == "dots1":
         # as dots.llm1's config: multi-head attention (llama.cpp's dots1 has no GQA), a leading dense layer, two
         # shared experts, sigmoid router + correction bias although scoring_func says "noaux_tc", no sliding window
@@ -232,7 +242,8 @@ def build_tiny_model(arch: str, out: Path, seed: int = 0, tokenizer: bool = Fals
             for name, p in model.named_parameters():
                 if name.endswith("_proj_bias"):
                     p.copy_(torch.randn_like(p) * 0.1)
-        if arch == "qwen3_next":  # zero-centred RMSNorm weights (x·(1 + w)): random, so the GGUF's +1 is checked
+        if arch in ("qwen3_next", "qwen3_5_moe_text"):  # zero-centred RMSNorm weights (x·(1 + w)): random, so
+            # the GGUF's +1 is checked
             for name, p in model.named_parameters():
                 if name.endswith("norm.weight") and ".linear_attn.norm." not in name:
                     p.copy_(torch.randn_like(p) * 0.1)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from moepack.errors import MoepackError
+
 from moepack.stages.budget import (CTX_PAD, BudgetError, BudgetRequest, budget_for, compute_buffer_bytes,
                             format_size, gguf_overhead_bytes, kv_cache_bytes, parse_size, weight_budget)
 from moepack.model.checkpoint import open_checkpoint
@@ -192,5 +194,5 @@ def test_budget_cli_gpu_memory(tiny_model) -> None:
     alone = budget_for(budget_request(p.parse_args(["--memory", "64MiB", "-c", "1024"])), view, overhead=0)
     assert alone == weight_budget(view, memory="64MiB", ctx=1024, overhead=0) and alone.gpu_weights is None
     assert alone.ram_weights is None and alone.sides() == [(None, alone.weights)]
-    with pytest.raises(BudgetError, match="--gpu-memory needs --memory"):
-        budget_for(budget_request(p.parse_args(["--gpu-memory", "24MiB", "-c", "1024"])), view)
+    with pytest.raises(MoepackError, match="--gpu-memory needs --memory"):  # refused, never ignored
+        budget_request(p.parse_args(["--gpu-memory", "24MiB", "-c", "1024"]))

@@ -179,7 +179,9 @@ def test_deepseek_v3_mixtures_at_128gb() -> None:
 def test_inspect_prints_the_mixtures_that_fit(capsys) -> None:
     assert main(["inspect", str(DSV3), "--memory", "128GB", "-c", "8192", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    r1, r75 = d["fit"]["retentions"]
+    by_keep = {r["keep"]: r for r in d["fit"]["retentions"]}
+    assert sorted(by_keep) == [0.625, 0.75, 0.875, 1.0]  # the retentions compress --keep auto tries
+    r1, r75 = by_keep[1.0], by_keep[0.75]
     assert not any(m["fits"] for m in r1["mixtures"].values())
     assert r75["mixtures"]["IQ1_S"]["fits"] and not r75["mixtures"]["IQ2_XXS"]["fits"]
     assert d["mixtures"]["Q4_K_M"]["bytes"] == r1["mixtures"]["Q4_K_M"]["bytes"]

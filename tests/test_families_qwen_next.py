@@ -199,13 +199,13 @@ def test_qwen35_split_is_named_and_tokenizes_like_hf(model: Path, tmp_path: Path
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from moepack.gguf.runtime import load_llama
-    from moepack.gguf.vocab import _QWEN35
+    from moepack.gguf.vocab import QWEN35_SPLIT
 
     d = tmp_path / "m"
     shutil.copytree(model, d)
     tok = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_QWEN35), behavior="isolated"),
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN35_SPLIT), behavior="isolated"),
                                                  byte_level])
     tok.decoder = decoders.ByteLevel()
     marked = "cafe\u0301 e\u0301te\u0301 re\u0301sume\u0301 नमस्ते दुनिया"  # decomposed accents, Devanagari signs

@@ -20,7 +20,7 @@ import numpy as np
 
 from moepack.atomic import atomic_path
 from moepack.errors import MoepackError
-from moepack.gguf.linear_attn import QKVZ_SPLIT
+from moepack.gguf.linear_attn import QKVZ_SPLIT, tile_v_heads
 from moepack.gguf.names import OutTensor, gguf_outputs
 from moepack.model.arch import is_expert_key
 from moepack.schema import CalibStats, ImatrixEntry
@@ -94,11 +94,19 @@ def imatrix_entries(stats: CalibStats, view: CheckpointView) -> dict[str, Imatri
         sums, counts = e.sums, e.counts
         if not is_expert_key(key) and sums.shape[0] > 1:
             sums, counts = sums.reshape(1, -1), counts[:1]  # (1, M*n): one count per dense tensor
+        if _transform_of(view, key) == "vtile_cols":  # Qwen3.5's ssm_out: input columns (value heads) tiled
+            sums = tile_v_heads(sums, view.config, "vtile_cols")
         out[name] = ImatrixEntry(sums, counts)
         if key.endswith(".in_proj_qkvz.weight"):  # written as attn_qkv + attn_gate, both fed the same inputs
             for hf, _ in QKVZ_SPLIT:
                 out[gguf_tensor_name(view, key.replace("in_proj_qkvz", hf))] = ImatrixEntry(sums, counts)
     return out
+
+
+def _transform_of(view: Any, key: str) -> str:
+    """The GGUF transform the architecture applies to checkpoint tensor `key` ("" when none or unknown)."""
+    ref = view.tensors.get(key)
+    return view.spec.extra.get("gguf_transforms", {}).get(ref.kind, "") if ref is not None else ""
 
 
 def write_imatrix_gguf(imatrix: ImatrixFile, path: str | Path) -> Path:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["QKVZ_SPLIT", "ELEMENTWISE", "qkvz_shapes", "split_qkvz", "join_qkvz"]
+__all__ = ["QKVZ_SPLIT", "ELEMENTWISE", "V_TILED", "qkvz_shapes", "split_qkvz", "join_qkvz", "tile_v_heads"]
 
 # in_proj_qkvz is written as these two tensors: (checkpoint-style name gguf's tensor map knows, transform).
 QKVZ_SPLIT = (("in_proj_qkv", "qkvz_qkv"), ("in_proj_z", "qkvz_z"))
@@ -54,3 +54,40 @@ def join_qkvz(qkv: np.ndarray, z: np.ndarray, cfg: dict[str, Any]) -> np.ndarray
     q, k, v = np.split(qkv, np.cumsum([n_k * dk, n_k * dk]), axis=0)  # (n_k·dk | n_k·dk | n_k·r·dv, H)
     parts = [q.reshape(n_k, dk, h), k.reshape(n_k, dk, h), v.reshape(n_k, r * dv, h), z.reshape(n_k, r * dv, h)]
     return np.ascontiguousarray(np.concatenate(parts, axis=1).reshape(-1, h))  # (n_k·(2dk + 2r·dv), H)
+
+
+# Qwen3.5's transforms (conversion/qwen.py, _LinearAttentionVReorderBase): value heads grouped by key head
+# [k0: v0..v(r-1), k1: ...] → tiled [v0 of k0, v0 of k1, ..., v1 of k0, ...], the order ggml's broadcast repeats
+# the key heads in. transform → (axis, part, head width key or None for one entry per head).
+V_TILED: dict[str, tuple[int, str, str | None]] = {
+    "vtile_qkv": (0, "v", "linear_value_head_dim"),  # in_proj_qkv: only the v rows after all q and k
+    "vtile_rows": (0, "all", "linear_value_head_dim"),  # in_proj_z
+    "vtile_heads": (0, "all", None),  # in_proj_a, in_proj_b, dt_bias: one row / entry per value head
+    "neg_exp_vtile": (0, "all", None),  # A_log: -exp, then tiled
+    "squeeze_vtile": (0, "v", "linear_value_head_dim"),  # conv1d: squeezed, then its v channels tiled
+    "vtile_cols": (-1, "all", "linear_value_head_dim"),  # out_proj: its input columns
+}
+
+
+def _tile(x: np.ndarray, axis: int, n_k: int, r: int, d: int, inverse: bool) -> np.ndarray:
+    x = np.moveaxis(x, axis, 0)
+    rest = x.shape[1:]
+    groups = (r, n_k) if inverse else (n_k, r)
+    y = x.reshape(*groups, d, *rest).swapaxes(0, 1).reshape(n_k * r * d, *rest)  # (n_k, r, d, …) ↔ (r, n_k, d, …)
+    return np.ascontiguousarray(np.moveaxis(y, 0, axis))
+
+
+def tile_v_heads(x: np.ndarray, cfg: dict[str, Any], transform: str, inverse: bool = False) -> np.ndarray:
+    """A Qwen3.5 linear-attention tensor with its value heads tiled as llama.cpp reads them (or back, `inverse`);
+    the elementwise part of the transform (-exp, squeeze) is applied first (only forward: those tensors stay F32)."""
+    axis, part, width = V_TILED[transform]
+    if transform == "neg_exp_vtile":
+        x = ELEMENTWISE["neg_exp"](x)
+    elif transform == "squeeze_vtile":
+        x = ELEMENTWISE["squeeze"](x)  # (C, 1, K) → (C, K)
+    n_k, n_v = int(cfg["linear_num_key_heads"]), int(cfg["linear_num_value_heads"])
+    d = int(cfg[width]) if width else 1
+    if part == "all":
+        return _tile(x, axis, n_k, n_v // n_k, d, inverse)
+    qk = 2 * n_k * int(cfg["linear_key_head_dim"])  # rows of all q and all k, in front of v
+    return np.concatenate([x[:qk], _tile(x[qk:], 0, n_k, n_v // n_k, d, inverse)])

@@ -287,11 +287,11 @@ def _meta_qwen3next(w: gguf.GGUFWriter, view: Any) -> None:
 
     cfg, f = view.config, view.facts
     if f.dense_layers:  # llama.cpp's qwen3next loads a router and experts in every layer
-        raise WriteError(f"llama.cpp's qwen3next needs every layer to be MoE; this model has dense layers "
+        raise WriteError(f"llama.cpp's {view.spec.gguf_arch} needs every layer to be MoE; this model has dense layers "
                          f"{list(f.dense_layers)} (mlp_only_layers / decoder_sparse_step)")
     k_dim, v_dim = int(_need(cfg, "linear_key_head_dim")), int(_need(cfg, "linear_value_head_dim"))
     if k_dim != v_dim:  # llama.cpp sizes both head widths by ssm.state_size
-        raise WriteError(f"llama.cpp's qwen3next needs linear_key_head_dim == linear_value_head_dim "
+        raise WriteError(f"llama.cpp's {view.spec.gguf_arch} needs linear_key_head_dim == linear_value_head_dim "
                          f"({k_dim} != {v_dim})")
     w.add_expert_feed_forward_length(f.expert_ffn)
     w.add_expert_shared_feed_forward_length(int(_need(cfg, "shared_expert_intermediate_size")))
@@ -307,6 +307,20 @@ def _meta_qwen3next(w: gguf.GGUFWriter, view: Any) -> None:
     head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
     partial = _rope(cfg).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.25))  # converter default
     w.add_rope_dimension_count(int(head_dim * float(partial)))  # rotary on the first quarter of each head
+
+
+def _meta_qwen35moe(w: gguf.GGUFWriter, view: Any) -> None:
+    """Qwen3.5-MoE, as the converter's Qwen3_5MoeTextModel writes it: Qwen3-Next's keys plus the M-RoPE sections
+    llama.cpp requires (rope_parameters' mrope_section, padded to four; the converter's default without one)."""
+    _meta_qwen3next(w, view)
+    cfg = view.config
+    sections = [int(x) for x in _rope(cfg).get("mrope_section") or (11, 11, 10)]
+    head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    rot = int(head_dim * float(_rope(cfg).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.25))))
+    if sum(sections) > rot:  # ggml's M-RoPE asserts this at the first decode
+        raise WriteError(f"llama.cpp's qwen35moe needs the M-RoPE sections {sections} (rope_parameters' "
+                         f"mrope_section) to sum to at most the {rot} rotary dimensions of a head")
+    w.add_rope_dimension_sections((sections + [0] * 4)[:4])
 
 
 def _meta_glm_dsa(w: gguf.GGUFWriter, view: Any) -> None:
@@ -344,13 +358,13 @@ def _meta_ernie4_5_moe(w: gguf.GGUFWriter, view: Any) -> None:
 
 
 # llama.cpp hard-codes top-k weight renormalisation for these architectures (deepseek2 reads expert_weights_norm).
-_FIXED_NORM_TOPK = {"ernie4_5-moe": True, "hunyuan-moe": True, "qwen3next": True, "gpt-oss": True, "llama4": False,
+_FIXED_NORM_TOPK = {"ernie4_5-moe": True, "hunyuan-moe": True, "qwen3next": True, "qwen35moe": True, "gpt-oss": True, "llama4": False,
                     "minimax-m2": True, "qwen3moe": True, "qwen2moe": False, "olmoe": False, "llama": True}
 _ARCH_META: dict[str, Callable[[gguf.GGUFWriter, Any], None]] = {
     "dots1": _meta_dots1, "hunyuan-moe": _meta_hunyuan_moe,
     "minimax-m2": _meta_minimax_m2, "gpt-oss": _meta_gpt_oss, "llama4": _meta_llama4,
     "qwen3moe": _meta_qwen3moe, "qwen2moe": _meta_qwen2moe, "llama": _meta_llama, "olmoe": _meta_olmoe,
-    "deepseek2": _meta_deepseek2, "glm4moe": _meta_glm4moe, "qwen3next": _meta_qwen3next,
+    "deepseek2": _meta_deepseek2, "glm4moe": _meta_glm4moe, "qwen3next": _meta_qwen3next, "qwen35moe": _meta_qwen35moe,
     "ernie4_5-moe": _meta_ernie4_5_moe, "glm-dsa": _meta_glm_dsa,
 }
 

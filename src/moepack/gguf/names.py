@@ -168,7 +168,8 @@ def _plain_output(view: Any, ref: TensorRef, key: str, quantizable: bool) -> Out
     transform = view.spec.extra.get("gguf_transforms", {}).get(ref.kind, "")
     if view.spec.gguf_arch == "llama" and ref.kind in ("q_proj", "k_proj"):
         transform = "permute_" + ref.kind[0]
-    shape = (ref.shape[0], ref.shape[-1]) if transform == "squeeze" else ref.shape  # conv1d (C, 1, K) → (C, K)
+    squeeze = transform.startswith("squeeze")  # conv1d (C, 1, K) → (C, K)
+    shape = (ref.shape[0], ref.shape[-1]) if squeeze else ref.shape
     return OutTensor(key, shape, (ref.name,), transform, key, quantizable, ref.role, ref.layer)
 
 

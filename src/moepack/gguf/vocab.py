@@ -20,7 +20,7 @@ import gguf
 
 from moepack.errors import MoepackError
 
-__all__ = ["VocabError", "VocabInfo", "add_vocab", "pre_tokenizer_name"]
+__all__ = ["VocabError", "VocabInfo", "add_vocab", "pre_tokenizer_name", "QWEN35_SPLIT"]
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,11 @@ _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p
 _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
            r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 # Qwen3.5's split: Qwen2's with combining marks (\p{M}) kept inside words (llama.cpp's "qwen35").
-_QWEN35 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+QWEN35_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
            r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _PRE_BY_REGEXES: dict[tuple[str, ...], str] = {
     (_QWEN2,): "qwen2",
-    (_QWEN35,): "qwen35",
+    (QWEN35_SPLIT,): "qwen35",
     (_LLAMA3,): "llama-bpe",
 }
 

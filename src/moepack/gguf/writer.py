@@ -23,7 +23,7 @@ from gguf import GGMLQuantizationType
 from moepack.atomic import atomic_path
 from moepack.gguf import kernels as ggml
 from moepack.gguf.imatrix import importance_rows
-from moepack.gguf.linear_attn import ELEMENTWISE, split_qkvz
+from moepack.gguf.linear_attn import ELEMENTWISE, V_TILED, split_qkvz, tile_v_heads
 from moepack.gguf.metadata import WriteError, has_metadata_writer, write_metadata
 from moepack.gguf.names import OutTensor, gguf_outputs
 from moepack.gguf.rope import generated_f32
@@ -135,6 +135,8 @@ def source_f32(view: Any, o: OutTensor) -> np.ndarray:
         # k_b: (n_head, kv_lora, nope); v_b: (n_head, v, kv_lora)
     elif o.transform in ("qkvz_qkv", "qkvz_z"):
         x = split_qkvz(x, cfg, o.transform)
+    elif o.transform in V_TILED:  # Qwen3.5: value heads tiled
+        x = tile_v_heads(x, cfg, o.transform)
     elif o.transform in ELEMENTWISE:
         x = ELEMENTWISE[o.transform](x)
     x = np.ascontiguousarray(x, dtype=np.float32)

@@ -404,8 +404,12 @@ def text_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], str]:
 
 def _text_weights(raw: dict[str, RawTensor], prefix: str) -> dict[str, RawTensor]:
     """The text model's tensors of a multimodal checkpoint, named as the text model's own checkpoint names them
-    (`language_model.model.layers.0...` → `model.layers.0...`); the vision tower and projector are not packed."""
-    text = {n[len(prefix):]: r for n, r in raw.items() if n.startswith(prefix)}
+    (`language_model.model.layers.0...` → `model.layers.0...`; Qwen3.5's `model.language_model.layers.0...` →
+    `model.layers.0...` beside its top-level `lm_head.weight`); the vision tower and projector are not packed."""
+    base = prefix.replace("language_model.", "", 1)  # what the text model's own checkpoint puts there
+    text = {base + n[len(prefix):]: r for n, r in raw.items() if n.startswith(prefix)}
+    if base:  # the output head sits outside the text model's prefix
+        text.update({n: r for n, r in raw.items() if n.startswith("lm_head.")})
     if len(text) < len(raw):
         log.info("packing the text model: %d tensor(s) outside %s* (vision tower, projector) are left out",
                  len(raw) - len(text), prefix)

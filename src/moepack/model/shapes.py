@@ -49,9 +49,9 @@ def config_dims(spec: ArchSpec, cfg: dict[str, Any]) -> dict[str, int]:
               "QR": need("qk_rope_head_dim"), "VH": need("v_head_dim")}
     else:
         d["HD"] = _head_dim(cfg)
-    if spec.model_type != "mixtral" and spec.model_type != "olmoe":
+    if spec.model_type not in ("mixtral", "olmoe", "qwen3_5_moe_text"):  # (Qwen3.5: every layer MoE)
         d["F"] = need(spec.extra.get("dense_ffn_key", "intermediate_size"))  # the dense FFN of non-MoE layers
-    if spec.model_type in ("qwen2_moe", "qwen3_next"):
+    if spec.model_type in ("qwen2_moe", "qwen3_next", "qwen3_5_moe_text"):
         d["FS"] = need("shared_expert_intermediate_size")
     elif spec.n_shared_key:
         d["FS"] = d["FE"] * int(config_get(cfg, spec.n_shared_key) or 0)
@@ -118,6 +118,13 @@ SHAPES: dict[str, dict[tuple[Role, str], Shape]] = {
         (Role.ATTENTION, "q_proj"): ("NH*HD+NH*HD", "H"),  # per head [query, output gate]
         (Role.NORM, "q_norm"): ("HD",), (Role.NORM, "k_norm"): ("HD",),
         (Role.SHARED_EXPERTS, "shexp_gate"): ("ONE", "H")},
+    "qwen3_5_moe_text": _SKELETON | _EXPERTS | _GQA | _SHARED | {  # Qwen3-Next's, with separate DeltaNet inputs
+        (Role.ATTENTION, "in_proj_qkv"): ("LK*DK+LK*DK+LV*DV", "H"), (Role.ATTENTION, "in_proj_z"): ("LV*DV", "H"),
+        (Role.ATTENTION, "in_proj_a"): ("LV", "H"), (Role.ATTENTION, "in_proj_b"): ("LV", "H"),
+        (Role.ATTENTION, "conv1d"): ("LK*DK+LK*DK+LV*DV", "ONE", "KC"), (Role.ATTENTION, "dt_bias"): ("LV",),
+        (Role.ATTENTION, "A_log"): ("LV",), (Role.NORM, "ssm_norm"): ("DV",),
+        (Role.ATTENTION, "out_proj"): ("H", "LV*DV"), (Role.ATTENTION, "q_proj"): ("NH*HD+NH*HD", "H"),
+        (Role.NORM, "q_norm"): ("HD",), (Role.NORM, "k_norm"): ("HD",), (Role.SHARED_EXPERTS, "shexp_gate"): ("ONE", "H")},
     "minimax_m2": _SKELETON | _GQA | {  # Mixtral-style expert names, full-width q/k norms, router bias
         (Role.ROUTED_EXPERTS, "w1"): ("FE", "H"), (Role.ROUTED_EXPERTS, "w3"): ("FE", "H"),
         (Role.ROUTED_EXPERTS, "w2"): ("H", "FE"), (Role.NORM, "q_norm"): ("NH*HD",), (Role.NORM, "k_norm"): ("NKV*HD",),
@@ -163,7 +170,7 @@ def _llama4_moe(cfg: dict[str, Any], i: int) -> bool:
 
 # Which layers route to experts (transformers' own rule for each architecture).
 MOE_LAYER: dict[str, Callable[[dict[str, Any], int], bool]] = {
-    "qwen3_moe": _qwen_moe, "qwen2_moe": _qwen_moe, "qwen3_next": _qwen_moe, "deepseek_v3": _deepseek_moe, "deepseek_v2": _deepseek_moe,
+    "qwen3_moe": _qwen_moe, "qwen2_moe": _qwen_moe, "qwen3_next": _qwen_moe, "qwen3_5_moe_text": _qwen_moe, "deepseek_v3": _deepseek_moe, "deepseek_v2": _deepseek_moe,
     "mixtral": lambda cfg, i: True, "olmoe": lambda cfg, i: True, "gpt_oss": lambda cfg, i: True,
     "llama4_text": _llama4_moe,
     "minimax_m2": lambda cfg, i: True, "dots1": _deepseek_moe, "hunyuan_v1_moe": lambda cfg, i: True,

@@ -221,15 +221,11 @@ def kv_cache_bytes(view_or_config: CheckpointView | dict[str, Any], ctx: int, ty
 
         n_layers × ctx × (kv_lora_rank + qk_rope_head_dim) · bytes(type_k)        (no V cache)
 
-    Why the MLA form: llama.cpp since the MLA change of 2025 (and so the one bundled with llama-cpp-python 0.3.x
-    installed here) runs DeepSeek attention as MQA over the compressed latent when the GGUF carries
-    `key_length_mla`/`value_length_mla` and split `attn_k_b`/`attn_v_b` tensors, which is how convert_hf_to_gguf.py
-    and moepack's writer (gguf_names.MLA_SPLIT) write it: the GGUF's head_count_kv is 1 and key_length is
-    kv_lora_rank + qk_rope_head_dim, so each layer caches one latent row per token. In `llama_kv_cache`'s
-    constructor `has_v = !is_mla`: V is read as a view of the first kv_lora_rank values of K, and no V tensor is
-    allocated. Checked against the bundled library: a deepseek2 GGUF with 3 layers, kv_lora 64, rope 16 reports
-    "K (f16): 0.47 MiB, V (f16): 0.00 MiB" at n_ctx 1024 = 3 × 1024 × 80 × 2 bytes. (Older llama.cpp, and GGUFs
-    with an unsplit attn_kv_b, cache full per-head K and V: n_head × (qk_nope + qk_rope) and n_head × v_head_dim.)
+    Why the MLA form: the bundled llama.cpp runs DeepSeek attention as MQA over the compressed latent when the GGUF
+    carries key_length_mla/value_length_mla and split attn_k_b/attn_v_b (as the converter and moepack write it):
+    head_count_kv is 1, key_length is kv_lora_rank + qk_rope_head_dim, and `llama_kv_cache` allocates no V
+    (`has_v = !is_mla`). Checked: a deepseek2 GGUF with 3 layers, kv_lora 64, rope 16 reports "K (f16): 0.47 MiB,
+    V (f16): 0.00 MiB" at n_ctx 1024 = 3 × 1024 × 80 × 2 bytes.
     """
     d = attention_dims(view_or_config)
     n = d.n_layers * _padded_ctx(ctx)
@@ -367,10 +363,6 @@ class Budget:
         return "\n".join(lines + [f"= weights         {format_size(self.weights)}"])
 
 
-def _n_params(view: CheckpointView) -> int:
-    return sum(t.numel for t in view.tensors.values())
-
-
 def _check_modes(memory: Any, ctx: Any, target_size: Any, target_bpw: Any) -> str:
     modes = [name for name, v in (("--memory", memory), ("--target-size", target_size),
                                   ("--target-bpw", target_bpw)) if v is not None]
@@ -416,7 +408,7 @@ def weight_budget(view: CheckpointView, *, memory: int | str | None = None, ctx:
         bpw = float(target_bpw)
         if not (math.isfinite(bpw) and 0 < bpw <= 32):
             raise BudgetError(f"--target-bpw must be in (0, 32] bits per weight (got {target_bpw})")
-        n = _n_params(view)
+        n = sum(t.numel for t in view.tensors.values())
         target = math.floor(bpw * n / 8)
     b = Budget(None, 0, 0, 0, target - overhead, overhead, mode[2:].replace("-", "_"), None, target, bpw, n)
     if b.weights <= 0:

@@ -190,3 +190,4 @@ from moepack.model.arch import dots, hunyuan, minimax  # noqa: E402,F401
 from moepack.model.arch import qwen_next  # noqa: E402,F401
 from moepack.model.arch import gpt_oss  # noqa: E402,F401
 from moepack.model.arch import llama4  # noqa: E402,F401
+from moepack.model.arch import qwen35  # noqa: E402,F401

@@ -32,7 +32,7 @@ from moepack.errors import MoepackError
 from moepack.gguf import kernels as ggml
 from moepack.gguf import writer as go
 from moepack.gguf.imatrix import imatrix_rows, importance_rows
-from moepack.gguf.linear_attn import join_qkvz
+from moepack.gguf.linear_attn import V_TILED, join_qkvz, tile_v_heads
 from moepack.gguf.metadata import WRITER_ID
 from moepack.gguf.names import OutTensor, gguf_outputs
 
@@ -123,6 +123,8 @@ def to_checkpoint(view: Any, name: str, outs: Sequence[OutTensor], arrays: Seque
     if o.transform in ("qkvz_qkv", "qkvz_z"):
         parts = {t.transform: a for t, a in zip(outs, arrays)}
         return join_qkvz(parts["qkvz_qkv"], parts["qkvz_z"], cfg)
+    if o.transform in V_TILED and not o.transform.startswith(("neg_exp", "squeeze")):  # Qwen3.5's tiled v heads
+        return tile_v_heads(x, cfg, o.transform, inverse=True)
     if o.transform:
         raise FakeQuantError(f"{o.name}: no inverse for the writer's transform {o.transform!r}")
     return x
