@@ -10,7 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 DATA = ROOT / "data"
 FIXTURES = ("tiny-qwen3-moe", "tiny-deepseek-v3")
-ARCHS = ("qwen3_moe", "qwen2_moe", "deepseek_v3", "deepseek_v2", "mixtral", "olmoe", "minimax_m2", "dots1", "hunyuan_v1_moe", "qwen3_next", "glm4_moe", "kimi_k2", "gpt_oss", "llama4_text", "ernie4_5_moe", "glm_moe_dsa", "qwen3_5_moe_text")
+ARCHS = ("qwen3_moe", "qwen2_moe", "deepseek_v3", "deepseek_v2", "mixtral", "olmoe", "minimax_m2", "dots1",
+         "hunyuan_v1_moe", "qwen3_next", "glm4_moe", "kimi_k2", "gpt_oss", "llama4_text", "ernie4_5_moe", "glm_moe_dsa",
+         "qwen3_5_moe_text")
 
 
 def tiny_config(arch: str, hidden: int = 64, ffn: int = 64, n_experts: int = 8, top_k: int = 2,
@@ -112,7 +114,8 @@ def tiny_config(arch: str, hidden: int = 64, ffn: int = 64, n_experts: int = 8, 
 
 
 # Tokenizer family of each architecture's real checkpoints (for write_tiny_tokenizer).
-TOKENIZER_KIND = {"gpt_oss": "gpt-4o", "llama4_text": "llama4", "mixtral": "spm", "olmoe": "gpt2", "minimax_m2": "o200k", "glm4_moe": "glm", "ernie4_5_moe": "spm", "glm_moe_dsa": "glm"}
+TOKENIZER_KIND = {"gpt_oss": "gpt-4o", "llama4_text": "llama4", "mixtral": "spm", "olmoe": "gpt2", "minimax_m2": "o200k",
+                  "glm4_moe": "glm", "ernie4_5_moe": "spm", "glm_moe_dsa": "glm"}
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 

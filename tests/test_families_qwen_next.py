@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA, ROOT, build_tiny_model
+from family_checks import completion_tokens, compress_keep_075, pruned_gguf_matches_transformers
 from moepack.cli import main
 from moepack.errors import MoepackError
 from moepack.gguf.names import gguf_outputs
@@ -116,37 +117,15 @@ def test_fake_quant_inverts_the_qkvz_split(model: Path) -> None:
 
 
 def test_compress_runs_in_llama_cpp_and_the_pruned_checkpoint_in_transformers(tmp_path_factory) -> None:
-    import torch
     import transformers
-
-    from moepack.gguf.runtime import load_llama
 
     root = tmp_path_factory.mktemp("qnc")
     src = build_tiny_model("qwen3_next", root / "m", tokenizer=True, hidden=256, ffn=256, n_experts=8, vocab=512)
-    view = open_checkpoint(src)
-    bf16 = 2 * sum(view.param_counts().values())
-    out, pruned = root / "x.gguf", root / "pruned"
-    assert main(["compress", str(src), "--target-size", f"{bf16 // 4}B", "--keep", "0.75", "-o", str(out),
-                 "--save-pruned", str(pruned), "--calib-text", str(DATA / "tinystories-valid.txt"),
-                 "--calib-tokens", "256", "--seq-len", "32", "--sens-tokens", "64", "--ladder", "IQ2_XXS,Q4_K,Q8_0",
-                 "--criterion", "score", "--sensitivity", "fast", "--refine", "0"]) == 0  # small: CPU test time
-    assert out.stat().st_size <= bf16 // 4
-    assert _meta(out)["qwen3next.expert_count"] == 6
-    llm = load_llama(out, n_ctx=64, n_threads=2)
-    done = llm("Once upon a time", max_tokens=8, temperature=0.0)
-    llm.close()
-    assert done["usage"]["completion_tokens"] > 0
-    m = transformers.AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32).eval()
+    out, pruned = compress_keep_075(src, root, 2 * sum(open_checkpoint(src).param_counts().values()) // 4)
+    assert _meta(out)["qwen3next.expert_count"] == 6 and completion_tokens(out) > 0
+    m = transformers.AutoModelForCausalLM.from_pretrained(pruned)
     assert m.config.num_experts == 6 and m.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 6
-    ids = np.random.default_rng(0).integers(1, 512, 32)
-    with torch.no_grad():
-        want = m(torch.from_numpy(ids)[None]).logits[0].numpy()  # (T, V)
-    f32 = write_gguf(open_checkpoint(pruned), root / "pruned.gguf", progress=False).path  # and llama.cpp agrees
-    llm = load_llama(f32, n_ctx=64, n_threads=2, type_k=0, type_v=0, logits_all=True)
-    llm.eval(ids.tolist())
-    got = np.array(llm.scores[: len(ids)])  # (T, V)
-    llm.close()
-    assert np.abs(got - want).max() < 1e-3
+    assert pruned_gguf_matches_transformers(pruned, root) < 1e-3
 
 
 def test_dense_layers_are_refused_for_llama_cpp(tmp_path: Path) -> None:

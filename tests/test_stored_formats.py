@@ -309,8 +309,8 @@ def test_mxfp4_experts_split_as_the_bf16_release(tmp_path: Path) -> None:
     for d in (mx, plain):
         assert main(["quantize", str(d), "--type", "F32", "-o", str(d.parent / "f32.gguf")]) == 0
     assert _gguf_tensors(mx.parent / "f32.gguf") == _gguf_tensors(plain.parent / "f32.gguf")
-    # pruned: the fused MXFP4 slices cannot be kept as stored; the experts are written decoded (bf16, stacked again
-    # as transformers loads them) and the config no longer claims mxfp4
+    # pruned: the kept experts' MXFP4 blocks and scales are stacked again as the release stores them, the config
+    # keeps its quantization_config, and the pruned checkpoint reads back as the pruned dequantized one
     import numpy as np
 
     from moepack.stages.calibrate import calibrate
@@ -320,9 +320,16 @@ def test_mxfp4_experts_split_as_the_bf16_release(tmp_path: Path) -> None:
                      PruneOptions(keep=0.5))
     outs = [write_checkpoint(v.with_plan(plan), tmp_path / "pruned" / k, progress=False)
             for v, k in ((a, "mx"), (b, "plain"))]
-    assert "quantization_config" not in json.loads((outs[0] / "config.json").read_text())
+    assert json.loads((outs[0] / "config.json").read_text())["quantization_config"] == q
+    from safetensors import safe_open
+
+    with safe_open(str(outs[0] / "model.safetensors"), "pt") as f:
+        assert f.get_slice("model.layers.0.mlp.experts.gate_up_proj_blocks").get_shape() == [2, 128, 2, 16]
+        assert f.get_slice("model.layers.0.mlp.experts.down_proj_scales").get_shape() == [2, 64, 2]
+        assert not any(k.endswith(("experts.gate_up_proj", "experts.down_proj")) for k in f.keys())
     pa, pb = open_checkpoint(outs[0]), open_checkpoint(outs[1])
     assert pa.facts.n_experts == 2 and pa.tensors.keys() == pb.tensors.keys()
+    assert sum(t.stored is not None and t.stored.format == "mxfp4" for t in pa.tensors.values()) == 2 * 3 * 2
     assert all(_same(pa.load(n), pb.load(n)) for n in pa.tensors)
 
 

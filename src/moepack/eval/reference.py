@@ -282,9 +282,9 @@ def _reference_identity(path: Path, kind: str) -> tuple[list[str], int, int]:
     view = open_checkpoint(path)
     files = sorted({t.file for t in view.tensors.values()})
     parts = [view.fingerprint()] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
-    tok = path / "tokenizer.json"
-    if tok.is_file():
-        parts.append(hashlib.sha256(tok.read_bytes()).hexdigest())
+    for tok in (path / "tokenizer.json", path / "tiktoken.model", path / "hy.tiktoken"):
+        if tok.is_file():
+            parts.append(hashlib.sha256(tok.read_bytes()).hexdigest())
     return parts, sum(view.param_counts().values()), sum(f.stat().st_size for f in files)
 
 

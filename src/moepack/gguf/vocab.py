@@ -6,6 +6,7 @@ Two families cover the supported models:
 - SentencePiece-style BPE with byte fallback ("llama" tokenizer model: Mixtral, Mistral): tokens, scores (merge
   rank), token types with the 256 `<0xXX>` byte tokens.
 Special tokens (bos/eos/pad/unk, add_bos/add_eos, chat template) come from gguf's own `SpecialVocab`.
+A tiktoken rank file without tokenizer.json (Kimi-K2, Hunyuan-A13B) is handled by `vocab_tiktoken`.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from typing import Any
 import gguf
 
 from moepack.errors import MoepackError
+from moepack.gguf.vocab_tiktoken import add_tiktoken_vocab
+from moepack.model.tiktoken_vocab import has_tiktoken_vocab
 
 __all__ = ["VocabError", "VocabInfo", "add_vocab", "pre_tokenizer_name", "QWEN35_SPLIT"]
 
@@ -208,6 +211,9 @@ def _spm_scores(tokens: list[str], toktypes: list[int], merges: list[tuple[str, 
 def add_vocab(writer: gguf.GGUFWriter, model_dir: str | Path, n_vocab: int) -> VocabInfo:
     """Write the GGUF tokenizer keys of `model_dir`'s tokenizer into `writer` (padded to `n_vocab` tokens)."""
     root = Path(model_dir)
+    if has_tiktoken_vocab(root):  # Kimi-K2, Hunyuan-A13B: a tiktoken rank file, no tokenizer.json
+        pre, n_tokens, n_merges = add_tiktoken_vocab(writer, root, n_vocab)
+        return VocabInfo("gpt2", pre, n_tokens, n_merges)
     tok = _load(root)
     tokens, toktypes, _ = _token_table(tok, n_vocab)
     merges = _merges(tok)

@@ -22,6 +22,7 @@ from gguf import GGMLQuantizationType
 
 from moepack.atomic import atomic_path
 from moepack.gguf import kernels as ggml
+from moepack.gguf import mxfp4
 from moepack.gguf.imatrix import importance_rows
 from moepack.gguf.linear_attn import ELEMENTWISE, V_TILED, split_qkvz, tile_v_heads
 from moepack.gguf.metadata import WriteError, has_metadata_writer, write_metadata
@@ -175,6 +176,8 @@ def tensor_data(view: Any, t: TypedTensor, im: np.ndarray | None, threads: int |
     """The GGUF bytes of one tensor. Stacked experts are gathered into one (E, rows, n) array and quantized in one
     call, so the thread pool spans every expert (peak memory: one stacked tensor in f32 plus its bytes)."""
     o = t.out
+    if t.qtype == T.MXFP4 and mxfp4.is_source(view, o):  # the release's own MXFP4 bytes: lossless, no quantizing
+        return mxfp4.source_bytes(view, o)
     if o.transform == "" and len(o.shape) == 2 and 4 * o.shape[0] * o.shape[1] > BLOCK_BYTES:
         return _encode_blocks(view, o, t.qtype, im, threads)
     if o.transform != "stack":

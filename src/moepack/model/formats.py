@@ -17,14 +17,17 @@ one correct answer, and a dequantized copy of the checkpoint holds the same valu
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from moepack.model.stored import (Logical, RawTensor, Stored, StoredFormatError, register_decoder, register_format)
+from moepack.model.stored import (Logical, RawTensor, Stored, StoredFormatError, register_decoder, register_format,
+                                  torch_dtype)
 
 if TYPE_CHECKING:
     from moepack.model.checkpoint import TensorRef
 
-__all__ = ["SUPPORTED", "part_names", "E2M1_VALUES", "stored_summary", "config_stored"]
+__all__ = ["SUPPORTED", "part_names", "E2M1_VALUES", "stored_summary", "config_stored", "StackedRaw",
+           "fused_parts"]
 
 # quant_method values and what they are, for the message that refuses every other method.
 SUPPORTED = ("fp8 (block-scaled e4m3)", "compressed-tensors (pack-quantized int4/int8, symmetric)", "mxfp4")
@@ -220,6 +223,9 @@ def int_pack(parts: list, stored: Stored):  # -> torch.Tensor
 
 
 # ---- MXFP4 -----------------------------------------------------------------------------------------------------
+_MX_LAYOUT = ("T",)  # the release stores (.., R, 32·G) with R the bf16 checkpoint's last axis
+
+
 @register_format("mxfp4")
 def mxfp4_tensors(raw: dict[str, RawTensor], q: dict[str, Any]) -> dict[str, Logical]:
     out: dict[str, Logical] = {}
@@ -239,7 +245,7 @@ def mxfp4_tensors(raw: dict[str, RawTensor], q: dict[str, Any]) -> dict[str, Log
                                     f"{scale.shape} are not MXFP4 blocks (.., R, G, 16) with scales (.., R, G)")
         *lead, rows, g, _ = r.shape
         # bf16 holds every E2M1 value times a power of two exactly (the bf16 checkpoint's own dtype)
-        out[base] = Logical(base, (*lead, 32 * g, rows), "BF16", r, Stored("mxfp4", (r, scale), layout=("T",)))
+        out[base] = Logical(base, (*lead, 32 * g, rows), "BF16", r, Stored("mxfp4", (r, scale), layout=_MX_LAYOUT))
     return out
 
 
@@ -254,3 +260,55 @@ def mxfp4(parts: list, stored: Stored):  # -> torch.Tensor
     out[..., 1::2] = lut[(blocks >> 4).long()]
     out = torch.ldexp(out, scales.to(torch.int32).sub_(127).unsqueeze(-1).to(torch.float32))
     return out.reshape(*blocks.shape[:-2], -1)  # (.., R, 32·G); the layout's "T" gives (.., 32·G, R)
+
+
+# ---- the way back: a pruned gpt-oss keeps its MXFP4 experts -----------------------------------------------------
+@dataclass(frozen=True)
+class StackedRaw:
+    """Entries of one stored part stacked along a new first axis (the kept experts' `*_blocks` or `*_scales` of a
+    pruned fused tensor): written as one tensor like a RawTensor, read one entry at a time."""
+
+    name: str
+    entries: tuple[RawTensor, ...]
+
+    @property
+    def dtype(self) -> str:
+        return self.entries[0].dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.entries), *self.entries[0].shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.entries)
+
+    def read(self):  # -> torch.Tensor
+        import torch
+
+        out = torch.empty(self.shape, dtype=torch_dtype(self.dtype))  # (E, ..) as stored
+        for i, p in enumerate(self.entries):
+            out[i] = p.read()
+        return out
+
+
+def fused_parts(name: str, ops: Sequence[tuple[str, ...]], members: Sequence[Sequence[TensorRef]]
+                ) -> list[tuple[str, StackedRaw]] | None:
+    """The MXFP4 parts (`name`_blocks, `name`_scales) of stacked tensor `name` (gpt-oss's experts.gate_up_proj,
+    experts.down_proj) from its per-expert tensors `members[e][j]`, each cut with the split's `ops[j]`: when every
+    expert's members are the cuts of one whole stored entry, the entries stacked are the tensor as the release
+    stores it. None when any member is not such a slice (then the caller writes the decoded tensor)."""
+    per_part: list[list[RawTensor]] = [[], []]
+    for refs in members:
+        first = getattr(refs[0], "stored", None) if refs else None
+        if first is None or len(refs) != len(ops):
+            return None
+        for r, o in zip(refs, ops):
+            s = getattr(r, "stored", None)
+            if s is None or s.format != "mxfp4" or s.parts != first.parts or s.layout != _MX_LAYOUT + tuple(o):
+                return None
+        for acc, p in zip(per_part, first.parts):
+            acc.append(p)
+    if not members:
+        return None
+    return [(name + sfx, StackedRaw(name + sfx, tuple(ps))) for sfx, ps in zip(("_blocks", "_scales"), per_part)]

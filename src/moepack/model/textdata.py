@@ -40,9 +40,13 @@ def text_sha256(path: str | Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def load_tokenizer(model_dir: str | Path):  # -> tokenizers.Tokenizer
+def load_tokenizer(model_dir: str | Path):  # -> tokenizers.Tokenizer (or TiktokenText: same encode)
     from tokenizers import Tokenizer
 
+    from moepack.model.tiktoken_vocab import TiktokenText, has_tiktoken_vocab
+
+    if has_tiktoken_vocab(Path(model_dir)):  # Kimi-K2, Hunyuan-A13B: a tiktoken rank file, no tokenizer.json
+        return TiktokenText(model_dir)
     p = Path(model_dir) / "tokenizer.json"
     if not p.is_file():
         raise TextDataError(f"{model_dir} has no tokenizer.json")

@@ -43,25 +43,10 @@ if TYPE_CHECKING:  # budget.py imports no numpy/gguf at module level, so that `m
 
     from moepack.model.checkpoint import CheckpointView
 
-__all__ = [
-    "BudgetError",
-    "Budget",
-    "AttentionDims",
-    "parse_size",
-    "format_size",
-    "attention_dims",
-    "ffn_width",
-    "kv_cache_bytes",
-    "compute_buffer_bytes",
-    "gguf_overhead_bytes",
-    "weight_budget",
-    "BudgetRequest",
-    "budget_for",
-    "CTX_PAD",
-    "DEFAULT_UBATCH",
-    "DEFAULT_RESERVE_FRACTION",
-    "KV_CACHE_TYPES",
-]
+__all__ = ["BudgetError", "Budget", "AttentionDims", "parse_size", "format_size", "tokenizer_bytes",
+           "attention_dims", "ffn_width", "kv_cache_bytes", "compute_buffer_bytes", "gguf_overhead_bytes",
+           "weight_budget", "BudgetRequest", "budget_for", "CTX_PAD", "DEFAULT_UBATCH", "DEFAULT_RESERVE_FRACTION",
+           "KV_CACHE_TYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -214,8 +199,7 @@ def kv_cache_bytes(view_or_config: CheckpointView | dict[str, Any], ctx: int, ty
 
         n_layers × ctx × n_kv_heads × (head_dim · bytes(type_k) + head_dim · bytes(type_v))
 
-    Hybrid (Qwen3-Next): n_layers counts the full-attention layers; plus the linear-attention layers' F32 recurrent
-    state (`moepack.model.arch.qwen_next.recurrent_state_bytes`, as llama_memory_recurrent allocates it).
+    Hybrid (Qwen3-Next, Qwen3.5): full-attention layers only, plus the recurrent state (spec.extra recurrent_bytes).
 
     MLA (DeepSeek-V2/V3)::
 
@@ -275,8 +259,12 @@ _PER_TENSOR = 192  # tensor-table entry (name, dims, type, offset) + ≤ 31 byte
 _TOKEN_FALLBACK = 40  # bytes per vocabulary entry (string, type, score, merge) when there is no tokenizer.json
 
 
-def _tokenizer_bytes(root: Path, vocab: int) -> int:
+def tokenizer_bytes(root: Path, vocab: int) -> int:
     """Upper-leaning size of the GGUF vocabulary arrays: strings (8-byte length + UTF-8), types, scores, merges."""
+    from moepack.gguf.vocab_tiktoken import vocab_bytes
+
+    if not (root / "tokenizer.json").is_file() and (n := vocab_bytes(root, vocab)) is not None:  # Kimi-K2, Hunyuan
+        return n
     path = root / "tokenizer.json"
     try:
         tok = json.loads(path.read_text(encoding="utf-8"))
@@ -300,7 +288,7 @@ def gguf_overhead_bytes(view: CheckpointView) -> int:
     """
     stacked = {(t.layer, t.kind) for t in view.tensors.values() if t.expert is not None}
     n_tensors = sum(1 for t in view.tensors.values() if t.expert is None) + len(stacked)
-    return _OVERHEAD_FIXED + _PER_TENSOR * n_tensors + _tokenizer_bytes(Path(view.root), view.facts.vocab)
+    return _OVERHEAD_FIXED + _PER_TENSOR * n_tensors + tokenizer_bytes(Path(view.root), view.facts.vocab)
 
 
 # ---------------------------------------------------------------------------------------------------- the budget

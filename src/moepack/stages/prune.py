@@ -22,8 +22,8 @@ from moepack.atomic import atomic_path, save_json
 from moepack.errors import MoepackError
 from moepack.model.arch import Role
 from moepack.model.checkpoint import CheckpointView, open_checkpoint
-from moepack.model.formats import part_names
-from moepack.model.fused import stacked_view
+from moepack.model.formats import fused_parts, part_names
+from moepack.model.fused import StackedView, stacked_view
 from moepack.model.pruned import (PrunedView, default_top_k, group_limited, kept_count, mtp_layers, pruned_view,
                                   selection_groups)
 from moepack.model.runner import moe_layers
@@ -52,7 +52,8 @@ log = logging.getLogger(__name__)
 
 CRITERIA = ("score", "frequency", "reap", "random")
 _COPY = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-         "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json")
+         "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json",
+         "tiktoken.model", "hy.tiktoken")
 _SHARD_BYTES = 4 << 30
 
 
@@ -218,8 +219,13 @@ def _extra_layer_note(view: CheckpointView) -> list[str]:
 
 # ---- streaming writer ------------------------------------------------------------------------------------------
 def _stored_parts(view: CheckpointView, n: str) -> list[tuple[str, RawTensor]] | None:
-    """The source's own tensors for `n` (FP8 values and block scales, int4 packs), renamed with it: a pruned
-    checkpoint keeps the source's format. None: `n` is written as loaded (plain, sliced or fused)."""
+    """The source's own tensors for `n` (FP8 values and block scales, int4 packs, the kept experts' MXFP4 blocks
+    and scales stacked), renamed with it: a pruned checkpoint keeps the source's format. None: `n` is written as
+    loaded (plain, sliced or fused)."""
+    if isinstance(view, StackedView) and n in view.members and view.inner is not None:  # gpt-oss MXFP4 experts
+        split, names = view.members[n]
+        return fused_parts(n, [ops for _, ops in split.outputs],
+                           [[view.inner.tensors[m] for m in per] for per in names])  # type: ignore[return-value]
     stored = getattr(view.tensors[n], "stored", None)  # bench/scale.py's synthetic refs have none
     rows = view.sources[n][1] if isinstance(view, PrunedView) and n in view.sources else None
     names = part_names(n, stored) if stored is not None and rows is None else None
@@ -227,8 +233,8 @@ def _stored_parts(view: CheckpointView, n: str) -> list[tuple[str, RawTensor]] |
 
 
 def _all_decoded(view: CheckpointView) -> bool:
-    """Whether `view` reads compressed tensors of which none can be written as stored (MXFP4 slices of fused
-    experts): they are written decoded, and the source's quantization_config would no longer be true."""
+    """Whether `view` reads compressed tensors of which none can be written as stored: they are written decoded,
+    and the source's quantization_config would no longer be true."""
     refs = [*view.tensors.values(), *getattr(getattr(view, "inner", None), "tensors", {}).values()]
     compressed = any(getattr(r, "stored", None) is not None and r.stored.format != "plain" for r in refs)
     return compressed and not any(_stored_parts(view, n) for n in view.tensors)

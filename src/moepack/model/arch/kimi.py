@@ -4,27 +4,16 @@ routed experts in one group, 64 heads and one leading dense layer. llama.cpp's c
 transformers has no `kimi_k2` model class (the hub ships remote code): the layer runner builds DeepSeek-V3's."""
 from __future__ import annotations
 
+import dataclasses
+
 from moepack.model.arch import ArchSpec, register
-from moepack.model.arch.deepseek import deepseek_rules
+from moepack.model.arch.deepseek import deepseek_v3
 
 __all__: list[str] = []
 
 
 @register
 def kimi_k2() -> ArchSpec:
-    return ArchSpec(
-        model_type="kimi_k2",
-        hf_class="DeepseekV3ForCausalLM",
-        gguf_arch="deepseek2",
-        n_experts_key="n_routed_experts",
-        expert_ffn_key="moe_intermediate_size",
-        rules=deepseek_rules(),
-        n_shared_key="n_shared_experts",
-        scoring_default="sigmoid",
-        norm_topk_default=True,
-        group_keys=("n_group", "topk_group"),
-        kv_cache="mla",
-        router_bias_kind="router_bias",
-        extra={"hf_model_type": "deepseek_v3",  # the transformers model class that runs it
-               "group_top2": True},
-    )
+    v3 = deepseek_v3()  # the same tables and routing; only the config's model_type and the transformers class differ
+    return dataclasses.replace(v3, model_type="kimi_k2",
+                               extra={**v3.extra, "hf_model_type": "deepseek_v3"})  # the class that runs it

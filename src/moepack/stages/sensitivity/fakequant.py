@@ -30,6 +30,7 @@ from gguf import GGMLQuantizationType
 from moepack.atomic import atomic_path
 from moepack.errors import MoepackError
 from moepack.gguf import kernels as ggml
+from moepack.gguf import mxfp4
 from moepack.gguf import writer as go
 from moepack.gguf.imatrix import imatrix_rows, importance_rows
 from moepack.gguf.linear_attn import V_TILED, join_qkvz, tile_v_heads
@@ -230,6 +231,10 @@ class QuantStore:
         for o, ts, ref in work:
             todo = [t for t in ts if (o.name, t.qtype.name) not in self._err
                     and (o.name, t.qtype.name) not in self._sampled]
+            kept = [t for t in todo if t.qtype == GGMLQuantizationType.MXFP4 and mxfp4.is_source(self.view, o)]
+            if kept:  # the source's own MXFP4 bytes: written whole (a repack, no quantizing), their error exactly 0
+                whole.append((o, kept))
+                todo = [t for t in todo if t not in kept]
             idx, scale = self._sample_of(o, fraction) if todo else (None, 1.0)
             if todo and idx is None:
                 whole.append((o, todo))

@@ -5,7 +5,7 @@ plus token_embd and output; each option's bytes are the GGUF bytes of the group'
 llama.cpp's row-width fallbacks, as the writer resolves them (an option that falls back to the types written for
 an earlier one is dropped). Options are the base (the reference of the ΔKLD measurements) and every other ladder
 type the group can be written at, smaller ones included: the allocator may move a group down from the base as well
-as up.
+as up. Groups whose source is MXFP4 (gpt-oss's experts) also get MXFP4: the release's own bytes, kept losslessly.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from moepack.errors import MoepackError
+from moepack.gguf import mxfp4
 from moepack.gguf.imatrix import importance_rows
 from moepack.gguf.kernels import requires_imatrix
 from moepack.gguf.names import OutTensor, gguf_group_name, gguf_outputs
@@ -100,6 +101,12 @@ def _candidates(base: str, ladder: list[str]) -> list[str]:
     return [base] + sorted((t for t in ladder if t != base), key=bits_per_weight)
 
 
+def _source_types(view: Any, outs: list[OutTensor], ladder: list[str]) -> list[str]:
+    """Types the source already holds these tensors in, lossless to keep: MXFP4 for gpt-oss's MXFP4 experts."""
+    keep = "MXFP4" not in ladder and all(mxfp4.is_source(view, o) for o in outs)
+    return ["MXFP4"] if keep else []
+
+
 def _options(name: str, outs: list[OutTensor], cands: list[str],
              imatrix: Mapping[str, np.ndarray] | None) -> list[GroupOption]:
     opts: list[GroupOption] = []
@@ -138,7 +145,8 @@ def plan_groups(view: Any, base: Mapping[str, str] | None = None, ladder: Iterab
     groups = []
     for name, outs in by_name.items():
         cls = name.rsplit(".", 1)[-1]
-        cands = _candidates(_base_for(base, name, cls, outs[0].role, default_base(ladder)), ladder)
+        cands = _candidates(_base_for(base, name, cls, outs[0].role, default_base(ladder)),
+                            ladder + _source_types(view, outs, ladder))
         groups.append(GroupSpec(name, cls, outs[0].role, outs[0].layer, tuple(outs),
                                 tuple(_options(name, outs, cands, imatrix))))
     known = {g.name for g in groups} | {g.cls for g in groups} | {g.role.value for g in groups} | {"default", "*"}
