@@ -208,7 +208,6 @@ def _gguf_tensors(path: Path) -> dict:
 
 
 def test_int4_packs_decode_and_write_the_dequantized_gguf(tmp_path: Path) -> None:
-    import torch
 
     src = build_tiny_model("deepseek_v3", tmp_path / "src", hidden=80, ffn=48, n_experts=8, tokenizer=True,
                            vocab=320)  # 80 columns: groups of 32, 32 and 16
