@@ -36,10 +36,10 @@ FAMILIES = {
     "qwen3_moe": "QWEN3MOE", "qwen2_moe": "QWEN2MOE", "deepseek_v3": "DEEPSEEK2", "deepseek_v2": "DEEPSEEK2",
     "mixtral": "LLAMA", "olmoe": "OLMOE", "glm4_moe": "GLM4_MOE", "gpt_oss": "GPT_OSS", "minimax_m2": "MINIMAXM2",
     "qwen3_next": "QWEN3NEXT", "qwen3_5_moe": "QWEN35MOE", "kimi_k2": "DEEPSEEK2", "ernie4_5_moe": "ERNIE4_5_MOE",
-    "hunyuan_v1_moe": "HUNYUAN_MOE", "dots1": "DOTS1", "llama4": "LLAMA4",
+    "hunyuan_v1_moe": "HUNYUAN_MOE", "dots1": "DOTS1", "llama4": "LLAMA4", "glm_moe_dsa": "GLM_DSA",
 }
 # Words in test names that stand for a family when the test is not parametrized by model_type.
-KEYWORDS = {"gpt_oss": "gpt_oss", "glm": "glm4_moe", "kimi": "kimi_k2", "minimax": "minimax_m2", "hunyuan":
+KEYWORDS = {"glm5": "glm_moe_dsa", "glm_moe_dsa": "glm_moe_dsa", "gpt_oss": "gpt_oss", "glm": "glm4_moe", "kimi": "kimi_k2", "minimax": "minimax_m2", "hunyuan":
             "hunyuan_v1_moe", "dots1": "dots1", "ernie": "ernie4_5_moe", "llama4": "llama4", "qwen_next":
             "qwen3_next", "qwen3_next": "qwen3_next", "qwen3_5": "qwen3_5_moe"}
 # The issue's checks, recognised by words in the test name.
@@ -47,7 +47,7 @@ CHECKS = {"F32 logits = transformers": ("logits",), "compress → llama.cpp": ("
           "pruned → transformers": ("pruned",), "tokenizer = HF": ("tokeniz", "vocab"), "inspect": ("inspect",),
           "published counts": ("published",)}
 TEST_ARGS = ["tests/test_gguf_out.py::test_f32_logits_match_transformers",
-             "tests/test_inspect.py::test_inspect_every_arch", "tests/test_published_configs.py",
+             "tests/test_gguf_out.py::test_vocab_tokenizes_like_hf", "tests/test_inspect.py::test_inspect_every_arch", "tests/test_published_configs.py",
              *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_families_*.py"))]
 BUDGETS = {"64 GB": ["--memory", "64GB"], "128 GB": ["--memory", "128GB"],
            "24 GB GPU + 128 GB": ["--gpu-memory", "24GB", "--memory", "128GB"]}

@@ -161,3 +161,17 @@ def test_view_ref_of_a_pruned_view_and_helpers(shared_tiny_model) -> None:
     bins = partition([5, 1, 1, 1, 4, 2], 3)
     assert sorted(i for b in bins for i in b) == list(range(6)) and len(bins) == 3
     assert sorted(sum([5, 1, 1, 1, 4, 2][i] for i in b) for b in bins) == [4, 5, 5]
+
+
+def test_calibration_on_ray_reads_fp8_checkpoints(shared_tiny_model, ray_backend, tmp_path) -> None:
+    """Workers re-open an FP8 block-scaled checkpoint from its path and dequantize per tensor as the driver does:
+    the Ray calibration of the FP8 release equals the local calibration of its dequantized copy."""
+    from test_stored_formats import to_fp8
+
+    fp8, deq = to_fp8(shared_tiny_model("deepseek_v3"), tmp_path, (48, 48))
+    kw: dict[str, Any] = dict(batch_size=2, threads=1, progress=False)
+    remote = _arrays(calibrate(open_checkpoint(fp8), IDS, shards=2, backend=ray_backend, **kw))
+    local = _arrays(calibrate(open_checkpoint(deq), IDS, shards=2, **kw))
+    assert sorted(local) == sorted(remote)
+    for k in local:
+        assert np.array_equal(local[k], remote[k]), k

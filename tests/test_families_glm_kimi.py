@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from conftest import DATA, TOKENIZER_KIND, _GLM_SPLIT, build_tiny_model, tiny_config, write_tiny_tokenizer
+from family_checks import completion_tokens, compress_keep_075, gguf_logits, hf_logits
 from moepack.cli import main
 from moepack.gguf.writer import write_gguf
 from moepack.model.checkpoint import open_checkpoint
@@ -37,26 +38,10 @@ SAMPLE = ("Hello, World! It's 2026.\n\ndef f(x):\n    return x ** 2  # square\n\
           " 1234567 3.14159 🙂🚀  trailing   spaces\n\n\n")
 
 
-def _hf_logits(model_dir: Path, ids: np.ndarray) -> np.ndarray:
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(torch.from_numpy(ids)[None]).logits[0].numpy()  # (T, V)
-
-
 def _llama(path: Path, **kw: Any):
     from moepack.gguf.runtime import load_llama
 
     return load_llama(path, n_ctx=128, n_threads=2, type_k=0, type_v=0, **kw)
-
-
-def _gguf_logits(path: Path, ids: np.ndarray) -> np.ndarray:
-    llm = _llama(path, logits_all=True)
-    llm.eval(ids.tolist())
-    out = np.array(llm.scores[: len(ids)])  # (T, V)
-    llm.close()
-    return out
 
 
 def _meta(path: Path) -> dict[str, Any]:
@@ -89,13 +74,9 @@ def _variant(arch: str, out: Path, **overrides: Any) -> Path:
 
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_compress_keep_075_runs_in_llama_cpp_and_pruned_checkpoint_loads(arch: str, tmp_path: Path, capsys) -> None:
-    from moepack.gguf.runtime import load_llama
-
     src = build_tiny_model(arch, tmp_path / "m", tokenizer=True, vocab=512)  # width 64: K-quants fall back
     bf16 = 2 * sum(open_checkpoint(src).param_counts().values())
-    out, pruned = tmp_path / "x.gguf", tmp_path / "pruned"
-    assert main(["compress", str(src), "--target-size", f"{bf16 // 2}B", "--keep", "0.75", "-o", str(out),
-                 "--save-pruned", str(pruned), *SMALL]) == 0
+    out, pruned = compress_keep_075(src, tmp_path, bf16 // 2, tuple(SMALL))
     text = capsys.readouterr().out
     assert "6 of 8 per MoE layer" in text  # keep 0.75 of 8 experts
     count_key, bias, gating = FAMILIES[arch]
@@ -103,10 +84,7 @@ def test_compress_keep_075_runs_in_llama_cpp_and_pruned_checkpoint_loads(arch: s
     meta = _meta(out)
     assert meta[f"{gguf_arch}.expert_count"] == 6 and meta.get(f"{gguf_arch}.expert_gating_func") == gating
     assert meta[f"{gguf_arch}.leading_dense_block_count"] == 1 and meta[f"{gguf_arch}.expert_shared_count"] == 1
-    llm = load_llama(out, n_ctx=64, n_threads=2)
-    got = llm.create_completion("Once upon a time", max_tokens=8, temperature=0.0)
-    llm.close()
-    assert got["usage"]["completion_tokens"] > 0
+    assert completion_tokens(out) > 0
     # the pruned checkpoint: transformers loads it, routes over 6 experts, and its F32 GGUF gives the same logits
     cfg = json.loads((pruned / "config.json").read_text())
     assert cfg["model_type"] == arch and cfg[count_key] == 6
@@ -114,7 +92,7 @@ def test_compress_keep_075_runs_in_llama_cpp_and_pruned_checkpoint_loads(arch: s
     assert torch.equal(view.load(bias).reshape(-1), open_checkpoint(src).load(bias).reshape(-1)[kept])  # (E,), (1, E)
     f32 = write_gguf(view, tmp_path / "pruned.gguf", progress=False).path
     ids = _ids()
-    assert np.abs(_gguf_logits(f32, ids) - _hf_logits(pruned, ids)).max() < 1e-3
+    assert np.abs(gguf_logits(f32, ids) - hf_logits(pruned, ids)).max() < 1e-3
 
 
 # ---------------------------------------------------------------------------------------------------- GLM
@@ -174,7 +152,7 @@ def test_glm_air_variant_and_group_limited_routing(tmp_path: Path) -> None:
     meta = _meta(out)
     assert meta["glm4moe.expert_group_count"] == 2 and meta["glm4moe.expert_group_used_count"] == 1
     ids = _ids()
-    assert np.abs(_gguf_logits(out, ids) - _hf_logits(d, ids)).max() < 1e-3
+    assert np.abs(gguf_logits(out, ids) - hf_logits(d, ids)).max() < 1e-3
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "config.json").write_text((d / "config.json").read_text())
     derived = config_view(tmp_path / "cfg")
@@ -205,7 +183,7 @@ def test_glm_mtp_layer_is_left_out(tmp_path: Path) -> None:
     names = {t.name for t in gguf.GGUFReader(out).tensors}
     assert not [n for n in names if n.startswith("blk.2.")] and _meta(out)["glm4moe.block_count"] == 2
     ids = _ids()
-    assert np.abs(_gguf_logits(out, ids) - _hf_logits(src, ids)).max() < 1e-3
+    assert np.abs(gguf_logits(out, ids) - hf_logits(src, ids)).max() < 1e-3
     st = calibrate(view, np.random.default_rng(1).integers(0, 512, (4, 24)), progress=False)
     assert sorted(st.router) == [1]
     st.write(tmp_path / "run" / "calib")
@@ -232,7 +210,7 @@ def test_kimi_k2_facts_and_runner(tmp_path: Path, capsys) -> None:
     runner = LayerRunner(view)
     assert type(runner._skeleton).__name__ == "DeepseekV3ForCausalLM"
     ids = torch.as_tensor(_ids()[None])
-    assert np.abs(runner.forward(ids).numpy()[0] - _hf_logits(d, ids.numpy()[0])).max() < 1e-4
+    assert np.abs(runner.forward(ids).numpy()[0] - hf_logits(d, ids.numpy()[0])).max() < 1e-4
     assert plan_shape(view, PruneOptions(keep=0.75)).n_group == 1  # no group rounding for one group
     with pytest.raises(Exception, match="top-2"):
         plan_shape(view, PruneOptions(keep=0.125, top_k=1))  # 1 expert left: the top-2 group score needs 2
@@ -268,7 +246,7 @@ def test_ernie_tied_embeddings_and_mtp_tensors(tmp_path: Path) -> None:
     out = write_gguf(view, tmp_path / "m.gguf", progress=False).path
     assert "output.weight" not in {t.name for t in gguf.GGUFReader(out).tensors}
     ids = _ids()
-    assert np.abs(_gguf_logits(out, ids) - _hf_logits(d, ids)).max() < 1e-3
+    assert np.abs(gguf_logits(out, ids) - hf_logits(d, ids)).max() < 1e-3
     # ERNIE's SentencePiece-style vocabulary (byte fallback) tokenizes the multilingual sample as Hugging Face does
     from tokenizers import Tokenizer
 
@@ -304,4 +282,4 @@ def test_glm5_sparse_attention_matches_transformers(tmp_path: Path) -> None:
     d = _variant("glm_moe_dsa", tmp_path / "m", index_topk=8)
     out = write_gguf(open_checkpoint(d), tmp_path / "m.gguf", progress=False).path
     ids = _ids()
-    assert np.abs(_gguf_logits(out, ids) - _hf_logits(d, ids)).max() < 1e-3
+    assert np.abs(gguf_logits(out, ids) - hf_logits(d, ids)).max() < 1e-3

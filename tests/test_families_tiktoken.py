@@ -194,16 +194,13 @@ def test_hunyuan_tiktoken_vocab_matches_llama_cpp(tmp_path: Path) -> None:
 def test_kimi_k2_tiktoken_compress(tmp_path: Path) -> None:
     """`compress` on Kimi-K2's hub layout (no tokenizer.json): calibration tokenizes with the tiktoken vocabulary,
     the pruned checkpoint keeps tiktoken.model, and the written file tokenizes as tiktoken does."""
+    from family_checks import compress_keep_075
     from moepack.gguf.runtime import load_llama
-    from test_families_glm_kimi import SMALL
 
     ranks = _train_ranks(700)
     src = build_tiny_model("kimi_k2", tmp_path / "m", vocab=len(ranks) + 256)
     _write_kimi_tokenizer(src, ranks)
-    bf16 = 2 * sum(open_checkpoint(src).param_counts().values())
-    out, pruned = tmp_path / "x.gguf", tmp_path / "pruned"
-    assert main(["compress", str(src), "--target-size", f"{bf16 // 2}B", "--keep", "0.75", "-o", str(out),
-                 "--save-pruned", str(pruned), *SMALL]) == 0
+    out, pruned = compress_keep_075(src, tmp_path, sum(open_checkpoint(src).param_counts().values()))  # bf16 / 2
     assert (pruned / "tiktoken.model").read_bytes() == (src / "tiktoken.model").read_bytes()
     assert not (pruned / "tokenizer.json").exists()
     llm = load_llama(out, vocab_only=True, verbose=False)
