@@ -125,7 +125,7 @@ def _options(name: str, outs: list[OutTensor], cands: list[str],
         raise SensitivityError(f"group {name} can be written at none of {', '.join(cands)} (row width "
                                f"{outs[0].n_per_row}); add a type that suits it to the ladder or --base")
     if opts[0].type != cands[0]:
-        log.info("%s: base %s cannot be written here; its base is %s", name, cands[0], opts[0].type)
+        log.debug("%s: base %s cannot be written here; its base is %s", name, cands[0], opts[0].type)
     return [opts[0], *sorted(opts[1:], key=lambda o: o.bytes)]  # fallbacks can reorder the bytes
 
 
@@ -142,13 +142,19 @@ def plan_groups(view: Any, base: Mapping[str, str] | None = None, ladder: Iterab
             continue
         cls = gguf_group_name(view, o.sources[0])
         by_name.setdefault(cls if o.layer is None else f"blk.{o.layer}.{cls}", []).append(o)
-    groups = []
+    groups: list[GroupSpec] = []
+    moved: dict[tuple[str, str], list[str]] = {}
     for name, outs in by_name.items():
         cls = name.rsplit(".", 1)[-1]
         cands = _candidates(_base_for(base, name, cls, outs[0].role, default_base(ladder)),
                             ladder + _source_types(view, outs, ladder))
         groups.append(GroupSpec(name, cls, outs[0].role, outs[0].layer, tuple(outs),
                                 tuple(_options(name, outs, cands, imatrix))))
+        if groups[-1].options[0].type != cands[0]:
+            moved.setdefault((cands[0], groups[-1].options[0].type), []).append(name)
+    for (asked, got), names in moved.items():  # one line per change, not one per group (DeepSeek-V3 has ~500)
+        log.info("%d group(s) cannot be written at base %s (row width, or no importance matrix yet), so their base "
+                 "is %s, e.g. %s", len(names), asked, got, names[0])
     known = {g.name for g in groups} | {g.cls for g in groups} | {g.role.value for g in groups} | {"default", "*"}
     if unknown := sorted(set(base) - known):
         raise SensitivityError(f"--base names {', '.join(unknown)}, which this model has no group of; use roles "
