@@ -12,7 +12,7 @@ from conftest import DATA
 from moepack.cli import main
 
 __all__ = ["SMALL_COMPRESS", "compress_keep_075", "completion_tokens", "hf_logits", "gguf_logits", "meta",
-           "pruned_gguf_matches_transformers"]
+           "pruned_gguf_matches_transformers", "gguf_token_ids", "hf_token_ids"]
 
 # compress options that keep a family's end-to-end test to seconds of CPU (few tokens, a short ladder, fast mode).
 SMALL_COMPRESS = ("--calib-text", str(DATA / "tinystories-valid.txt"), "--calib-tokens", "256", "--seq-len", "32",
@@ -77,3 +77,20 @@ def pruned_gguf_matches_transformers(pruned: Path, root: Path, vocab: int = 512,
     ids = np.random.default_rng(0).integers(1, vocab, n)
     f32 = write_gguf(open_checkpoint(pruned), root / "pruned-f32.gguf", progress=False).path
     return float(np.abs(gguf_logits(f32, ids) - hf_logits(pruned, ids)).max())
+
+
+def gguf_token_ids(path: Path, text: str) -> list[int]:
+    """llama.cpp's token ids of `text` from a GGUF's vocabulary (no BOS, special tokens not parsed)."""
+    from moepack.gguf.runtime import load_llama
+
+    llm = load_llama(path, vocab_only=True)
+    ids = llm.tokenize(text.encode(), add_bos=False, special=False)
+    llm.close()
+    return list(ids)
+
+
+def hf_token_ids(model_dir: Path, text: str) -> list[int]:
+    """Hugging Face tokenizers' ids of `text` from the checkpoint's tokenizer.json (no special tokens added)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(text, add_special_tokens=False).ids

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA, ROOT, build_tiny_model
-from family_checks import completion_tokens, compress_keep_075, pruned_gguf_matches_transformers
+from family_checks import completion_tokens, compress_keep_075, meta, pruned_gguf_matches_transformers
 from moepack.cli import main
 from moepack.gguf.writer import WriteError, write_gguf
 from moepack.model.checkpoint import open_checkpoint
@@ -25,11 +25,6 @@ SAMPLE = ("The quick brown fox, 1234567 digits.\n\ndef f(x):\n    return x ** 2 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     return build_tiny_model(ARCH, tmp_path_factory.mktemp("q35") / "m", tokenizer=True, vocab=512)
-
-
-def _meta(path: Path) -> dict:
-    r = gguf.GGUFReader(path)
-    return {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml.")}
 
 
 def _tiled(x: np.ndarray, n_k: int, r: int, d: int) -> np.ndarray:
@@ -73,7 +68,7 @@ def test_gguf_layout_as_the_converter_writes_it(model: Path, tmp_path: Path) -> 
     norm = view.load_numpy_f32("model.layers.1.self_attn.q_norm.weight")
     assert np.allclose(np.array(t["blk.1.attn_q_norm.weight"].data), norm + 1)
     assert np.array_equal(np.array(t["blk.0.ssm_norm.weight"].data), load("norm.weight"))  # gated: no +1
-    m = _meta(out)
+    m = meta(out)
     assert m["general.architecture"] == "qwen35moe"
     assert list(m["qwen35moe.rope.dimension_sections"]) == [1, 1, 0, 0]
     assert m["qwen35moe.full_attention_interval"] == 2 and m["qwen35moe.rope.dimension_count"] == 4
@@ -179,7 +174,7 @@ def test_compress_runs_in_llama_cpp_and_the_pruned_checkpoint_in_transformers(tm
     root = tmp_path_factory.mktemp("q35c")
     src = build_tiny_model(ARCH, root / "m", tokenizer=True, hidden=256, ffn=256, n_experts=8, vocab=512)
     out, pruned = compress_keep_075(src, root, 2 * sum(open_checkpoint(src).param_counts().values()) // 4)
-    assert _meta(out)["qwen35moe.expert_count"] == 6 and completion_tokens(out) > 0
+    assert meta(out)["qwen35moe.expert_count"] == 6 and completion_tokens(out) > 0
     m = transformers.AutoModelForCausalLM.from_pretrained(pruned)
     assert m.config.num_experts == 6 and m.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 6
     assert pruned_gguf_matches_transformers(pruned, root) < 1e-3

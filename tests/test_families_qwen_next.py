@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA, ROOT, build_tiny_model
-from family_checks import completion_tokens, compress_keep_075, pruned_gguf_matches_transformers
+from family_checks import completion_tokens, compress_keep_075, meta, pruned_gguf_matches_transformers
 from moepack.cli import main
 from moepack.errors import MoepackError
 from moepack.gguf.names import gguf_outputs
@@ -25,11 +25,6 @@ SAMPLE = ("The quick brown fox, 1234567 digits.\n\ndef f(x):\n    return x ** 2 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     return build_tiny_model("qwen3_next", tmp_path_factory.mktemp("qn") / "m", tokenizer=True, vocab=512)
-
-
-def _meta(path: Path) -> dict:
-    r = gguf.GGUFReader(path)
-    return {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml.")}
 
 
 def test_gguf_layout_as_the_converter_writes_it(model: Path, tmp_path: Path) -> None:
@@ -67,7 +62,7 @@ def test_gguf_layout_as_the_converter_writes_it(model: Path, tmp_path: Path) -> 
     qkv = np.array(t["blk.0.attn_qkv.weight"].data).reshape(-1, h)
     per_head = qkvz.shape[0] // nk
     assert np.array_equal(qkv[dk:2 * dk], qkvz[per_head:per_head + dk])
-    m = _meta(out)
+    m = meta(out)
     assert (m["qwen3next.ssm.conv_kernel"], m["qwen3next.ssm.state_size"], m["qwen3next.ssm.group_count"],
             m["qwen3next.ssm.time_step_rank"], m["qwen3next.ssm.inner_size"]) == (4, dk, nk, nv, nv * dk)
     assert m["qwen3next.full_attention_interval"] == 2
@@ -122,7 +117,7 @@ def test_compress_runs_in_llama_cpp_and_the_pruned_checkpoint_in_transformers(tm
     root = tmp_path_factory.mktemp("qnc")
     src = build_tiny_model("qwen3_next", root / "m", tokenizer=True, hidden=256, ffn=256, n_experts=8, vocab=512)
     out, pruned = compress_keep_075(src, root, 2 * sum(open_checkpoint(src).param_counts().values()) // 4)
-    assert _meta(out)["qwen3next.expert_count"] == 6 and completion_tokens(out) > 0
+    assert meta(out)["qwen3next.expert_count"] == 6 and completion_tokens(out) > 0
     m = transformers.AutoModelForCausalLM.from_pretrained(pruned)
     assert m.config.num_experts == 6 and m.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 6
     assert pruned_gguf_matches_transformers(pruned, root) < 1e-3

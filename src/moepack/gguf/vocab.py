@@ -21,7 +21,7 @@ import gguf
 
 from moepack.errors import MoepackError
 from moepack.gguf.vocab_tiktoken import add_tiktoken_vocab
-from moepack.model.tiktoken_vocab import has_tiktoken_vocab
+from moepack.model.tiktoken_vocab import TiktokenError, has_tiktoken_vocab
 
 __all__ = ["VocabError", "VocabInfo", "add_vocab", "pre_tokenizer_name", "QWEN35_SPLIT"]
 
@@ -212,7 +212,10 @@ def add_vocab(writer: gguf.GGUFWriter, model_dir: str | Path, n_vocab: int) -> V
     """Write the GGUF tokenizer keys of `model_dir`'s tokenizer into `writer` (padded to `n_vocab` tokens)."""
     root = Path(model_dir)
     if has_tiktoken_vocab(root):  # Kimi-K2, Hunyuan-A13B: a tiktoken rank file, no tokenizer.json
-        pre, n_tokens, n_merges = add_tiktoken_vocab(writer, root, n_vocab)
+        try:
+            pre, n_tokens, n_merges = add_tiktoken_vocab(writer, root, n_vocab)
+        except TiktokenError as e:  # one error type for every vocabulary problem
+            raise VocabError(str(e)) from None
         return VocabInfo("gpt2", pre, n_tokens, n_merges)
     tok = _load(root)
     tokens, toktypes, _ = _token_table(tok, n_vocab)

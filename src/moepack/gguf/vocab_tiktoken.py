@@ -64,16 +64,11 @@ def special_tokens(model_dir: Path, n_base: int, fam: TiktokenFamily) -> dict[in
 
 def add_tiktoken_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int) -> tuple[str, int, int]:
     """Write the tokenizer keys of `model_dir`'s tiktoken vocabulary; returns (pre-tokenizer, tokens, merges)."""
-    from moepack.gguf.vocab import VocabError
-
-    try:
-        fam = family_of(model_dir)
-        ranks = read_ranks(model_dir / fam.file, fam.by_line)
-    except TiktokenError as e:
-        raise VocabError(str(e)) from None
+    fam = family_of(model_dir)
+    ranks = read_ranks(model_dir / fam.file, fam.by_line)
     special = special_tokens(model_dir, len(ranks), fam)
     if len(ranks) + len(special) > n_vocab:
-        raise VocabError(f"{model_dir}: {len(ranks)} ranks + {len(special)} special tokens exceed the model's "
+        raise TiktokenError(f"{model_dir}: {len(ranks)} ranks + {len(special)} special tokens exceed the model's "
                          f"vocab_size {n_vocab}")
     enc = byte_to_unicode()
 
