@@ -3,8 +3,8 @@
 Per family: its Hugging Face model_type, llama.cpp's architecture name (from moepack's table when the family is
 supported, else gguf-py's name for it), which of the issue's checks pass in the tests (from a JUnit report of the
 families' tests), and, per config in data/configs/, `moepack inspect`'s config-only total and active parameters
-beside the vendor's published figures (tests/test_published_configs.py's rule) and what fits 64 GB, 128 GB and a
-24 GB GPU + 128 GB RAM at 32k context.
+beside the vendor's published figures (common.within: the reading tests/test_published_configs.py checks) and what
+fits 64 GB, 128 GB and a 24 GB GPU + 128 GB RAM at 32k context.
 
 Run from the repository root (the tests take several minutes; --junit reuses a report of an earlier run, e.g.
 `pytest --junitxml=out/junit.xml`):
@@ -24,12 +24,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+import gguf
 
-import gguf  # noqa: E402
-
-from test_published_configs import CONFIGS, PUBLISHED, model_type, within  # noqa: E402
+from common import CONFIGS, PUBLISHED, ROOT, model_type, within
 
 # model_type → gguf-py's MODEL_ARCH member: llama.cpp's name for a family moepack does not support yet.
 FAMILIES = {

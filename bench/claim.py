@@ -29,7 +29,6 @@ point takes several minutes on an idle 2-core machine (each page's wall-time lin
 compress's sensitivity tables, so pick a subset with --ftypes, e.g. IQ1_S IQ2_XXS Q2_K Q3_K_M Q4_K_M, and add
 points in later runs (cells already in --out are kept):
     .venv/bin/python bench/claim.py [--calib-text bundled]
-A subset of size points:   --ftypes IQ2_XXS Q2_K Q3_K_M
 Smoke test (small, not the committed results):
     .venv/bin/python bench/claim.py --models models/tiny-qwen3-moe --ftypes IQ2_XXS --calib-tokens 4096
       --sens-tokens 512 --eval-tokens 2048 --work out/claim-smoke --out out/claim-smoke/claim.json
@@ -41,29 +40,15 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "data"
-EVAL_TEXT = DATA / "tinystories-valid.txt"
-# The calibration (and importance matrix) text by default: the fixtures' own domain, held out from EVAL_TEXT (the
-# fixtures were trained on it, which calibration may be; data/SOURCES.md). `--calib-text bundled`: compress's own
-# default, the bundled multi-domain text.
-CALIB_TEXT = DATA / "calib" / "stories.txt"
-GOAL = 0.25  # the KLD reduction the claim asks for
-HAND_STEPS = 3  # Unsloth-style rule: non-expert tensors this many ladder steps above the routed experts
-DEFAULT_MODELS = ("models/tiny-deepseek-v3", "models/tiny-qwen3-moe")
-PAPER_PRUNE = {"keep": 0.75, "criterion": "score", "alpha": 0.5}
-# bench/domain.py imports these three: the mixtures and sensitivity ladder of its own comparison.
-FTYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ1_M")
-SENS_LADDER = ("IQ1_S", "IQ2_XXS", "IQ2_S", "IQ3_S", "Q4_K", "Q6_K")
-EVAL_KEYS = ("size_bytes", "tensor_bytes", "bpw", "ppl", "kld_mean", "kld_ci95_low", "kld_ci95_high", "kld_median",
-             "kld_p99", "kld_p999", "top1", "top1_ci95_low", "top1_ci95_high", "dp_rms", "dp_rms_ci95_low",
-             "dp_rms_ci95_high", "ppl_ratio", "ppl_ratio_ci95_low", "ppl_ratio_ci95_high", "eval_seconds")
+from common import (CALIB_TEXT, DEFAULT_MODELS, PAPER_PRUNE, ROOT, Evaluator, authors_plan, cells,
+                    code_commit, commits_line, default_paths, ladder, plan_bytes, portable, reproduce, settings,
+                    size_points, unsloth_plan, verdict, verdict_cell, write_json)
+
 ROWS = ("uniform", "moepack", "unsloth", "authors", "prune_only")
 LABELS = {"uniform": "llama.cpp uniform", "moepack": "moepack compress", "unsloth": "Unsloth-style rule",
           "authors": "authors' rules (pruned)", "prune_only": "prune-only (uniform)"}
@@ -71,90 +56,7 @@ LABELS = {"uniform": "llama.cpp uniform", "moepack": "moepack compress", "unslot
 log = logging.getLogger("claim")
 
 
-def file_limit(model: Path, bpw: float) -> int:
-    from moepack.model.checkpoint import open_checkpoint
-    from moepack.stages.budget import BudgetRequest, budget_for
-
-    return int(budget_for(BudgetRequest(target_bpw=bpw), open_checkpoint(model)).file_limit)
-
-
-def _ladder() -> tuple[str, ...]:
-    from moepack.gguf.types import LADDER
-
-    return LADDER
-
-
-def _up(t: str, n: int) -> str:
-    lad = _ladder()
-    return lad[min(lad.index(t) + n, len(lad) - 1)]
-
-
-def size_points(model: Path) -> list[str]:
-    """llama.cpp's mixtures predicted between IQ1_S and Q4_K_M in size for `model`, smallest first."""
-    from moepack.model.checkpoint import open_checkpoint
-    from moepack.stages.mixtures import mixture_sizes
-
-    sizes = {f: s.total for f, s in mixture_sizes(open_checkpoint(model)).items()}
-    lo, hi = sizes["IQ1_S"], sizes["Q4_K_M"]
-    return sorted((f for f, s in sizes.items() if lo <= s <= hi), key=lambda f: (sizes[f], f))
-
-
-# ---- the hand rules ---------------------------------------------------------------------------------------------
-def unsloth_plan(view: Any, base: str) -> dict[str, str]:
-    """Unsloth-style dynamic mixture: ffn_gate/up_exps at `base`, ffn_down_exps and token_embd one step up; attention,
-    shared experts, dense FFN and output HAND_STEPS steps up."""
-    from moepack.gguf.names import gguf_outputs
-    from moepack.model.arch import Role
-
-    plan = {}
-    for o in (o for o in gguf_outputs(view) if o.quantizable):
-        if o.role is Role.ROUTED_EXPERTS:
-            plan[o.name] = _up(base, "ffn_down" in o.name)
-        elif o.role is Role.EMBEDDING:
-            plan[o.name] = _up(base, 1)
-        else:
-            plan[o.name] = _up(base, HAND_STEPS)
-    return plan
-
-
-def authors_plan(view: Any, base: str) -> dict[str, str]:
-    """Chen et al.'s fixed rules: routed experts at `base`, the first and last eighth of MoE layers one step higher,
-    ffn_down_exps one more step; attention Q4_K (dense FFN too), shared experts Q6_K, token_embd Q2_K, output Q5_K."""
-    from moepack.gguf.names import gguf_outputs
-    from moepack.model.arch import Role
-
-    outs = [o for o in gguf_outputs(view) if o.quantizable]
-    moe = sorted({o.layer for o in outs if o.role is Role.ROUTED_EXPERTS})
-    edge = max(1, math.ceil(len(moe) / 8))
-    edges = set(moe[:edge]) | set(moe[-edge:])
-    plan: dict[str, str] = {}
-    for o in outs:
-        if o.role is Role.ROUTED_EXPERTS:
-            plan[o.name] = _up(base, (o.layer in edges) + ("ffn_down" in o.name))
-        elif o.role is Role.SHARED_EXPERTS:
-            plan[o.name] = "Q6_K"
-        elif o.name.startswith("token_embd"):
-            plan[o.name] = "Q2_K"
-        elif o.name.startswith("output"):
-            plan[o.name] = "Q5_K"
-        else:
-            plan[o.name] = "Q4_K"
-    return plan
-
-
-def plan_bytes(view: Any, types: dict[str, str]) -> int:
-    """Tensor bytes of `view` written with `types` (F32 for tensors the plan leaves out), fallbacks included."""
-    from moepack.gguf.names import gguf_outputs
-    from moepack.gguf.types import written_bytes
-
-    return sum(written_bytes(o.shape, types.get(o.name, "F32")) for o in gguf_outputs(view))
-
-
-def fitting_bases(view: Any, limit: int, overhead: int, plan_for: Callable[[str], dict[str, str]]) -> list[str]:
-    """Ladder types whose plan is predicted to fit `limit` file bytes, largest first."""
-    return [t for t in reversed(_ladder()) if plan_bytes(view, plan_for(t)) + overhead <= limit]
-
-
+# ---- the hand rules' files (their plans: common.py) -------------------------------------------------------------
 def write_rule(src: Path, out: Path, run_dir: Path, limit: int, overhead: int,
                plan_for: Callable[[str], dict[str, str]]) -> dict[str, Any]:
     """The largest base whose rule's file is no larger than `limit`, written; the next base down whenever the
@@ -163,7 +65,8 @@ def write_rule(src: Path, out: Path, run_dir: Path, limit: int, overhead: int,
     from moepack.model.checkpoint import open_checkpoint
 
     view = open_checkpoint(src)
-    for base in fitting_bases(view, limit, overhead, plan_for):
+    fitting = [t for t in reversed(ladder()) if plan_bytes(view, plan_for(t)) + overhead <= limit]  # largest first
+    for base in fitting:
         plan = out.with_suffix(".quant_plan.json")
         plan.write_text(json.dumps({"tensors": plan_for(base)}, indent=1))
         quantize_model(src, out, plan=plan, imatrix=run_dir, threads=2, progress=False)
@@ -173,45 +76,7 @@ def write_rule(src: Path, out: Path, run_dir: Path, limit: int, overhead: int,
     return {"file": None, "error": "no base type fits"}
 
 
-# ---- the verdict ------------------------------------------------------------------------------------------------
-def verdict(moe: dict[str, Any] | None, uni: dict[str, Any] | None, goal: float = GOAL) -> dict[str, Any] | None:
-    """moepack's eval vs the uniform file's: the KLD reduction, no larger, CIs apart, and whether all three hold."""
-    if not moe or not uni:
-        return None
-    reduction = 1 - moe["kld_mean"] / uni["kld_mean"] if uni["kld_mean"] > 0 else float("-inf")
-    out = {"kld_reduction": reduction, "no_larger": moe["size_bytes"] <= uni["size_bytes"],
-           "cis_apart": moe["kld_ci95_high"] < uni["kld_ci95_low"], "goal": goal}
-    out["holds"] = bool(reduction >= goal and out["no_larger"] and out["cis_apart"])
-    return out
-
-
 # ---- one fixture ------------------------------------------------------------------------------------------------
-class Evaluator:
-    """moepack.eval of GGUF files against one checkpoint on EVAL_TEXT; the reference's log-probs cached."""
-
-    def __init__(self, model: Path, work: Path, args: argparse.Namespace) -> None:
-        from moepack.eval.reference import EvalConfig
-
-        self.model = model
-        self.cfg = EvalConfig(ctx=args.ctx, tokens=args.eval_tokens, mc=(), threads=1, speed=False,
-                              cache_dir=work / "evalcache")
-        self.ref: Any = None
-
-    def reference(self) -> Any:
-        from moepack.eval.reference import prepare_reference
-
-        if self.ref is None:
-            self.ref = prepare_reference(self.model, EVAL_TEXT, self.cfg)
-            self.ref.release()
-        return self.ref
-
-    def __call__(self, path: Path) -> dict[str, Any]:
-        from moepack.eval.evaluate import evaluate_model
-
-        e = evaluate_model(path, self.reference(), {}, self.cfg)
-        return {k: e[k] for k in EVAL_KEYS if k in e}
-
-
 class Fixture:
     """The shared work of one fixture's size points: calibration, the paper's pruned checkpoint, the evaluator."""
 
@@ -224,18 +89,19 @@ class Fixture:
         self.run_dir = self.work / "run"
         self.opts = dataclasses.replace(CompressOptions(), calib_text=args.calib_text, calib_tokens=args.calib_tokens,
                                         seq_len=args.seq_len, sens_tokens=args.sens_tokens, progress=False)
-        self.evaluate = Evaluator(model, self.work, args)
+        self.evaluate = Evaluator(model, self.work, args.ctx, args.eval_tokens)
         self.pruned = self.work / "pruned-paper"
 
     def prepare(self) -> float:
         """Compress's own calibration stage (so compress reuses it) and the paper's pruning; seconds spent."""
         from moepack.backends import LocalBackend
+        from moepack.model.checkpoint import open_checkpoint
         from moepack.pipeline.compress import calibrate_run  # compress's calibration, exactly as compress calls it
-        from moepack.pipeline.runstate import RunDir
+        from moepack.rundir import RunDir
         from moepack.stages.prune import PruneOptions, run_prune
 
         t0 = time.perf_counter()
-        calibrate_run(self.model, RunDir(self.run_dir), self.opts, LocalBackend())
+        calibrate_run(open_checkpoint(self.model), RunDir(self.run_dir), self.opts, LocalBackend())
         run_prune(self.model, self.run_dir, self.pruned, PruneOptions(**PAPER_PRUNE), progress=False)
         return time.perf_counter() - t0
 
@@ -261,22 +127,17 @@ class Fixture:
 
     def rules(self, target: int, overhead: int) -> dict[str, Callable[[], dict[str, Any]]]:
         """Each hand rule's writer at `target` bytes."""
+        from moepack.gguf.names import gguf_outputs
         from moepack.model.checkpoint import open_checkpoint
 
         full, pruned = open_checkpoint(self.model), open_checkpoint(self.pruned)
-        flat = self._quantizable(pruned)
+        flat = [o.name for o in gguf_outputs(pruned) if o.quantizable]
         rules = {"unsloth": (self.model, lambda t: unsloth_plan(full, t)),
                  "authors": (self.pruned, lambda t: authors_plan(pruned, t)),
                  "prune_only": (self.pruned, lambda t: dict.fromkeys(flat, t))}
         return {name: (lambda src=src, plan_for=plan_for, name=name: write_rule(
             src, self.work / f"{name}-{target}.gguf", self.run_dir, target, overhead, plan_for))
             for name, (src, plan_for) in rules.items()}
-
-    @staticmethod
-    def _quantizable(view: Any) -> list[str]:
-        from moepack.gguf.names import gguf_outputs
-
-        return [o.name for o in gguf_outputs(view) if o.quantizable]
 
 
 def _attempt(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -298,20 +159,6 @@ def _evaluated(fx: Fixture, row: dict[str, Any]) -> dict[str, Any]:
         if row["eval"].get("error"):
             row["error"], row["eval"] = row["eval"]["error"], None
     return row
-
-
-def code_commit() -> str | None:
-    """The commit the cells are measured with (`+changes` where src/ or bench/ differ from it); None outside git."""
-    import subprocess
-
-    def git(*a: str) -> str:
-        return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        head, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--", "src", "bench")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+changes" if dirty else "")
 
 
 def run_cell(fx: Fixture, ftype: str, done: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -343,42 +190,6 @@ def run_cell(fx: Fixture, ftype: str, done: dict[int, dict[str, Any]]) -> dict[s
 
 
 # ---- results JSON -----------------------------------------------------------------------------------------------
-def settings(args: argparse.Namespace) -> dict[str, Any]:
-    from moepack.pipeline.options import CompressOptions
-
-    d = CompressOptions()
-    calib = ("bundled (src/moepack/data/calibration.txt)" if args.calib_text is None
-             else f"`{_portable(args.calib_text, ROOT)}`")
-    return {"calib_text": calib, "calib_tokens": args.calib_tokens,
-            "seq_len": args.seq_len, "sens_tokens": args.sens_tokens, "keep": d.keep, "criterion": d.criterion,
-            "sensitivity": d.sensitivity, "eval_text": str(EVAL_TEXT.relative_to(ROOT)), "ctx": args.ctx,
-            "eval_tokens": args.eval_tokens, "goal": GOAL, "hand_steps": HAND_STEPS, "paper_prune": PAPER_PRUNE}
-
-
-def _portable(obj: Any, work: Path) -> Any:
-    """`obj` with every path relative to --work (files) or the repository (anything else), as JSON-ready values."""
-    if isinstance(obj, dict):
-        return {k: _portable(v, work) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_portable(v, work) for v in obj]
-    if isinstance(obj, Path):
-        p = obj.resolve()
-        return str(p.relative_to(work) if p.is_relative_to(work) else p.relative_to(ROOT) if p.is_relative_to(ROOT)
-                   else p.name)
-    if isinstance(obj, str):
-        for base in (str(work) + "/", str(ROOT) + "/"):
-            obj = obj.replace(base, "")
-        return obj
-    return obj
-
-
-def save(results: dict[str, Any], path: Path, work: Path) -> None:
-    from moepack.atomic import atomic_write_text
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(_portable(results, work.resolve()), indent=1, default=str) + "\n")
-
-
 def load(path: Path, want: dict[str, Any]) -> dict[str, Any]:
     """The results so far when they were made with the same settings; a fresh record when there are none."""
     if not path.is_file():
@@ -412,7 +223,7 @@ def bench_fixture(model: Path, ftypes: list[str] | None, results: dict[str, Any]
         done = {c["target_bytes"]: c for c in rec["cells"].values() if c.get("target_bytes") and "moepack" in c}
         cell = run_cell(fx, f, done)
         rec["cells"][f] = cell
-        save(results, args.out, Path(args.work))
+        write_json(args.out, portable(results, Path(args.work).resolve()))
         print(f"{model.name} {f}: cell {cell['seconds']:.0f} s ({_cell_times(cell)})", flush=True)
 
 
@@ -455,30 +266,12 @@ def _short(msg: str, n: int = 80) -> str:
     return msg if len(msg) <= n else msg[: n - 1] + "…"
 
 
-def _verdict_cell(v: dict[str, Any] | None) -> str:
-    if v is None:
-        return "— (not measured)"
-    worse = v["kld_reduction"] < 0  # then the CIs are not "overlapping" but on the wrong side, or both
-    why = [w for w, ok in (("KLD higher" if worse else f"reduction below {100 * v['goal']:.0f} %",
-                            v["kld_reduction"] >= v["goal"]), ("file larger", v["no_larger"]),
-                           ("CIs overlap", v["cis_apart"] or worse)) if not ok]
-    return "**holds**" if v["holds"] else "falls short: " + ", ".join(why)
-
-
-def commits_line(rec: dict[str, Any]) -> str:
-    """Which commit of moepack measured which size points (a page can hold cells of several runs)."""
-    by: dict[str, list[str]] = {}
-    for f, c in _cells(rec):
-        by.setdefault(c.get("commit") or "not recorded", []).append(f)
-    return "Measured at commit " + "; ".join(f"{k}: {', '.join(v)}" for k, v in by.items()) + "."
-
-
 def fixture_table(rec: dict[str, Any]) -> list[str]:
     head = ["size point", "uniform MiB", "uniform KLD", "moepack MiB", "moepack KLD", "KLD lower by", "verdict",
             "moepack: keep, k', criterion, started from", "Unsloth-style rule", "authors' rules (pruned)",
             "prune-only (pruned)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for f, c in _cells(rec):
+    for f, c in cells(rec):
         u, m = c["uniform"], c.get("moepack") or {}
         ue, me = u.get("eval"), m.get("eval")
         if not ue:
@@ -491,7 +284,7 @@ def fixture_table(rec: dict[str, Any]) -> list[str]:
         red = "—" if v is None else f"{100 * v['kld_reduction']:.1f} %"
         same = f" (= {c['same_size_as']})" if c.get("same_size_as") else ""
         lines.append(f"| {f}{same} | {_mib(ue['size_bytes'])} | {_pm(ue, 'kld_mean', '.5f')} | "
-                     f"{_mib(me and me['size_bytes'])} | {_pm(me, 'kld_mean', '.5f')} | {red} | {_verdict_cell(v)} | "
+                     f"{_mib(me and me['size_bytes'])} | {_pm(me, 'kld_mean', '.5f')} | {red} | {verdict_cell(v)} | "
                      f"{how} | {_row_cell(c.get('unsloth'))} | {_row_cell(c.get('authors'))} | "
                      f"{_row_cell(c.get('prune_only'))} |")
     return lines
@@ -501,34 +294,29 @@ def pair_table(rec: dict[str, Any]) -> list[str]:
     """llama-perplexity's other statistics for the uniform and moepack files, where eval reported them."""
     keys = [("ppl_ratio", ".4f", 1.0, "PPL ratio"), ("dp_rms", ".2f", 100.0, "RMS Δp %"),
             ("top1", ".2f", 100.0, "same top %")]
-    evals = [e for _, c in _cells(rec) for e in ((c["uniform"] or {}).get("eval"), (c.get("moepack") or {}).get("eval"))
+    evals = [e for _, c in cells(rec) for e in ((c["uniform"] or {}).get("eval"), (c.get("moepack") or {}).get("eval"))
              if e]
     keys = [k for k in keys if any(k[0] in e for e in evals)]
     if not keys:
         return []
     head = ["size point"] + [f"{side} {k[3]}" for k in keys for side in ("uniform", "moepack")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for f, c in _cells(rec):
+    for f, c in cells(rec):
         ue, me = (c["uniform"] or {}).get("eval"), (c.get("moepack") or {}).get("eval")
         lines.append(f"| {f} | " + " | ".join(_pm(e, k, spec, sc) for k, spec, sc, _ in keys for e in (ue, me)) + " |")
     return lines
 
 
-def _cells(rec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """The fixture's size points in order of the uniform file's size (unmade ones last)."""
-    return sorted(rec["cells"].items(), key=lambda fc: (fc[1].get("target_bytes") or math.inf, fc[0]))
-
-
 def holds_count(rec: dict[str, Any]) -> tuple[int, int]:
-    vs = [c.get("verdict") for _, c in _cells(rec) if (c["uniform"] or {}).get("eval")]
+    vs = [c.get("verdict") for _, c in cells(rec) if (c["uniform"] or {}).get("eval")]
     return sum(bool(v and v["holds"]) for v in vs), len(vs)
 
 
 def timing_line(rec: dict[str, Any]) -> str:
-    cells = ", ".join(f"{f} {c['seconds']:.0f}" for f, c in _cells(rec))
-    total = rec.get("prepare_seconds", 0) + sum(c["seconds"] for _, c in _cells(rec))
+    per_point = ", ".join(f"{f} {c['seconds']:.0f}" for f, c in cells(rec))
+    total = rec.get("prepare_seconds", 0) + sum(c["seconds"] for _, c in cells(rec))
     return (f"Wall time (s): calibration and the paper's pruning {rec.get('prepare_seconds', 0):.0f}; per size point "
-            f"(uniform file, compress, hand rules, their evaluation) {cells}; total {total / 60:.1f} min.")
+            f"(uniform file, compress, hand rules, their evaluation) {per_point}; total {total / 60:.1f} min.")
 
 
 def plot_fixture(rec: dict[str, Any], name: str, path: Path) -> None:
@@ -541,7 +329,7 @@ def plot_fixture(rec: dict[str, Any], name: str, path: Path) -> None:
              "prune_only": ("^", "C2")}
     for method in ROWS:
         pts = sorted({(e["size_bytes"], e["kld_mean"], e["kld_ci95_low"], e["kld_ci95_high"])
-                      for _, c in _cells(rec) for e in [((c.get(method) or {}).get("eval"))] if e})
+                      for _, c in cells(rec) for e in [((c.get(method) or {}).get("eval"))] if e})
         if not pts:
             continue
         x = [p[0] / 2**20 for p in pts]
@@ -615,49 +403,9 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> int:
         here, page = path.resolve(), args.md.parent.resolve()
         pngs[name] = str(here.relative_to(page) if here.is_relative_to(page) else here.name)
     args.md.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.md, markdown(results, pngs, _portable(args.out, ROOT)))
+    atomic_write_text(args.md, markdown(results, pngs, portable(args.out, ROOT)))
     print(args.md.read_text())
     return 0
-
-
-def reproduce(results: dict[str, Any], argv: list[str]) -> str:
-    """The one command that makes every cell in `results` (runs that added size points or fixtures one at a time
-    resume into the same JSON): this run's other flags, with --models and --ftypes widened to all cells held."""
-    keep, skip = [], False
-    for a in argv:
-        if a.startswith("--"):
-            skip = a.split("=")[0] in ("--models", "--ftypes")
-        if not skip:
-            keep.append(a)
-    models = [str(rec["model"]) for rec in results["fixtures"].values()]
-    if sorted(models) != sorted(DEFAULT_MODELS):
-        keep += ["--models", *models]
-    held = {f for rec in results["fixtures"].values() for f in rec["cells"]}
-    order = [f for rec in results["fixtures"].values() for f in size_points(ROOT / str(rec["model"]))]
-    if held != set(order):
-        keep += ["--ftypes", *sorted(held, key=lambda f: order.index(f) if f in order else len(order))]
-    return "python bench/claim.py " + " ".join(keep)
-
-
-def calib_tag(text: Path | None, default: Path | None) -> str:
-    """The suffix of a bench's result names for calibration text `text` (None: compress's bundled text): none for the
-    bench's `default`, "-bundled", or "-STEM"; bench/probe_tokens.py names its results the same way."""
-    if text == default or (text is not None and default is not None and text.resolve() == default.resolve()):
-        return ""
-    return "-bundled" if text is None else f"-{text.stem}"
-
-
-def _default_paths(args: argparse.Namespace) -> None:
-    """Paths not given follow the calibration text (CALIB: none for CALIB_TEXT, "bundled" for compress's bundled
-    text, else the file's stem), so runs on different calibration texts never resume into, or overwrite, each other's
-    results."""
-    if args.calib_text == Path("bundled"):
-        args.calib_text = None
-    tag = calib_tag(args.calib_text, CALIB_TEXT)
-    args.work = args.work or ROOT / "out" / f"bench-claim{tag}"
-    args.out = args.out or ROOT / "bench" / "results" / f"claim{tag}.json"
-    args.md = args.md or ROOT / "docs" / f"results{tag}.md"
-    args.png = args.png or ROOT / "docs" / f"results{tag}-pareto.png"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -682,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                    "named PNG-STEM-FIXTURE.png")
     p.add_argument("--render-only", action="store_true", help="redo the page and plots from --out's JSON")
     args = p.parse_args(argv)
-    _default_paths(args)
+    default_paths(args)
     if args.render_only:
         return render(json.loads(args.out.read_text()), args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -690,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in args.models:
         bench_fixture(Path(m), args.ftypes, results, args)
     results["command"] = reproduce(results, sys.argv[1:] if argv is None else argv)
-    save(results, args.out, Path(args.work))
+    write_json(args.out, portable(results, Path(args.work).resolve()))
     return render(json.loads(args.out.read_text()), args)
 
 

@@ -26,13 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/scale.py
-
+from common import ROOT, v3_layer_checkpoint
 from moepack.gguf import kernels as ggml
 from moepack.gguf.types import LADDER
 from moepack.stages.sensitivity.fast import PROXY_SAMPLE
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # DeepSeek-V3 (config.json of deepseek-ai/DeepSeek-V3): the numbers the model below uses.
 DSV3 = dict(hidden=7168, layers=61, dense_layers=3, experts=256, shared=1, top_k=8, expert_ffn=2048, dense_ffn=18432,
@@ -96,18 +94,38 @@ def thread_effect() -> dict[str, bool]:
     return same
 
 
+def random_deepseek_v3(out: Path, hidden: int = 256, ffn: int = 256, n_experts: int = 16, top_k: int = 4,
+                       n_layers: int = 4, vocab: int = 4096) -> Path:
+    """A random-weight DeepSeek-V3 checkpoint of the fixtures' shape (the tests' tiny model of the family, wider):
+    MLA, a leading dense layer, one shared expert, sigmoid router with a random correction bias."""
+    import transformers
+
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=4,
+        max_position_embeddings=256, tie_word_embeddings=False, num_experts_per_tok=top_k, rms_norm_eps=1e-6,
+        q_lora_rank=hidden, kv_lora_rank=hidden, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=hidden // 4,
+        n_routed_experts=n_experts, n_shared_experts=1, moe_intermediate_size=ffn, intermediate_size=2 * ffn,
+        first_k_dense_replace=1, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # as trained checkpoints have: a router bias that matters
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.rand_like(buf) * 0.1)
+    model.save_pretrained(out)
+    c = json.loads((out / "config.json").read_text())  # as hub configs carry them; transformers drops them on save
+    (out / "config.json").write_text(json.dumps(c | {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}, indent=2))
+    return out
+
+
 def fixture_probe(tokens: int, threads: int) -> dict[str, float]:
     """One sensitivity run (default ladder) on a random model of the fixtures' shape: seconds per probe."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import build_tiny_model
-
-    from moepack.stages.calibrate import calibrate
     from moepack.model.checkpoint import open_checkpoint
+    from moepack.stages.calibrate import calibrate
     from moepack.stages.sensitivity.measure import SensitivityConfig, measure_sensitivity
 
     with tempfile.TemporaryDirectory() as d:
-        path = build_tiny_model("deepseek_v3", Path(d) / "m", hidden=256, ffn=256, n_experts=16, top_k=4, n_layers=4,
-                                vocab=4096)
+        path = random_deepseek_v3(Path(d) / "m")
         view = open_checkpoint(path)
         rng = np.random.default_rng(0)
         stats = calibrate(view, rng.integers(0, 4096, (4, 256)), progress=False, threads=threads)
@@ -161,8 +179,6 @@ WRITE_TYPE = "IQ2_XXS"  # the write term's kernel: a 2.5 bpw plan is mostly 2-bi
 def v3_layer_times(threads: int, tokens: int = 512) -> dict[str, float]:
     """Seconds on one V3-shaped MoE layer (`threads` threads): build it from bf16 (read, convert, fuse experts),
     forward `tokens` tokens through it, and the calibrate stage on the same tokens (build + forward + statistics)."""
-    from scale import v3_layer_checkpoint
-
     from moepack.model.checkpoint import open_checkpoint
     from moepack.model.runner import LayerRunner
     from moepack.stages.calibrate import calibrate

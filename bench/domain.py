@@ -25,11 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from claim import FTYPES, SENS_LADDER, file_limit  # noqa: E402  (bench/claim.py: the same mixtures and ladder)
+from common import DATA, FTYPES, ROOT, SENS_LADDER, file_limit, rel, write_json, write_section
 
-DATA = ROOT / "data"
 DOMAINS = ("stories", "encyclopedic", "dialogue", "code", "web")
 BEGIN, END = "<!-- bench/domain.py: begin -->", "<!-- bench/domain.py: end -->"
 
@@ -38,11 +35,6 @@ log = logging.getLogger("domain")
 
 def eval_text(domain: str) -> Path:
     return DATA / "tinystories-valid.txt" if domain == "stories" else DATA / "eval" / f"{domain}.txt"
-
-
-def _rel(p: Path | str) -> str:
-    p = Path(p).resolve()
-    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)  # relative in the committed results
 
 
 def run_compress(model: Path, work: Path, domain: str, keep: float | str, bpw: float,
@@ -66,8 +58,8 @@ def run_compress(model: Path, work: Path, domain: str, keep: float | str, bpw: f
     except MoepackError as e:
         d: dict[str, Any] = {"file": None, "error": str(e).replace(str(ROOT) + "/", "")}
     else:
-        d = {"file": _rel(out), "size_bytes": r.file_bytes, "keep": r.keep, "top_k": r.top_k,
-             "n_experts": list(r.n_experts), "selection_kld": r.measured_kld, "criterion": opts.criterion,
+        d = {"file": rel(out), "size_bytes": r.file_bytes, "keep": r.keep, "top_k": r.top_k,
+             "n_experts": list(r.n_experts), "selection_kld": r.selection_kld, "criterion": opts.criterion,
              "candidates": r.candidates}
     d.update(method="keep auto" if keep == "auto" else f"keep {keep:g}", budget_bpw=bpw,
              seconds=round(time.perf_counter() - t0, 1))
@@ -84,7 +76,7 @@ def uniform(model: Path, work: Path, domain: str) -> list[dict[str, Any]]:
         out = work / f"llama-{domain}-{f}.gguf"
         if not out.is_file():
             quantize_model(model, out, ftype=f, imatrix=work / f"run-{domain}", threads=2, progress=False)
-        rows.append({"method": f"llama.cpp {f}", "file": _rel(out), "size_bytes": out.stat().st_size})
+        rows.append({"method": f"llama.cpp {f}", "file": rel(out), "size_bytes": out.stat().st_size})
     return rows
 
 
@@ -105,7 +97,7 @@ class Evaluator:
 
         if domain not in self.refs:
             self.refs[domain] = prepare_reference(self.model, eval_text(domain), self.cfg)
-            self.settings[domain] = {"text": _rel(eval_text(domain)), "scored_tokens": len(self.refs[domain].nll),
+            self.settings[domain] = {"text": rel(eval_text(domain)), "scored_tokens": len(self.refs[domain].nll),
                                      "windows": len(self.refs[domain].windows)}
         return self.refs[domain]
 
@@ -148,7 +140,7 @@ def bench_domain(model: Path, domain: str, args: argparse.Namespace, ev: Evaluat
             best = dict(best, eval={d: ev(best["file"], d) for d in DOMAINS})
         pt["llama_best"] = best
         pt["verdict"] = verdict(pt, domain)
-    return {"domain": domain, "calib_text": _rel(DATA / "calib" / f"{domain}.txt"), "eval_text": _rel(eval_text(domain)),
+    return {"domain": domain, "calib_text": rel(DATA / "calib" / f"{domain}.txt"), "eval_text": rel(eval_text(domain)),
             "points": points, "mixtures": [{k: m[k] for k in ("method", "size_bytes", "eval")} for m in mixtures],
             "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -245,15 +237,6 @@ def markdown(results: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(md: Path, section: str) -> None:
-    text = md.read_text() if md.is_file() else ""
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) + 1:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    md.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=ROOT / "models" / "tiny-deepseek-v3-multi")
@@ -276,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in results["domains"]:
             for pt in r["points"]:
                 pt["verdict"] = verdict(pt, r["domain"])
-        args.out.write_text(json.dumps(results, indent=1, default=str))
-        write_section(args.md, markdown(results, results["command"]))
+        write_json(args.out, results)
+        write_section(args.md, markdown(results, results["command"]), BEGIN, END)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from moepack.model.checkpoint import open_checkpoint
@@ -286,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     ev = Evaluator(args.model, Path(args.work), args)
     domains = [bench_domain(args.model, d, args, ev) for d in args.domains]
-    results = {"model": _rel(args.model), "params": sum(open_checkpoint(args.model).param_counts().values()),
+    results = {"model": rel(args.model), "params": sum(open_checkpoint(args.model).param_counts().values()),
                "settings": {"base": args.base, "ladder": args.ladder, "calib_tokens": args.calib_tokens,
                             "sens_tokens": args.sens_tokens, "seq_len": args.seq_len, "ctx": args.ctx,
                             "eval_tokens": args.eval_tokens, "criterion": CompressOptions().criterion,
@@ -294,9 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                "domains": domains, "seconds": round(time.perf_counter() - t0, 1)}
     command = "python bench/domain.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results["command"] = command.strip()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1, default=str))
-    write_section(args.md, markdown(results, command.strip()))
+    write_json(args.out, results)
+    write_section(args.md, markdown(results, command.strip()), BEGIN, END)
     print(markdown(results, command.strip()))
     return 0
 

@@ -13,7 +13,6 @@ Writes bench/results/fast_sample.json and prints the markdown table docs/perform
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,9 +20,7 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from claim import file_limit  # noqa: E402  (bench/claim.py: the same budgets)
+from common import ROOT, file_limit, rel, write_json  # file_limit: compress's budgets
 
 
 def _upgrades(t: Any) -> dict[tuple[str, str], Any]:
@@ -77,7 +74,7 @@ def bench_model(model: Path, args: argparse.Namespace) -> dict[str, Any]:
               + ", ".join(f"{p['bpw']:g} bpw {p['tensors_differ']}/{p['tensors']} differ KLD {p['kld']:.5f}"
                           for p in row["plans"]), flush=True)
         rows.append(row)
-    return {"model": str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else str(model), "rows": rows}
+    return {"model": rel(model), "rows": rows}
 
 
 def to_markdown(res: dict[str, Any]) -> str:
@@ -112,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     res = {"command": "bench/fast_sample.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "models": [bench_model(m, args) for m in args.models]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    write_json(args.out, res)
     print("\n" + to_markdown(res))
     return 0
 

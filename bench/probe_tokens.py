@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from claim import Evaluator, calib_tag, code_commit  # noqa: E402  (claim.py: same evaluation, commits, result names)
+from common import ROOT, Evaluator, calib_tag, code_commit, write_json  # the claim's evaluation, commits, names
 
 
 def run_one(model: Path, bpw: float, probe: int | None, args: argparse.Namespace) -> dict[str, Any]:
@@ -82,16 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     tag = calib_tag(args.calib_text, None)  # other text: other results, never mixed
     args.work = args.work or ROOT / "out" / f"bench-probe-tokens{tag}"
     args.out = args.out or ROOT / "bench" / "results" / f"probe_tokens{tag}.json"
-    ns = argparse.Namespace(ctx=512, eval_tokens=0)  # claim's evaluation: windows of 512, eval's default 16k scored
-    args.evaluate = {m.name: Evaluator(m, args.work / m.name, ns) for m in args.models}
+    # the claim's evaluation: windows of 512, eval's default 16k tokens scored
+    args.evaluate = {m.name: Evaluator(m, args.work / m.name, ctx=512, tokens=0) for m in args.models}
     res = {"command": "bench/probe_tokens.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "commit": code_commit(), "calib_text": str(args.calib_text or "bundled"), "rows": []}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     for m in args.models:
         for b in args.bpw:
             for n in (None, *args.probe_tokens):
                 res["rows"].append(run_one(m, b, n, args))
-                args.out.write_text(json.dumps(res, indent=1) + "\n")  # each row at once: a long run keeps them
+                write_json(args.out, res)  # each row at once: a long run keeps them
     print("\n" + to_markdown(res))
     return 0
 

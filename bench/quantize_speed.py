@@ -24,14 +24,14 @@ from pathlib import Path
 
 import gguf
 
-from moepack.gguf import kernels as ggml
+from common import ROOT, v3_layer_checkpoint
+from moepack.gguf.llama_quantize import quantize_gguf_ftype
 from moepack.stages.calibrate import run_calibrate
 from moepack.model.checkpoint import open_checkpoint
 from moepack.gguf.imatrix import ImatrixFile, imatrix_by_output, load_imatrix, write_imatrix_gguf
 from moepack.gguf.writer import write_gguf
+from moepack.schema import QuantPlan
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
 TEXT = ROOT / "data" / "tinystories-train.txt"
 FTYPE_FOR = {"Q4_K": "Q4_K_M", "IQ2_XXS": "IQ2_XXS", "Q8_0": "Q8_0", "Q2_K": "Q2_K", "IQ3_XXS": "IQ3_XXS"}
 
@@ -48,15 +48,15 @@ def bench(model: Path, qtype: str, threads: int, work: Path) -> dict:
 
     t0 = time.perf_counter()
     # token_embd at Q4_K in both: llama.cpp aborts on IQ types for it (no imatrix entry for an embedding).
-    ours = write_gguf(view, work / "ours.gguf", default_type=qtype, tensor_types={"token_embd.weight": "Q4_K"},
+    ours = write_gguf(view, work / "ours.gguf", QuantPlan.by_hand({"token_embd.weight": "Q4_K"}), default_type=qtype,
                       imatrix=im, threads=threads, progress=False)
     t_ours = time.perf_counter() - t0
 
     # Force llama.cpp to the same uniform type wherever it may quantize (its rules keep norms etc. as they are).
     overrides = {r"^token_embd\.weight$": "Q4_K", r"^(blk\..*|output)\.weight$": qtype}
     t0 = time.perf_counter()
-    ggml.quantize_gguf_ftype(src, work / "llama.gguf", FTYPE_FOR[qtype], imatrix=im_file, threads=threads,
-                             tensor_types=overrides)
+    quantize_gguf_ftype(src, work / "llama.gguf", FTYPE_FOR[qtype], imatrix=im_file, threads=threads,
+                        tensor_types=overrides)
     t_llama = time.perf_counter() - t0
     theirs = {t.name: t.tensor_type.name for t in gguf.GGUFReader(work / "llama.gguf").tensors}
     same = sum(theirs.get(n) == t for n, t in ours.tensor_types.items())
@@ -73,8 +73,6 @@ def same_bytes(a: Path, b: Path) -> str:
 
 
 def bench_v3(qtype: str, threads: int, repeats: int, n_experts: int, work: Path) -> dict:
-    from scale import v3_layer_checkpoint  # bench/scale.py
-
     model = v3_layer_checkpoint(work, n_experts)
     view = open_checkpoint(model)
     run_calibrate(model, TEXT, work, tokens=256, seq_len=128, heldout_tokens=0, progress=False)
@@ -87,12 +85,12 @@ def bench_v3(qtype: str, threads: int, repeats: int, n_experts: int, work: Path)
     ours_s, llama_s = [], []
     for _ in range(repeats):  # alternated: a load change on the shared machine hits both
         t0 = time.perf_counter()
-        ours = write_gguf(view, work / "ours.gguf", default_type=qtype, tensor_types={"token_embd.weight": "Q4_K"},
-                          imatrix=im, threads=threads, progress=False)
+        write_gguf(view, work / "ours.gguf", QuantPlan.by_hand({"token_embd.weight": "Q4_K"}),
+                   default_type=qtype, imatrix=im, threads=threads, progress=False)
         ours_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        ggml.quantize_gguf_ftype(src, work / "llama.gguf", FTYPE_FOR[qtype], imatrix=im_file, threads=threads,
-                                 tensor_types=overrides)
+        quantize_gguf_ftype(src, work / "llama.gguf", FTYPE_FOR[qtype], imatrix=im_file, threads=threads,
+                            tensor_types=overrides)
         llama_s.append(time.perf_counter() - t0)
         print(f"  {qtype}: moepack {ours_s[-1]:.1f} s, llama.cpp {llama_s[-1]:.1f} s", flush=True)
     in_bytes = sum(t.nbytes for t in view.tensors.values())

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, write_json
+
 FLAGS = "--calib-text data/calib/stories.txt --calib-tokens 4096 --sens-tokens 512 --seq-len 256 -t 2"
 
 
@@ -26,18 +27,20 @@ def old_rule(model: Path, bpw: float, ladder: tuple[str, ...]) -> str:
     """compress's reference before the measurement below: the highest ladder type whose all-at-type model fits in
     0.7 of the weight budget (the lowest when none does)."""
     from moepack.model.checkpoint import open_checkpoint
-    from moepack.pipeline.candidates import floor_bytes
     from moepack.stages.budget import BudgetRequest, budget_for
+    from moepack.stages.fit import uniform_bytes
 
     view = open_checkpoint(model)
     limit = 0.7 * budget_for(BudgetRequest(target_bpw=bpw), view).weights
-    return ([t for t in ladder if floor_bytes(view, t) <= limit] or [ladder[0]])[-1]
+    return ([t for t in ladder if uniform_bytes(view, t) <= limit] or [ladder[0]])[-1]
 
 
 def run_one(model: Path, bpw: float, base: str | None, work: Path) -> dict[str, Any]:
     from moepack.gguf.types import LADDER
     from moepack.pipeline.compress import compress
     from moepack.pipeline.options import CompressOptions
+    from moepack.schema import SensitivityTable
+    from moepack.schema.run import RunLayout
     from moepack.stages.budget import BudgetRequest
 
     name, base = base or "rule", base or old_rule(model, bpw, LADDER)
@@ -47,8 +50,8 @@ def run_one(model: Path, bpw: float, base: str | None, work: Path) -> dict[str, 
     t0 = time.perf_counter()
     res = compress(model, work / f"{model.name}-{bpw:g}-{base}.gguf", BudgetRequest(target_bpw=bpw), opts,
                    run_dir)
-    table = json.loads((run_dir / "sensitivity-r1.json").read_text())
-    return {"bpw": bpw, "base": name, "reference_type": table["base"].get("default_type"),
+    table = SensitivityTable.read(RunLayout(run_dir).sensitivity(1.0))
+    return {"bpw": bpw, "base": name, "reference_type": table.base.get("default_type"),
             "report_kld": res.report_kld, "selection_kld": res.selection_kld,
             "wall_s": round(time.perf_counter() - t0, 1)}
 
@@ -68,9 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         for base in args.bases:
             rows.append(run_one(args.model, bpw, None if base == "rule" else base, args.work))
             print(json.dumps(rows[-1]), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": "bench/reference.py " + " ".join(argv or sys.argv[1:]),
-                                    "flags": FLAGS, "rows": rows}, indent=1) + "\n")
+    write_json(args.out, {"command": "bench/reference.py " + " ".join(argv or sys.argv[1:]), "flags": FLAGS,
+                          "rows": rows})
     return 0
 
 

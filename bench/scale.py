@@ -29,91 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from moepack.gguf import kernels as ggml  # noqa: E402
-from moepack.model.arch import spec_for  # noqa: E402
-from moepack.stages.prune import write_checkpoint  # noqa: E402
+from common import ROOT, V3_CONFIG, SyntheticView, disk_shapes, v3_config
+from moepack.gguf import kernels as ggml
+from moepack.stages.prune import write_checkpoint
 
 TEXT = ROOT / "data" / "tinystories-valid.txt"
-TOKENIZER_FROM = ROOT / "models" / "tiny-deepseek-v3"  # its tokenizer, padded to V3's vocab by the GGUF writer
 GiB = 2**30
 
-# DeepSeek-V3's config.json, but for the layer and routed-expert counts (set per run).
-V3_CONFIG: dict[str, Any] = {
-    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "attention_bias": False,
-    "bos_token_id": 0, "eos_token_id": 1, "first_k_dense_replace": 3, "hidden_act": "silu", "hidden_size": 7168,
-    "intermediate_size": 18432, "kv_lora_rank": 512, "max_position_embeddings": 163840,
-    "moe_intermediate_size": 2048, "n_group": 8, "n_shared_experts": 1, "norm_topk_prob": True,
-    "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61, "n_routed_experts": 256, "num_key_value_heads": 128, "q_lora_rank": 1536,
-    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-6,
-    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
-                     "original_max_position_embeddings": 4096, "type": "yarn"},
-    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "tie_word_embeddings": False,
-    "topk_group": 4, "topk_method": "noaux_tc", "v_head_dim": 128, "vocab_size": 129280,
-}
 
-
-# ---- synthetic checkpoint ----------------------------------------------------------------------------------------
-def v3_config(n_layers: int, n_experts: int) -> dict[str, Any]:
-    """V3's config with `n_layers` layers (the first dense, as V3's first three) of `n_experts` routed experts in
-    n_experts / 4 groups (V3: 8 groups of 32; a group needs at least two experts after pruning, as V3 ranks groups
-    by their top-2 scores, so keep 0.5 needs four per group), of which half are searched, as in V3."""
-    n_group = max(1, n_experts // 4)
-    return dict(V3_CONFIG, num_hidden_layers=n_layers, n_routed_experts=n_experts, first_k_dense_replace=1,
-                n_group=n_group, topk_group=max(1, n_group // 2))
-
-
-def disk_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Checkpoint tensor name → shape, from transformers' own DeepSeek-V3 module (built on the meta device), with
-    the fused in-memory experts split into the per-expert tensors the hub's checkpoints hold."""
-    import transformers
-
-    c = dict(cfg)
-    c.pop("architectures")
-    config = transformers.AutoConfig.for_model(c.pop("model_type"), **c)
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name, t in model.state_dict().items():
-        m = re.fullmatch(r"(.*\.mlp\.experts)\.(gate_up_proj|down_proj)", name)
-        if m is None:
-            shapes[name] = tuple(t.shape)
-            continue
-        n_exp, rows, cols = t.shape  # (E, 2I, H) gate_up | (E, H, I) down
-        for e in range(n_exp):
-            if m.group(2) == "down_proj":
-                shapes[f"{m.group(1)}.{e}.down_proj.weight"] = (rows, cols)
-            else:
-                shapes[f"{m.group(1)}.{e}.gate_proj.weight"] = (rows // 2, cols)
-                shapes[f"{m.group(1)}.{e}.up_proj.weight"] = (rows // 2, cols)
-    return shapes
-
-
-class SyntheticView:
-    """Just enough of a CheckpointView for `write_checkpoint`: random weights made on demand, tensor by tensor."""
-
-    def __init__(self, cfg: dict[str, Any], seed: int = 0) -> None:
-        self.root = TOKENIZER_FROM
-        self.config = cfg
-        self.spec = spec_for(cfg["model_type"])  # write_checkpoint asks it whether experts are stacked
-        self.seed = seed
-        self.tensors = {n: SimpleNamespace(shape=s, dtype="F32" if n.endswith("e_score_correction_bias") else "BF16",
-                                           nbytes=int(np.prod(s)) * (4 if n.endswith("_bias") else 2))
-                        for n, s in disk_shapes(cfg).items()}
-
-    def load(self, name: str) -> torch.Tensor:
-        shape = self.tensors[name].shape
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + sum(map(ord, name)) * 7919 + len(name))
-        if name.endswith("norm.weight"):
-            return torch.ones(shape, dtype=torch.bfloat16)
-        if name.endswith("e_score_correction_bias"):
-            return torch.zeros(shape, dtype=torch.float32)
-        std = 1.0 if name == "model.embed_tokens.weight" else shape[-1] ** -0.5
-        return (torch.randn(shape, generator=g) * std).to(torch.bfloat16)
-
-
+# ---- synthetic checkpoint (the bf16 one: common.SyntheticView) ----------------------------------------------------
 FP8_BLOCK = 128
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
               "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}  # DeepSeek-V3's release
@@ -161,17 +85,6 @@ def make_checkpoint(out: Path, n_layers: int, n_experts: int, shard_gib: float, 
     write_checkpoint(view, out, max_shard_bytes=int(shard_gib * GiB))
     print(f"  wrote {out}: {total / GiB:.2f} GiB in {time.time() - t0:.0f} s", flush=True)
     return total
-
-
-def v3_layer_checkpoint(work: Path, n_experts: int = 2) -> Path:
-    """A one-layer DeepSeek-V3-shaped checkpoint: its only layer a MoE layer with V3's attention, `n_experts` routed
-    experts (top-2) and the shared one; the fixture tokenizer's 4096-token vocab, so that the layer's tensors
-    dominate. For per-layer timings (bench/quantize_speed.py --v3-layer, bench/distributed_cost.py)."""
-    cfg = dict(v3_config(1, n_experts), first_k_dense_replace=0, vocab_size=4096, n_group=1, topk_group=1,
-               num_experts_per_tok=min(2, n_experts))
-    out = work / f"v3-layer-{n_experts}E"
-    write_checkpoint(SyntheticView(cfg), out, progress=False)
-    return out
 
 
 def layer_bytes(model_dir: Path) -> tuple[int, int]:

@@ -21,16 +21,9 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from claim import SENS_LADDER, file_limit  # noqa: E402  (bench/claim.py: the same ladder and budgets)
+from common import ROOT, SENS_LADDER, code_commit, file_limit, rel, write_json, write_section
 
 BEGIN, END = "<!-- bench/sensitivity.py: begin -->", "<!-- bench/sensitivity.py: end -->"
-
-
-def _rel(p: Path) -> str:
-    p = p.resolve()
-    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
 
 
 def _upgrades(t: Any) -> dict[tuple[str, str], Any]:
@@ -85,7 +78,7 @@ def bench_model(model: Path, args: argparse.Namespace) -> dict[str, Any]:
     keys = list(full)
     unprobed = [k for k in keys if fast[k].kld is None]
     row: dict[str, Any] = {
-        "model": _rel(model), "groups": len(tables["full"].groups), "upgrades": len(keys),
+        "model": rel(model), "groups": len(tables["full"].groups), "upgrades": len(keys),
         "probes": {m: t.timing["probes"] for m, t in tables.items()},
         "wall_s": {m: round(s, 1) for m, s in wall.items()},
         "probes_s": {m: t.timing["probes_s"] for m, t in tables.items()},
@@ -114,13 +107,15 @@ def bench_compress(model: Path, args: argparse.Namespace) -> dict[str, Any]:
     repeats are the same)."""
     import subprocess
 
+    from moepack.schema import RunSummary
+    from moepack.schema.run import RunLayout
+
     exe = str(Path(sys.executable).parent / "moepack")
-    flags = (f"--calib-text {_rel(args.calib_text)} --calib-tokens {args.calib_tokens} --sens-tokens "
+    flags = (f"--calib-text {rel(args.calib_text)} --calib-tokens {args.calib_tokens} --sens-tokens "
              f"{args.sens_tokens} --seq-len {args.seq_len} -t {args.threads}")
     args.work.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    out: dict[str, Any] = {"model": _rel(model), "bpw": args.compress_bpw, "flags": flags,
-                           "eval_tokens": args.eval_tokens, "commit": commit.stdout.strip() or None,
+    out: dict[str, Any] = {"model": rel(model), "bpw": args.compress_bpw, "flags": flags,
+                           "eval_tokens": args.eval_tokens, "commit": code_commit(),
                            "repeats": args.repeats}
     walls: dict[str, list[float]] = {"full": [], "fast": []}
     for _ in range(args.repeats):
@@ -137,8 +132,9 @@ def bench_compress(model: Path, args: argparse.Namespace) -> dict[str, Any]:
     for mode in ("full", "fast"):
         gguf, run_dir = args.work / f"{model.name}-{mode}.gguf", args.work / f"{model.name}-{mode}.run"
         # every reference's table (the smallest type's fast one, the budget type's full one where measured)
-        sens_s = sum(json.loads(f.read_text())["seconds"] for f in (run_dir / "stages").glob("sensitivity-r1*.json"))
-        stages = json.loads((run_dir / "summary.json").read_text())["timings"]
+        layout = RunLayout(run_dir)
+        sens_s = sum(json.loads(f.read_text())["seconds"] for f in layout.stages.glob("sensitivity-r1*.json"))
+        stages = RunSummary.read(layout.summary).timings
         ev = args.work / f"{model.name}-{mode}.eval.json"
         subprocess.run([exe, "eval", str(gguf), "--reference", str(model), "--text", str(args.eval_text),
                         "--tokens", str(args.eval_tokens), "--no-speed", "-t", "1", "--json-out", str(ev)],
@@ -244,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = [bench_model(m, args) for m in args.models]
     settings = {k: getattr(args, k) for k in ("calib_tokens", "sens_tokens", "eval_tokens", "seq_len", "ladder",
-                                              "threads")} | {"calib_text": _rel(args.calib_text), "eval_text": _rel(args.eval_text)}
+                                              "threads")} | {"calib_text": rel(args.calib_text), "eval_text": rel(args.eval_text)}
     res = {"command": "bench/sensitivity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "settings": settings, "rows": rows}
     old = json.loads(args.out.read_text()) if args.out.is_file() else {}
@@ -257,22 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_section(md: Path, section: str) -> None:
-    """`section` in place of the one between this bench's markers in `md` (appended where there is none)."""
-    text = md.read_text() if md.is_file() else ""
-    if BEGIN not in text or END not in text:
-        md.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    head, rest = text[: text.index(BEGIN)], text[text.index(END) + len(END):].lstrip("\n")
-    while BEGIN in rest and END in rest:  # a copy appended by an older run
-        rest = rest[: rest.index(BEGIN)] + rest[rest.index(END) + len(END):].lstrip("\n")
-    md.write_text(head + section + ("\n" + rest if rest.strip() else ""))
-
-
 def _write(res: dict[str, Any], args: argparse.Namespace) -> None:
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1) + "\n")
-    write_section(args.md, to_markdown(res))
+    write_json(args.out, res)
+    write_section(args.md, to_markdown(res), BEGIN, END)
 
 
 if __name__ == "__main__":

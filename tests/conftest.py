@@ -1,7 +1,10 @@
 """Tiny random-weight models of every supported architecture, built from real configs inside the tests."""
 from __future__ import annotations
 
+import importlib.util
+from functools import cache
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -13,6 +16,54 @@ FIXTURES = ("tiny-qwen3-moe", "tiny-deepseek-v3")
 ARCHS = ("qwen3_moe", "qwen2_moe", "deepseek_v3", "deepseek_v2", "mixtral", "olmoe", "minimax_m2", "dots1",
          "hunyuan_v1_moe", "qwen3_next", "glm4_moe", "kimi_k2", "gpt_oss", "llama4_text", "ernie4_5_moe", "glm_moe_dsa",
          "qwen3_5_moe_text")
+# `compress` on a tiny model in seconds: a short ladder (the whole one costs test time); FAST_SEARCH: one criterion,
+# the fast table, no refinement passes (the family tests, which check the file, not the search).
+SMALL_LADDER = "IQ2_XXS,IQ2_S,IQ3_XXS,IQ3_S,Q4_K,Q5_K,Q6_K,Q8_0"
+FAST_SEARCH = ("--criterion", "score", "--sensitivity", "fast", "--refine", "0")
+
+
+def small_compress_options(*extra: str, calib_tokens: int = 1024, seq_len: int = 128, sens_tokens: int = 256,
+                           ladder: str = SMALL_LADDER, fast: bool = False) -> list[str]:
+    """The `moepack compress` flags of the tests' small runs: calibration, selection and report tokens from
+    data/tinystories-valid.txt (text the fixtures never trained on), `ladder`, FAST_SEARCH when `fast`, then
+    `extra`. One definition, so that every test's run stays small the same way."""
+    flags = ["--calib-text", str(DATA / "tinystories-valid.txt"), "--calib-tokens", str(calib_tokens),
+             "--seq-len", str(seq_len), "--sens-tokens", str(sens_tokens), "--ladder", ladder]
+    return flags + list(FAST_SEARCH if fast else ()) + list(extra)
+
+
+# A test that takes longer than this on a quiet machine (setup included: a module's shared compress run counts for
+# its first test) carries @pytest.mark.slow; the run's summary names any that does not, so the marks follow the
+# durations (on a loaded machine it names more: judge from a quiet run).
+SLOW_S = 20.0
+_seconds: dict[str, float] = {}
+_unmarked: set[str] = set()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when in ("setup", "call"):
+        _seconds[report.nodeid] = _seconds.get(report.nodeid, 0.0) + report.duration
+        if "slow" not in report.keywords:
+            _unmarked.add(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    late = sorted(((s, n) for n, s in _seconds.items() if s > SLOW_S and n in _unmarked), reverse=True)
+    if late:
+        terminalreporter.write_sep("=", f"over {SLOW_S:.0f} s (setup + call) without @pytest.mark.slow")
+        for s, n in late:
+            terminalreporter.write_line(f"{s:7.1f}s {n}")
+
+
+@cache
+def bench_common() -> ModuleType:
+    """bench/common.py, the benchmark scripts' library, loaded from its file (bench/ is a folder of scripts, not a
+    package): what the tests and the benches share that is not moepack's own."""
+    spec = importlib.util.spec_from_file_location("bench_common", ROOT / "bench" / "common.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_config(arch: str, hidden: int = 64, ffn: int = 64, n_experts: int = 8, top_k: int = 2,

@@ -8,16 +8,15 @@ from typing import Any
 
 import numpy as np
 
-from conftest import DATA
+from conftest import small_compress_options
 from moepack.cli import main
 
 __all__ = ["SMALL_COMPRESS", "compress_keep_075", "completion_tokens", "hf_logits", "gguf_logits", "meta",
            "pruned_gguf_matches_transformers", "gguf_token_ids", "hf_token_ids"]
 
 # compress options that keep a family's end-to-end test to seconds of CPU (few tokens, a short ladder, fast mode).
-SMALL_COMPRESS = ("--calib-text", str(DATA / "tinystories-valid.txt"), "--calib-tokens", "256", "--seq-len", "32",
-                  "--sens-tokens", "64", "--ladder", "IQ2_XXS,Q4_K,Q8_0", "--criterion", "score",
-                  "--sensitivity", "fast", "--refine", "0")
+SMALL_COMPRESS = tuple(small_compress_options(calib_tokens=256, seq_len=32, sens_tokens=64, ladder="IQ2_XXS,Q4_K,Q8_0",
+                                              fast=True))
 
 
 def compress_keep_075(src: Path, root: Path, target: int, flags: tuple[str, ...] = SMALL_COMPRESS) -> tuple[Path, Path]:

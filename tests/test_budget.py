@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from moepack.errors import MoepackError
-
-from moepack.stages.budget import (CTX_PAD, BudgetError, BudgetRequest, budget_for, compute_buffer_bytes,
-                            format_size, gguf_overhead_bytes, kv_cache_bytes, parse_size, weight_budget)
 from moepack.model.checkpoint import open_checkpoint
+from moepack.stages.budget import BudgetError, BudgetRequest, budget_for, format_size, parse_size
+from moepack.stages.footprint import CTX_PAD, compute_buffer_bytes, gguf_overhead_bytes, kv_cache_bytes
+from moepack.stages.sizes import size_flag
 
 
 @pytest.mark.parametrize("text, n", [
@@ -33,6 +33,7 @@ def test_parse_size_rejects_junk(text: str) -> None:
 def test_format_size() -> None:
     assert format_size(512) == "512 B"
     assert format_size(5_767_168) == "5.50 MiB (5,767,168 bytes)"
+    assert size_flag(2**30 + 1) == "1.01GiB" and size_flag(5 * 2**20) == "5MiB"  # rounded up, to type
 
 
 def _cfg(path: Path) -> dict:
@@ -105,28 +106,29 @@ def test_compute_buffer_grows_with_context() -> None:
     assert compute_buffer_bytes(_QWEN, 32768, flash_attn=True) < big / 10
 
 
-def test_weight_budget_from_memory(tiny_model) -> None:
+def test_budget_from_memory(tiny_model) -> None:
     view = open_checkpoint(tiny_model("qwen3_moe"))
-    b = weight_budget(view, memory="64MiB", ctx=1000)
+    b = budget_for(BudgetRequest(memory="64MiB", ctx=1000), view)
     assert b.memory == 64 * 2**20 and b.ctx == 1000 and b.source == "memory"
     assert b.kv_cache == kv_cache_bytes(view, 1000) and b.compute == compute_buffer_bytes(view, 1000)
     assert b.reserve == int(0.05 * 64 * 2**20) and b.overhead == gguf_overhead_bytes(view)
     assert b.weights == b.memory - b.kv_cache - b.compute - b.reserve - b.overhead > 0
     text = b.describe()
     assert "KV cache" in text and "weights" in text and f"{b.weights:,}" in text
-    b0 = weight_budget(view, memory=64 * 2**20, ctx=1000, reserve="0", overhead=0)
+    b0 = budget_for(BudgetRequest(memory=64 * 2**20, ctx=1000, reserve="0"), view, overhead=0)
     assert b0.weights == b.memory - b.kv_cache - b.compute
     with pytest.raises(BudgetError, match="lower --ctx-size"):
-        weight_budget(view, memory="4MiB", ctx=1000)
+        budget_for(BudgetRequest(memory="4MiB", ctx=1000), view)
 
 
-def test_weight_budget_from_targets(tiny_model) -> None:
+def test_budget_from_targets(tiny_model) -> None:
     view = open_checkpoint(tiny_model("deepseek_v3"))
-    n = sum(t.numel for t in view.tensors.values())
-    b = weight_budget(view, target_bpw=3.5, overhead=1000)
+    n = sum(t.numel for t in view.tensors.values())  # every tensor: norms, routers and biases too
+    assert n == sum(view.param_counts().values())
+    b = budget_for(BudgetRequest(target_bpw=3.5), view, overhead=1000)
     assert b.source == "target_bpw" and b.n_params == n and b.target == int(3.5 * n / 8)
     assert b.weights == b.target - 1000 and b.file_limit == b.target
-    b = weight_budget(view, target_size="1MB")
+    b = budget_for(BudgetRequest(target_size="1MB"), view)
     assert b.weights == 1_000_000 - gguf_overhead_bytes(view) and b.kv_cache == 0
     assert "GGUF file target" in b.describe()
 
@@ -138,10 +140,10 @@ def test_weight_budget_from_targets(tiny_model) -> None:
     ({"target_bpw": 0}, r"\(0, 32\]"),
     ({"target_size": "10kB"}, "metadata"),
 ])
-def test_weight_budget_errors(tiny_model, kw: dict, message: str) -> None:
+def test_budget_errors(tiny_model, kw: dict, message: str) -> None:
     view = open_checkpoint(tiny_model("qwen3_moe"))
     with pytest.raises(BudgetError, match=message):
-        weight_budget(view, **kw)
+        budget_for(BudgetRequest(**kw), view)
 
 
 def test_overhead_counts_the_tokenizer(tiny_model) -> None:
@@ -166,8 +168,6 @@ def test_budget_cli_args(tiny_model) -> None:
     request = budget_request(args)
     assert request == BudgetRequest(memory="64MiB", ctx=2048, type_k="bf16", type_v="f32", flash_attn=True)
     b = budget_for(request, view, overhead=0)
-    assert b == weight_budget(view, memory="64MiB", ctx=2048, overhead=0, type_k="bf16", type_v="f32",
-                              flash_attn=True)
     assert b.kv_cache == kv_cache_bytes(view, 2048, "bf16", "f32")
     assert b.compute == compute_buffer_bytes(view, 2048, 512, True)
     assert budget_request(p.parse_args(["--target-bpw", "2.5", "--ctx-size", "512", "--ubatch-size", "256"])) == \
@@ -192,7 +192,8 @@ def test_budget_cli_gpu_memory(tiny_model) -> None:
     assert b.ram_weights == b.weights - b.gpu_weights and b.sides() == [("gpu", b.gpu_weights), ("ram", b.ram_weights)]
     assert b.file_limit == b.weights
     alone = budget_for(budget_request(p.parse_args(["--memory", "64MiB", "-c", "1024"])), view, overhead=0)
-    assert alone == weight_budget(view, memory="64MiB", ctx=1024, overhead=0) and alone.gpu_weights is None
+    assert alone == budget_for(BudgetRequest(memory="64MiB", ctx=1024), view, overhead=0)
+    assert alone.gpu_weights is None
     assert alone.ram_weights is None and alone.sides() == [(None, alone.weights)]
     with pytest.raises(MoepackError, match="--gpu-memory needs --memory"):  # refused, never ignored
         budget_request(p.parse_args(["--gpu-memory", "24MiB", "-c", "1024"]))

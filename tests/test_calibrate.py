@@ -273,6 +273,7 @@ def test_calibrate_cli_and_resume(tmp_path, capsys):
     assert st.heldout.shape == (2, 64)
     assert main(args) == 0  # same inputs: reused, not recomputed
     assert json.loads((tmp_path / "run" / "calib" / "manifest.json").read_text())["seconds"] == man["seconds"]
+    _check_shards_reuse(args, tmp_path / "run" / "calib" / "manifest.json")
     assert main(args[:4] + ["--calib-tokens", "8", "-o", str(tmp_path / "r2")]) == 2
     assert "less than one sequence" in capsys.readouterr().err
     # without --calib-text: the bundled calibration text, as compress uses
@@ -281,3 +282,20 @@ def test_calibrate_cli_and_resume(tmp_path, capsys):
     assert main(["calibrate", str(model), "--calib-tokens", "128", "--seq-len", "64", "--sens-tokens", "0",
                  "-o", str(tmp_path / "r3")]) == 0
     assert json.loads((tmp_path / "r3" / "calib" / "manifest.json").read_text())["text"] == str(DEFAULT_CALIB_TEXT)
+
+
+def _check_shards_reuse(args: list[str], manifest: Path) -> None:
+    """The shard count is an input only when given: --shards 1 takes the one-shard statistics, --shards 2 makes new
+    ones, which a run without --shards takes; other settings calibrate again."""
+    from moepack.cli import main
+
+    def written() -> int:
+        return manifest.stat().st_mtime_ns
+
+    first = written()
+    assert main(args + ["--shards", "1"]) == 0 and written() == first
+    assert main(args + ["--shards", "2"]) == 0 and json.loads(manifest.read_text())["shards"] == 2
+    two = written()
+    assert two != first and main(args) == 0 and written() == two
+    assert main(args[:4] + ["--calib-tokens", "320"] + args[6:]) == 0
+    assert json.loads(manifest.read_text())["tokens"] == 320 and written() != two

@@ -11,13 +11,12 @@ from typing import Any
 import gguf
 import pytest
 
-from conftest import DATA, build_tiny_model
+from conftest import DATA, build_tiny_model, small_compress_options
 from moepack.cli import main
 from moepack.gguf.recipe import read_recipe, types_by_class
+from moepack.schema import RunSummary
 
-SMALL = ["--calib-text", str(DATA / "tinystories-valid.txt"), "--calib-tokens", "1024", "--seq-len", "128",
-         "--sens-tokens", "256",
-         "--ladder", "IQ2_XXS,IQ2_S,IQ3_XXS,IQ3_S,Q4_K,Q5_K,Q6_K,Q8_0"]  # short: the whole ladder costs test time
+SMALL = small_compress_options()
 REPO = "acme/tiny-moe"
 LICENSE = "cdla-sharing-1.0"
 
@@ -53,6 +52,7 @@ def _front_matter(text: str) -> dict[str, Any]:
         import yaml
     except ImportError:
         out: dict[str, Any] = {}
+        key = ""
         for line in block.splitlines():
             if line.startswith("- "):
                 out[key].append(json.loads(line[2:]))
@@ -95,6 +95,8 @@ def test_model_card(run, tmp_path: Path, capsys) -> None:
     assert f"| size | {size:,} bytes" in text
     summary = json.loads((run["run"] / "summary.json").read_text())
     assert f"| bits per weight | {summary['bpw']:.3f}" in text
+    result = RunSummary.read(run["run"] / "summary.json")  # the result: report KLD, else selection KLD
+    assert f"(fake-quantized forward): {result.result_kld:.5f}." in text
     assert "| routed experts kept per MoE layer | 6 of 8 (keep 0.75)" in text
     assert "| experts used per token (k') | 2 |" in text
     assert f"--target-size {summary['budget']['target']}B" in text  # a unit: the flag refuses a bare number
@@ -145,12 +147,12 @@ def test_card_errors_write_nothing(run, tmp_path: Path, capsys) -> None:
 def test_pareto_from_measured_retentions(tmp_path: Path) -> None:
     from moepack.eval.report import pareto_chart, pareto_points
 
-    summary = {"candidates": [{"keep": 1.0, "top_k": 2, "kld": 0.003, "tensor_bytes": 2_000_000},
-                              {"keep": 0.75, "top_k": 2, "kld": 0.002, "tensor_bytes": 1_900_000},
-                              {"keep": 0.5, "top_k": 2, "kld": None, "tensor_bytes": None}]}  # screened
-    sizes, points = pareto_points(summary, None)
+    candidates = [{"keep": 1.0, "top_k": 2, "kld": 0.003, "tensor_bytes": 2_000_000},
+                  {"keep": 0.75, "top_k": 2, "kld": 0.002, "tensor_bytes": 1_900_000},
+                  {"keep": 0.5, "top_k": 2, "kld": None, "tensor_bytes": None}]  # screened
+    sizes, points = pareto_points(candidates, None)
     assert sizes == "tensor" and [p[1] for p in points] == [2_000_000, 1_900_000]
-    assert pareto_points({"candidates": summary["candidates"][:1]}, None) == ("", [])  # one point: no trade-off
+    assert pareto_points(candidates[:1], None) == ("", [])  # one point: no trade-off
     pareto_chart(points, sizes, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 

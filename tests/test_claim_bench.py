@@ -1,15 +1,24 @@
-"""bench/claim.py's pure parts: the per-size verdict, the Unsloth-style hand rule, paths kept out of the results."""
+"""bench/: the claim's pure parts (the per-size verdict, the Unsloth-style hand rule, paths kept out of the results,
+in bench/common.py), and the rules that keep bench/ readable: no script imports another script or the tests, no
+module is over 450 lines, what the scripts read from compress's result is a field of RunSummary, and `make bench`
+reruns every benchmark docs/ cites (outside `make test`)."""
 from __future__ import annotations
 
 import argparse
-import sys
+import ast
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import claim  # noqa: E402
+from conftest import ROOT, bench_common
+
+common = bench_common()
+BENCH = ROOT / "bench"
+LIBRARY = "common"  # bench/common.py: the one bench module that scripts (and tests) import
+MAX_LINES = 450
+IMPORTERS = {"import_module", "run_path", "run_module", "spec_from_file_location", "__import__"}
 
 
 def _ev(kld: float, half: float, size: int) -> dict:
@@ -18,19 +27,19 @@ def _ev(kld: float, half: float, size: int) -> dict:
 
 def test_verdict_needs_all_three():
     uni = _ev(0.10, 0.005, 1000)
-    assert claim.verdict(_ev(0.07, 0.005, 1000), uni)["holds"]  # 30 % lower, same size, CIs apart
-    assert claim.verdict(_ev(0.075, 0.005, 1000), uni)["kld_reduction"] == pytest.approx(0.25)
-    short = claim.verdict(_ev(0.08, 0.005, 1000), uni)  # 20 % lower: below the goal
+    assert common.verdict(_ev(0.07, 0.005, 1000), uni)["holds"]  # 30 % lower, same size, CIs apart
+    assert common.verdict(_ev(0.075, 0.005, 1000), uni)["kld_reduction"] == pytest.approx(0.25)
+    short = common.verdict(_ev(0.08, 0.005, 1000), uni)  # 20 % lower: below the goal
     assert not short["holds"] and short["cis_apart"] and short["no_larger"]
-    larger = claim.verdict(_ev(0.05, 0.005, 1001), uni)
+    larger = common.verdict(_ev(0.05, 0.005, 1001), uni)
     assert not larger["holds"] and not larger["no_larger"]
-    wide = claim.verdict(_ev(0.07, 0.03, 1000), uni)  # 30 % lower but the CIs overlap
+    wide = common.verdict(_ev(0.07, 0.03, 1000), uni)  # 30 % lower but the CIs overlap
     assert not wide["holds"] and not wide["cis_apart"]
-    assert claim.verdict(None, uni) is None and claim.verdict(_ev(0.07, 0.0, 1), None) is None
-    assert claim._verdict_cell(wide) == "falls short: CIs overlap"
-    assert claim._verdict_cell(short) == "falls short: reduction below 25 %"
-    worse = claim.verdict(_ev(0.2, 0.005, 1000), uni)  # twice the KLD: its CI is apart, on the wrong side
-    assert claim._verdict_cell(worse) == "falls short: KLD higher"
+    assert common.verdict(None, uni) is None and common.verdict(_ev(0.07, 0.0, 1), None) is None
+    assert common.verdict_cell(wide) == "falls short: CIs overlap"
+    assert common.verdict_cell(short) == "falls short: reduction below 25 %"
+    worse = common.verdict(_ev(0.2, 0.005, 1000), uni)  # twice the KLD: its CI is apart, on the wrong side
+    assert common.verdict_cell(worse) == "falls short: KLD higher"
 
 
 def test_unsloth_rule_steps_above_the_routed_experts():
@@ -39,8 +48,8 @@ def test_unsloth_rule_steps_above_the_routed_experts():
     from moepack.model.checkpoint import open_checkpoint
 
     view = open_checkpoint(ROOT / "models" / "tiny-deepseek-v3")
-    plan = claim.unsloth_plan(view, "IQ2_XXS")
-    lad = claim._ladder()
+    plan = common.unsloth_plan(view, "IQ2_XXS")
+    lad = common.ladder()
     step = {n: lad.index(t) - lad.index("IQ2_XXS") for n, t in plan.items()}
     roles = {o.name: o.role for o in gguf_outputs(view) if o.quantizable}
     assert set(plan) == set(roles)
@@ -48,10 +57,10 @@ def test_unsloth_rule_steps_above_the_routed_experts():
         if role is Role.ROUTED_EXPERTS:
             assert step[name] == ("ffn_down" in name), name
         elif role in (Role.ATTENTION, Role.SHARED_EXPERTS, Role.DENSE_FFN, Role.OUTPUT):
-            assert step[name] == claim.HAND_STEPS, name
+            assert step[name] == common.HAND_STEPS, name
     assert {Role.ATTENTION, Role.SHARED_EXPERTS, Role.ROUTED_EXPERTS} <= set(roles.values())
-    # a larger base never gives a smaller file: fitting_bases' "largest first" is the largest file that fits
-    sizes = [claim.plan_bytes(view, claim.unsloth_plan(view, t)) for t in lad]
+    # a larger base never gives a smaller file: the claim's "largest base that fits" is the largest file that fits
+    sizes = [common.plan_bytes(view, common.unsloth_plan(view, t)) for t in lad]
     assert sizes == sorted(sizes)
 
 
@@ -59,44 +68,163 @@ def test_results_hold_no_absolute_paths(tmp_path):
     work = tmp_path / "work"
     obj = {"file": work / "fx" / "a.gguf", "error": f"{ROOT}/models/x: bad; {work}/fx/b.gguf too",
            "nested": [ROOT / "docs" / "results.md"]}
-    out = claim._portable(obj, work)
+    out = common.portable(obj, work)
     assert out == {"file": "fx/a.gguf", "error": "models/x: bad; fx/b.gguf too", "nested": ["docs/results.md"]}
+    assert common.rel(ROOT / "docs" / "results.md") == "docs/results.md"
 
 
 def test_reproduce_names_every_cell_held():
     """Runs that add fixtures or size points one at a time resume into one JSON: its command makes all of them."""
     cells = {"models/tiny-qwen3-moe": ["Q3_K_M", "IQ2_XXS"], "models/tiny-deepseek-v3": ["IQ2_XXS"]}
     results = {"fixtures": {Path(m).name: {"model": m, "cells": dict.fromkeys(fs, {})} for m, fs in cells.items()}}
-    cmd = claim.reproduce(results, ["--models", "models/tiny-qwen3-moe", "--ftypes", "Q3_K_M", "--ctx", "256"])
+    cmd = common.reproduce(results, ["--models", "models/tiny-qwen3-moe", "--ftypes", "Q3_K_M", "--ctx", "256"])
     assert cmd == "python bench/claim.py --ctx 256 --ftypes IQ2_XXS Q3_K_M"  # both fixtures: the default models
     del results["fixtures"]["tiny-deepseek-v3"]
-    assert claim.reproduce(results, ["--ftypes=Q3_K_M"]) == \
+    assert common.reproduce(results, ["--ftypes=Q3_K_M"]) == \
         "python bench/claim.py --models models/tiny-qwen3-moe --ftypes IQ2_XXS Q3_K_M"
 
 
 def test_commits_line_names_each_cells_commit():
     rec = {"cells": {"IQ2_XXS": {"commit": "abc1234"}, "Q2_K": {"commit": "abc1234"}, "Q4_K_M": {}}}
-    assert claim.commits_line(rec) == "Measured at commit abc1234: IQ2_XXS, Q2_K; not recorded: Q4_K_M."
-    assert claim.code_commit() is None or len(claim.code_commit().split("+")[0]) >= 7
+    assert common.commits_line(rec) == "Measured at commit abc1234: IQ2_XXS, Q2_K; not recorded: Q4_K_M."
+    assert common.code_commit() is None or len(common.code_commit().split("+")[0]) >= 7
 
 
 def test_a_calibration_text_gets_its_own_results_and_a_relative_name_in_the_settings(tmp_path):
     """Cells calibrated on other text never resume into (or overwrite) the default (stories) results, and the
     settings name the text without an absolute path."""
-    stories = argparse.Namespace(calib_text=claim.CALIB_TEXT, work=None, out=None, md=None, png=None)
-    claim._default_paths(stories)
+    stories = argparse.Namespace(calib_text=common.CALIB_TEXT, work=None, out=None, md=None, png=None)
+    common.default_paths(stories)
     assert (stories.out, stories.md) == (ROOT / "bench/results/claim.json", ROOT / "docs/results.md")
     bundled = argparse.Namespace(calib_text=Path("bundled"), work=None, out=None, md=tmp_path / "page.md", png=None)
-    claim._default_paths(bundled)
+    common.default_paths(bundled)
     assert bundled.calib_text is None  # compress's own default text
     assert bundled.out == ROOT / "bench/results/claim-bundled.json" and bundled.md == tmp_path / "page.md"
     assert bundled.work == ROOT / "out/bench-claim-bundled"
     assert bundled.png == ROOT / "docs/results-bundled-pareto.png"
     other = argparse.Namespace(calib_text=ROOT / "data/calib/code.txt", work=None, out=None, md=None, png=None)
-    claim._default_paths(other)
+    common.default_paths(other)
     assert other.out == ROOT / "bench/results/claim-code.json"
     for ns in (stories, bundled):
         for k in ("calib_tokens", "seq_len", "sens_tokens", "ctx", "eval_tokens"):
             setattr(ns, k, 1)
-    assert claim.settings(stories)["calib_text"] == "`data/calib/stories.txt`"
-    assert claim.settings(bundled)["calib_text"].startswith("bundled")
+    assert common.settings(stories)["calib_text"] == "`data/calib/stories.txt`"
+    assert common.settings(bundled)["calib_text"].startswith("bundled")
+
+
+def test_a_page_section_replaces_its_old_copies(tmp_path):
+    md, begin, end = tmp_path / "page.md", "<!-- b -->", "<!-- e -->"
+    md.write_text(f"# Page\n\n{begin}\nold\n{end}\n\nafter\n\n{begin}\nolder copy\n{end}\n")
+    common.write_section(md, f"{begin}\nnew\n{end}\n", begin, end)
+    assert md.read_text().rstrip("\n") == f"# Page\n\n{begin}\nnew\n{end}\n\nafter"
+    common.write_section(tmp_path / "fresh.md", f"{begin}\nx\n{end}\n", begin, end)
+    assert (tmp_path / "fresh.md").read_text() == f"\n\n{begin}\nx\n{end}\n"
+
+
+# ---- bench/'s structure ------------------------------------------------------------------------------------------
+def bench_import_problems(path: Path, bench: Path = BENCH) -> list[str]:
+    """What a bench module imports that it must not: another bench script (only the library is shared), a test
+    module, anything found by editing sys.path or loaded by file name."""
+    scripts = {p.stem for p in bench.glob("*.py")} - {LIBRARY, path.stem}
+    tests = {p.stem for p in (ROOT / "tests").glob("*.py")} | {"tests"}
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""] if node.level == 0 else ["." * node.level + (node.module or "")]
+        else:
+            names = []
+        for name in names:
+            top = name.split(".")[0]
+            if name.startswith(".") or top in scripts:
+                found.append(f"line {node.lineno}: imports the script {name} (move what it shares to common.py)")
+            elif top in tests:
+                found.append(f"line {node.lineno}: imports the tests' {name} (move what they share to common.py or "
+                             "the package)")
+        if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", None) == "sys":
+            found.append(f"line {node.lineno}: edits or reads sys.path (a script's own folder is already on it)")
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in IMPORTERS:
+            found.append(f"line {node.lineno}: loads a module by name or file")
+    return found
+
+
+def test_no_bench_script_imports_another_script_or_the_tests():
+    bad = {p.name: f for p in sorted(BENCH.glob("*.py")) if (f := bench_import_problems(p))}
+    assert not bad, f"bench/ modules import what they must not: {bad}"
+
+
+def test_the_bench_import_check_catches_what_it_should(tmp_path):
+    (tmp_path / "common.py").write_text("import json\n")
+    (tmp_path / "other.py").write_text("X = 1\n")
+    probe = tmp_path / "probe.py"
+    probe.write_text("import sys\nsys.path.insert(0, 'tests')\nfrom common import ROOT\nfrom other import X\n"
+                     "import conftest\nfrom test_published_configs import within\nimport importlib\n"
+                     "importlib.import_module('other')\nfrom moepack.cli import main\n")
+    found = " | ".join(bench_import_problems(probe, tmp_path))
+    assert found.count("line ") == 5, found
+    for what in ("line 2: edits", "script other", "tests' conftest", "tests' test_published_configs", "line 8: loads"):
+        assert what in found, (what, found)
+
+
+def test_no_bench_module_is_too_long():
+    long = {p.name: n for p in sorted(BENCH.glob("*.py")) if (n := len(p.read_text(encoding="utf-8").splitlines()))
+            > MAX_LINES}
+    assert not long, f"bench/ modules over {MAX_LINES} lines (move what scripts share to common.py): {long}"
+
+
+def test_what_the_benches_import_from_moepack_exists():
+    """The scripts are not run by the tests and import most of moepack inside functions: a renamed module or name
+    shows here, not hours into a benchmark."""
+    import importlib
+    import importlib.util
+
+    def has(module: object, name: str) -> bool:
+        return hasattr(module, name) or importlib.util.find_spec(f"{module.__name__}.{name}") is not None
+
+    missing = []
+    for path in sorted(BENCH.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("moepack"):
+                try:
+                    module = importlib.import_module(node.module)
+                except ImportError as e:
+                    missing.append(f"{path.name}:{node.lineno}: {node.module} ({e})")
+                    continue
+                missing += [f"{path.name}:{node.lineno}: {node.module}.{a.name}" for a in node.names
+                            if not has(module, a.name)]
+    assert not missing, f"bench/ imports what moepack no longer has: {missing}"
+
+
+def _compress_result_reads(path: Path) -> list[tuple[int, str]]:
+    """(line, attribute) of each attribute a bench module reads from the result of a `compress(...)` call."""
+    found = []
+    for fn in (n for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"))) if isinstance(n, ast.FunctionDef)):
+        results = {t.id for n in ast.walk(fn) if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call)
+                   and getattr(n.value.func, "id", None) == "compress" for t in n.targets if isinstance(t, ast.Name)}
+        found += [(n.lineno, n.attr) for n in ast.walk(fn) if isinstance(n, ast.Attribute)
+                  and isinstance(n.value, ast.Name) and n.value.id in results]
+    return found
+
+
+def test_benches_read_only_what_a_run_summary_holds():
+    """compress returns a RunSummary; the scripts are not run by the tests, so a renamed field would only show in a
+    long benchmark run: every attribute they read from compress's result must be one of its fields or properties."""
+    from moepack.schema import RunSummary
+
+    known = {f.name for f in dataclasses.fields(RunSummary)} | {n for n in dir(RunSummary) if not n.startswith("_")}
+    reads = {p.name: r for p in sorted(BENCH.glob("*.py")) if (r := _compress_result_reads(p))}
+    assert {"claim.py", "domain.py", "probe_tokens.py", "reference.py"} <= set(reads)  # the check sees them
+    bad = {name: [f"line {line}: .{attr}" for line, attr in r if attr not in known] for name, r in reads.items()}
+    assert not any(bad.values()), f"not in RunSummary: {bad}"
+
+
+def test_make_bench_reruns_every_benchmark_the_docs_cite():
+    rules = {t: (pre, recipe) for t, pre, recipe in
+             re.findall(r"^([\w-]+):([^\n]*)\n((?:\t[^\n]*\n)*)", (ROOT / "Makefile").read_text(), re.M)}
+    run = set(re.findall(r"bench/(\w+)\.py", "".join(r for t, (_, r) in rules.items() if t.startswith("bench"))))
+    pages = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
+    cited = {m for p in pages for m in re.findall(r"bench/(\w+)\.py", p.read_text(encoding="utf-8"))} - {LIBRARY}
+    assert cited and not cited - run, f"cited in docs/ but not in `make bench`: {sorted(cited - run)}"
+    assert set(rules["bench"][0].split()) == {t for t in rules if t.startswith("bench-")}
+    assert "bench" not in " ".join(rules["test"]), "`make test` must not run the benchmarks"

@@ -13,12 +13,11 @@ from pathlib import Path
 import gguf
 import pytest
 
-from conftest import DATA
+from conftest import DATA, small_compress_options
 from moepack.cli import main
 
 CALIB = DATA / "tinystories-valid.txt"
-SMALL = ["--calib-text", str(CALIB), "--calib-tokens", "1024", "--seq-len", "128", "--sens-tokens", "256",
-         "--ladder", "IQ2_XXS,IQ2_S,IQ3_XXS,IQ3_S,Q4_K,Q5_K,Q6_K,Q8_0"]  # short: the whole ladder costs test time
+SMALL = small_compress_options()
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +68,14 @@ def test_reference_types_smallest_then_budget_type(model: Path) -> None:
     import dataclasses
 
     from moepack.model.checkpoint import open_checkpoint
-    from moepack.pipeline.candidates import budget_type, floor_bytes, reference_types
     from moepack.pipeline.options import CompressOptions
+    from moepack.pipeline.reference import budget_type, reference_types
     from moepack.stages.budget import Budget
+    from moepack.stages.fit import uniform_bytes
 
     view = open_checkpoint(model)
     opts = CompressOptions(ladder=("IQ2_XXS", "IQ3_S", "Q4_K", "Q8_0"))
-    at = {t: floor_bytes(view, t) for t in opts.ladder}
+    at = {t: uniform_bytes(view, t) for t in opts.ladder}
 
     def budget(weights: int) -> Budget:
         return Budget(memory=None, kv_cache=0, compute=0, reserve=0, weights=weights)
@@ -96,23 +96,23 @@ def test_the_budget_types_full_table_runs_when_the_smallest_types_timing_affords
     never, and never on a table that recorded no timing."""
     from types import SimpleNamespace
 
-    from moepack.pipeline import candidates
+    from moepack.pipeline import reference
     from moepack.pipeline.options import CompressOptions
     from moepack.stages.sensitivity import fast
 
     table = SimpleNamespace(timing={"probes": 4, "probes_s": 2.0},  # 0.5 s per probe
                             groups=[SimpleNamespace(options=[0, 1, 2, 3])] * 4)  # 3 options beyond the base each
-    assert candidates.full_estimate_s(table) == 6.0
+    assert reference.full_estimate_s(table) == 6.0
     measured = SimpleNamespace(timing=table.timing | {"s_per_probe": 0.25}, groups=table.groups)
-    assert candidates.full_estimate_s(measured) == 3.0  # the probes' own seconds, when the table recorded them
+    assert reference.full_estimate_s(measured) == 3.0  # the probes' own seconds, when the table recorded them
     auto = CompressOptions()
-    assert auto.sensitivity == "auto" and candidates.budget_reference_affordable(table, auto)
+    assert auto.sensitivity == "auto" and reference.budget_reference_affordable(table, auto)
     monkeypatch.setattr(fast, "AUTO_LIMIT_S", 5.0)
-    assert not candidates.budget_reference_affordable(table, auto)
-    assert candidates.budget_reference_affordable(table, CompressOptions(sensitivity="full"))
+    assert not reference.budget_reference_affordable(table, auto)
+    assert reference.budget_reference_affordable(table, CompressOptions(sensitivity="full"))
     monkeypatch.setattr(fast, "AUTO_LIMIT_S", 1e9)
-    assert not candidates.budget_reference_affordable(table, CompressOptions(sensitivity="fast"))
-    assert not candidates.budget_reference_affordable(SimpleNamespace(timing=None, groups=table.groups), auto)
+    assert not reference.budget_reference_affordable(table, CompressOptions(sensitivity="fast"))
+    assert not reference.budget_reference_affordable(SimpleNamespace(timing=None, groups=table.groups), auto)
 
 
 def _check_plan_printed_first(caplog) -> None:
@@ -241,7 +241,9 @@ def _check_report_tokens(run_dir: Path, summary: dict) -> None:
     assert summary["report_tokens"] == stats.report.size
     assert not np.array_equal(stats.report, stats.heldout)
     assert summary["report_kld"] > 0 and summary["report_kld"] != summary["selection_kld"]
-    assert summary["measured_kld"] == summary["report_kld"]  # what moepack report and the model card show
+    from moepack.schema import RunSummary
+
+    assert RunSummary.read(run_dir / "summary.json").result_kld == summary["report_kld"]  # what report and card show
 
 
 def test_keep_auto_skips_retentions_that_cannot_fit(model: Path, tmp_path: Path) -> None:
@@ -250,11 +252,11 @@ def test_keep_auto_skips_retentions_that_cannot_fit(model: Path, tmp_path: Path)
     import json
 
     from moepack.model.checkpoint import open_checkpoint
-    from moepack.pipeline.candidates import floor_bytes
-    from moepack.stages.budget import gguf_overhead_bytes
+    from moepack.stages.fit import uniform_bytes
+    from moepack.stages.footprint import gguf_overhead_bytes
 
     view = open_checkpoint(model)
-    weights = (floor_bytes(view, "IQ2_XXS", 1.0) + floor_bytes(view, "IQ2_XXS", 0.75)) // 2
+    weights = (uniform_bytes(view, "IQ2_XXS", 1.0) + uniform_bytes(view, "IQ2_XXS", 0.75)) // 2
     target = weights + gguf_overhead_bytes(view)
     out, run_dir = tmp_path / "x.gguf", tmp_path / "run"
     assert main(["compress", str(model), "--target-size", f"{target}B", "--keep", "auto", "-o", str(out),
@@ -288,7 +290,8 @@ def test_interrupted_compress_resumes_to_same_bytes(model: Path, tmp_path: Path)
            "--run-dir", str(run), "--keep", "0.75", *SMALL]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (run / "calib" / "manifest.json").is_file() and time.time() < deadline and proc.poll() is None:
+    done = run / "stages" / "calibrate.json"  # the stage record, written once calib/ is complete
+    while not done.is_file() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -155,8 +155,8 @@ def test_deepseek_v3_mixtures_at_128gb() -> None:
     context; at keep 0.75 (192 of 256 experts) IQ1_S does and IQ2_XXS does not. The mixtures raise some tensors
     above their base type, so each is larger than the uniform estimate of that type, and pruning shrinks only the
     routed experts, by exactly 64/256."""
-    from moepack.gguf.estimate import estimate_size
     from moepack.stages.budget import BudgetRequest, budget_for
+    from moepack.stages.fit import uniform_bytes
     from moepack.stages.mixtures import mixture_sizes
 
     view = config_view(DSV3)
@@ -165,7 +165,7 @@ def test_deepseek_v3_mixtures_at_128gb() -> None:
     assert all(m.total > weights for m in full.values())
     assert kept["IQ1_S"].total <= weights < kept["IQ2_XXS"].total
     for ftype in ("Q2_K", "IQ2_XXS", "IQ1_S"):
-        assert full[ftype].total > estimate_size(view, ftype)
+        assert full[ftype].total > uniform_bytes(view, ftype)
     for ftype, (total, routed, _) in full.items():
         assert kept[ftype].routed * 256 == routed * 192, ftype
         assert total - routed == kept[ftype].total - kept[ftype].routed, ftype

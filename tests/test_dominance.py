@@ -9,12 +9,10 @@ from pathlib import Path
 import gguf
 import pytest
 
-from conftest import DATA
+from conftest import small_compress_options
 from moepack.cli import main
 
-SMALL = ["--calib-text", str(DATA / "tinystories-valid.txt"), "--calib-tokens", "1024", "--seq-len", "128",
-         "--sens-tokens", "256", "--keep", "1.0",
-         "--ladder", "IQ2_XXS,IQ2_S,IQ3_XXS,IQ3_S,Q4_K,Q5_K,Q6_K,Q8_0"]  # short: the whole ladder costs test time
+SMALL = small_compress_options("--keep", "1.0")
 
 
 @pytest.fixture(scope="module")

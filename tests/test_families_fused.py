@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATA, build_tiny_model
+from conftest import build_tiny_model, small_compress_options
 from family_checks import completion_tokens, compress_keep_075, gguf_token_ids, hf_token_ids
 from moepack.gguf.writer import write_gguf
 from moepack.model.checkpoint import open_checkpoint
@@ -26,9 +26,7 @@ PRE = {"gpt_oss": "gpt-4o", "llama4_text": "llama4"}  # tokenizer.ggml.pre as ll
 # pruned checkpoint, the pruned checkpoint's model_type)
 COMPRESS = {"gpt_oss": ("model.layers.0.mlp.experts.gate_up_proj", "gpt_oss"),
             "llama4": ("model.layers.1.feed_forward.experts.gate_up_proj", "llama4_text")}
-SMALL = ["--calib-text", str(DATA / "tinystories-valid.txt"), "--calib-tokens", "512", "--seq-len", "128",
-         "--sens-tokens", "256", "--ladder", "IQ3_S,Q4_K,Q6_K,Q8_0",
-         "--criterion", "score", "--sensitivity", "fast", "--refine", "0"]  # one table, no searches: test time
+SMALL = small_compress_options(calib_tokens=512, ladder="IQ3_S,Q4_K,Q6_K,Q8_0", fast=True)
 SAMPLE = ("Hello World! It's 2026; they'll say \"naïve café\".\n\n"
           "def add(a, b):\n    return a + b  # 1234567 + 89\n\t\tindented\n"
           "中文分词测试，日本語のテキスト。한국어 🤖🎉 emoji  \n   trailing   spaces\n")

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATA, TOKENIZER_KIND, _GLM_SPLIT, build_tiny_model, tiny_config, write_tiny_tokenizer
+from conftest import (DATA, TOKENIZER_KIND, _GLM_SPLIT, build_tiny_model, small_compress_options, tiny_config,
+                      write_tiny_tokenizer)
 from family_checks import completion_tokens, compress_keep_075, gguf_logits, hf_logits
 from moepack.cli import main
 from moepack.gguf.writer import write_gguf
@@ -29,10 +30,8 @@ FAMILIES = {"glm4_moe": ("n_routed_experts", "model.layers.1.mlp.gate.e_score_co
             "kimi_k2": ("n_routed_experts", "model.layers.1.mlp.gate.e_score_correction_bias", 2),
             "ernie4_5_moe": ("moe_num_experts", "model.layers.1.mlp.moe_statics.e_score_correction_bias", None),
             "glm_moe_dsa": ("n_routed_experts", "model.layers.1.mlp.gate.e_score_correction_bias", 2)}
-# test_compress's SMALL, shorter: fewer tokens and types, one criterion, the fast table, no refinement passes
-SMALL = ["--calib-text", str(DATA / "tinystories-valid.txt"), "--calib-tokens", "512", "--seq-len", "64",
-         "--sens-tokens", "128", "--ladder", "IQ2_XXS,Q4_K,Q8_0", "--criterion", "score", "--sensitivity", "fast",
-         "--refine", "0"]
+# shorter than test_compress's: fewer tokens and types, one criterion, the fast table, no refinement passes
+SMALL = small_compress_options(calib_tokens=512, seq_len=64, sens_tokens=128, ladder="IQ2_XXS,Q4_K,Q8_0", fast=True)
 # English, Python, Chinese, digits, emoji and whitespace runs (issue 27's multilingual sample)
 SAMPLE = ("Hello, World! It's 2026.\n\ndef f(x):\n    return x ** 2  # square\n\t\t中文分词测试，你好世界。"
           " 1234567 3.14159 🙂🚀  trailing   spaces\n\n\n")

@@ -184,7 +184,7 @@ def test_published_config_plans_35b_a3b(capsys) -> None:
     """Qwen3.5-35B-A3B's hub config.json alone (text_config of the multimodal release): the text model's ~35B
     total and ~3B active parameters, a KV cache for its 10 full-attention layers only."""
     from moepack.model.shapes import config_view
-    from moepack.stages.budget import kv_cache_bytes
+    from moepack.stages.footprint import kv_cache_bytes
 
     d = ROOT / "data" / "configs" / "qwen3.5-35b-a3b"
     assert main(["inspect", str(d), "--json"]) == 0

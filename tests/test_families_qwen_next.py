@@ -142,7 +142,7 @@ def test_dense_layers_are_refused_for_llama_cpp(tmp_path: Path) -> None:
 def test_kv_cache_counts_attention_layers_and_the_recurrent_state(model: Path) -> None:
     """llama.cpp's hybrid memory: K/V for the full-attention layers only, plus the F32 recurrent state of the
     linear-attention layers (the tiny model: 1 of each; llama.cpp logs 0.12 MiB KV at 1024 cells, R + S 5632 B)."""
-    from moepack.stages.budget import kv_cache_bytes
+    from moepack.stages.footprint import kv_cache_bytes
 
     view = open_checkpoint(model)
     kv = 1 * 1024 * 2 * 16 * 2 * 2  # 1 attention layer × cells × kv heads × head_dim × f16 × (K, V)
@@ -201,7 +201,7 @@ def test_published_config_plans_80b_a3b(capsys) -> None:
     """Qwen3-Next-80B-A3B's config.json alone: 80B total, ~3B active without embeddings (the MTP head, which
     llama.cpp does not run, left out), and a KV cache for its 12 full-attention layers only."""
     from moepack.model.shapes import config_view
-    from moepack.stages.budget import kv_cache_bytes
+    from moepack.stages.footprint import kv_cache_bytes
 
     d = ROOT / "data" / "configs" / "qwen3-next-80b-a3b-thinking"
     assert main(["inspect", str(d), "--json"]) == 0

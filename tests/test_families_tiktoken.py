@@ -21,7 +21,7 @@ from moepack.model.tiktoken_vocab import HUNYUAN_SPLIT, KIMI_SPLIT, TiktokenErro
 from moepack.gguf.writer import write_gguf
 from moepack.model.checkpoint import open_checkpoint
 from moepack.model.textdata import load_tokenizer
-from moepack.stages.budget import tokenizer_bytes
+from moepack.stages.footprint import tokenizer_bytes
 
 # Kimi-K2's named special ids, as offsets from the first reserved id (its tokenizer_config.json's)
 KIMI_SPECIAL = {0: "[BOS]", 1: "[EOS]", 2: "<|im_end|>", 3: "<|im_user|>", 4: "<|im_assistant|>", 9: "[EOT]",

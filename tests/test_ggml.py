@@ -1,4 +1,5 @@
-"""moepack.gguf.kernels against llama.cpp itself: gguf's numpy quantizers and `llama_model_quantize` on a tiny GGUF."""
+"""moepack.gguf.kernels and moepack.gguf.llama_quantize against llama.cpp itself: gguf's numpy quantizers and
+`llama_model_quantize` on a tiny GGUF."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,6 +12,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from moepack.errors import MoepackError
 from moepack.gguf import kernels as ggml
 from moepack.gguf import types as gt
+from moepack.gguf.llama_quantize import quantize_gguf_ftype
 
 ROWS, N = 64, 512
 N_LAYER, EMBD, FF, N_EXP, VOCAB = 2, 256, 96, 4, 512  # FF = 96: ffn_down rows exercise the K-quant fallback
@@ -201,7 +203,7 @@ def _compare(out: Path, weights: dict[str, np.ndarray], imatrix: dict[str, np.nd
 def test_matches_llama_model_quantize(tmp_path: Path) -> None:
     weights = _weights()
     _write_model(src := tmp_path / "f32.gguf", weights)
-    ggml.quantize_gguf_ftype(src, out := tmp_path / "q4km.gguf", "Q4_K_M", threads=2)
+    quantize_gguf_ftype(src, out := tmp_path / "q4km.gguf", "Q4_K_M", threads=2)
     assert not (tmp_path / "q4km.gguf.tmp").exists()
     seen = _compare(out, weights, None)
     assert {T.Q4_K, T.Q6_K, T.Q5_0, T.Q8_0} <= seen  # the mixture, and both fallbacks of the FF=96 rows
@@ -219,9 +221,9 @@ def test_matches_llama_model_quantize_with_imatrix(tmp_path: Path) -> None:
     for k in want:
         np.testing.assert_array_equal(values[k], want[k])
     with pytest.raises(MoepackError, match="imatrix"):
-        ggml.quantize_gguf_ftype(src, tmp_path / "no.gguf", "IQ2_XXS")
+        quantize_gguf_ftype(src, tmp_path / "no.gguf", "IQ2_XXS")
     assert not (tmp_path / "no.gguf").exists()
-    ggml.quantize_gguf_ftype(src, out := tmp_path / "iq2.gguf", "IQ2_XXS", imatrix=im_path, threads=2)
+    quantize_gguf_ftype(src, out := tmp_path / "iq2.gguf", "IQ2_XXS", imatrix=im_path, threads=2)
     seen = _compare(out, weights, want)
     assert {T.IQ2_XXS, T.Q2_K, T.Q5_K, T.IQ4_NL} <= seen
     kv = gguf.GGUFReader(out).get_field("quantize.imatrix.entries_count")
@@ -232,9 +234,9 @@ def test_unknown_ftype_and_overrides(tmp_path: Path) -> None:
     weights = _weights()
     _write_model(src := tmp_path / "f32.gguf", weights)
     with pytest.raises(MoepackError, match="Q4_K_M"):
-        ggml.quantize_gguf_ftype(src, tmp_path / "x.gguf", "Q4_K_X")
-    ggml.quantize_gguf_ftype(src, out := tmp_path / "q8.gguf", "Q8_0",
-                             tensor_types={r"attn_q\.weight": "Q4_0", r"ffn_up_exps": T.Q5_K})
+        quantize_gguf_ftype(src, tmp_path / "x.gguf", "Q4_K_X")
+    quantize_gguf_ftype(src, out := tmp_path / "q8.gguf", "Q8_0",
+                        tensor_types={r"attn_q\.weight": "Q4_0", r"ffn_up_exps": T.Q5_K})
     types = {t.name: T(t.tensor_type) for t in gguf.GGUFReader(out).tensors}
     assert types["blk.0.attn_q.weight"] == T.Q4_0 and types["blk.1.ffn_up_exps.weight"] == T.Q5_K
     assert types["blk.0.attn_k.weight"] == T.Q8_0

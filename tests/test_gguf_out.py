@@ -21,11 +21,13 @@ from conftest import ARCHS, build_tiny_model, fixture_dir
 from moepack.cli import main
 from moepack.gguf import kernels as ggml
 from moepack.gguf.imatrix import ImatrixFile, write_imatrix_gguf
+from moepack.gguf.keys import Keys
 from moepack.gguf.names import gguf_group_name, gguf_outputs, gguf_tensor_name
 from moepack.gguf.recipe import RECIPE_MAX_BYTES, read_recipe, types_by_class
 from moepack.gguf.types import fallback_type, tensor_bytes
 from moepack.gguf.writer import WriteError, overhead_bytes, resolve_types, write_gguf
 from moepack.model.checkpoint import open_checkpoint
+from moepack.schema import QuantPlan
 
 GOLDEN = Path(__file__).parent / "golden"
 N_TOK = 64
@@ -209,11 +211,11 @@ def test_mixed_types_load_generate_and_size(models, tmp_path: Path) -> None:
     d = models("deepseek_v3:256")
     view = open_checkpoint(d)
     types = _mixed_types(view)
-    rep = write_gguf(view, tmp_path / "mixed.gguf", default_type=None, tensor_types=types, progress=False)
+    rep = write_gguf(view, tmp_path / "mixed.gguf", QuantPlan.by_hand(types), default_type=None, progress=False)
     k_b = "blk.1.attn_k_b.weight"  # rows of qk_nope = 16: Q4_K → Q5_0 → F16, as llama-quantize falls back
     assert rep.tensor_types[k_b] == "F16" and rep.fallbacks[k_b] == "Q4_K"
     reader = gguf.GGUFReader(rep.path)
-    predicted = overhead_bytes(view, default_type=None, tensor_types=types)  # known before any weight is read
+    predicted = overhead_bytes(view, QuantPlan.by_hand(types), default_type=None)  # known before any weight is read
     # the recipe is counted at its longest (test_recipe_allowance: exact at that length)
     assert 0 <= predicted - reader.data_offset <= RECIPE_MAX_BYTES
     predicted = reader.data_offset
@@ -222,7 +224,7 @@ def test_mixed_types_load_generate_and_size(models, tmp_path: Path) -> None:
         assert {t.name: t.tensor_type for t in reader.tensors}[o.name] == qtype
         predicted += gguf.GGUFWriter.ggml_pad(tensor_bytes(o.shape, qtype), gguf.GGUF_DEFAULT_ALIGNMENT)
     assert rep.path.stat().st_size == predicted
-    plan = json.loads(_reader_meta(rep.path)["moepack.quant_plan"])
+    plan = json.loads(_reader_meta(rep.path)[Keys.QUANT_PLAN])
     assert plan["tensors"]["blk.1.ffn_down_exps.weight"] == "IQ3_S"
     assert plan["fallbacks"] == {f"blk.{i}.attn_k_b.weight": "Q4_K" for i in range(view.facts.n_layers)}
     llm = _llama(rep.path)
@@ -239,7 +241,7 @@ def test_same_input_same_bytes(models, tmp_path: Path) -> None:
     types = _mixed_types(view) | {k: "IQ2_XXS" for k in im if k.endswith("gate_exps.weight")}
     digests = []
     for i in range(2):
-        rep = write_gguf(view, tmp_path / f"{i}.gguf", default_type=None, tensor_types=types, imatrix=im,
+        rep = write_gguf(view, tmp_path / f"{i}.gguf", QuantPlan.by_hand(types), default_type=None, imatrix=im,
                          threads=2, progress=False)
         digests.append(hashlib.sha256(rep.path.read_bytes()).hexdigest())
     assert digests[0] == digests[1]
@@ -252,13 +254,13 @@ def test_row_blocks_write_the_same_bytes(models, tmp_path: Path, monkeypatch) ->
 
     view = open_checkpoint(models("qwen3_moe"))
     types = {"token_embd.weight": "Q4_K", "output.weight": "Q8_0"}
-    whole = write_gguf(view, tmp_path / "whole.gguf", default_type="Q6_K", tensor_types=types, threads=2,
+    whole = write_gguf(view, tmp_path / "whole.gguf", QuantPlan.by_hand(types), default_type="Q6_K", threads=2,
                        progress=False)
     monkeypatch.setattr(go, "BLOCK_BYTES", 4 * 64 * 7)  # 7 rows of width 64 per block: a ragged last block
     calls: list[int] = []
     real = ggml.quantize
     monkeypatch.setattr(ggml, "quantize", lambda x, *a, **k: calls.append(x.shape[0]) or real(x, *a, **k))
-    blocks = write_gguf(view, tmp_path / "blocks.gguf", default_type="Q6_K", tensor_types=types, threads=2,
+    blocks = write_gguf(view, tmp_path / "blocks.gguf", QuantPlan.by_hand(types), default_type="Q6_K", threads=2,
                         progress=False)
     assert 7 in calls  # the block path ran
     assert whole.path.read_bytes() == blocks.path.read_bytes()
@@ -268,11 +270,41 @@ def test_plan_and_imatrix_validated_before_writing(models, tmp_path: Path) -> No
     view = open_checkpoint(models("deepseek_v3:256"))
     out = tmp_path / "x.gguf"
     with pytest.raises(WriteError, match="no type"):
-        write_gguf(view, out, default_type=None, tensor_types={"blk.1.ffn_up_exps.weight": "Q4_K"}, progress=False)
+        write_gguf(view, out, QuantPlan.by_hand({"blk.1.ffn_up_exps.weight": "Q4_K"}), default_type=None, progress=False)
     with pytest.raises(WriteError, match="does not have"):
-        write_gguf(view, out, tensor_types={"blk.9.ffn_up_exps.weight": "Q4_K"}, progress=False)
+        write_gguf(view, out, QuantPlan.by_hand({"blk.9.ffn_up_exps.weight": "Q4_K"}), progress=False)
     with pytest.raises(WriteError, match="importance matrix"):
         write_gguf(view, out, default_type="IQ2_XXS", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quant_plan_reader(tmp_path: Path) -> None:
+    """One reader for allocate's plans and hand-written ones: allocate's are written back byte for byte; a hand-written
+    plan needs only "tensors" (a type name or an object with "type" per tensor) and keeps its other fields."""
+    from moepack.errors import MoepackError
+    from moepack.gguf.quantize import quantize_model
+    from moepack.schema import SchemaError
+
+    made = QuantPlan("greedy", 100, 90, 10, -0.5, {"g": "Q4_K"}, {"a.weight": "Q4_K"}, 64, 0.25, {"kld": 1.0})
+    made.save(f := tmp_path / "quant_plan.json")
+    back = QuantPlan.read(f)
+    assert back == made and back.allocated and back.save(tmp_path / "again.json").read_bytes() == f.read_bytes()
+    hand = QuantPlan.from_dict({"note": "mine", "tensors": {"a.weight": {"type": "q4_k"}, "b.weight": "IQ2_XXS"}})
+    assert hand.tensors == {"a.weight": "q4_k", "b.weight": "IQ2_XXS"} and not hand.allocated
+    assert hand.source == {"note": "mine"} and hand.to_dict()["note"] == "mine"
+    for doc, match in (([], "JSON object"), ({"tensors": {}}, "non-empty"), ({"tensors": {"a": {"t": 1}}}, "'a'"),
+                       ({"version": 2, "tensors": {"a": "Q4_K"}}, "version 2")):
+        with pytest.raises(SchemaError, match=match):
+            QuantPlan.from_dict(doc)
+    (tmp_path / "bad.json").write_text(json.dumps({"tensors": {"a.weight": "Q9_X"}}))
+    with pytest.raises(MoepackError, match="'a.weight': unknown or unsupported GGML type 'Q9_X'"):
+        quantize_model(tmp_path, tmp_path / "x.gguf", plan=tmp_path / "bad.json")  # refused before the model is read
+
+
+def test_ftype_file_takes_no_plan(models, tmp_path: Path) -> None:
+    view = open_checkpoint(models("qwen3_moe"))
+    with pytest.raises(WriteError, match="no quant plan"):
+        write_gguf(view, tmp_path / "x.gguf", QuantPlan.by_hand({"output.weight": "Q8_0"}), ftype="Q4_K_M")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -302,7 +334,7 @@ def test_resolve_types_row_fallbacks(models) -> None:
 
 def _planned_bytes(view: Any, types: dict[str, str]) -> int:
     """What a budget plans before writing: overhead_bytes plus every tensor's bytes padded to the alignment."""
-    total = overhead_bytes(view, default_type=None, tensor_types=types)
+    total = overhead_bytes(view, QuantPlan.by_hand(types), default_type=None)
     for t in resolve_types(gguf_outputs(view), None, types):
         total += gguf.GGUFWriter.ggml_pad(t.nbytes, gguf.GGUF_DEFAULT_ALIGNMENT)
     return total
@@ -323,11 +355,13 @@ def test_recipe_version_and_quantized_by(models, tmp_path: Path) -> None:
     pruned = pruned_view(view, plan)
     types = _mixed_types(pruned)
     budget = {"from": "memory", "memory": 8 * 2**30, "ctx": 4096, "file_limit": 7 * 2**30}
-    rep = write_gguf(pruned, tmp_path / "r.gguf", default_type=None, tensor_types=types, prune_plan=plan,
+    rep = write_gguf(pruned, tmp_path / "r.gguf", QuantPlan.by_hand(types), default_type=None, prune_plan=plan,
                      recipe={"budget": budget}, progress=False)
     reader = gguf.GGUFReader(rep.path)
     assert reader.fields["general.quantized_by"].contents() == "moepack"
-    assert reader.fields["moepack.version"].contents() == moepack.__version__
+    assert reader.fields[Keys.VERSION].contents() == moepack.__version__
+    ours = {k for k in reader.fields if k.startswith("moepack.")}  # every moepack.* key is spelled in Keys
+    assert ours == {v for k, v in vars(Keys).items() if k.isupper()}
     recipe = read_recipe(rep.path)
     written = {t.name: t.tensor_type.name for t in reader.tensors}
     quantizable = {o.name for o in gguf_outputs(pruned) if o.quantizable}
@@ -338,7 +372,7 @@ def test_recipe_version_and_quantized_by(models, tmp_path: Path) -> None:
     assert recipe["budget"] == budget
     _llama(rep.path).close()
     with pytest.raises(WriteError, match="derived"):  # the writer's own facts cannot be overridden
-        write_gguf(pruned, tmp_path / "x.gguf", default_type=None, tensor_types=types, recipe={"keep": 1.0})
+        write_gguf(pruned, tmp_path / "x.gguf", QuantPlan.by_hand(types), default_type=None, recipe={"keep": 1.0})
     assert not (tmp_path / "x.gguf").exists()
 
 
@@ -348,20 +382,20 @@ def test_recipe_allowance(models, tmp_path: Path) -> None:
     view = open_checkpoint(models("qwen3_moe"))
     types = {o.key: "Q8_0" for o in gguf_outputs(view) if o.quantizable}
     planned = _planned_bytes(view, types)
-    short = write_gguf(view, tmp_path / "s.gguf", default_type=None, tensor_types=types, progress=False)
-    base = len(gguf.GGUFReader(short.path).fields["moepack.recipe"].contents())
+    short = write_gguf(view, tmp_path / "s.gguf", QuantPlan.by_hand(types), default_type=None, progress=False)
+    base = len(gguf.GGUFReader(short.path).fields[Keys.RECIPE].contents())
     assert short.n_bytes <= planned
     pad = RECIPE_MAX_BYTES - base - len(',"note":""')  # the longest recipe there can be
-    full = write_gguf(view, tmp_path / "f.gguf", default_type=None, tensor_types=types, progress=False,
+    full = write_gguf(view, tmp_path / "f.gguf", QuantPlan.by_hand(types), default_type=None, progress=False,
                       recipe={"note": "x" * pad})
-    assert len(gguf.GGUFReader(full.path).fields["moepack.recipe"].contents()) == RECIPE_MAX_BYTES
+    assert len(gguf.GGUFReader(full.path).fields[Keys.RECIPE].contents()) == RECIPE_MAX_BYTES
     assert full.n_bytes == planned
-    over = write_gguf(view, tmp_path / "o.gguf", default_type=None, tensor_types=types, progress=False,
+    over = write_gguf(view, tmp_path / "o.gguf", QuantPlan.by_hand(types), default_type=None, progress=False,
                       recipe={"note": "x" * (pad + 1)})
     recipe = read_recipe(over.path)
     assert "types" not in recipe and recipe["types_total"] == {"Q8_0": len(types)} and over.n_bytes <= planned
     with pytest.raises(WriteError, match="allowance"):
-        write_gguf(view, tmp_path / "x.gguf", default_type=None, tensor_types=types,
+        write_gguf(view, tmp_path / "x.gguf", QuantPlan.by_hand(types), default_type=None,
                    recipe={"note": "x" * RECIPE_MAX_BYTES})
     assert not (tmp_path / "x.gguf").exists()
 
@@ -485,7 +519,7 @@ def test_cli_type_plan_ftype(models, tmp_path: Path, capsys) -> None:
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     assert main(["quantize", str(d), "--plan", str(tmp_path / "plan.json"), "-o", str(tmp_path / "p.gguf")]) == 0
     meta = _reader_meta(tmp_path / "p.gguf")
-    assert json.loads(meta["moepack.quant_plan"])["source"] == {"version": 1}
+    assert json.loads(meta[Keys.QUANT_PLAN])["source"] == {"version": 1}
     assert main(["quantize", str(d), "--ftype", "Q4_K_M", "-o", str(tmp_path / "f.gguf"), "--threads", "2"]) == 0
     assert _reader_meta(tmp_path / "f.gguf")["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_K_M
     assert read_recipe(tmp_path / "f.gguf")["ftype"] == "Q4_K_M"  # llama.cpp's quantizer keeps moepack.* keys
@@ -546,6 +580,6 @@ def test_pruned_checkpoint(models, tmp_path: Path) -> None:
     assert main(["quantize", str(pruned), "--type", "F32", "--imatrix", str(tmp_path / "imatrix.gguf"),
                  "-o", str(out)]) == 0
     meta = _reader_meta(out)
-    assert meta["qwen3moe.expert_count"] == len(keep) and json.loads(meta["moepack.prune_plan"])["n_kept"] == 6
+    assert meta["qwen3moe.expert_count"] == len(keep) and json.loads(meta[Keys.PRUNE_PLAN])["n_kept"] == 6
     ids = _ids(512)
     assert np.abs(_gguf_logits(out, ids) - _hf_logits(pruned, ids)).max() < 1e-3

@@ -10,9 +10,9 @@ import torch
 
 from conftest import ARCHS, DATA, build_tiny_model, fixture_dir
 from moepack.model.arch import Role
-from moepack.model.checkpoint import CheckpointError, open_checkpoint
 from moepack.cli import main
-from moepack.gguf.estimate import estimate_size
+from moepack.model.checkpoint import CheckpointError, open_checkpoint
+from moepack.stages.fit import uniform_bytes
 
 
 def _inspect_json(capsys, path: Path) -> dict:
@@ -66,7 +66,7 @@ def test_sharded_checkpoint_reads_like_single(tmp_path: Path) -> None:
     assert {n: t.shape for n, t in a.tensors.items()} == {n: t.shape for n, t in b.tensors.items()}
     name = "model.layers.1.mlp.experts.3.down_proj.weight"
     assert torch.equal(a.load(name), b.load(name))
-    assert estimate_size(a, "Q4_K") == estimate_size(b, "Q4_K")
+    assert uniform_bytes(a, "Q4_K") == uniform_bytes(b, "Q4_K")
 
 
 def test_missing_shard_is_a_clear_error(tmp_path: Path) -> None:
@@ -214,19 +214,23 @@ def test_inspect_verdict_when_nothing_fits_and_when_all_fits(capsys) -> None:
     assert "verdict       fits unpruned at Q8_0" in text and "to fit" not in text
 
 
-def test_one_formula_for_uniform_bytes(tiny_model) -> None:
-    """inspect's table and compress's feasibility check (candidates.floor_bytes) are one formula: kept experts
-    rounded up per group (keep 0.875 of 8 experts in 4 groups keeps 8, not 7)."""
-    from moepack.pipeline.candidates import floor_bytes
+def test_one_formula_for_uniform_bytes(tiny_model, capsys) -> None:
+    """inspect's tables (its size estimates and each retention's types) and compress's feasibility check are one
+    formula, `uniform_bytes`: kept experts rounded up per group (keep 0.875 of 8 experts in 4 groups keeps 8, not
+    7)."""
     from moepack.stages.budget import BudgetRequest
-    from moepack.stages.fit import fit_report, uniform_bytes
+    from moepack.stages.fit import RETENTIONS, fit_report
 
-    view = open_checkpoint(tiny_model("deepseek_v3", n_experts=8, hidden=256, ffn=256))
+    path = tiny_model("deepseek_v3", n_experts=8, hidden=256, ffn=256)
+    view = open_checkpoint(path)
     fit = fit_report(view, BudgetRequest(target_size="1GB"))
+    assert tuple(r["keep"] for r in fit["retentions"]) == RETENTIONS
     for r in fit["retentions"]:
         for t, v in r["types"].items():
-            assert v["bytes"] == uniform_bytes(view, t, r["keep"]) == floor_bytes(view, t, r["keep"]), (t, r["keep"])
+            assert v["bytes"] == uniform_bytes(view, t, r["keep"]), (t, r["keep"])
     assert uniform_bytes(view, "Q8_0", 0.875) == uniform_bytes(view, "Q8_0", 1.0)  # 7 rounds up to 8 in 4 groups
+    d = _inspect_json(capsys, path)
+    assert d["gguf_estimates"] == {t: uniform_bytes(view, t) for t in d["gguf_estimates"]} and d["gguf_estimates"]
 
 
 def _resave(path: Path, extra: dict[str, torch.Tensor] | None = None, drop_config: str | None = None) -> None:

@@ -1,6 +1,6 @@
 """House rules that keep the package layered: the import-linter contracts of pyproject.toml (cli > pipeline > eval >
-stages > gguf > backends > model, with errors/schema/atomic below them all), no module over 450 lines, and no
-module reaching into another module's private (underscore) names."""
+stages > gguf > backends > model, with errors/schema/atomic below them all), no import cycle anywhere in the module
+graph, no module over 450 lines, and no module reaching into another module's private (underscore) names."""
 from __future__ import annotations
 
 import ast
@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 SRC = ROOT / "src"
@@ -36,6 +37,80 @@ def test_import_contracts_hold() -> None:
     r = subprocess.run([str(exe), "--no-cache"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     assert "0 broken" in r.stdout
+
+
+def import_cycles(package: str) -> list[list[str]]:
+    """Every import cycle of `package`: the strongly connected components of its module graph with more than one
+    module, and modules that import themselves. Imports inside functions count (they run, and a cycle of them is
+    still a cycle to read); imports under `if TYPE_CHECKING:` do not. Tarjan's algorithm, iterative."""
+    import grimp
+
+    graph = grimp.build_graph(package, exclude_type_checking_imports=True, cache_dir=None)
+    edges = {m: sorted(graph.find_modules_directly_imported_by(m)) for m in sorted(graph.modules)}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles = [[m] for m, out in edges.items() if m in out]
+    for root in edges:
+        if root in index:
+            continue
+        work = [(root, 0)]
+        while work:
+            v, i = work.pop()
+            if i == 0:
+                index[v] = low[v] = len(index)
+                stack.append(v)
+                on_stack.add(v)
+            if i < len(edges[v]):
+                work.append((v, i + 1))
+                w = edges[v][i]
+                if w not in index:
+                    work.append((w, 0))
+                elif w in on_stack:
+                    low[v] = min(low[v], index[w])
+                continue
+            if low[v] == index[v]:
+                comp = []
+                while not comp or comp[-1] != v:
+                    comp.append(stack.pop())
+                    on_stack.discard(comp[-1])
+                if len(comp) > 1:
+                    cycles.append(sorted(comp))
+            if work:  # back in the caller: its low link takes the callee's
+                u = work[-1][0]
+                low[u] = min(low[u], low[v])
+    return cycles
+
+
+def _describe(cycles: list[list[str]]) -> str:
+    return "\n".join(f"  {len(c)} modules: {', '.join(c)}" for c in cycles)
+
+
+def test_no_import_cycle() -> None:
+    """No module imports itself, directly or around a loop: each cycle is listed (move the shared part below both,
+    or make a type-only import `if TYPE_CHECKING:`)."""
+    cycles = import_cycles("moepack")
+    assert not cycles, f"import cycles in src/moepack:\n{_describe(cycles)}"
+
+
+def test_the_cycle_check_catches_cycles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cycle through a function-level import is found; a type-only import and a parent package importing its
+    children (not a cycle unless a child imports the parent back) are not."""
+    pkg = tmp_path / "cyclic_probe"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from cyclic_probe import b\n")
+    (pkg / "b.py").write_text("def f():\n    from cyclic_probe import c\n")
+    (pkg / "c.py").write_text("import cyclic_probe.a\n")
+    (pkg / "d.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from cyclic_probe import e\n")
+    (pkg / "e.py").write_text("from cyclic_probe import d\n")
+    (pkg / "sub" / "__init__.py").write_text("from cyclic_probe.sub import leaf\n")
+    (pkg / "sub" / "leaf.py").write_text("X = 1\n")
+    (pkg / "f.py").write_text("import cyclic_probe.f\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cycles = import_cycles("cyclic_probe")
+    assert sorted(cycles) == [["cyclic_probe.a", "cyclic_probe.b", "cyclic_probe.c"], ["cyclic_probe.f"]], cycles
 
 
 def test_no_module_is_too_long() -> None:

@@ -204,17 +204,18 @@ def test_pruned_view_writes_the_kept_experts_bytes(mx_pair, tmp_path: Path) -> N
 
     from moepack.gguf.names import gguf_outputs
     from moepack.gguf.writer import write_gguf
+    from moepack.model.pruned import pruned_view
+    from moepack.schema import QuantPlan
     from moepack.stages.calibrate import calibrate
     from moepack.stages.prune import PruneOptions, make_plan
 
     view = open_checkpoint(mx_pair[0])
     plan = make_plan(view, calibrate(view, np.random.default_rng(1).integers(0, 320, (2, 16)), progress=False),
                      PruneOptions(keep=0.5))
-    pruned = view.with_plan(plan)
+    pruned = pruned_view(view, plan)
     out = tmp_path / "p.gguf"
-    write_gguf(pruned, out, default_type="F32", tensor_types={f"blk.{i}.ffn_{k}_exps.weight": "MXFP4"
-                                                              for i in range(2) for k in ("gate", "up", "down")},
-               progress=False)
+    mx = QuantPlan.by_hand({f"blk.{i}.ffn_{k}_exps.weight": "MXFP4" for i in range(2) for k in ("gate", "up", "down")})
+    write_gguf(pruned, out, mx, default_type="F32", progress=False)
     written = _exps(out)
     assert len(written) == 6
     for n, t in written.items():

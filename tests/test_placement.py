@@ -14,22 +14,20 @@ from pathlib import Path
 import gguf
 import pytest
 
-from conftest import DATA, fixture_dir
+from conftest import fixture_dir, small_compress_options
 from moepack.cli import main
 from moepack.gguf.runtime import llama_command, parse_overrides
 from moepack.model.checkpoint import open_checkpoint
-from moepack.pipeline.candidates import floor_bytes
 from moepack.schema import Group, Option, SensitivityTable
 from moepack.stages.allocate import allocate
-from moepack.stages.budget import (DEFAULT_RESERVE_FRACTION, BudgetError, BudgetRequest, budget_for,
-                                   compute_buffer_bytes, gguf_overhead_bytes, kv_cache_bytes, parse_size)
-from moepack.stages.placement import (allocate_placed, check_floors, on_gpu, placed_budget, resident_bytes,
-                                      smallest_memories, split_table)
+from moepack.stages.budget import (DEFAULT_RESERVE_FRACTION, BudgetError, BudgetRequest, budget_for, check_floors,
+                                   parse_size, smallest_memories)
+from moepack.stages.fit import uniform_bytes
+from moepack.stages.footprint import compute_buffer_bytes, gguf_overhead_bytes, kv_cache_bytes
+from moepack.stages.placement import allocate_placed, on_gpu, resident_bytes, split_table
 
 CTX, UBATCH = 256, 64
-SMALL = ["--calib-text", str(DATA / "tinystories-valid.txt"), "--calib-tokens", "1024", "--seq-len", "128",
-         "--sens-tokens", "256", "--keep", "1.0", "--ladder", "IQ2_XXS,Q4_K", "-c", str(CTX),
-         "--ubatch-size", str(UBATCH)]
+SMALL = small_compress_options("--keep", "1.0", "-c", str(CTX), "--ubatch-size", str(UBATCH), ladder="IQ2_XXS,Q4_K")
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +53,9 @@ def test_placement_by_name_is_the_routed_experts_and_embedding(deepseek: Path) -
     in_ram = {t.role for t in view.tensors.values() if not on_gpu(gguf_tensor_name(view, t))}
     assert in_ram == {Role.ROUTED_EXPERTS, Role.EMBEDDING}
     for t in ("IQ2_XXS", "Q8_0"):  # the two sides partition the model
-        assert floor_bytes(view, t, side="gpu") + floor_bytes(view, t, side="ram") == floor_bytes(view, t)
-    assert floor_bytes(view, "IQ2_XXS", 0.5, "gpu") == floor_bytes(view, "IQ2_XXS", 1.0, "gpu")  # keep: experts only
-    assert floor_bytes(view, "IQ2_XXS", 0.5, "ram") < floor_bytes(view, "IQ2_XXS", 1.0, "ram")
+        assert uniform_bytes(view, t, side="gpu") + uniform_bytes(view, t, side="ram") == uniform_bytes(view, t)
+    assert uniform_bytes(view, "IQ2_XXS", 0.5, "gpu") == uniform_bytes(view, "IQ2_XXS", 1.0, "gpu")  # keep: experts only
+    assert uniform_bytes(view, "IQ2_XXS", 0.5, "ram") < uniform_bytes(view, "IQ2_XXS", 1.0, "ram")
 
 
 def test_placed_budget_by_hand(deepseek: Path) -> None:
@@ -70,8 +68,8 @@ def test_placed_budget_by_hand(deepseek: Path) -> None:
     assert b.weights - b.gpu_weights == ram - compute - int(ram * DEFAULT_RESERVE_FRACTION) - overhead
     assert (b.memory, b.gpu_memory, b.kv_cache, b.ctx) == (ram, gpu, kv, CTX)
     assert "GPU memory" in b.describe() and "RAM tensors" in b.describe()
-    with_reserve = placed_budget(view, BudgetRequest(memory=ram, gpu_memory=gpu, ctx=CTX, n_ubatch=UBATCH,
-                                                     reserve="1MB"))
+    with_reserve = budget_for(BudgetRequest(memory=ram, gpu_memory=gpu, ctx=CTX, n_ubatch=UBATCH, reserve="1MB"),
+                              view)
     assert with_reserve.weights - with_reserve.gpu_weights == ram - compute - 1_000_000 - overhead
     assert budget_for(BudgetRequest(memory=ram, ctx=CTX), view).gpu_weights is None  # --memory alone: as before
 
@@ -90,12 +88,12 @@ def test_placed_budget_rejects(deepseek: Path, request_: BudgetRequest, message:
 def test_smallest_memories_are_tight(deepseek: Path) -> None:
     """The sizes an infeasible pair's message suggests fit exactly: one byte less on either side does not."""
     view = open_checkpoint(deepseek)
-    gpu_floor, ram_floor = floor_bytes(view, "IQ2_XXS", side="gpu"), floor_bytes(view, "IQ2_XXS", side="ram")
-    small = placed_budget(view, BudgetRequest(memory="20MB", gpu_memory="10MB", ctx=CTX, n_ubatch=UBATCH))
+    gpu_floor, ram_floor = uniform_bytes(view, "IQ2_XXS", side="gpu"), uniform_bytes(view, "IQ2_XXS", side="ram")
+    small = budget_for(BudgetRequest(memory="20MB", gpu_memory="10MB", ctx=CTX, n_ubatch=UBATCH), view)
     gpu, ram = smallest_memories(small, gpu_floor, ram_floor)
 
     def budget(g: int, r: int):
-        return placed_budget(view, BudgetRequest(memory=r, gpu_memory=g, ctx=CTX, n_ubatch=UBATCH))
+        return budget_for(BudgetRequest(memory=r, gpu_memory=g, ctx=CTX, n_ubatch=UBATCH), view)
 
     check_floors(budget(gpu, ram), gpu_floor, ram_floor, "x")
     with pytest.raises(BudgetError, match="GPU: x needs") as e:
@@ -153,8 +151,8 @@ def test_llama_command_places_the_experts() -> None:
 def test_infeasible_pair_fails_before_calibration(deepseek: Path, tmp_path: Path, capsys, short: str) -> None:
     out = tmp_path / "x.gguf"
     view = open_checkpoint(deepseek)
-    b = placed_budget(view, BudgetRequest(memory="100MB", gpu_memory="100MB", ctx=CTX, n_ubatch=UBATCH))
-    need = smallest_memories(b, floor_bytes(view, "IQ2_XXS", side="gpu"), floor_bytes(view, "IQ2_XXS", side="ram"))
+    b = budget_for(BudgetRequest(memory="100MB", gpu_memory="100MB", ctx=CTX, n_ubatch=UBATCH), view)
+    need = smallest_memories(b, uniform_bytes(view, "IQ2_XXS", side="gpu"), uniform_bytes(view, "IQ2_XXS", side="ram"))
     gpu, ram = (f"{need[0] - 1000}B", "100MB") if short == "GPU" else ("100MB", f"{need[1] - 1000}B")
     t0 = time.time()
     assert main(["compress", str(deepseek), "--gpu-memory", str(gpu), "--memory", str(ram), "-o", str(out),
@@ -172,7 +170,7 @@ def _sizes(deepseek: Path) -> tuple[int, int]:
     """GPU memory and RAM whose tensor budgets lie between each side's all-IQ2_XXS and all-Q8_0 sizes."""
     view = open_checkpoint(deepseek)
     kv, compute = kv_cache_bytes(view, CTX), compute_buffer_bytes(view, CTX, UBATCH)
-    mid = {s: (floor_bytes(view, "IQ2_XXS", side=s) + floor_bytes(view, "Q4_K", side=s)) // 2 for s in ("gpu", "ram")}
+    mid = {s: (uniform_bytes(view, "IQ2_XXS", side=s) + uniform_bytes(view, "Q4_K", side=s)) // 2 for s in ("gpu", "ram")}
     f = 1 - DEFAULT_RESERVE_FRACTION
     return int((mid["gpu"] + kv + compute) / f), int((mid["ram"] + compute + gguf_overhead_bytes(view)) / f)
 

@@ -9,41 +9,18 @@ support yet is skipped, naming the family; the skip goes away when the family re
 from __future__ import annotations
 
 import json
-import re
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, bench_common
 from moepack.cli import main
 
-CONFIGS = ROOT / "data" / "configs"
-PUBLISHED: list[dict[str, Any]] = json.loads((CONFIGS / "published.json").read_text())["models"]
-SLACK = 0.02
-_UNITS = {"M": Decimal(10) ** 6, "B": Decimal(10) ** 9, "T": Decimal(10) ** 12}
-
-
-def published_range(figure: str, reading: str = "rounded") -> tuple[float, float]:
-    """The parameter counts a figure as written covers: '5.1B' → (5.05e9, 5.15e9); as a model name's 'A3B', which
-    truncates, '3B' → (3e9, 4e9)."""
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([MBT])", figure)
-    if not m:
-        raise ValueError(f"not a parameter count: {figure!r}")
-    value, scale = Decimal(m.group(1)), _UNITS[m.group(2)]
-    step = Decimal(1).scaleb(value.as_tuple().exponent)  # one unit in the last digit written
-    lo, hi = (value - step / 2, value + step / 2) if reading == "rounded" else (value, value + step)
-    return float(lo * scale), float(hi * scale)
-
-
-def within(count: int, figure: str, reading: str = "rounded") -> bool:
-    lo, hi = published_range(figure, reading)
-    return lo * (1 - SLACK) <= count <= hi * (1 + SLACK)
-
-
-def model_type(config: str) -> str:
-    return json.loads((CONFIGS / config / "config.json").read_text())["model_type"]
+# The published figures and the reading of them, shared with bench/architectures.py (docs/architectures.md).
+_common = bench_common()
+CONFIGS, PUBLISHED, SLACK = _common.CONFIGS, _common.PUBLISHED, _common.SLACK
+published_range, within, model_type = _common.published_range, _common.within, _common.model_type
 
 
 def inspect_config(config: str, capsys) -> dict[str, Any]:

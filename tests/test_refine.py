@@ -162,18 +162,18 @@ def test_compress_records_refinement_on_selection_tokens(model: Path, tmp_path: 
     """End to end on a tiny model: the summary holds the allocated plan's predicted and measured selection KLD and
     each kept move; the plan written is never measured above the allocated one, fits the budget, and refinement
     measured only on the selection tokens (the report tokens are measured once, for the chosen plan)."""
-    import moepack.pipeline.candidates as cands
     from moepack.cli import main
     from moepack.model.checkpoint import open_checkpoint
+    from moepack.pipeline.measure import KLDMeter
 
     seen: list[object] = []
-    real = cands.measure_kld
+    real = KLDMeter.plan_kld
 
-    def spy(*args, ids=None, **kw):
+    def spy(self, *args, ids=None, **kw):
         seen.append(ids)
-        return real(*args, ids=ids, **kw)
+        return real(self, *args, ids=ids, **kw)
 
-    monkeypatch.setattr(cands, "measure_kld", spy)
+    monkeypatch.setattr(KLDMeter, "plan_kld", spy)
     target = 2 * sum(open_checkpoint(model).param_counts().values()) // 4
     out, run_dir = tmp_path / "x.gguf", tmp_path / "run"
     assert main(["compress", str(model), "--target-size", f"{target}B", "-o", str(out), "--run-dir", str(run_dir),

@@ -21,13 +21,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import DATA, build_tiny_model
+from conftest import DATA, build_tiny_model, small_compress_options
 from moepack.cli import main
 from moepack.errors import MoepackError
 
 CALIB = DATA / "tinystories-valid.txt"
-SMALL = ["--calib-text", str(CALIB), "--calib-tokens", "1024", "--seq-len", "128", "--sens-tokens", "256",
-         "--ladder", "IQ2_XXS,IQ2_S,IQ3_XXS,IQ3_S,Q4_K,Q5_K,Q6_K,Q8_0"]  # short: the whole ladder costs test time
+SMALL = small_compress_options()
 FUZZ = settings(max_examples=50, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -455,12 +454,12 @@ _TABLEISH = st.fixed_dictionaries({"version": st.just(1) | _JSON, "groups": st.l
 @FUZZ
 @given(doc=_PLANISH | _JSON, raw=st.none() | st.binary(max_size=32))
 def test_fuzz_quant_plan_reader(tmp_path: Path, doc, raw) -> None:
-    from moepack.gguf.quantize import read_quant_plan
+    from moepack.schema import QuantPlan
 
     f = tmp_path / "plan.json"
     f.write_bytes(raw if raw is not None else json.dumps(doc).encode())
     try:
-        types, _ = read_quant_plan(f)
+        types = QuantPlan.read(f).tensors
     except MoepackError:
         return
     assert types and all(isinstance(v, str) for v in types.values())

@@ -436,9 +436,10 @@ def test_sensitivity_option_parses_and_keys_the_cached_table(tiny, tables, tmp_p
     from types import SimpleNamespace
 
     from moepack.cli import build_parser
-    from moepack.pipeline import candidates
+    from moepack.pipeline.candidates import Candidate
     from moepack.pipeline.options import CompressOptions
-    from moepack.pipeline.runstate import RunDir
+    from moepack.pipeline.steps import sensitivity_stage
+    from moepack.rundir import RunDir
     from moepack.stages.sensitivity import measure
 
     p = build_parser()
@@ -460,8 +461,8 @@ def test_sensitivity_option_parses_and_keys_the_cached_table(tiny, tables, tmp_p
     stats = SimpleNamespace(manifest=SimpleNamespace(text_sha256="x", tokens=64, shards=1), heldout=np.zeros((1, 8)))
     run = RunDir(tmp_path / "run")
     for mode in ("full", "full", "fast", "fast", "full"):
-        candidates.sensitivity_stage(run, view, view, stats, None, "IQ2_XXS", 1.0,
-                                CompressOptions(ladder=tuple(LADDER), sensitivity=mode, progress=False), None)
+        sensitivity_stage(run, view, stats, Candidate(1.0, view, None), "IQ2_XXS",
+                          CompressOptions(ladder=tuple(LADDER), sensitivity=mode, progress=False), None)
     assert ran == ["full", "fast", "full"]
 
 
@@ -472,17 +473,18 @@ def test_probe_tokens_run_the_table_on_the_first_selection_sequences(tiny, table
     from types import SimpleNamespace
 
     from moepack.cli import main
-    from moepack.pipeline import candidates
+    from moepack.pipeline.candidates import Candidate
     from moepack.pipeline.options import CompressError, CompressOptions
-    from moepack.pipeline.runstate import RunDir
+    from moepack.pipeline.steps import probe_ids, sensitivity_stage
+    from moepack.rundir import RunDir
     from moepack.stages.sensitivity import measure
 
     held = np.arange(32).reshape(4, 8)  # (N, L)
-    assert candidates.probe_ids(held, None) is held
-    assert [candidates.probe_ids(held, n).shape[0] for n in (1, 8, 9, 100)] == [1, 1, 2, 4]
-    assert (candidates.probe_ids(held, 9) == held[:2]).all()
+    assert probe_ids(held, None) is held
+    assert [probe_ids(held, n).shape[0] for n in (1, 8, 9, 100)] == [1, 1, 2, 4]
+    assert (probe_ids(held, 9) == held[:2]).all()
     with pytest.raises(CompressError, match="at least 1"):
-        candidates.probe_ids(held, 0)
+        probe_ids(held, 0)
     model, view, _, _, _ = tiny("qwen3_moe")
     seen: list[int] = []
 
@@ -494,8 +496,8 @@ def test_probe_tokens_run_the_table_on_the_first_selection_sequences(tiny, table
     stats = SimpleNamespace(manifest=SimpleNamespace(text_sha256="x", tokens=64, shards=1), heldout=held)
     run = RunDir(tmp_path / "run")
     for probe in (None, 8, 8, 32, None):  # 32 tokens = every sequence: the same table as None
-        candidates.sensitivity_stage(run, view, view, stats, None, "IQ2_XXS", 1.0,
-                                     CompressOptions(ladder=tuple(LADDER), probe_tokens=probe, progress=False), None)
+        sensitivity_stage(run, view, stats, Candidate(1.0, view, None), "IQ2_XXS",
+                          CompressOptions(ladder=tuple(LADDER), probe_tokens=probe, progress=False), None)
     assert seen == [32, 8, 32]
     rc = main(["compress", str(model), "-o", str(tmp_path / "x.gguf"), "--target-bpw", "2.5",
                "--probe-tokens", "0"])
@@ -546,20 +548,18 @@ def test_layer_major_probes_equal_one_at_a_time(keep_bytes, tiny) -> None:
 
 
 def test_measure_kld_shares_one_measurer_per_view_and_tokens(tiny, tables) -> None:
-    """compress's measure_kld: plans on the selection tokens and then on other tokens (the report's), through the
+    """compress's KLDMeter.plan_kld: plans on the selection tokens and then on other tokens (the report's), through the
     view's cached measurers sharing quantized bytes, each equal to a fresh plan_kld."""
-    from moepack.pipeline import candidates as cands
-    from moepack.pipeline.options import CompressOptions
+    from moepack.pipeline.measure import KLDMeter
 
     _, view, ids, stats, _ = tiny("qwen3_moe")
     table = SensitivityTable.from_dict(tables("qwen3_moe"))
     base = {n: g.options[0].type for g in table.groups for n in g.tensors}
     alloc = allocate(table, (table.min_bytes + table.max_bytes) // 2).tensors
     other = np.asarray(ids)[:, ::-1].copy()
-    opts = CompressOptions(threads=2)
-    got = [cands.measure_kld(view, view, stats, p, None, opts, ids=x)
-           for x, p in ((ids, base), (ids, alloc), (other, alloc), (other, base))]
+    meter = KLDMeter(view, stats, threads=2)
+    got = [meter.plan_kld(view, p, None, ids=x) for x, p in ((ids, base), (ids, alloc), (other, alloc), (other, base))]
     want = [plan_kld(view, x, p, reference_view=view, imatrix=stats)
             for x, p in ((ids, base), (ids, alloc), (other, alloc), (other, base))]
     assert got == want
-    assert cands.cached_measurers(view) == 2  # one measurer per token set
+    assert meter.measurers(view) == 2  # one measurer per token set

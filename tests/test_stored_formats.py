@@ -312,12 +312,13 @@ def test_mxfp4_experts_split_as_the_bf16_release(tmp_path: Path) -> None:
     # keeps its quantization_config, and the pruned checkpoint reads back as the pruned dequantized one
     import numpy as np
 
+    from moepack.model.pruned import pruned_view
     from moepack.stages.calibrate import calibrate
     from moepack.stages.prune import PruneOptions, make_plan, write_checkpoint
 
     plan = make_plan(a, calibrate(a, np.random.default_rng(1).integers(0, 320, (2, 16)), progress=False),
                      PruneOptions(keep=0.5))
-    outs = [write_checkpoint(v.with_plan(plan), tmp_path / "pruned" / k, progress=False)
+    outs = [write_checkpoint(pruned_view(v, plan), tmp_path / "pruned" / k, progress=False)
             for v, k in ((a, "mx"), (b, "plain"))]
     assert json.loads((outs[0] / "config.json").read_text())["quantization_config"] == q
     from safetensors import safe_open
@@ -337,6 +338,7 @@ def test_pruned_fp8_checkpoint_stays_fp8(fp8_pair, tmp_path: Path) -> None:
     scales (sliced with the experts), loads, and equals the pruned dequantized checkpoint tensor for tensor."""
     import numpy as np
 
+    from moepack.model.pruned import pruned_view
     from moepack.stages.calibrate import calibrate
     from moepack.stages.prune import PruneOptions, make_plan, write_checkpoint
 
@@ -348,7 +350,7 @@ def test_pruned_fp8_checkpoint_stays_fp8(fp8_pair, tmp_path: Path) -> None:
         assert np.array_equal(stats[0].router[layer].saliency_sum, stats[1].router[layer].saliency_sum)
     assert all(np.array_equal(stats[0].imatrix[n].sums, e.sums) for n, e in stats[1].imatrix.items())
     plan = make_plan(views[0], stats[0], PruneOptions(keep=0.5))
-    outs = [write_checkpoint(v.with_plan(plan), tmp_path / k, max_shard_bytes=100_000, progress=False)
+    outs = [write_checkpoint(pruned_view(v, plan), tmp_path / k, max_shard_bytes=100_000, progress=False)
             for v, k in zip(views, ("fp8", "deq"))]
     cfg = json.loads((outs[0] / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "fp8" and cfg["n_routed_experts"] == plan.n_kept

@@ -31,7 +31,8 @@ import numpy as np
 
 from moepack.errors import MoepackError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the model is imported where a task opens it: building the CLI's parser stays light
+    from moepack.model.checkpoint import CheckpointView
     from moepack.schema import PrunePlan
 
 __all__ = [
@@ -102,7 +103,7 @@ class ViewRef:
     top_k: int | None = None  # PrunedView: its k' (which may differ from the plan's)
 
     @classmethod
-    def of(cls, view: Any) -> ViewRef:
+    def of(cls, view: CheckpointView) -> ViewRef:
         from moepack.model.checkpoint import CheckpointView
         from moepack.model.pruned import PrunedView
 
@@ -114,7 +115,7 @@ class ViewRef:
         return cls(str(Path(view.root).resolve()), view.fingerprint())
 
 
-def open_view(view: Any) -> Any:
+def open_view(view: CheckpointView | ViewRef) -> CheckpointView:
     """A task's view: the view itself in-process; a `ViewRef` re-opened from storage (headers only)."""
     if not isinstance(view, ViewRef):
         return view
@@ -144,7 +145,7 @@ def partition(costs: Sequence[float], n: int) -> list[list[int]]:
     return [sorted(b) for b in bins if b]
 
 
-def layer_f32_bytes(view: Any) -> int:
+def layer_f32_bytes(view: CheckpointView) -> int:
     """Float32 bytes of the largest decoder layer (what one materialised layer costs in memory)."""
     per: dict[int, int] = {}
     for t in view.tensors.values():
@@ -170,7 +171,7 @@ class Backend(ABC):
         so that one task fills a machine (and reads the checkpoint once per machine)."""
         return local
 
-    def view_arg(self, view: Any) -> Any:
+    def view_arg(self, view: CheckpointView) -> CheckpointView | ViewRef:
         """What a task receives for `view` (see `open_view`)."""
         return view
 
@@ -271,7 +272,7 @@ class RayBackend(Backend):
     def default_threads(self, local: int) -> int:
         return max(1, min((int(r.get("CPU", 0)) for r in self._nodes() if r.get("CPU", 0) >= 1), default=1))
 
-    def view_arg(self, view: Any) -> Any:
+    def view_arg(self, view: CheckpointView) -> CheckpointView | ViewRef:
         return ViewRef.of(view)
 
     def _check_fits(self, num_cpus: int, memory: int | None) -> None:

@@ -88,7 +88,8 @@ def _options(args: argparse.Namespace, threads: int, shards: int | None = None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from moepack.pipeline.compress import compress, dry_run, render_summary
+    from moepack.pipeline.compress import compress, dry_run
+    from moepack.pipeline.summary_text import render_summary
 
     o.check_positive(args, "calib_tokens", "seq_len", "sens_tokens", "threads", "probe_tokens")
     if args.refine < 0:
@@ -98,6 +99,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     with o.make_backend(args) as backend:
         opts = _options(args, o.threads(args, backend), args.shards)
-        result = compress(args.model_dir, args.output, o.budget_request(args), opts, args.run_dir, backend)
-    print(render_summary(result))
+        summary = compress(args.model_dir, args.output, o.budget_request(args), opts, args.run_dir, backend)
+    print(render_summary(summary))
     return 0

@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moepack.cli import options as o
+
+if TYPE_CHECKING:
+    from moepack.model.checkpoint import CheckpointView
 
 __all__ = ["add_cli", "run", "render_fit"]
 
@@ -66,7 +69,7 @@ def _render(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _mixtures(view: Any, params: int) -> dict[str, dict[str, Any]]:
+def _mixtures(view: CheckpointView, params: int) -> dict[str, dict[str, Any]]:
     """Each standard mixture's bytes and bits per weight of the whole model."""
     from moepack.stages.mixtures import mixture_sizes
 
@@ -148,15 +151,16 @@ def render_fit(f: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moepack.gguf.estimate import describe
+    from moepack.gguf.estimate import ESTIMATE_TYPES, describe
     from moepack.model.shapes import open_for_planning
     from moepack.model.source import resolve_model
+    from moepack.stages.fit import uniform_bytes
 
     request = o.budget_request(args)
     planned = any(v is not None for v in (request.memory, request.target_size, request.target_bpw))
     for model in args.models:
         view = open_for_planning(resolve_model(model))
-        d = describe(view)
+        d = describe(view, {t: uniform_bytes(view, t) for t in ESTIMATE_TYPES})
         d["mixtures"] = _mixtures(view, d["params_total"])
         if planned:
             from moepack.stages.fit import fit_report

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from moepack.errors import MoepackError
 from moepack.stages.allocate import SOLVERS  # pure Python, as is budget
-from moepack.stages.budget import DEFAULT_RESERVE_FRACTION, DEFAULT_UBATCH, BudgetRequest
+from moepack.stages.budget import DEFAULT_RESERVE_FRACTION, BudgetRequest
+from moepack.stages.footprint import DEFAULT_UBATCH
 
 if TYPE_CHECKING:
     from moepack.backends import Backend
@@ -57,6 +58,10 @@ __all__ = [
     "add_keep",
     "add_top_k",
     "add_criterion",
+    "add_merge",
+    "MERGE_SIMILARITIES",
+    "MERGE_WEIGHTINGS",
+    "MERGE_ROUTERS",
     "add_solver",
     "add_base",
     "add_ladder",
@@ -86,6 +91,9 @@ LADDER = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "Q3
           "Q6_K", "Q8_0")  # gguf.types.LADDER
 BASE = "IQ1_S"  # gguf.types.DEFAULT_BASE
 CRITERIA = ("score", "frequency", "reap", "random")  # stages.prune.CRITERIA
+MERGE_SIMILARITIES = ("output", "weight")  # stages.merge.SIMILARITIES
+MERGE_WEIGHTINGS = ("frequency", "saliency")  # stages.merge.WEIGHTINGS
+MERGE_ROUTERS = ("mean", "host")  # stages.merge.ROUTERS
 SENS_MODES = ("kld", "proxy", "both")  # sensitivity.measure.MODES
 
 _CALIB_TEXT_HELP = ("calibration text (UTF-8, paragraphs split by blank lines): a few hundred thousand characters of "
@@ -159,7 +167,7 @@ _UNITLESS = re.compile(r"\s*[\d_]*\.?[\d_]*(?:[eE][+-]?\d+)?\s*")
 
 def size_arg(s: str) -> str:
     """A size with its unit, checked at parse time ("128" alone is refused: bytes or GB? the message says)."""
-    from moepack.stages.budget import parse_size  # pure Python
+    from moepack.stages.sizes import parse_size  # pure Python
 
     if _UNITLESS.fullmatch(s) and any(c.isdigit() for c in s):
         n = s.strip()
@@ -348,6 +356,22 @@ def add_criterion(p: Container, auto: bool = False) -> None:
     else:
         p.add_argument("--criterion", choices=CRITERIA, default="score",
                        help="expert importance criterion (default score)")
+
+
+def add_merge(p: Container) -> None:
+    """--merge and how it merges (stages.merge); the defaults are the variant that measured best (docs/pruning.md)."""
+    p.add_argument("--merge", action="store_true",
+                   help="fold each dropped expert into the most similar kept expert of its group (usage-weighted "
+                        "average of their weights, router rows merged) instead of discarding it")
+    p.add_argument("--merge-similarity", choices=MERGE_SIMILARITIES, default="output",
+                   help="--merge: similarity of the experts' outputs on calibration tokens (default) or of their "
+                        "weights")
+    p.add_argument("--merge-weighting", choices=MERGE_WEIGHTINGS, default="saliency",
+                   help="--merge: weight each member by its summed REAP saliency (default) or its routed token slots")
+    p.add_argument("--merge-router", choices=MERGE_ROUTERS, default="mean",
+                   help="--merge: the host's router row becomes the members' weighted mean (default) or stays")
+    p.add_argument("--no-merge-align", dest="merge_align", action="store_false",
+                   help="--merge: average the experts' neurons in their stored order (default: match them first)")
 
 
 # ---------------------------------------------------------------------------------------------------- types

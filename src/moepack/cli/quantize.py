@@ -6,8 +6,9 @@ Two quantizers, two kinds of names:
 --type T      moepack's writer, ONE GGML type for every weight matrix: T is a GGML tensor type (Q4_K, IQ2_XXS,
               Q8_0, ...). Norms, routers and biases stay F32; where a row width does not suit T, llama.cpp's
               fallback type is used for that tensor.
---plan PLAN   moepack's writer, per-tensor types from a quant plan (`moepack allocate`):
-              {"tensors": {"<GGUF tensor name>": "<GGML type>", ...}, ...}.
+--plan PLAN   moepack's writer, per-tensor types from a quant plan (`moepack allocate`'s, or one written by hand):
+              {"tensors": {"<GGUF tensor name>": "<GGML type>" or {"type": "<GGML type>", ...}, ...}, ...}; its
+              other fields go into the GGUF's moepack.quant_plan as they are.
 --ftype F     llama.cpp's own quantizer (llama_model_quantize), from a lossless BF16 (or F32) GGUF written first:
               F is one of llama.cpp's file-type names (Q4_K_M, Q3_K_S, Q2_K, IQ2_XXS, Q8_0, ...), a MIXTURE that
               gives some tensors other types (Q4_K_M keeps some attention and ffn_down tensors at Q6_K); the

@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from moepack.atomic import atomic_copy, atomic_write_text
+from moepack.eval.report import (ReportError, RunArtifacts, eval_report, experts_chart, find_artifacts, load_eval,
+                                 pareto_chart, pareto_points, result_tokens, types_chart)
+from moepack.gguf.keys import Keys
 from moepack.gguf.metadata import QUANTIZED_BY
-from moepack.eval.report import (ReportError, experts_chart, find_artifacts, pareto_chart, pareto_points,
-                                 types_chart)
+from moepack.schema import CalibManifest, RunSummary, SchemaError
+from moepack.schema.run import RunLayout
 
 __all__ = ["build_card", "card_path", "front_matter", "base_model_id", "source_license", "license_fields",
            "find_eval", "CARD_TAGS", "LICENSE_PLACEHOLDER"]
@@ -32,13 +35,13 @@ _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 # ---------------------------------------------------------------------------------------------------- inputs
 
-def _gguf_of(run_dir: Path, summary: dict[str, Any]) -> Path:
+def _gguf_of(run_dir: Path, summary: RunSummary) -> Path:
     """The GGUF the card describes: compress's output, else the run's staged copy (the same bytes)."""
-    out = Path(summary.get("out") or "")
+    out = Path(summary.out or "")
     for p in (out, run_dir / "model.gguf"):
-        if str(p) and p.is_file() and p.stat().st_size == summary.get("file_bytes"):
+        if str(p) and p.is_file() and p.stat().st_size == summary.file_bytes:
             return p
-    raise ReportError(f"{run_dir}: neither {out} nor {run_dir / 'model.gguf'} is the {summary.get('file_bytes')}-byte "
+    raise ReportError(f"{run_dir}: neither {out} nor {run_dir / 'model.gguf'} is the {summary.file_bytes}-byte "
                       "GGUF summary.json describes; rerun `moepack compress` with this run directory")
 
 
@@ -47,13 +50,7 @@ def find_eval(run_dir: Path, gguf_path: Path) -> dict[str, Any] | None:
     docs put it) or beside the GGUF (where the demo writes eval.json); else any eval report in the run directory."""
     reports = []
     for folder in dict.fromkeys((run_dir, gguf_path.parent)):
-        for p in sorted(folder.glob("*.json")):
-            try:
-                d = json.loads(p.read_text())
-            except (OSError, ValueError):
-                continue
-            if isinstance(d, dict) and isinstance(d.get("models"), list):
-                reports.append((folder, d))
+        reports += [(folder, d) for p in sorted(folder.glob("*.json")) if (d := load_eval(p)) is not None]
     mine = [d for _, d in reports if any(Path(str(m.get("file", ""))).name == gguf_path.name for m in d["models"])]
     return (mine or [d for f, d in reports if f == run_dir] or [None])[0]
 
@@ -62,18 +59,30 @@ def _gguf_meta(path: Path) -> dict[str, Any]:
     import gguf
 
     fields = gguf.GGUFReader(path).fields
-    get = {k: fields[k].contents() for k in ("general.quantized_by", "moepack.version", "moepack.recipe",
+    get = {k: fields[k].contents() for k in ("general.quantized_by", Keys.VERSION, Keys.RECIPE,
                                                   "general.architecture") if k in fields}
-    get["recipe"] = json.loads(get.pop("moepack.recipe")) if "moepack.recipe" in get else None
+    get["recipe"] = json.loads(get.pop(Keys.RECIPE)) if Keys.RECIPE in get else None
     return get
 
 
-def _source_dir(run_dir: Path, a: dict[str, Any]) -> Path | None:
-    """The checkpoint the run compressed, as calibration recorded it."""
-    path = run_dir / "calib" / "manifest.json"
-    model = json.loads(path.read_text()).get("model") if path.is_file() else None
-    if model is None and a["prune_plan"] is not None:
-        model = a["prune_plan"].model
+def _manifest(run_dir: Path) -> CalibManifest | None:
+    """The run's calibration manifest; None where it has none, or one this moepack cannot read (the card then says
+    less about the calibration, rather than nothing at all)."""
+    calib = RunLayout(run_dir).calib
+    if not (calib / "manifest.json").is_file():
+        return None
+    try:
+        return CalibManifest.read(calib)
+    except SchemaError as e:
+        log.warning("the model card leaves the calibration out: %s", e)
+        return None
+
+
+def _source_dir(a: RunArtifacts, manifest: CalibManifest | None) -> Path | None:
+    """The checkpoint the run compressed, as calibration (or else pruning) recorded it."""
+    model = manifest.model if manifest is not None else None
+    if model is None and a.prune_plan is not None:
+        model = a.prune_plan.model
     return Path(model) if model else None
 
 
@@ -180,51 +189,50 @@ def _budget_line(b: dict[str, Any]) -> str:
     return f"{limit:,} bytes of GGUF file ({how})"
 
 
-def _recipe_rows(recipe: dict[str, Any], summary: dict[str, Any]) -> list[str]:
-    e = recipe.get("experts") or {"kept": summary["n_experts"][0], "of": summary["n_experts"][1]}
+def _recipe_rows(recipe: dict[str, Any], summary: RunSummary) -> list[str]:
+    e = recipe.get("experts") or {"kept": summary.n_experts[0], "of": summary.n_experts[1]}
     rows = ["| | |", "|---|---|",
-            f"| routed experts kept per MoE layer | {e['kept']} of {e['of']} (keep {recipe.get('keep', summary['keep']):g})"
+            f"| routed experts kept per MoE layer | {e['kept']} of {e['of']} (keep {recipe.get('keep', summary.keep):g})"
             + (f", in {e['layers']} MoE layers" if e.get("layers") else "") + " |",
-            f"| experts used per token (k') | {recipe.get('top_k', summary['top_k'])} |"]
-    if budget := recipe.get("budget") or summary.get("budget"):
+            f"| experts used per token (k') | {recipe.get('top_k', summary.top_k)} |"]
+    if budget := recipe.get("budget") or summary.budget:
         rows.append(f"| budget | {_budget_line(budget)} |")
     if recipe.get("solver"):
         rows.append(f"| allocation | `{recipe['solver']}`, on measured per-tensor KLD sensitivity |")
     return rows
 
 
-def _command(summary: dict[str, Any], gguf_path: Path) -> str:
+def _command(summary: RunSummary, gguf_path: Path) -> str:
     """The run's llama.cpp command, with the file named as it is shared (beside this card)."""
-    cmd = summary.get("llama_command") or summary.get("run_command")
-    if not cmd:
+    if not summary.llama_command:
         from moepack.gguf.runtime import llama_command
 
-        ctx = (summary.get("budget") or {}).get("ctx") or 4096  # a size budget names none: llama.cpp's default
+        ctx = (summary.budget or {}).get("ctx") or 4096  # a size budget names none: llama.cpp's default
         return llama_command(gguf_path.name, ctx)
-    return cmd.replace(shlex.quote(str(summary.get("out"))), shlex.quote(gguf_path.name))
+    return summary.llama_command.replace(shlex.quote(str(summary.out)), shlex.quote(gguf_path.name))
 
 
 BUNDLED_DOMAINS = "stories, encyclopedic prose, dialogue, Python code and web text"
 
 
-def _calibration_rows(manifest: dict[str, Any] | None) -> list[str]:
+def _calibration_rows(manifest: CalibManifest | None) -> list[str]:
     """Which text decided the experts removed and the bits per tensor, and its domain."""
-    if not manifest:
+    if manifest is None:
         return ["No calibration manifest in the run directory.", ""]
-    text = Path(str(manifest.get("text") or ""))
+    text = Path(str(manifest.text or ""))
     from moepack.model.textdata import DEFAULT_CALIB_TEXT
 
     domain = (f"moepack's bundled mix of {BUNDLED_DOMAINS}" if text.name == DEFAULT_CALIB_TEXT.name
               and text.parent.name == DEFAULT_CALIB_TEXT.parent.name else f"{text.stem} (from the file name)")
-    sha = str(manifest.get("text_sha256") or "")[:16]
+    sha = str(manifest.text_sha256 or "")[:16]
+    report = manifest.inputs.report_requested if manifest.inputs is not None else 0
     return ["The calibration text decided which experts were removed and where the bits went:", "",
             "| | |", "|---|---|", f"| calibration text | `{text.name}` (sha256 {sha}…) |", f"| domain | {domain} |",
-            f"| tokens | {manifest.get('tokens', 0):,} for the statistics, {manifest.get('heldout_tokens', 0):,} "
-            f"selection tokens every choice was measured on, {manifest.get('report_requested', 0):,} report tokens "
-            "no choice saw |", ""]
+            f"| tokens | {manifest.tokens:,} for the statistics, {manifest.heldout_tokens:,} "
+            f"selection tokens every choice was measured on, {report:,} report tokens no choice saw |", ""]
 
 
-def _run_rows(summary: dict[str, Any], gguf_path: Path, runtime: str | None) -> list[str]:
+def _run_rows(summary: RunSummary, gguf_path: Path, runtime: str | None) -> list[str]:
     """llama-cli, llama-server and ollama, as compress verified the file; and the build it was verified with."""
     server = _command(summary, gguf_path)
     cli = server.replace("llama-server", "llama-cli", 1) + ' -p "Once upon a time"'
@@ -240,20 +248,20 @@ def _run_rows(summary: dict[str, Any], gguf_path: Path, runtime: str | None) -> 
             f"ollama create {name} -f Modelfile && ollama run {name}", "```", "", built, ""]
 
 
-def _charts(a: dict[str, Any], out: Path, pareto: Path | None) -> list[tuple[str, str, Any]]:
+def _charts(a: RunArtifacts, s: RunSummary, out: Path, pareto: Path | None) -> list[tuple[str, str, Any]]:
     """(title, file name, how to write it) of each chart the run's files allow."""
     stem, charts = out.stem, []
-    if a["prune_plan"] is not None:
+    if (prune_plan := a.prune_plan) is not None:
         charts.append(("Experts kept per MoE layer (pruning importance; kept outlined, removed crossed)",
-                       f"{stem}-experts.png", lambda p: experts_chart(a["prune_plan"], p)))
-    if a["quant_plan"] is not None:
+                       f"{stem}-experts.png", lambda p: experts_chart(prune_plan, p)))
+    if (quant_plan := a.quant_plan) is not None:
         charts.append(("GGML type per tensor (bits per weight)", f"{stem}-types.png",
-                       lambda p: types_chart(a["quant_plan"], p)))
+                       lambda p: types_chart(quant_plan, p)))
     if pareto is not None:
         charts.append(("Size vs KLD", f"{stem}-pareto.png",
                        lambda p: None if pareto.resolve() == p.resolve() else atomic_copy(pareto, p)))
     else:
-        sizes, points = pareto_points(a["summary"], a["eval"])
+        sizes, points = pareto_points(s.candidates, a.eval)
         if points:
             what = "eval report's files" if sizes == "file" else "retentions compress measured"
             charts.append((f"Size vs KLD (the {what})", f"{stem}-pareto.png",
@@ -261,75 +269,75 @@ def _charts(a: dict[str, Any], out: Path, pareto: Path | None) -> list[tuple[str
     return charts
 
 
-def _body(a: dict[str, Any], gguf_path: Path, meta: dict[str, Any], base: str | None, source: Path | None,
-          charts: list[tuple[str, str, Any]]) -> list[str]:
-    s, recipe = a["summary"], meta.get("recipe") or {}
+def _head(s: RunSummary, gguf_path: Path, meta: dict[str, Any], base: str | None, source: Path | None) -> list[str]:
+    """The title, the base model and the recipe."""
     name = base or (source.name if source is not None else "the source model")
-    size = gguf_path.stat().st_size
-    version = f"moepack {meta['moepack.version']}" if "moepack.version" in meta else "moepack"
+    version = f"moepack {meta[Keys.VERSION]}" if Keys.VERSION in meta else "moepack"
     link = f"[{base}](https://huggingface.co/{base})" if base else f"`{name}`"
-    lines = [f"# {name.split('/')[-1]}: moepack GGUF", "",
-             f"`{gguf_path.name}` is {link} with routed experts pruned and weights quantized by {version} "
-             "to fit a byte budget, for llama.cpp.", "",
-             "## Base model", "",
-             f"- `{base}`" if base else f"- `{name}`: no Hugging Face repo id recorded (the source directory is not a "
-             "hub cache snapshot and its config.json names none); add `base_model: ORG/NAME` above before uploading",
-             f"- architecture: `{meta.get('general.architecture', '?')}` (llama.cpp)", "",
-             "## Quantization recipe", "", *_recipe_rows(recipe, s), ""]
-    types = recipe.get("types") or {c: n for c, n in s.get("types", {}).items() if set(n) != {"F32"}}
-    lines += ["Types per tensor class (as written; norms, routers and biases stay F32):", "", *_types_rows(types), "",
-              "## File", "", "| | |", "|---|---|", f"| file | `{gguf_path.name}` |",
-              f"| size | {size:,} bytes ({size / 2**20:.2f} MiB) |",
-              f"| bits per weight | {s['bpw']:.3f} (file bits over the original model's parameters) |", ""]
-    lines += ["## Calibration", "", *_calibration_rows(a.get("calib")), "## Evaluation", ""]
-    if s.get("measured_kld") is not None:
-        lines += [f"Mean KLD vs the original on held-out calibration tokens, as compress measured the chosen plan "
-                  f"(fake-quantized forward): {s['measured_kld']:.5f}.", ""]
-    if a["eval"]:
+    return [f"# {name.split('/')[-1]}: moepack GGUF", "",
+            f"`{gguf_path.name}` is {link} with routed experts pruned and weights quantized by {version} "
+            "to fit a byte budget, for llama.cpp.", "",
+            "## Base model", "",
+            f"- `{base}`" if base else f"- `{name}`: no Hugging Face repo id recorded (the source directory is not a "
+            "hub cache snapshot and its config.json names none); add `base_model: ORG/NAME` above before uploading",
+            f"- architecture: `{meta.get('general.architecture', '?')}` (llama.cpp)", "",
+            "## Quantization recipe", "", *_recipe_rows(meta.get("recipe") or {}, s), ""]
+
+
+def _body(a: RunArtifacts, s: RunSummary, manifest: CalibManifest | None, gguf_path: Path, meta: dict[str, Any],
+          charts: list[tuple[str, str, Any]]) -> list[str]:
+    """Everything after the title and the recipe: types, file, calibration, evaluation, commands, charts."""
+    types = (meta.get("recipe") or {}).get("types") or {c: n for c, n in s.types.items() if set(n) != {"F32"}}
+    size = gguf_path.stat().st_size
+    lines = ["Types per tensor class (as written; norms, routers and biases stay F32):", "", *_types_rows(types), "",
+             "## File", "", "| | |", "|---|---|", f"| file | `{gguf_path.name}` |",
+             f"| size | {size:,} bytes ({size / 2**20:.2f} MiB) |",
+             f"| bits per weight | {s.bpw:.3f} (file bits over the original model's parameters) |", ""]
+    lines += ["## Calibration", "", *_calibration_rows(manifest), "## Evaluation", "",
+              f"Mean KLD vs the original on {result_tokens(s)}, as compress measured the chosen plan "
+              f"(fake-quantized forward): {s.result_kld:.5f}.", ""]
+    if a.eval:
         from moepack.eval.evaluate import to_markdown
 
-        lines += [to_markdown(a["eval"]), ""]
+        lines += [to_markdown(a.eval), ""]
     else:
         lines += ["No eval report in the run directory or beside the GGUF (`moepack eval ... --json-out "
                   "RUN_DIR/eval.json` adds one).", ""]
-    lines += ["## Run it", "", *_run_rows(s, gguf_path, s.get("runtime"))]
+    lines += ["## Run it", "", *_run_rows(s, gguf_path, s.runtime)]
     for title, file, _ in charts:
         lines += [f"## {title}", "", f"![{title}]({file})", ""]
     return lines
 
 
-def _summary(run_dir: Path) -> dict[str, Any]:
+def _finished(run_dir: Path) -> tuple[RunArtifacts, RunSummary]:
     a = find_artifacts(run_dir)
-    if a["summary"] is None:
+    if a.summary is None:
         raise ReportError(f"{run_dir}: no summary.json; a model card needs a finished `moepack compress` run")
-    return a
+    return a, a.summary
 
 
 def card_path(run_dir: str | Path) -> Path:
     """README.md beside the run's GGUF: where a model hub upload takes it from."""
     run_dir = Path(run_dir)
-    return _gguf_of(run_dir, _summary(run_dir)["summary"]).with_name("README.md")
+    return _gguf_of(run_dir, _finished(run_dir)[1]).with_name("README.md")
 
 
 def build_card(run_dir: str | Path, out: str | Path, pareto: str | Path | None = None,
                eval_json: str | Path | None = None) -> Path:
     """Write the model card `out` (e.g. beside the GGUF: DIR/README.md) and its charts; returns `out`."""
     run_dir, out = Path(run_dir), Path(out)
-    a = _summary(run_dir)
+    a, s = _finished(run_dir)
     if eval_json is not None:
-        a["eval"] = json.loads(Path(eval_json).read_text()) if Path(eval_json).is_file() else None
-        if a["eval"] is None:
-            raise ReportError(f"{eval_json}: no such eval JSON")
+        a.eval = eval_report(eval_json)
     if pareto is not None and not Path(pareto).is_file():
         raise ReportError(f"{pareto}: no such Pareto plot")
-    gguf_path = _gguf_of(run_dir, a["summary"])
+    gguf_path = _gguf_of(run_dir, s)
     if eval_json is None:
-        a["eval"] = find_eval(run_dir, gguf_path)
-    manifest = run_dir / "calib" / "manifest.json"
-    a["calib"] = json.loads(manifest.read_text()) if manifest.is_file() else None
-    meta, source = _gguf_meta(gguf_path), _source_dir(run_dir, a)
+        a.eval = find_eval(run_dir, gguf_path)
+    manifest = _manifest(run_dir)
+    meta, source = _gguf_meta(gguf_path), _source_dir(a, manifest)
     base = base_model_id(source)
-    charts = _charts(a, out, None if pareto is None else Path(pareto))
+    charts = _charts(a, s, out, None if pareto is None else Path(pareto))
     tags = [*CARD_TAGS, meta.get("general.architecture")]
     lic = license_fields(source)
     head = front_matter({"base_model": base, "base_model_relation": "quantized" if base else None,
@@ -338,7 +346,8 @@ def build_card(run_dir: str | Path, out: str | Path, pareto: str | Path | None =
                          "pipeline_tag": "text-generation",
                          "quantized_by": meta.get("general.quantized_by", QUANTIZED_BY),
                          "tags": [t for t in tags if t]})
-    text = head + "\n".join(_body(a, gguf_path, meta, base, source, charts))
+    body = _head(s, gguf_path, meta, base, source) + _body(a, s, manifest, gguf_path, meta, charts)
+    text = head + "\n".join(body)
     out.parent.mkdir(parents=True, exist_ok=True)
     for _, file, write in charts:
         write(out.with_name(file))

@@ -4,77 +4,84 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from moepack.atomic import atomic_copy, atomic_write_text
 from moepack.errors import MoepackError
 from moepack.eval.plots import pyplot, save_figure
 from moepack.gguf.types import bits_per_weight
-from moepack.schema import PrunePlan, QuantPlan, SensitivityTable
+from moepack.schema import PrunePlan, QuantPlan, RunSummary, SensitivityTable
+from moepack.schema.run import RunLayout, retention_name
 
-__all__ = ["ReportError", "find_artifacts", "build_report", "experts_chart", "types_chart", "pareto_points",
-           "pareto_chart"]
+__all__ = ["ReportError", "RunArtifacts", "find_artifacts", "build_report", "experts_chart", "types_chart",
+           "pareto_points", "pareto_chart", "sensitivity_rows"]
 
 log = logging.getLogger(__name__)
 
 SENS_ROWS = 15  # sensitivity rows shown
+A = TypeVar("A")
 
 
 class ReportError(MoepackError, ValueError):
     pass
 
 
-def _load(path: Path | None) -> Any:
-    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+def load_eval(path: Path | None) -> dict[str, Any] | None:
+    """An eval report (`moepack eval --json-out`), or None where there is none (or it is another JSON file)."""
+    try:
+        d = json.loads(path.read_text()) if path is not None and path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) and isinstance(d.get("models"), list) else None
 
 
-def _read(reader: Any, path: Path) -> Any:
+def _read(reader: Callable[[Path], A], path: Path) -> A | None:
     """A stage artifact through its contract's reader; None where the run has none."""
     return reader(path) if path.is_file() else None
 
 
-def _retention(path: Path) -> str:
-    """'0.75' from 'quant_plan-r0.75.json' / 'sensitivity-r0.75.json' / 'prune_plan-r0.75.json'."""
-    stem = path.name[:-5] if path.name.endswith(".json") else path.name
-    return stem.rsplit("-r", 1)[-1]
+@dataclass
+class RunArtifacts:
+    """What a page shows of a run: its chosen retention's artifacts, each read through its contract."""
+
+    run_dir: Path
+    keep: str  # the chosen retention as the file names spell it ('0.75')
+    summary: RunSummary | None  # None: the run has not finished
+    prune_plan: PrunePlan | None
+    quant_plan: QuantPlan | None
+    sensitivity: SensitivityTable | None
+    eval: dict[str, Any] | None  # an eval report (`moepack eval --json-out`)
 
 
-def table_path(run_dir: Path, keep: str, plan: QuantPlan | None) -> Path:
-    """The sensitivity table the plan of retention `keep` was allocated from: compress measures a second reference
-    type into sensitivity-rKEEP-TYPE.json (moepack.pipeline.candidates.reference_types)."""
-    base = (plan.base or {}).get("default_type") if plan is not None else None
-    tagged = run_dir / f"sensitivity-r{keep}-{base}.json"
-    return tagged if base and tagged.is_file() else run_dir / f"sensitivity-r{keep}.json"
-
-
-def _prune_plan(run_dir: Path, keep: str) -> PrunePlan | None:
+def _prune_plan(layout: RunLayout, keep: str) -> PrunePlan | None:
     """The chosen retention's prune plan: prune_plan-rKEEP.json (compress prunes lazily), or inside the pruned
     checkpoint that runs before that wrote (pruned-rKEEP/)."""
-    for path in (run_dir / f"prune_plan-r{keep}.json", run_dir / f"pruned-r{keep}" / "prune_plan.json"):
+    for path in (layout.prune_plan(keep), layout.root / f"pruned-r{keep}" / "prune_plan.json"):
         if path.is_file():
             return PrunePlan.read(path)
     return None
 
 
-def find_artifacts(run_dir: Path) -> dict[str, Any]:
+def find_artifacts(run_dir: Path) -> RunArtifacts:
     """The artifacts of the run's chosen retention (summary.json's keep; else the last quant plan written)."""
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: not a directory; pass a `moepack compress` run directory")
-    summary = _load(run_dir / "summary.json")
-    plans = sorted(run_dir.glob("quant_plan-r*.json"), key=lambda p: p.stat().st_mtime)
+    layout = RunLayout(run_dir)
+    summary = _read(RunSummary.read, layout.summary)
+    plans = layout.quant_plans()
     if summary is not None:
-        keep = f"{float(summary['keep']):g}"
+        keep = retention_name(summary.keep)
     elif plans:
-        keep = _retention(plans[-1])
+        keep = layout.retention_of(plans[-1])
     else:
         raise ReportError(f"{run_dir}: no summary.json or quant_plan-r*.json; is this a compress run directory?")
-    evals = [p for p in sorted(run_dir.glob("*.json")) if (_load(p) or {}).get("models") is not None]
-    plan = _read(QuantPlan.read, run_dir / f"quant_plan-r{keep}.json")
-    return {"keep": keep, "summary": summary,
-            "prune_plan": _prune_plan(run_dir, keep),
-            "quant_plan": plan, "sensitivity": _read(SensitivityTable.read, table_path(run_dir, keep, plan)),
-            "eval": _load(evals[0]) if evals else None}
+    evals = [d for p in sorted(run_dir.glob("*.json")) if (d := load_eval(p)) is not None]
+    plan = _read(QuantPlan.read, layout.quant_plan(keep))
+    reference = (plan.base or {}).get("default_type") if plan is not None else None
+    return RunArtifacts(run_dir, keep, summary, _prune_plan(layout, keep), plan,
+                        _read(SensitivityTable.read, layout.table_of(keep, reference)), evals[0] if evals else None)
 
 
 def experts_chart(prune_plan: PrunePlan, path: Path) -> None:
@@ -122,15 +129,15 @@ def types_chart(quant_plan: QuantPlan, path: Path) -> None:
     save_figure(fig, path)
 
 
-def pareto_points(summary: dict[str, Any] | None, eval_report: dict[str, Any] | None
+def pareto_points(candidates: list[dict[str, Any]], eval_report: dict[str, Any] | None
                   ) -> tuple[str, list[tuple[str, int, float]]]:
     """(what the sizes are, [(label, bytes, mean KLD)]) to plot: the eval report's models when it has two or more
-    (file bytes, KLD on the eval text), else the retentions compress measured (tensor bytes, KLD on held-out
-    calibration tokens); fewer than two points: nothing to trade off, an empty list."""
+    (file bytes, KLD on the eval text), else the retentions compress measured (RunSummary.candidates: tensor bytes,
+    KLD on the selection tokens); fewer than two points: nothing to trade off, an empty list."""
     models = [m for m in (eval_report or {}).get("models") or [] if m.get("kld_mean") is not None]
     if len(models) >= 2:
         return "file", [(Path(m["file"]).name, int(m["size_bytes"]), float(m["kld_mean"])) for m in models]
-    cands = [c for c in (summary or {}).get("candidates") or [] if c.get("kld") is not None]
+    cands = [c for c in candidates if c.get("kld") is not None]
     if len(cands) >= 2:
         return "tensor", [(f"keep {c['keep']:g}, k {c['top_k']}", int(c["tensor_bytes"]), float(c["kld"]))
                           for c in cands]
@@ -179,54 +186,70 @@ def sensitivity_rows(table: SensitivityTable, n: int = SENS_ROWS) -> list[str]:
     return out
 
 
-def _summary_lines(s: dict[str, Any]) -> list[str]:
-    lines = [f"- output `{s.get('out')}`: {s['file_bytes']:,} bytes, {s['bpw']:.3f} bits per original weight",
-             f"- experts kept {s['n_experts'][0]} of {s['n_experts'][1]} per MoE layer (keep {s['keep']}), "
-             f"top-k {s['top_k']}"]
-    if s.get("measured_kld") is not None:
-        lines.append(f"- measured KLD on held-out calibration tokens: {s['measured_kld']:.5f}")
-    if s.get("timings"):
-        lines.append("- stage timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["timings"].items()))
+def result_tokens(s: RunSummary) -> str:
+    """Which tokens `s.result_kld` was measured on, for a sentence."""
+    if s.report_kld is not None:
+        n = f"{s.report_tokens:,} " if s.report_tokens else ""
+        return f"the {n}held-out report tokens no choice saw"
+    return "the held-out selection tokens every choice was measured on (the text left no report tokens)"
+
+
+def _summary_lines(s: RunSummary) -> list[str]:
+    lines = [f"- output `{s.out}`: {s.file_bytes:,} bytes, {s.bpw:.3f} bits per original weight",
+             f"- experts kept {s.n_experts[0]} of {s.n_experts[1]} per MoE layer (keep {s.keep}), top-k {s.top_k}",
+             f"- KLD vs the original on {result_tokens(s)}: {s.result_kld:.5f}"]
+    if s.timings:
+        lines.append("- stage timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in s.timings.items()))
     return lines
+
+
+def eval_report(path: str | Path) -> dict[str, Any]:
+    """The eval report at `path`, given on the command line: a ReportError when it is none."""
+    found = load_eval(Path(path))
+    if found is None:
+        why = "no such eval JSON" if not Path(path).is_file() else "not an eval report (`moepack eval --json-out`)"
+        raise ReportError(f"{path}: {why}")
+    return found
+
+
+def _plan_lines(qp: QuantPlan, stem: str) -> list[str]:
+    said = (f"Predicted tensor bytes {qp.predicted_bytes:,} of budget {qp.budget_bytes:,}; predicted KLD "
+            f"{qp.predicted_kld}." if qp.allocated else "A quant plan written by hand: nothing was predicted.")
+    return ["## Type per tensor", "", said, "", f"![types]({stem}-types.png)", ""]
 
 
 def build_report(run_dir: str | Path, out: str | Path, pareto: str | Path | None = None,
                  eval_json: str | Path | None = None) -> Path:
     """Write the page `out` and its charts beside it; returns `out`."""
     run_dir, out = Path(run_dir), Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     a = find_artifacts(run_dir)
     if eval_json is not None:
-        a["eval"] = _load(Path(eval_json))
-        if a["eval"] is None:
-            raise ReportError(f"{eval_json}: no such eval JSON")
+        a.eval = eval_report(eval_json)
+    if pareto is not None and not Path(pareto).is_file():
+        raise ReportError(f"{pareto}: no such Pareto plot")
+    out.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"# moepack compress report: `{run_dir}`", ""]
-    if a["summary"]:
-        lines += _summary_lines(a["summary"]) + [""]
+    if a.summary is not None:
+        lines += _summary_lines(a.summary) + [""]
     stem = out.stem
-    if a["prune_plan"]:
-        experts_chart(a["prune_plan"], out.with_name(f"{stem}-experts.png"))
-        lines += ["## Experts kept per layer", "", f"![experts]({stem}-experts.png)", ""]
+    lines += ["## Experts kept per layer", ""]
+    if a.prune_plan is not None:
+        experts_chart(a.prune_plan, out.with_name(f"{stem}-experts.png"))
+        lines += [f"![experts]({stem}-experts.png)", ""]
     else:
-        lines += ["## Experts kept per layer", "", f"No pruning (keep {a['keep']}).", ""]
-    if a["quant_plan"]:
-        types_chart(a["quant_plan"], out.with_name(f"{stem}-types.png"))
-        qp = a["quant_plan"]
-        lines += ["## Type per tensor", "", f"Predicted tensor bytes {qp.predicted_bytes:,} of budget "
-                  f"{qp.budget_bytes:,}; predicted KLD {qp.predicted_kld}.", "",
-                  f"![types]({stem}-types.png)", ""]
-    if a["sensitivity"]:
+        lines += [f"No pruning (keep {a.keep}).", ""]
+    if a.quant_plan is not None:
+        types_chart(a.quant_plan, out.with_name(f"{stem}-types.png"))
+        lines += _plan_lines(a.quant_plan, stem)
+    if a.sensitivity is not None:
         lines += [f"## Sensitivity (top {SENS_ROWS} groups by KLD gained per byte of their first upgrade)", ""]
-        lines += sensitivity_rows(a["sensitivity"]) + [""]
-    if a["eval"]:
+        lines += sensitivity_rows(a.sensitivity) + [""]
+    if a.eval:
         from moepack.eval.evaluate import to_markdown
 
-        lines += ["## Evaluation", "", to_markdown(a["eval"]), ""]
+        lines += ["## Evaluation", "", to_markdown(a.eval), ""]
     if pareto is not None:
-        src = Path(pareto)
-        if not src.is_file():
-            raise ReportError(f"{src}: no such Pareto plot")
-        dst = out.with_name(f"{stem}-pareto.png")
+        src, dst = Path(pareto), out.with_name(f"{stem}-pareto.png")
         if src.resolve() != dst.resolve():
             atomic_copy(src, dst)
         lines += ["## Size vs KLD", "", f"![pareto]({dst.name})", ""]

@@ -1,31 +1,25 @@
-"""GGUF size estimates and a structural summary of a checkpoint, from config.json and safetensors headers alone."""
+"""A structural summary of a checkpoint, from config.json and safetensors headers alone, and the types whose uniform
+sizes `moepack inspect` shows (`moepack.stages.fit.uniform_bytes` computes them: one formula for inspect, fit and
+compress)."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Mapping
 
-import gguf
-
-from moepack.gguf.types import written_bytes
 from moepack.model.arch import Role
 from moepack.model.checkpoint import CheckpointView
 from moepack.model.formats import stored_summary
 
-__all__ = ["describe", "estimate_size", "ESTIMATE_TYPES"]
+__all__ = ["describe", "ESTIMATE_TYPES"]
 
 log = logging.getLogger(__name__)
 
 ESTIMATE_TYPES = ("Q8_0", "Q4_K", "Q3_K", "Q2_K", "IQ2_XXS", "IQ1_S")
-_F32 = gguf.GGMLQuantizationType.F32
 
 
-def estimate_size(view: CheckpointView, type_name: str) -> int:
-    """GGUF tensor data bytes with every quantizable tensor at `type_name` and the rest at F32."""
-    qtype = gguf.GGMLQuantizationType[type_name]
-    return sum(written_bytes(t.shape, qtype if t.quantizable else _F32) for t in view.tensors.values())
-
-
-def describe(view: CheckpointView) -> dict[str, Any]:
+def describe(view: CheckpointView, estimates: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """The facts, parameter counts, fingerprint and stored bytes of `view`; `estimates` (type → GGUF tensor bytes
+    with every tensor at it, as `uniform_bytes` gives them) is reported as gguf_estimates."""
     f = view.facts
     counts = view.param_counts()
     total = sum(counts.values())
@@ -61,7 +55,7 @@ def describe(view: CheckpointView) -> dict[str, Any]:
         "params_active": int(active),
         "params_active_without_embedding": int(active - lookup),
         "bf16_bytes": 2 * total,
-        "gguf_estimates": {t: estimate_size(view, t) for t in ESTIMATE_TYPES},
+        "gguf_estimates": dict(estimates or {}),
         "fingerprint": view.fingerprint(),
         "stored": _stored(view, total),
     }

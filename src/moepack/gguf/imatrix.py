@@ -103,7 +103,7 @@ def imatrix_entries(stats: CalibStats, view: CheckpointView) -> dict[str, Imatri
     return out
 
 
-def _transform_of(view: Any, key: str) -> str:
+def _transform_of(view: CheckpointView, key: str) -> str:
     """The GGUF transform the architecture applies to checkpoint tensor `key` ("" when none or unknown)."""
     ref = view.tensors.get(key)
     return view.spec.extra.get("gguf_transforms", {}).get(ref.kind, "") if ref is not None else ""
@@ -235,7 +235,7 @@ def imatrix_rows(o: OutTensor, imatrix: Mapping[str, np.ndarray] | None) -> np.n
     return np.ascontiguousarray(rows) if len(o.shape) == 3 else rows[0]
 
 
-def imatrix_by_output(view: Any, imatrix: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def imatrix_by_output(view: CheckpointView, imatrix: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The importance rows of every tensor the GGUF of `view` holds, under its own name ((S, n) or (1, n)):
     e.g. DeepSeek's attn_v_b gets attn_kv_b's rows. For handing to llama_model_quantize."""
     out: dict[str, np.ndarray] = {}

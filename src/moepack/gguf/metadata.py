@@ -16,10 +16,12 @@ from gguf import GGMLQuantizationType
 
 import moepack
 from moepack.errors import MoepackError
+from moepack.gguf.keys import Keys
 from moepack.gguf.vocab import add_vocab
 
 if TYPE_CHECKING:
     from moepack.gguf.writer import TypedTensor
+    from moepack.model.checkpoint import CheckpointView
 
 __all__ = ["WriteError", "write_metadata", "has_metadata_writer", "moepack_value", "WRITER_ID", "QUANTIZED_BY"]
 
@@ -66,7 +68,7 @@ def _kv_heads(cfg: dict[str, Any]) -> int:
     return int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
 
 
-def _meta_common(w: gguf.GGUFWriter, view: Any, n_expert: int) -> None:
+def _meta_common(w: gguf.GGUFWriter, view: CheckpointView, n_expert: int) -> None:
     cfg, f = view.config, view.facts
     w.add_context_length(int(_need(cfg, "max_position_embeddings")))
     w.add_embedding_length(f.hidden)
@@ -106,24 +108,24 @@ def _meta_common(w: gguf.GGUFWriter, view: Any, n_expert: int) -> None:
         w.add_value_length(int(cfg["head_dim"]))
 
 
-def _meta_qwen3moe(w: gguf.GGUFWriter, view: Any) -> None:
+def _meta_qwen3moe(w: gguf.GGUFWriter, view: CheckpointView) -> None:
     w.add_expert_feed_forward_length(view.facts.expert_ffn)
 
 
-def _meta_qwen2moe(w: gguf.GGUFWriter, view: Any) -> None:
+def _meta_qwen2moe(w: gguf.GGUFWriter, view: CheckpointView) -> None:
     w.add_expert_feed_forward_length(view.facts.expert_ffn)
     if (n := view.config.get("shared_expert_intermediate_size")) is not None:
         w.add_expert_shared_feed_forward_length(int(n))
 
 
-def _meta_llama(w: gguf.GGUFWriter, view: Any) -> None:
+def _meta_llama(w: gguf.GGUFWriter, view: CheckpointView) -> None:
     cfg = view.config
     # transformers' LlamaConfig reads an absent head_dim as hidden_size / num_attention_heads.
     w.add_rope_dimension_count(int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]))
     w.add_expert_feed_forward_length(view.facts.expert_ffn)
 
 
-def _meta_olmoe(w: gguf.GGUFWriter, view: Any) -> None:
+def _meta_olmoe(w: gguf.GGUFWriter, view: CheckpointView) -> None:
     cfg = view.config
     if _kv_heads(cfg) != int(cfg["num_attention_heads"]):
         raise WriteError("llama.cpp's olmoe runs multi-head attention only (its k_norm is full width); this model "
@@ -131,7 +133,7 @@ def _meta_olmoe(w: gguf.GGUFWriter, view: Any) -> None:
     w.add_expert_feed_forward_length(view.facts.expert_ffn)
 
 
-def _meta_deepseek2(w: gguf.GGUFWriter, view: Any) -> None:
+def _meta_deepseek2(w: gguf.GGUFWriter, view: CheckpointView) -> None:
     cfg, f = view.config, view.facts
     kv_lora, rope_dim = int(cfg["kv_lora_rank"]), int(cfg["qk_rope_head_dim"])
     w.add_leading_dense_block_count(_leading_dense(view))
@@ -178,14 +180,14 @@ def _rotary_dim(cfg: dict[str, Any]) -> int:
     return int(head_dim * float(factor))
 
 
-def _meta_minimax_m2(w: gguf.GGUFWriter, view: Any) -> None:
+def _meta_minimax_m2(w: gguf.GGUFWriter, view: CheckpointView) -> None:
     # The converter's MiniMaxM2Model: expert width from intermediate_size, rotary_dim, sigmoid gating.
     w.add_expert_feed_forward_length(view.facts.expert_ffn)
     w.add_rope_dimension_count(_rotary_dim(view.config))
     _add_gating(w, view.facts.scoring, "minimax-m2")
 
 
-def _meta_gpt_oss(w: gguf.GGUFWriter, view: Any) -> None:
+def _meta_gpt_oss(w: gguf.GGUFWriter, view: CheckpointView) -> None:
     """gpt-oss, as the converter's GptOssModel writes it: sliding window and expert width. llama.cpp hard-codes the
     rest (softmax over the chosen k, SwiGLU alpha 1.702 / limit 7, sliding layers 0, 2, 4, ...)."""
     cfg = view.config
@@ -199,7 +201,7 @@ def _meta_gpt_oss(w: gguf.GGUFWriter, view: Any) -> None:
         w.add_sliding_window_pattern([t == "sliding_attention" for t in types])  # llama.cpp reads the array
 
 
-def _meta_dots1(w: gguf.GGUFWriter, view: Any) -> None:
+def _meta_dots1(w: gguf.GGUFWriter, view: CheckpointView) -> None:
     # The converter's Dots1Model: leading dense layers, shared experts, routed scale; sigmoid gating (the model's
     # router; llama.cpp aborts without a gating function).
     cfg, f = view.config, view.facts
@@ -216,7 +218,7 @@ def _meta_dots1(w: gguf.GGUFWriter, view: Any) -> None:
         w.add_expert_group_used_count(f.topk_group)
 
 
-def _meta_hunyuan_moe(w: gguf.GGUFWriter, view: Any) -> None:
+def _meta_hunyuan_moe(w: gguf.GGUFWriter, view: CheckpointView) -> None:
     # The converter's HunYuanMoEModel: the shared MLP's width (intermediate_size), the experts' width and count of
     # shared experts. llama.cpp sizes the routed experts by feed_forward_length and always routes with a softmax.
     f = view.facts
@@ -225,7 +227,7 @@ def _meta_hunyuan_moe(w: gguf.GGUFWriter, view: Any) -> None:
     w.add_expert_shared_count(f.n_shared_experts)
 
 
-def _check_llama4(view: Any) -> None:
+def _check_llama4(view: CheckpointView) -> None:
     """llama.cpp's llama4 hard-codes what transformers reads from config.json; refuse configs that differ."""
     cfg, f = view.config, view.facts
     n = f.n_layers
@@ -242,7 +244,7 @@ def _check_llama4(view: Any) -> None:
                          "layer_types differ")
 
 
-def _meta_llama4(w: gguf.GGUFWriter, view: Any) -> None:
+def _meta_llama4(w: gguf.GGUFWriter, view: CheckpointView) -> None:
     """Llama 4 text, as the converter's Llama4Model writes it: MoE every interleave_moe_layer_step-th layer."""
     cfg = view.config
     _check_llama4(view)
@@ -255,7 +257,7 @@ def _meta_llama4(w: gguf.GGUFWriter, view: Any) -> None:
                          f"{list(view.facts.moe_layers)}")
 
 
-def _leading_dense(view: Any) -> int:
+def _leading_dense(view: CheckpointView) -> int:
     dense = list(view.facts.dense_layers)
     if dense != list(range(len(dense))):
         raise WriteError(f"llama.cpp's {view.spec.gguf_arch} needs the dense layers first; this model has dense "
@@ -263,7 +265,7 @@ def _leading_dense(view: Any) -> int:
     return len(dense)
 
 
-def _meta_glm4moe(w: gguf.GGUFWriter, view: Any) -> None:
+def _meta_glm4moe(w: gguf.GGUFWriter, view: CheckpointView) -> None:
     """GLM-4.5 family, as the converter's Glm4MoeModel writes it (the MTP layer left out: no nextn_predict_layers)."""
     cfg, f = view.config, view.facts
     head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
@@ -281,7 +283,7 @@ def _meta_glm4moe(w: gguf.GGUFWriter, view: Any) -> None:
         w.add_expert_group_used_count(f.topk_group)
 
 
-def _meta_qwen3next(w: gguf.GGUFWriter, view: Any) -> None:
+def _meta_qwen3next(w: gguf.GGUFWriter, view: CheckpointView) -> None:
     """Qwen3-Next, as the converter's Qwen3NextModel writes it (the MTP head left out: no nextn_predict_layers)."""
     from moepack.model.arch.qwen_next import full_attention_interval
 
@@ -309,7 +311,7 @@ def _meta_qwen3next(w: gguf.GGUFWriter, view: Any) -> None:
     w.add_rope_dimension_count(int(head_dim * float(partial)))  # rotary on the first quarter of each head
 
 
-def _meta_qwen35moe(w: gguf.GGUFWriter, view: Any) -> None:
+def _meta_qwen35moe(w: gguf.GGUFWriter, view: CheckpointView) -> None:
     """Qwen3.5-MoE, as the converter's Qwen3_5MoeTextModel writes it: Qwen3-Next's keys plus the M-RoPE sections
     llama.cpp requires (rope_parameters' mrope_section, padded to four; the converter's default without one)."""
     _meta_qwen3next(w, view)
@@ -323,7 +325,7 @@ def _meta_qwen35moe(w: gguf.GGUFWriter, view: Any) -> None:
     w.add_rope_dimension_sections((sections + [0] * 4)[:4])
 
 
-def _meta_glm_dsa(w: gguf.GGUFWriter, view: Any) -> None:
+def _meta_glm_dsa(w: gguf.GGUFWriter, view: CheckpointView) -> None:
     """GLM-5 as the converter's GlmMoeDsaModel writes it: DeepSeek-V3's keys plus the DSA indexer's."""
     cfg = view.config
     _meta_deepseek2(w, view)
@@ -339,7 +341,7 @@ def _meta_glm_dsa(w: gguf.GGUFWriter, view: Any) -> None:
         w.add_array(key, [t == "full" for t in cfg["indexer_types"]])
 
 
-def _meta_ernie4_5_moe(w: gguf.GGUFWriter, view: Any) -> None:
+def _meta_ernie4_5_moe(w: gguf.GGUFWriter, view: CheckpointView) -> None:
     """ERNIE-4.5-MoE as the converter's Ernie4_5MoeModel writes it; softmax gating and the renormalised top-k are
     llama.cpp's fixed choices for this architecture (no keys)."""
     f, cfg = view.facts, view.config
@@ -386,7 +388,7 @@ def _file_type(typed: list[TypedTensor]) -> int:
     return gguf.LlamaFileType.GUESSED
 
 
-def write_metadata(w: gguf.GGUFWriter, view: Any, typed: list[TypedTensor], n_expert: int,
+def write_metadata(w: gguf.GGUFWriter, view: CheckpointView, typed: list[TypedTensor], n_expert: int,
                     extra: Mapping[str, Any]) -> None:
     arch = view.spec.gguf_arch
     w.add_type("model")
@@ -402,11 +404,11 @@ def write_metadata(w: gguf.GGUFWriter, view: Any, typed: list[TypedTensor], n_ex
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_vocab(w, view.root, view.facts.vocab)
     w.add_quantized_by(QUANTIZED_BY)
-    w.add_string("moepack.writer", WRITER_ID)
-    w.add_string("moepack.version", moepack.__version__)  # read at call time: the golden test pins it
-    w.add_string("moepack.source_fingerprint", view.fingerprint())
-    for key in sorted(extra):
-        w.add_string(f"moepack.{key}", moepack_value(extra[key]))
+    w.add_string(Keys.WRITER, WRITER_ID)
+    w.add_string(Keys.VERSION, moepack.__version__)  # read at call time: the golden test pins it
+    w.add_string(Keys.SOURCE_FINGERPRINT, view.fingerprint())
+    for key in sorted(extra):  # Keys.PRUNE_PLAN, QUANT_PLAN, RECIPE: JSON values
+        w.add_string(key, moepack_value(extra[key]))
 
 
 def moepack_value(value: Any) -> str:

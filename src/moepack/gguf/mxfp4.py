@@ -13,12 +13,15 @@ down = all rows): then dequantizing the written tensor gives exactly the checkpo
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moepack.gguf.names import OutTensor
 from moepack.model.stored import RawTensor, apply_layout
+
+if TYPE_CHECKING:
+    from moepack.model.checkpoint import CheckpointView, TensorRef
 
 __all__ = ["FORMAT", "source_rows", "is_source", "repack", "source_bytes"]
 
@@ -26,7 +29,7 @@ FORMAT = "mxfp4"  # the Stored.format of the release's blocks/scales (moepack.mo
 _ROW_OPS = ("even", "odd", "half0", "half1")  # layout ops that select along the stored rows once transposed
 
 
-def source_rows(ref: Any) -> tuple[RawTensor, RawTensor, np.ndarray] | None:
+def source_rows(ref: TensorRef) -> tuple[RawTensor, RawTensor, np.ndarray] | None:
     """(blocks (R, G, 16), scales (R, G), the rows of the stored matrix this tensor is) of a checkpoint tensor
     stored as one expert's MXFP4 slice; None when it is anything else."""
     stored = getattr(ref, "stored", None)
@@ -43,7 +46,7 @@ def source_rows(ref: Any) -> tuple[RawTensor, RawTensor, np.ndarray] | None:
     return stored.parts[0], stored.parts[1], rows.reshape(-1).numpy()
 
 
-def is_source(view: Any, o: OutTensor) -> bool:
+def is_source(view: CheckpointView, o: OutTensor) -> bool:
     """Whether GGUF tensor `o` can be written as MXFP4 from the source's own bytes (lossless)."""
     if not o.sources or o.transform not in ("stack", ""):
         return False
@@ -64,14 +67,14 @@ def repack(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return out.reshape(blocks.shape[0], -1)
 
 
-def _one(ref: Any) -> np.ndarray:
+def _one(ref: TensorRef) -> np.ndarray:
     src = source_rows(ref)
     assert src is not None
     blocks, scales, rows = src
     return repack(blocks.read().numpy()[rows], scales.read().numpy()[rows])  # (rows, 17·G)
 
 
-def source_bytes(view: Any, o: OutTensor) -> np.ndarray:
+def source_bytes(view: CheckpointView, o: OutTensor) -> np.ndarray:
     """The GGUF MXFP4 bytes of `o` from the source's blocks and scales: (E, bytes per expert) for stacked
     experts, (rows, row bytes) for one tensor. The caller checked `is_source(view, o)`."""
     if o.transform != "stack":

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import gguf
 
@@ -24,7 +24,7 @@ from moepack.gguf.linear_attn import QKVZ_SPLIT, qkvz_shapes
 from moepack.model.arch import Role, beyond_decoder, expert_key
 
 if TYPE_CHECKING:
-    from moepack.model.checkpoint import TensorRef
+    from moepack.model.checkpoint import CheckpointView, TensorRef
 
 __all__ = [
     "GGUFNameError",
@@ -79,7 +79,7 @@ class OutTensor:
         return n
 
 
-def model_arch(view: Any) -> gguf.MODEL_ARCH:
+def model_arch(view: CheckpointView) -> gguf.MODEL_ARCH:
     """gguf's MODEL_ARCH for a view (its spec's `gguf_arch`, a `gguf.MODEL_ARCH_NAMES` value)."""
     name = view.spec.gguf_arch
     for arch, arch_name in gguf.MODEL_ARCH_NAMES.items():
@@ -93,7 +93,7 @@ def _name_map(arch: gguf.MODEL_ARCH, n_blocks: int) -> gguf.TensorNameMap:
     return gguf.get_tensor_name_map(arch, n_blocks)
 
 
-def _n_blocks(view: Any) -> int:
+def _n_blocks(view: CheckpointView) -> int:
     return int(view.facts.n_layers)
 
 
@@ -111,7 +111,7 @@ def source_key(name: str) -> str:
     return key
 
 
-def _lookup(view: Any, key: str) -> tuple[gguf.MODEL_TENSOR, str]:
+def _lookup(view: CheckpointView, key: str) -> tuple[gguf.MODEL_TENSOR, str]:
     tmap = _name_map(model_arch(view), _n_blocks(view))
     hit = tmap.get_type_and_name(key, try_suffixes=(".weight", ".bias"))
     if hit is None:
@@ -119,29 +119,29 @@ def _lookup(view: Any, key: str) -> tuple[gguf.MODEL_TENSOR, str]:
     return hit
 
 
-def gguf_tensor_name(view: Any, ref: TensorRef | str) -> str:
+def gguf_tensor_name(view: CheckpointView, ref: TensorRef | str) -> str:
     """GGUF name of a checkpoint tensor: every expert of layer 3's down_proj → "blk.3.ffn_down_exps.weight"."""
     name = ref if isinstance(ref, str) else ref.name
     return _lookup(view, source_key(name))[1]
 
 
-def gguf_model_tensor(view: Any, ref: TensorRef | str) -> gguf.MODEL_TENSOR:
+def gguf_model_tensor(view: CheckpointView, ref: TensorRef | str) -> gguf.MODEL_TENSOR:
     name = ref if isinstance(ref, str) else ref.name
     return _lookup(view, source_key(name))[0]
 
 
-def gguf_group_name(view: Any, ref: TensorRef | str) -> str:
+def gguf_group_name(view: CheckpointView, ref: TensorRef | str) -> str:
     """The tensor's kind without its block: "ffn_down_exps", "attn_kv_b", "token_embd" (gguf.TENSOR_NAMES)."""
     mt = gguf_model_tensor(view, ref)
     return gguf.TENSOR_NAMES[mt].replace("blk.{bid}.", "")
 
 
-def _mla_split(view: Any) -> bool:
+def _mla_split(view: CheckpointView) -> bool:
     """Whether kv_b_proj is written as attn_k_b + attn_v_b (the layout the bundled llama.cpp converter writes)."""
     return view.spec.kv_cache == "mla"  # deepseek2 (DeepSeek-V2/V3, Kimi-K2), glm-dsa (GLM-5)
 
 
-def _mla_outputs(view: Any, ref: TensorRef, key: str) -> list[OutTensor]:
+def _mla_outputs(view: CheckpointView, ref: TensorRef, key: str) -> list[OutTensor]:
     """kv_b_proj → attn_k_b, attn_v_b, as convert_hf_to_gguf.py's DeepseekV2Model.modify_tensors splits it."""
     cfg = view.config
     n_head = int(cfg["num_attention_heads"])
@@ -154,7 +154,7 @@ def _mla_outputs(view: Any, ref: TensorRef, key: str) -> list[OutTensor]:
                       ref.quantizable, ref.role, ref.layer) for hf, part in MLA_SPLIT]
 
 
-def _qkvz_outputs(view: Any, ref: TensorRef, key: str) -> list[OutTensor]:
+def _qkvz_outputs(view: CheckpointView, ref: TensorRef, key: str) -> list[OutTensor]:
     """Qwen3-Next's in_proj_qkvz → attn_qkv, attn_gate, as the converter's Qwen3NextModel.modify_tensors splits it."""
     shapes = qkvz_shapes(view.config)
     if ref.shape != (shapes["qkvz_qkv"][0] + shapes["qkvz_z"][0], shapes["qkvz_z"][1]):
@@ -163,7 +163,7 @@ def _qkvz_outputs(view: Any, ref: TensorRef, key: str) -> list[OutTensor]:
                       ref.quantizable, ref.role, ref.layer) for hf, part in QKVZ_SPLIT]
 
 
-def _plain_output(view: Any, ref: TensorRef, key: str, quantizable: bool) -> OutTensor:
+def _plain_output(view: CheckpointView, ref: TensorRef, key: str, quantizable: bool) -> OutTensor:
     """One tensor written from one: as stored, or changed as the architecture's converter changes it."""
     transform = view.spec.extra.get("gguf_transforms", {}).get(ref.kind, "")
     if view.spec.gguf_arch == "llama" and ref.kind in ("q_proj", "k_proj"):
@@ -177,7 +177,7 @@ _KEEP_F32 = (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEX
              gguf.MODEL_TENSOR.INDEXER_PROJ)  # the DSA indexer's head weights (GLM-5): F32 as the converter writes
 
 
-def gguf_outputs(view: Any) -> list[OutTensor]:
+def gguf_outputs(view: CheckpointView) -> list[OutTensor]:
     """Every tensor of the GGUF file for `view`, in file order: token_embd, blocks by layer, output_norm, output."""
     groups: dict[str, list[TensorRef]] = {}
     n_blocks = _n_blocks(view)

@@ -5,30 +5,32 @@
 
 --type T      every quantizable tensor at T (norms, routers, biases stay F32), llama.cpp's fallbacks where a row
               width does not suit T.
---plan FILE   per-tensor types from a quant plan: {"tensors": {"<GGUF tensor name>": "<GGML type>", ...}, ...}.
+--plan FILE   per-tensor types from a quant plan (read by moepack.schema.QuantPlan: allocate's, or one written by
+              hand): {"tensors": {"<GGUF tensor name>": "<GGML type>" or {"type": ...}, ...}, ...}.
 --ftype F     llama.cpp's own standard mixture (Q4_K_M, Q2_K, IQ2_XXS, ...) through llama_model_quantize, from a
               lossless BF16 (or F32) GGUF written first: the uniform baselines.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 
 from moepack.errors import MoepackError
 from moepack.gguf import kernels as ggml
 from moepack.gguf.imatrix import ImatrixFile, imatrix_by_output, load_imatrix, prune_imatrix, write_imatrix_gguf
+from moepack.gguf.llama_quantize import quantize_gguf_ftype
 from moepack.gguf.types import parse_type
 from moepack.gguf.writer import WriteReport, write_gguf
-from moepack.model.checkpoint import open_checkpoint
-from moepack.schema import PrunePlan
+from moepack.model.checkpoint import CheckpointView, open_checkpoint
+from moepack.schema import PrunePlan, QuantPlan
 
-__all__ = ["quantize_model", "read_quant_plan"]
+__all__ = ["quantize_model"]
 
 log = logging.getLogger(__name__)
 
@@ -37,35 +39,24 @@ log = logging.getLogger(__name__)
 _FTYPES_NEED_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_S")
 
 
-def read_quant_plan(path: str | Path) -> tuple[dict[str, str], dict[str, Any]]:
-    """({GGUF tensor name: GGML type name}, whole plan) from a quant plan JSON (allocate's `quant_plan.json`).
-
-    A tensor's entry is a type name, or an object with a "type" key."""
-    p = Path(path)
-    try:
-        plan = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise MoepackError(f"{p}: no such quant plan") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MoepackError(f"{p}: invalid JSON ({e})") from None
-    tensors = plan.get("tensors") if isinstance(plan, dict) else None
-    if not isinstance(tensors, dict) or not tensors:
-        raise MoepackError(f"{p}: a quant plan needs a non-empty \"tensors\" object (GGUF tensor name → type)")
+def _plan(path: str | Path) -> QuantPlan:
+    """The quant plan at `path` (allocate's, or one written by hand), its type names checked and spelled as GGML's."""
+    plan = QuantPlan.read(path)
     types: dict[str, str] = {}
-    for name, v in tensors.items():
-        t = v.get("type") if isinstance(v, dict) else v
-        if not isinstance(t, str):
-            raise MoepackError(f"{p}: tensor {name!r} has no type name")
-        types[name] = parse_type(t).name
-    return types, plan
+    for name, t in plan.tensors.items():
+        try:
+            types[name] = parse_type(t).name
+        except MoepackError as e:
+            raise MoepackError(f"{path}: tensor {name!r}: {e}") from None
+    return replace(plan, tensors=types)
 
 
-def _intermediate_type(view: Any) -> str:
+def _intermediate_type(view: CheckpointView) -> str:
     """BF16 when every weight matrix is stored in BF16 (lossless and half of F32's size), else F32."""
     return "BF16" if all(t.dtype == "BF16" for t in view.tensors.values() if t.quantizable) else "F32"
 
 
-def _quantize_ftype(view: Any, out: Path, ftype: str, imatrix: Mapping[str, np.ndarray] | None,
+def _quantize_ftype(view: CheckpointView, out: Path, ftype: str, imatrix: Mapping[str, np.ndarray] | None,
                     threads: int | None, prune_plan: PrunePlan | None) -> WriteReport:
     ggml.parse_ftype(ftype)  # validate before writing anything
     if imatrix is None and ftype.strip().upper() in _FTYPES_NEED_IMATRIX:
@@ -77,9 +68,9 @@ def _quantize_ftype(view: Any, out: Path, ftype: str, imatrix: Mapping[str, np.n
         if imatrix is not None:  # llama_model_quantize reads llama.cpp's imatrix GGUF
             im_path = Path(tmpdir) / "imatrix.gguf"
             write_imatrix_gguf(ImatrixFile.of_means(imatrix_by_output(view, imatrix)), im_path)
-        write_gguf(view, src, default_type=src_type, prune_plan=prune_plan, threads=threads,
-                   plan_record={"ftype": ftype.upper(), "source_type": src_type})
-        ggml.quantize_gguf_ftype(src, out, ftype, imatrix=im_path, threads=threads or 2)
+        write_gguf(view, src, None, prune_plan=prune_plan, threads=threads, default_type=src_type,
+                   ftype=ftype.upper())
+        quantize_gguf_ftype(src, out, ftype, imatrix=im_path, threads=threads or 2)
     return _report_from_file(out)
 
 
@@ -106,7 +97,7 @@ def quantize_model(model_dir: str | Path, out: str | Path, *, qtype: str | None 
         qtype = parse_type(qtype).name  # validate before reading anything
     if ftype is not None:
         ggml.parse_ftype(ftype)
-    types, whole = read_quant_plan(plan) if plan is not None else (None, None)
+    quant_plan = _plan(plan) if plan is not None else None
     view = open_checkpoint(model_dir)
     prune = PrunePlan.beside(model_dir)
     im = load_imatrix(imatrix, view) if imatrix is not None else None
@@ -114,8 +105,5 @@ def quantize_model(model_dir: str | Path, out: str | Path, *, qtype: str | None 
         im = prune_imatrix(im, prune)
     if ftype is not None:
         return _quantize_ftype(view, out, ftype, im, threads, prune)
-    if plan is not None:
-        return write_gguf(view, out, default_type=None, tensor_types=types, imatrix=im, quant_plan=whole,
-                          prune_plan=prune, threads=threads, progress=progress)
-    return write_gguf(view, out, default_type=qtype, imatrix=im, prune_plan=prune,
-                      threads=threads, progress=progress)
+    return write_gguf(view, out, quant_plan, imatrix=im, prune_plan=prune, threads=threads, progress=progress,
+                      default_type=qtype if quant_plan is None else None)

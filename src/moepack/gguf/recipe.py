@@ -15,12 +15,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from moepack.gguf.keys import Keys
 from moepack.gguf.metadata import WriteError, moepack_value
 
-__all__ = ["RECIPE_KEY", "RECIPE_MAX_BYTES", "RECIPE_VERSION", "tensor_class", "types_by_class", "file_recipe",
+__all__ = ["RECIPE_MAX_BYTES", "RECIPE_VERSION", "tensor_class", "types_by_class", "file_recipe",
            "recipe_json", "recipe_placeholder", "read_recipe"]
 
-RECIPE_KEY = "recipe"  # metadata key moepack.recipe
 RECIPE_VERSION = 1
 RECIPE_MAX_BYTES = 2048  # the allowance overhead_bytes plans for; ~600 B for DeepSeek-V3's 17 tensor classes
 _DERIVED = ("v", "keep", "top_k", "experts", "types", "ftype")
@@ -92,5 +92,5 @@ def read_recipe(path: str | Path) -> dict[str, Any] | None:
     """moepack.recipe of a GGUF file (None for a file without one)."""
     import gguf
 
-    field = gguf.GGUFReader(path).fields.get(f"moepack.{RECIPE_KEY}")
+    field = gguf.GGUFReader(path).fields.get(Keys.RECIPE)
     return None if field is None else json.loads(field.contents())

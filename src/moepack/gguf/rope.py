@@ -8,12 +8,16 @@ generate_extra_tensors); `generated_outputs(view)` names it, `generated_f32(view
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
 
 from moepack.model.arch import Role
+
+if TYPE_CHECKING:
+    from moepack.gguf.names import OutTensor
+    from moepack.model.checkpoint import CheckpointView
 
 __all__ = ["ROPE_FREQS", "generated_outputs", "generated_f32", "llama3_rope_factors"]
 
@@ -59,7 +63,7 @@ def _llama3(cfg: dict[str, Any]) -> bool:
     return str(rope.get("rope_type", rope.get("type", ""))).lower() == "llama3"
 
 
-def generated_outputs(view: Any, out_tensor: type) -> list[Any]:
+def generated_outputs(view: CheckpointView, out_tensor: type[OutTensor]) -> list[OutTensor]:
     """The generated tensors of `view`'s GGUF, as `out_tensor` (names.OutTensor) entries without sources."""
     if not view.spec.extra.get("rope_freqs") or not _llama3(view.config):
         return []
@@ -68,7 +72,7 @@ def generated_outputs(view: Any, out_tensor: type) -> list[Any]:
     return [out_tensor(name, shape, (), ROPE_FREQS, name, False, Role.NORM, None)]
 
 
-def generated_f32(view: Any, o: Any) -> np.ndarray:
+def generated_f32(view: CheckpointView, o: OutTensor) -> np.ndarray:
     if o.transform != ROPE_FREQS:
         raise ValueError(f"{o.name}: no generator for {o.transform!r}")
     return llama3_rope_factors(view.config)

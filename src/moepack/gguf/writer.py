@@ -24,14 +24,15 @@ from moepack.atomic import atomic_path
 from moepack.gguf import kernels as ggml
 from moepack.gguf import mxfp4
 from moepack.gguf.imatrix import importance_rows
+from moepack.gguf.keys import Keys
 from moepack.gguf.linear_attn import ELEMENTWISE, V_TILED, split_qkvz, tile_v_heads
 from moepack.gguf.metadata import WriteError, has_metadata_writer, write_metadata
 from moepack.gguf.names import OutTensor, gguf_outputs
 from moepack.gguf.rope import generated_f32
-from moepack.gguf.recipe import RECIPE_KEY, file_recipe, recipe_json, recipe_placeholder
+from moepack.gguf.recipe import file_recipe, recipe_json, recipe_placeholder
 from moepack.gguf.types import fallback_type, parse_type, tensor_bytes
-from moepack.model.checkpoint import import_reader
-from moepack.schema import PrunePlan
+from moepack.model.checkpoint import CheckpointView, import_reader
+from moepack.schema import PrunePlan, QuantPlan
 
 __all__ = [
     "TypedTensor",
@@ -119,7 +120,7 @@ def _permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
             .reshape(w.shape))  # (n_head*hd, H)
 
 
-def source_f32(view: Any, o: OutTensor) -> np.ndarray:
+def source_f32(view: CheckpointView, o: OutTensor) -> np.ndarray:
     """Float32 data of a non-stacked output tensor, transformed into llama.cpp's layout."""
     if not o.sources:  # made from config.json (rope_freqs)
         return generated_f32(view, o)
@@ -154,7 +155,7 @@ def _encode(x: np.ndarray, qtype: GGMLQuantizationType, im: np.ndarray | None, t
     return ggml.quantize(x, qtype, imatrix=im, threads=threads)
 
 
-def _encode_blocks(view: Any, o: OutTensor, qtype: GGMLQuantizationType, im: np.ndarray | None,
+def _encode_blocks(view: CheckpointView, o: OutTensor, qtype: GGMLQuantizationType, im: np.ndarray | None,
                    threads: int | None) -> np.ndarray:
     """A large plain 2-D tensor (token_embd, output) converted and quantized in row blocks: peak memory is the
     stored tensor plus one float32 block and the output, not a float32 copy of the whole (V, H) matrix."""
@@ -172,7 +173,7 @@ def _encode_blocks(view: Any, o: OutTensor, qtype: GGMLQuantizationType, im: np.
     return out
 
 
-def tensor_data(view: Any, t: TypedTensor, im: np.ndarray | None, threads: int | None) -> np.ndarray:
+def tensor_data(view: CheckpointView, t: TypedTensor, im: np.ndarray | None, threads: int | None) -> np.ndarray:
     """The GGUF bytes of one tensor. Stacked experts are gathered into one (E, rows, n) array and quantized in one
     call, so the thread pool spans every expert (peak memory: one stacked tensor in f32 plus its bytes)."""
     o = t.out
@@ -221,43 +222,47 @@ def verify_gguf(path: Path, typed: list[TypedTensor]) -> None:
         raise WriteError(f"{path}: size {path.stat().st_size} does not match its tensors (end {end})")
 
 
-def _plan_record(typed: list[TypedTensor], source_plan: Mapping[str, Any] | None) -> dict[str, Any]:
+def _plan_record(typed: list[TypedTensor], plan: QuantPlan | None, ftype: str | None,
+                 default_type: GGMLQuantizationType | str | None) -> dict[str, Any]:
+    """moepack.quant_plan: the types written, the fallbacks taken and how the plan was made (its `source`); a file
+    llama.cpp's quantizer re-types afterwards records that mixture and the type it starts from instead."""
+    if ftype is not None:
+        return {"ftype": ftype, "source_type": parse_type(default_type or "F32").name}
     rec: dict[str, Any] = {"tensors": {t.out.name: t.qtype.name for t in typed if t.out.quantizable},
                            "fallbacks": {t.out.name: t.requested.name for t in typed if t.requested != t.qtype}}
-    if source_plan:
-        rec["source"] = {k: v for k, v in source_plan.items() if k != "tensors"}
+    if plan is not None:
+        rec["source"] = plan.source
     return rec
 
 
-def _recipe(view: Any, typed: list[TypedTensor], n_expert: int, prune_plan: PrunePlan | None,
-            plan_record: Mapping[str, Any] | None, given: Mapping[str, Any] | None) -> dict[str, Any]:
-    """moepack.recipe: what is written, plus the caller's `given` fields. A plan record naming an `ftype` means
-    llama.cpp's quantizer types this file's tensors afterwards (moepack quantize --ftype): the recipe names it."""
-    ftype = (plan_record or {}).get("ftype")
-    types = str(ftype) if ftype else {t.out.name: t.qtype.name for t in typed if t.out.quantizable}
+def _recipe(view: CheckpointView, typed: list[TypedTensor], n_expert: int, prune_plan: PrunePlan | None,
+            ftype: str | None, given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """moepack.recipe: what is written, plus the caller's `given` fields; a file llama.cpp's quantizer re-types
+    afterwards (moepack quantize --ftype) names that mixture instead of the types."""
+    types = ftype if ftype else {t.out.name: t.qtype.name for t in typed if t.out.quantizable}
     n_layers = len({t.out.layer for t in typed if t.out.transform == "stack"})
     return recipe_json(file_recipe(types, n_expert, n_layers, view.facts.top_k, prune_plan, given))
 
 
-def _prepare(view: Any, default_type: GGMLQuantizationType | str | None, tensor_types: Mapping[str, str] | None,
-             imatrix: Mapping[str, np.ndarray] | None, quant_plan: Mapping[str, Any] | None,
-             prune_plan: PrunePlan | None, plan_record: Mapping[str, Any] | None,
+def _prepare(view: CheckpointView, plan: QuantPlan | None, default_type: GGMLQuantizationType | str | None,
+             prune_plan: PrunePlan | None, imatrix: Mapping[str, np.ndarray] | None = None, ftype: str | None = None,
              recipe: Mapping[str, Any] | None = None) -> tuple[list[TypedTensor], int, dict[str, Any]]:
     """Everything decided and validated before a byte is written: types, expert count, moepack.* metadata."""
-    typed = resolve_types(gguf_outputs(view), default_type, tensor_types)
+    if ftype is not None and plan is not None:
+        raise WriteError("a file llama.cpp's quantizer re-types (an ftype) is written at one type: pass no quant plan")
+    typed = resolve_types(gguf_outputs(view), default_type, plan.tensors if plan is not None else None)
     _check_imatrix_needs(typed, imatrix)
     n_expert = _expert_count(typed)
     if not has_metadata_writer(view.spec.gguf_arch):
         raise WriteError(f"no GGUF metadata writer for llama.cpp architecture {view.spec.gguf_arch!r}")
-    extra: dict[str, Any] = {"quant_plan": dict(plan_record) if plan_record is not None
-                             else _plan_record(typed, quant_plan)}
+    extra: dict[str, Any] = {Keys.QUANT_PLAN: _plan_record(typed, plan, ftype, default_type)}
     if prune_plan is not None:
-        extra["prune_plan"] = prune_plan.to_dict()
-    extra[RECIPE_KEY] = _recipe(view, typed, n_expert, prune_plan, plan_record, recipe)
+        extra[Keys.PRUNE_PLAN] = prune_plan.to_dict()
+    extra[Keys.RECIPE] = _recipe(view, typed, n_expert, prune_plan, ftype, recipe)
     return typed, n_expert, extra
 
 
-def _start_file(path: Path, view: Any, typed: list[TypedTensor], n_expert: int,
+def _start_file(path: Path, view: CheckpointView, typed: list[TypedTensor], n_expert: int,
                 extra: Mapping[str, Any]) -> gguf.GGUFWriter:
     """A GGUFWriter on `path` with header, metadata and tensor infos written, ready for tensor data."""
     w = gguf.GGUFWriter(path, view.spec.gguf_arch)
@@ -274,16 +279,15 @@ def _start_file(path: Path, view: Any, typed: list[TypedTensor], n_expert: int,
     return w
 
 
-def overhead_bytes(view: Any, *, default_type: GGMLQuantizationType | str | None = "F32",
-                   tensor_types: Mapping[str, str] | None = None, quant_plan: Mapping[str, Any] | None = None,
-                   prune_plan: PrunePlan | None = None) -> int:
+def overhead_bytes(view: CheckpointView, plan: QuantPlan | None = None, *, prune_plan: PrunePlan | None = None,
+                   default_type: GGMLQuantizationType | str | None = "F32") -> int:
     """Bytes of the GGUF before its tensor data (header, metadata with vocab and plans, tensor infos, padding):
     the file is at most this plus each tensor's bytes padded to the alignment (the recipe, not known yet, is counted
     at its longest: RECIPE_MAX_BYTES). Reads no weights."""
     import tempfile
 
-    typed, n_expert, extra = _prepare(view, default_type, tensor_types, None, quant_plan, prune_plan, None)
-    extra[RECIPE_KEY] = recipe_placeholder()
+    typed, n_expert, extra = _prepare(view, plan, default_type, prune_plan)
+    extra[Keys.RECIPE] = recipe_placeholder()
     with tempfile.TemporaryDirectory() as d:
         w = _start_file(Path(d) / "header.gguf", view, typed, n_expert, extra)
         end = w.fout[0].tell()
@@ -291,24 +295,23 @@ def overhead_bytes(view: Any, *, default_type: GGMLQuantizationType | str | None
     return gguf.GGUFWriter.ggml_pad(end, ALIGNMENT)
 
 
-def write_gguf(view: Any, out_path: str | Path, *, default_type: GGMLQuantizationType | str | None = "F32",
-               tensor_types: Mapping[str, str] | None = None, imatrix: Mapping[str, np.ndarray] | None = None,
-               quant_plan: Mapping[str, Any] | None = None, prune_plan: PrunePlan | None = None,
-               threads: int | None = None, progress: bool = True,
-               plan_record: Mapping[str, Any] | None = None, recipe: Mapping[str, Any] | None = None) -> WriteReport:
+def write_gguf(view: CheckpointView, out_path: str | Path, plan: QuantPlan | None = None, *,
+               imatrix: Mapping[str, np.ndarray] | None = None, prune_plan: PrunePlan | None = None,
+               threads: int | None = None, progress: bool = True, recipe: Mapping[str, Any] | None = None,
+               default_type: GGMLQuantizationType | str | None = "F32", ftype: str | None = None) -> WriteReport:
     """Write `view` as GGUF to `out_path` (via `out_path`.tmp, checked, renamed). Returns what was written.
 
-    `tensor_types` maps GGUF tensor names (or a kv_b source key) to GGML type names; tensors it does not name get
+    `plan.tensors` maps GGUF tensor names (or a kv_b source key) to GGML type names; tensors it does not name get
     `default_type` (None: every quantizable tensor must be named). `imatrix` maps GGUF names to (E or 1, n).
-    The types written (after fallbacks) and `quant_plan`'s other fields go to metadata `moepack.quant_plan`
-    (`plan_record` replaces that record), `prune_plan` to `moepack.prune_plan`; `recipe` adds the caller's fields
-    (e.g. the budget) to `moepack.recipe` (moepack.gguf.recipe).
+    The types written (after fallbacks) and how the plan was made (`plan.source`) go to metadata moepack.quant_plan,
+    `prune_plan` to moepack.prune_plan; `recipe` adds the caller's fields (e.g. the budget) to moepack.recipe
+    (moepack.gguf.recipe). `ftype`: llama.cpp's mixture that re-types this file afterwards (moepack quantize
+    --ftype), recorded in both instead of the types written at `default_type`.
     """
     out_path = Path(out_path)
     if not out_path.parent.is_dir():
         raise WriteError(f"{out_path.parent}: output directory does not exist")
-    typed, n_expert, extra = _prepare(view, default_type, tensor_types, imatrix, quant_plan, prune_plan,
-                                      plan_record, recipe)
+    typed, n_expert, extra = _prepare(view, plan, default_type, prune_plan, imatrix, ftype, recipe)
     import_reader()  # before the output exists: an interrupt inside torch's import would abort, not clean up
     try:
         with atomic_path(out_path) as tmp:
@@ -327,7 +330,7 @@ def write_gguf(view: Any, out_path: str | Path, *, default_type: GGMLQuantizatio
     return WriteReport(out_path, size, {t.out.name: t.qtype.name for t in typed}, fallbacks)
 
 
-def _write_tensors(w: gguf.GGUFWriter, view: Any, typed: list[TypedTensor],
+def _write_tensors(w: gguf.GGUFWriter, view: CheckpointView, typed: list[TypedTensor],
                    imatrix: Mapping[str, np.ndarray] | None, threads: int | None, progress: bool) -> None:
     from tqdm import tqdm
 

@@ -12,7 +12,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -22,9 +22,6 @@ from moepack.model.arch import (DERIVED_BUFFERS, EXPERT_COUNT_KEYS, F32_KINDS, A
 from moepack.model.stored import (DTYPE_BYTES, FORMAT_ADAPTERS, Logical, RawTensor, Stored, decode, split_fused,
                                   torch_dtype)
 from moepack.model import formats  # noqa: F401  (registers the compressed formats' adapters and decoders)
-
-if TYPE_CHECKING:
-    from moepack.schema import PrunePlan
 
 __all__ = [
     "CheckpointError",
@@ -354,12 +351,6 @@ class CheckpointView:
             t = self.tensors[n]
             h.update(f"{n}|{t.shape}|{t.dtype}|{t.nbytes}\n".encode())
         return h.hexdigest()[:16]
-
-    def with_plan(self, plan: PrunePlan, top_k: int | None = None) -> CheckpointView:
-        """The model as pruned by a prune plan (prune_plan.json), remapped lazily: no data is read."""
-        from moepack.model.pruned import pruned_view  # the pruned view is a CheckpointView: imported when used
-
-        return pruned_view(self, plan, top_k)
 
 
 _FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")

@@ -1,33 +1,35 @@
 """`moepack compress`: calibrate → prune → adjust k' → sensitivity → allocate → write → verify, in one resumable run.
 
-Every stage artifact lives in the run directory (default: OUT.gguf's name + ".run" beside it). Calibration and
-pruning reuse their own outputs when the inputs match; sensitivity, allocation and the GGUF are recorded by
-`RunDir`, so a rerun after an interruption redoes only unfinished stages and writes identical bytes.
+Read top to bottom, `compress` is: check the request and the budget before any work (moepack.pipeline
+.budget_check), open the checkpoint once, calibrate, search the retentions (moepack.pipeline.search
+.CandidateSearch), write the chosen plan's GGUF once at OUT, check its size, run it in llama.cpp, and write the run's
+RunSummary (summary.json). Every stage artifact lives in the run directory (default: OUT.gguf's name + ".run" beside
+it; its files are named by moepack.schema.run.RunLayout) and is recorded by moepack.rundir.RunDir, so a rerun after
+an interruption redoes only unfinished stages and writes identical bytes.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moepack.atomic import atomic_write_text
 from moepack.backends import Backend, LocalBackend
 from moepack.errors import MoepackError
-from moepack.gguf.types import smallest_type
 from moepack.model.checkpoint import CheckpointView, open_checkpoint
 from moepack.model.pruned import kept_count
 from moepack.model.textdata import DEFAULT_CALIB_TEXT
-from moepack.pipeline.candidates import Candidate, candidate, fits
+from moepack.pipeline.budget_check import check_feasible, check_file
+from moepack.pipeline.candidates import Candidate
 from moepack.pipeline.options import KEEP_AUTO_CANDIDATES, CompressError, CompressOptions
-from moepack.pipeline.runstate import RunDir
-from moepack.schema import CalibStats, PrunePlan
-from moepack.stages.budget import Budget, BudgetError, BudgetRequest, budget_for, format_size
+from moepack.pipeline.search import CandidateSearch
+from moepack.rundir import RunDir
+from moepack.schema import CalibStats, PrunePlan, RunSummary
+from moepack.stages.budget import Budget, BudgetRequest, budget_for
 
-__all__ = ["CompressResult", "calibrate_run", "compress", "dry_run", "render_summary"]
+__all__ = ["calibrate_run", "compress", "dry_run"]
 
 log = logging.getLogger(__name__)
 
@@ -35,43 +37,52 @@ SAMPLE_PROMPT = "Once upon a time, there was a little girl named"
 VERIFY_TARGET = "moepack.gguf.runtime:sample_text"  # run in a child process by _verify
 
 
-@dataclass
-class CompressResult:
-    out: Path
-    run_dir: Path
-    keep: float
-    top_k: int
-    n_experts: tuple[int, int]  # (kept, original)
-    budget: dict[str, Any]
-    file_bytes: int
-    predicted_bytes: int
-    bpw: float
-    types: dict[str, dict[str, int]]  # tensor class → type → count
-    selection_kld: float  # KLD vs the original on the selection tokens (every choice saw them), fake-quantized
-    report_kld: float | None  # the same on the report tokens no choice saw: the result (None: text too short)
-    candidates: list[dict[str, Any]] = field(default_factory=list)
-    mixtures: dict[str, Any] | None = None  # llama.cpp's fitting mixtures measured against the plan (dominance)
-    refinement: dict[str, Any] | None = None  # the allocated plan's predicted vs measured KLD and the moves taken
-    criterion: str = "score"  # the pruning criterion (and α) of the chosen candidate
-    alpha: float = 0.5
-    timings: dict[str, float] = field(default_factory=dict)
-    report_tokens: int = 0
-    sample: str = ""
-    verify_error: str | None = None  # why llama.cpp could not run the written file here, if it could not
-    llama_command: str = ""  # the llama.cpp command line that runs the file as it was placed and verified
-    placement: dict[str, Any] | None = None  # GPU + RAM budgets: each side's tensor bytes and budget
-    runtime: str = ""  # the llama.cpp build the file was verified with (the model card names it)
+def compress(model_dir: str | Path, out: str | Path, request: BudgetRequest, opts: CompressOptions,
+             run_dir: str | Path | None = None, backend: Backend | None = None) -> RunSummary:
+    """The whole pipeline; see the module docstring. The budget `request` is computed on the original checkpoint
+    (`target_bpw` counts its parameters). `backend` runs calibration shards and sensitivity probes (default
+    in-process; moepack.backends)."""
+    model_dir, out = Path(model_dir), Path(out)
+    ref, keeps, budget = _checked(model_dir, out, request, opts)
+    backend = backend or LocalBackend()
+    run = RunDir(Path(run_dir) if run_dir else out.with_name(out.name + ".run"))
+    stats = calibrate_run(ref, run, opts, backend)
+    search = CandidateSearch(run, ref, stats, budget, opts, backend)
+    for k in keeps:  # largest retention first: it sets the bar the others are screened against
+        search.candidate(k)
+    best = search.best()
+    _write(run, best, out, opts, budget)
+    _save_pruned(best, opts.save_pruned, opts)
+    check_file(out, budget)
+    verified = _verified(out, budget, opts)
+    summary = _summary(search, best, out, search.report_kld(best), verified)
+    summary.write(run.layout.summary)
+    if verified.error:
+        raise CompressError(f"{out} is written and its run summary is in {run.layout.summary}, but llama.cpp "
+                            f"could not run it here: {verified.error}")
+    return summary
 
-    @property
-    def measured_kld(self) -> float:
-        """The selection KLD (the name callers before the report split read)."""
-        return self.selection_kld
 
-    def summary(self) -> dict[str, Any]:
-        """summary.json: the fields, and `measured_kld` (the result: report KLD, else selection) for its readers
-        (moepack report, the model card)."""
-        kld = self.report_kld if self.report_kld is not None else self.selection_kld
-        return asdict(self) | {"measured_kld": kld}
+def _checked(model_dir: Path, out: Path, request: BudgetRequest,
+             opts: CompressOptions) -> tuple[CheckpointView, list[float], Budget]:
+    """The checkpoint (opened once, for the whole run), the retentions to try and the budget, every request checked
+    before any work; logs the plan (stages, predicted time, peak RAM, scratch disk)."""
+    if not out.parent.is_dir():
+        raise CompressError(f"{out.parent}: output directory does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise CompressError(f"{out.parent}: output directory is not writable")
+    ref = open_checkpoint(model_dir)
+    keeps = _validate(opts, ref)
+    _check_save_pruned(opts.save_pruned, model_dir)
+    budget = budget_for(request, ref)
+    check_feasible(ref, budget, opts)
+    if opts.shards is not None and opts.shards < 1:
+        raise CompressError(f"--shards must be at least 1 (got {opts.shards})")
+    try:
+        log.info("%s", _plan_text(ref, budget, opts, keeps))
+    except (MoepackError, ValueError, KeyError) as e:  # an estimate must never stop the run it describes
+        log.warning("no cost estimate for this model (%s); compressing anyway", e)
+    return ref, keeps, budget
 
 
 def _validate(opts: CompressOptions, view: CheckpointView) -> list[float]:
@@ -87,8 +98,9 @@ def _validate(opts: CompressOptions, view: CheckpointView) -> list[float]:
     return [keep]
 
 
-def calibrate_run(model_dir: Path, run: RunDir, opts: CompressOptions, backend: Backend) -> CalibStats:
-    """compress's calibration stage into `run` (reused when its inputs are unchanged); bench/claim.py runs it ahead."""
+def calibrate_run(view: CheckpointView, run: RunDir, opts: CompressOptions, backend: Backend) -> CalibStats:
+    """compress's calibration stage of `view` into `run` (reused when its inputs are unchanged); bench/claim.py runs
+    it ahead."""
     from moepack.stages.calibrate import run_calibrate
 
     text = opts.calib_text or DEFAULT_CALIB_TEXT
@@ -96,7 +108,7 @@ def calibrate_run(model_dir: Path, run: RunDir, opts: CompressOptions, backend: 
              " (moepack's bundled mix of stories, encyclopedic prose, dialogue, code and web text; pass --calib-text "
              "with text from your own domain for a better file)")
     t0 = time.perf_counter()
-    stats = run_calibrate(model_dir, text, run.root, tokens=opts.calib_tokens, seq_len=opts.seq_len,
+    stats = run_calibrate(view, text, run.root, tokens=opts.calib_tokens, seq_len=opts.seq_len,
                           heldout_tokens=opts.sens_tokens, progress=opts.progress, backend=backend,
                           shards=opts.shards, threads=opts.threads,
                           report_tokens=opts.sens_tokens if opts.report_tokens is None else opts.report_tokens)
@@ -125,9 +137,9 @@ def _write(run: RunDir, cand: Candidate, out: Path, opts: CompressOptions, budge
            "writer": WRITER_ID, "out": str(out.resolve())}
 
     def work() -> None:
-        write_gguf(cand.view, out, default_type=None, tensor_types=cand.plan.tensors,
-                   imatrix=_imatrix_for(cand.view, run, cand.prune_plan), quant_plan=cand.plan.to_dict(),
-                   prune_plan=cand.prune_plan, threads=opts.threads, progress=opts.progress, recipe=recipe)
+        write_gguf(cand.view, out, cand.plan, imatrix=_imatrix_for(cand.view, run, cand.prune_plan),
+                   prune_plan=cand.prune_plan, threads=opts.threads, progress=opts.progress, recipe=recipe,
+                   default_type=None)
 
     try:
         run.stage("write", key, out, work)
@@ -162,10 +174,25 @@ def _save_pruned(best: Candidate, dest: Path | None, opts: CompressOptions) -> N
     log.info("--save-pruned: wrote the pruned checkpoint (keep %g) to %s", best.keep, dest)
 
 
-def _check_size(out: Path, budget: Budget) -> None:
-    size = out.stat().st_size
-    if size > budget.file_limit:
-        raise CompressError(f"{out} is {format_size(size)}, over the budget {format_size(budget.file_limit)}")
+@dataclass(frozen=True)
+class Verification:
+    sample: str  # what llama.cpp generated from the file ("" when it could not run it)
+    error: str | None  # why llama.cpp could not run the file here
+    command: str  # the llama.cpp command line that runs the file as placed
+
+
+def _verified(out: Path, budget: Budget, opts: CompressOptions) -> Verification:
+    """The written file run in llama.cpp with the device's context (or a short one for a size budget)."""
+    from moepack.gguf.runtime import NativeCrash, llama_command
+
+    placed = budget.gpu_weights is not None
+    ctx = opts.verify_ctx if budget.ctx is None else budget.ctx
+    sample, failure = "", None
+    try:
+        sample = _verify(out, ctx, opts, placed)
+    except NativeCrash as e:
+        failure = str(e)
+    return Verification(sample, failure, llama_command(out, ctx, offload_experts=placed))
 
 
 def _verify(out: Path, ctx: int, opts: CompressOptions, placed: bool) -> str:
@@ -179,76 +206,6 @@ def _verify(out: Path, ctx: int, opts: CompressOptions, placed: bool) -> str:
                                        "overrides": EXPERTS_ON_CPU if placed else None},
                        what=f"verifying {out.name}")
     return SAMPLE_PROMPT + res["text"]
-
-
-def compress(model_dir: str | Path, out: str | Path, request: BudgetRequest, opts: CompressOptions,
-             run_dir: str | Path | None = None, backend: Backend | None = None) -> CompressResult:
-    """The whole pipeline; see the module docstring. The budget `request` is computed on the original checkpoint
-    (`target_bpw` counts its parameters). `backend` runs calibration shards and sensitivity probes (default
-    in-process; moepack.backends)."""
-    model_dir, out = Path(model_dir), Path(out)
-    if not out.parent.is_dir():
-        raise CompressError(f"{out.parent}: output directory does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise CompressError(f"{out.parent}: output directory is not writable")
-    ref = open_checkpoint(model_dir)
-    keeps = _validate(opts, ref)
-    _check_save_pruned(opts.save_pruned, model_dir)
-    budget = budget_for(request, ref)
-    _check_feasible(ref, budget, opts)
-    if opts.shards is not None and opts.shards < 1:
-        raise CompressError(f"--shards must be at least 1 (got {opts.shards})")
-    try:
-        log.info("%s", _plan_text(ref, budget, opts, keeps))
-    except (MoepackError, ValueError, KeyError) as e:  # an estimate must never stop the run it describes
-        log.warning("no cost estimate for this model (%s); compressing anyway", e)
-    backend = backend or LocalBackend()
-    run = RunDir(Path(run_dir) if run_dir else out.with_name(out.name + ".run"))
-    stats = calibrate_run(model_dir, run, opts, backend)
-    cands: list[Candidate] = []
-    refs: dict[str, Any] = {}
-    for k in keeps:  # largest retention first: it sets the bar the others are screened against
-        cands.append(candidate(model_dir, ref, run, stats, budget, k, opts, backend, cands, refs))
-    fitting = [c for c in cands if not c.screened]
-    if not fitting:
-        raise CompressError(f"no retention of {', '.join(f'{k:g}' for k in keeps)} fits the budget "
-                            f"{format_size(budget.file_limit)} even at {smallest_type(opts.ladder)} everywhere; give a larger "
-                            "budget or a lower --keep")
-    best = min(fitting, key=lambda c: c.kld)
-    _write(run, best, out, opts, budget)
-    _save_pruned(best, opts.save_pruned, opts)
-    _check_size(out, budget)
-    from moepack.gguf.runtime import NativeCrash, llama_command
-
-    sample, failure = "", None
-    ctx = opts.verify_ctx if budget.ctx is None else budget.ctx  # the device's context, or a short one for a size
-    try:
-        sample = _verify(out, ctx, opts, budget.gpu_weights is not None)
-    except NativeCrash as e:
-        failure = str(e)
-    command = llama_command(out, ctx, offload_experts=budget.gpu_weights is not None)
-    result = _result(out, run, ref, best, budget, cands, stats, _report_kld(run, best, ref, stats, opts), sample,
-                     failure, command)
-    atomic_write_text(run.path("summary.json"), json.dumps(result.summary(), indent=2, default=str) + "\n")
-    if failure:
-        raise CompressError(f"{out} is written and its run summary is in {run.path('summary.json')}, but llama.cpp "
-                            f"could not run it here: {failure}")
-    return result
-
-
-def _report_kld(run: RunDir, best: Candidate, ref: CheckpointView, stats: CalibStats,
-                opts: CompressOptions) -> float | None:
-    """The chosen plan's KLD on the report tokens (held out after the selection tokens; no choice saw them)."""
-    from moepack.pipeline.candidates import measure_kld
-
-    if stats.report is None:
-        log.warning("the calibration text left no report tokens after the selection tokens; the KLD reported is "
-                    "the selection KLD every choice was made on (use a longer --calib-text)")
-        return None
-    t0 = time.perf_counter()
-    kld = measure_kld(best.view, ref, stats, best.plan.tensors, best.prune_plan, opts, ids=stats.report)
-    run.timings["report KLD"] = time.perf_counter() - t0
-    return kld
 
 
 def _plan_text(view: CheckpointView, budget: Budget, opts: CompressOptions, keeps: list[float]) -> str:
@@ -265,45 +222,26 @@ def dry_run(model_dir: str | Path, request: BudgetRequest, opts: CompressOptions
     view = open_for_planning(model_dir)
     keeps = _validate(opts, view)
     budget = budget_for(request, view)
-    _check_feasible(view, budget, opts)
+    check_feasible(view, budget, opts)
     return f"{budget.describe()}\n{_plan_text(view, budget, opts, keeps)}"
 
 
-def _check_feasible(view: CheckpointView, budget: Budget, opts: CompressOptions) -> None:
-    """Fail before any work when even the smallest type everywhere, at the smallest retention, cannot fit."""
-    smallest = min(KEEP_AUTO_CANDIDATES) if opts.keep == "auto" else float(opts.keep)
-    try:
-        fits(view, smallest_type(opts.ladder), budget, smallest)
-    except BudgetError as e:
-        raise CompressError(str(e)) from None
-
-
-def _result(out: Path, run: RunDir, ref: CheckpointView, best: Candidate, budget: Budget, cands: list[Candidate],
-            stats: CalibStats, report_kld: float | None, sample: str, verify_error: str | None,
-            command: str) -> CompressResult:
+def _summary(search: CandidateSearch, best: Candidate, out: Path, report_kld: float | None,
+             verified: Verification) -> RunSummary:
     from moepack.gguf.recipe import types_by_class
 
-    types = types_by_class(best.plan.tensors)
-    size = out.stat().st_size
-    n_params = sum(ref.param_counts().values())
-    return CompressResult(
-        out=out, run_dir=run.root, keep=best.keep, top_k=best.view.facts.top_k,
-        n_experts=(best.view.facts.n_experts, ref.facts.n_experts), budget=budget.to_dict(), file_bytes=size,
-        predicted_bytes=best.plan.predicted_bytes + best.overhead, bpw=8 * size / n_params, types=types,
-        selection_kld=best.kld, report_kld=report_kld, report_tokens=0 if stats.report is None else stats.report.size,
-        candidates=[{"keep": c.keep, "top_k": c.view.facts.top_k, "kld": None if c.screened else c.kld,
-                     "prune_kld": c.prune_kld, "screened": c.screened, "same_as": c.same_as,
-                     "infeasible": c.infeasible,
-                     "tensor_bytes": None if c.screened else c.plan.predicted_bytes,
-                     "mixtures": c.rivalry.to_dict() if c.rivalry else None,
-                     "refinement": c.refinement.to_dict() if c.refinement else None,
-                     "criterion": c.criterion, "alpha": c.alpha, "criteria": c.criteria,
-                     "references": c.references} for c in cands],
-        criterion=best.criterion, alpha=best.alpha,
+    size, ref, report = out.stat().st_size, search.ref, search.stats.report
+    return RunSummary(
+        out=str(out), run_dir=str(search.run.root), keep=best.keep, top_k=best.view.facts.top_k,
+        n_experts=[best.view.facts.n_experts, ref.facts.n_experts], budget=search.budget.to_dict(),
+        file_bytes=size, predicted_bytes=best.plan.predicted_bytes + best.overhead,
+        bpw=8 * size / sum(ref.param_counts().values()), types=types_by_class(best.plan.tensors),
+        selection_kld=best.kld, report_kld=report_kld, report_tokens=0 if report is None else report.size,
+        candidates=[c.record() for c in search.candidates], criterion=best.criterion, alpha=best.alpha,
         mixtures=best.rivalry.to_dict() if best.rivalry else None,
         refinement=best.refinement.to_dict() if best.refinement else None,
-        timings=dict(run.timings), sample=sample, verify_error=verify_error,
-        llama_command=command, placement=best.plan.base.get("placement"), runtime=_runtime())
+        timings=dict(search.run.timings), sample=verified.sample, verify_error=verified.error,
+        llama_command=verified.command, placement=best.plan.base.get("placement"), runtime=_runtime())
 
 
 def _runtime() -> str:
@@ -316,80 +254,3 @@ def _runtime() -> str:
         return f"llama-cpp-python {version('llama-cpp-python')} (llama.cpp {llama_cpp.llama_version().decode()})"
     except (PackageNotFoundError, ImportError, AttributeError, OSError):
         return ""
-
-
-def render_summary(r: CompressResult) -> str:
-    lines = [
-        f"wrote {r.out}: {format_size(r.file_bytes)} ({r.bpw:.2f} bits per original weight), "
-        f"budget {format_size(r.budget['weights'] + r.budget['overhead'])}",
-        f"  experts kept  {r.n_experts[0]} of {r.n_experts[1]} per MoE layer (keep {r.keep:g}), top-k {r.top_k}",
-        f"  bytes         predicted tensors+metadata {r.predicted_bytes:,}; actual file {r.file_bytes:,}",
-    ]
-    if r.report_kld is not None:
-        lines.append(f"  KLD vs original (fake-quantized forward, {r.report_tokens:,} held-out tokens no choice saw): "
-                     f"{r.report_kld:.5f}; on the selection tokens {r.selection_kld:.5f}")
-    else:
-        lines.append(f"  KLD vs original on the selection tokens (the text left none for a report): "
-                     f"{r.selection_kld:.5f}")
-    chosen = next((c for c in r.candidates if c["keep"] == r.keep and not c["screened"]), None)
-    if chosen and len(chosen.get("references") or []) > 1:
-        refs = chosen["references"]
-        won = min(refs, key=lambda x: x["kld"])["base"]
-        lines.append("  reference types (selection KLD of each one's refined plan): "
-                     + ", ".join(f"{x['base']} {x['kld']:.5f}" for x in refs) + f"; chose {won}")
-    if r.refinement:
-        lines.append(_refinement_line(r.refinement))
-    if r.mixtures:
-        lines.append(_mixtures_line(r.mixtures, r.selection_kld))
-    for c in r.candidates:
-        if c.get("criteria"):
-            tried = ", ".join(f"{_criterion_name(t)} {t['prune_kld']:.5f}" for t in c["criteria"])
-            lines.append(f"  criterion at keep {c['keep']:g} (pruning-only KLD on the selection tokens): {tried}; "
-                         f"chose {_criterion_name(c)}")
-    if len(r.candidates) > 1:
-        lines.append("  retention search: " + ", ".join(_candidate_line(c) for c in r.candidates))
-    lines.append("  types per tensor class:")
-    for cls, counts in sorted(r.types.items()):
-        lines.append(f"    {cls:<16} " + ", ".join(f"{t} x{n}" for t, n in sorted(counts.items())))
-    lines.append("  stage timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.timings.items()))
-    lines.append(f"  sample: {r.sample!r}" if r.verify_error is None else f"  not verified: {r.verify_error}")
-    if p := r.placement:
-        sides = [f"{side} tensors {format_size(p[k]['bytes'])} of {format_size(p[k]['budget_bytes'])}"
-                 for side, k in (("GPU", "gpu"), ("RAM", "ram"))]
-        lines.append(f"  placement     {'; '.join(sides)} (-ot {p['override']})")
-    lines.append(f"  run it:        {r.llama_command}")
-    return "\n".join(lines)
-
-
-def _mixtures_line(m: dict[str, Any], kld: float) -> str:
-    """The llama.cpp mixtures measured on the selection tokens, which plan won and by how much."""
-    measured = ", ".join(f"{x['name']} {x['kld']:.5f}" for x in m["mixtures"]) or "none fits"
-    line = f"  llama.cpp mixtures (same imatrix, selection KLD): {measured}; plan: {m['chosen']}"
-    if m["best_mixture"] is not None:
-        top = min(x["kld"] for x in m["mixtures"])
-        gain = f"{100 * (top - kld) / top:.1f}% below" if top > 0 else "equal to"
-        line += f" ({gain} {m['best_mixture']}; allocated plan {m['allocated_kld']:.5f})"
-    return line
-
-
-def _refinement_line(f: dict[str, Any]) -> str:
-    """The allocated plan's additive prediction vs its measured selection KLD, and what refinement changed."""
-    pred = "n/a" if f["allocated_predicted_kld"] is None else f"{f['allocated_predicted_kld']:.5f}"
-    line = (f"  refinement (selection KLD): allocated plan predicted {pred}, measured {f['allocated_kld']:.5f}; "
-            f"{len(f['accepted'])} move(s) kept of {f['measured']} measured in {f['passes']} pass(es)")
-    return line + (f", {f['kld']:.5f} ({100 * f['gain'] / f['allocated_kld']:.1f}% lower)"
-                   if f["accepted"] and f["allocated_kld"] > 0 else "")
-
-
-def _criterion_name(c: dict[str, Any]) -> str:
-    return f"score alpha {c['alpha']:g}" if c["criterion"] == "score" else c["criterion"]
-
-
-def _candidate_line(c: dict[str, Any]) -> str:
-    if c.get("infeasible"):
-        return f"keep {c['keep']:g} -> does not fit the budget at the smallest type (screened)"
-    if c.get("same_as") is not None:
-        return f"keep {c['keep']:g} -> same model as keep {c['same_as']:g} (screened)"
-    if c.get("screened"):
-        return f"keep {c['keep']:g} -> pruning alone KLD {c['prune_kld']:.5f}, not quantized (screened)"
-    return f"keep {c['keep']:g} -> KLD {c['kld']:.5f}"

@@ -4,6 +4,7 @@
     prune       → PrunePlan (prune_plan.json, "moepack.prune_plan/1")                           schema.prune
     sensitivity → SensitivityTable (sensitivity.json, "moepack.sensitivity/1")                  schema.tables
     allocate    → QuantPlan (quant_plan.json)                                                    schema.tables
+    compress    → RunSummary (summary.json, "moepack.run_summary/1")                           schema.summary
 
 `to_dict` writes exactly the JSON layout (keys and their order) these files have always had, so files written
 through the contracts are byte-identical to the hand-built dicts they replace. Validation messages say what to
@@ -24,6 +25,7 @@ _HOME = {
                     "moepack.schema.calib"),
     **dict.fromkeys(("PruneGroups", "PruneLayer", "TopKRow", "PrunePlan"), "moepack.schema.prune"),
     **dict.fromkeys(("Option", "Group", "SensitivityTable", "QuantPlan"), "moepack.schema.tables"),
+    **dict.fromkeys(("RunSummary", "RUN_SUMMARY_FORMAT"), "moepack.schema.summary"),
 }
 
 __all__ = ["SchemaError", "CALIB_FORMAT", "PRUNE_PLAN_FORMAT", "SENSITIVITY_FORMAT", *_HOME]

@@ -119,6 +119,9 @@ class RouterStats:
     saliency_sum: np.ndarray  # (E,) sum of weight × ‖expert output‖₂
     tokens: int
     top_k: int
+    # (E, E) Σ over a fixed sample of the layer's tokens of y_e·y_f, every expert applied to every sampled token
+    # (stages.merge's output similarity); None in statistics written before it was recorded
+    out_gram: np.ndarray | None = None
 
     @property
     def freq(self) -> np.ndarray:
@@ -177,6 +180,8 @@ class CalibStats:
             arrays[f"router.{layer}.counts"] = r.counts.astype(np.float64)
             arrays[f"router.{layer}.weight_sum"] = r.weight_sum.astype(np.float64)
             arrays[f"router.{layer}.saliency_sum"] = r.saliency_sum.astype(np.float64)
+            if r.out_gram is not None:
+                arrays[f"router.{layer}.out_gram"] = r.out_gram.astype(np.float64)
         for key, e in self.imatrix.items():
             arrays[f"imatrix.{key}.in_sum2"] = np.ascontiguousarray(e.sums, dtype=np.float32)
             arrays[f"imatrix.{key}.counts"] = e.counts.astype(np.float64)
@@ -197,7 +202,8 @@ class CalibStats:
         manifest = CalibManifest.read(d)
         arrays = load_file(str(d / "stats.safetensors"))
         router = {int(layer): RouterStats(arrays[f"router.{layer}.counts"], arrays[f"router.{layer}.weight_sum"],
-                                          arrays[f"router.{layer}.saliency_sum"], manifest.tokens, manifest.top_k)
+                                          arrays[f"router.{layer}.saliency_sum"], manifest.tokens, manifest.top_k,
+                                          arrays.get(f"router.{layer}.out_gram"))
                   for layer in manifest.moe_layers}
         imatrix: dict[str, ImatrixEntry] = {}
         for k, v in arrays.items():

@@ -1,4 +1,5 @@
-"""prune_plan.json ("moepack.prune_plan/1"): the experts kept per MoE layer, k', groups, how they were chosen."""
+"""prune_plan.json ("moepack.prune_plan/1"): the experts kept per MoE layer, k', groups, how they were chosen, and
+(`merge`, only in plans that merge) which dropped experts were folded into which kept one, with what weights."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +10,7 @@ from typing import Any
 from moepack.atomic import save_json
 from moepack.schema.base import PRUNE_PLAN_FORMAT, SchemaError, read_json
 
-__all__ = ["PruneGroups", "PruneLayer", "TopKRow", "PrunePlan"]
+__all__ = ["PruneGroups", "PruneLayer", "TopKRow", "MergeGroup", "PruneMerge", "PrunePlan"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,37 @@ class TopKRow:
 
 
 @dataclass(frozen=True)
+class MergeGroup:
+    """One kept expert and the dropped experts folded into it (original ids)."""
+
+    host: int
+    members: list[int]  # the host first, then the dropped experts merged into it
+    weights: list[float]  # each member's weight in the merged tensors (sum 1)
+
+
+@dataclass(frozen=True)
+class PruneMerge:
+    """How dropped experts were merged (stages.merge): per MoE layer, the kept experts that received any."""
+
+    similarity: str  # "output" | "weight": what "closest kept expert" was measured by
+    weighting: str  # "frequency" | "saliency": what each member's weight in the average is proportional to
+    router: str  # "mean": the host's router row is the members' weighted mean; "host": left as it was
+    align: bool  # each member's intermediate neurons permuted to match the host's before averaging
+    layers: dict[str, list[MergeGroup]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"similarity": self.similarity, "weighting": self.weighting, "router": self.router,
+                "align": self.align, "layers": {k: [dict(g.__dict__) for g in v] for k, v in self.layers.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> PruneMerge:
+        if not isinstance(d, dict):
+            raise SchemaError(f"{where}: the prune plan's merge record is not an object; rerun moepack prune")
+        layers = {k: [_plain(MergeGroup, g, where) for g in v] for k, v in (d.get("layers") or {}).items()}
+        return _plain(cls, {**d, "layers": layers}, where)
+
+
+@dataclass(frozen=True)
 class PrunePlan:
     """prune_plan.json: the experts kept per MoE layer, k', groups, and how they were chosen."""
 
@@ -76,6 +108,7 @@ class PrunePlan:
     options: dict[str, Any] | None = None  # the stage's PruneOptions (set by run_prune)
     calib_dir: str | None = None
     active_bytes_per_token: dict[str, int] | None = None
+    merge: PruneMerge | None = None  # None: dropped experts are discarded (absent from the JSON then)
 
     def kept(self, layer: int | str) -> list[int] | None:
         """Kept expert ids of a MoE layer; None for a layer without routed experts."""
@@ -86,9 +119,11 @@ class PrunePlan:
         d: dict[str, Any] = {"format": PRUNE_PLAN_FORMAT}
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name in ("options", "calib_dir", "active_bytes_per_token") and v is None:
+            if f.name in ("options", "calib_dir", "active_bytes_per_token", "merge") and v is None:
                 continue
-            if f.name == "groups":
+            if f.name == "merge":
+                v = v.to_dict()
+            elif f.name == "groups":
                 v = dict(v.__dict__)
             elif f.name == "layers":
                 v = {k: dict(x.__dict__) for k, x in v.items()}
@@ -105,7 +140,8 @@ class PrunePlan:
                               "rerun moepack prune")
         nested = {"groups": _plain(PruneGroups, d.get("groups", {}), str(where)),
                   "layers": {k: _plain(PruneLayer, v, str(where)) for k, v in (d.get("layers") or {}).items()},
-                  "top_k_table": [_plain(TopKRow, r, str(where)) for r in d.get("top_k_table") or []]}
+                  "top_k_table": [_plain(TopKRow, r, str(where)) for r in d.get("top_k_table") or []],
+                  "merge": PruneMerge.from_dict(d["merge"], str(where)) if d.get("merge") is not None else None}
         flat = {f.name: d[f.name] for f in fields(cls) if f.name in d and f.name not in nested}
         return _plain(cls, {**flat, **nested, **{k: d.get(k) for k in ("options", "calib_dir",
                                                                       "active_bytes_per_token")}}, str(where))

@@ -1,5 +1,5 @@
 """sensitivity.json ("moepack.sensitivity/1", read by allocate; layout in moepack.stages.allocate) and
-quant_plan.json (allocate's output, read by the GGUF writer and the report)."""
+quant_plan.json (allocate's output, or a plan written by hand; read by the GGUF writer and the report)."""
 from __future__ import annotations
 
 import logging
@@ -161,9 +161,24 @@ class SensitivityTable:
         return save_json(self.to_dict(), path, indent=1)
 
 
+def _plan_types(tensors: Any, where: Path | str) -> dict[str, str]:
+    """GGUF tensor name → GGML type name from a plan's "tensors": each entry a type name or an object with a "type"
+    (the names are checked where the types are used: moepack.gguf.types.parse_type)."""
+    if not isinstance(tensors, dict) or not tensors:
+        raise SchemaError(f"{where}: a quant plan needs a non-empty \"tensors\" object (GGUF tensor name → type)")
+    types: dict[str, str] = {}
+    for name, v in tensors.items():
+        t = v.get("type") if isinstance(v, dict) else v
+        if not isinstance(t, str) or not t:
+            raise SchemaError(f"{where}: tensor {name!r} has no type name")
+        types[name] = t
+    return types
+
+
 @dataclass(frozen=True)
 class QuantPlan:
-    """quant_plan.json: one GGML type per group and per GGUF tensor, within `budget_bytes`."""
+    """quant_plan.json: one GGML type per GGUF tensor. allocate's plans (version 1, every field below) also say how
+    the types were chosen within `budget_bytes`; a plan written by hand needs only "tensors" (QuantPlan.by_hand)."""
 
     solver: str
     budget_bytes: int
@@ -175,8 +190,29 @@ class QuantPlan:
     bucket_bytes: int | None = None
     predicted_kld: float | None = None
     base: dict[str, Any] = field(default_factory=dict)
+    # A plan allocate did not make: its fields besides "tensors", as given (None: allocate's plan).
+    given: dict[str, Any] | None = field(default=None, compare=False)
+
+    @classmethod
+    def by_hand(cls, tensors: dict[str, str], given: dict[str, Any] | None = None) -> QuantPlan:
+        """A plan that is only its types (written by hand, or built in code); `given`: its other fields, kept as
+        they are. Its allocation fields are empty: nothing was predicted."""
+        return cls("", 0, 0, 0, 0.0, {}, dict(tensors), given=dict(given or {}))
+
+    @property
+    def allocated(self) -> bool:
+        """Whether allocate made the plan (its budget and predictions mean something)."""
+        return self.given is None
+
+    @property
+    def source(self) -> dict[str, Any]:
+        """How the plan was made, as the GGUF's moepack.quant_plan records it beside the types written: every field
+        but the tensors."""
+        return {k: v for k, v in self.to_dict().items() if k != "tensors"}
 
     def to_dict(self) -> dict[str, Any]:
+        if self.given is not None:
+            return {**self.given, "tensors": self.tensors}
         return {"version": 1, "solver": self.solver, "budget_bytes": self.budget_bytes,
                 "predicted_bytes": self.predicted_bytes, "fixed_bytes": self.fixed_bytes,
                 "bucket_bytes": self.bucket_bytes, "predicted_dkld": self.predicted_dkld,
@@ -185,12 +221,18 @@ class QuantPlan:
 
     @classmethod
     def from_dict(cls, d: Any, where: Path | str = "quant plan") -> QuantPlan:
-        if not isinstance(d, dict) or d.get("version") != 1:
-            raise SchemaError(f"{where}: not a version 1 quant plan; rerun moepack allocate")
-        try:
-            return cls(**{f.name: d[f.name] for f in fields(cls)})
-        except KeyError as e:
-            raise SchemaError(f"{where}: the quant plan lacks {e}; rerun moepack allocate") from None
+        """allocate's plan (version 1 with every field), else a plan written by hand (see `by_hand`)."""
+        if not isinstance(d, dict):
+            raise SchemaError(f"{where}: a quant plan is a JSON object with a \"tensors\" object (GGUF tensor name "
+                              "→ type)")
+        if d.get("version", 1) != 1:
+            raise SchemaError(f"{where}: quant plan version {d.get('version')!r} is not supported (this moepack "
+                              "reads version 1); rerun moepack allocate")
+        tensors = _plan_types(d.get("tensors"), where)
+        allocated = [f.name for f in fields(cls) if f.name not in ("tensors", "given")]
+        if "version" in d and all(k in d for k in allocated):
+            return cls(**{k: d[k] for k in allocated}, tensors=tensors)
+        return cls.by_hand(tensors, {k: v for k, v in d.items() if k != "tensors"})
 
     @classmethod
     def read(cls, path: str | Path) -> QuantPlan:

@@ -58,7 +58,7 @@ from operator import lt
 
 from moepack.errors import MoepackError
 from moepack.schema import QuantPlan, SensitivityTable
-from moepack.stages.budget import format_size
+from moepack.stages.sizes import format_size, parse_size
 
 __all__ = [
     "AllocationError",
@@ -239,8 +239,6 @@ def budget_bytes_for(table: SensitivityTable, *, target_size: int | str | None =
                      budget_bytes: int | str | None = None) -> int:
     """The tensor bytes a plan may use: `budget_bytes` as given, or `file_budget` of a GGUF file of `target_size`;
     exactly one of the two. Sizes as `parse_size` reads them."""
-    from moepack.stages.budget import parse_size
-
     if (target_size is None) == (budget_bytes is None):
         raise AllocationError("give exactly one of --target-size SIZE or --budget-bytes N")
     if budget_bytes is not None:

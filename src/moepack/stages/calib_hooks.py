@@ -3,7 +3,9 @@ llama.cpp's importance matrix), the experts' forward replaced by an instrumented
 and REAP saliency), and DeepSeek MLA's attn_k_b / attn_v_b inputs, which exist only inside attention.
 
 `preparer(view, acc)` is the `prepare(i, layer)` callback of `LayerRunner.run`; everything lands in an
-`Accumulator` of float64 sums.
+`Accumulator` of float64 sums. With `Accumulator.sim_stride`, every expert of a MoE layer is also applied to a fixed
+sample of its tokens (every stride-th), and the Gram matrix of their outputs is summed (expert merging's output
+similarity, stages.merge): the same pass, no second forward.
 """
 from __future__ import annotations
 
@@ -19,9 +21,16 @@ from moepack.model.arch import expert_key
 from moepack.model.checkpoint import CheckpointView
 from moepack.model.runner import layer_sources
 
-__all__ = ["HookError", "Accumulator", "preparer", "mla_split"]
+__all__ = ["HookError", "Accumulator", "preparer", "mla_split", "SIM_TOKENS", "sample_stride"]
 
 log = logging.getLogger(__name__)
+
+SIM_TOKENS = 256  # tokens per MoE layer (per calibration shard) that every expert is applied to for the output Gram
+
+
+def sample_stride(n_tokens: int) -> int:
+    """Every how many tokens one is sampled so that `n_tokens` give about SIM_TOKENS."""
+    return max(1, -(-n_tokens // SIM_TOKENS))
 
 
 class HookError(MoepackError, ValueError):
@@ -35,6 +44,31 @@ class Accumulator:
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # imatrix key → (M, n)
     counts: dict[str, torch.Tensor] = field(default_factory=dict)  # imatrix key → (M,)
     router: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    sim_stride: int = 0  # > 0: sample every sim_stride-th token of each MoE layer for the output Gram; 0: none
+    seen: dict[int, int] = field(default_factory=dict)  # tokens each MoE layer has seen so far (for the sample)
+
+    def sample(self, layer: int, n: int) -> torch.Tensor | None:
+        """Positions (S,) among the next `n` tokens of `layer` that belong to the fixed sample; None if none."""
+        if self.sim_stride <= 0:
+            return None
+        s = self.seen.get(layer, 0)
+        self.seen[layer] = s + n
+        idx = torch.arange((-s) % self.sim_stride, n, self.sim_stride)  # (S,)
+        return idx if len(idx) else None
+
+    def add_gram(self, layer: int, n_exp: int, x: torch.Tensor,
+                 expert_out: Callable[[int, torch.Tensor], torch.Tensor], chunk: int = 16) -> None:
+        """Apply every expert to the sampled tokens of x (T, H); add Σ_t y_e(t)·y_f(t) to the layer's out_gram."""
+        idx = self.sample(layer, x.shape[0])
+        if idx is None:
+            return
+        r = self.router[layer]
+        if "out_gram" not in r:
+            r["out_gram"] = torch.zeros(n_exp, n_exp, dtype=torch.float64)
+        for c0 in range(0, len(idx), chunk):
+            xs = x[idx[c0:c0 + chunk]]  # (S, H)
+            ys = torch.stack([expert_out(e, xs) for e in range(n_exp)]).reshape(n_exp, -1).double()  # (E, S·H)
+            r["out_gram"] += ys @ ys.T  # (E, E)
 
     def add(self, key: str, x: torch.Tensor, row: int = 0, n_rows: int = 1) -> None:
         x = x.reshape(-1, x.shape[-1])  # (T, n)
@@ -109,6 +143,8 @@ def _instrument_experts(experts: torch.nn.Module, layer: int, acc: Accumulator, 
             w = top_k_weights[tok, pos]  # (n_e,)
             r["saliency_sum"][e] += (w.double() * y.double().norm(dim=-1)).sum()
             out.index_add_(0, tok, (y * w[:, None]).to(out.dtype))
+        acc.add_gram(layer, n_exp, hidden_states, lambda e, x: _expert_linear(
+            experts, _apply_gate(experts, _expert_linear(experts, x, "gate_up_proj", e)), "down_proj", e))
         return out
 
     experts.forward = forward
@@ -158,9 +194,16 @@ def instrument_scaled_input_moe(moe: torch.nn.Module, layer: int, acc: Accumulat
             y = a @ experts.down_proj[e]  # (n_e, H)
             r["saliency_sum"][e] += y.double().norm(dim=-1).sum()
             out.index_add_(0, tok, y.to(out.dtype))
+        acc.add_gram(layer, n_exp, x, lambda e, xs: _scaled_input_expert(experts, e, xs))
         return out, logits
 
     moe.forward = forward
+
+
+def _scaled_input_expert(experts: torch.nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
+    """One Llama 4 expert on inputs x (n, H) → (n, H)."""
+    gate, up = (x @ experts.gate_up_proj[e]).chunk(2, dim=-1)  # (n, I) each
+    return (up * experts.act_fn(gate)) @ experts.down_proj[e]
 
 
 def preparer(view: CheckpointView, acc: Accumulator) -> Callable[[int, torch.nn.Module], None]:

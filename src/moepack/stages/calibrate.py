@@ -3,7 +3,9 @@
 Per MoE layer and routed expert: routed token slots (→ frequency f_e), the sum of the routing weights that multiply
 the expert's output (→ mean score s_e), and the sum of weight × ‖expert output‖₂ (→ REAP saliency). Per weight
 matrix (per expert for expert matrices): the sum of squared input activations per input column and the token
-count, i.e. llama.cpp's importance matrix. Saved as `calib/stats.safetensors` + `calib/manifest.json`.
+count, i.e. llama.cpp's importance matrix. Per MoE layer also the Gram matrix of all experts' outputs on a fixed
+sample of about 256 of its tokens (the output similarity expert merging assigns by). Saved as
+`calib/stats.safetensors` + `calib/manifest.json`.
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ from moepack.errors import MoepackError
 from moepack.model.arch import expert_id, expert_key
 from moepack.model.checkpoint import CheckpointView, open_checkpoint
 from moepack.model.runner import LayerRunner, moe_layers
-from moepack.schema import CalibInputs, CalibManifest, CalibStats, ImatrixEntry, RouterStats
-from moepack.stages.calib_hooks import Accumulator, mla_split, preparer
+from moepack.rundir import RunDir
+from moepack.schema import CALIB_FORMAT, CalibInputs, CalibManifest, CalibStats, ImatrixEntry, RouterStats
+from moepack.stages.calib_hooks import Accumulator, mla_split, preparer, sample_stride
 
 __all__ = [
     "CalibError",
@@ -73,7 +76,7 @@ def calib_shard(ids: np.ndarray, view: Any, batch_size: int, threads: int,
     view = open_view(view)
     with torch_threads(threads):
         runner = LayerRunner(view, attn_implementation="eager" if mla_split(view) else "sdpa")
-        acc = Accumulator()
+        acc = Accumulator(sim_stride=sample_stride(int(ids.size)))  # + the output Gram of every expert
         with torch.inference_mode():
             h = runner.embed(as_tensor(ids))  # (n, L, H)
             runner.run(h, prepare=preparer(view, acc), batch_size=batch_size, inplace=True,
@@ -152,7 +155,8 @@ def calibrate(view: CheckpointView, ids: np.ndarray, *, batch_size: int = 8, pro
     n_tok = int(ids.size)
     top_k = view.facts.top_k
     router = {layer: RouterStats(sums[f"router.{layer}.counts"], sums[f"router.{layer}.weight_sum"],
-                                 sums[f"router.{layer}.saliency_sum"], n_tok, top_k)
+                                 sums[f"router.{layer}.saliency_sum"], n_tok, top_k,
+                                 sums.get(f"router.{layer}.out_gram"))
               for layer in sorted({int(k.split(".")[1]) for k in sums if k.startswith("router.")})}
     keys = sorted(k[len("imatrix."):-len(".sums")] for k in sums if k.startswith("imatrix.") and k.endswith(".sums"))
     imatrix = {k: ImatrixEntry(sums[f"imatrix.{k}.sums"], sums[f"imatrix.{k}.counts"]) for k in keys}
@@ -186,39 +190,41 @@ def _split_tokens(ids: np.ndarray, tokens: int, heldout: int, seq_len: int,
     return calib, held, rep
 
 
-def run_calibrate(model_dir: str | Path, text: str | Path, out_dir: str | Path, *, tokens: int = 50_000,
+def run_calibrate(model: str | Path | CheckpointView, text: str | Path, out_dir: str | Path, *, tokens: int = 50_000,
                   seq_len: int = 512, heldout_tokens: int = 4096, batch_size: int = 8,
                   imatrix_out: str | Path | None = None, progress: bool = True, backend: Backend | None = None,
                   shards: int | None = None, threads: int | None = None, report_tokens: int = 0) -> CalibStats:
-    """The calibrate stage: statistics into OUT_DIR/calib/ (skipped when there with the same inputs; `shards`
-    counts as an input only when given: the default takes statistics made with any number of shards).
+    """The calibrate stage of `model` (a checkpoint directory, or its view already opened): statistics into
+    OUT_DIR/calib/, a stage of OUT_DIR as a run directory (moepack.rundir: skipped when there with the same inputs;
+    `shards` counts as an input only when given: the default takes statistics made with any number of shards).
     `report_tokens` more are held out after the held-out tokens (CalibStats.report), for a KLD no choice saw."""
-    from moepack.model.textdata import text_sha256, tokenize_file
+    from moepack.model.textdata import text_sha256
 
     if tokens < seq_len:
         raise CalibError(f"--calib-tokens {tokens} is less than one sequence of --seq-len {seq_len}")
     if shards is not None and shards < 1:
         raise CalibError(f"--shards must be at least 1 (got {shards})")
-    view = open_checkpoint(model_dir)
+    view = model if isinstance(model, CheckpointView) else open_checkpoint(model)
     if not moe_layers(view):
-        raise CalibError(f"{model_dir}: no MoE layers; nothing to calibrate")
-    inputs = CalibInputs(model=str(Path(model_dir).resolve()), text=str(Path(text).resolve()),
+        raise CalibError(f"{view.root}: no MoE layers; nothing to calibrate")
+    inputs = CalibInputs(model=str(Path(view.root).resolve()), text=str(Path(text).resolve()),
                          text_sha256=text_sha256(text), tokens_requested=tokens, seq_len_requested=seq_len,
                          heldout_requested=heldout_tokens, shards=shards, report_requested=report_tokens)
-    out = Path(out_dir) / "calib"
-    stats = _reuse(out, view, inputs)
-    if stats is None:
-        ids = tokenize_file(model_dir, text, tokens + heldout_tokens + report_tokens)
-        calib, held, report = _split_tokens(ids, tokens, heldout_tokens, seq_len, report_tokens)
-        if shards is not None and shards > len(calib):
-            raise CalibError(f"--shards {shards} exceeds the {len(calib)} calibration sequences; use at most "
-                             f"{len(calib)} shards, or more --calib-tokens or a shorter --seq-len")
-        log.info("calibrating %s on %d tokens (%d x %d)", view.root, calib.size, *calib.shape)
-        stats = calibrate(view, calib, batch_size=batch_size, progress=progress, heldout=held, inputs=inputs,
-                          backend=backend, shards=shards, threads=threads)
-        stats.report = report
-        stats.write(out)
-        log.info("calibration statistics in %s (%.1f s)", out, stats.manifest.seconds)
+    run = RunDir(Path(out_dir))
+    out = run.layout.calib
+    made: list[CalibStats] = []
+
+    def work() -> None:
+        made.append(_calibrate_text(view, text, inputs, batch_size, progress, backend, threads))
+        made[0].write(out)
+        log.info("calibration statistics in %s (%.1f s)", out, made[0].manifest.seconds)
+
+    # The model by fingerprint, not path; the shard count only when given (`accept`).
+    key = {"model": view.fingerprint(), "format": CALIB_FORMAT,
+           "inputs": {k: v for k, v in inputs.to_dict().items() if k not in ("model", "shards")}}
+    if not run.stage("calibrate", key, out, work, accept=lambda: _made_with_shards(out, shards)):
+        log.info("reusing calibration statistics in %s (same model, text and settings)", out)
+    stats = made[0] if made else CalibStats.read(out)
     if imatrix_out:
         from moepack.gguf.imatrix import ImatrixFile, write_imatrix_gguf
 
@@ -226,14 +232,30 @@ def run_calibrate(model_dir: str | Path, text: str | Path, out_dir: str | Path, 
     return stats
 
 
-def _reuse(out: Path, view: CheckpointView, inputs: CalibInputs) -> CalibStats | None:
-    if not (out / "manifest.json").is_file():
-        return None
+def _calibrate_text(view: CheckpointView, text: str | Path, inputs: CalibInputs, batch_size: int, progress: bool,
+                    backend: Backend | None, threads: int | None) -> CalibStats:
+    """Statistics of the requested tokens of `text` through `view`, with the selection and report tokens after
+    them held out."""
+    from moepack.model.textdata import tokenize_file
+
+    tokens, heldout, report_n = inputs.tokens_requested, inputs.heldout_requested, inputs.report_requested
+    ids = tokenize_file(view.root, text, tokens + heldout + report_n)
+    calib, held, report = _split_tokens(ids, tokens, heldout, inputs.seq_len_requested, report_n)
+    if inputs.shards is not None and inputs.shards > len(calib):
+        raise CalibError(f"--shards {inputs.shards} exceeds the {len(calib)} calibration sequences; use at most "
+                         f"{len(calib)} shards, or more --calib-tokens or a shorter --seq-len")
+    log.info("calibrating %s on %d tokens (%d x %d)", view.root, calib.size, *calib.shape)
+    stats = calibrate(view, calib, batch_size=batch_size, progress=progress, heldout=held, inputs=inputs,
+                      backend=backend, shards=inputs.shards, threads=threads)
+    stats.report = report
+    return stats
+
+
+def _made_with_shards(out: Path, shards: int | None) -> bool:
+    """Whether the statistics in `out` answer a request for `shards` (None: any count)."""
+    if shards is None:
+        return True
     try:
-        stats = CalibStats.read(out)
-    except (MoepackError, OSError, KeyError):  # unreadable or from another moepack: calibrate again
-        return None
-    if stats.manifest.fingerprint == view.fingerprint() and inputs.matches(stats.manifest):
-        log.info("reusing calibration statistics in %s (same model, text and settings)", out)
-        return stats
-    return None
+        return CalibManifest.read(out).shards == shards
+    except (MoepackError, OSError, KeyError):
+        return False

@@ -141,7 +141,8 @@ def _largest_ctx(view: CheckpointView, request: BudgetRequest, keep: float, t: s
 
 
 def _more_memory(view: CheckpointView, budget: Budget, keep: float, t: str) -> dict[str, Any]:
-    from moepack.stages.placement import size_flag, smallest_memories
+    from moepack.stages.budget import smallest_memories
+    from moepack.stages.sizes import size_flag
 
     kept, n = kept_count(view, keep), view.facts.n_experts
     if budget.gpu_weights is not None:

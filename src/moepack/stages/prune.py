@@ -28,8 +28,10 @@ from moepack.model.pruned import (PrunedView, default_top_k, group_limited, kept
                                   selection_groups)
 from moepack.model.runner import moe_layers
 from moepack.model.stored import RawTensor
+from moepack.rundir import RunDir
 from moepack.schema import (CalibManifest, CalibStats, PruneGroups, PruneLayer, PrunePlan,
                             RouterStats, TopKRow, calib_dir)
+from moepack.stages.merge import MergeOptions, merge_plan
 
 __all__ = [
     "PruneError",
@@ -71,6 +73,7 @@ class PruneOptions:
     seed: int = 0  # for criterion "random"
     kld_tol: float = 0.01  # --top-k auto: smallest k' whose mean KLD is within this (nats) of the best
     batch_size: int = 8
+    merge: MergeOptions | None = None  # fold the dropped experts into kept ones (stages.merge); None: discard them
 
 
 # ---- selection -------------------------------------------------------------------------------------------------
@@ -198,7 +201,7 @@ def make_plan(view: CheckpointView, stats: CalibStats, opts: PruneOptions) -> Pr
                                         scores=[float(s) for s in scores])
     f = view.facts
     policy = "auto" if opts.top_k == "auto" else ("default" if opts.top_k is None else "fixed")
-    return PrunePlan(
+    plan = PrunePlan(
         model=str(view.root), model_fingerprint=view.fingerprint(),
         calib=stats.manifest.text, calib_fingerprint=stats.manifest.fingerprint,
         criterion=opts.criterion, alpha=opts.alpha, keep=opts.keep, seed=opts.seed,
@@ -207,6 +210,7 @@ def make_plan(view: CheckpointView, stats: CalibStats, opts: PruneOptions) -> Pr
         groups=_groups(view, sh, opts), notes=list(sh.notes) + _extra_layer_note(view), layers=layers,
         top_k_table=[],
     )
+    return plan if opts.merge is None else merge_plan(view, stats, plan, opts.merge)
 
 
 def _extra_layer_note(view: CheckpointView) -> list[str]:
@@ -221,7 +225,9 @@ def _extra_layer_note(view: CheckpointView) -> list[str]:
 def _stored_parts(view: CheckpointView, n: str) -> list[tuple[str, RawTensor]] | None:
     """The source's own tensors for `n` (FP8 values and block scales, int4 packs, the kept experts' MXFP4 blocks
     and scales stacked), renamed with it: a pruned checkpoint keeps the source's format. None: `n` is written as
-    loaded (plain, sliced or fused)."""
+    loaded (plain, sliced or fused): so is every tensor of a view with merged experts."""
+    if getattr(getattr(view, "inner", view), "merged", False):
+        return None
     if isinstance(view, StackedView) and n in view.members and view.inner is not None:  # gpt-oss MXFP4 experts
         split, names = view.members[n]
         return fused_parts(n, [ops for _, ops in split.outputs],
@@ -373,7 +379,8 @@ def _base_plan(view: CheckpointView, calib: str | Path, opts: PruneOptions) -> t
     plan_shape(view, opts)  # validates the options before anything is read
     _check_fingerprint(view, CalibManifest.read(calib_dir(calib)))
     stats = CalibStats.read(calib)
-    plan = dataclasses.replace(make_plan(view, stats, opts), options=dataclasses.asdict(opts),
+    record = {k: v for k, v in dataclasses.asdict(opts).items() if k != "merge" or v is not None}
+    plan = dataclasses.replace(make_plan(view, stats, opts), options=record,
                                calib_dir=str(calib_dir(calib).resolve()),
                                active_bytes_per_token=dict(original=active_bytes_per_token(view)))
     return plan, stats
@@ -394,7 +401,7 @@ def _finish_plan(view: CheckpointView, plan: PrunePlan, stats: CalibStats, opts:
 
 
 def plan_prune(view: CheckpointView, calib: str | Path, opts: PruneOptions, progress: bool = True) -> PrunePlan:
-    """The prune stage's plan, with no checkpoint written: `view.with_plan(plan)` is the pruned model, read lazily
+    """The prune stage's plan, with no checkpoint written: `pruned_view(view, plan)` is the pruned model, read lazily
     (what compress measures and writes its candidates through)."""
     plan, stats = _base_plan(view, calib, opts)
     return _finish_plan(view, plan, stats, opts, progress)
@@ -402,36 +409,24 @@ def plan_prune(view: CheckpointView, calib: str | Path, opts: PruneOptions, prog
 
 def run_prune(model_dir: str | Path, calib: str | Path, out_dir: str | Path, opts: PruneOptions,
               progress: bool = True) -> PrunePlan:
-    """The prune stage: validate, plan, (measure k'), write the pruned checkpoint and OUT_DIR/prune_plan.json."""
+    """The prune stage: validate, plan, (measure k'), write the pruned checkpoint and OUT_DIR/prune_plan.json, a
+    stage of OUT_DIR as a run directory (moepack.rundir: a finished output from the same model, statistics and
+    options is reused; its plan, written last, is the stage's artifact)."""
     view = open_checkpoint(model_dir)
     plan, stats = _base_plan(view, calib, opts)
     out = Path(out_dir)
-    old = _finished_plan(out)
-    if old is not None and _same_plan(old, plan):
-        log.info("reusing pruned checkpoint in %s (same model, statistics and options)", out)
-        return old
-    plan = _finish_plan(view, plan, stats, opts, progress)
-    write_checkpoint(pruned_view(view, plan), out, progress=progress)
-    plan.write(out / "prune_plan.json")  # last: marks the output complete
-    log.info("pruned %s: %d of %d experts per layer, top-k %d -> %s", view.root, plan.n_kept, plan.n_experts,
-             plan.top_k_new, out)
-    return plan
-
-
-def _finished_plan(out: Path) -> PrunePlan | None:
-    """The plan of a finished earlier prune into `out` (its plan is written last), if readable."""
     path = out / "prune_plan.json"
-    if not path.is_file():
-        return None
-    try:
-        return PrunePlan.read(path)
-    except MoepackError as e:  # from an older moepack or damaged: prune again
-        log.info("not reusing %s: %s", out, e)
-        return None
 
+    def work() -> None:
+        done = _finish_plan(view, plan, stats, opts, progress)
+        write_checkpoint(pruned_view(view, done), out, progress=progress)
+        done.write(path)  # last: marks the output complete
+        log.info("pruned %s: %d of %d experts per layer, top-k %d -> %s", view.root, done.n_kept, done.n_experts,
+                 done.top_k_new, out)
 
-def _same_plan(old: PrunePlan, new: PrunePlan) -> bool:
-    keys = ("model_fingerprint", "calib_fingerprint", "calib_dir", "options", "layers")
-    a, b = old.to_dict(), new.to_dict()
-    return all(a.get(k) == b.get(k) for k in keys)
+    d = plan.to_dict()
+    key = {k: d.get(k) for k in ("model_fingerprint", "calib_fingerprint", "calib_dir", "options", "layers")}
+    if not RunDir(out).stage("prune", key, path, work):
+        log.info("reusing pruned checkpoint in %s (same model, statistics and options)", out)
+    return PrunePlan.read(path)
 

@@ -1,7 +1,7 @@
 """Name templates shared by several architectures (the Llama-style decoder skeleton)."""
 from __future__ import annotations
 
-from moepack.model.arch import Role, TensorRule
+from moepack.model.arch.spec import Role, TensorRule
 
 __all__ = ["skeleton", "gqa_attention", "experts", "dense_ffn"]
 

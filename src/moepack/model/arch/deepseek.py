@@ -2,8 +2,8 @@
 shared experts, leading dense layers, group-limited routing."""
 from __future__ import annotations
 
-from moepack.model.arch import ArchSpec, Role, TensorRule, register
 from moepack.model.arch._common import L, dense_ffn, experts, skeleton
+from moepack.model.arch.spec import ArchSpec, Role, TensorRule, register
 
 __all__ = ["deepseek_rules"]
 

@@ -1,8 +1,8 @@
 """dots.llm1 (Dots1ForCausalLM); llama.cpp runs it as `dots1`."""
 from __future__ import annotations
 
-from moepack.model.arch import ArchSpec, Role, TensorRule, register
 from moepack.model.arch._common import L, dense_ffn, experts, gqa_attention, skeleton
+from moepack.model.arch.spec import ArchSpec, Role, TensorRule, register
 
 __all__: list[str] = []
 

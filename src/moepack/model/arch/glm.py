@@ -11,9 +11,9 @@ never runs it (it is only for speculative drafting) and llama.cpp loads files wi
 """
 from __future__ import annotations
 
-from moepack.model.arch import ArchSpec, Role, TensorRule, register
 from moepack.model.arch._common import L, dense_ffn, experts, gqa_attention, skeleton
 from moepack.model.arch.deepseek import deepseek_rules
+from moepack.model.arch.spec import ArchSpec, Role, TensorRule, register
 
 __all__: list[str] = []
 

@@ -7,8 +7,8 @@ bias per expert; the router (`mlp.router`) has a bias too, and attention has bia
 """
 from __future__ import annotations
 
-from moepack.model.arch import ArchSpec, Role, TensorRule, register
 from moepack.model.arch._common import L, gqa_attention, skeleton
+from moepack.model.arch.spec import ArchSpec, Role, TensorRule, register
 from moepack.model.stored import FusedSplit
 
 __all__: list[str] = []

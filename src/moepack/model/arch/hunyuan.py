@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from moepack.model.arch import ArchSpec, Role, TensorRule, register
 from moepack.model.arch._common import L, dense_ffn, skeleton
+from moepack.model.arch.spec import ArchSpec, Role, TensorRule, register
 
 __all__: list[str] = []
 

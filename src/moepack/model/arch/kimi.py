@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from moepack.model.arch import ArchSpec, register
 from moepack.model.arch.deepseek import deepseek_v3
+from moepack.model.arch.spec import ArchSpec, register
 
 __all__: list[str] = []
 

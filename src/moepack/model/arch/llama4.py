@@ -7,8 +7,8 @@ expert's *input*) and one shared expert. The other layers have a dense FFN under
 """
 from __future__ import annotations
 
-from moepack.model.arch import ArchSpec, Role, TensorRule, register
 from moepack.model.arch._common import L, dense_ffn, gqa_attention, skeleton
+from moepack.model.arch.spec import ArchSpec, Role, TensorRule, register
 from moepack.model.stored import FusedSplit
 
 __all__: list[str] = []

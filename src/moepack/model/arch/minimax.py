@@ -1,8 +1,8 @@
 """MiniMax-M2 (MiniMaxM2ForCausalLM); llama.cpp runs it as `minimax-m2`."""
 from __future__ import annotations
 
-from moepack.model.arch import ArchSpec, Role, TensorRule, register
 from moepack.model.arch._common import L, experts, gqa_attention, skeleton
+from moepack.model.arch.spec import ArchSpec, Role, TensorRule, register
 
 __all__: list[str] = []
 

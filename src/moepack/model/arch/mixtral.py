@@ -1,8 +1,8 @@
 """Mixtral 8x7B / 8x22B (MixtralForCausalLM); llama.cpp runs it as the `llama` architecture with experts."""
 from __future__ import annotations
 
-from moepack.model.arch import ArchSpec, register
 from moepack.model.arch._common import experts, gqa_attention, skeleton
+from moepack.model.arch.spec import ArchSpec, register
 
 __all__: list[str] = []
 

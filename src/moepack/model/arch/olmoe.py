@@ -1,8 +1,8 @@
 """OLMoE-1B-7B (OlmoeForCausalLM): 64 experts, top-8, full-width q/k norms."""
 from __future__ import annotations
 
-from moepack.model.arch import ArchSpec, register
 from moepack.model.arch._common import experts, gqa_attention, skeleton
+from moepack.model.arch.spec import ArchSpec, register
 
 __all__: list[str] = []
 

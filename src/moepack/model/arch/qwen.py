@@ -1,8 +1,8 @@
 """Qwen3-MoE (Qwen3MoeForCausalLM) and Qwen2-MoE / Qwen1.5-MoE (Qwen2MoeForCausalLM)."""
 from __future__ import annotations
 
-from moepack.model.arch import ArchSpec, Role, TensorRule, register
 from moepack.model.arch._common import L, dense_ffn, experts, gqa_attention, skeleton
+from moepack.model.arch.spec import ArchSpec, Role, TensorRule, register
 
 __all__: list[str] = []
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from moepack.model.arch import ArchSpec, Role, TensorRule, register
 from moepack.model.arch._common import L, dense_ffn, experts, gqa_attention, skeleton
 from moepack.model.arch.qwen_next import FULL, LINEAR, attention_layers, layer_types, recurrent_state_bytes
+from moepack.model.arch.spec import ArchSpec, Role, TensorRule, register
 from moepack.model.stored import FusedSplit
 
 __all__: list[str] = []

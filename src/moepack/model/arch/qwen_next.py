@@ -17,8 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 from moepack.errors import MoepackError
-from moepack.model.arch import ArchSpec, Role, TensorRule, register
 from moepack.model.arch._common import L, dense_ffn, experts, gqa_attention, skeleton
+from moepack.model.arch.spec import ArchSpec, Role, TensorRule, register
 
 __all__ = ["layer_types", "full_attention_interval", "attention_layers", "recurrent_state_bytes", "LINEAR", "FULL"]
 

@@ -36,6 +36,7 @@ from moepack.gguf.imatrix import imatrix_rows, importance_rows
 from moepack.gguf.linear_attn import V_TILED, join_qkvz, tile_v_heads
 from moepack.gguf.metadata import WRITER_ID
 from moepack.gguf.names import OutTensor, gguf_outputs
+from moepack.model.checkpoint import CheckpointView
 
 __all__ = ["FakeQuantError", "QuantStore", "FakeQuantWeights", "gguf_f32", "to_checkpoint", "row_sample",
            "MIN_SAMPLE_ROWS"]
@@ -54,7 +55,7 @@ class FakeQuantError(MoepackError, ValueError):
 class _MemoView:
     """The view, with each tensor read from the checkpoint once while one GGUF tensor is quantized to many types."""
 
-    def __init__(self, view: Any) -> None:
+    def __init__(self, view: CheckpointView) -> None:
         self._view, self._memo = view, {}
 
     def __getattr__(self, key: str) -> Any:
@@ -66,7 +67,7 @@ class _MemoView:
         return self._memo[name]
 
 
-def gguf_f32(view: Any, o: OutTensor) -> np.ndarray:
+def gguf_f32(view: CheckpointView | _MemoView, o: OutTensor) -> np.ndarray:
     """The float32 data of a GGUF tensor in its GGUF layout (numpy shape o.shape), built by the writer's code."""
     if o.transform == "stack":
         return np.stack([view.load_numpy_f32(s) for s in o.sources])  # (E, rows, n)
@@ -103,7 +104,7 @@ def _inverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
                                 .reshape(w.shape))  # (n_head*hd, H)
 
 
-def to_checkpoint(view: Any, name: str, outs: Sequence[OutTensor], arrays: Sequence[np.ndarray]) -> np.ndarray:
+def to_checkpoint(view: CheckpointView, name: str, outs: Sequence[OutTensor], arrays: Sequence[np.ndarray]) -> np.ndarray:
     """Checkpoint tensor `name` from the GGUF tensors `outs` (GGUF-layout float32 `arrays`) built from it."""
     o, x = outs[0], arrays[0]
     cfg = view.config
@@ -140,7 +141,7 @@ class QuantStore:
     token), token_embd's rows weighted by `token_freq`, else unweighted.
     """
 
-    def __init__(self, view: Any, imatrix: Mapping[str, np.ndarray] | None = None, *,
+    def __init__(self, view: CheckpointView, imatrix: Mapping[str, np.ndarray] | None = None, *,
                  proxy_weights: Mapping[str, np.ndarray] | None = None, token_freq: np.ndarray | None = None,
                  threads: int | None = None, cache_dir: str | Path | None = None,
                  deq_cache_bytes: int = 1 << 30) -> None:
@@ -323,7 +324,7 @@ class FakeQuantWeights:
     (GGUF tensor name → written type; `override` on top, e.g. one probed group). Tensors the GGUF keeps in F32
     (norms, routers, biases) and quantizable tensors missing from `types` are served as stored."""
 
-    def __init__(self, view: Any, store: QuantStore, types: Mapping[str, GGMLQuantizationType]) -> None:
+    def __init__(self, view: CheckpointView, store: QuantStore, types: Mapping[str, GGMLQuantizationType]) -> None:
         self.view, self.store, self.types = view, store, dict(types)
         self.outs: dict[str, list[OutTensor]] = {}
         for o in gguf_outputs(view):

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import torch
 
 from moepack.backends import Backend
+from moepack.model.checkpoint import CheckpointView
 from moepack.stages.sensitivity.fakequant import QuantStore
 from moepack.stages.sensitivity.groups import GroupSpec, SensitivityError
 from moepack.stages.sensitivity.probes import Pick, ReferenceLogProbs, StoreInputs, base_state, probe_bins
@@ -76,7 +77,7 @@ def predict(groups: list[GroupSpec], proxy: Mapping[tuple[str, str], float], kld
     return out
 
 
-def run_speed(speed: str, backend: Backend, view: Any, store: QuantStore, groups: list[GroupSpec],
+def run_speed(speed: str, backend: Backend, view: CheckpointView, store: QuantStore, groups: list[GroupSpec],
               settings: StoreInputs, ids: torch.Tensor, ref: ReferenceLogProbs, batch_size: int, keep_bytes: int,
               tasks: int | None, progress: bool, limit_s: float = AUTO_LIMIT_S, at: int = FAST_PROBE,
               sample: float = PROXY_SAMPLE) -> tuple[float, dict[tuple[str, str], float], dict[str, Any]]:

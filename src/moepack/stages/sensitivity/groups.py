@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -24,6 +24,7 @@ from moepack.gguf.names import OutTensor, gguf_group_name, gguf_outputs
 from moepack.gguf.types import DEFAULT_BASE, LADDER, bits_per_weight, parse_type, smallest_type
 from moepack.gguf.writer import TypedTensor, resolve_types
 from moepack.model.arch import Role
+from moepack.model.checkpoint import CheckpointView
 
 __all__ = ["SensitivityError", "GroupOption", "GroupSpec", "default_base", "parse_base", "plan_groups"]
 
@@ -101,7 +102,7 @@ def _candidates(base: str, ladder: list[str]) -> list[str]:
     return [base] + sorted((t for t in ladder if t != base), key=bits_per_weight)
 
 
-def _source_types(view: Any, outs: list[OutTensor], ladder: list[str]) -> list[str]:
+def _source_types(view: CheckpointView, outs: list[OutTensor], ladder: list[str]) -> list[str]:
     """Types the source already holds these tensors in, lossless to keep: MXFP4 for gpt-oss's MXFP4 experts."""
     keep = "MXFP4" not in ladder and all(mxfp4.is_source(view, o) for o in outs)
     return ["MXFP4"] if keep else []
@@ -129,7 +130,7 @@ def _options(name: str, outs: list[OutTensor], cands: list[str],
     return [opts[0], *sorted(opts[1:], key=lambda o: o.bytes)]  # fallbacks can reorder the bytes
 
 
-def plan_groups(view: Any, base: Mapping[str, str] | None = None, ladder: Iterable[str] = LADDER,
+def plan_groups(view: CheckpointView, base: Mapping[str, str] | None = None, ladder: Iterable[str] = LADDER,
                 imatrix: Mapping[str, np.ndarray] | None = None) -> tuple[list[GroupSpec], list[OutTensor]]:
     """(groups with their options, fixed F32 tensors) of the GGUF that `view` becomes."""
     base = parse_base(base)

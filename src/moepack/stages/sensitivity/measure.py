@@ -28,7 +28,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from moepack.gguf.metadata import WRITER_ID
 from moepack.gguf.names import gguf_outputs
 from moepack.gguf.types import LADDER, parse_type
 from moepack.gguf.writer import resolve_types
+from moepack.model.checkpoint import CheckpointView
 from moepack.model.runner import LayerRunner
 from moepack.schema import SENSITIVITY_FORMAT, CalibStats, PrunePlan, SensitivityTable
 from moepack.stages.sensitivity.fakequant import FakeQuantWeights, QuantStore
@@ -48,8 +49,6 @@ from moepack.stages.sensitivity.groups import SensitivityError, default_base, pa
 from moepack.stages.sensitivity.probes import EMBED, StoreInputs, head_batch, reference_logprobs, run_quantize
 from moepack.stages.sensitivity.table import agreement, overhead, proxies, table_groups
 
-if TYPE_CHECKING:
-    from moepack.model.checkpoint import CheckpointView
 
 __all__ = [
     "MODES",
@@ -104,7 +103,7 @@ class SensitivityConfig:
 
 # ---------------------------------------------------------------------------------------------------- imatrix
 
-def prune_plan_of(view: Any, prune_plan: PrunePlan | None) -> PrunePlan | None:
+def prune_plan_of(view: CheckpointView, prune_plan: PrunePlan | None) -> PrunePlan | None:
     """The prune plan behind `view`: given, the lazy pruned view's own, or saved next to a pruned checkpoint."""
     if prune_plan is not None:
         return prune_plan
@@ -113,7 +112,7 @@ def prune_plan_of(view: Any, prune_plan: PrunePlan | None) -> PrunePlan | None:
     return PrunePlan.beside(view.root)
 
 
-def prepare_imatrix(view: Any, imatrix: CalibStats | Mapping[str, np.ndarray] | None,
+def prepare_imatrix(view: CheckpointView, imatrix: CalibStats | Mapping[str, np.ndarray] | None,
                     prune_plan: PrunePlan | None = None
                     ) -> tuple[dict[str, np.ndarray] | None, dict[str, np.ndarray] | None]:
     """(the writer's importance matrix {GGUF name: (S|1, n) mean squared input}, proxy column weights: squared
@@ -225,7 +224,7 @@ class PlanKLD:
             return self._ref.kld(runner, self._hidden[-1], head_batch(self.ids, self.view.facts.vocab))
 
 
-def _check_ids(view: Any, ids: Any) -> torch.Tensor:
+def _check_ids(view: CheckpointView, ids: Any) -> torch.Tensor:
     ids_t = torch.as_tensor(np.asarray(ids), dtype=torch.long)
     if ids_t.ndim != 2 or ids_t.numel() == 0:
         raise SensitivityError(f"token ids must be (sequences, length), got shape {tuple(ids_t.shape)}")
@@ -234,7 +233,7 @@ def _check_ids(view: Any, ids: Any) -> torch.Tensor:
     return ids_t
 
 
-def _base_info(view: Any, ids: torch.Tensor, cfg: SensitivityConfig, base_map: dict[str, str],
+def _base_info(view: CheckpointView, ids: torch.Tensor, cfg: SensitivityConfig, base_map: dict[str, str],
                has_imatrix: bool) -> dict[str, Any]:
     """The table's "base": how it was measured (copied into the quant plan)."""
     return {"measure": "proxy" if cfg.mode == "proxy" else "kld", "types": dict(sorted(base_map.items())),
@@ -244,8 +243,8 @@ def _base_info(view: Any, ids: torch.Tensor, cfg: SensitivityConfig, base_map: d
             "seq_len": int(ids.shape[1]), "tokens": int(ids.numel())}
 
 
-def _measure(view: Any, ids: torch.Tensor, reference_logits: Any, reference_view: Any, imatrix: Any,
-             prune_plan: PrunePlan | None, cfg: SensitivityConfig, backend: Backend) -> SensitivityTable:
+def _measure(view: CheckpointView, ids: torch.Tensor, reference_logits: Any, reference_view: CheckpointView | None,
+             imatrix: Any, prune_plan: PrunePlan | None, cfg: SensitivityConfig, backend: Backend) -> SensitivityTable:
     t0 = time.perf_counter()
     timing: dict[str, float] = {}
     im, proxy_w = prepare_imatrix(view, imatrix, prune_plan)

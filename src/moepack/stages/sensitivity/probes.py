@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-from moepack.backends import Backend, as_tensor, layer_f32_bytes, open_view, partition, torch_threads
+from moepack.backends import Backend, ViewRef, as_tensor, layer_f32_bytes, open_view, partition, torch_threads
 from moepack.model import metrics
+from moepack.model.checkpoint import CheckpointView
 from moepack.model.runner import LayerRunner
 from moepack.stages.sensitivity.fakequant import FakeQuantWeights, QuantStore
 from moepack.stages.sensitivity.groups import GroupOption, GroupSpec, SensitivityError
@@ -65,7 +66,7 @@ class _ProbeRunner(LayerRunner):
     """LayerRunner whose base-configuration layers are built once and kept (up to `keep_bytes`); the layers in
     `fresh` (the probed one) are rebuilt from the current weights every time."""
 
-    def __init__(self, view: Any, weights: FakeQuantWeights, keep_bytes: int) -> None:
+    def __init__(self, view: CheckpointView, weights: FakeQuantWeights, keep_bytes: int) -> None:
         super().__init__(view, loader=weights)
         self.fresh: set[int] = set()
         self._kept: dict[int, nn.Module] = {}
@@ -122,7 +123,8 @@ def head_batch(ids: torch.Tensor, vocab: int) -> int:
     return max(1, _HEAD_ELEMS // max(1, ids.shape[1] * vocab))
 
 
-def reference_logprobs(view: Any, ids: torch.Tensor, reference_logits: Any, reference_view: Any,
+def reference_logprobs(view: CheckpointView, ids: torch.Tensor, reference_logits: Any,
+                       reference_view: CheckpointView | None,
                        batch_size: int) -> tuple[ReferenceLogProbs, str]:
     """(the reference distribution on `ids` (N, L), what it is): given logits (N, L, V), the reference model's
     forward, or `view` itself unquantized."""
@@ -150,7 +152,7 @@ def reference_logprobs(view: Any, ids: torch.Tensor, reference_logits: Any, refe
 class Prober:
     """Base forward with cached hidden states (or given ones), then one probe per (group, option)."""
 
-    def __init__(self, view: Any, weights: FakeQuantWeights, ids: torch.Tensor, ref: ReferenceLogProbs, batch_size: int,
+    def __init__(self, view: CheckpointView, weights: FakeQuantWeights, ids: torch.Tensor, ref: ReferenceLogProbs, batch_size: int,
                  keep_bytes: int, hidden: list[torch.Tensor] | None = None) -> None:
         self.view, self.weights, self.ids, self.ref, self.bs = view, weights, ids, ref, batch_size
         self.runner = _ProbeRunner(view, weights, keep_bytes)
@@ -221,14 +223,14 @@ class Prober:
 class StoreInputs:
     """How every quantize and probe task (and the driver) builds its QuantStore: plain data, sent once."""
 
-    view: Any  # the checkpoint view in-process; a backends.ViewRef on Ray
+    view: CheckpointView | ViewRef  # the checkpoint view in-process; a ViewRef on Ray (Backend.view_arg)
     imatrix: Mapping[str, np.ndarray] | None
     proxy_weights: Mapping[str, np.ndarray] | None
     token_freq: np.ndarray | None  # (V,)
     threads: int
     cache_dir: str | None
 
-    def store(self, view: Any) -> QuantStore:
+    def store(self, view: CheckpointView) -> QuantStore:
         return QuantStore(view, self.imatrix, proxy_weights=self.proxy_weights, token_freq=self.token_freq,
                           threads=self.threads, cache_dir=self.cache_dir)
 
@@ -337,7 +339,7 @@ def run_quantize(backend: Backend, store: QuantStore, groups: list[GroupSpec], s
         store.absorb(entries)
 
 
-def base_state(view: Any, store: QuantStore, groups: list[GroupSpec], settings: StoreInputs, ids: torch.Tensor,
+def base_state(view: CheckpointView, store: QuantStore, groups: list[GroupSpec], settings: StoreInputs, ids: torch.Tensor,
                ref: ReferenceLogProbs, batch_size: int, keep_bytes: int, progress: bool) -> tuple[float, ProbeInputs]:
     """Stage 2: the all-base forward here; (base KLD, what every probe task shares)."""
     base = typed_base(groups)
@@ -351,7 +353,7 @@ def base_state(view: Any, store: QuantStore, groups: list[GroupSpec], settings: 
                                  ids.numpy(), hidden, ref.arrays(), batch_size, keep_bytes, progress)
 
 
-def probe_bins(backend: Backend, view: Any, store: QuantStore, groups: list[GroupSpec], inp: ProbeInputs,
+def probe_bins(backend: Backend, view: CheckpointView, store: QuantStore, groups: list[GroupSpec], inp: ProbeInputs,
                tasks: int | None) -> dict[tuple[str, str], float]:
     """Stage 3 on `backend`: the probes `inp.pick` names (all by default); {(group, type): KLD}. The proxy errors
     of the types quantized land in the driver's `store`."""
@@ -370,7 +372,7 @@ def probe_bins(backend: Backend, view: Any, store: QuantStore, groups: list[Grou
     return kld
 
 
-def run_probes(backend: Backend, view: Any, store: QuantStore, groups: list[GroupSpec], settings: StoreInputs,
+def run_probes(backend: Backend, view: CheckpointView, store: QuantStore, groups: list[GroupSpec], settings: StoreInputs,
                ids: torch.Tensor, ref: ReferenceLogProbs, batch_size: int, keep_bytes: int, tasks: int | None,
                progress: bool) -> tuple[float, dict[tuple[str, str], float]]:
     """Stages 2 and 3, every probe: (base KLD, {(group, type): KLD})."""

@@ -13,7 +13,8 @@ from moepack.gguf.kernels import requires_imatrix
 from moepack.gguf.names import OutTensor
 from moepack.gguf.types import QUANT_TYPES, block_size, parse_type
 from moepack.gguf.writer import ALIGNMENT, overhead_bytes
-from moepack.schema import Group, Option, PrunePlan
+from moepack.model.checkpoint import CheckpointView
+from moepack.schema import Group, Option, PrunePlan, QuantPlan
 from moepack.stages.sensitivity.fakequant import QuantStore
 from moepack.stages.sensitivity.groups import GroupSpec
 
@@ -60,20 +61,19 @@ def _header_type(name: str) -> str:
     return name
 
 
-def overhead(view: Any, groups: list[GroupSpec], fixed: list[OutTensor], base: dict[str, Any],
+def overhead(view: CheckpointView, groups: list[GroupSpec], fixed: list[OutTensor], base: dict[str, Any],
              prune_plan: PrunePlan | None) -> int | None:
     """GGUF bytes outside the tensor data, for a plan with the longest type names and every tensor's worst
     alignment padding (the writer's own header writer; 1 KiB more for plan notes)."""
     longest = {o.name: max((opt.type for opt in g.options), key=len) for g in groups for o in g.outs}
-    plan = {"version": 1, "solver": "greedy", "budget_bytes": 10 ** 15, "predicted_bytes": 10 ** 15,
-            "fixed_bytes": 10 ** 15, "bucket_bytes": 10 ** 15, "predicted_dkld": -1.2345678901234567e-05,
-            "predicted_kld": 1.2345678901234567, "groups": {g.name: longest[g.outs[0].name] for g in groups},
-            "base": base}
     types = {k: _header_type(v) for k, v in longest.items()}
+    plan = QuantPlan("greedy", 10 ** 15, 10 ** 15, 10 ** 15, -1.2345678901234567e-05,
+                     {g.name: longest[g.outs[0].name] for g in groups}, types, bucket_bytes=10 ** 15,
+                     predicted_kld=1.2345678901234567, base=base)
     quiet = logging.getLogger("gguf.gguf_writer")
     level, quiet.level = quiet.level, logging.WARNING  # its INFO lines name a temporary file
     try:
-        head = overhead_bytes(view, default_type=None, tensor_types=types, quant_plan=plan, prune_plan=prune_plan)
+        head = overhead_bytes(view, plan, prune_plan=prune_plan, default_type=None)
     except MoepackError as e:
         # Sensitivity still means something for a checkpoint the writer refuses as it stands (e.g. no tokenizer
         # yet); the table then has no overhead_bytes, and a file-size target refuses it (allocate.file_budget).

@@ -1,8 +1,11 @@
-"""Resumable stages: a stage whose artifact is present, intact and made from the same inputs is skipped.
+"""Resumable stages, the one mechanism for every stage of a run: a stage whose artifact is present, intact and made
+from the same inputs is skipped.
 
-Each finished stage leaves `RUN_DIR/stages/NAME.json` with the hash of its inputs (the key) and the sha256 of every
-file of its artifact. A rerun recomputes a stage when its key changed or its artifact is missing or corrupted.
-The record is written last, so a stage interrupted mid-way is never mistaken for a finished one.
+Each finished stage leaves a record (`RunLayout.stage_record`: RUN_DIR/stages/NAME.json) with the hash of its inputs
+(the key) and the sha256 of every file of its artifact. A rerun recomputes a stage when its key changed, its artifact
+is missing or corrupted, or the caller's `accept` says the artifact does not answer this request. The record is
+written last and removed before a stage reruns, so a stage interrupted mid-way is never mistaken for a finished one.
+Compress's stages, `moepack calibrate` (RUN_DIR/calib) and `moepack prune` (its output checkpoint) all resume here.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from moepack.atomic import atomic_write_text
+from moepack.schema.run import RunLayout
 
 __all__ = ["RunDir", "key_hash", "file_sha256"]
 
@@ -49,23 +53,18 @@ def _digest(artifact: Path) -> dict[str, str]:
 
 @dataclass
 class RunDir:
-    """The directory holding every stage artifact of one compress run, and their timings."""
+    """The directory holding every stage artifact of one run (named by `layout`), and the stages' timings. Nothing
+    is created until a stage writes."""
 
     root: Path
     timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
-        (self.root / "stages").mkdir(parents=True, exist_ok=True)
-
-    def path(self, name: str) -> Path:
-        return self.root / name
-
-    def _record(self, name: str) -> Path:
-        return self.root / "stages" / f"{name}.json"
+        self.layout = RunLayout(self.root)
 
     def is_done(self, name: str, key: dict[str, Any], artifact: Path) -> bool:
-        rec = self._record(name)
+        rec = self.layout.stage_record(name)
         if not rec.is_file():
             return False
         try:
@@ -79,13 +78,15 @@ class RunDir:
             return False
         return True
 
-    def stage(self, name: str, key: dict[str, Any], artifact: Path, fn: Callable[[], Any]) -> bool:
-        """Run `fn` unless the stage is done with this key; returns True when it ran."""
-        if self.is_done(name, key, artifact):
+    def stage(self, name: str, key: dict[str, Any], artifact: Path, fn: Callable[[], Any],
+              accept: Callable[[], bool] | None = None) -> bool:
+        """Run `fn` unless the stage is done with this key (and, given `accept`, it accepts the finished artifact:
+        an input that matches more than one value, as calibrate's shard count does); returns True when it ran."""
+        if self.is_done(name, key, artifact) and (accept is None or accept()):
             log.info("stage %s: reusing %s", name, artifact)
             self.timings[name] = 0.0
             return False
-        self._record(name).unlink(missing_ok=True)
+        self.layout.stage_record(name).unlink(missing_ok=True)
         if artifact.is_dir():
             shutil.rmtree(artifact)
         t0 = time.perf_counter()
@@ -94,5 +95,5 @@ class RunDir:
         if not _artifact_files(artifact):
             raise RuntimeError(f"stage {name} finished without writing {artifact}")
         record = {"key": key_hash(key), "files": _digest(artifact), "seconds": round(self.timings[name], 2)}
-        atomic_write_text(self._record(name), json.dumps(record, indent=2) + "\n")
+        atomic_write_text(self.layout.stage_record(name), json.dumps(record, indent=2) + "\n")
         return True

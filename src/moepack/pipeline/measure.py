@@ -1,0 +1,66 @@
+"""The KLDs every choice of `moepack compress` is made on, against the original model (one reference view, one
+run's importance matrix): a plan's fake-quantized KLD, and what pruning alone costs. The same KLD
+(moepack.model.metrics) throughout, so the numbers compare."""
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from moepack.model.checkpoint import CheckpointView
+from moepack.schema import CalibStats, PrunePlan
+
+if TYPE_CHECKING:
+    from moepack.model.runner import KLDReference
+    from moepack.stages.sensitivity.measure import PlanKLD
+
+__all__ = ["KLDMeter"]
+
+log = logging.getLogger(__name__)
+
+
+class KLDMeter:
+    """KLDs vs `ref` on the selection tokens (stats.heldout) or others given (the report's). Plans measured on one
+    view and token set share one PlanKLD (its reference, quantized tensors and unchanged layers' hidden states:
+    the same numbers), and a view's PlanKLDs share their quantized tensors across token sets; they live as long as
+    the meter. The pruning-only KLD's reference outputs are computed once."""
+
+    def __init__(self, ref: CheckpointView, stats: CalibStats, threads: int) -> None:
+        self.ref, self.stats, self.threads = ref, stats, threads
+        # id(view) → (the view, held so that its id stays its own; token hash → its PlanKLD)
+        self._plans: dict[int, tuple[CheckpointView, dict[str, PlanKLD]]] = {}
+        self._prune_ref: KLDReference | None = None
+
+    def plan_kld(self, view: CheckpointView, tensors: dict[str, str], prune_plan: PrunePlan | None,
+                 ids: np.ndarray | None = None) -> float:
+        """KLD of `view` (pruned by `prune_plan`) with the plan's `tensors` types, fake-quantized with the run's
+        imatrix, on `ids` (default the selection tokens)."""
+        from moepack.stages.sensitivity.measure import PlanKLD
+
+        ids = self.stats.heldout if ids is None else ids
+        key = hashlib.sha1(np.ascontiguousarray(ids).tobytes()).hexdigest()
+        memo = self._plans.setdefault(id(view), (view, {}))[1]
+        if key not in memo:
+            twin = next(iter(memo.values()), None)  # other tokens: the same tensor bytes
+            memo[key] = PlanKLD(view, ids, reference_view=self.ref, imatrix=self.stats, prune_plan=prune_plan,
+                                threads=self.threads)
+            if twin is not None:
+                memo[key].store = twin.store
+        return float(memo[key](tensors))
+
+    def measurers(self, view: CheckpointView) -> int:
+        """How many PlanKLDs the meter holds for `view` (one per token set)."""
+        return len(self._plans.get(id(view), (view, {}))[1])
+
+    def prune_kld(self, view: CheckpointView) -> float:
+        """KLD of the pruned model `view` alone (unquantized) on the selection tokens; the reference outputs are
+        computed once, from the first MoE layer on."""
+        from moepack.backends import torch_threads
+        from moepack.model.runner import KLDReference, LayerRunner, moe_layers
+
+        with torch_threads(self.threads):
+            if self._prune_ref is None:
+                self._prune_ref = KLDReference(LayerRunner(self.ref), self.stats.heldout, min(moe_layers(self.ref)))
+            return float(self._prune_ref.variant(LayerRunner(view))["kld_mean"])

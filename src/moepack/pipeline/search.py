@@ -1,0 +1,217 @@
+"""The retention search of `moepack compress`: for each retention, prune to it, screen it against the candidates
+measured before, measure its sensitivity from each reference type, allocate the budget, measure the KLD its plan
+really gets, refine it by measured moves and challenge it with llama.cpp's own mixtures; the lowest selection KLD
+wins.
+
+    search = CandidateSearch(run, ref, stats, budget, opts, backend)
+    for keep in keeps:              # largest first: it sets the bar the others are screened against
+        search.candidate(keep)
+    best = search.best()
+
+Screening: a retention that yields the same model as one measured before (group rounding: keep 0.875 of 4 per
+group keeps 4) is not measured again; one whose smallest plan cannot fit is passed over; and since quantization only
+adds error to what pruning costs, one whose pruning alone already costs the best measured KLD gets no sensitivity
+table, the expensive part.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable
+
+from moepack.backends import Backend
+from moepack.model.checkpoint import CheckpointView
+from moepack.pipeline.budget_check import allocate_within, check_floor, nothing_fits
+from moepack.pipeline.candidates import Candidate
+from moepack.pipeline.measure import KLDMeter
+from moepack.pipeline.options import CompressOptions
+from moepack.pipeline.reference import reference_mode, reference_types
+from moepack.pipeline.steps import prune_stage, sensitivity_stage
+from moepack.rundir import RunDir
+from moepack.schema import CalibStats, SensitivityTable
+from moepack.stages.budget import Budget, BudgetError, format_size
+
+__all__ = ["CandidateSearch"]
+
+log = logging.getLogger(__name__)
+
+Criterion = tuple[str, float, "float | None", "list[dict[str, Any]] | None"]  # name, α, pruning-only KLD, tried
+
+
+class CandidateSearch:
+    """One compress run's candidates and what they share: the run directory, the reference view (opened once),
+    the calibration statistics, the budget, the options, the backend, and the measurements kept between
+    candidates (the KLD meter, each criterion choice)."""
+
+    def __init__(self, run: RunDir, ref: CheckpointView, stats: CalibStats, budget: Budget, opts: CompressOptions,
+                 backend: Backend | None) -> None:
+        self.run, self.ref, self.stats, self.budget, self.opts, self.backend = run, ref, stats, budget, opts, backend
+        self.meter = KLDMeter(ref, stats, opts.threads)
+        self.candidates: list[Candidate] = []  # in the order measured
+        self._criteria: dict[tuple[int, int], Criterion] = {}  # (experts kept, k') → the criterion chosen
+
+    # ------------------------------------------------------------------------------------------------ the search
+
+    def candidate(self, keep: float) -> Candidate:
+        """Retention `keep`, pruned (with --criterion auto by the criterion whose pruning alone costs the least
+        KLD on the selection tokens), screened, measured; its final plan written once (quant_plan-rKEEP.json)."""
+        crit, alpha, known, tried = self._criterion(keep)
+        cand = self._measured(prune_stage(self.run, self.ref, self.stats, keep, (crit, alpha), self.opts), known)
+        cand = dataclasses.replace(cand, criterion=crit, alpha=alpha, criteria=tried)
+        if cand.plan is not None:
+            cand.plan.save(self.run.layout.quant_plan(keep))
+        self.candidates.append(cand)
+        return cand
+
+    def best(self) -> Candidate:
+        """The measured candidate with the lowest selection KLD (CompressError when every one was screened)."""
+        fitting = [c for c in self.candidates if not c.screened]
+        if not fitting:
+            raise nothing_fits([c.keep for c in self.candidates], self.budget, self.opts.ladder)
+        return min(fitting, key=lambda c: c.kld)
+
+    def report_kld(self, best: Candidate) -> float | None:
+        """The chosen plan's KLD on the report tokens (held out after the selection tokens; no choice saw them)."""
+        if self.stats.report is None:
+            log.warning("the calibration text left no report tokens after the selection tokens; the KLD reported is "
+                        "the selection KLD every choice was made on (use a longer --calib-text)")
+            return None
+        t0 = time.perf_counter()
+        kld = self.meter.plan_kld(best.view, best.plan.tensors, best.prune_plan, ids=self.stats.report)
+        self.run.timings["report KLD"] = time.perf_counter() - t0
+        return kld
+
+    def _criterion(self, keep: float) -> Criterion:
+        """The pruning criterion of retention `keep`: --criterion as given, or with auto the one measured best
+        (moepack.pipeline.criterion; retentions that round to the same experts and k' share the choice)."""
+        opts = self.opts
+        if opts.criterion != "auto":
+            return opts.criterion, opts.alpha, None, None
+        from moepack.model.pruned import default_top_k, kept_count
+
+        n_kept = kept_count(self.ref, keep)
+        if n_kept >= self.ref.facts.n_experts or self.stats.heldout is None:
+            return "score", opts.alpha, None, None  # drops no expert: any criterion gives the same model
+        from moepack.pipeline.criterion import choose_criterion
+
+        k = opts.top_k if isinstance(opts.top_k, int) else min(default_top_k(keep, self.ref.facts.top_k), n_kept)
+        if (n_kept, k) not in self._criteria:
+            t0 = time.perf_counter()
+            self._criteria[n_kept, k] = choose_criterion(self.ref, self.stats, keep, self.meter.prune_kld, opts.top_k)
+            self.run.timings[f"criterion r={keep:g}"] = time.perf_counter() - t0
+        return self._criteria[n_kept, k]
+
+    # ------------------------------------------------------------------------------------------------ one retention
+
+    def _measured(self, pruned: Candidate, known_prune_kld: float | None) -> Candidate:
+        """`pruned` screened, or measured from each reference type and challenged: the lowest plan found."""
+        screened, further = self._screen(pruned, known_prune_kld)
+        if not further:
+            return screened
+        found = self._references(screened)
+        if found is None:
+            return dataclasses.replace(screened, infeasible=True)
+        cand, table = found
+        if self.opts.mixtures:
+            cand = self._challenge(cand, table)
+        log.info("keep %.3f: %s of tensors, measured KLD %.5f", cand.keep, format_size(cand.plan.predicted_bytes),
+                 cand.kld)
+        return cand
+
+    def _screen(self, cand: Candidate, known_prune_kld: float | None) -> tuple[Candidate, bool]:
+        """(`cand` screened, False) when it is the same model as one measured, over the budget, or its pruning alone
+        is already worse than the best measured; else (`cand` with its pruning-only KLD where measured, True)."""
+        measured = [c for c in self.candidates if not c.screened]
+        shape = (cand.view.facts.n_experts, cand.view.facts.top_k)
+        twin = next((c for c in measured if (c.view.facts.n_experts, c.view.facts.top_k) == shape), None)
+        if twin is not None:
+            log.info("keep %.3f keeps the same experts and top-k as keep %.3f; not measured again", cand.keep,
+                     twin.keep)
+            return dataclasses.replace(cand, prune_kld=twin.prune_kld, same_as=twin.keep), False
+        try:
+            check_floor(cand.view, self.budget, self.opts.ladder, named=cand.keep)
+        except BudgetError as e:  # e.g. keep 1.0 under a budget only a pruned model fits: try the next retention
+            log.info("keep %.3f: not measured: %s", cand.keep, e)
+            return dataclasses.replace(cand, infeasible=True), False
+        best_kld = min((c.kld for c in measured), default=float("inf"))
+        floor = known_prune_kld  # measured when choosing the criterion
+        if cand.prune_plan is not None and best_kld < float("inf") and self.stats.heldout is not None:
+            if floor is None:
+                t0 = time.perf_counter()
+                floor = self.meter.prune_kld(cand.view)
+                self.run.timings[f"prune KLD r={cand.keep:g}"] = time.perf_counter() - t0
+            if floor >= best_kld:
+                log.info("keep %.3f: pruning alone costs KLD %.5f >= %.5f of the best candidate; not measured "
+                         "further", cand.keep, floor, best_kld)
+                return dataclasses.replace(cand, prune_kld=floor), False
+        return dataclasses.replace(cand, prune_kld=floor), True
+
+    def _references(self, cand: Candidate) -> tuple[Candidate, SensitivityTable] | None:
+        """`cand` measured from each reference type (moepack.pipeline.reference), each plan allocated, measured
+        and refined: the lowest, with the table it was allocated from and every reference's record (None when no
+        reference's plan fits)."""
+        bases = reference_types(cand.view, self.budget, self.opts)
+        best: tuple[Candidate, SensitivityTable] | None = None
+        records: list[dict[str, Any]] = []
+        first: SensitivityTable | None = None
+        for i, base in enumerate(bases):
+            mode = reference_mode(i, len(bases), first, self.opts)
+            if mode is None:
+                break
+            # Tables are named by reference: the budget's own type (or the only one) untagged, the smallest tagged.
+            table = sensitivity_stage(self.run, self.ref, self.stats, cand, base,
+                                      dataclasses.replace(self.opts, sensitivity=mode), self.backend,
+                                      None if base == bases[-1] else base)
+            first = table if first is None else first
+            planned = self._allocated(cand, table, base, "" if i == 0 else " " + base)
+            if planned is None:
+                continue
+            records.append({"base": base, "sensitivity": table.base.get("sensitivity"), "kld": planned.kld,
+                            "refine_measured": len(planned.refinement.tried) if planned.refinement else 0})
+            log.info("keep %.3f, reference %s: selection KLD %.5f", cand.keep, base, planned.kld)
+            if best is None or planned.kld < best[0].kld:
+                best = (planned, table)
+        return None if best is None else (dataclasses.replace(best[0], references=records), best[1])
+
+    def _allocated(self, cand: Candidate, table: SensitivityTable, base: str, label: str) -> Candidate | None:
+        """`cand` with the plan allocated from `table`, its measured selection KLD, refined (None when the
+        table's smallest plan does not fit: the measured minimum can be a little above the estimate)."""
+        from moepack.stages.allocate import AllocationError
+
+        try:
+            plan, overhead = allocate_within(table, self.budget, self.opts.solver)
+        except AllocationError as e:
+            log.info("keep %.3f, reference %s: %s", cand.keep, base, e)
+            return None
+        t0 = time.perf_counter()
+        kld = self.meter.plan_kld(cand.view, plan.tensors, cand.prune_plan)
+        self.run.timings[f"measure r={cand.keep:g}{label}"] = time.perf_counter() - t0
+        cand = dataclasses.replace(cand, plan=plan, overhead=overhead, kld=kld)
+        return self._refine(cand, table) if self.opts.refine > 0 else cand
+
+    def _refine(self, cand: Candidate, table: SensitivityTable) -> Candidate:
+        """Measured moves of `cand`'s allocated plan that the additive model misses (moepack.pipeline.refine),
+        chosen on the selection tokens."""
+        from moepack.pipeline.refine import refine
+
+        t0 = time.perf_counter()
+        plan, kld, rec = refine(table, cand.plan, cand.kld, self._measure(cand), self.opts.refine)
+        key = f"refine r={cand.keep:g}"  # summed over the reference types refined
+        self.run.timings[key] = self.run.timings.get(key, 0.0) + time.perf_counter() - t0
+        return dataclasses.replace(cand, plan=plan, kld=kld, refinement=rec)
+
+    def _challenge(self, cand: Candidate, table: SensitivityTable) -> Candidate:
+        """llama.cpp's largest fitting mixtures measured against `cand`'s plan, the lowest kept (moepack.pipeline
+        .dominance): the plan is never worse on the selection tokens than the mixture a user would otherwise make."""
+        from moepack.pipeline.dominance import challenge
+
+        t0 = time.perf_counter()
+        plan, kld, rivalry = challenge(cand.view, table, self.budget, cand.plan, cand.kld, cand.plan.budget_bytes,
+                                       self._measure(cand), self.opts.mixtures)
+        self.run.timings[f"mixtures r={cand.keep:g}"] = time.perf_counter() - t0
+        return dataclasses.replace(cand, plan=plan, kld=kld, rivalry=rivalry)
+
+    def _measure(self, cand: Candidate) -> Callable[[dict[str, str]], float]:
+        """Plan tensors → their selection KLD on `cand`'s model."""
+        return lambda tensors: self.meter.plan_kld(cand.view, tensors, cand.prune_plan)
