@@ -40,6 +40,7 @@ bench-results: install  # docs/results.md, docs/results-bundled.md and their plo
 bench-pruning: install  # docs/pruning.md (domain.py rewrites its section)
 	$(BIN)/python bench/prune.py
 	$(BIN)/python bench/domain.py --domains code dialogue
+	$(BIN)/python bench/merge.py
 
 bench-performance: install  # docs/performance.md (sensitivity.py rewrites its section)
 	$(BIN)/python bench/quantize_speed.py

@@ -49,8 +49,8 @@ def run_compress(model: Path, work: Path, domain: str, keep: float | str, bpw: f
     info = out.with_suffix(".json")
     if info.is_file():
         return json.loads(info.read_text())
-    opts = CompressOptions(keep=keep, base=args.base, ladder=tuple(args.ladder), calib_text=DATA / "calib" / f"{domain}.txt",
-                           calib_tokens=args.calib_tokens, seq_len=args.seq_len, sens_tokens=args.sens_tokens,
+    opts = CompressOptions(keep=keep, reference=args.base, ladder=tuple(args.ladder), calib_text=DATA / "calib" / f"{domain}.txt",
+                           calib_tokens=args.calib_tokens, seq_len=args.seq_len, selection_tokens=args.selection_tokens,
                            threads=2, progress=False)
     t0 = time.perf_counter()
     try:
@@ -198,7 +198,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
     lines = [BEGIN, "", "## Domain-targeted compression (bench/domain.py)", "",
              f"`{command}` on `{results['model']}` ({results['params']:,} parameters), {results['seconds'] / 60:.0f} "
              f"min. Calibration on the target domain's calibration text ({s['calib_tokens']:,} tokens, "
-             f"{s['sens_tokens']:,} held out for selection); sensitivity base {s['base']}, ladder "
+             f"{s['selection_tokens']:,} held out for selection); sensitivity base {s['base']}, ladder "
              f"{', '.join(s['ladder'])}; criterion {s['criterion']}. KLD vs the bf16 checkpoint on each domain's "
              f"evaluation text ({s['eval_tokens']:,} tokens in windows of {s['ctx']}, second halves scored), mean ± "
              "half-width of the 95 % CI from window means. llama.cpp: its standard mixtures with the same "
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     domains = [bench_domain(args.model, d, args, ev) for d in args.domains]
     results = {"model": rel(args.model), "params": sum(open_checkpoint(args.model).param_counts().values()),
                "settings": {"base": args.base, "ladder": args.ladder, "calib_tokens": args.calib_tokens,
-                            "sens_tokens": args.sens_tokens, "seq_len": args.seq_len, "ctx": args.ctx,
+                            "selection_tokens": args.selection_tokens, "seq_len": args.seq_len, "ctx": args.ctx,
                             "eval_tokens": args.eval_tokens, "criterion": CompressOptions().criterion,
                             "eval": ev.settings},
                "domains": domains, "seconds": round(time.perf_counter() - t0, 1)}

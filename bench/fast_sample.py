@@ -49,7 +49,7 @@ def bench_model(model: Path, args: argparse.Namespace) -> dict[str, Any]:
     from moepack.stages.sensitivity.measure import SensitivityConfig, measure_sensitivity, plan_kld
 
     view = open_checkpoint(model)
-    n = args.calib_tokens + args.sens_tokens
+    n = args.calib_tokens + args.selection_tokens
     ids, ev = tokenize_file(model, args.calib_text, n), tokenize_file(model, args.eval_text, args.eval_tokens)
     calib, sens = np.split(ids[:n], [args.calib_tokens])
     stats = calibrate(view, chunk_tokens(calib, args.seq_len), progress=False, threads=args.threads)

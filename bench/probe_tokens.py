@@ -38,7 +38,7 @@ def run_one(model: Path, bpw: float, probe: int | None, args: argparse.Namespace
     wall = time.perf_counter() - t0
     sens_s = sum(v for k, v in r.timings.items() if k.startswith("sensitivity"))
     ev = args.evaluate[model.name](work / "out.gguf")
-    row = {"model": model.name, "bpw": bpw, "probe_tokens": probe or opts.sens_tokens, "wall_s": round(wall, 1),
+    row = {"model": model.name, "bpw": bpw, "probe_tokens": probe or opts.selection_tokens, "wall_s": round(wall, 1),
            "sensitivity_s": round(sens_s, 1), "selection_kld": r.selection_kld, "report_kld": r.report_kld,
            "size_bytes": ev["size_bytes"], "kld_mean": ev["kld_mean"], "kld_ci95_low": ev["kld_ci95_low"],
            "kld_ci95_high": ev["kld_ci95_high"]}

@@ -35,11 +35,11 @@ def bench_model(model: Path, keeps: list[float], args: argparse.Namespace) -> li
     view = open_checkpoint(model)
     work = Path(args.work) / model.name
     stats: CalibStats = run_calibrate(model, DATA / "tinystories-train.txt", work, tokens=args.calib_tokens,
-                                      seq_len=args.seq_len, heldout_tokens=4096, progress=False)
+                                      seq_len=args.seq_len, selection_tokens=4096, progress=False)
     ids = chunk_tokens(tokenize_file(model, DATA / "tinystories-valid.txt", args.valid_tokens), args.seq_len)
     first = min(view.facts.moe_layers)
     valid = KLDReference(LayerRunner(view), ids, first, args.batch)
-    heldout = KLDReference(LayerRunner(view), stats.heldout, first, args.batch)
+    selection = KLDReference(LayerRunner(view), stats.selection, first, args.batch)
     rows = [dict(model=model.name, keep=1.0, criterion="unpruned", seed=None, policy="-", top_k=view.facts.top_k,
                  n_kept=view.facts.n_experts, **valid.base)]
     print(f"{model.name}: unpruned ppl {valid.base['ppl']:.3f} on {ids.size} tokens", file=sys.stderr)
@@ -48,7 +48,7 @@ def bench_model(model: Path, keeps: list[float], args: argparse.Namespace) -> li
             opts = PruneOptions(keep=keep, criterion=crit, seed=seed)
             plan = make_plan(view, stats, opts)
             cands = auto_candidates(plan, view, opts)
-            auto, _ = top_k_auto(view, plan, stats.heldout, cands, opts.kld_tol, args.batch, heldout, False)
+            auto, _ = top_k_auto(view, plan, stats.selection, cands, opts.kld_tol, args.batch, selection, False)
             measured: dict[int, dict[str, float]] = {}
             for policy, k in (("k", view.facts.top_k), ("round", plan.top_k_new), ("auto", auto)):
                 if k not in measured:

@@ -38,7 +38,7 @@ FTYPE_FOR = {"Q4_K": "Q4_K_M", "IQ2_XXS": "IQ2_XXS", "Q8_0": "Q8_0", "Q2_K": "Q2
 
 def bench(model: Path, qtype: str, threads: int, work: Path) -> dict:
     view = open_checkpoint(model)
-    run_calibrate(model, TEXT, work, tokens=8192, seq_len=512, heldout_tokens=0, progress=False)
+    run_calibrate(model, TEXT, work, tokens=8192, seq_len=512, selection_tokens=0, progress=False)
     im = load_imatrix(work, view)
     im_file = work / "imatrix.gguf"
     write_imatrix_gguf(ImatrixFile.of_means(imatrix_by_output(view, im)), im_file)
@@ -75,7 +75,7 @@ def same_bytes(a: Path, b: Path) -> str:
 def bench_v3(qtype: str, threads: int, repeats: int, n_experts: int, work: Path) -> dict:
     model = v3_layer_checkpoint(work, n_experts)
     view = open_checkpoint(model)
-    run_calibrate(model, TEXT, work, tokens=256, seq_len=128, heldout_tokens=0, progress=False)
+    run_calibrate(model, TEXT, work, tokens=256, seq_len=128, selection_tokens=0, progress=False)
     im = load_imatrix(work, view)
     im_file = work / "imatrix.gguf"
     write_imatrix_gguf(ImatrixFile.of_means(imatrix_by_output(view, im)), im_file)

@@ -44,8 +44,8 @@ def run_one(model: Path, bpw: float, base: str | None, work: Path) -> dict[str, 
     from moepack.stages.budget import BudgetRequest
 
     name, base = base or "rule", base or old_rule(model, bpw, LADDER)
-    opts = CompressOptions(keep=1.0, calib_text=ROOT / "data/calib/stories.txt", calib_tokens=4096, sens_tokens=512,
-                           seq_len=256, threads=2, sensitivity="fast", mixtures=0, base=base, progress=False)
+    opts = CompressOptions(keep=1.0, calib_text=ROOT / "data/calib/stories.txt", calib_tokens=4096, selection_tokens=512,
+                           seq_len=256, threads=2, sensitivity="fast", mixtures=0, reference=base, progress=False)
     run_dir = work / f"{model.name}-{base}.run"  # one per reference: its table is reused across bpw
     t0 = time.perf_counter()
     res = compress(model, work / f"{model.name}-{bpw:g}-{base}.gguf", BudgetRequest(target_bpw=bpw), opts,

@@ -59,7 +59,7 @@ def bench_model(model: Path, args: argparse.Namespace) -> dict[str, Any]:
     from moepack.stages.sensitivity.table import spearman
 
     view = open_checkpoint(model)
-    n = args.calib_tokens + args.sens_tokens
+    n = args.calib_tokens + args.selection_tokens
     ids, ev = tokenize_file(model, args.calib_text, n), tokenize_file(model, args.eval_text, args.eval_tokens)
     if len(ids) < n or len(ev) < args.eval_tokens:
         raise SystemExit(f"{args.calib_text} or {args.eval_text} has fewer tokens than asked")
@@ -68,7 +68,7 @@ def bench_model(model: Path, args: argparse.Namespace) -> dict[str, Any]:
     tables, wall = {}, {}
     sens_ids = chunk_tokens(sens, args.seq_len)
     for mode in ("full", "fast"):
-        cfg = SensitivityConfig(base=args.ladder[0], ladder=tuple(args.ladder), sensitivity=mode,
+        cfg = SensitivityConfig(reference=args.ladder[0], ladder=tuple(args.ladder), sensitivity=mode,
                                 threads=args.threads, progress=False)
         t0 = time.perf_counter()
         tables[mode] = measure_sensitivity(view, sens_ids, cfg, imatrix=stats)
@@ -112,7 +112,7 @@ def bench_compress(model: Path, args: argparse.Namespace) -> dict[str, Any]:
 
     exe = str(Path(sys.executable).parent / "moepack")
     flags = (f"--calib-text {rel(args.calib_text)} --calib-tokens {args.calib_tokens} --sens-tokens "
-             f"{args.sens_tokens} --seq-len {args.seq_len} -t {args.threads}")
+             f"{args.selection_tokens} --seq-len {args.seq_len} -t {args.threads}")
     args.work.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {"model": rel(model), "bpw": args.compress_bpw, "flags": flags,
                            "eval_tokens": args.eval_tokens, "commit": code_commit(),
@@ -156,7 +156,7 @@ def to_markdown(res: dict[str, Any]) -> str:
              "upgrade), learns α_g = ΔKLD / Δ(imatrix-weighted squared error) from it, and predicts every other "
              "type as α_g × its error, computed with llama.cpp's quantize/dequantize kernels alone. "
              f"Settings: ladder {','.join(a['ladder'])} (base {a['ladder'][0]}), calibration {a['calib_tokens']} "
-             f"tokens of {a['calib_text']}, sensitivity on the {a['sens_tokens']} tokens after them, plan KLD on the "
+             f"tokens of {a['calib_text']}, sensitivity on the {a['selection_tokens']} tokens after them, plan KLD on the "
              f"first {a['eval_tokens']} tokens of {a['eval_text']} (neither table saw them; sequences of "
              f"{a['seq_len']}), {a['threads']} threads on a "
              "shared 2-core machine. `" + res["command"] + "`", "",
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         _write(res, args)
         return 0
     rows = [bench_model(m, args) for m in args.models]
-    settings = {k: getattr(args, k) for k in ("calib_tokens", "sens_tokens", "eval_tokens", "seq_len", "ladder",
+    settings = {k: getattr(args, k) for k in ("calib_tokens", "selection_tokens", "eval_tokens", "seq_len", "ladder",
                                               "threads")} | {"calib_text": rel(args.calib_text), "eval_text": rel(args.eval_text)}
     res = {"command": "bench/sensitivity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "settings": settings, "rows": rows}

@@ -22,13 +22,13 @@ SMALL_LADDER = "IQ2_XXS,IQ2_S,IQ3_XXS,IQ3_S,Q4_K,Q5_K,Q6_K,Q8_0"
 FAST_SEARCH = ("--criterion", "score", "--sensitivity", "fast", "--refine", "0")
 
 
-def small_compress_options(*extra: str, calib_tokens: int = 1024, seq_len: int = 128, sens_tokens: int = 256,
+def small_compress_options(*extra: str, calib_tokens: int = 1024, seq_len: int = 128, selection_tokens: int = 256,
                            ladder: str = SMALL_LADDER, fast: bool = False) -> list[str]:
     """The `moepack compress` flags of the tests' small runs: calibration, selection and report tokens from
     data/tinystories-valid.txt (text the fixtures never trained on), `ladder`, FAST_SEARCH when `fast`, then
     `extra`. One definition, so that every test's run stays small the same way."""
     flags = ["--calib-text", str(DATA / "tinystories-valid.txt"), "--calib-tokens", str(calib_tokens),
-             "--seq-len", str(seq_len), "--sens-tokens", str(sens_tokens), "--ladder", ladder]
+             "--seq-len", str(seq_len), "--sens-tokens", str(selection_tokens), "--ladder", ladder]
     return flags + list(FAST_SEARCH if fast else ()) + list(extra)
 
 

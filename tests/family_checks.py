@@ -15,7 +15,7 @@ __all__ = ["SMALL_COMPRESS", "compress_keep_075", "completion_tokens", "hf_logit
            "pruned_gguf_matches_transformers", "gguf_token_ids", "hf_token_ids"]
 
 # compress options that keep a family's end-to-end test to seconds of CPU (few tokens, a short ladder, fast mode).
-SMALL_COMPRESS = tuple(small_compress_options(calib_tokens=256, seq_len=32, sens_tokens=64, ladder="IQ2_XXS,Q4_K,Q8_0",
+SMALL_COMPRESS = tuple(small_compress_options(calib_tokens=256, seq_len=32, selection_tokens=64, ladder="IQ2_XXS,Q4_K,Q8_0",
                                               fast=True))
 
 

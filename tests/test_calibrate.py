@@ -266,11 +266,11 @@ def test_calibrate_cli_and_resume(tmp_path, capsys):
             "--sens-tokens", "128", "-o", str(tmp_path / "run"), "--imatrix-out", str(tmp_path / "im.gguf")]
     assert main(args) == 0
     man = json.loads((tmp_path / "run" / "calib" / "manifest.json").read_text())
-    assert man["tokens"] == 256 and man["seq_len"] == 64 and man["heldout_tokens"] == 128
+    assert man["tokens"] == 256 and man["seq_len"] == 64 and man["selection_tokens"] == 128
     assert man["fingerprint"] == open_checkpoint(model).fingerprint() and len(man["text_sha256"]) == 64
     assert (tmp_path / "im.gguf").is_file()
     st = CalibStats.read(tmp_path / "run")
-    assert st.heldout.shape == (2, 64)
+    assert st.selection.shape == (2, 64)
     assert main(args) == 0  # same inputs: reused, not recomputed
     assert json.loads((tmp_path / "run" / "calib" / "manifest.json").read_text())["seconds"] == man["seconds"]
     _check_shards_reuse(args, tmp_path / "run" / "calib" / "manifest.json")

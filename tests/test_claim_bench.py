@@ -106,7 +106,7 @@ def test_a_calibration_text_gets_its_own_results_and_a_relative_name_in_the_sett
     common.default_paths(other)
     assert other.out == ROOT / "bench/results/claim-code.json"
     for ns in (stories, bundled):
-        for k in ("calib_tokens", "seq_len", "sens_tokens", "ctx", "eval_tokens"):
+        for k in ("calib_tokens", "seq_len", "selection_tokens", "ctx", "eval_tokens"):
             setattr(ns, k, 1)
     assert common.settings(stories)["calib_text"] == "`data/calib/stories.txt`"
     assert common.settings(bundled)["calib_text"].startswith("bundled")

@@ -55,14 +55,14 @@ def test_mirrored_choices_match_the_library() -> None:
     from moepack.cli import options
     from moepack.pipeline.options import CompressOptions
     from moepack.stages.prune import CRITERIA
-    from moepack.gguf.types import DEFAULT_BASE
+    from moepack.gguf.types import DEFAULT_REFERENCE
     from moepack.gguf.types import LADDER as DEFAULT_LADDER
     from moepack.stages.sensitivity.measure import MODES
 
     assert options.CRITERIA == CRITERIA
     assert options.LADDER == DEFAULT_LADDER == CompressOptions.ladder
-    assert options.BASE == DEFAULT_BASE and options.SENS_MODES == MODES
-    assert CompressOptions.calib_tokens == options.CALIB_TOKENS and CompressOptions.sens_tokens == options.SENS_TOKENS
+    assert options.REFERENCE == DEFAULT_REFERENCE and options.SENS_MODES == MODES
+    assert CompressOptions.calib_tokens == options.CALIB_TOKENS and CompressOptions.selection_tokens == options.SELECTION_TOKENS
     assert CompressOptions.seq_len == options.SEQ_LEN and CompressOptions.threads == options.DEFAULT_THREADS
 
 
@@ -74,7 +74,7 @@ def _flags() -> dict[str, set[str]]:
 def test_one_vocabulary() -> None:
     """The old flag names are gone everywhere; shared concepts have one name."""
     flags = _flags()
-    old = {"--out", "--calib", "--text", "--tokens", "--heldout-tokens", "--ctx", "--json", "--md", "--ubatch"}
+    old = {"--out", "--calib", "--text", "--tokens", "--selection-tokens", "--ctx", "--json", "--md", "--ubatch"}
     allowed = {"eval": {"--text", "--tokens"}, "inspect": {"--json"}}  # evaluation text and tokens; inspect's switch
     for name, opts in flags.items():
         assert not (opts & old) - allowed.get(name, set()), (name, opts & old)

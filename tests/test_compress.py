@@ -87,7 +87,7 @@ def test_reference_types_smallest_then_budget_type(model: Path) -> None:
     assert reference_types(view, budget(at["Q8_0"] + 10), dataclasses.replace(opts, sensitivity="fast")) == \
         ["IQ2_XXS"]
     assert reference_types(view, budget(at["IQ3_S"] - 1), opts) == ["IQ2_XXS"]
-    assert reference_types(view, budget(at["Q8_0"]), dataclasses.replace(opts, base="Q4_K")) == ["Q4_K"]
+    assert reference_types(view, budget(at["Q8_0"]), dataclasses.replace(opts, reference="Q4_K")) == ["Q4_K"]
 
 
 def test_the_budget_types_full_table_runs_when_the_smallest_types_timing_affords_it(monkeypatch) -> None:
@@ -193,7 +193,7 @@ def _check_run_command(out: Path, printed: str) -> None:
     assert f"run it:        {cmd}" in printed
     argv = shlex.split(cmd)
     assert argv[0] == "llama-server" and argv[argv.index("-m") + 1] == str(out) and "--no-repack" in argv
-    llm = load_llama(argv[argv.index("-m") + 1], n_ctx=int(argv[argv.index("-c") + 1]), extra_bufts=False)
+    llm = load_llama(argv[argv.index("-m") + 1], n_ctx=int(argv[argv.index("-c") + 1]), repack=False)
     assert llm.n_ctx() == int(argv[argv.index("-c") + 1])
     llm.close()
 
@@ -235,11 +235,11 @@ def _check_report_tokens(run_dir: Path, summary: dict) -> None:
     from moepack.model.textdata import tokenize_file
 
     stats = CalibStats.read(run_dir)
-    assert stats.report is not None and stats.report.shape == stats.heldout.shape == (2, 128)  # --sens-tokens 256
+    assert stats.report is not None and stats.report.shape == stats.selection.shape == (2, 128)  # --sens-tokens 256
     ids = tokenize_file(Path(stats.manifest.model), CALIB, 1024 + 512)  # statistics, selection, report in order
-    assert np.array_equal(stats.heldout.ravel(), ids[1024:1280]) and np.array_equal(stats.report.ravel(), ids[1280:])
+    assert np.array_equal(stats.selection.ravel(), ids[1024:1280]) and np.array_equal(stats.report.ravel(), ids[1280:])
     assert summary["report_tokens"] == stats.report.size
-    assert not np.array_equal(stats.report, stats.heldout)
+    assert not np.array_equal(stats.report, stats.selection)
     assert summary["report_kld"] > 0 and summary["report_kld"] != summary["selection_kld"]
     from moepack.schema import RunSummary
 

@@ -31,7 +31,7 @@ FAMILIES = {"glm4_moe": ("n_routed_experts", "model.layers.1.mlp.gate.e_score_co
             "ernie4_5_moe": ("moe_num_experts", "model.layers.1.mlp.moe_statics.e_score_correction_bias", None),
             "glm_moe_dsa": ("n_routed_experts", "model.layers.1.mlp.gate.e_score_correction_bias", 2)}
 # shorter than test_compress's: fewer tokens and types, one criterion, the fast table, no refinement passes
-SMALL = small_compress_options(calib_tokens=512, seq_len=64, sens_tokens=128, ladder="IQ2_XXS,Q4_K,Q8_0", fast=True)
+SMALL = small_compress_options(calib_tokens=512, seq_len=64, selection_tokens=128, ladder="IQ2_XXS,Q4_K,Q8_0", fast=True)
 # English, Python, Chinese, digits, emoji and whitespace runs (issue 27's multilingual sample)
 SAMPLE = ("Hello, World! It's 2026.\n\ndef f(x):\n    return x ** 2  # square\n\t\t中文分词测试，你好世界。"
           " 1234567 3.14159 🙂🚀  trailing   spaces\n\n\n")

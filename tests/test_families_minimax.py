@@ -26,7 +26,7 @@ FAMILIES = ("minimax_m2", "dots1", "hunyuan_v1_moe")
 PRE = {"minimax_m2": "minimax-m2", "dots1": "qwen2", "hunyuan_v1_moe": "qwen2"}
 # compress at its cheapest: few tokens, a two-type ladder of 32-wide blocks (so width-64 models), one criterion, no
 # refinement passes
-SMALL = small_compress_options(calib_tokens=256, seq_len=64, sens_tokens=128, ladder="Q4_0,Q8_0", fast=True)
+SMALL = small_compress_options(calib_tokens=256, seq_len=64, selection_tokens=128, ladder="Q4_0,Q8_0", fast=True)
 SAMPLE = ("Hello World! It's 2026; they'll say \"naïve café\".\n\n"
           "def add(a, b):\n    return a + b  # 1234567 + 89\n\t\tindented\n"
           "中文分词测试，日本語のテキスト。한국어 🤖🎉 emoji  \n   trailing   spaces\n")

@@ -23,7 +23,7 @@ IDS = np.random.default_rng(1).integers(0, 256, (4, 24))  # (N, L)
 
 
 def _calibrated(path: Path, run: Path | None = None) -> CalibStats:
-    st = calibrate(open_checkpoint(path), IDS, progress=False, heldout=IDS[:2])
+    st = calibrate(open_checkpoint(path), IDS, progress=False, selection=IDS[:2])
     if run is not None:
         st.write(run / "calib")
     return st

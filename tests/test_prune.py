@@ -26,7 +26,7 @@ def _kw(arch: str) -> dict:
 
 
 def _calibrated(path: Path, run: Path) -> CalibStats:
-    st = calibrate(open_checkpoint(path), IDS, progress=False, heldout=IDS[:2])
+    st = calibrate(open_checkpoint(path), IDS, progress=False, selection=IDS[:2])
     st.write(run / "calib")
     return st
 

@@ -42,7 +42,7 @@ def crasher(tmp_path, monkeypatch) -> str:
 def test_loader_sets_extra_buffer_types(gguf_file: Path, extra: bool) -> None:
     import llama_cpp
 
-    llm = load_llama(gguf_file, n_ctx=32, extra_bufts=extra)
+    llm = load_llama(gguf_file, n_ctx=32, repack=extra)
     try:
         assert llm.model_params.use_extra_bufts is extra
         llm.eval([1, 2, 3])

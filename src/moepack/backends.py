@@ -107,8 +107,8 @@ class ViewRef:
         from moepack.model.checkpoint import CheckpointView
         from moepack.model.pruned import PrunedView
 
-        if isinstance(view, PrunedView) and view.base is not None and view.plan is not None:
-            return cls(str(Path(view.base.root).resolve()), view.fingerprint(), view.plan, view.facts.top_k)
+        if isinstance(view, PrunedView) and view.source is not None and view.plan is not None:
+            return cls(str(Path(view.source.root).resolve()), view.fingerprint(), view.plan, view.facts.top_k)
         if type(view) is not CheckpointView:
             raise DistributedError(f"a {type(view).__name__} cannot be sent to Ray workers; open the checkpoint "
                                    "with open_checkpoint (or prune it to disk) first")

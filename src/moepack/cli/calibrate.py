@@ -31,7 +31,7 @@ def add_cli(sub: o.Subparsers) -> None:
     o.add_calib_text(p)
     o.add_calib_tokens(p)
     o.add_seq_len(p)
-    o.add_sens_tokens(p, "tokens after the calibration tokens held out for KLD checks (prune --top-k auto); 0: none")
+    o.add_selection_tokens(p, "tokens after the calibration tokens held out for KLD checks (prune --top-k auto); 0: none")
     o.add_batch_size(p)
     o.add_output(p, "RUN_DIR", "run directory (statistics go to RUN_DIR/calib/)")
     p.add_argument("--imatrix-out", metavar="FILE",
@@ -46,15 +46,15 @@ def run(args: argparse.Namespace) -> int:
     from moepack.stages.calibrate import run_calibrate
 
     o.check_positive(args, "calib_tokens", "seq_len", "batch_size", "threads")
-    if args.sens_tokens < 0:
-        raise MoepackError(f"--sens-tokens must be at least 0 (got {args.sens_tokens})")
+    if args.selection_tokens < 0:
+        raise MoepackError(f"--sens-tokens must be at least 0 (got {args.selection_tokens})")
     text = args.calib_text or DEFAULT_CALIB_TEXT
     if args.calib_text is None:
         log.info("calibration text: %s (moepack's bundled mix of stories, encyclopedic prose, dialogue, code and web "
                  "text; pass --calib-text with text from your own domain for a better file)", text)
     with o.make_backend(args) as backend:
         stats = run_calibrate(args.model_dir, text, args.output,
-                              tokens=args.calib_tokens, seq_len=args.seq_len, heldout_tokens=args.sens_tokens,
+                              tokens=args.calib_tokens, seq_len=args.seq_len, selection_tokens=args.selection_tokens,
                               batch_size=args.batch_size, imatrix_out=args.imatrix_out, backend=backend,
                               shards=args.shards, threads=o.threads(args, backend))
     m = stats.manifest.to_dict()

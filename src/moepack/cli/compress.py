@@ -43,14 +43,14 @@ def add_cli(sub: o.Subparsers) -> None:
     o.add_calib_text(p)
     o.add_calib_tokens(p)
     o.add_seq_len(p)
-    o.add_sens_tokens(p, "selection tokens held out after the calibration tokens (sensitivity and every choice); as "
+    o.add_selection_tokens(p, "selection tokens held out after the calibration tokens (sensitivity and every choice); as "
                          "many again after them for the reported KLD, which no choice saw")
     p.add_argument("--probe-tokens", type=int, metavar="N",
                    help="run the sensitivity table's probes on the first N selection tokens only (rounded up to "
                         "whole sequences): the table's cost falls in proportion, every plan is still measured on "
                         "all --sens-tokens (default: all)")
     o.add_solver(p)
-    o.add_base(p, "the ladder's smallest type (a fast table) and then, unless --sensitivity fast or a full "
+    o.add_reference_types(p, "the ladder's smallest type (a fast table) and then, unless --sensitivity fast or a full "
                   "table is too costly for auto, the budget's own uniform type (a full table), keeping whichever "
                   "plan measures lower; groups move up and down from it")
     o.add_ladder(p)
@@ -80,9 +80,9 @@ def _options(args: argparse.Namespace, threads: int, shards: int | None = None):
     from moepack.pipeline.options import CompressOptions
 
     return CompressOptions(keep=args.keep, top_k=args.top_k, calib_text=args.calib_text,
-                           calib_tokens=args.calib_tokens, seq_len=args.seq_len, sens_tokens=args.sens_tokens,
-                           solver=args.solver, base=args.base, ladder=args.ladder, criterion=args.criterion,
-                           threads=threads, shards=shards, cache_dir=args.quant_cache, extra_bufts=args.repack,
+                           calib_tokens=args.calib_tokens, seq_len=args.seq_len, selection_tokens=args.selection_tokens,
+                           solver=args.solver, reference=args.reference_types, ladder=args.ladder, criterion=args.criterion,
+                           threads=threads, shards=shards, cache_dir=args.quant_cache, repack=args.repack,
                            sensitivity=args.sensitivity, refine=args.refine, probe_tokens=args.probe_tokens,
                            save_pruned=args.save_pruned)
 
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from moepack.pipeline.compress import compress, dry_run
     from moepack.pipeline.summary_text import render_summary
 
-    o.check_positive(args, "calib_tokens", "seq_len", "sens_tokens", "threads", "probe_tokens")
+    o.check_positive(args, "calib_tokens", "seq_len", "selection_tokens", "threads", "probe_tokens")
     if args.refine < 0:
         raise MoepackError(f"--refine must be 0 (off) or a number of passes (got {args.refine})")
     if args.dry_run:

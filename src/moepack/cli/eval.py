@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = EvalConfig(ctx=args.window, tokens=args.tokens, mc=tuple(dict.fromkeys(args.mc)),
                      mc_items=args.mc_items or None, threads=o.threads(args), speed=not args.no_speed,
                      prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, cache_dir=args.cache_dir,
-                     data_dir=args.data_dir, cloze_text=args.cloze_text, extra_bufts=args.repack)
+                     data_dir=args.data_dir, cloze_text=args.cloze_text, repack=args.repack)
     report = evaluate(args.models, args.reference, args.text, cfg)
     if Path(sys.argv[0]).name == "moepack":  # not when called as a function, e.g. from the tests
         report["command"] = "moepack " + " ".join(sys.argv[1:])

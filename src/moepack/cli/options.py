@@ -33,11 +33,11 @@ __all__ = [
     "Subparsers",
     "DEFAULT_THREADS",
     "CALIB_TOKENS",
-    "SENS_TOKENS",
+    "SELECTION_TOKENS",
     "SEQ_LEN",
     "BATCH_SIZE",
     "LADDER",
-    "BASE",
+    "REFERENCE",
     "CRITERIA",
     "SENS_MODES",
     "add_sensitivity",
@@ -48,7 +48,7 @@ __all__ = [
     "add_calib_text",
     "add_calib_dir",
     "add_calib_tokens",
-    "add_sens_tokens",
+    "add_selection_tokens",
     "add_seq_len",
     "add_batch_size",
     "add_threads",
@@ -63,7 +63,7 @@ __all__ = [
     "MERGE_WEIGHTINGS",
     "MERGE_ROUTERS",
     "add_solver",
-    "add_base",
+    "add_reference_types",
     "add_ladder",
     "add_reference",
     "add_repack",
@@ -83,13 +83,13 @@ log = logging.getLogger(__name__)
 
 DEFAULT_THREADS = 2  # the cores of the smallest machine moepack supports
 CALIB_TOKENS = 50_000
-SENS_TOKENS = 4096
+SELECTION_TOKENS = 4096
 SEQ_LEN = 512
 BATCH_SIZE = 8
 # Mirrors of constants in modules that import torch (checked equal by tests/test_cli.py):
 LADDER = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "Q3_K", "IQ3_S", "IQ4_XS", "Q4_K", "Q5_K",
           "Q6_K", "Q8_0")  # gguf.types.LADDER
-BASE = "IQ1_S"  # gguf.types.DEFAULT_BASE
+REFERENCE = "IQ1_S"  # gguf.types.DEFAULT_REFERENCE
 CRITERIA = ("score", "frequency", "reap", "random")  # stages.prune.CRITERIA
 MERGE_SIMILARITIES = ("output", "weight")  # stages.merge.SIMILARITIES
 MERGE_WEIGHTINGS = ("frequency", "saliency")  # stages.merge.WEIGHTINGS
@@ -227,9 +227,9 @@ def add_calib_tokens(p: Container) -> None:
                    help=f"tokens of --calib-text the statistics are taken on (default {CALIB_TOKENS})")
 
 
-def add_sens_tokens(p: Container, help: str) -> None:
-    p.add_argument("--sens-tokens", type=int, default=SENS_TOKENS, metavar="N",
-                   help=f"{help} (default {SENS_TOKENS})")
+def add_selection_tokens(p: Container, help: str) -> None:
+    p.add_argument("--selection-tokens", "--sens-tokens", type=int, default=SELECTION_TOKENS, metavar="N",
+                   help=f"{help} (default {SELECTION_TOKENS})")
 
 
 def add_seq_len(p: Container) -> None:
@@ -381,14 +381,14 @@ def add_solver(p: Container) -> None:
                    help="greedy: the paper's dynamic budgeting with back-off; exact: knapsack DP (default greedy)")
 
 
-def add_base(p: Container, default: str) -> None:
-    p.add_argument("--base", metavar="TYPES",
-                   help="base types: TYPE, or ROLE|CLASS|GROUP=TYPE,... e.g. routed_experts=IQ2_XXS,attention=Q4_K "
-                        f"(default: {default})")
+def add_reference_types(p: Container, default: str) -> None:
+    p.add_argument("--base", metavar="TYPES", dest="reference_types",
+                   help="reference types the sensitivity table measures from: TYPE, or ROLE|CLASS|GROUP=TYPE,... e.g. "
+                        f"routed_experts=IQ2_XXS,attention=Q4_K (default: {default})")
 
 
 def add_sensitivity(p: Container) -> None:
-    p.add_argument("--sensitivity", choices=("auto", "fast", "full"), default="auto",  # sensitivity.fast.SPEEDS
+    p.add_argument("--sensitivity", choices=("auto", "fast", "full"), default="auto",  # fast.SENSITIVITY_MODES
                    help="full: a forward pass per tensor group and ladder type; fast: one per group, the other types "
                         "predicted from their quantization error; auto (default): fast when the full table's "
                         "estimate (timed on the first probes) exceeds 30 min")

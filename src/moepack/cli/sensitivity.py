@@ -35,11 +35,11 @@ def add_cli(sub: o.Subparsers) -> None:
     o.add_calib_dir(p, "importance matrix")
     o.add_calib_text(p, required=True, help="text to measure on (UTF-8): held-out text of the deployment domain, "
                                             "like the calibration text; never the text you evaluate on")
-    o.add_sens_tokens(p, "tokens to measure on")
+    o.add_selection_tokens(p, "tokens to measure on")
     o.add_seq_len(p)
     o.add_reference(p, "reference model (the unpruned original; default: MODEL_DIR unquantized)",
                     metavar="ORIG_MODEL_DIR")
-    o.add_base(p, o.BASE)
+    o.add_reference_types(p, o.REFERENCE)
     o.add_ladder(p)
     p.add_argument("--mode", choices=o.SENS_MODES, default="kld", help="kld (measured; the proxy comes free) or proxy (default kld)")
     o.add_sensitivity(p)
@@ -56,13 +56,13 @@ def run(args: argparse.Namespace) -> int:
     from moepack.schema import CalibStats
     from moepack.stages.sensitivity.measure import SensitivityConfig, measure_sensitivity
 
-    o.check_positive(args, "sens_tokens", "seq_len", "batch_size", "threads")
+    o.check_positive(args, "selection_tokens", "seq_len", "batch_size", "threads")
     view = open_checkpoint(args.model_dir)
     ref_view = open_checkpoint(args.reference) if args.reference else None
     stats = CalibStats.read(args.calib_dir)
-    ids = chunk_tokens(tokenize_file(args.model_dir, args.calib_text, args.sens_tokens), args.seq_len)  # (N, L)
+    ids = chunk_tokens(tokenize_file(args.model_dir, args.calib_text, args.selection_tokens), args.seq_len)  # (N, L)
     with o.make_backend(args) as backend:
-        cfg = SensitivityConfig(base=args.base, ladder=tuple(args.ladder), mode=args.mode,
+        cfg = SensitivityConfig(reference=args.reference_types, ladder=tuple(args.ladder), mode=args.mode,
                                 threads=o.threads(args, backend), batch_size=args.batch_size, cache_dir=args.quant_cache,
                                 sensitivity=args.sensitivity)
         table = measure_sensitivity(view, ids, cfg, reference_view=ref_view, imatrix=stats, backend=backend)

@@ -228,7 +228,7 @@ def _calibration_rows(manifest: CalibManifest | None) -> list[str]:
     report = manifest.inputs.report_requested if manifest.inputs is not None else 0
     return ["The calibration text decided which experts were removed and where the bits went:", "",
             "| | |", "|---|---|", f"| calibration text | `{text.name}` (sha256 {sha}…) |", f"| domain | {domain} |",
-            f"| tokens | {manifest.tokens:,} for the statistics, {manifest.heldout_tokens:,} "
+            f"| tokens | {manifest.tokens:,} for the statistics, {manifest.selection_tokens:,} "
             f"selection tokens every choice was measured on, {report:,} report tokens no choice saw |", ""]
 
 

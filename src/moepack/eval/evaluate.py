@@ -141,8 +141,8 @@ def evaluate_model(path: Path, ref: Reference, tasks: dict[str, list[mc.McItem]]
 
     # In a throwaway process first: an abort inside llama.cpp becomes an error here, not the end of this process.
     run_isolated("moepack.gguf.runtime:smoke_test", {"path": str(path), "n_ctx": cfg.ctx, "threads": cfg.threads,
-                                                      "extra_bufts": cfg.extra_bufts}, what=f"loading {path.name}")
-    scorer = LlamaScorer(path, cfg.ctx, cfg.threads, cfg.extra_bufts)
+                                                      "repack": cfg.repack}, what=f"loading {path.name}")
+    scorer = LlamaScorer(path, cfg.ctx, cfg.threads, cfg.repack)
     try:
         entry["tokenizer_agrees"] = _tokenizer_agrees(scorer, ref, sample) if sample else None
         if entry["tokenizer_agrees"] is False:

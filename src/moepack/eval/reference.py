@@ -57,7 +57,7 @@ class EvalConfig:
     cache_dir: Path | None = None
     data_dir: Path | None = None  # holds mc/ (default: the package's own)
     cloze_text: Path | None = None  # the text the cloze task is built from
-    extra_bufts: bool = False  # llama.cpp's CPU extra buffer types (repacking); see moepack.gguf.runtime
+    repack: bool = False  # llama.cpp's CPU extra buffer types (repacking); see moepack.gguf.runtime
 
     def __post_init__(self) -> None:
         if self.tokens == 0 and self.ctx >= 8:  # a smaller ctx is refused by validate()
@@ -112,13 +112,13 @@ def _ending_sum(logp_rows: np.ndarray, ending: Sequence[int]) -> float:
 class LlamaScorer:
     """A GGUF file in llama-cpp-python with logits for every position."""
 
-    def __init__(self, path: Path, n_ctx: int, threads: int, extra_bufts: bool = False) -> None:
+    def __init__(self, path: Path, n_ctx: int, threads: int, repack: bool = False) -> None:
         from moepack.gguf.runtime import load_llama
 
         self.path = Path(path)
         self.n_ctx = n_ctx
         self.llm = load_llama(path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512), logits_all=True,
-                              n_threads=threads, n_threads_batch=threads, extra_bufts=extra_bufts)
+                              n_threads=threads, n_threads_batch=threads, repack=repack)
         self.n_vocab = int(self.llm.n_vocab())
 
     def tokenize(self, text: str) -> list[int]:
@@ -253,7 +253,7 @@ class Reference:
         """The reference model, loaded once and kept until `release()`."""
         if self._scorer is None:
             self._scorer = (HFScorer(self.path, cfg.threads) if self.kind == "hf"
-                            else LlamaScorer(self.path, cfg.ctx, cfg.threads, cfg.extra_bufts))
+                            else LlamaScorer(self.path, cfg.ctx, cfg.threads, cfg.repack))
         return self._scorer
 
     def release(self) -> None:

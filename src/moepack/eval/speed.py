@@ -53,7 +53,7 @@ def _timed_run(llm: Any, prompt: list[int], gen: int) -> tuple[float, float]:
     return prompt_s, time.perf_counter() - t
 
 
-def speed_probe(path: str, ctx: int, threads: int, prompt: list[int], gen: int, extra_bufts: bool = False,
+def speed_probe(path: str, ctx: int, threads: int, prompt: list[int], gen: int, repack: bool = False,
                 runs: int = SPEED_RUNS) -> dict[str, Any]:
     """Load time, median prompt and greedy-decode tokens/s over `runs` runs, and memory, of one GGUF; run alone in a
     fresh process."""
@@ -62,7 +62,7 @@ def speed_probe(path: str, ctx: int, threads: int, prompt: list[int], gen: int, 
     base = _rss("VmRSS:")
     t = time.perf_counter()
     llm = load_llama(path, n_ctx=ctx, n_batch=len(prompt), n_threads=threads, n_threads_batch=threads,
-                     extra_bufts=extra_bufts)
+                     repack=repack)
     load_s = time.perf_counter() - t
     llm.eval(prompt[:8])  # warm-up
     times = [_timed_run(llm, prompt, gen) for _ in range(runs)]
@@ -89,6 +89,6 @@ def measure_speed(path: Path, prompt: Sequence[int], cfg: EvalConfig) -> dict[st
     gen = min(cfg.gen_tokens, cfg.ctx // 2)
     prompt = [int(t) for t in prompt[: min(cfg.prompt_tokens, cfg.ctx - gen)]]
     res = run_isolated("moepack.eval.speed:speed_probe", {"path": str(path), "ctx": cfg.ctx, "threads": cfg.threads,
-                                                        "prompt": prompt, "gen": gen, "extra_bufts": cfg.extra_bufts},
+                                                        "prompt": prompt, "gen": gen, "repack": cfg.repack},
                        what=f"speed test of {Path(path).name}")
     return {k: _rounded(v) for k, v in res.items()}

@@ -83,7 +83,7 @@ def domain_usage(model_dir: str | Path, texts: dict[str, Path], run_root: str | 
     layers: tuple[int, ...] = ()
     for name, text in texts.items():
         stats = run_calibrate(model_dir, text, Path(run_root) / name, tokens=tokens, seq_len=seq_len,
-                              heldout_tokens=0, batch_size=batch_size, progress=progress, threads=threads)
+                              selection_tokens=0, batch_size=batch_size, progress=progress, threads=threads)
         layers = tuple(sorted(stats.router))
         counts = np.stack([stats.router[L].counts for L in layers]).astype(np.float64)  # (L, E)
         shares.append(counts / np.maximum(counts.sum(axis=1, keepdims=True), 1))

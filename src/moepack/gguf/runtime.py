@@ -83,7 +83,7 @@ def _override_array(overrides: dict[str, str]) -> ctypes.Array:
 
 
 @contextlib.contextmanager
-def _model_defaults(extra_bufts: bool, overrides: ctypes.Array | None = None) -> Iterator[None]:
+def _model_defaults(repack: bool, overrides: ctypes.Array | None = None) -> Iterator[None]:
     import llama_cpp.llama as high
 
     low = high.llama_cpp  # the module whose llama_model_default_params Llama.__init__ calls
@@ -91,7 +91,7 @@ def _model_defaults(extra_bufts: bool, overrides: ctypes.Array | None = None) ->
 
     def defaults():  # -> llama_model_params
         p = original()
-        p.use_extra_bufts = extra_bufts
+        p.use_extra_bufts = repack
         if overrides is not None:
             p.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
         return p
@@ -104,16 +104,16 @@ def _model_defaults(extra_bufts: bool, overrides: ctypes.Array | None = None) ->
             low.llama_model_default_params = original
 
 
-def load_llama(path: str | Path, *, extra_bufts: bool = False, overrides: dict[str, str] | None = None,
+def load_llama(path: str | Path, *, repack: bool = False, overrides: dict[str, str] | None = None,
                **kwargs: Any):  # -> llama_cpp.Llama
     """`llama_cpp.Llama(model_path=path, verbose=False, **kwargs)` with llama.cpp's CPU extra buffer types off
-    unless `extra_bufts`, and tensors matching each pattern of `overrides` placed on its device (see the module
+    unless `repack`, and tensors matching each pattern of `overrides` placed on its device (see the module
     doc)."""
     from llama_cpp import Llama
 
     kwargs.setdefault("verbose", False)
     arr = _override_array(overrides) if overrides else None
-    with _model_defaults(extra_bufts, arr):
+    with _model_defaults(repack, arr):
         llm = Llama(model_path=str(path), **kwargs)
     llm._moepack_overrides = arr  # llama.cpp keeps the patterns' pointers: they live as long as the model
     return llm
@@ -132,10 +132,10 @@ def llama_command(path: str | Path, ctx: int, tool: str = "llama-server", offloa
     return f"{tool} -m {shlex.quote(str(path))} -c {int(ctx)}{gpu} --no-repack"
 
 
-def sample_text(path: str, prompt: str, n_ctx: int, max_tokens: int, threads: int, extra_bufts: bool = False,
+def sample_text(path: str, prompt: str, n_ctx: int, max_tokens: int, threads: int, repack: bool = False,
                 overrides: dict[str, str] | None = None) -> dict[str, Any]:
     """Greedy continuation of `prompt` (an isolated task: see run_isolated)."""
-    llm = load_llama(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0, extra_bufts=extra_bufts,
+    llm = load_llama(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0, repack=repack,
                      overrides=overrides)
     try:
         text = llm(prompt, max_tokens=max_tokens, temperature=0.0)["choices"][0]["text"]
@@ -144,9 +144,9 @@ def sample_text(path: str, prompt: str, n_ctx: int, max_tokens: int, threads: in
     return {"text": text}
 
 
-def smoke_test(path: str, n_ctx: int, threads: int, extra_bufts: bool = False) -> dict[str, Any]:
+def smoke_test(path: str, n_ctx: int, threads: int, repack: bool = False) -> dict[str, Any]:
     """Load and evaluate a few tokens, to learn in a throwaway process whether this file runs here."""
-    llm = load_llama(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, extra_bufts=extra_bufts)
+    llm = load_llama(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, repack=repack)
     try:
         llm.eval([int(llm.token_bos()) if llm.token_bos() >= 0 else 0] * min(4, n_ctx))
         return {"n_vocab": int(llm.n_vocab())}

@@ -19,7 +19,7 @@ __all__ = [
     "BlockSizeError",
     "QUANT_TYPES",
     "LADDER",
-    "DEFAULT_BASE",
+    "DEFAULT_REFERENCE",
     "parse_type",
     "bits_per_weight",
     "block_size",
@@ -43,7 +43,7 @@ QUANT_TYPES: list[GGMLQuantizationType] = [
 # often worse). Its first type is the default reference (base) type of the ΔKLD measurements.
 LADDER: tuple[str, ...] = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "Q3_K", "IQ3_S",
                            "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
-DEFAULT_BASE = LADDER[0]
+DEFAULT_REFERENCE = LADDER[0]
 
 # llama-quant.cpp `tensor_type_fallback`: the type used when the row width is not a multiple of the block size.
 _FALLBACK: dict[GGMLQuantizationType, GGMLQuantizationType] = {

@@ -88,7 +88,7 @@ class Mix:
 class PrunedView(CheckpointView):
     """A CheckpointView of the pruned model: names, shapes and config as pruned; tensors read lazily from `base`."""
 
-    base: CheckpointView | None = None
+    source: CheckpointView | None = None  # the unpruned checkpoint
     sources: dict[str, tuple[str, tuple[int, ...] | None]] = dataclasses.field(default_factory=dict)
     plan: PrunePlan | None = None  # the plan it was pruned by (its top_k_new may differ from facts.top_k)
     mixes: dict[str, Mix] = dataclasses.field(default_factory=dict)  # merged expert tensors, computed when loaded
@@ -101,7 +101,7 @@ class PrunedView(CheckpointView):
         if name in self.mixes:
             return self._merged(self.mixes[name])
         src, rows = self.sources[name]
-        t = self.base.load(src)
+        t = self.source.load(src)
         axis = _expert_axis(self.spec, self.tensors[name].kind)
         if name in self.row_mixes:
             return _mix_rows(t, self.row_mixes[name], axis)
@@ -113,7 +113,7 @@ class PrunedView(CheckpointView):
 
         out, dtype = None, None
         for i, (src, w) in enumerate(mix.parts):
-            t = self.base.load(src)
+            t = self.source.load(src)
             dtype = dtype or t.dtype
             if i and mix.axis is not None:
                 t = t.index_select(mix.axis, torch.from_numpy(self._perm(mix.neurons[0], mix.neurons[i])))
@@ -124,7 +124,7 @@ class PrunedView(CheckpointView):
         key = (host, member)
         cache = self.__dict__.setdefault("_perms", {})  # one alignment per (host, member), whatever is loaded
         if key not in cache:
-            cache[key] = align_neurons(*(self.base.load(n).float().numpy() for n in host + member))
+            cache[key] = align_neurons(*(self.source.load(n).float().numpy() for n in host + member))
         return cache[key]
 
     @property
@@ -282,4 +282,4 @@ def pruned_view(view: CheckpointView, plan: PrunePlan, top_k: int | None = None)
     facts = dataclasses.replace(view.facts, n_experts=plan.n_kept, top_k=k, n_group=g.n_group_new,
                                 topk_group=g.topk_group_new)
     return PrunedView(view.root, _pruned_config(view, plan, k), view.spec, facts, tensors,
-                      base=view, sources=sources, plan=plan, mixes=mixes, row_mixes=row_mixes)
+                      source=view, sources=sources, plan=plan, mixes=mixes, row_mixes=row_mixes)

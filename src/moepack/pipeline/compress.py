@@ -109,9 +109,9 @@ def calibrate_run(view: CheckpointView, run: RunDir, opts: CompressOptions, back
              "with text from your own domain for a better file)")
     t0 = time.perf_counter()
     stats = run_calibrate(view, text, run.root, tokens=opts.calib_tokens, seq_len=opts.seq_len,
-                          heldout_tokens=opts.sens_tokens, progress=opts.progress, backend=backend,
+                          selection_tokens=opts.selection_tokens, progress=opts.progress, backend=backend,
                           shards=opts.shards, threads=opts.threads,
-                          report_tokens=opts.sens_tokens if opts.report_tokens is None else opts.report_tokens)
+                          report_tokens=opts.selection_tokens if opts.report_tokens is None else opts.report_tokens)
     run.timings["calibrate"] = time.perf_counter() - t0
     return stats
 
@@ -202,7 +202,7 @@ def _verify(out: Path, ctx: int, opts: CompressOptions, placed: bool) -> str:
     from moepack.gguf.runtime import EXPERTS_ON_CPU, run_isolated
 
     res = run_isolated(VERIFY_TARGET, {"path": str(out), "prompt": SAMPLE_PROMPT, "n_ctx": ctx, "max_tokens": 32,
-                                       "threads": opts.threads, "extra_bufts": opts.extra_bufts,
+                                       "threads": opts.threads, "repack": opts.repack,
                                        "overrides": EXPERTS_ON_CPU if placed else None},
                        what=f"verifying {out.name}")
     return SAMPLE_PROMPT + res["text"]

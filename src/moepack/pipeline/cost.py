@@ -137,7 +137,7 @@ def _retention_s(s: _Shape, kept: float, n_groups: int, n_full: int, depth: floa
     q = {t: REF_KERNELS[t][0] for t in ladder}
     dq = {t: REF_KERNELS[t][1] for t in ladder}
     head_s = 2 * s.head / REF_FLOPS
-    tokens = opts.probe_tokens or opts.sens_tokens
+    tokens = opts.probe_tokens or opts.selection_tokens
     probe = (depth * layer_w * (1 / dq[base] + 8 / REF_COPY) * kern
              + tokens * (depth * active * REF_FORWARD + head_s) * fwd)
     sampled = {t: 1.0 if t in (base, top) else PROXY_SAMPLE for t in ladder}
@@ -146,7 +146,7 @@ def _retention_s(s: _Shape, kept: float, n_groups: int, n_full: int, depth: floa
     full_s = params * sum(1 / q[t] for t in ladder) * kern + n_full * probe
     runs_full = full and (opts.sensitivity == "full" or (opts.sensitivity == "auto"
                                                         and n_full * probe / opts.threads <= AUTO_LIMIT_S))
-    measure = (opts.sens_tokens * (len(s.active) * active * REF_FORWARD + head_s) * fwd
+    measure = (opts.selection_tokens * (len(s.active) * active * REF_FORWARD + head_s) * fwd
                + params / dq[base] * kern)  # one plan's selection KLD
     refs = 2 if runs_full else 1
     measured = refs * (1 + 3 * opts.refine) + opts.mixtures
@@ -162,7 +162,7 @@ def estimate_cost(view: CheckpointView, budget: Budget, opts: CompressOptions, k
     fwd, kern = scale["forward"], scale["kernels"]
     bf16 = 2 * (s.params - s.head)
     calib = (opts.calib_tokens * sum(s.active.values()) * REF_CALIB + bf16 * REF_BUILD) * fwd
-    full_ok = opts.base is None and opts.sensitivity != "fast"
+    full_ok = opts.reference is None and opts.sensitivity != "fast"
     per: dict[float, float] = {}
     criteria = report = 0.0
     for k in keeps:
@@ -185,7 +185,7 @@ def _stages(opts: CompressOptions, keeps: list[float]) -> list[str]:
                     "it is estimated under 30 min", "fast": "fast table", "full": "full tables"}[opts.sensitivity]
     per = (f"prune (a plan; lazy view), {'criterion (5 measured), ' if opts.criterion == 'auto' else ''}"
            f"sensitivity ({sens}), allocate, refine ({opts.refine} passes), llama.cpp mixtures ({opts.mixtures})")
-    return [f"calibrate ({opts.calib_tokens:,} tokens + {opts.sens_tokens:,} selection + report tokens)",
+    return [f"calibrate ({opts.calib_tokens:,} tokens + {opts.selection_tokens:,} selection + report tokens)",
             f"for each retention of {', '.join(f'{k:g}' for k in keeps)}: {per}"
             + ("; a retention whose pruning alone costs more KLD than the best measured one is screened" if len(keeps)
                > 1 else ""), "write the GGUF once, at -o", "verify it in llama.cpp"]
@@ -200,7 +200,7 @@ def _peak_ram(view: CheckpointView, s: _Shape, opts: CompressOptions) -> int | t
 
     f = view.facts
     layer = max(s.layer_weights.values())
-    t = opts.probe_tokens or opts.sens_tokens
+    t = opts.probe_tokens or opts.selection_tokens
     base = uniform_bytes(view, smallest_type(opts.ladder))
     probe = (min(4 << 30, base) + 2 * 4 * layer + 4 * s.head + (256 << 20) + (1 << 30)
              + (f.n_layers + 1) * t * f.hidden * 4 + t * f.vocab * 4)
@@ -213,7 +213,7 @@ def _scratch(view: CheckpointView, s: _Shape, budget: Budget, opts: CompressOpti
     """Disk the run needs: the run directory (float32 input statistics per weight column, the token ids, tables and
     plans), the output written once at -o, and what --quant-cache / --save-pruned add."""
     stats = sum(4 * t.shape[-1] for t in view.tensors.values() if t.quantizable)
-    run = stats + 8 * (opts.calib_tokens + 3 * opts.sens_tokens) + 4 * n_groups * len(opts.ladder) * 120 + (1 << 20)
+    run = stats + 8 * (opts.calib_tokens + 3 * opts.selection_tokens) + 4 * n_groups * len(opts.ladder) * 120 + (1 << 20)
     out = {"run directory": run, "output (at -o)": budget.file_limit}
     if opts.cache_dir:
         out["--quant-cache"] = sum(int(s.params * b) for b in (2 / 8, 8.5 / 8))  # the reference and top types whole

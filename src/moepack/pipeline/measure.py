@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class KLDMeter:
-    """KLDs vs `ref` on the selection tokens (stats.heldout) or others given (the report's). Plans measured on one
+    """KLDs vs `ref` on the selection tokens (stats.selection) or others given (the report's). Plans measured on one
     view and token set share one PlanKLD (its reference, quantized tensors and unchanged layers' hidden states:
     the same numbers), and a view's PlanKLDs share their quantized tensors across token sets; they live as long as
     the meter. The pruning-only KLD's reference outputs are computed once."""
@@ -39,7 +39,7 @@ class KLDMeter:
         imatrix, on `ids` (default the selection tokens)."""
         from moepack.stages.sensitivity.measure import PlanKLD
 
-        ids = self.stats.heldout if ids is None else ids
+        ids = self.stats.selection if ids is None else ids
         key = hashlib.sha1(np.ascontiguousarray(ids).tobytes()).hexdigest()
         memo = self._plans.setdefault(id(view), (view, {}))[1]
         if key not in memo:
@@ -62,5 +62,5 @@ class KLDMeter:
 
         with torch_threads(self.threads):
             if self._prune_ref is None:
-                self._prune_ref = KLDReference(LayerRunner(self.ref), self.stats.heldout, min(moe_layers(self.ref)))
+                self._prune_ref = KLDReference(LayerRunner(self.ref), self.stats.selection, min(moe_layers(self.ref)))
             return float(self._prune_ref.variant(LayerRunner(view))["kld_mean"])

@@ -33,8 +33,8 @@ def reference_types(view: CheckpointView, budget: Budget, opts: CompressOptions)
     the additive model holds best) where that is affordable: always with --sensitivity full, never with fast, and
     with auto when the smallest type's table, timed, puts the full one under the auto limit
     (`budget_reference_affordable`)."""
-    if opts.base:
-        return [opts.base]
+    if opts.reference:
+        return [opts.reference]
     first, smallest = budget_type(view, budget, opts.ladder), smallest_type(opts.ladder)
     if first == smallest:
         return [first]

@@ -91,7 +91,7 @@ class CandidateSearch:
         from moepack.model.pruned import default_top_k, kept_count
 
         n_kept = kept_count(self.ref, keep)
-        if n_kept >= self.ref.facts.n_experts or self.stats.heldout is None:
+        if n_kept >= self.ref.facts.n_experts or self.stats.selection is None:
             return "score", opts.alpha, None, None  # drops no expert: any criterion gives the same model
         from moepack.pipeline.criterion import choose_criterion
 
@@ -136,7 +136,7 @@ class CandidateSearch:
             return dataclasses.replace(cand, infeasible=True), False
         best_kld = min((c.kld for c in measured), default=float("inf"))
         floor = known_prune_kld  # measured when choosing the criterion
-        if cand.prune_plan is not None and best_kld < float("inf") and self.stats.heldout is not None:
+        if cand.prune_plan is not None and best_kld < float("inf") and self.stats.selection is not None:
             if floor is None:
                 t0 = time.perf_counter()
                 floor = self.meter.prune_kld(cand.view)

@@ -34,7 +34,7 @@ def prune_stage(run: RunDir, ref: CheckpointView, stats: CalibStats, keep: float
     path = run.layout.prune_plan(keep)
     popts = PruneOptions(keep=keep, alpha=criterion[1], criterion=criterion[0], top_k=opts.top_k)
     m = stats.manifest
-    key = {"model": ref.fingerprint(), "calib": m.text_sha256, "calib_tokens": m.tokens, "heldout": m.heldout_tokens,
+    key = {"model": ref.fingerprint(), "calib": m.text_sha256, "calib_tokens": m.tokens, "selection": m.selection_tokens,
            "calib_shards": m.shards, "options": dataclasses.asdict(popts)}
     run.stage(f"prune-r{keep:g}", key, path,  # timed as the stage
               lambda: plan_prune(ref, run.root, popts, progress=opts.progress).write(path))
@@ -42,15 +42,15 @@ def prune_stage(run: RunDir, ref: CheckpointView, stats: CalibStats, keep: float
     return Candidate(keep, pruned_view(ref, plan), plan)
 
 
-def probe_ids(heldout: np.ndarray | None, probe_tokens: int | None) -> np.ndarray | None:
+def probe_ids(selection: np.ndarray | None, probe_tokens: int | None) -> np.ndarray | None:
     """The selection sequences (N, L) the sensitivity probes run on: the first ceil(probe_tokens / L) of them, at
     least one (None: all). Fewer probe tokens make a table cheaper in proportion (the forward is most of a probe);
     the plans built from it are still measured on every selection token."""
-    if heldout is None or probe_tokens is None:
-        return heldout
+    if selection is None or probe_tokens is None:
+        return selection
     if probe_tokens < 1:
         raise CompressError(f"probe tokens must be at least 1 (got {probe_tokens})")
-    return heldout[:max(1, -(-probe_tokens // heldout.shape[1]))]
+    return selection[:max(1, -(-probe_tokens // selection.shape[1]))]
 
 
 def _sensitivity_key(cand: Candidate, ref: CheckpointView, stats: CalibStats, base: str,
@@ -79,8 +79,8 @@ def sensitivity_stage(run: RunDir, ref: CheckpointView, stats: CalibStats, cand:
 
     path = run.layout.sensitivity(cand.keep, reference)
     key = _sensitivity_key(cand, ref, stats, base, opts)
-    ids = probe_ids(stats.heldout, opts.probe_tokens)
-    if ids is not None and stats.heldout is not None and ids.shape[0] < stats.heldout.shape[0]:
+    ids = probe_ids(stats.selection, opts.probe_tokens)
+    if ids is not None and stats.selection is not None and ids.shape[0] < stats.selection.shape[0]:
         key["probe_tokens"] = int(ids.size)
 
     def work() -> None:
@@ -88,8 +88,8 @@ def sensitivity_stage(run: RunDir, ref: CheckpointView, stats: CalibStats, cand:
             raise CompressError("calibration kept no held-out tokens for sensitivity; use a longer --calib-text")
         if "probe_tokens" in key:
             log.info("sensitivity probes on %d of the %d selection tokens (--probe-tokens)", ids.size,
-                     stats.heldout.size)
-        cfg = SensitivityConfig(base=base, ladder=opts.ladder, threads=opts.threads, progress=opts.progress,
+                     stats.selection.size)
+        cfg = SensitivityConfig(reference=base, ladder=opts.ladder, threads=opts.threads, progress=opts.progress,
                                 cache_dir=opts.cache_dir, sensitivity=opts.sensitivity)
         measure_sensitivity(cand.view, ids, cfg, reference_view=ref, imatrix=stats, prune_plan=cand.prune_plan,
                             backend=backend).write(path)

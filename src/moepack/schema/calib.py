@@ -18,6 +18,9 @@ __all__ = ["CalibInputs", "CalibManifest", "RouterStats", "ImatrixEntry", "Calib
 log = logging.getLogger(__name__)
 
 
+_LEGACY = {"heldout_requested": "selection_requested", "heldout_tokens": "selection_tokens"}
+
+
 @dataclass(frozen=True)
 class CalibInputs:
     """What `moepack calibrate` was asked for; a rerun with the same inputs reuses the statistics."""
@@ -27,7 +30,7 @@ class CalibInputs:
     text_sha256: str
     tokens_requested: int
     seq_len_requested: int
-    heldout_requested: int
+    selection_requested: int
     shards: int | None = None  # an input only when given: the default takes statistics of any shard count
     report_requested: int = 0  # held-out tokens after the held-out ones, for a report no choice saw (compress)
 
@@ -60,7 +63,7 @@ class CalibManifest:
     moe_layers: list[int]
     never_routed: dict[str, list[int]]
     rarely_routed: dict[str, list[int]]
-    heldout_tokens: int
+    selection_tokens: int
     shards: int
     batch_size: int
     threads: int
@@ -88,6 +91,8 @@ class CalibManifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: Path | str = "manifest") -> CalibManifest:
+        if isinstance(d, dict):  # manifests written before the glossary named them selection tokens
+            d = {_LEGACY.get(k, k): v for k, v in d.items()}
         if not isinstance(d, dict) or d.get("format") != CALIB_FORMAT:
             got = d.get("format") if isinstance(d, dict) else None
             raise SchemaError(f"{where}: not a moepack calibration ({got!r}); rerun moepack calibrate")
@@ -97,7 +102,7 @@ class CalibManifest:
                 keys = list(d)
                 asked = "shards" in d and keys.index("shards") < keys.index("format")  # among the inputs
                 inputs = CalibInputs(d["model"], d["text"], d["text_sha256"], d["tokens_requested"],
-                                     d["seq_len_requested"], d["heldout_requested"], d["shards"] if asked else None,
+                                     d["seq_len_requested"], d["selection_requested"], d["shards"] if asked else None,
                                      d.get("report_requested", 0))
             facts = {f.name: d[f.name] for f in fields(cls) if f.name != "inputs"}
         except KeyError as e:
@@ -168,8 +173,8 @@ class CalibStats:
     manifest: CalibManifest
     router: dict[int, RouterStats]
     imatrix: dict[str, ImatrixEntry]  # checkpoint tensor name; a layer's experts stacked under model.arch.expert_key
-    heldout: np.ndarray | None = None  # (n, L) token ids kept out of the statistics (for KLD checks)
-    report: np.ndarray | None = None  # (m, L) further held-out ids, after `heldout`: for a result no choice saw
+    selection: np.ndarray | None = None  # (n, L) token ids kept out of the statistics (for KLD checks)
+    report: np.ndarray | None = None  # (m, L) further held-out ids, after `selection`: for a result no choice saw
 
     def write(self, out: Path) -> None:
         """calib/stats.safetensors, then calib/manifest.json (last: it marks the artifact complete)."""
@@ -185,8 +190,8 @@ class CalibStats:
         for key, e in self.imatrix.items():
             arrays[f"imatrix.{key}.in_sum2"] = np.ascontiguousarray(e.sums, dtype=np.float32)
             arrays[f"imatrix.{key}.counts"] = e.counts.astype(np.float64)
-        if self.heldout is not None:
-            arrays["heldout_ids"] = np.ascontiguousarray(self.heldout, dtype=np.int64)
+        if self.selection is not None:
+            arrays["selection_ids"] = np.ascontiguousarray(self.selection, dtype=np.int64)
         if self.report is not None:
             arrays["report_ids"] = np.ascontiguousarray(self.report, dtype=np.int64)
         with atomic_path(Path(out) / "stats.safetensors") as tmp:
@@ -210,4 +215,5 @@ class CalibStats:
             if k.startswith("imatrix.") and k.endswith(".in_sum2"):
                 key = k[len("imatrix."):-len(".in_sum2")]
                 imatrix[key] = ImatrixEntry(v.astype(np.float64), arrays[f"imatrix.{key}.counts"])
-        return cls(manifest, router, imatrix, arrays.get("heldout_ids"), arrays.get("report_ids"))
+        return cls(manifest, router, imatrix, arrays.get("selection_ids", arrays.get("heldout_ids")),
+                   arrays.get("report_ids"))

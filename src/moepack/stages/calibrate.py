@@ -124,7 +124,7 @@ def _shard_bytes(view: CheckpointView, n_seq: int, seq_len: int, batch_size: int
 
 
 def calibrate(view: CheckpointView, ids: np.ndarray, *, batch_size: int = 8, progress: bool = True,
-              heldout: np.ndarray | None = None, inputs: CalibInputs | None = None,
+              selection: np.ndarray | None = None, inputs: CalibInputs | None = None,
               backend: Backend | None = None, shards: int | None = None,
               threads: int | None = None) -> CalibStats:
     """Statistics of token sequences `ids` (N, L) through `view`, one decoder layer in memory at a time.
@@ -167,31 +167,31 @@ def calibrate(view: CheckpointView, ids: np.ndarray, *, batch_size: int = 8, pro
     man = CalibManifest(fingerprint=view.fingerprint(), arch=view.facts.arch, tokens=n_tok,
                         seq_len=int(ids.shape[1]), n_sequences=int(ids.shape[0]), top_k=top_k,
                         n_experts=view.facts.n_experts, moe_layers=list(moe_layers(view)), never_routed=never,
-                        rarely_routed=rare, heldout_tokens=int(heldout.size) if heldout is not None else 0,
+                        rarely_routed=rare, selection_tokens=int(selection.size) if selection is not None else 0,
                         shards=len(bounds), batch_size=batch_size, threads=threads, backend=backend.name,
                         seconds=round(time.time() - t0, 2), inputs=inputs)
-    return CalibStats(man, router, imatrix, heldout)
+    return CalibStats(man, router, imatrix, selection)
 
 
-def _split_tokens(ids: np.ndarray, tokens: int, heldout: int, seq_len: int,
+def _split_tokens(ids: np.ndarray, tokens: int, selection: int, seq_len: int,
                   report: int = 0) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Statistics tokens, then held-out tokens, then report tokens (each (n, L), None when under one sequence)."""
     from moepack.model.textdata import chunk_tokens
 
-    if len(ids) < tokens + heldout + report:
+    if len(ids) < tokens + selection + report:
         have = len(ids)
-        heldout, report = min(heldout, have // 8), min(report, have // 8)
-        tokens = have - heldout - report
+        selection, report = min(selection, have // 8), min(report, have // 8)
+        tokens = have - selection - report
         log.warning("text gives %d tokens, fewer than requested; using %d for statistics, %d held out, %d for the "
-                    "report", have, tokens, heldout, report)
+                    "report", have, tokens, selection, report)
     calib = chunk_tokens(ids[:tokens], seq_len)  # (N, L)
-    held = chunk_tokens(ids[tokens:tokens + heldout], seq_len) if heldout >= seq_len else None  # (n, L)
-    rep = chunk_tokens(ids[tokens + heldout:tokens + heldout + report], seq_len) if report >= seq_len else None
+    held = chunk_tokens(ids[tokens:tokens + selection], seq_len) if selection >= seq_len else None  # (n, L)
+    rep = chunk_tokens(ids[tokens + selection:tokens + selection + report], seq_len) if report >= seq_len else None
     return calib, held, rep
 
 
 def run_calibrate(model: str | Path | CheckpointView, text: str | Path, out_dir: str | Path, *, tokens: int = 50_000,
-                  seq_len: int = 512, heldout_tokens: int = 4096, batch_size: int = 8,
+                  seq_len: int = 512, selection_tokens: int = 4096, batch_size: int = 8,
                   imatrix_out: str | Path | None = None, progress: bool = True, backend: Backend | None = None,
                   shards: int | None = None, threads: int | None = None, report_tokens: int = 0) -> CalibStats:
     """The calibrate stage of `model` (a checkpoint directory, or its view already opened): statistics into
@@ -209,7 +209,7 @@ def run_calibrate(model: str | Path | CheckpointView, text: str | Path, out_dir:
         raise CalibError(f"{view.root}: no MoE layers; nothing to calibrate")
     inputs = CalibInputs(model=str(Path(view.root).resolve()), text=str(Path(text).resolve()),
                          text_sha256=text_sha256(text), tokens_requested=tokens, seq_len_requested=seq_len,
-                         heldout_requested=heldout_tokens, shards=shards, report_requested=report_tokens)
+                         selection_requested=selection_tokens, shards=shards, report_requested=report_tokens)
     run = RunDir(Path(out_dir))
     out = run.layout.calib
     made: list[CalibStats] = []
@@ -238,14 +238,14 @@ def _calibrate_text(view: CheckpointView, text: str | Path, inputs: CalibInputs,
     them held out."""
     from moepack.model.textdata import tokenize_file
 
-    tokens, heldout, report_n = inputs.tokens_requested, inputs.heldout_requested, inputs.report_requested
-    ids = tokenize_file(view.root, text, tokens + heldout + report_n)
-    calib, held, report = _split_tokens(ids, tokens, heldout, inputs.seq_len_requested, report_n)
+    tokens, selection, report_n = inputs.tokens_requested, inputs.selection_requested, inputs.report_requested
+    ids = tokenize_file(view.root, text, tokens + selection + report_n)
+    calib, held, report = _split_tokens(ids, tokens, selection, inputs.seq_len_requested, report_n)
     if inputs.shards is not None and inputs.shards > len(calib):
         raise CalibError(f"--shards {inputs.shards} exceeds the {len(calib)} calibration sequences; use at most "
                          f"{len(calib)} shards, or more --calib-tokens or a shorter --seq-len")
     log.info("calibrating %s on %d tokens (%d x %d)", view.root, calib.size, *calib.shape)
-    stats = calibrate(view, calib, batch_size=batch_size, progress=progress, heldout=held, inputs=inputs,
+    stats = calibrate(view, calib, batch_size=batch_size, progress=progress, selection=held, inputs=inputs,
                       backend=backend, shards=inputs.shards, threads=threads)
     stats.report = report
     return stats

@@ -305,7 +305,7 @@ def write_checkpoint(view: CheckpointView, out_dir: str | Path, max_shard_bytes:
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
-    src = view.base.root if isinstance(view, PrunedView) and view.base is not None else view.root
+    src = view.source.root if isinstance(view, PrunedView) and view.source is not None else view.root
     _prepare_out(out, src)
     view = stacked_view(view)  # gpt-oss, Llama 4: experts stacked again, as transformers loads them
     names = sorted(view.tensors)
@@ -390,11 +390,11 @@ def _finish_plan(view: CheckpointView, plan: PrunePlan, stats: CalibStats, opts:
                  progress: bool) -> PrunePlan:
     """k' measured (--top-k auto) and the pruned model's active bytes per token added."""
     if opts.top_k == "auto":
-        if stats.heldout is None:
+        if stats.selection is None:
             raise PruneError("--top-k auto needs held-out tokens, and this calibration has none; rerun moepack "
                              "calibrate with a longer text or a larger --sens-tokens")
         cands = auto_candidates(plan, view, opts)
-        plan = plan.with_top_k(*top_k_auto(view, plan, stats.heldout, cands, opts.kld_tol, opts.batch_size,
+        plan = plan.with_top_k(*top_k_auto(view, plan, stats.selection, cands, opts.kld_tol, opts.batch_size,
                                            progress=progress))
     return dataclasses.replace(plan, active_bytes_per_token={**plan.active_bytes_per_token,
                                                              "pruned": active_bytes_per_token(pruned_view(view, plan))})

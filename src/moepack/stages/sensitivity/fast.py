@@ -30,11 +30,11 @@ from moepack.stages.sensitivity.fakequant import QuantStore
 from moepack.stages.sensitivity.groups import GroupSpec, SensitivityError
 from moepack.stages.sensitivity.probes import Pick, ReferenceLogProbs, StoreInputs, base_state, probe_bins
 
-__all__ = ["SPEEDS", "AUTO_LIMIT_S", "FAST_PROBE", "PROXY_SAMPLE", "check_speed", "fast_pick", "predict", "run_speed"]
+__all__ = ["SENSITIVITY_MODES", "AUTO_LIMIT_S", "FAST_PROBE", "PROXY_SAMPLE", "check_sensitivity_mode", "fast_pick", "predict", "run_sensitivity"]
 
 log = logging.getLogger(__name__)
 
-SPEEDS = ("auto", "fast", "full")
+SENSITIVITY_MODES = ("auto", "fast", "full")
 AUTO_LIMIT_S = 1800.0  # auto: a full table estimated to take longer than this stays fast
 FAST_PROBE = -1  # the upgrade probed in fast mode, as an index into the group's upgrades (-1: the highest)
 # Fast mode: the fraction of each tensor's rows (per expert of a stacked tensor) on which the types not probed are
@@ -42,9 +42,9 @@ FAST_PROBE = -1  # the upgrade probed in fast mode, as an index into the group's
 PROXY_SAMPLE = 1 / 8
 
 
-def check_speed(speed: str) -> None:
-    if speed not in SPEEDS:
-        raise SensitivityError(f"unknown sensitivity {speed!r}; choose one of {', '.join(SPEEDS)}")
+def check_sensitivity_mode(mode: str) -> None:
+    if mode not in SENSITIVITY_MODES:
+        raise SensitivityError(f"unknown sensitivity {mode!r}; choose one of {', '.join(SENSITIVITY_MODES)}")
 
 
 def fast_pick(groups: list[GroupSpec], at: int = FAST_PROBE) -> dict[str, tuple[str, ...]]:
@@ -77,17 +77,17 @@ def predict(groups: list[GroupSpec], proxy: Mapping[tuple[str, str], float], kld
     return out
 
 
-def run_speed(speed: str, backend: Backend, view: CheckpointView, store: QuantStore, groups: list[GroupSpec],
+def run_sensitivity(mode: str, backend: Backend, view: CheckpointView, store: QuantStore, groups: list[GroupSpec],
               settings: StoreInputs, ids: torch.Tensor, ref: ReferenceLogProbs, batch_size: int, keep_bytes: int,
               tasks: int | None, progress: bool, limit_s: float = AUTO_LIMIT_S, at: int = FAST_PROBE,
               sample: float = PROXY_SAMPLE) -> tuple[float, dict[tuple[str, str], float], dict[str, Any]]:
-    """The probes of `speed`: (base KLD, {(group, type): measured KLD}, what ran: {"sensitivity": "fast" | "full",
+    """The probes of `mode`: (base KLD, {(group, type): measured KLD}, what ran: {"sensitivity": "fast" | "full",
     "probes", for a fast table "proxy_sample" (the row fraction of the types not probed), and for auto the
     estimate it decided on})."""
-    check_speed(speed)
+    check_sensitivity_mode(mode)
     base_kld, inp = base_state(view, store, groups, settings, ids, ref, batch_size, keep_bytes, progress)
     n_full = sum(len(g.options) - 1 for g in groups)
-    if speed == "full":
+    if mode == "full":
         kld = probe_bins(backend, view, store, groups, inp, tasks)
         return base_kld, kld, {"sensitivity": "full", "probes": len(kld)}
     pick = fast_pick(groups, at)
@@ -98,7 +98,7 @@ def run_speed(speed: str, backend: Backend, view: CheckpointView, store: QuantSt
         return base_kld, kld, {"sensitivity": "full", "probes": len(kld)}
     info: dict[str, Any] = {"sensitivity": "fast", "probes": len(kld), "proxy_sample": sample,
                             "s_per_probe": round(per_probe, 3)}  # the table's timing: what a full one would cost
-    if speed == "fast":
+    if mode == "fast":
         return base_kld, kld, info
     rest: Pick = {g.name: tuple(o.type for o in g.options[1:] if (g.name, o.type) not in kld) for g in groups}
     estimate = (n_full - len(kld)) * per_probe

@@ -21,12 +21,12 @@ from moepack.gguf import mxfp4
 from moepack.gguf.imatrix import importance_rows
 from moepack.gguf.kernels import requires_imatrix
 from moepack.gguf.names import OutTensor, gguf_group_name, gguf_outputs
-from moepack.gguf.types import DEFAULT_BASE, LADDER, bits_per_weight, parse_type, smallest_type
+from moepack.gguf.types import DEFAULT_REFERENCE, LADDER, bits_per_weight, parse_type, smallest_type
 from moepack.gguf.writer import TypedTensor, resolve_types
 from moepack.model.arch import Role
 from moepack.model.checkpoint import CheckpointView
 
-__all__ = ["SensitivityError", "GroupOption", "GroupSpec", "default_base", "parse_base", "plan_groups"]
+__all__ = ["SensitivityError", "GroupOption", "GroupSpec", "default_reference", "parse_reference", "plan_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class GroupSpec:
         return frozenset(s for o in self.outs for s in o.sources)
 
 
-def parse_base(spec: str | Mapping[str, str] | None) -> dict[str, str]:
+def parse_reference(spec: str | Mapping[str, str] | None) -> dict[str, str]:
     """"routed_experts=IQ2_XXS,attention=Q4_K" (or "Q4_K" for every group) → {key: type name}."""
     if spec is None:
         return {}
@@ -72,14 +72,14 @@ def parse_base(spec: str | Mapping[str, str] | None) -> dict[str, str]:
     return {k.strip(): parse_type(v).name for k, v in items}
 
 
-def default_base(ladder: Iterable[str]) -> str:
-    """The base of groups that --base does not name: the ladder's smallest type (DEFAULT_BASE for the default
+def default_reference(ladder: Iterable[str]) -> str:
+    """The base of groups that --base does not name: the ladder's smallest type (DEFAULT_REFERENCE for the default
     ladder)."""
     ladder = list(ladder)
-    return smallest_type(ladder) if ladder else DEFAULT_BASE
+    return smallest_type(ladder) if ladder else DEFAULT_REFERENCE
 
 
-def _base_for(base: Mapping[str, str], g_name: str, cls: str, role: Role, default: str) -> str:
+def _reference_for(base: Mapping[str, str], g_name: str, cls: str, role: Role, default: str) -> str:
     for key in (g_name, cls, role.value, "default", "*"):
         if key in base:
             return base[key]
@@ -133,7 +133,7 @@ def _options(name: str, outs: list[OutTensor], cands: list[str],
 def plan_groups(view: CheckpointView, base: Mapping[str, str] | None = None, ladder: Iterable[str] = LADDER,
                 imatrix: Mapping[str, np.ndarray] | None = None) -> tuple[list[GroupSpec], list[OutTensor]]:
     """(groups with their options, fixed F32 tensors) of the GGUF that `view` becomes."""
-    base = parse_base(base)
+    base = parse_reference(base)
     ladder = [parse_type(t).name for t in ladder]
     by_name: dict[str, list[OutTensor]] = {}
     fixed: list[OutTensor] = []
@@ -147,7 +147,7 @@ def plan_groups(view: CheckpointView, base: Mapping[str, str] | None = None, lad
     moved: dict[tuple[str, str], list[str]] = {}
     for name, outs in by_name.items():
         cls = name.rsplit(".", 1)[-1]
-        cands = _candidates(_base_for(base, name, cls, outs[0].role, default_base(ladder)),
+        cands = _candidates(_reference_for(base, name, cls, outs[0].role, default_reference(ladder)),
                             ladder + _source_types(view, outs, ladder))
         groups.append(GroupSpec(name, cls, outs[0].role, outs[0].layer, tuple(outs),
                                 tuple(_options(name, outs, cands, imatrix))))

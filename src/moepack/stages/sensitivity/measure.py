@@ -44,8 +44,8 @@ from moepack.model.checkpoint import CheckpointView
 from moepack.model.runner import LayerRunner
 from moepack.schema import SENSITIVITY_FORMAT, CalibStats, PrunePlan, SensitivityTable
 from moepack.stages.sensitivity.fakequant import FakeQuantWeights, QuantStore
-from moepack.stages.sensitivity.fast import AUTO_LIMIT_S, FAST_PROBE, PROXY_SAMPLE, check_speed, predict, run_speed
-from moepack.stages.sensitivity.groups import SensitivityError, default_base, parse_base, plan_groups
+from moepack.stages.sensitivity.fast import AUTO_LIMIT_S, FAST_PROBE, PROXY_SAMPLE, check_sensitivity_mode, predict, run_sensitivity
+from moepack.stages.sensitivity.groups import SensitivityError, default_reference, parse_reference, plan_groups
 from moepack.stages.sensitivity.probes import EMBED, StoreInputs, head_batch, reference_logprobs, run_quantize
 from moepack.stages.sensitivity.table import agreement, overhead, proxies, table_groups
 
@@ -77,7 +77,7 @@ class SensitivityConfig:
     proxy_sample: the fraction of rows a fast table's types not probed are quantized on for their proxy error.
     """
 
-    base: str | Mapping[str, str] | None = None
+    reference: str | Mapping[str, str] | None = None
     ladder: tuple[str, ...] = LADDER
     mode: str = "kld"
     threads: int = 2
@@ -92,7 +92,7 @@ class SensitivityConfig:
     proxy_sample: float = PROXY_SAMPLE
 
     def validate(self) -> None:
-        check_speed(self.sensitivity)
+        check_sensitivity_mode(self.sensitivity)
         if not 0.0 < self.proxy_sample <= 1.0:
             raise SensitivityError(f"proxy_sample is a fraction of rows in (0, 1] (got {self.proxy_sample})")
         if self.mode not in MODES:
@@ -237,7 +237,7 @@ def _base_info(view: CheckpointView, ids: torch.Tensor, cfg: SensitivityConfig, 
                has_imatrix: bool) -> dict[str, Any]:
     """The table's "base": how it was measured (copied into the quant plan)."""
     return {"measure": "proxy" if cfg.mode == "proxy" else "kld", "types": dict(sorted(base_map.items())),
-            "default_type": base_map.get("default", base_map.get("*", default_base(cfg.ladder))),
+            "default_type": base_map.get("default", base_map.get("*", default_reference(cfg.ladder))),
             "ladder": [parse_type(t).name for t in cfg.ladder], "fingerprint": view.fingerprint(),
             "writer": WRITER_ID, "imatrix": has_imatrix, "sequences": int(ids.shape[0]),
             "seq_len": int(ids.shape[1]), "tokens": int(ids.numel())}
@@ -248,7 +248,7 @@ def _measure(view: CheckpointView, ids: torch.Tensor, reference_logits: Any, ref
     t0 = time.perf_counter()
     timing: dict[str, float] = {}
     im, proxy_w = prepare_imatrix(view, imatrix, prune_plan)
-    base_map = parse_base(cfg.base)
+    base_map = parse_reference(cfg.reference)
     groups, fixed = plan_groups(view, base_map, list(cfg.ladder), im)
     freq = np.bincount(ids.reshape(-1).numpy(), minlength=view.facts.vocab) / ids.numel()  # (V,)
     cache_dir = None if cfg.cache_dir is None else str(cfg.cache_dir)
@@ -264,7 +264,7 @@ def _measure(view: CheckpointView, ids: torch.Tensor, reference_logits: Any, ref
         ref, info["reference"] = reference_logprobs(view, ids, reference_logits, reference_view, cfg.batch_size)
         timing["reference_s"] = time.perf_counter() - t1
         t1 = time.perf_counter()
-        base_kld, kld, ran = run_speed(cfg.sensitivity, backend, view, store, groups, settings, ids, ref,
+        base_kld, kld, ran = run_sensitivity(cfg.sensitivity, backend, view, store, groups, settings, ids, ref,
                                        cfg.batch_size, cfg.keep_layers_bytes, cfg.tasks, cfg.progress,
                                        cfg.auto_limit_s, cfg.fast_probe, cfg.proxy_sample)
         timing["probes_s"] = time.perf_counter() - t1
