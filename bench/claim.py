@@ -367,7 +367,7 @@ def markdown(results: dict[str, Any], pngs: dict[str, str], source: str) -> str:
            "calibration; moepack is `moepack compress --target-size <that file's bytes>` with its defaults "
            f"(keep {s['keep']}, criterion {s['criterion']}, sensitivity {s['sensitivity']}; calibration text: "
            f"{s['calib_text']}, {s['calib_tokens']:,} tokens in sequences of {s['seq_len']}, "
-           f"{s['selection_tokens']:,} selection and as many report tokens held out after them). Baselines at the same "
+           f"{s['sens_tokens']:,} selection and as many report tokens held out after them). Baselines at the same "
            f"size, each the largest base type whose file fits: an Unsloth-style rule (ffn_gate/up_exps at the "
            f"base; ffn_down_exps and token_embd one ladder step up; attention, shared experts, dense FFN and output "
            f"{s['hand_steps']} steps up), the paper authors' fixed rules and one uniform type (prune-only), these "
@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                         "the evaluation's domain); 'bundled': compress's default, the bundled multi-domain text")
     p.add_argument("--calib-tokens", type=int, default=d.calib_tokens, help="compress --calib-tokens")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="compress --seq-len")
-    p.add_argument("--sens-tokens", type=int, default=d.selection_tokens, help="compress --sens-tokens")
+    p.add_argument("--sens-tokens", dest="selection_tokens", type=int, default=d.selection_tokens, help="compress --sens-tokens")
     p.add_argument("--ctx", type=int, default=512, help="evaluation window")
     p.add_argument("--eval-tokens", type=int, default=0, help="evaluation text tokens (0: 16k scored, eval's default)")
     p.add_argument("--work", type=Path, help="run directories (default out/bench-claim[-CALIB])")

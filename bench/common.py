@@ -265,7 +265,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     calib = ("bundled (src/moepack/data/calibration.txt)" if args.calib_text is None
              else f"`{portable(args.calib_text, ROOT)}`")
     return {"calib_text": calib, "calib_tokens": args.calib_tokens,
-            "seq_len": args.seq_len, "selection_tokens": args.selection_tokens, "keep": d.keep, "criterion": d.criterion,
+            "seq_len": args.seq_len, "sens_tokens": args.selection_tokens, "keep": d.keep, "criterion": d.criterion,
             "sensitivity": d.sensitivity, "eval_text": str(EVAL_TEXT.relative_to(ROOT)), "ctx": args.ctx,
             "eval_tokens": args.eval_tokens, "goal": GOAL, "hand_steps": HAND_STEPS, "paper_prune": PAPER_PRUNE}
 

@@ -198,7 +198,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
     lines = [BEGIN, "", "## Domain-targeted compression (bench/domain.py)", "",
              f"`{command}` on `{results['model']}` ({results['params']:,} parameters), {results['seconds'] / 60:.0f} "
              f"min. Calibration on the target domain's calibration text ({s['calib_tokens']:,} tokens, "
-             f"{s['selection_tokens']:,} held out for selection); sensitivity base {s['base']}, ladder "
+             f"{s['sens_tokens']:,} held out for selection); sensitivity base {s['base']}, ladder "
              f"{', '.join(s['ladder'])}; criterion {s['criterion']}. KLD vs the bf16 checkpoint on each domain's "
              f"evaluation text ({s['eval_tokens']:,} tokens in windows of {s['ctx']}, second halves scored), mean ± "
              "half-width of the 95 % CI from window means. llama.cpp: its standard mixtures with the same "
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default="IQ1_S", help="fixed sensitivity base, so tables serve every budget")
     p.add_argument("--ladder", nargs="+", default=list(SENS_LADDER))
     p.add_argument("--calib-tokens", type=int, default=8192)
-    p.add_argument("--sens-tokens", type=int, default=1024)
+    p.add_argument("--sens-tokens", dest="selection_tokens", type=int, default=1024)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--ctx", type=int, default=256)
     p.add_argument("--eval-tokens", type=int, default=16384)
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     domains = [bench_domain(args.model, d, args, ev) for d in args.domains]
     results = {"model": rel(args.model), "params": sum(open_checkpoint(args.model).param_counts().values()),
                "settings": {"base": args.base, "ladder": args.ladder, "calib_tokens": args.calib_tokens,
-                            "selection_tokens": args.selection_tokens, "seq_len": args.seq_len, "ctx": args.ctx,
+                            "sens_tokens": args.selection_tokens, "seq_len": args.seq_len, "ctx": args.ctx,
                             "eval_tokens": args.eval_tokens, "criterion": CompressOptions().criterion,
                             "eval": ev.settings},
                "domains": domains, "seconds": round(time.perf_counter() - t0, 1)}

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-text", type=Path, default=ROOT / "data" / "calib" / "stories.txt")
     p.add_argument("--eval-text", type=Path, default=ROOT / "data" / "tinystories-valid.txt")
     p.add_argument("--calib-tokens", type=int, default=4096)
-    p.add_argument("--sens-tokens", type=int, default=512)
+    p.add_argument("--sens-tokens", dest="selection_tokens", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=2048)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--bpw", nargs="+", type=float, default=[2.5])

@@ -156,7 +156,7 @@ def to_markdown(res: dict[str, Any]) -> str:
              "upgrade), learns α_g = ΔKLD / Δ(imatrix-weighted squared error) from it, and predicts every other "
              "type as α_g × its error, computed with llama.cpp's quantize/dequantize kernels alone. "
              f"Settings: ladder {','.join(a['ladder'])} (base {a['ladder'][0]}), calibration {a['calib_tokens']} "
-             f"tokens of {a['calib_text']}, sensitivity on the {a['selection_tokens']} tokens after them, plan KLD on the "
+             f"tokens of {a['calib_text']}, sensitivity on the {a['sens_tokens']} tokens after them, plan KLD on the "
              f"first {a['eval_tokens']} tokens of {a['eval_text']} (neither table saw them; sequences of "
              f"{a['seq_len']}), {a['threads']} threads on a "
              "shared 2-core machine. `" + res["command"] + "`", "",
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="--compress: interleaved full / fast runs (median wall)")
     p.add_argument("--work", type=Path, default=ROOT / "out" / "bench-sensitivity")
     p.add_argument("--calib-tokens", type=int, default=4096)
-    p.add_argument("--sens-tokens", type=int, default=512)
+    p.add_argument("--sens-tokens", dest="selection_tokens", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=2048)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--ladder", nargs="+", default=list(SENS_LADDER))
@@ -239,8 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         _write(res, args)
         return 0
     rows = [bench_model(m, args) for m in args.models]
-    settings = {k: getattr(args, k) for k in ("calib_tokens", "selection_tokens", "eval_tokens", "seq_len", "ladder",
-                                              "threads")} | {"calib_text": rel(args.calib_text), "eval_text": rel(args.eval_text)}
+    settings = {k: getattr(args, k) for k in ("calib_tokens", "eval_tokens", "seq_len", "ladder",
+                                              "threads")}
+    settings |= {"sens_tokens": args.selection_tokens, "calib_text": rel(args.calib_text),
+                 "eval_text": rel(args.eval_text)}
     res = {"command": "bench/sensitivity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "settings": settings, "rows": rows}
     old = json.loads(args.out.read_text()) if args.out.is_file() else {}

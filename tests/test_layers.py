@@ -119,6 +119,40 @@ def test_no_module_is_too_long() -> None:
     assert not long, f"modules over {MAX_LINES} lines (split them by responsibility): {long}"
 
 
+PIPELINE_MAX_FUNCTION_LINES = 50
+PIPELINE_MAX_PARAMS = 8
+
+
+def _long_functions(path: Path) -> list[str]:
+    """Functions of `path` over PIPELINE_MAX_FUNCTION_LINES lines (decorators to last line) or with more than
+    PIPELINE_MAX_PARAMS parameters (self and cls not counted)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = node.args
+            params = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ("self", "cls")]
+            params += [x.arg for x in (a.vararg, a.kwarg) if x is not None]
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            if (n := node.end_lineno - start + 1) > PIPELINE_MAX_FUNCTION_LINES:
+                found.append(f"{node.name}: {n} lines")
+            if len(params) > PIPELINE_MAX_PARAMS:
+                found.append(f"{node.name}: {len(params)} parameters")
+    return found
+
+
+def test_pipeline_functions_are_small() -> None:
+    """The compress pipeline reads top to bottom: no function in pipeline/ over 50 lines or 8 parameters."""
+    bad = {p.name: f for p in sorted((PACKAGE / "pipeline").glob("*.py")) if (f := _long_functions(p))}
+    assert not bad, f"split these pipeline functions: {bad}"
+
+
+def test_the_function_check_catches_long_ones(tmp_path: Path) -> None:
+    f = tmp_path / "probe.py"
+    f.write_text("def wide(a, b, c, d, e, f, g, h, i):\n    pass\n\n\nclass C:\n    def ok(self, a, b, c, d, e, f, g, h):\n"
+                 + "        x = 1\n" * 47 + "\n\ndef tall():\n" + "    x = 1\n" * 50)
+    assert sorted(_long_functions(f)) == ["tall: 51 lines", "wide: 9 parameters"], _long_functions(f)
+
+
 def _private_uses(path: Path) -> list[str]:
     """`from moepack.x import _y`, `m._y` on an imported moepack module m, and private moepack modules imported
     from outside their own package."""
