@@ -172,11 +172,11 @@ def _check_criterion_auto(run_dir: Path, printed: str) -> None:
 
     summary = json.loads((run_dir / "summary.json").read_text())
     (cand,) = summary["candidates"]
-    tried = cand["criteria"]
-    assert [(t["criterion"], t["alpha"]) for t in tried] == list(AUTO_CRITERIA)
+    *tried, merged = cand["criteria"]  # the last: the winner measured with merging (tests/test_compress_merge.py)
+    assert [(t["criterion"], t["alpha"]) for t in tried] == list(AUTO_CRITERIA) and merged["merge"]
     best = min(tried, key=lambda t: t["prune_kld"])
     assert (summary["criterion"], summary["alpha"]) == (best["criterion"], best["alpha"])
-    assert cand["prune_kld"] == best["prune_kld"]
+    assert cand["prune_kld"] == min(best["prune_kld"], merged["prune_kld"])
     plan = json.loads((run_dir / "prune_plan-r0.75.json").read_text())
     assert plan["criterion"] == best["criterion"]
     assert "criterion at keep 0.75" in printed
@@ -289,7 +289,7 @@ def test_interrupted_compress_resumes_to_same_bytes(model: Path, tmp_path: Path)
     cmd = [sys.executable, "-m", "moepack.cli", "compress", str(model), "--target-size", target, "-o", str(out),
            "--run-dir", str(run), "--keep", "0.75", *SMALL]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # a loaded machine calibrates slowly
     done = run / "stages" / "calibrate.json"  # the stage record, written once calib/ is complete
     while not done.is_file() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)

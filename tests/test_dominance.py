@@ -3,13 +3,14 @@ and when a mixture measures lower (here: a one-type ladder the allocator cannot 
 mixture's plan is what gets written."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import gguf
 import pytest
 
-from conftest import small_compress_options
+from conftest import FAST_SEARCH, small_compress_options
 from moepack.cli import main
 
 SMALL = small_compress_options("--keep", "1.0")
@@ -36,22 +37,39 @@ def _run(model: Path, tmp_path: Path, target: int, *extra: str) -> tuple[dict, P
     return json.loads((run_dir / "summary.json").read_text()), run_dir
 
 
+def _mixture_file(view, run_dir: Path, name: str, short: bool) -> int:
+    """The bytes of the GGUF compress would write of mixture `name` (its records short or not)."""
+    from moepack.gguf.writer import SHORT_RECORD
+    from moepack.pipeline.dominance import mixture_file_bytes, mixture_plan
+    from moepack.schema import QuantPlan, SensitivityTable
+    from moepack.stages.mixtures import mixture_sizes
+
+    table = SensitivityTable.read(run_dir / "sensitivity-r1.json")
+    plan = mixture_plan(view, table, name, mixture_sizes(view, ftypes=(name,))[name],
+                        QuantPlan.read(run_dir / "quant_plan-r1.json"))
+    if short:
+        plan = dataclasses.replace(plan, base=plan.base | {SHORT_RECORD: True})
+    return mixture_file_bytes(view, plan)
+
+
 def test_plan_is_never_worse_than_the_fitting_mixtures(model: Path, tmp_path: Path, capsys) -> None:
     from moepack.model.checkpoint import open_checkpoint
     from moepack.stages.mixtures import mixture_sizes
 
     summary, run_dir = _run(model, tmp_path, _target(model, 4))
-    m = summary["mixtures"]
-    limit = json.loads((run_dir / "quant_plan-r1.json").read_text())["budget_bytes"]
+    m, limit = summary["mixtures"], summary["budget"]["weights"] + summary["budget"]["overhead"]
+    view = open_checkpoint(model)
     assert 1 <= len(m["mixtures"]) <= 3
     listed = [x["tensor_bytes"] for x in m["mixtures"]]
-    assert listed == sorted(listed, reverse=True) and max(listed) <= limit
-    sizes = mixture_sizes(open_checkpoint(model))
+    assert listed == sorted(listed, reverse=True)
+    assert all(_mixture_file(view, run_dir, x["name"], "record" in x) <= limit for x in m["mixtures"])
+    sizes = mixture_sizes(view)
     assert [sizes[x["name"]].total for x in m["mixtures"]] == listed  # the bytes the mixtures table predicts
-    # the largest fitting ones: every mixture left out is either over the budget or smaller than those measured
+    # the largest fitting ones: every mixture left out is either over the budget, even with its records short, or
+    # smaller than those measured
     for name, s in sizes.items():
         if name not in {x["name"] for x in m["mixtures"]}:
-            assert s.total > limit or s.total <= min(listed), name
+            assert s.total <= min(listed) or _mixture_file(view, run_dir, name, True) > limit, name
     assert summary["selection_kld"] <= min(x["kld"] for x in m["mixtures"])
     assert summary["selection_kld"] <= m["allocated_kld"]
     assert "llama.cpp mixtures" in capsys.readouterr().out
@@ -117,3 +135,54 @@ def test_greedy_seeded_from_a_mixture_only_upgrades_it(model: Path) -> None:
         chosen = next(o for o in g.options if o.type == seeded.groups[g.name])
         assert chosen.bytes >= g.options[c].bytes  # upgrades only
     assert any(g.options[c].type != seeded.groups[g.name] for g, c in zip(table.groups, start))  # spent the slack
+
+
+# ---------------------------------------------------------------------------------------------- the size of a mixture
+
+def _llama_file(model: Path, ftype: str, out: Path) -> int:
+    """Bytes of llama.cpp's `ftype` file of `model`, made as bench/claim.py makes a size point (moepack quantize
+    --ftype: llama_model_quantize); without an importance matrix, so without the keys llama.cpp adds for one: the
+    tightest budget."""
+    from moepack.gguf.quantize import quantize_model
+
+    quantize_model(model, out, ftype=ftype, threads=1, progress=False)
+    return out.stat().st_size
+
+
+def test_the_mixture_of_the_target_size_is_measured_and_the_reserve_is_what_is_written(model: Path,
+                                                                                        tmp_path: Path) -> None:
+    """At a --target-size of llama.cpp's own Q3_K_S file, Q3_K_S is among the mixtures measured (with moepack's
+    full records its file would be over: they are written short) and the file is within the budget; the bytes
+    compress reserves for its metadata are at least, and within a few hundred bytes of, what the writer writes for
+    the allocated plan."""
+    from moepack.gguf.imatrix import load_imatrix
+    from moepack.gguf.writer import SHORT_RECORD, write_gguf
+    from moepack.model.checkpoint import open_checkpoint
+    from moepack.pipeline.budget_check import reserve
+    from moepack.pipeline.recipe import budget_record
+    from moepack.schema import QuantPlan, SensitivityTable
+    from moepack.stages.allocate import allocate
+    from moepack.stages.budget import Budget
+
+    target = _llama_file(model, "Q3_K_S", tmp_path / "llama.gguf")
+    summary, run_dir = _run(model, tmp_path, target, *FAST_SEARCH)  # the mixtures measured do not depend on it
+    view = open_checkpoint(model)
+    measured = {x["name"]: x for x in summary["mixtures"]["mixtures"]}
+    assert "Q3_K_S" in measured
+    assert _mixture_file(view, run_dir, "Q3_K_S", False) > target  # moepack's full records would push it out
+    assert measured["Q3_K_S"].get("record") == "short"
+    size = (tmp_path / "x.gguf").stat().st_size
+    assert size <= target
+    plan = QuantPlan.read(run_dir / "quant_plan-r1.json")
+    if plan.base.get("mixture"):  # a mixture chosen: the file is exactly the size predicted when it was judged
+        assert size == _mixture_file(view, run_dir, plan.base["mixture"], bool(plan.base.get(SHORT_RECORD)))
+
+    budget = Budget(**summary["budget"])
+    table = SensitivityTable.read(run_dir / "sensitivity-r1.json")
+    held = reserve(table, budget)
+    allocated = allocate(table, budget.file_limit - held)
+    out = tmp_path / "allocated.gguf"
+    write_gguf(view, out, allocated, imatrix=load_imatrix(run_dir, view), progress=False, default_type=None,
+               recipe={"budget": budget_record(budget), "solver": f"{allocated.solver} refined"})
+    written = out.stat().st_size - sum(int(t.n_bytes) for t in gguf.GGUFReader(out).tensors)
+    assert written <= held <= written + 768, (held, written)

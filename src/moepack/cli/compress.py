@@ -56,6 +56,7 @@ def add_cli(sub: o.Subparsers) -> None:
     o.add_ladder(p)
     o.add_sensitivity(p)
     o.add_criterion(p, auto=True)
+    o.add_merge(p, auto=True)
     p.add_argument("--refine", type=int, default=REFINE, metavar="N",
                    help="after allocation, up to N passes of measured moves (budget-neutral swaps, upgrades into "
                         "bytes left over) that the additive sensitivity model misses; 0: off (default %(default)s)")
@@ -78,13 +79,16 @@ def add_cli(sub: o.Subparsers) -> None:
 
 def _options(args: argparse.Namespace, threads: int, shards: int | None = None):  # -> CompressOptions
     from moepack.pipeline.options import CompressOptions
+    from moepack.stages.merge import MergeOptions
 
+    merge = MergeOptions(args.merge_similarity, args.merge_weighting, args.merge_router,
+                         args.merge_align) if args.merge else None
     return CompressOptions(keep=args.keep, top_k=args.top_k, calib_text=args.calib_text,
                            calib_tokens=args.calib_tokens, seq_len=args.seq_len, selection_tokens=args.selection_tokens,
                            solver=args.solver, reference=args.reference_types, ladder=args.ladder, criterion=args.criterion,
                            threads=threads, shards=shards, cache_dir=args.quant_cache, repack=args.repack,
                            sensitivity=args.sensitivity, refine=args.refine, probe_tokens=args.probe_tokens,
-                           save_pruned=args.save_pruned)
+                           save_pruned=args.save_pruned, merge=merge)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -228,7 +228,7 @@ def add_calib_tokens(p: Container) -> None:
 
 
 def add_selection_tokens(p: Container, help: str) -> None:
-    p.add_argument("--selection-tokens", "--sens-tokens", type=int, default=SELECTION_TOKENS, metavar="N",
+    p.add_argument("--sens-tokens", dest="selection_tokens", type=int, default=SELECTION_TOKENS, metavar="N",
                    help=f"{help} (default {SELECTION_TOKENS})")
 
 
@@ -358,11 +358,14 @@ def add_criterion(p: Container, auto: bool = False) -> None:
                        help="expert importance criterion (default score)")
 
 
-def add_merge(p: Container) -> None:
-    """--merge and how it merges (stages.merge); the defaults are the variant that measured best (docs/pruning.md)."""
+def add_merge(p: Container, auto: bool = False) -> None:
+    """--merge and how it merges (stages.merge); the defaults are the variant that measured best (docs/pruning.md).
+    `auto` (compress): without --merge, --criterion auto measures merging and takes it where it measures lower."""
+    when = (" (without it, --criterion auto measures merging with the defaults below and merges where its "
+            "pruning-only KLD is lower; a fixed --criterion discards)") if auto else ""
     p.add_argument("--merge", action="store_true",
                    help="fold each dropped expert into the most similar kept expert of its group (usage-weighted "
-                        "average of their weights, router rows merged) instead of discarding it")
+                        "average of their weights, router rows merged) instead of discarding it" + when)
     p.add_argument("--merge-similarity", choices=MERGE_SIMILARITIES, default="output",
                    help="--merge: similarity of the experts' outputs on calibration tokens (default) or of their "
                         "weights")

@@ -19,7 +19,7 @@ from moepack.gguf.keys import Keys
 from moepack.gguf.metadata import WriteError, moepack_value
 
 __all__ = ["RECIPE_MAX_BYTES", "RECIPE_VERSION", "tensor_class", "types_by_class", "file_recipe",
-           "recipe_json", "recipe_placeholder", "read_recipe"]
+           "recipe_json", "recipe_placeholder", "recipe_bound", "read_recipe"]
 
 RECIPE_VERSION = 1
 RECIPE_MAX_BYTES = 2048  # the allowance overhead_bytes plans for; ~600 B for DeepSeek-V3's 17 tensor classes
@@ -86,6 +86,21 @@ def recipe_json(recipe: Mapping[str, Any]) -> dict[str, Any]:
 def recipe_placeholder() -> str:
     """A value whose metadata string is exactly RECIPE_MAX_BYTES long: what overhead_bytes counts for the recipe."""
     return "~" * (RECIPE_MAX_BYTES - 2)  # JSON adds the two quotes
+
+
+def recipe_bound(types: Mapping[str, Iterable[str]], given: Mapping[str, Any] | None) -> int:
+    """The longest moepack.recipe string (at most RECIPE_MAX_BYTES) of a file whose quantizable tensors may be
+    written in `types` (GGUF name → its possible types), with the caller's `given` fields: each class at its most
+    distinct types (the longest names), every count, keep, k' and expert count at their widest."""
+    by_class: dict[str, tuple[int, set[str]]] = {}
+    for name, possible in types.items():
+        n, seen = by_class.get(tensor_class(name), (0, set()))
+        by_class[tensor_class(name)] = (n + 1, seen | set(possible))
+    wide = 10 ** 9
+    classes = {c: {t: n for t in sorted(seen, key=len, reverse=True)[:n]} for c, (n, seen) in by_class.items()}
+    rec = {"v": RECIPE_VERSION, "keep": 0.12345678901234566, "top_k": wide,
+           "experts": {"kept": wide, "of": wide, "layers": wide}, "types": classes} | dict(given or {})
+    return min(len(moepack_value(rec)), RECIPE_MAX_BYTES)
 
 
 def read_recipe(path: str | Path) -> dict[str, Any] | None:

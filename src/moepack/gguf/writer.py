@@ -40,6 +40,9 @@ __all__ = [
     "resolve_types",
     "write_gguf",
     "overhead_bytes",
+    "SHORT_RECORD",
+    "short_record",
+    "plan_record",
     "ALIGNMENT",
     "source_f32",
     "tensor_data",
@@ -52,6 +55,9 @@ log = logging.getLogger(__name__)
 T = GGMLQuantizationType
 ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT
 BLOCK_BYTES = 256 * 2**20  # float32 bytes converted at a time for large plain tensors (row blocks)
+# A llama.cpp mixture's plan whose base has this flag is recorded as short as llama.cpp's own mixture file records it
+# (moepack.pipeline.dominance sets it only when the full records would push the mixture over the budget).
+SHORT_RECORD = "short_record"
 
 
 @dataclass(frozen=True)
@@ -222,12 +228,23 @@ def verify_gguf(path: Path, typed: list[TypedTensor]) -> None:
         raise WriteError(f"{path}: size {path.stat().st_size} does not match its tensors (end {end})")
 
 
-def _plan_record(typed: list[TypedTensor], plan: QuantPlan | None, ftype: str | None,
-                 default_type: GGMLQuantizationType | str | None) -> dict[str, Any]:
+def short_record(plan: QuantPlan | None) -> str | None:
+    """The llama.cpp mixture `plan` is, when it is to be recorded short (SHORT_RECORD); else None."""
+    if plan is None or not plan.base.get(SHORT_RECORD):
+        return None
+    return str(plan.base["mixture"])
+
+
+def plan_record(typed: list[TypedTensor], plan: QuantPlan | None, ftype: str | None,
+                default_type: GGMLQuantizationType | str | None) -> dict[str, Any]:
     """moepack.quant_plan: the types written, the fallbacks taken and how the plan was made (its `source`); a file
-    llama.cpp's quantizer re-types afterwards records that mixture and the type it starts from instead."""
+    llama.cpp's quantizer re-types afterwards records that mixture and the type it starts from instead, and a
+    mixture recorded short only its name (its types follow from it: moepack.stages.mixtures) and any fallback."""
     if ftype is not None:
         return {"ftype": ftype, "source_type": parse_type(default_type or "F32").name}
+    if (mixture := short_record(plan)) is not None:
+        fallbacks = {t.out.name: t.requested.name for t in typed if t.requested != t.qtype}
+        return {"mixture": mixture} | ({"fallbacks": fallbacks} if fallbacks else {})
     rec: dict[str, Any] = {"tensors": {t.out.name: t.qtype.name for t in typed if t.out.quantizable},
                            "fallbacks": {t.out.name: t.requested.name for t in typed if t.requested != t.qtype}}
     if plan is not None:
@@ -255,10 +272,13 @@ def _prepare(view: CheckpointView, plan: QuantPlan | None, default_type: GGMLQua
     n_expert = _expert_count(typed)
     if not has_metadata_writer(view.spec.gguf_arch):
         raise WriteError(f"no GGUF metadata writer for llama.cpp architecture {view.spec.gguf_arch!r}")
-    extra: dict[str, Any] = {Keys.QUANT_PLAN: _plan_record(typed, plan, ftype, default_type)}
+    extra: dict[str, Any] = {Keys.QUANT_PLAN: plan_record(typed, plan, ftype, default_type)}
     if prune_plan is not None:
         extra[Keys.PRUNE_PLAN] = prune_plan.to_dict()
-    extra[Keys.RECIPE] = _recipe(view, typed, n_expert, prune_plan, ftype, recipe)
+    if (mixture := short_record(plan)) is not None:  # the recipe llama.cpp's file of the mixture has: no caller fields
+        extra[Keys.RECIPE] = _recipe(view, typed, n_expert, prune_plan, mixture, None)
+    else:
+        extra[Keys.RECIPE] = _recipe(view, typed, n_expert, prune_plan, ftype, recipe)
     return typed, n_expert, extra
 
 
@@ -283,11 +303,12 @@ def overhead_bytes(view: CheckpointView, plan: QuantPlan | None = None, *, prune
                    default_type: GGMLQuantizationType | str | None = "F32") -> int:
     """Bytes of the GGUF before its tensor data (header, metadata with vocab and plans, tensor infos, padding):
     the file is at most this plus each tensor's bytes padded to the alignment (the recipe, not known yet, is counted
-    at its longest: RECIPE_MAX_BYTES). Reads no weights."""
+    at its longest: RECIPE_MAX_BYTES; a mixture recorded short has its recipe already). Reads no weights."""
     import tempfile
 
     typed, n_expert, extra = _prepare(view, plan, default_type, prune_plan)
-    extra[Keys.RECIPE] = recipe_placeholder()
+    if short_record(plan) is None:
+        extra[Keys.RECIPE] = recipe_placeholder()
     with tempfile.TemporaryDirectory() as d:
         w = _start_file(Path(d) / "header.gguf", view, typed, n_expert, extra)
         end = w.fout[0].tell()

@@ -14,7 +14,7 @@ from moepack.schema import QuantPlan, SensitivityTable
 from moepack.stages.budget import Budget, BudgetError, format_size
 from moepack.stages.fit import uniform_bytes
 
-__all__ = ["check_floor", "check_feasible", "allocate_within", "check_file", "nothing_fits"]
+__all__ = ["check_floor", "check_feasible", "allocate_within", "reserve", "check_file", "nothing_fits"]
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,30 @@ def allocate_within(table: SensitivityTable, budget: Budget, solver: str) -> tup
 
     # No overhead_bytes: the checkpoint could not be written as GGUF when it was measured (sensitivity warned).
     # The budget's own estimate errs large, and compress checks the written file against the budget.
-    overhead = table.overhead_bytes if table.overhead_bytes is not None else budget.overhead
+    overhead = reserve(table, budget) if table.overhead_bytes is not None else budget.overhead
     weights = budget.file_limit - overhead
     if budget.gpu_weights is not None:
         from moepack.stages.placement import allocate_placed
 
         return allocate_placed(table, budget.gpu_weights, weights - budget.gpu_weights, solver), overhead
     return allocate(table, weights, solver), overhead
+
+
+def reserve(table: SensitivityTable, budget: Budget) -> int:
+    """The non-tensor GGUF bytes compress reserves for a plan of `table`: the table's bound (overhead_bytes, the
+    recipe at its RECIPE_MAX_BYTES allowance) with the recipe at the most compress's own can take instead (its
+    types, this budget's record and the longest solver name; moepack.pipeline.recipe.compress_recipe), plus GPU
+    placement's note for a GPU + RAM budget and the header's alignment, which the smaller recipe can move."""
+    from moepack.gguf.recipe import RECIPE_MAX_BYTES, recipe_bound
+    from moepack.gguf.writer import ALIGNMENT
+    from moepack.pipeline.recipe import budget_record
+    from moepack.stages.sensitivity.table import SOLVER_WIDTH, placement_bytes
+
+    assert table.overhead_bytes is not None
+    types = {t: {(o.written or {}).get(t, o.type) for o in g.options} for g in table.groups for t in g.tensors}
+    given = {"budget": budget_record(budget), "solver": "x" * SOLVER_WIDTH}
+    placed = placement_bytes() if budget.gpu_weights is not None else 0
+    return table.overhead_bytes - RECIPE_MAX_BYTES + recipe_bound(types, given) + placed + ALIGNMENT - 1
 
 
 def check_file(out: Path, budget: Budget) -> None:

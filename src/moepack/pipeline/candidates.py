@@ -2,6 +2,7 @@
 A refined or challenged candidate is a new one (`dataclasses.replace`); moepack.pipeline.search makes them."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,7 @@ from moepack.model.checkpoint import CheckpointView
 from moepack.pipeline.dominance import Rivalry
 from moepack.pipeline.refine import Refinement
 from moepack.schema import PrunePlan, QuantPlan
+from moepack.stages.merge import MergeOptions
 
 __all__ = ["Candidate"]
 
@@ -31,8 +33,9 @@ class Candidate:
     refinement: Refinement | None = None  # measured moves after allocation, before the mixtures
     criterion: str = "score"  # the pruning criterion and its α (score only)
     alpha: float = 0.5
-    criteria: list[dict[str, Any]] | None = None  # --criterion auto: each criterion's pruning-only KLD
+    criteria: list[dict[str, Any]] | None = None  # --criterion auto: each criterion's (and merging's) pruning KLD
     references: list[dict[str, Any]] | None = None  # each reference type measured: base, sensitivity, selection KLD
+    merge: MergeOptions | None = None  # the dropped experts merged into kept ones so (None: discarded)
 
     @property
     def screened(self) -> bool:
@@ -47,4 +50,9 @@ class Candidate:
                 "mixtures": self.rivalry.to_dict() if self.rivalry else None,
                 "refinement": self.refinement.to_dict() if self.refinement else None,
                 "criterion": self.criterion, "alpha": self.alpha, "criteria": self.criteria,
-                "references": self.references}
+                "references": self.references, "merge": self.merge_record}
+
+    @property
+    def merge_record(self) -> dict[str, Any] | None:
+        """The merge options as summary.json records them (None: the dropped experts were discarded)."""
+        return None if self.merge is None else dataclasses.asdict(self.merge)

@@ -238,6 +238,7 @@ def _summary(search: CandidateSearch, best: Candidate, out: Path, report_kld: fl
         bpw=8 * size / sum(ref.param_counts().values()), types=types_by_class(best.plan.tensors),
         selection_kld=best.kld, report_kld=report_kld, report_tokens=0 if report is None else report.size,
         candidates=[c.record() for c in search.candidates], criterion=best.criterion, alpha=best.alpha,
+        merge=best.merge_record,
         mixtures=best.rivalry.to_dict() if best.rivalry else None,
         refinement=best.refinement.to_dict() if best.refinement else None,
         timings=dict(search.run.timings), sample=verified.sample, verify_error=verified.error,

@@ -1,24 +1,31 @@
 """llama.cpp's own mixtures as rivals of compress's plan: a compressed file is never worse, on the selection
 tokens, than the standard llama-quantize mixture (Q3_K_M, IQ2_XXS, ...) a user could make at the same budget.
 
-For one candidate view (pruned or not) the largest few mixtures whose tensors fit the budget (their per-tensor
-types and bytes predicted by moepack.stages.mixtures, no quantizing) are measured with the same fake-quantized
-forward and importance matrix as compress's own plan. When the best of them measures below the allocated plan, the
-greedy also starts from it (each group at the ladder option nearest below the mixture's bytes) and spends what is
-left by measured sensitivity; of the allocated plan, the mixture and that seeded plan the lowest measured KLD wins.
+For one candidate view (pruned or not) the largest few mixtures whose file fits the budget (their per-tensor
+types and bytes predicted by moepack.stages.mixtures, no quantizing; the file's metadata as the writer writes it)
+are measured with the same fake-quantized forward and importance matrix as compress's own plan. moepack's metadata
+never pushes a mixture out: when the full records (every tensor's type, the plan's fields, the run's budget) would
+take it over, it is recorded as short as llama.cpp's own file of the mixture records it (moepack.gguf.writer
+.SHORT_RECORD), so a budget of llama.cpp's file size measures that mixture. When the best of them measures below
+the allocated plan, the greedy also starts from it (each group at the ladder option nearest below the mixture's
+bytes) and spends what is left by measured sensitivity; of the allocated plan, the mixture and that seeded plan the
+lowest measured KLD wins.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
+from moepack.errors import MoepackError
 from moepack.model.checkpoint import CheckpointView
 from moepack.schema import QuantPlan, SensitivityTable
 from moepack.stages.budget import Budget
 from moepack.stages.mixtures import MixtureSize
 
-__all__ = ["Rivalry", "fitting_mixtures", "mixture_plan", "snap_to_options", "seeded_plan", "challenge"]
+__all__ = ["Rivalry", "fitting_mixtures", "mixture_file_bytes", "mixture_plan", "snap_to_options", "seeded_plan",
+           "challenge"]
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +50,67 @@ class Rivalry:
                 "chosen": self.chosen, "best_mixture": best["name"] if best else None}
 
 
-def fitting_mixtures(view: CheckpointView, budget: Budget, tensor_limit: int, n: int) -> list[tuple[str, MixtureSize]]:
-    """(mixture, its sizes) of the `n` largest llama.cpp mixtures whose tensors of `view` fit `tensor_limit`
-    (and, with a GPU + RAM budget, each side its own), largest first."""
+def mixture_file_bytes(view: CheckpointView, plan: QuantPlan) -> int:
+    """Bytes of the GGUF the writer makes of `plan` on `view`: its header (metadata as written, the recipe at its
+    allowance unless the plan is recorded short) and each tensor padded to the alignment. Reads no weights."""
+    from moepack.gguf.names import gguf_outputs
+    from moepack.gguf.writer import ALIGNMENT, overhead_bytes, resolve_types
+
+    typed = resolve_types(gguf_outputs(view), None, plan.tensors)
+    quiet = logging.getLogger("gguf.gguf_writer")
+    level, quiet.level = quiet.level, logging.WARNING  # its INFO lines name a temporary file
+    try:
+        head = overhead_bytes(view, plan, prune_plan=getattr(view, "plan", None), default_type=None)
+    finally:
+        quiet.setLevel(level)
+    return head + sum(t.nbytes + -t.nbytes % ALIGNMENT for t in typed)
+
+
+def _fits(budget: Budget, size: MixtureSize, file_bytes: int) -> bool:
+    """Whether a file of `file_bytes` with `size`'s tensors fits `budget` (each side of a GPU + RAM budget: the
+    non-tensor bytes are the RAM side's, as the budget counts them)."""
+    if file_bytes > budget.file_limit:
+        return False
+    if budget.gpu_weights is None:
+        return True
+    return size.gpu <= budget.gpu_weights and file_bytes - size.gpu <= budget.file_limit - budget.gpu_weights
+
+
+def fitting_mixtures(view: CheckpointView, table: SensitivityTable, budget: Budget, allocated: QuantPlan,
+                     n: int) -> list[tuple[str, MixtureSize, QuantPlan]]:
+    """(mixture, its sizes, its plan) of the `n` largest llama.cpp mixtures whose GGUF of `view` fits `budget`
+    (and, with a GPU + RAM budget, each side its own), largest first. A mixture that fits only with its records
+    short gets a plan recorded short (SHORT_RECORD); one that fits with neither is left out, logged with its bytes."""
+    from moepack.gguf.writer import SHORT_RECORD
     from moepack.stages.mixtures import mixture_sizes
     from moepack.stages.placement import on_gpu
 
     placed = budget.gpu_weights is not None
     sizes = mixture_sizes(view, on_gpu=on_gpu if placed else None)
-    fit = [(m, s) for m, s in sizes.items() if s.total <= tensor_limit and (
-        not placed or (s.gpu <= budget.gpu_weights and s.total - s.gpu <= tensor_limit - budget.gpu_weights))]
-    return sorted(fit, key=lambda ms: -ms[1].total)[:n]
+    fit: list[tuple[str, MixtureSize, QuantPlan]] = []
+    for name, size in sorted(sizes.items(), key=lambda ms: -ms[1].total):
+        if len(fit) >= n:
+            break
+        if size.total > budget.file_limit:  # tensors alone are over: no metadata can help
+            continue
+        plan = mixture_plan(view, table, name, size, allocated)
+        try:
+            full = mixture_file_bytes(view, plan)
+            short = plan if _fits(budget, size, full) else dataclasses.replace(
+                plan, base=plan.base | {SHORT_RECORD: True})
+            nbytes = full if short is plan else mixture_file_bytes(view, short)
+        except MoepackError as e:  # the writer refuses this checkpoint: judge by the tensor bytes allocation had
+            log.info("mixture %s: file size not known (%s); judged by its tensor bytes", name, e)
+            short, nbytes = plan, size.total + budget.file_limit - allocated.budget_bytes
+        if _fits(budget, size, nbytes):
+            if short is not plan:
+                log.info("llama.cpp mixture %s fits only with moepack's records short: %d bytes with the full "
+                         "ones, %d short, budget %d", name, full, nbytes, budget.file_limit)
+            fit.append((name, size, short))
+        else:
+            log.info("llama.cpp mixture %s: its file would be %d bytes (%d of tensors), over the budget %d", name,
+                     nbytes, size.total, budget.file_limit)
+    return fit
 
 
 def _shapes(view: CheckpointView) -> dict[str, tuple[int, ...]]:
@@ -118,16 +175,19 @@ def seeded_plan(view: CheckpointView, table: SensitivityTable, mixture: QuantPla
 
 
 def challenge(view: CheckpointView, table: SensitivityTable, budget: Budget, plan: QuantPlan, kld: float,
-              tensor_limit: int, measure: Measure, n: int) -> tuple[QuantPlan, float, Rivalry]:
+              measure: Measure, n: int) -> tuple[QuantPlan, float, Rivalry]:
     """The plan (of `plan` with selection KLD `kld`, the fitting mixtures, and the greedy seeded by the best of
     them when it beats `plan`) with the lowest measured KLD, and the record of what was measured."""
+    from moepack.gguf.writer import SHORT_RECORD
+
     rivalry = Rivalry(kld)
     best: tuple[QuantPlan, float] = (plan, kld)
     mixtures: dict[str, QuantPlan] = {}
-    for name, size in fitting_mixtures(view, budget, tensor_limit, n):
-        mixtures[name] = mixture_plan(view, table, name, size, plan)
-        m_kld = measure(mixtures[name].tensors)
-        rivalry.mixtures.append({"name": name, "tensor_bytes": size.total, "kld": m_kld})
+    for name, size, mixture in fitting_mixtures(view, table, budget, plan, n):
+        mixtures[name] = mixture
+        m_kld = measure(mixture.tensors)
+        rivalry.mixtures.append({"name": name, "tensor_bytes": size.total, "kld": m_kld}
+                                | ({"record": "short"} if mixture.base.get(SHORT_RECORD) else {}))
         log.info("llama.cpp mixture %s: %d tensor bytes, selection KLD %.5f (allocated plan %.5f)",
                  name, size.total, m_kld, kld)
     top = rivalry.best_mixture

@@ -9,6 +9,7 @@ from pathlib import Path
 from moepack.errors import MoepackError
 from moepack.gguf.types import LADDER
 from moepack.stages.fit import RETENTIONS
+from moepack.stages.merge import MergeOptions
 
 __all__ = ["CompressError", "CompressOptions", "KEEP_AUTO_CANDIDATES", "MIXTURE_RIVALS", "REFINE_PASSES"]
 
@@ -41,6 +42,9 @@ class CompressOptions:
     reference: str | None = None  # --base: per-role reference types; None: pipeline.reference.reference_types
     ladder: tuple[str, ...] = LADDER
     criterion: str = "auto"  # or a fixed one of stages.prune.CRITERIA (moepack.pipeline.criterion)
+    # --merge: every pruned candidate folds its dropped experts into kept ones (stages.merge); None: with criterion
+    # auto merging is measured like the criteria, with a fixed criterion dropped experts are discarded
+    merge: MergeOptions | None = None
     alpha: float = 0.5
     verify_ctx: int = 512
     repack: bool = False  # verify with llama.cpp's CPU extra buffer types (repacking) on

@@ -24,6 +24,7 @@ from moepack.backends import Backend
 from moepack.model.checkpoint import CheckpointView
 from moepack.pipeline.budget_check import allocate_within, check_floor, nothing_fits
 from moepack.pipeline.candidates import Candidate
+from moepack.pipeline.criterion import Pruning, choose_pruning
 from moepack.pipeline.measure import KLDMeter
 from moepack.pipeline.options import CompressOptions
 from moepack.pipeline.reference import reference_mode, reference_types
@@ -36,9 +37,6 @@ __all__ = ["CandidateSearch"]
 
 log = logging.getLogger(__name__)
 
-Criterion = tuple[str, float, "float | None", "list[dict[str, Any]] | None"]  # name, α, pruning-only KLD, tried
-
-
 class CandidateSearch:
     """One compress run's candidates and what they share: the run directory, the reference view (opened once),
     the calibration statistics, the budget, the options, the backend, and the measurements kept between
@@ -49,16 +47,18 @@ class CandidateSearch:
         self.run, self.ref, self.stats, self.budget, self.opts, self.backend = run, ref, stats, budget, opts, backend
         self.meter = KLDMeter(ref, stats, opts.threads)
         self.candidates: list[Candidate] = []  # in the order measured
-        self._criteria: dict[tuple[int, int], Criterion] = {}  # (experts kept, k') → the criterion chosen
+        self._criteria: dict[tuple[int, int], Pruning] = {}  # (experts kept, k') → the pruning chosen
 
     # ------------------------------------------------------------------------------------------------ the search
 
     def candidate(self, keep: float) -> Candidate:
         """Retention `keep`, pruned (with --criterion auto by the criterion whose pruning alone costs the least
-        KLD on the selection tokens), screened, measured; its final plan written once (quant_plan-rKEEP.json)."""
-        crit, alpha, known, tried = self._criterion(keep)
-        cand = self._measured(prune_stage(self.run, self.ref, self.stats, keep, (crit, alpha), self.opts), known)
-        cand = dataclasses.replace(cand, criterion=crit, alpha=alpha, criteria=tried)
+        KLD on the selection tokens, merged where merging measures lower), screened, measured; its final plan
+        written once (quant_plan-rKEEP.json)."""
+        how = self._pruning(keep)
+        cand = self._measured(prune_stage(self.run, self.ref, self.stats, keep, how, self.opts), how.prune_kld)
+        cand = dataclasses.replace(cand, criterion=how.criterion, alpha=how.alpha, criteria=how.tried,
+                                   merge=how.merge)
         if cand.plan is not None:
             cand.plan.save(self.run.layout.quant_plan(keep))
         self.candidates.append(cand)
@@ -82,23 +82,24 @@ class CandidateSearch:
         self.run.timings["report KLD"] = time.perf_counter() - t0
         return kld
 
-    def _criterion(self, keep: float) -> Criterion:
-        """The pruning criterion of retention `keep`: --criterion as given, or with auto the one measured best
-        (moepack.pipeline.criterion; retentions that round to the same experts and k' share the choice)."""
-        opts = self.opts
-        if opts.criterion != "auto":
-            return opts.criterion, opts.alpha, None, None
+    def _pruning(self, keep: float) -> Pruning:
+        """How retention `keep` is pruned: --criterion (and --merge) as given, or with auto the criterion measured
+        best, merged where merging measures lower (moepack.pipeline.criterion; retentions that round to the same
+        experts and k' share the choice)."""
         from moepack.model.pruned import default_top_k, kept_count
 
+        opts = self.opts
         n_kept = kept_count(self.ref, keep)
-        if n_kept >= self.ref.facts.n_experts or self.stats.selection is None:
-            return "score", opts.alpha, None, None  # drops no expert: any criterion gives the same model
-        from moepack.pipeline.criterion import choose_criterion
-
+        fixed = opts.criterion if opts.criterion != "auto" else "score"
+        if n_kept >= self.ref.facts.n_experts:  # drops no expert: any criterion gives the same model, none merges
+            return Pruning(fixed, opts.alpha)
+        if opts.criterion != "auto" or self.stats.selection is None:
+            return Pruning(fixed, opts.alpha, opts.merge)
         k = opts.top_k if isinstance(opts.top_k, int) else min(default_top_k(keep, self.ref.facts.top_k), n_kept)
         if (n_kept, k) not in self._criteria:
             t0 = time.perf_counter()
-            self._criteria[n_kept, k] = choose_criterion(self.ref, self.stats, keep, self.meter.prune_kld, opts.top_k)
+            self._criteria[n_kept, k] = choose_pruning(self.ref, self.stats, keep, self.meter.prune_kld,
+                                                       opts.top_k, opts.merge)
             self.run.timings[f"criterion r={keep:g}"] = time.perf_counter() - t0
         return self._criteria[n_kept, k]
 
@@ -207,8 +208,8 @@ class CandidateSearch:
         from moepack.pipeline.dominance import challenge
 
         t0 = time.perf_counter()
-        plan, kld, rivalry = challenge(cand.view, table, self.budget, cand.plan, cand.kld, cand.plan.budget_bytes,
-                                       self._measure(cand), self.opts.mixtures)
+        plan, kld, rivalry = challenge(cand.view, table, self.budget, cand.plan, cand.kld, self._measure(cand),
+                                       self.opts.mixtures)
         self.run.timings[f"mixtures r={cand.keep:g}"] = time.perf_counter() - t0
         return dataclasses.replace(cand, plan=plan, kld=kld, rivalry=rivalry)
 

@@ -13,6 +13,7 @@ from moepack.gguf.metadata import WRITER_ID
 from moepack.model.checkpoint import CheckpointView
 from moepack.model.pruned import pruned_view
 from moepack.pipeline.candidates import Candidate
+from moepack.pipeline.criterion import Pruning
 from moepack.pipeline.options import CompressError, CompressOptions
 from moepack.rundir import RunDir
 from moepack.schema import CalibStats, PrunePlan, SensitivityTable
@@ -22,17 +23,18 @@ __all__ = ["prune_stage", "probe_ids", "sensitivity_stage"]
 log = logging.getLogger(__name__)
 
 
-def prune_stage(run: RunDir, ref: CheckpointView, stats: CalibStats, keep: float, criterion: tuple[str, float],
+def prune_stage(run: RunDir, ref: CheckpointView, stats: CalibStats, keep: float, how: Pruning,
                 opts: CompressOptions) -> Candidate:
-    """Retention `keep` pruned by `criterion` (name, α) as an unmeasured candidate: its prune plan
-    (prune_plan-rKEEP.json) and the lazy view of the model it leaves; no pruned checkpoint is written (`--save-pruned`
-    writes the chosen one), every stage reads the original's tensors. Keep 1.0 with k' as it is: `ref` itself."""
+    """Retention `keep` pruned as `how` says (criterion, α, merge options) as an unmeasured candidate: its prune plan
+    (prune_plan-rKEEP.json, with the merges where `how` merges) and the lazy view of the model it leaves; no pruned
+    checkpoint is written (`--save-pruned` writes the chosen one), every stage reads the original's tensors. Keep 1.0
+    with k' as it is: `ref` itself."""
     from moepack.stages.prune import PruneOptions, plan_prune
 
     if keep >= 1.0 and opts.top_k is None:
         return Candidate(keep, ref, None)
     path = run.layout.prune_plan(keep)
-    popts = PruneOptions(keep=keep, alpha=criterion[1], criterion=criterion[0], top_k=opts.top_k)
+    popts = PruneOptions(keep=keep, alpha=how.alpha, criterion=how.criterion, top_k=opts.top_k, merge=how.merge)
     m = stats.manifest
     key = {"model": ref.fingerprint(), "calib": m.text_sha256, "calib_tokens": m.tokens, "selection": m.selection_tokens,
            "calib_shards": m.shards, "options": dataclasses.asdict(popts)}

@@ -41,6 +41,10 @@ def render_summary(r: RunSummary) -> str:
             tried = ", ".join(f"{_criterion_name(t)} {t['prune_kld']:.5f}" for t in c["criteria"])
             lines.append(f"  criterion at keep {c['keep']:g} (pruning-only KLD on the selection tokens): {tried}; "
                          f"chose {_criterion_name(c)}")
+    if m := r.merge:
+        lines.append(f"  merging       each dropped expert folded into its most {m['similarity']}-similar kept one "
+                     f"({m['weighting']}-weighted, router rows {m['router']}; the GGUF's moepack.prune_plan "
+                     "lists the merges)")
     if len(r.candidates) > 1:
         lines.append("  retention search: " + ", ".join(_candidate_line(c) for c in r.candidates))
     lines.append("  types per tensor class:")
@@ -77,7 +81,8 @@ def _refinement_line(f: dict[str, Any]) -> str:
 
 
 def _criterion_name(c: dict[str, Any]) -> str:
-    return f"score alpha {c['alpha']:g}" if c["criterion"] == "score" else c["criterion"]
+    name = f"score alpha {c['alpha']:g}" if c["criterion"] == "score" else c["criterion"]
+    return name + (" merged" if c.get("merge") else "")
 
 
 def _candidate_line(c: dict[str, Any]) -> str:

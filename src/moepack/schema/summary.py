@@ -61,6 +61,7 @@ class RunSummary:
     refinement: dict[str, Any] | None = None  # the allocated plan's predicted vs measured KLD and the moves taken
     criterion: str = "score"  # the pruning criterion (and α) of the chosen candidate
     alpha: float = 0.5
+    merge: dict[str, Any] | None = None  # the chosen candidate's merge options (stages.merge); None: experts dropped
     timings: dict[str, float] = field(default_factory=dict)  # stage → seconds
     report_tokens: int = 0
     sample: str = ""  # what llama.cpp generated from the written file

@@ -10,17 +10,23 @@ import numpy as np
 
 from moepack.errors import MoepackError
 from moepack.gguf.kernels import requires_imatrix
-from moepack.gguf.names import OutTensor
+from moepack.gguf.metadata import moepack_value
+from moepack.gguf.names import OutTensor, gguf_outputs
+from moepack.gguf.runtime import EXPERTS_ON_CPU
 from moepack.gguf.types import QUANT_TYPES, block_size, parse_type
-from moepack.gguf.writer import ALIGNMENT, overhead_bytes
+from moepack.gguf.writer import ALIGNMENT, overhead_bytes, plan_record, resolve_types
 from moepack.model.checkpoint import CheckpointView
 from moepack.schema import Group, Option, PrunePlan, QuantPlan
+from moepack.stages.mixtures import MIXTURES
 from moepack.stages.sensitivity.fakequant import QuantStore
 from moepack.stages.sensitivity.groups import GroupSpec
 
-__all__ = ["spearman", "agreement", "overhead", "table_groups", "proxies"]
+__all__ = ["spearman", "agreement", "overhead", "table_groups", "proxies", "placement_bytes", "SOLVER_WIDTH"]
 
 log = logging.getLogger(__name__)
+
+# The longest solver a plan of a table can name: allocate's, refined, or the greedy seeded from a llama.cpp mixture.
+SOLVER_WIDTH = len(f"greedy from mixture {max(MIXTURES, key=len)} refined")
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -61,19 +67,60 @@ def _header_type(name: str) -> str:
     return name
 
 
+def _widest(groups: list[GroupSpec]) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """Per tensor the longest type name any option writes, the longest it asks for, and, for a tensor some option
+    falls back on, the longest type asked for that falls back."""
+    written: dict[str, int] = {}
+    asked: dict[str, int] = {}
+    fallback: dict[str, int] = {}
+    for g in groups:
+        for opt in g.options:
+            for t in opt.typed:
+                name = t.out.name
+                written[name] = max(written.get(name, 0), len(t.qtype.name))
+                asked[name] = max(asked.get(name, 0), len(opt.type))
+                if t.qtype != t.requested:
+                    fallback[name] = max(fallback.get(name, 0), len(t.requested.name))
+    return written, asked, fallback
+
+
+def _widened(record: dict[str, Any], groups: list[GroupSpec], fixed: list[OutTensor],
+             base: dict[str, Any]) -> dict[str, Any]:
+    """moepack.quant_plan's `record` of the placeholder plan with every field any plan of `groups` can have at
+    its longest: each tensor's written and asked type, a fallback for every tensor an option falls back on, every
+    number, the solver a refined or seeded plan has and the base note seeding adds (GPU placement's: placement_bytes).
+    JSON's length depends only on these lengths, so the widened record's is a bound."""
+    written, asked, fallback = _widest(groups)
+    num, kld = 10 ** 15, -1.2345678901234567e-100  # 16 digits; the longest float repr
+    widest_mixture, solver = "x" * max(map(len, MIXTURES)), "x" * SOLVER_WIDTH
+    tensors = {o.name: "F32" for o in fixed} | {k: "x" * n for k, n in asked.items()}  # as the table's plans
+    plan = QuantPlan(solver, num, num, num, kld, {g.name: "x" * max(len(o.type) for o in g.options) for g in groups},
+                     tensors, num, kld, base | {"seeded_from": widest_mixture})
+    return record | {"tensors": {k: ("x" * written[k] if k in written else v) for k, v in record["tensors"].items()},
+                     "fallbacks": {k: "x" * n for k, n in fallback.items()}, "source": plan.source}
+
+
+def placement_bytes() -> int:
+    """The most bytes GPU placement adds to moepack.quant_plan (the plan's base notes its sides,
+    moepack.stages.placement), which `overhead` leaves out: a GPU + RAM budget reserves them too."""
+    side = {"budget_bytes": 10 ** 15, "bytes": 10 ** 15}
+    note = {"override": "x" * len(",".join(f"{k}={v}" for k, v in EXPERTS_ON_CPU.items())), "gpu": side, "ram": side}
+    return len(moepack_value({"placement": note})) - 1  # its "key":value and a comma, less the braces
+
+
 def overhead(view: CheckpointView, groups: list[GroupSpec], fixed: list[OutTensor], base: dict[str, Any],
              prune_plan: PrunePlan | None) -> int | None:
-    """GGUF bytes outside the tensor data, for a plan with the longest type names and every tensor's worst
-    alignment padding (the writer's own header writer; 1 KiB more for plan notes)."""
+    """GGUF bytes outside the tensor data, at most, for any plan of these groups: the writer's own header with
+    moepack.quant_plan at its longest (`_widened`) and the recipe at its allowance (RECIPE_MAX_BYTES; compress
+    counts it at its own bound, moepack.pipeline.budget_check), plus every tensor's worst alignment padding."""
     longest = {o.name: max((opt.type for opt in g.options), key=len) for g in groups for o in g.outs}
     types = {k: _header_type(v) for k, v in longest.items()}
-    plan = QuantPlan("greedy", 10 ** 15, 10 ** 15, 10 ** 15, -1.2345678901234567e-05,
-                     {g.name: longest[g.outs[0].name] for g in groups}, types, bucket_bytes=10 ** 15,
-                     predicted_kld=1.2345678901234567, base=base)
+    plan = QuantPlan("greedy", 0, 0, 0, 0.0, {g.name: longest[g.outs[0].name] for g in groups}, types, base=base)
     quiet = logging.getLogger("gguf.gguf_writer")
     level, quiet.level = quiet.level, logging.WARNING  # its INFO lines name a temporary file
     try:
         head = overhead_bytes(view, plan, prune_plan=prune_plan, default_type=None)
+        record = plan_record(resolve_types(gguf_outputs(view), None, plan.tensors), plan, None, None)
     except MoepackError as e:
         # Sensitivity still means something for a checkpoint the writer refuses as it stands (e.g. no tokenizer
         # yet); the table then has no overhead_bytes, and a file-size target refuses it (allocate.file_budget).
@@ -82,9 +129,11 @@ def overhead(view: CheckpointView, groups: list[GroupSpec], fixed: list[OutTenso
     finally:
         quiet.setLevel(level)
     pad = ALIGNMENT
+    head += len(moepack_value(_widened(record, groups, fixed, base))) - len(moepack_value(record))
+    head += -head % pad
     worst = sum(max(-t.nbytes % pad for t in (opt.typed[i] for opt in g.options))
                 for g in groups for i in range(len(g.outs)))
-    return head + worst + sum(-(o.numel * 4) % pad for o in fixed) + 1024
+    return head + worst + sum(-(o.numel * 4) % pad for o in fixed)
 
 
 def table_groups(groups: list[GroupSpec], proxy: dict[tuple[str, str], float],
