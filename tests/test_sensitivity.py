@@ -248,7 +248,7 @@ def test_spearman() -> None:
 def test_proxy_mode_and_roles(tiny) -> None:
     _, view, ids, stats, _ = tiny("qwen3_moe")
     t = _measure(view, ids, imatrix=stats, ladder=["IQ2_XXS", "IQ3_S", "Q4_K", "Q8_0"], mode="proxy",
-                 base="routed_experts=Q4_K,attn_q=IQ3_S")
+                 reference="routed_experts=Q4_K,attn_q=IQ3_S")
     assert t["base"]["measure"] == "proxy" and "kld" not in t["base"] and "proxy" not in t
     by = {g["name"]: g for g in t["groups"]}
     # The base first, then every other type in order of bytes: downgrades below the base, upgrades above it.
@@ -262,7 +262,7 @@ def test_proxy_mode_and_roles(tiny) -> None:
         assert all(o["dkld"] > 0 for o in g["options"] if o["bytes"] < base), g["name"]  # a downgrade hurts
     SensitivityTable.from_dict(t)
     with pytest.raises(SensitivityError, match="no group of"):
-        _measure(view, ids, imatrix=stats, base="shared_experts=Q4_K", mode="proxy")
+        _measure(view, ids, imatrix=stats, reference="shared_experts=Q4_K", mode="proxy")
 
 
 def test_fast_mode_predicts_downgrades_and_auto_counts_them(tiny) -> None:
@@ -270,7 +270,7 @@ def test_fast_mode_predicts_downgrades_and_auto_counts_them(tiny) -> None:
     top upgrade's probe), and auto's full-table estimate counts every option, downgrades included."""
     _, view, ids, stats, _ = tiny("qwen3_moe")
     ladder = ["IQ2_XXS", "IQ3_S", "Q4_K", "Q8_0"]
-    t = _measure(view, ids, imatrix=stats, ladder=ladder, base="Q4_K", sensitivity="auto", auto_limit_s=0.0)
+    t = _measure(view, ids, imatrix=stats, ladder=ladder, reference="Q4_K", sensitivity="auto", auto_limit_s=0.0)
     assert t["base"]["sensitivity"] == "fast"
     down = [o for g in t["groups"] for o in g["options"] if o["bytes"] < g["options"][0]["bytes"]]
     assert len(down) >= 2 * len(t["groups"]) and all(o["dkld"] >= 0 for o in down)
