@@ -65,6 +65,7 @@ def _front_matter(text: str) -> dict[str, Any]:
     return yaml.safe_load(block)
 
 
+@pytest.mark.slow
 def test_gguf_recipe_matches_the_plan(run) -> None:
     summary = json.loads((run["run"] / "summary.json").read_text())
     reader = gguf.GGUFReader(run["out"])

@@ -38,6 +38,7 @@ def _bf16_bytes(model: Path) -> int:
     return 2 * sum(open_checkpoint(model).param_counts().values())
 
 
+@pytest.mark.slow
 def test_compress_fits_budget_and_runs(model: Path, tmp_path: Path, capsys, caplog) -> None:
     import logging
 
@@ -198,6 +199,7 @@ def _check_run_command(out: Path, printed: str) -> None:
     llm.close()
 
 
+@pytest.mark.slow
 def test_keep_auto_screens_retentions(model: Path, tmp_path: Path, capsys) -> None:
     """--keep auto measures keep 1.0 fully, then screens smaller retentions by what pruning alone costs: one whose
     pruning KLD is already above the best measured candidate gets no sensitivity table; the best measured one wins."""
@@ -246,6 +248,7 @@ def _check_report_tokens(run_dir: Path, summary: dict) -> None:
     assert RunSummary.read(run_dir / "summary.json").result_kld == summary["report_kld"]  # what report and card show
 
 
+@pytest.mark.slow
 def test_keep_auto_skips_retentions_that_cannot_fit(model: Path, tmp_path: Path) -> None:
     """Under a budget only a pruned model fits, --keep auto passes over keep 1.0 before measuring it (no
     sensitivity table) instead of failing, and the file comes from a smaller retention."""
@@ -281,6 +284,7 @@ def test_bad_keep_is_rejected(model: Path, tmp_path: Path, capsys) -> None:
     assert "--keep must be in (0, 1]" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_interrupted_compress_resumes_to_same_bytes(model: Path, tmp_path: Path) -> None:
     """Kill compress mid-way (after calibration), rerun: finished stages are reused and the bytes are identical
     to an uninterrupted run."""

@@ -49,6 +49,7 @@ def _arrays(st: CalibStats) -> dict[str, np.ndarray]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_calibration_on_ray_equals_local(arch, shared_tiny_model, ray_backend) -> None:
     view = open_checkpoint(shared_tiny_model(arch))

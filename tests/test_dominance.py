@@ -52,6 +52,7 @@ def _mixture_file(view, run_dir: Path, name: str, short: bool) -> int:
     return mixture_file_bytes(view, plan)
 
 
+@pytest.mark.slow
 def test_plan_is_never_worse_than_the_fitting_mixtures(model: Path, tmp_path: Path, capsys) -> None:
     from moepack.model.checkpoint import open_checkpoint
     from moepack.stages.mixtures import mixture_sizes
@@ -75,6 +76,7 @@ def test_plan_is_never_worse_than_the_fitting_mixtures(model: Path, tmp_path: Pa
     assert "llama.cpp mixtures" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_better_mixture_is_taken(model: Path, tmp_path: Path, capsys) -> None:
     """With IQ2_XXS as the only type, the allocated plan leaves most of a ~4 bpw budget unspent; the largest
     fitting mixture measures lower, and its types are the ones written."""
@@ -149,6 +151,7 @@ def _llama_file(model: Path, ftype: str, out: Path) -> int:
     return out.stat().st_size
 
 
+@pytest.mark.slow
 def test_the_mixture_of_the_target_size_is_measured_and_the_reserve_is_what_is_written(model: Path,
                                                                                         tmp_path: Path) -> None:
     """At a --target-size of llama.cpp's own Q3_K_S file, Q3_K_S is among the mixtures measured (with moepack's

@@ -130,6 +130,7 @@ def test_gpt_oss_gguf_layout(shared_tiny_model, tmp_path: Path) -> None:
     assert r.fields["gpt-oss.expert_feed_forward_length"].contents() == f
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", sorted(COMPRESS))
 def test_compress_runs_in_llama_cpp_and_pruned_loads_in_transformers(arch: str, tmp_path: Path, capsys) -> None:
     import transformers

@@ -189,6 +189,7 @@ def placed_run(deepseek: Path, tmp_path_factory) -> tuple[Path, tuple[int, int],
     return out, (gpu, ram), printed.getvalue()
 
 
+@pytest.mark.slow
 def test_placed_compress_fits_both_budgets(deepseek: Path, placed_run) -> None:
     out, (gpu_mem, ram_mem), _ = placed_run
     view = open_checkpoint(deepseek)
