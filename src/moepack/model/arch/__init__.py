@@ -7,29 +7,10 @@ table modules import; this package imports the tables so that they register, and
 """
 from __future__ import annotations
 
-from moepack.model.arch.spec import (DERIVED_BUFFERS, EXPERT_COUNT_KEYS, F32_KINDS, ArchSpec, MatchedName, Role,
-                                     TensorRule, UnsupportedArchitecture, beyond_decoder, expert_id, expert_key,
-                                     is_expert_key, layer_index, register, renumber_expert, spec_for, supported)
+from moepack.model.arch import spec
+from moepack.model.arch.spec import *  # noqa: F403  the types and the registry, re-exported
 
-__all__ = [
-    "Role",
-    "TensorRule",
-    "ArchSpec",
-    "UnsupportedArchitecture",
-    "register",
-    "spec_for",
-    "supported",
-    "MatchedName",
-    "EXPERT_COUNT_KEYS",
-    "expert_id",
-    "expert_key",
-    "renumber_expert",
-    "is_expert_key",
-    "beyond_decoder",
-    "layer_index",
-    "DERIVED_BUFFERS",
-    "F32_KINDS",
-]
+__all__ = list(spec.__all__)
 
 # Import the table modules so that they register.
 from moepack.model.arch import (deepseek, dots, ernie, glm, gpt_oss, hunyuan, kimi, llama4,  # noqa: F401
