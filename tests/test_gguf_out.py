@@ -286,9 +286,9 @@ def test_quant_plan_reader(tmp_path: Path) -> None:
     from moepack.schema import SchemaError
 
     made = QuantPlan("greedy", 100, 90, 10, -0.5, {"g": "Q4_K"}, {"a.weight": "Q4_K"}, 64, 0.25, {"kld": 1.0})
-    made.save(f := tmp_path / "quant_plan.json")
+    made.write(f := tmp_path / "quant_plan.json")
     back = QuantPlan.read(f)
-    assert back == made and back.allocated and back.save(tmp_path / "again.json").read_bytes() == f.read_bytes()
+    assert back == made and back.allocated and back.write(tmp_path / "again.json").read_bytes() == f.read_bytes()
     hand = QuantPlan.from_dict({"note": "mine", "tensors": {"a.weight": {"type": "q4_k"}, "b.weight": "IQ2_XXS"}})
     assert hand.tensors == {"a.weight": "q4_k", "b.weight": "IQ2_XXS"} and not hand.allocated
     assert hand.source == {"note": "mine"} and hand.to_dict()["note"] == "mine"

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     table = SensitivityTable.read(args.sensitivity)
     budget = budget_bytes_for(table, target_size=args.target_size, budget_bytes=args.budget_bytes)
     plan = allocate(table, budget, args.solver)
-    out = plan.save(args.output)
+    out = plan.write(args.output)
     types = ", ".join(f"{t} ×{n}" for t, n in plan.type_counts().items())
     share = 100 * plan.predicted_bytes / max(1, plan.budget_bytes)
     print(f"{out}: {plan.solver} plan, {plan.predicted_bytes:,} of {plan.budget_bytes:,} bytes "

@@ -60,7 +60,7 @@ class CandidateSearch:
         cand = dataclasses.replace(cand, criterion=how.criterion, alpha=how.alpha, criteria=how.tried,
                                    merge=how.merge)
         if cand.plan is not None:
-            cand.plan.save(self.run.layout.quant_plan(keep))
+            cand.plan.write(self.run.layout.quant_plan(keep))
         self.candidates.append(cand)
         return cand
 

@@ -238,7 +238,7 @@ class QuantPlan:
     def read(cls, path: str | Path) -> QuantPlan:
         return cls.from_dict(read_json(Path(path), "quant plan"), path)
 
-    def save(self, path: str | Path) -> Path:
+    def write(self, path: str | Path) -> Path:
         return save_json(self.to_dict(), path)
 
     def type_counts(self) -> dict[str, int]:
