@@ -4,17 +4,33 @@ compress)."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from moepack.model.arch import Role
-from moepack.model.checkpoint import CheckpointView
-from moepack.model.formats import stored_summary
+from moepack.model.checkpoint import CheckpointView, TensorRef
 
 __all__ = ["describe", "ESTIMATE_TYPES"]
 
 log = logging.getLogger(__name__)
 
 ESTIMATE_TYPES = ("Q8_0", "Q4_K", "Q3_K", "Q2_K", "IQ2_XXS", "IQ1_S")
+
+
+def stored_summary(refs: Iterable[TensorRef]) -> dict[str, Any]:
+    """How the checkpoint stores `refs`: bytes on disk (each stored part counted once: gate and up of one fused
+    slice share it), and parameters per storage ("fp8_block", "mxfp4", ... or the plain dtype, e.g. "BF16")."""
+    parts: dict[tuple[Any, int], int] = {}
+    params: dict[str, int] = {}
+    for r in refs:
+        fmt = r.dtype if r.stored is None or r.stored.format == "plain" else r.stored.format
+        if r.stored is not None and r.stored.format == "plain":
+            fmt = r.stored.parts[0].dtype
+        params[fmt] = params.get(fmt, 0) + r.numel
+        for p in r.stored.parts if r.stored is not None else ():
+            parts[(p.name, p.offset)] = p.nbytes
+        if r.stored is None:
+            parts[(r.name, r.offset)] = r.nbytes
+    return {"bytes": sum(parts.values()), "params": dict(sorted(params.items(), key=lambda kv: -kv[1]))}
 
 
 def describe(view: CheckpointView, estimates: Mapping[str, int] | None = None) -> dict[str, Any]:

@@ -21,12 +21,12 @@ import numpy as np
 from moepack.atomic import atomic_path
 from moepack.errors import MoepackError
 from moepack.gguf.linear_attn import QKVZ_SPLIT, tile_v_heads
-from moepack.gguf.names import OutTensor, gguf_outputs
+from moepack.gguf.names import gguf_outputs
+from moepack.gguf.tensors import OutTensor, TypedTensor
 from moepack.model.arch import is_expert_key
 from moepack.schema import CalibStats, ImatrixEntry
 
 if TYPE_CHECKING:
-    from moepack.gguf.writer import TypedTensor
     from moepack.model.checkpoint import CheckpointView
     from moepack.schema import PrunePlan
 

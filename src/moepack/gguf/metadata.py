@@ -20,7 +20,7 @@ from moepack.gguf.keys import Keys
 from moepack.gguf.vocab import add_vocab
 
 if TYPE_CHECKING:
-    from moepack.gguf.writer import TypedTensor
+    from moepack.gguf.tensors import TypedTensor
     from moepack.model.checkpoint import CheckpointView
 
 __all__ = ["WriteError", "write_metadata", "has_metadata_writer", "moepack_value", "WRITER_ID", "QUANTIZED_BY"]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from moepack.gguf.names import OutTensor
+from moepack.gguf.tensors import OutTensor
 from moepack.model.stored import RawTensor, apply_layout
 
 if TYPE_CHECKING:

@@ -12,7 +12,6 @@ matrices refer to it — and `gguf_outputs` lists the tensors actually written.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -21,6 +20,7 @@ import gguf
 from moepack.errors import MoepackError
 from moepack.gguf.rope import generated_outputs
 from moepack.gguf.linear_attn import QKVZ_SPLIT, qkvz_shapes
+from moepack.gguf.tensors import OutTensor
 from moepack.model.arch import Role, beyond_decoder, expert_key
 
 if TYPE_CHECKING:
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GGUFNameError",
-    "OutTensor",
     "model_arch",
     "gguf_tensor_name",
     "gguf_model_tensor",
@@ -47,36 +46,6 @@ MLA_SPLIT = (("k_b_proj", "k_b"), ("v_b_proj", "v_b"))
 
 class GGUFNameError(MoepackError, ValueError):
     """A checkpoint tensor that llama.cpp has no GGUF name for."""
-
-
-@dataclass(frozen=True)
-class OutTensor:
-    """One tensor of the GGUF file and how to make it from the checkpoint.
-
-    `transform` is "" (copy), "stack" (per-expert tensors stacked in expert order), "k_b"/"v_b" (DeepSeek MLA
-    split of kv_b_proj), "permute_q"/"permute_k" (llama-arch rotary layout: llama.cpp's LlamaModel.permute).
-    `key` is the name plans and importance matrices use (`gguf_tensor_name` of the source).
-    """
-
-    name: str
-    shape: tuple[int, ...]  # numpy order; rows are the last axis
-    sources: tuple[str, ...]
-    transform: str
-    key: str
-    quantizable: bool
-    role: Role
-    layer: int | None
-
-    @property
-    def n_per_row(self) -> int:
-        return self.shape[-1]
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
 
 
 def model_arch(view: CheckpointView) -> gguf.MODEL_ARCH:

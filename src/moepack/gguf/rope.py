@@ -16,7 +16,7 @@ import numpy as np
 from moepack.model.arch import Role
 
 if TYPE_CHECKING:
-    from moepack.gguf.names import OutTensor
+    from moepack.gguf.tensors import OutTensor
     from moepack.model.checkpoint import CheckpointView
 
 __all__ = ["ROPE_FREQS", "generated_outputs", "generated_f32", "llama3_rope_factors"]

@@ -27,15 +27,15 @@ from moepack.gguf.imatrix import importance_rows
 from moepack.gguf.keys import Keys
 from moepack.gguf.linear_attn import ELEMENTWISE, V_TILED, split_qkvz, tile_v_heads
 from moepack.gguf.metadata import WriteError, has_metadata_writer, write_metadata
-from moepack.gguf.names import OutTensor, gguf_outputs
+from moepack.gguf.names import gguf_outputs
 from moepack.gguf.rope import generated_f32
 from moepack.gguf.recipe import file_recipe, recipe_json, recipe_placeholder
-from moepack.gguf.types import fallback_type, parse_type, tensor_bytes
+from moepack.gguf.tensors import OutTensor, TypedTensor
+from moepack.gguf.types import fallback_type, parse_type
 from moepack.model.checkpoint import CheckpointView, import_reader
 from moepack.schema import PrunePlan, QuantPlan
 
 __all__ = [
-    "TypedTensor",
     "WriteReport",
     "resolve_types",
     "write_gguf",
@@ -58,17 +58,6 @@ BLOCK_BYTES = 256 * 2**20  # float32 bytes converted at a time for large plain t
 # A llama.cpp mixture's plan whose base has this flag is recorded as short as llama.cpp's own mixture file records it
 # (moepack.pipeline.dominance sets it only when the full records would push the mixture over the budget).
 SHORT_RECORD = "short_record"
-
-
-@dataclass(frozen=True)
-class TypedTensor:
-    out: OutTensor
-    requested: GGMLQuantizationType
-    qtype: GGMLQuantizationType  # what is written (after llama.cpp's row-width fallback)
-
-    @property
-    def nbytes(self) -> int:
-        return tensor_bytes(self.out.shape, self.qtype)
 
 
 @dataclass

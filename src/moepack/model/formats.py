@@ -18,16 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Protocol, Sequence
 
 from moepack.model.stored import (Logical, RawTensor, Stored, StoredFormatError, register_decoder, register_format,
                                   torch_dtype)
 
-if TYPE_CHECKING:
-    from moepack.model.checkpoint import TensorRef
-
-__all__ = ["SUPPORTED", "part_names", "E2M1_VALUES", "stored_summary", "config_stored", "StackedRaw",
-           "fused_parts"]
+__all__ = ["SUPPORTED", "part_names", "E2M1_VALUES", "StackedRaw", "fused_parts"]
 
 # quant_method values and what they are, for the message that refuses every other method.
 SUPPORTED = ("fp8 (block-scaled e4m3)", "compressed-tensors (pack-quantized int4/int8, symmetric)", "mxfp4")
@@ -53,40 +49,7 @@ def part_names(name: str, stored: Stored) -> list[str] | None:
     return [name + x for x in sfx]
 
 
-def config_stored(tensors: dict[str, TensorRef], cfg: dict[str, Any]) -> dict[str, TensorRef]:
-    """Tensors derived from config.json alone, with how the release stores them where its quantization_config
-    says (fp8: every weight matrix but the embeddings, the output and the routers, as DeepSeek-V3's release)."""
-    import dataclasses
 
-    q = cfg.get("quantization_config")
-    if not isinstance(q, dict) or q.get("quant_method") != "fp8" or not q.get("weight_block_size"):
-        return tensors
-    b0, b1 = q["weight_block_size"]
-    out = dict(tensors)
-    for n, r in tensors.items():
-        if r.quantizable and r.role.value not in ("embedding", "output") and len(r.shape) == 2:
-            grid = (math.ceil(r.shape[0] / b0), math.ceil(r.shape[1] / b1))
-            parts = (RawTensor(n, r.shape, "F8_E4M3", None, 0, r.numel),  # type: ignore[arg-type]  # no file
-                     RawTensor(n + "_scale_inv", grid, "F32", None, 0, 4 * grid[0] * grid[1]))  # type: ignore[arg-type]
-            out[n] = dataclasses.replace(r, stored=Stored("fp8_block", parts, params=(("block", (b0, b1)),)))
-    return out
-
-
-def stored_summary(refs: Iterable[TensorRef]) -> dict[str, Any]:
-    """How the checkpoint stores `refs`: bytes on disk (each stored part counted once: gate and up of one fused
-    slice share it), and parameters per storage ("fp8_block", "mxfp4", ... or the plain dtype, e.g. "BF16")."""
-    parts: dict[tuple[Any, int], int] = {}
-    params: dict[str, int] = {}
-    for r in refs:
-        fmt = r.dtype if r.stored is None or r.stored.format == "plain" else r.stored.format
-        if r.stored is not None and r.stored.format == "plain":
-            fmt = r.stored.parts[0].dtype
-        params[fmt] = params.get(fmt, 0) + r.numel
-        for p in r.stored.parts if r.stored is not None else ():
-            parts[(p.name, p.offset)] = p.nbytes
-        if r.stored is None:
-            parts[(r.name, r.offset)] = r.nbytes
-    return {"bytes": sum(parts.values()), "params": dict(sorted(params.items(), key=lambda kv: -kv[1]))}
 
 
 # ---- FP8 block-scaled ------------------------------------------------------------------------------------------
@@ -292,7 +255,13 @@ class StackedRaw:
         return out
 
 
-def fused_parts(name: str, ops: Sequence[tuple[str, ...]], members: Sequence[Sequence[TensorRef]]
+class HasStored(Protocol):
+    """What fused_parts reads of a checkpoint's TensorRef (moepack.model.checkpoint imports this module)."""
+
+    stored: Stored | None
+
+
+def fused_parts(name: str, ops: Sequence[tuple[str, ...]], members: Sequence[Sequence[HasStored]]
                 ) -> list[tuple[str, StackedRaw]] | None:
     """The MXFP4 parts (`name`_blocks, `name`_scales) of stacked tensor `name` (gpt-oss's experts.gate_up_proj,
     experts.down_proj) from its per-expert tensors `members[e][j]`, each cut with the split's `ops[j]`: when every

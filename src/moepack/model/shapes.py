@@ -16,7 +16,7 @@ from typing import Any, Callable
 from moepack.model.arch import EXPERT_COUNT_KEYS, ArchSpec, Role, TensorRule, spec_for
 from moepack.model.checkpoint import (CheckpointError, CheckpointView, TensorRef, config_get, facts_from_config,
                                       open_checkpoint, read_config, text_config)
-from moepack.model.formats import config_stored
+from moepack.model.stored import RawTensor, Stored
 
 __all__ = ["config_dims", "derive_tensors", "config_view", "open_for_planning", "moe_layer_ids", "ShapeError"]
 
@@ -241,6 +241,25 @@ def derive_tensors(spec: ArchSpec, cfg: dict[str, Any], dtype: str = "BF16") -> 
                 dt = "F32" if rule.kind == "router_bias" else dtype  # DeepSeek-V3 keeps its correction bias in f32
                 out[name] = TensorRef(name, shape, dt, None, 0, math.prod(shape) * width[dt], rule.role, rule.kind,
                                       layer, xid)
+    return out
+
+
+def config_stored(tensors: dict[str, TensorRef], cfg: dict[str, Any]) -> dict[str, TensorRef]:
+    """Tensors derived from config.json alone, with how the release stores them where its quantization_config
+    says (fp8: every weight matrix but the embeddings, the output and the routers, as DeepSeek-V3's release)."""
+    import dataclasses
+
+    q = cfg.get("quantization_config")
+    if not isinstance(q, dict) or q.get("quant_method") != "fp8" or not q.get("weight_block_size"):
+        return tensors
+    b0, b1 = q["weight_block_size"]
+    out = dict(tensors)
+    for n, r in tensors.items():
+        if r.quantizable and r.role.value not in ("embedding", "output") and len(r.shape) == 2:
+            grid = (math.ceil(r.shape[0] / b0), math.ceil(r.shape[1] / b1))
+            parts = (RawTensor(n, r.shape, "F8_E4M3", None, 0, r.numel),  # type: ignore[arg-type]  # no file
+                     RawTensor(n + "_scale_inv", grid, "F32", None, 0, 4 * grid[0] * grid[1]))  # type: ignore[arg-type]
+            out[n] = dataclasses.replace(r, stored=Stored("fp8_block", parts, params=(("block", (b0, b1)),)))
     return out
 
 

@@ -19,7 +19,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 import gguf
 
 from moepack.errors import MoepackError
-from moepack.gguf.names import OutTensor, gguf_outputs
+from moepack.gguf.names import gguf_outputs
+from moepack.gguf.tensors import OutTensor
 from moepack.gguf.types import fallback_type, written_bytes
 from moepack.model.arch import Role
 from moepack.model.checkpoint import CheckpointView, config_get

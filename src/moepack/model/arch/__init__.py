@@ -7,11 +7,21 @@ table modules import; this package imports the tables so that they register, and
 """
 from __future__ import annotations
 
-from moepack.model.arch import spec
 from moepack.model.arch.spec import *  # noqa: F403  the types and the registry, re-exported
-
-__all__ = list(spec.__all__)
+from moepack.model.arch.spec import __all__  # noqa: F401  (the same names)
 
 # Import the table modules so that they register.
-from moepack.model.arch import (deepseek, dots, ernie, glm, gpt_oss, hunyuan, kimi, llama4,  # noqa: F401
-                                minimax, mixtral, olmoe, qwen, qwen35, qwen_next)
+import moepack.model.arch.deepseek  # noqa: E402,F401
+import moepack.model.arch.dots  # noqa: E402,F401
+import moepack.model.arch.ernie  # noqa: E402,F401
+import moepack.model.arch.glm  # noqa: E402,F401
+import moepack.model.arch.gpt_oss  # noqa: E402,F401
+import moepack.model.arch.hunyuan  # noqa: E402,F401
+import moepack.model.arch.kimi  # noqa: E402,F401
+import moepack.model.arch.llama4  # noqa: E402,F401
+import moepack.model.arch.minimax  # noqa: E402,F401
+import moepack.model.arch.mixtral  # noqa: E402,F401
+import moepack.model.arch.olmoe  # noqa: E402,F401
+import moepack.model.arch.qwen  # noqa: E402,F401
+import moepack.model.arch.qwen35  # noqa: E402,F401
+import moepack.model.arch.qwen_next  # noqa: E402,F401

@@ -35,7 +35,8 @@ from moepack.gguf import writer as go
 from moepack.gguf.imatrix import imatrix_rows, importance_rows
 from moepack.gguf.linear_attn import V_TILED, join_qkvz, tile_v_heads
 from moepack.gguf.metadata import WRITER_ID
-from moepack.gguf.names import OutTensor, gguf_outputs
+from moepack.gguf.names import gguf_outputs
+from moepack.gguf.tensors import OutTensor
 from moepack.model.checkpoint import CheckpointView
 
 __all__ = ["FakeQuantError", "QuantStore", "FakeQuantWeights", "gguf_f32", "to_checkpoint", "row_sample",

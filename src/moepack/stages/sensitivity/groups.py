@@ -20,9 +20,10 @@ from moepack.errors import MoepackError
 from moepack.gguf import mxfp4
 from moepack.gguf.imatrix import importance_rows
 from moepack.gguf.kernels import requires_imatrix
-from moepack.gguf.names import OutTensor, gguf_group_name, gguf_outputs
+from moepack.gguf.names import gguf_group_name, gguf_outputs
 from moepack.gguf.types import DEFAULT_REFERENCE, LADDER, bits_per_weight, parse_type, smallest_type
-from moepack.gguf.writer import TypedTensor, resolve_types
+from moepack.gguf.tensors import OutTensor, TypedTensor
+from moepack.gguf.writer import resolve_types
 from moepack.model.arch import Role
 from moepack.model.checkpoint import CheckpointView
 

@@ -11,7 +11,8 @@ import numpy as np
 from moepack.errors import MoepackError
 from moepack.gguf.kernels import requires_imatrix
 from moepack.gguf.metadata import moepack_value
-from moepack.gguf.names import OutTensor, gguf_outputs
+from moepack.gguf.names import gguf_outputs
+from moepack.gguf.tensors import OutTensor
 from moepack.gguf.runtime import EXPERTS_ON_CPU
 from moepack.gguf.types import QUANT_TYPES, block_size, parse_type
 from moepack.gguf.writer import ALIGNMENT, overhead_bytes, plan_record, resolve_types
