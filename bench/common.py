@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ROOT", "DATA", "EVAL_TEXT", "CALIB_TEXT", "GOAL", "HAND_STEPS", "DEFAULT_MODELS", "PAPER_PRUNE", "FTYPES",
+__all__ = ["ROOT", "DATA", "EVAL_TEXT", "DOMAINS", "eval_text", "CALIB_TEXT", "GOAL", "HAND_STEPS", "DEFAULT_MODELS", "PAPER_PRUNE", "FTYPES",
            "SENS_LADDER", "EVAL_KEYS", "CONFIGS", "PUBLISHED", "SLACK", "V3_CONFIG", "file_limit", "ladder", "up",
            "size_points", "unsloth_plan", "authors_plan", "plan_bytes", "verdict", "verdict_cell", "Evaluator",
            "code_commit", "calib_tag", "rel", "portable", "write_json", "write_section", "cells", "commits_line",
@@ -32,6 +32,14 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 EVAL_TEXT = DATA / "tinystories-valid.txt"
+DOMAINS = ("stories", "encyclopedic", "dialogue", "code", "web")  # the bundled text's parts, each with eval text
+
+
+def eval_text(domain: str) -> Path:
+    """A domain's evaluation text, never calibrated on (data/SOURCES.md)."""
+    return EVAL_TEXT if domain == "stories" else DATA / "eval" / f"{domain}.txt"
+
+
 # The calibration (and importance matrix) text of the claim by default: the fixtures' own domain, held out from
 # EVAL_TEXT (the fixtures were trained on it, which calibration may be; data/SOURCES.md). `--calib-text bundled`:
 # compress's own default, the bundled multi-domain text.

@@ -25,16 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import DATA, FTYPES, ROOT, SENS_LADDER, file_limit, rel, write_json, write_section
+from common import DATA, DOMAINS, FTYPES, ROOT, SENS_LADDER, eval_text, file_limit, rel, write_json, write_section
 
-DOMAINS = ("stories", "encyclopedic", "dialogue", "code", "web")
 BEGIN, END = "<!-- bench/domain.py: begin -->", "<!-- bench/domain.py: end -->"
 
 log = logging.getLogger("domain")
-
-
-def eval_text(domain: str) -> Path:
-    return DATA / "tinystories-valid.txt" if domain == "stories" else DATA / "eval" / f"{domain}.txt"
 
 
 def run_compress(model: Path, work: Path, domain: str, keep: float | str, bpw: float,

@@ -22,20 +22,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import DATA, DOMAINS, EVAL_TEXT, ROOT, eval_text, write_json
+
 from moepack.model import metrics
-from moepack.model.checkpoint import CheckpointView, open_checkpoint
+from moepack.model.checkpoint import open_checkpoint
 from moepack.model.pruned import pruned_view
 from moepack.model.runner import KLDReference, LayerRunner
-from moepack.model.textdata import chunk_tokens, tokenize_file
-from moepack.schema import CalibStats
-from moepack.stages.calibrate import calibrate
+from moepack.model.textdata import DEFAULT_CALIB_TEXT, chunk_tokens, tokenize_file
+from moepack.stages.calibrate import run_calibrate
 from moepack.stages.merge import MergeOptions
 from moepack.stages.prune import PruneOptions, make_plan
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "data"
-BUNDLED = ROOT / "src/moepack/data/calibration.txt"
-DOMAINS = ("stories", "encyclopedic", "dialogue", "code", "web")
 # (name, merge options or None for drop)
 VARIANTS: list[tuple[str, MergeOptions | None]] = [("drop", None)] + [
     (f"{sim}/{w}/{router}" + ("" if align else "/unaligned"), MergeOptions(sim, w, router, align))
@@ -48,10 +45,9 @@ VARIANTS: list[tuple[str, MergeOptions | None]] = [("drop", None)] + [
 def eval_ids(model: Path, multi: bool, tokens: int, seq_len: int) -> np.ndarray:
     """Evaluation windows (N, L): tinystories-valid.txt, or an equal share of each domain's evaluation text."""
     if not multi:
-        return chunk_tokens(tokenize_file(model, DATA / "tinystories-valid.txt", tokens), seq_len)
+        return chunk_tokens(tokenize_file(model, EVAL_TEXT, tokens), seq_len)
     per = tokens // len(DOMAINS)
-    texts = [DATA / "tinystories-valid.txt" if d == "stories" else DATA / "eval" / f"{d}.txt" for d in DOMAINS]
-    return np.concatenate([chunk_tokens(tokenize_file(model, t, per), seq_len) for t in texts])
+    return np.concatenate([chunk_tokens(tokenize_file(model, eval_text(d), per), seq_len) for d in DOMAINS])
 
 
 @torch.inference_mode()
@@ -72,23 +68,12 @@ def _ci(x: np.ndarray) -> tuple[float, float]:
     return float(x.mean()), (hi - lo) / 2
 
 
-def calibrated(view: CheckpointView, model: Path, text: Path, work: Path, args: argparse.Namespace) -> CalibStats:
-    """Calibration statistics of `text`, cached in `work` under the settings they were made with."""
-    key = {"model": view.fingerprint(), "text": str(text), "tokens": args.calib_tokens, "seq_len": args.seq_len}
-    if (work / "key.json").is_file() and json.loads((work / "key.json").read_text()) == key:
-        return CalibStats.read(work)
-    ids = chunk_tokens(tokenize_file(model, text, args.calib_tokens), args.seq_len)
-    stats = calibrate(view, ids, batch_size=args.batch, progress=False)
-    stats.write(work / "calib")
-    (work / "key.json").write_text(json.dumps(key))
-    return stats
-
-
 def bench_model(model: Path, keeps: list[float], args: argparse.Namespace) -> list[dict]:
     view = open_checkpoint(model)
     multi = model.name.endswith("multi")
-    calib = BUNDLED if multi else DATA / "calib" / "stories.txt"
-    stats = calibrated(view, model, calib, Path(args.work) / model.name, args)
+    calib = DEFAULT_CALIB_TEXT if multi else DATA / "calib" / "stories.txt"
+    stats = run_calibrate(view, calib, Path(args.work) / model.name, tokens=args.calib_tokens, seq_len=args.seq_len,
+                          selection_tokens=0, batch_size=args.batch, progress=False)  # reused when unchanged
     ids = eval_ids(model, multi, args.eval_tokens, args.seq_len)
     ref = KLDReference(LayerRunner(view), ids, min(view.facts.moe_layers), args.batch)
     print(f"{model.name}: {ids.size} evaluation tokens, calibration {calib.name}", file=sys.stderr)
@@ -135,8 +120,7 @@ def main() -> int:
     for m in args.models:
         rows += bench_model(Path(m), args.keep, args)
     cmd = " ".join(["bench/merge.py", *sys.argv[1:]])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(command=cmd, seconds=round(time.time() - t0), rows=rows), indent=1))
+    write_json(Path(args.out), dict(command=cmd, seconds=round(time.time() - t0), rows=rows))
     print(f"# .venv/bin/python {cmd}  ({time.time() - t0:.0f} s)\n")
     print(to_markdown(rows))
     return 0
