@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from moepack.model.arch.spec import Role, TensorRule
 
-__all__ = ["skeleton", "gqa_attention", "experts", "dense_ffn"]
+__all__ = ["skeleton", "gqa_attention", "experts", "dense_ffn", "gated_shared_expert"]
 
 L = "model.layers.{bid}"
 
@@ -40,3 +40,9 @@ def dense_ffn(name: str = "mlp", role: Role = Role.DENSE_FFN, kind_prefix: str =
     return tuple(
         TensorRule(f"{L}.{name}.{p}.weight", role, f"{kind_prefix}{p}") for p in ("gate_proj", "up_proj", "down_proj")
     )
+
+
+def gated_shared_expert() -> tuple[TensorRule, ...]:
+    """Qwen's shared expert (Qwen2-MoE, Qwen3-Next, Qwen3.5): a dense FFN whose output a sigmoid gate scales."""
+    return dense_ffn("mlp.shared_expert", Role.SHARED_EXPERTS, "shexp_") + (
+        TensorRule(f"{L}.mlp.shared_expert_gate.weight", Role.SHARED_EXPERTS, "shexp_gate"),)

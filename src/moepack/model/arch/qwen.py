@@ -1,8 +1,8 @@
 """Qwen3-MoE (Qwen3MoeForCausalLM) and Qwen2-MoE / Qwen1.5-MoE (Qwen2MoeForCausalLM)."""
 from __future__ import annotations
 
-from moepack.model.arch._common import L, dense_ffn, experts, gqa_attention, skeleton
-from moepack.model.arch.spec import ArchSpec, Role, TensorRule, register
+from moepack.model.arch._common import dense_ffn, experts, gated_shared_expert, gqa_attention, skeleton
+from moepack.model.arch.spec import ArchSpec, register
 
 __all__: list[str] = []
 
@@ -33,8 +33,7 @@ def qwen2_moe() -> ArchSpec:
         rules=skeleton()
         + gqa_attention(bias=True)
         + experts()
-        + dense_ffn("mlp.shared_expert", Role.SHARED_EXPERTS, "shexp_")
-        + (TensorRule(f"{L}.mlp.shared_expert_gate.weight", Role.SHARED_EXPERTS, "shexp_gate"),)
+        + gated_shared_expert()
         + dense_ffn(),
         n_shared_default=1,
         norm_topk_default=False,

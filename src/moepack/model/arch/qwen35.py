@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from moepack.model.arch._common import L, dense_ffn, experts, gqa_attention, skeleton
+from moepack.model.arch._common import L, experts, gated_shared_expert, gqa_attention, skeleton
 from moepack.model.arch.qwen_next import FULL, LINEAR, attention_layers, layer_types, recurrent_state_bytes
 from moepack.model.arch.spec import ArchSpec, Role, TensorRule, register
 from moepack.model.stored import FusedSplit
@@ -70,8 +70,7 @@ def qwen3_5_moe_text() -> ArchSpec:
         + gqa_attention(qk_norm=True)
         + _linear_attention()
         + experts()
-        + dense_ffn("mlp.shared_expert", Role.SHARED_EXPERTS, "shexp_")
-        + (TensorRule(f"{L}.mlp.shared_expert_gate.weight", Role.SHARED_EXPERTS, "shexp_gate"),),
+        + gated_shared_expert(),
         n_shared_default=1,
         norm_topk_default=True,  # the router always renormalises its top-k
         fused=FUSED,

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from moepack.errors import MoepackError
-from moepack.model.arch._common import L, dense_ffn, experts, gqa_attention, skeleton
+from moepack.model.arch._common import L, dense_ffn, experts, gated_shared_expert, gqa_attention, skeleton
 from moepack.model.arch.spec import ArchSpec, Role, TensorRule, register
 
 __all__ = ["layer_types", "full_attention_interval", "attention_layers", "recurrent_state_bytes", "LINEAR", "FULL"]
@@ -97,8 +97,7 @@ def qwen3_next() -> ArchSpec:
         + gqa_attention(qk_norm=True)
         + _linear_attention()
         + experts()
-        + dense_ffn("mlp.shared_expert", Role.SHARED_EXPERTS, "shexp_")
-        + (TensorRule(f"{L}.mlp.shared_expert_gate.weight", Role.SHARED_EXPERTS, "shexp_gate"),)
+        + gated_shared_expert()
         + dense_ffn(),
         n_shared_default=1,
         norm_topk_default=True,
