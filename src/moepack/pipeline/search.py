@@ -37,6 +37,7 @@ __all__ = ["CandidateSearch"]
 
 log = logging.getLogger(__name__)
 
+
 class CandidateSearch:
     """One compress run's candidates and what they share: the run directory, the reference view (opened once),
     the calibration statistics, the budget, the options, the backend, and the measurements kept between
