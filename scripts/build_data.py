@@ -3,9 +3,10 @@
 Every domain is cut into three parts that share no text (see `splits`):
 - train: for training fixture models (`corpus()` below; not written, derived on use);
 - calibration: data/calib/<domain>.txt (for `compress --calib-text`, one domain), and the package's default
-  calibration text src/moepack/data/calibration.txt: pieces of every domain's calibration part taken in turn, so
-  that any prefix a calibration run reads holds every domain;
-- evaluation: data/eval/<domain>.txt, never used to calibrate, select or train.
+  calibration set src/moepack/data/calibration/: <domain>.txt, the head of every domain's calibration part, and
+  chat.jsonl, conversations made from the dialogue part's next speeches (see `conversations`);
+- evaluation: data/eval/<domain>.txt, never used to calibrate, select or train, and data/eval/dialogue-chat.jsonl,
+  the conversations of data/eval/dialogue.txt.
 
 `--stdlib [DIR]` copies the code domain anew from a CPython standard library into data/cpython-stdlib/ (three disjoint
 module sets; the committed files are CPython 3.11.7's). Run `python scripts/build_data.py` after changing a source or
@@ -14,12 +15,14 @@ a split; its outputs are committed. Sources and licences: data/SOURCES.md.
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import sysconfig
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
-PACKAGE_CALIB = ROOT / "src" / "moepack" / "data" / "calibration.txt"
+PACKAGE_CALIB = ROOT / "src" / "moepack" / "data" / "calibration"
 DOMAINS = ("stories", "encyclopedic", "dialogue", "code", "web")
 
 # Disjoint module sets of the code domain: no file is in two parts.
@@ -32,10 +35,11 @@ EVAL_MODULES = ("json/__init__.py", "json/decoder.py", "json/encoder.py", "shuti
 SKIP_DIRS = ("test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo", "pydoc_data", "encodings", "ensurepip",
              "site-packages", "distutils", "lib-dynload", "__pycache__")
 TRAIN_CODE_CHARS = 3_000_000
-PER_DOMAIN_CHARS = 90_000  # of each domain in the package calibration text
+PER_DOMAIN_CHARS = 90_000  # of each domain in the package calibration set
 CALIB_CHARS = 300_000  # of each domain's calibration file
-CHUNK_CHARS = 1_500  # a domain's turn in the interleaving
 EVAL_CHARS = 120_000  # of each domain's evaluation file
+CHAT_CHARS = 60_000  # of speeches in a conversation file, at most (the calibration one gets what is left, ~21,000)
+CHAT_TURNS = (4, 2, 6, 8)  # turns of the conversations, in turn: even, so that each ends on the assistant's turn
 
 
 def _read(name: str) -> str:
@@ -113,28 +117,47 @@ def corpus(part: str) -> dict[str, str]:
     return {d: s[k] for d, s in splits().items()}
 
 
-def _pieces(text: str, limit: int) -> list[str]:
-    """Blank-line separated paragraphs grouped into pieces of about CHUNK_CHARS, up to `limit` characters in all."""
-    lines = [ln for para in text.split("\n\n") if para.strip() for ln in (para.splitlines() + [""])]
-    out: list[str] = [""]
-    total = 0
-    for ln in lines:  # "" marks a paragraph end
-        if len(out[-1]) >= CHUNK_CHARS and ln == "":
-            out.append("")
-            continue
-        out[-1] += ln + "\n"
-        total += len(ln) + 1
-        if total >= limit:
+def whole_paragraphs(text: str, limit: int) -> int:
+    """Length of the longest head of `text` that is whole paragraphs and at most `limit` characters."""
+    if len(text) <= limit:
+        return len(text)
+    i = text.rfind("\n\n", 0, limit - 1)
+    return i + 2 if i > 0 else limit
+
+
+def _speaker(speech: str) -> str:
+    return speech.split(":\n", 1)[0]
+
+
+def conversations(text: str, limit: int) -> list[dict[str, list[dict[str, str]]]]:
+    """Tiny Shakespeare's speeches as chat conversations: consecutive speeches as alternating "user" / "assistant"
+    turns, each turn one speech verbatim (its "NAME:" line first), CHAT_TURNS turns a conversation in turn, until
+    `limit` characters of speech. The text has no scene headings: a speaker speaking twice in a row most often marks
+    a scene change, so a conversation ends there (on an assistant turn: an odd last turn, or a lone one, is dropped).
+    Speeches without words (a name alone) are skipped."""
+    speeches = [p.strip("\n") for p in text.split("\n\n") if ":\n" in p.strip("\n")]
+    turns = itertools.cycle(CHAT_TURNS)
+    want, cur, out = next(turns), [], []
+    for sp in speeches:
+        if cur and _speaker(sp) == _speaker(cur[-1]):  # a new scene, most likely
+            if len(cur) >= 2:
+                out.append(cur[: len(cur) // 2 * 2])
+                want = next(turns)
+            cur = []
+        cur.append(sp)
+        if len(cur) == want:
+            out.append(cur)
+            want, cur = next(turns), []
+        if sum(len(t) for c in out for t in c) >= limit:
             break
-    return [p.strip("\n") for p in out if p.strip()]
+    else:  # the text ran out first: its last conversation may be short
+        out += [cur[: len(cur) // 2 * 2]] if len(cur) >= 2 else []
+    return [{"messages": [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(c)]}
+            for c in out]
 
 
-def interleave(domains: dict[str, str]) -> str:
-    pieces = {d: _pieces(t, PER_DOMAIN_CHARS) for d, t in domains.items()}
-    out: list[str] = []
-    for i in range(max(len(p) for p in pieces.values())):
-        out.extend(p[i] for p in pieces.values() if i < len(p))
-    return "\n\n".join(out) + "\n"
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
 def _head(text: str, limit: int) -> str:
@@ -155,7 +178,14 @@ def main() -> None:
         (DATA / "calib" / f"{d}.txt").write_text(_head(calib, CALIB_CHARS), encoding="utf-8")
         if d != "stories":  # the stories domain's evaluation text is data/tinystories-valid.txt itself
             (DATA / "eval" / f"{d}.txt").write_text(_head(evals, EVAL_CHARS), encoding="utf-8")
-    PACKAGE_CALIB.write_text(interleave({d: s[1] for d, s in parts.items()}), encoding="utf-8")
+    PACKAGE_CALIB.mkdir(exist_ok=True)
+    for d, (_, calib, _) in parts.items():
+        (PACKAGE_CALIB / f"{d}.txt").write_text(calib[: whole_paragraphs(calib, PER_DOMAIN_CHARS)], encoding="utf-8")
+    dialogue = parts["dialogue"][1]  # the chat part: the dialogue calibration part after dialogue.txt's head
+    write_jsonl(PACKAGE_CALIB / "chat.jsonl",
+                conversations(dialogue[whole_paragraphs(dialogue, PER_DOMAIN_CHARS):], CHAT_CHARS))
+    write_jsonl(DATA / "eval" / "dialogue-chat.jsonl",
+                conversations((DATA / "eval" / "dialogue.txt").read_text(encoding="utf-8"), CHAT_CHARS))
     for d, s in parts.items():
         print(f"{d:<13} train {len(s[0]):>9,}  calib {len(s[1]):>9,}  eval {len(s[2]):>9,} characters")
 

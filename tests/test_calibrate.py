@@ -276,12 +276,16 @@ def test_calibrate_cli_and_resume(tmp_path, capsys):
     _check_shards_reuse(args, tmp_path / "run" / "calib" / "manifest.json")
     assert main(args[:4] + ["--calib-tokens", "8", "-o", str(tmp_path / "r2")]) == 2
     assert "less than one sequence" in capsys.readouterr().err
-    # without --calib-text: the bundled calibration text, as compress uses
-    from moepack.model.textdata import DEFAULT_CALIB_TEXT
+    # without --calib-text: the bundled calibration text, as compress uses: its five domains (no chat template: no
+    # conversations), each a share of the statistics
+    from moepack.model.textdata import BUNDLED_CALIB_DIR, BUNDLED_DOMAINS
 
     assert main(["calibrate", str(model), "--calib-tokens", "128", "--seq-len", "64", "--sens-tokens", "0",
                  "-o", str(tmp_path / "r3")]) == 0
-    assert json.loads((tmp_path / "r3" / "calib" / "manifest.json").read_text())["text"] == str(DEFAULT_CALIB_TEXT)
+    man3 = json.loads((tmp_path / "r3" / "calib" / "manifest.json").read_text())
+    assert [d["name"] for d in man3["domains"]] == list(BUNDLED_DOMAINS)
+    assert all(Path(d["path"]).parent == BUNDLED_CALIB_DIR.resolve() for d in man3["domains"])
+    assert man3["n_sequences"] == len(BUNDLED_DOMAINS)  # 128 tokens over 5 domains: one sequence each
 
 
 def _check_shards_reuse(args: list[str], manifest: Path) -> None:

@@ -28,7 +28,7 @@ def add_cli(sub: o.Subparsers) -> None:
     p = o.add_command(sub, "calibrate", "record routing statistics and the importance matrix on calibration text",
                       __doc__, run)
     o.add_model(p)
-    o.add_calib_text(p)
+    o.add_calib_sources(p)
     o.add_calib_tokens(p)
     o.add_seq_len(p)
     o.add_selection_tokens(p, "tokens after the calibration tokens held out for KLD checks (prune --top-k auto); 0: none")
@@ -41,17 +41,16 @@ def add_cli(sub: o.Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moepack.model.textdata import DEFAULT_CALIB_TEXT
     from moepack.schema import calib_dir
     from moepack.stages.calibrate import run_calibrate
 
     o.check_positive(args, "calib_tokens", "seq_len", "batch_size", "threads")
     if args.selection_tokens < 0:
         raise MoepackError(f"--sens-tokens must be at least 0 (got {args.selection_tokens})")
-    text = args.calib_text or DEFAULT_CALIB_TEXT
-    if args.calib_text is None:
-        log.info("calibration text: %s (moepack's bundled mix of stories, encyclopedic prose, dialogue, code and web "
-                 "text; pass --calib-text with text from your own domain for a better file)", text)
+    text = o.calib_sources(args)
+    if text is None:
+        log.info("calibration text: moepack's bundled stories, encyclopedic prose, dialogue, code and web text; pass "
+                 "--calib-text with text from your own domain for a better file")
     with o.make_backend(args) as backend:
         stats = run_calibrate(args.model_dir, text, args.output,
                               tokens=args.calib_tokens, seq_len=args.seq_len, selection_tokens=args.selection_tokens,

@@ -40,7 +40,7 @@ def add_cli(sub: o.Subparsers) -> None:
     o.add_budget(p)
     o.add_keep(p, auto=True)
     o.add_top_k(p, tol_flag=False)
-    o.add_calib_text(p)
+    o.add_calib_sources(p)
     o.add_calib_tokens(p)
     o.add_seq_len(p)
     o.add_selection_tokens(p, "selection tokens held out after the calibration tokens (sensitivity and every choice); as "
@@ -83,7 +83,7 @@ def _options(args: argparse.Namespace, threads: int, shards: int | None = None):
 
     merge = MergeOptions(args.merge_similarity, args.merge_weighting, args.merge_router,
                          args.merge_align) if args.merge else None
-    return CompressOptions(keep=args.keep, top_k=args.top_k, calib_text=args.calib_text,
+    return CompressOptions(keep=args.keep, top_k=args.top_k, calib_text=o.calib_sources(args),
                            calib_tokens=args.calib_tokens, seq_len=args.seq_len, selection_tokens=args.selection_tokens,
                            solver=args.solver, reference=args.reference_types, ladder=args.ladder, criterion=args.criterion,
                            threads=threads, shards=shards, cache_dir=args.quant_cache, repack=args.repack,

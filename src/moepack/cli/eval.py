@@ -2,9 +2,11 @@
 speed and memory of GGUF files, measured through llama-cpp-python (the runtime users deploy with), against a
 reference model.
 
-- Text: the reference's tokenizer turns --text into ids once; every model is fed those same ids. The first --tokens
-  ids are cut into non-overlapping windows of --window tokens; as llama-perplexity does, the second half of each
-  window is scored (--window/2 - 1 tokens per window), and --window is also the llama.cpp context size.
+- Text: the reference's tokenizer turns --text into ids once; every model is fed those same ids. --eval-chat
+  FILE.jsonl instead: conversations rendered with the reference checkpoint's chat template (moepack.model.chat),
+  the layout a chat model is served on (moepack's own: data/eval/dialogue-chat.jsonl). The first --tokens ids are
+  cut into non-overlapping windows of --window tokens; as llama-perplexity does, the second half of each window is
+  scored (--window/2 - 1 tokens per window), and --window is also the llama.cpp context size.
 - `ppl`: perplexity of the scored tokens; `kld_*`: KL(reference || model) per scored token, in nats (mean, median,
   p99, p99.9, max); `top1`: share of positions where the model's most likely token is the reference's (same top);
   `dp_rms`: RMS of p_model(target) - p_ref(target); `ppl_ratio`: model PPL / reference PPL. Means, the RMS, the
@@ -38,8 +40,11 @@ def add_cli(sub: o.Subparsers) -> None:
                       __doc__, run)
     p.add_argument("models", nargs="+", type=Path, metavar="MODEL.gguf")
     o.add_reference(p, "reference model: checkpoint directory or GGUF file", required=True, metavar="MODEL_DIR|GGUF")
-    p.add_argument("--text", required=True, type=Path, metavar="FILE",
-                   help="evaluation text (UTF-8); not the calibration text")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--text", type=Path, metavar="FILE", help="evaluation text (UTF-8); not the calibration text")
+    text.add_argument("--eval-chat", type=Path, metavar="FILE.jsonl",
+                      help='evaluation conversations, one {"messages": [{"role": ..., "content": ...}, ...]} a line, '
+                           "rendered with the reference checkpoint's chat template; not the calibration ones")
     p.add_argument("--mc", nargs="+", action="extend", default=[], choices=TASKS,
                    help="multiple-choice tasks (default: none)")
     p.add_argument("--mc-items", type=int, default=500, metavar="N", help="items per task (0 = all; default 500)")
@@ -74,8 +79,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = EvalConfig(ctx=args.window, tokens=args.tokens, mc=tuple(dict.fromkeys(args.mc)),
                      mc_items=args.mc_items or None, threads=o.threads(args), speed=not args.no_speed,
                      prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, cache_dir=args.cache_dir,
-                     data_dir=args.data_dir, cloze_text=args.cloze_text, repack=args.repack)
-    report = evaluate(args.models, args.reference, args.text, cfg)
+                     data_dir=args.data_dir, cloze_text=args.cloze_text, repack=args.repack,
+                     chat=args.eval_chat is not None)
+    report = evaluate(args.models, args.reference, args.eval_chat or args.text, cfg)
     if Path(sys.argv[0]).name == "moepack":  # not when called as a function, e.g. from the tests
         report["command"] = "moepack " + " ".join(sys.argv[1:])
     write_report(report, args.json_out, args.md_out)

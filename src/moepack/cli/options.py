@@ -4,7 +4,9 @@ Names follow llama.cpp's tools (`-c/--ctx-size`, `-t/--threads`, `--cache-type-k
 `--imatrix FILE`) and Hugging Face's where they have one. Across commands:
 
 - `-o/--output PATH`     what the command writes (a file or a directory);
-- `--calib-text FILE`    calibration TEXT: text of the domain the model is deployed for, never the evaluation text;
+- `--calib-text [NAME=]FILE`  calibration TEXT: text of the domain the model is deployed for, never the evaluation
+                         text; repeat it for several domains (each judged on its own); `--calib-chat [NAME=]FILE.jsonl`
+                         the same for conversations, rendered with the model's chat template;
 - `--calib-dir DIR`      a calibration RUN DIRECTORY, the output of `moepack calibrate` (statistics, imatrix);
 - `--calib-tokens N`, `--sens-tokens N`, `--seq-len N`: calibration tokens, held-out tokens, tokens per sequence;
 - `-t/--threads N`       default 2 (`DEFAULT_THREADS`) for every command; with `--ray`, the smallest node's cores.
@@ -46,6 +48,8 @@ __all__ = [
     "add_output",
     "add_model",
     "add_calib_text",
+    "add_calib_sources",
+    "calib_sources",
     "add_calib_dir",
     "add_calib_tokens",
     "add_selection_tokens",
@@ -215,6 +219,29 @@ def add_output(p: Container, metavar: str, help: str, required: bool = True) -> 
 
 def add_calib_text(p: Container, required: bool = False, help: str = _CALIB_TEXT_HELP) -> None:
     p.add_argument("--calib-text", type=Path, required=required, metavar="FILE", help=help)
+
+
+_SOURCES_HELP = (" [NAME=]FILE: repeat for several domains; every choice must hold on each of them, not only on "
+                 "their mean (NAME defaults to the file's stem; `bundled` adds moepack's bundled domains). Default: "
+                 "moepack's bundled stories, encyclopedic prose, dialogue, code and web text (and conversations for a "
+                 "model with a chat template)")
+
+
+def add_calib_sources(p: Container) -> None:
+    """--calib-text and --calib-chat, each repeatable (calibrate, compress)."""
+    p.add_argument("--calib-text", action="append", metavar="[NAME=]FILE", help=_CALIB_TEXT_HELP.split(". Default")[0]
+                   + "." + _SOURCES_HELP)
+    p.add_argument("--calib-chat", action="append", metavar="[NAME=]FILE",
+                   help="calibration conversations: JSONL, one conversation a line as {\"messages\": [{\"role\": ..., "
+                        "\"content\": ...}, ...]}, rendered with the model's own chat template (from its "
+                        "tokenizer_config.json), as the model is served; alone or with --calib-text; repeatable")
+
+
+def calib_sources(args: argparse.Namespace) -> Path | list[Any] | None:
+    """The calibration sources of --calib-text / --calib-chat (moepack.model.textdata.sources_of)."""
+    from moepack.model.textdata import sources_of
+
+    return sources_of(args.calib_text or [], args.calib_chat or [])
 
 
 def add_calib_dir(p: Container, help: str, required: bool = True) -> None:

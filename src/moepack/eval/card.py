@@ -17,7 +17,7 @@ from typing import Any
 
 from moepack.atomic import atomic_copy, atomic_write_text
 from moepack.eval.report import (ReportError, RunArtifacts, eval_report, experts_chart, find_artifacts, load_eval,
-                                 pareto_chart, pareto_points, result_tokens, types_chart)
+                                 domain_rows, pareto_chart, pareto_points, result_tokens, types_chart)
 from moepack.gguf.keys import Keys
 from moepack.gguf.metadata import QUANTIZED_BY
 from moepack.schema import CalibManifest, RunSummary, SchemaError
@@ -212,22 +212,28 @@ def _command(summary: RunSummary, gguf_path: Path) -> str:
     return summary.llama_command.replace(shlex.quote(str(summary.out)), shlex.quote(gguf_path.name))
 
 
-BUNDLED_DOMAINS = "stories, encyclopedic prose, dialogue, Python code and web text"
-
-
 def _calibration_rows(manifest: CalibManifest | None) -> list[str]:
-    """Which text decided the experts removed and the bits per tensor, and its domain."""
+    """Which text decided the experts removed and the bits per tensor, and its domains."""
     if manifest is None:
         return ["No calibration manifest in the run directory.", ""]
-    text = Path(str(manifest.text or ""))
-    from moepack.model.textdata import DEFAULT_CALIB_TEXT
+    from moepack.model.textdata import BUNDLED_CALIB_DIR
 
-    domain = (f"moepack's bundled mix of {BUNDLED_DOMAINS}" if text.name == DEFAULT_CALIB_TEXT.name
-              and text.parent.name == DEFAULT_CALIB_TEXT.parent.name else f"{text.stem} (from the file name)")
-    sha = str(manifest.text_sha256 or "")[:16]
-    report = manifest.inputs.report_requested if manifest.inputs is not None else 0
+    inputs = manifest.inputs
+    domains = (inputs.domains or []) if inputs is not None else []
+    if domains:
+        bundled = all(Path(str(d["path"])).parent.name == BUNDLED_CALIB_DIR.name for d in domains)
+        files = ", ".join(f"`{Path(str(d['path'])).name}`" for d in domains)
+        names = ", ".join(f"{d['name']}{' (conversations)' if d.get('chat') else ''}" for d in domains)
+        rows = [f"| calibration text | {'moepack' + chr(39) + 's bundled set: ' if bundled else ''}{files} |",
+                f"| domains | {names}: every choice had to hold on each one |"]
+    else:
+        text = Path(str(manifest.text or ""))
+        sha = str(manifest.text_sha256 or "")[:16]
+        rows = [f"| calibration text | `{text.name}` (sha256 {sha}…) |",
+                f"| domain | {text.stem} (from the file name) |"]
+    report = inputs.report_requested if inputs is not None else 0
     return ["The calibration text decided which experts were removed and where the bits went:", "",
-            "| | |", "|---|---|", f"| calibration text | `{text.name}` (sha256 {sha}…) |", f"| domain | {domain} |",
+            "| | |", "|---|---|", *rows,
             f"| tokens | {manifest.tokens:,} for the statistics, {manifest.selection_tokens:,} "
             f"selection tokens every choice was measured on, {report:,} report tokens no choice saw |", ""]
 
@@ -296,6 +302,9 @@ def _body(a: RunArtifacts, s: RunSummary, manifest: CalibManifest | None, gguf_p
     lines += ["## Calibration", "", *_calibration_rows(manifest), "## Evaluation", "",
               f"Mean KLD vs the original on {result_tokens(s)}, as compress measured the chosen plan "
               f"(fake-quantized forward): {s.result_kld:.5f}.", ""]
+    if s.domains:
+        lines += ["Per calibration domain (mean KLD ± 95 % CI; the plan had to be no worse than the best llama.cpp "
+                  "mixture on each domain of the selection tokens):", "", *domain_rows(s), ""]
     if a.eval:
         from moepack.eval.evaluate import to_markdown
 

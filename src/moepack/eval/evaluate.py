@@ -58,6 +58,7 @@ from moepack.eval.reference import (ROW_CHUNK, EvalConfig, EvalError, LlamaScore
                                     gguf_counts, prepare_reference)
 from moepack.eval.speed import SPEED_RUNS, measure_speed
 from moepack.model import metrics
+from moepack.model.chat import read_conversations
 from moepack.model.textdata import read_text, text_sha256
 
 __all__ = ["SCORING", "evaluate", "evaluate_model", "kld_with_ci", "with_ci", "window_metrics", "to_markdown",
@@ -185,19 +186,27 @@ def _short_text(ref: Reference, cfg: EvalConfig) -> str | None:
     return msg
 
 
+def _sample(text: Path, cfg: EvalConfig) -> str:
+    """Text for the tokenizer check; of conversations, their contents: llama.cpp tokenizes a template's special
+    tokens as text here (special=False) where the reference's tokenizer does not, which is no disagreement."""
+    if cfg.chat:
+        return "\n\n".join(m["content"] for c in read_conversations(text) for m in c)[:_SAMPLE_CHARS]
+    return read_text(text)[:_SAMPLE_CHARS]
+
+
 def evaluate(models: Sequence[Path], reference: Path, text: Path, cfg: EvalConfig) -> dict[str, Any]:
     """The whole report: settings, the reference's own numbers, one entry per model."""
     cfg.validate()
     _check_inputs(models, text)
     tasks = {t: mc.load_task(t, cfg.resolved_data_dir(), cfg.mc_items, cfg.cloze_text) for t in cfg.mc}
     ref = prepare_reference(reference, text, cfg)
-    sample = read_text(text)[:_SAMPLE_CHARS]
+    sample = _sample(text, cfg)
     ref_entry = {"path": str(reference), "kind": ref.kind, "params": ref.params, "size_bytes": ref.size_bytes,
                  "bpw": 8 * ref.size_bytes / ref.params, "ppl": ref.ppl, "mc": _reference_mc(ref, tasks, cfg)}
     ref.release()
-    settings = {"text": str(text), "text_sha256": text_sha256(text), "ctx": cfg.ctx, "tokens": cfg.tokens,
-                "windows": len(ref.windows), "scored_tokens": len(ref.nll), "short_text": _short_text(ref, cfg),
-                "scoring": SCORING,
+    settings = {"text": str(text), "text_sha256": text_sha256(text), "chat": cfg.chat, "ctx": cfg.ctx,
+                "tokens": cfg.tokens, "windows": len(ref.windows), "scored_tokens": len(ref.nll),
+                "short_text": _short_text(ref, cfg), "scoring": SCORING,
                 "mc": {t: {"n": len(items), "metric": mc.HEADLINE[t]} for t, items in tasks.items()},
                 "threads": cfg.threads, "prompt_tokens": cfg.prompt_tokens, "gen_tokens": cfg.gen_tokens,
                 "speed_runs": SPEED_RUNS if cfg.speed else 0,
@@ -259,10 +268,10 @@ def to_markdown(report: dict[str, Any]) -> str:
                      with_ci(m, "dp_rms", ".2f", 100), with_ci(m, "top1", ".2f", 100)]
                     + [_fmt(m["mc"][t]["score"], ".1f", 100) for t in tasks])
     s = report["settings"]
-    note = (f"\n{s['scored_tokens']} tokens scored in {s['windows']} windows of {s['ctx']} from "
-            f"`{Path(s['text']).name}`; ± is the half-width of the 95 % confidence interval from the spread of the "
-            f"window means; PPL ratio = model PPL / reference PPL; bpw over the reference's {ref['params']:,} "
-            "parameters.")
+    source = f"`{Path(s['text']).name}`" + (" (conversations, the reference's chat template)" if s.get("chat") else "")
+    note = (f"\n{s['scored_tokens']} tokens scored in {s['windows']} windows of {s['ctx']} from {source}; ± is the "
+            "half-width of the 95 % confidence interval from the spread of the window means; PPL ratio = model PPL / "
+            f"reference PPL; bpw over the reference's {ref['params']:,} parameters.")
     if s.get("short_text"):
         note += f" Short text: {s['short_text']}."
     lines = _table(head, rows) + [note] + _speed_table(report)

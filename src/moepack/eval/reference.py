@@ -22,6 +22,7 @@ from moepack.atomic import publish_dir
 from moepack.errors import MoepackError
 from moepack.eval import mc
 from moepack.model import metrics
+from moepack.model.chat import chat_template, tokenize_chat
 from moepack.model.textdata import chunk_tokens, read_text, text_sha256
 
 __all__ = ["EvalConfig", "EvalError", "Scorer", "LlamaScorer", "HFScorer", "Reference", "prepare_reference",
@@ -58,6 +59,7 @@ class EvalConfig:
     data_dir: Path | None = None  # holds mc/ (default: the package's own)
     cloze_text: Path | None = None  # the text the cloze task is built from
     repack: bool = False  # llama.cpp's CPU extra buffer types (repacking); see moepack.gguf.runtime
+    chat: bool = False  # the text is JSONL conversations, rendered with the reference checkpoint's chat template
 
     def __post_init__(self) -> None:
         if self.tokens == 0 and self.ctx >= 8:  # a smaller ctx is refused by validate()
@@ -290,7 +292,8 @@ def _reference_identity(path: Path, kind: str) -> tuple[list[str], int, int]:
 
 def _build_reference(ref: Reference, text: Path, cfg: EvalConfig, tmp: Path) -> None:
     """Tokenize, run the reference over every window and store log-probs at the scored positions in `tmp`."""
-    ids = _tokenize_text(ref.tokenize, read_text(text), cfg.tokens)
+    ids = (tokenize_chat(ref.path, text, cfg.tokens) if cfg.chat
+           else _tokenize_text(ref.tokenize, read_text(text), cfg.tokens))
     windows = chunk_tokens(ids, cfg.ctx, cfg.tokens // cfg.ctx)  # (N, ctx)
     scorer = ref.scorer(cfg)
     s = cfg.ctx - cfg.first - 1
@@ -325,8 +328,14 @@ def prepare_reference(reference: Path, text: Path, cfg: EvalConfig) -> Reference
     if not reference.exists():
         raise EvalError(f"reference not found: {reference}; pass a checkpoint directory or a GGUF file")
     kind = "gguf" if reference.is_file() else "hf"
+    if cfg.chat and kind == "gguf":
+        raise EvalError("--eval-chat renders the conversations with the reference checkpoint's chat template: pass "
+                        "--reference as the checkpoint directory, not a GGUF file")
     parts, params, size = _reference_identity(reference, kind)
-    key_src = json.dumps([CACHE_VERSION, kind, parts, text_sha256(text), cfg.ctx, cfg.tokens])
+    key = [CACHE_VERSION, kind, parts, text_sha256(text), cfg.ctx, cfg.tokens]
+    if cfg.chat:  # the template is part of the scored text
+        key.append(hashlib.sha256(chat_template(reference).encode()).hexdigest())
+    key_src = json.dumps(key)
     d = cfg.resolved_cache_dir() / f"ref-{hashlib.sha256(key_src.encode()).hexdigest()[:16]}"
     empty = np.empty(0)
     ref = Reference(reference, kind, params, size, empty, empty, empty, empty, d)
@@ -337,8 +346,8 @@ def prepare_reference(reference: Path, text: Path, cfg: EvalConfig) -> Reference
         tmp.mkdir()
         t0 = time.perf_counter()
         _build_reference(ref, text, cfg, tmp)
-        meta = {"reference": str(reference), "kind": kind, "text": str(text), "ctx": cfg.ctx, "tokens": cfg.tokens,
-                "seconds": round(time.perf_counter() - t0, 2)}
+        meta = {"reference": str(reference), "kind": kind, "text": str(text), "chat": cfg.chat, "ctx": cfg.ctx,
+                "tokens": cfg.tokens, "seconds": round(time.perf_counter() - t0, 2)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         publish_dir(tmp, d, "meta.json")  # False: another process finished the same reference first
         log.info("reference log-probs for %s cached in %s (%.1f s)", reference, d, meta["seconds"])

@@ -15,7 +15,7 @@ from moepack.gguf.types import bits_per_weight
 from moepack.schema import PrunePlan, QuantPlan, RunSummary, SensitivityTable
 from moepack.schema.run import RunLayout, retention_name
 
-__all__ = ["ReportError", "RunArtifacts", "find_artifacts", "build_report", "experts_chart", "types_chart",
+__all__ = ["domain_rows", "ReportError", "RunArtifacts", "find_artifacts", "build_report", "experts_chart", "types_chart",
            "pareto_points", "pareto_chart", "sensitivity_rows"]
 
 log = logging.getLogger(__name__)
@@ -194,12 +194,35 @@ def result_tokens(s: RunSummary) -> str:
     return "the held-out selection tokens every choice was measured on (the text left no report tokens)"
 
 
+def domain_rows(s: RunSummary) -> list[str]:
+    """Markdown table: per calibration domain the chosen plan's mean KLD and the best llama.cpp mixture's (of the
+    unpruned model, the file a user would otherwise make), ± the 95 % CI half-width, on the report tokens no
+    choice saw and on the selection tokens; [] for a one-domain run."""
+    d = s.domains
+    if not d:
+        return []
+    cols: list[tuple[str, dict[str, list[float]]]] = []
+    for part in ("report", "selection"):
+        if part in d:
+            cols.append((f"plan ({part})", d[part]["chosen"]))
+            if "best_mixture" in d[part]:
+                cols.append((f"{d[part]['best_mixture']['name']} ({part})", d[part]["best_mixture"]["kld"]))
+    lines = ["| domain | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name in d["names"]:
+        cells = [f"{v[name][0]:.5f} ± {v[name][1]:.5f}" if name in v else "—" for _, v in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _summary_lines(s: RunSummary) -> list[str]:
     lines = [f"- output `{s.out}`: {s.file_bytes:,} bytes, {s.bpw:.3f} bits per original weight",
              f"- experts kept {s.n_experts[0]} of {s.n_experts[1]} per MoE layer (keep {s.keep}), top-k {s.top_k}",
              f"- KLD vs the original on {result_tokens(s)}: {s.result_kld:.5f}"]
     if s.timings:
         lines.append("- stage timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in s.timings.items()))
+    if s.domains:
+        lines += ["", "KLD per calibration domain (each plan had to be no worse than the best llama.cpp mixture on "
+                  "every domain of the selection tokens):", "", *domain_rows(s)]
     return lines
 
 

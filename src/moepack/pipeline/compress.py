@@ -20,7 +20,6 @@ from moepack.backends import Backend, LocalBackend
 from moepack.errors import MoepackError
 from moepack.model.checkpoint import CheckpointView, open_checkpoint
 from moepack.model.pruned import kept_count
-from moepack.model.textdata import DEFAULT_CALIB_TEXT
 from moepack.pipeline.budget_check import check_feasible, check_file
 from moepack.pipeline.candidates import Candidate
 from moepack.pipeline.options import KEEP_AUTO_CANDIDATES, CompressError, CompressOptions
@@ -103,10 +102,10 @@ def calibrate_run(view: CheckpointView, run: RunDir, opts: CompressOptions, back
     it ahead."""
     from moepack.stages.calibrate import run_calibrate
 
-    text = opts.calib_text or DEFAULT_CALIB_TEXT
-    log.info("calibration text: %s%s", text, "" if opts.calib_text else
-             " (moepack's bundled mix of stories, encyclopedic prose, dialogue, code and web text; pass --calib-text "
-             "with text from your own domain for a better file)")
+    text = opts.calib_text
+    if text is None:
+        log.info("calibration text: moepack's bundled stories, encyclopedic prose, dialogue, code and web text; pass "
+                 "--calib-text with text from your own domain for a better file")
     t0 = time.perf_counter()
     stats = run_calibrate(view, text, run.root, tokens=opts.calib_tokens, seq_len=opts.seq_len,
                           selection_tokens=opts.selection_tokens, progress=opts.progress, backend=backend,
@@ -238,7 +237,7 @@ def _summary(search: CandidateSearch, best: Candidate, out: Path, report_kld: fl
         bpw=8 * size / sum(ref.param_counts().values()), types=types_by_class(best.plan.tensors),
         selection_kld=best.kld, report_kld=report_kld, report_tokens=0 if report is None else report.size,
         candidates=[c.record() for c in search.candidates], criterion=best.criterion, alpha=best.alpha,
-        merge=best.merge_record,
+        merge=best.merge_record, domains=search.domain_record(best),
         mixtures=best.rivalry.to_dict() if best.rivalry else None,
         refinement=best.refinement.to_dict() if best.refinement else None,
         timings=dict(search.run.timings), sample=verified.sample, verify_error=verified.error,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from moepack.errors import MoepackError
 from moepack.model.checkpoint import CheckpointView
@@ -24,12 +24,16 @@ from moepack.schema import QuantPlan, SensitivityTable
 from moepack.stages.budget import Budget
 from moepack.stages.mixtures import MixtureSize
 
+if TYPE_CHECKING:
+    from moepack.pipeline.robust import DomainKLD
+
 __all__ = ["Rivalry", "fitting_mixtures", "mixture_file_bytes", "mixture_plan", "snap_to_options", "seeded_plan",
            "challenge"]
 
 log = logging.getLogger(__name__)
 
 Measure = Callable[[dict[str, str]], float]  # plan tensors → selection KLD
+Judge = Callable[[dict[str, str]], "DomainKLD | None"]  # plan tensors → its per-domain selection KLDs
 
 
 @dataclass
@@ -39,6 +43,10 @@ class Rivalry:
     mixtures: list[dict[str, float | int | str]] = field(default_factory=list)  # name, tensor_bytes, kld
     seeded_kld: float | None = None  # the greedy started from the best mixture
     chosen: str = "allocated"  # allocated | mixture NAME | seeded from NAME
+    # per-domain selection KLDs [mean, CI half-width] of the best mixture and the chosen plan, and the plans found
+    # worse than the mixture on some domain (None: one domain)
+    domains: dict[str, Any] | None = None
+    best_plan: QuantPlan | None = field(default=None, repr=False)  # the best mixture's plan
 
     @property
     def best_mixture(self) -> dict[str, float | int | str] | None:
@@ -47,7 +55,8 @@ class Rivalry:
     def to_dict(self) -> dict[str, object]:
         best = self.best_mixture
         return {"allocated_kld": self.allocated_kld, "mixtures": self.mixtures, "seeded_kld": self.seeded_kld,
-                "chosen": self.chosen, "best_mixture": best["name"] if best else None}
+                "chosen": self.chosen, "best_mixture": best["name"] if best else None} | (
+                    {"domains": self.domains} if self.domains is not None else {})
 
 
 def mixture_file_bytes(view: CheckpointView, plan: QuantPlan) -> int:
@@ -175,13 +184,16 @@ def seeded_plan(view: CheckpointView, table: SensitivityTable, mixture: QuantPla
 
 
 def challenge(view: CheckpointView, table: SensitivityTable, budget: Budget, plan: QuantPlan, kld: float,
-              measure: Measure, n: int) -> tuple[QuantPlan, float, Rivalry]:
+              measure: Measure, n: int, judge: Judge | None = None) -> tuple[QuantPlan, float, Rivalry]:
     """The plan (of `plan` with selection KLD `kld`, the fitting mixtures, and the greedy seeded by the best of
-    them when it beats `plan`) with the lowest measured KLD, and the record of what was measured."""
+    them when it beats `plan` or `plan` is worse on a domain) with the lowest measured KLD among those no worse than
+    the best mixture on any selection domain (`judge`: a plan's per-domain KLDs, moepack.pipeline.robust; None or
+    one domain: the lowest), and the record of what was measured."""
     from moepack.gguf.writer import SHORT_RECORD
+    from moepack.pipeline.robust import robust_choice
 
+    judge = judge or (lambda tensors: None)
     rivalry = Rivalry(kld)
-    best: tuple[QuantPlan, float] = (plan, kld)
     mixtures: dict[str, QuantPlan] = {}
     for name, size, mixture in fitting_mixtures(view, table, budget, plan, n):
         mixtures[name] = mixture
@@ -191,13 +203,22 @@ def challenge(view: CheckpointView, table: SensitivityTable, budget: Budget, pla
         log.info("llama.cpp mixture %s: %d tensor bytes, selection KLD %.5f (allocated plan %.5f)",
                  name, size.total, m_kld, kld)
     top = rivalry.best_mixture
-    if top is None or not top["kld"] < kld:
+    if top is None:
         return plan, kld, rivalry
     rival = mixtures[str(top["name"])]
-    best, rivalry.chosen = (rival, float(top["kld"])), f"mixture {top['name']}"
-    if budget.gpu_weights is None and (seeded := seeded_plan(view, table, rival, plan.budget_bytes)) is not None:
-        rivalry.seeded_kld = measure(seeded.tensors)
-        if rivalry.seeded_kld < best[1]:
-            best, rivalry.chosen = (seeded, rivalry.seeded_kld), f"seeded from {top['name']}"
-    log.info("plan: %s, selection KLD %.5f (allocated %.5f)", rivalry.chosen, best[1], kld)
-    return best[0], best[1], rivalry
+    baseline = judge(rival.tensors)
+    options = [(plan, kld, judge(plan.tensors), "allocated"), (rival, float(top["kld"]), baseline,
+                                                              f"mixture {top['name']}")]
+    if top["kld"] < kld or (baseline is not None and options[0][2].worse_than(baseline)):
+        if budget.gpu_weights is None and (seeded := seeded_plan(view, table, rival, plan.budget_bytes)) is not None:
+            rivalry.seeded_kld = measure(seeded.tensors)
+            options.append((seeded, rivalry.seeded_kld, judge(seeded.tensors), f"seeded from {top['name']}"))
+    i, worse = robust_choice([o[:3] for o in options], baseline)
+    rivalry.chosen = options[i][3]
+    rivalry.best_plan = rival
+    if baseline is not None:
+        rivalry.domains = {"best_mixture": baseline.record(), "chosen": options[i][2].record(),
+                           "worse_on": {options[j][3]: names for j, names in worse.items() if names}}
+    if i:
+        log.info("plan: %s, selection KLD %.5f (allocated %.5f)", rivalry.chosen, options[i][1], kld)
+    return options[i][0], options[i][1], rivalry

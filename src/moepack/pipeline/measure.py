@@ -4,6 +4,7 @@ run's importance matrix): a plan's fake-quantized KLD, and what pruning alone co
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ from moepack.model.checkpoint import CheckpointView
 from moepack.schema import CalibStats, PrunePlan
 
 if TYPE_CHECKING:
+    from moepack.pipeline.robust import DomainKLD
     from moepack.model.runner import KLDReference
     from moepack.stages.sensitivity.measure import PlanKLD
 
@@ -32,11 +34,29 @@ class KLDMeter:
         # id(view) → (the view, held so that its id stays its own; token hash → its PlanKLD)
         self._plans: dict[int, tuple[CheckpointView, dict[str, PlanKLD]]] = {}
         self._prune_ref: KLDReference | None = None
+        self._results: dict[tuple[int, str, str], tuple[float, np.ndarray]] = {}  # (view, tokens, plan) → measured
 
     def plan_kld(self, view: CheckpointView, tensors: dict[str, str], prune_plan: PrunePlan | None,
                  ids: np.ndarray | None = None) -> float:
         """KLD of `view` (pruned by `prune_plan`) with the plan's `tensors` types, fake-quantized with the run's
         imatrix, on `ids` (default the selection tokens)."""
+        return self._measured(view, tensors, prune_plan, ids)[0]
+
+    def domains(self, view: CheckpointView, tensors: dict[str, str], prune_plan: PrunePlan | None,
+                report: bool = False) -> DomainKLD | None:
+        """The plan's per-domain KLDs on the selection (or `report`) tokens; None when the calibration text had
+        one domain. A plan measured before is not measured again."""
+        from moepack.pipeline.robust import DomainKLD
+
+        labels = self.stats.report_domain if report else self.stats.selection_domain
+        if labels is None or not self.stats.domain_names:
+            return None
+        ids = self.stats.report if report else None
+        return DomainKLD(tuple(self.stats.domain_names), labels, self._measured(view, tensors, prune_plan, ids)[1])
+
+    def _measured(self, view: CheckpointView, tensors: dict[str, str], prune_plan: PrunePlan | None,
+                  ids: np.ndarray | None) -> tuple[float, np.ndarray]:
+        """(mean, per-token KLD (N, L)), measured once per (view, tokens, plan)."""
         from moepack.stages.sensitivity.measure import PlanKLD
 
         ids = self.stats.selection if ids is None else ids
@@ -48,7 +68,11 @@ class KLDMeter:
                                 threads=self.threads)
             if twin is not None:
                 memo[key].store = twin.store
-        return float(memo[key](tensors))
+        plan = (id(view), key, json.dumps(sorted(tensors.items())))
+        if plan not in self._results:
+            mean, tokens = memo[key].measure(tensors)
+            self._results[plan] = (float(mean), tokens)
+        return self._results[plan]
 
     def measurers(self, view: CheckpointView) -> int:
         """How many PlanKLDs the meter holds for `view` (one per token set)."""

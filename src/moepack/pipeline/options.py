@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 from moepack.errors import MoepackError
 from moepack.gguf.types import LADDER
+from moepack.model.textdata import CalibSource
 from moepack.stages.fit import RETENTIONS
 from moepack.stages.merge import MergeOptions
 
@@ -32,7 +34,8 @@ class CompressError(MoepackError, ValueError):
 class CompressOptions:
     keep: float | str = "auto"  # retention R, or "auto": the best of KEEP_AUTO_CANDIDATES (keep 1.0 among them)
     top_k: int | str | None = None  # None: max(1, round(R·k)); an int; or "auto"
-    calib_text: Path | None = None
+    # one text, named domains (moepack.model.textdata.CalibSource), or None: the bundled set
+    calib_text: Path | Sequence[CalibSource] | None = None
     calib_tokens: int = 50_000
     seq_len: int = 512
     selection_tokens: int = 4096  # selection tokens: held out from the statistics, every choice is measured on them

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from moepack.backends import Backend
 from moepack.model.checkpoint import CheckpointView
@@ -32,6 +32,9 @@ from moepack.pipeline.steps import prune_stage, sensitivity_stage
 from moepack.rundir import RunDir
 from moepack.schema import CalibStats, SensitivityTable
 from moepack.stages.budget import Budget, BudgetError, format_size
+
+if TYPE_CHECKING:
+    from moepack.pipeline.robust import DomainKLD
 
 __all__ = ["CandidateSearch"]
 
@@ -66,11 +69,32 @@ class CandidateSearch:
         return cand
 
     def best(self) -> Candidate:
-        """The measured candidate with the lowest selection KLD (CompressError when every one was screened)."""
+        """The measured candidate with the lowest selection KLD among those no worse on any selection domain than the
+        best llama.cpp mixture of the unpruned model (moepack.pipeline.robust; CompressError when every one was
+        screened)."""
+        from moepack.pipeline.robust import robust_choice
+
         fitting = [c for c in self.candidates if not c.screened]
         if not fitting:
             raise nothing_fits([c.keep for c in self.candidates], self.budget, self.opts.ladder)
-        return min(fitting, key=lambda c: c.kld)
+        base = self.baseline()
+        options = [(c, c.kld, self.domains(c)) for c in fitting]
+        return fitting[robust_choice(options, base[1] if base else None)[0]]
+
+    def domains(self, cand: Candidate, report: bool = False) -> DomainKLD | None:
+        """`cand`'s plan's per-domain KLDs on the selection (or report) tokens (None: one domain)."""
+        return self.meter.domains(cand.view, cand.plan.tensors, cand.prune_plan, report)
+
+    def baseline(self, report: bool = False) -> tuple[str, DomainKLD] | None:
+        """(name, per-domain KLDs on the selection or report tokens) of the best llama.cpp mixture of the unpruned
+        model: the file a user would otherwise make (None: one domain, or no mixture measured)."""
+        unpruned = next((c for c in self.candidates if not c.screened and c.prune_plan is None and c.rivalry
+                         and c.rivalry.best_plan is not None), None)
+        if unpruned is None:
+            return None
+        mixture = unpruned.rivalry.best_plan
+        dom = self.meter.domains(unpruned.view, mixture.tensors, None, report)
+        return None if dom is None else (str(mixture.base.get("mixture")), dom)
 
     def report_kld(self, best: Candidate) -> float | None:
         """The chosen plan's KLD on the report tokens (held out after the selection tokens; no choice saw them)."""
@@ -82,6 +106,23 @@ class CandidateSearch:
         kld = self.meter.plan_kld(best.view, best.plan.tensors, best.prune_plan, ids=self.stats.report)
         self.run.timings["report KLD"] = time.perf_counter() - t0
         return kld
+
+    def domain_record(self, best: Candidate) -> dict[str, Any] | None:
+        """summary.json's per-domain KLDs [mean, CI half-width] of the chosen plan and of the best llama.cpp mixture
+        of the unpruned model, on the selection tokens and (measured here) on the report tokens no choice saw; None
+        with one domain."""
+        sel = self.domains(best)
+        if sel is None:
+            return None
+        rec: dict[str, Any] = {"names": list(sel.names), "selection": {"chosen": sel.record()}}
+        parts = [("selection", False)] + ([("report", True)] if self.stats.report_domain is not None else [])
+        t0 = time.perf_counter()
+        for part, report in parts:
+            rec[part] = {"chosen": self.domains(best, report).record()}
+            if (base := self.baseline(report)) is not None:
+                rec[part]["best_mixture"] = {"name": base[0], "kld": base[1].record()}
+        self.run.timings["domains"] = time.perf_counter() - t0
+        return rec
 
     def _pruning(self, keep: float) -> Pruning:
         """How retention `keep` is pruned: --criterion (and --merge) as given, or with auto the criterion measured
@@ -210,7 +251,8 @@ class CandidateSearch:
 
         t0 = time.perf_counter()
         plan, kld, rivalry = challenge(cand.view, table, self.budget, cand.plan, cand.kld, self._measure(cand),
-                                       self.opts.mixtures)
+                                       self.opts.mixtures,
+                                       lambda tensors: self.meter.domains(cand.view, tensors, cand.prune_plan))
         self.run.timings[f"mixtures r={cand.keep:g}"] = time.perf_counter() - t0
         return dataclasses.replace(cand, plan=plan, kld=kld, rivalry=rivalry)
 

@@ -26,6 +26,8 @@ def render_summary(r: RunSummary) -> str:
     else:
         lines.append(f"  KLD vs original on the selection tokens (the text left none for a report): "
                      f"{r.selection_kld:.5f}")
+    if r.domains:
+        lines.append(_domains_line(r.domains))
     chosen = r.chosen_candidate()
     if chosen and len(chosen.get("references") or []) > 1:
         refs = chosen["references"]
@@ -69,6 +71,16 @@ def _mixtures_line(m: dict[str, Any], kld: float) -> str:
         gain = f"{100 * (top - kld) / top:.1f}% below" if top > 0 else "equal to"
         line += f" ({gain} {m['best_mixture']}; allocated plan {m['allocated_kld']:.5f})"
     return line
+
+
+def _domains_line(d: dict[str, Any]) -> str:
+    """Per calibration domain: the plan's KLD and the best llama.cpp mixture's, on the report tokens if any."""
+    part = d["report"] if "report" in d else d["selection"]
+    mix = part.get("best_mixture")
+    what = "report" if "report" in d else "selection"
+    vs = f" vs {mix['name']}" if mix else ""
+    cells = [f"{n} {part['chosen'][n][0]:.5f}" + (f"/{mix['kld'][n][0]:.5f}" if mix else "") for n in d["names"]]
+    return f"  per domain ({what} KLD, plan{vs}): " + ", ".join(cells)
 
 
 def _refinement_line(f: dict[str, Any]) -> str:

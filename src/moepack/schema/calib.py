@@ -33,6 +33,13 @@ class CalibInputs:
     selection_requested: int
     shards: int | None = None  # an input only when given: the default takes statistics of any shard count
     report_requested: int = 0  # held-out tokens after the held-out ones, for a report no choice saw (compress)
+    # Several named texts (moepack.model.textdata.CalibSource.record: name, path, sha256, chat): each domain's
+    # selection and report tokens keep its name. None: one plain text (`text`), as before domains existed.
+    domains: list[dict[str, Any]] | None = None
+
+    @property
+    def domain_names(self) -> list[str]:
+        return [str(d["name"]) for d in self.domains] if self.domains else []
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -40,6 +47,8 @@ class CalibInputs:
             del d["shards"]
         if not self.report_requested:  # absent from manifests written before it existed
             del d["report_requested"]
+        if self.domains is None:
+            del d["domains"]
         return d
 
     def matches(self, manifest: CalibManifest) -> bool:
@@ -103,7 +112,7 @@ class CalibManifest:
                 asked = "shards" in d and keys.index("shards") < keys.index("format")  # among the inputs
                 inputs = CalibInputs(d["model"], d["text"], d["text_sha256"], d["tokens_requested"],
                                      d["seq_len_requested"], d["selection_requested"], d["shards"] if asked else None,
-                                     d.get("report_requested", 0))
+                                     d.get("report_requested", 0), d.get("domains"))
             facts = {f.name: d[f.name] for f in fields(cls) if f.name != "inputs"}
         except KeyError as e:
             raise SchemaError(f"{where}: the calibration manifest lacks {e}; rerun moepack calibrate") from None
@@ -175,6 +184,13 @@ class CalibStats:
     imatrix: dict[str, ImatrixEntry]  # checkpoint tensor name; a layer's experts stacked under model.arch.expert_key
     selection: np.ndarray | None = None  # (n, L) token ids kept out of the statistics (for KLD checks)
     report: np.ndarray | None = None  # (m, L) further held-out ids, after `selection`: for a result no choice saw
+    # (n,) and (m,): each sequence's domain, an index into manifest.inputs.domain_names (None: one domain)
+    selection_domain: np.ndarray | None = None
+    report_domain: np.ndarray | None = None
+
+    @property
+    def domain_names(self) -> list[str]:
+        return self.manifest.inputs.domain_names if self.manifest.inputs is not None else []
 
     def write(self, out: Path) -> None:
         """calib/stats.safetensors, then calib/manifest.json (last: it marks the artifact complete)."""
@@ -194,6 +210,9 @@ class CalibStats:
             arrays["selection_ids"] = np.ascontiguousarray(self.selection, dtype=np.int64)
         if self.report is not None:
             arrays["report_ids"] = np.ascontiguousarray(self.report, dtype=np.int64)
+        for key, labels in (("selection_domain", self.selection_domain), ("report_domain", self.report_domain)):
+            if labels is not None:
+                arrays[key] = np.ascontiguousarray(labels, dtype=np.int64)
         with atomic_path(Path(out) / "stats.safetensors") as tmp:
             save_file(arrays, str(tmp))
         atomic_write_text(Path(out) / "manifest.json", json.dumps(self.manifest.to_dict(), indent=2))
@@ -216,4 +235,4 @@ class CalibStats:
                 key = k[len("imatrix."):-len(".in_sum2")]
                 imatrix[key] = ImatrixEntry(v.astype(np.float64), arrays[f"imatrix.{key}.counts"])
         return cls(manifest, router, imatrix, arrays.get("selection_ids", arrays.get("heldout_ids")),
-                   arrays.get("report_ids"))
+                   arrays.get("report_ids"), arrays.get("selection_domain"), arrays.get("report_domain"))

@@ -69,6 +69,10 @@ class RunSummary:
     llama_command: str = ""  # the llama.cpp command line that runs the file as it was placed and verified
     placement: dict[str, Any] | None = None  # GPU + RAM budgets: each side's tensor bytes and budget
     runtime: str = ""  # the llama.cpp build the file was verified with (the model card names it)
+    # per calibration domain, [mean KLD, 95 % CI half-width] of the chosen plan and of the unpruned model's best
+    # llama.cpp mixture: {"names", "selection": {"chosen", "best_mixture": {"name", "kld"}}, "report": {...}};
+    # None when the calibration text was one domain (moepack.pipeline.robust)
+    domains: dict[str, Any] | None = None
 
     @property
     def result_kld(self) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from moepack.errors import MoepackError
 from moepack.model.arch import expert_id, expert_key
 from moepack.model.checkpoint import CheckpointView, open_checkpoint
 from moepack.model.runner import LayerRunner, moe_layers
+from moepack.model.textdata import CalibSource, as_sources, text_sha256, tokenize_source
 from moepack.rundir import RunDir
 from moepack.schema import CALIB_FORMAT, CalibInputs, CalibManifest, CalibStats, ImatrixEntry, RouterStats
 from moepack.stages.calib_hooks import Accumulator, mla_split, preparer, sample_stride
@@ -34,6 +36,7 @@ __all__ = [
     "shard_bounds",
     "run_calibrate",
     "imatrix_for",
+    "usable_sources",
 ]
 
 log = logging.getLogger(__name__)
@@ -190,16 +193,17 @@ def _split_tokens(ids: np.ndarray, tokens: int, selection: int, seq_len: int,
     return calib, held, rep
 
 
-def run_calibrate(model: str | Path | CheckpointView, text: str | Path, out_dir: str | Path, *, tokens: int = 50_000,
-                  seq_len: int = 512, selection_tokens: int = 4096, batch_size: int = 8,
-                  imatrix_out: str | Path | None = None, progress: bool = True, backend: Backend | None = None,
-                  shards: int | None = None, threads: int | None = None, report_tokens: int = 0) -> CalibStats:
-    """The calibrate stage of `model` (a checkpoint directory, or its view already opened): statistics into
+def run_calibrate(model: str | Path | CheckpointView, text: str | Path | Sequence[CalibSource] | None,
+                  out_dir: str | Path, *, tokens: int = 50_000, seq_len: int = 512, selection_tokens: int = 4096,
+                  batch_size: int = 8, imatrix_out: str | Path | None = None, progress: bool = True,
+                  backend: Backend | None = None, shards: int | None = None, threads: int | None = None,
+                  report_tokens: int = 0) -> CalibStats:
+    """The calibrate stage of `model` (a checkpoint directory, or its view already opened) on `text` (one file, named
+    sources of text or conversations, or None: the bundled set; moepack.model.textdata.as_sources): statistics into
     OUT_DIR/calib/, a stage of OUT_DIR as a run directory (moepack.rundir: skipped when there with the same inputs;
     `shards` counts as an input only when given: the default takes statistics made with any number of shards).
-    `report_tokens` more are held out after the held-out tokens (CalibStats.report), for a KLD no choice saw."""
-    from moepack.model.textdata import text_sha256
-
+    `report_tokens` more are held out after the held-out tokens (CalibStats.report), for a KLD no choice saw. With
+    several sources every one gives its share of each part, and the held-out sequences keep their domain."""
     if tokens < seq_len:
         raise CalibError(f"--calib-tokens {tokens} is less than one sequence of --seq-len {seq_len}")
     if shards is not None and shards < 1:
@@ -207,15 +211,14 @@ def run_calibrate(model: str | Path | CheckpointView, text: str | Path, out_dir:
     view = model if isinstance(model, CheckpointView) else open_checkpoint(model)
     if not moe_layers(view):
         raise CalibError(f"{view.root}: no MoE layers; nothing to calibrate")
-    inputs = CalibInputs(model=str(Path(view.root).resolve()), text=str(Path(text).resolve()),
-                         text_sha256=text_sha256(text), tokens_requested=tokens, seq_len_requested=seq_len,
-                         selection_requested=selection_tokens, shards=shards, report_requested=report_tokens)
+    sources = usable_sources(view.root, as_sources(text))
+    inputs = _inputs(view, sources, tokens, seq_len, selection_tokens, shards, report_tokens)
     run = RunDir(Path(out_dir))
     out = run.layout.calib
     made: list[CalibStats] = []
 
     def work() -> None:
-        made.append(_calibrate_text(view, text, inputs, batch_size, progress, backend, threads))
+        made.append(_calibrate_text(view, sources, inputs, batch_size, progress, backend, threads))
         made[0].write(out)
         log.info("calibration statistics in %s (%.1f s)", out, made[0].manifest.seconds)
 
@@ -232,22 +235,90 @@ def run_calibrate(model: str | Path | CheckpointView, text: str | Path, out_dir:
     return stats
 
 
-def _calibrate_text(view: CheckpointView, text: str | Path, inputs: CalibInputs, batch_size: int, progress: bool,
-                    backend: Backend | None, threads: int | None) -> CalibStats:
-    """Statistics of the requested tokens of `text` through `view`, with the selection and report tokens after
-    them held out."""
-    from moepack.model.textdata import tokenize_file
+def usable_sources(model_dir: str | Path, sources: list[CalibSource]) -> list[CalibSource]:
+    """`sources` less the bundled conversation part when the model has no chat template (conversations a user gave
+    need one: moepack.model.chat raises a clear error)."""
+    if not any(s.chat and s.bundled for s in sources):
+        return sources
+    from moepack.model.chat import has_chat_template
 
+    keep = [s for s in sources if not (s.chat and s.bundled) or has_chat_template(model_dir)]
+    if len(keep) < len(sources):
+        log.info("calibration: %s has no chat template; the bundled conversations are left out", model_dir)
+    return keep
+
+
+def _inputs(view: CheckpointView, sources: list[CalibSource], tokens: int, seq_len: int, selection: int,
+            shards: int | None, report: int) -> CalibInputs:
+    """The calibration request: one plain text as before domains existed (its path and sha256), several sources
+    by their records (a name each) with `text` naming them all and `text_sha256` hashing their hashes."""
+    import hashlib
+
+    model = str(Path(view.root).resolve())
+    if len(sources) == 1 and not sources[0].chat:
+        path = sources[0].path
+        return CalibInputs(model, str(path.resolve()), text_sha256(path), tokens, seq_len, selection, shards, report)
+    records = [s.record() for s in sources]
+    text = "; ".join(f"{r['name']}={r['path']}" for r in records)
+    sha = hashlib.sha256("".join(str(r["sha256"]) for r in records).encode()).hexdigest()
+    return CalibInputs(model, text, sha, tokens, seq_len, selection, shards, report, records)
+
+
+def _per_domain(n: int, domains: int, seq_len: int) -> int:
+    """Tokens of a held-out part each of `domains` gives: whole sequences, at least one when any is asked for."""
+    return 0 if n < seq_len else -(-n // (domains * seq_len)) * seq_len
+
+
+def _interleave(parts: list[np.ndarray | None]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The domains' sequences (n_d, L) taken in turn, so that any prefix holds every domain, and each one's domain
+    index (n,); (None, None) when no domain has one."""
+    have = [(i, p) for i, p in enumerate(parts) if p is not None and len(p)]
+    if not have:
+        return None, None
+    order = sorted((j, i) for i, p in have for j in range(len(p)))  # (position in its domain, domain)
+    rows = np.stack([parts[i][j] for j, i in order])  # (n, L)
+    return rows, np.asarray([i for _, i in order], dtype=np.int64)
+
+
+Held = tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None, np.ndarray | None]
+
+
+def _domain_tokens(view: CheckpointView, sources: list[CalibSource], inputs: CalibInputs) -> Held:
+    """(statistics (N, L), selection (n, L), its domains (n,), report (m, L), its domains (m,)) of several sources:
+    each gives an equal share of the statistics tokens and whole sequences of the held-out parts."""
+    n, length = len(sources), inputs.seq_len_requested
+    tokens = max(length, inputs.tokens_requested // n)
+    sel, rep = _per_domain(inputs.selection_requested, n, length), _per_domain(inputs.report_requested, n, length)
+    parts = []
+    for src in sources:
+        ids = tokenize_source(view.root, src, tokens + sel + rep)
+        if len(ids) < length:
+            raise CalibError(f"calibration domain {src.name!r} ({src.path}) gives {len(ids)} tokens, fewer than one "
+                             f"sequence of {length}; give it more text or leave it out")
+        parts.append(_split_tokens(ids, tokens, sel, length, rep))
+    calib, _ = _interleave([p[0] for p in parts])
+    return (calib, *_interleave([p[1] for p in parts]), *_interleave([p[2] for p in parts]))
+
+
+def _calibrate_text(view: CheckpointView, sources: list[CalibSource], inputs: CalibInputs, batch_size: int,
+                    progress: bool, backend: Backend | None, threads: int | None) -> CalibStats:
+    """Statistics of the requested tokens of `sources` through `view`, with the selection and report tokens after
+    them held out (per domain, each sequence labelled, when there are several)."""
     tokens, selection, report_n = inputs.tokens_requested, inputs.selection_requested, inputs.report_requested
-    ids = tokenize_file(view.root, text, tokens + selection + report_n)
-    calib, held, report = _split_tokens(ids, tokens, selection, inputs.seq_len_requested, report_n)
+    held_domain = report_domain = None
+    if inputs.domains is None:
+        ids = tokenize_source(view.root, sources[0], tokens + selection + report_n)
+        calib, held, report = _split_tokens(ids, tokens, selection, inputs.seq_len_requested, report_n)
+    else:
+        calib, held, held_domain, report, report_domain = _domain_tokens(view, sources, inputs)
     if inputs.shards is not None and inputs.shards > len(calib):
         raise CalibError(f"--shards {inputs.shards} exceeds the {len(calib)} calibration sequences; use at most "
                          f"{len(calib)} shards, or more --calib-tokens or a shorter --seq-len")
-    log.info("calibrating %s on %d tokens (%d x %d)", view.root, calib.size, *calib.shape)
+    log.info("calibrating %s on %d tokens (%d x %d)%s", view.root, calib.size, *calib.shape,
+             f" from {len(sources)} domains: {', '.join(s.name for s in sources)}" if inputs.domains else "")
     stats = calibrate(view, calib, batch_size=batch_size, progress=progress, selection=held, inputs=inputs,
                       backend=backend, shards=inputs.shards, threads=threads)
-    stats.report = report
+    stats.report, stats.selection_domain, stats.report_domain = report, held_domain, report_domain
     return stats
 
 

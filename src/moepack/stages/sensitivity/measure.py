@@ -201,6 +201,10 @@ class PlanKLD:
         return keys
 
     def __call__(self, tensor_types: Mapping[str, str], progress: bool = False) -> float:
+        return self.measure(tensor_types, progress)[0]
+
+    def measure(self, tensor_types: Mapping[str, str], progress: bool = False) -> tuple[float, np.ndarray]:
+        """(mean KLD, per-token KLD (N, L)) of the plan `tensor_types`."""
         with torch_threads(self.threads):
             typed = [t for t in resolve_types(self.outs, None, tensor_types) if t.out.quantizable]
             used = {(t.out.name, t.qtype.name) for t in typed}
@@ -221,7 +225,9 @@ class PlanKLD:
                 for i in range(len(self._hidden) - 1, runner.n_layers):
                     self._hidden.append(runner.run(self._hidden[i], i, i + 1, batch_size=self.batch_size))
             self._keys = keys
-            return self._ref.kld(runner, self._hidden[-1], head_batch(self.ids, self.view.facts.vocab))
+            rows: list[np.ndarray] = []
+            mean = self._ref.kld(runner, self._hidden[-1], head_batch(self.ids, self.view.facts.vocab), rows)
+            return mean, np.concatenate(rows)  # (N, L)
 
 
 def _check_ids(view: CheckpointView, ids: Any) -> torch.Tensor:

@@ -109,12 +109,17 @@ class ReferenceLogProbs:
         return ref
 
     @torch.inference_mode()
-    def kld(self, runner: LayerRunner, h_final: torch.Tensor, head_batch: int) -> float:
-        """Mean KL(reference ‖ runner's head on h_final (N, L, H)) over all tokens."""
+    def kld(self, runner: LayerRunner, h_final: torch.Tensor, head_batch: int,
+            tokens: list[np.ndarray] | None = None) -> float:
+        """Mean KL(reference ‖ runner's head on h_final (N, L, H)) over all tokens; each batch's per-token KLDs
+        (B, L) appended to `tokens` when given (per-domain judgements need them)."""
         mean = metrics.KLDMean()
         for i, b0 in enumerate(range(0, h_final.shape[0], head_batch)):
             lq = metrics.log_probs(runner.logits(h_final[b0:b0 + head_batch]))  # (B, L, V)
-            mean.add(metrics.token_kld(self.lp[i], lq))  # (B, L)
+            kld = metrics.token_kld(self.lp[i], lq)  # (B, L)
+            mean.add(kld)
+            if tokens is not None:
+                tokens.append(kld.double().numpy())
         return mean.total / self.n_tokens
 
 
