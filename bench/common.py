@@ -139,13 +139,15 @@ def plan_bytes(view: Any, types: dict[str, str]) -> int:
 
 
 def verdict(moe: dict[str, Any] | None, uni: dict[str, Any] | None, goal: float = GOAL) -> dict[str, Any] | None:
-    """moepack's eval vs the uniform file's: the KLD reduction, no larger, CIs apart, and whether all three hold."""
+    """moepack's eval vs the uniform file's: the KLD reduction, no larger, CIs apart, whether all three hold, and
+    whether moepack's is worse (its file larger, or its KLD's CI above the uniform file's)."""
     if not moe or not uni:
         return None
     reduction = 1 - moe["kld_mean"] / uni["kld_mean"] if uni["kld_mean"] > 0 else float("-inf")
     out = {"kld_reduction": reduction, "no_larger": moe["size_bytes"] <= uni["size_bytes"],
            "cis_apart": moe["kld_ci95_high"] < uni["kld_ci95_low"], "goal": goal}
     out["holds"] = bool(reduction >= goal and out["no_larger"] and out["cis_apart"])
+    out["worse"] = bool(not out["no_larger"] or moe["kld_ci95_low"] > uni["kld_ci95_high"])  # CIs apart, above
     return out
 
 
@@ -161,13 +163,13 @@ def verdict_cell(v: dict[str, Any] | None) -> str:
 
 # ---- evaluation ------------------------------------------------------------------------------------------------------
 class Evaluator:
-    """moepack.eval of GGUF files against one checkpoint on EVAL_TEXT (windows of `ctx`, `tokens` of text: 0 is
-    eval's default of 16k scored); the reference's log-probs cached under `work`."""
+    """moepack.eval of GGUF files against one checkpoint on `text` (windows of `ctx`, `tokens` of text: 0 is eval's
+    default of 16k scored); the reference's log-probs cached under `work`."""
 
-    def __init__(self, model: Path, work: Path, ctx: int, tokens: int) -> None:
+    def __init__(self, model: Path, work: Path, ctx: int, tokens: int, text: Path = EVAL_TEXT) -> None:
         from moepack.eval.reference import EvalConfig
 
-        self.model = model
+        self.model, self.text = model, text
         self.cfg = EvalConfig(ctx=ctx, tokens=tokens, mc=(), threads=1, speed=False, cache_dir=work / "evalcache")
         self.ref: Any = None
 
@@ -175,7 +177,7 @@ class Evaluator:
         from moepack.eval.reference import prepare_reference
 
         if self.ref is None:
-            self.ref = prepare_reference(self.model, EVAL_TEXT, self.cfg)
+            self.ref = prepare_reference(self.model, self.text, self.cfg)
             self.ref.release()
         return self.ref
 
@@ -270,28 +272,31 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     from moepack.pipeline.options import CompressOptions
 
     d = CompressOptions()
-    calib = ("bundled (src/moepack/data/calibration.txt)" if args.calib_text is None
-             else f"`{portable(args.calib_text, ROOT)}`")
+    from moepack.model.textdata import DEFAULT_CALIB_TEXT
+
+    calib = f"bundled ({rel(DEFAULT_CALIB_TEXT)})" if args.calib_text is None else f"`{portable(args.calib_text, ROOT)}`"
     return {"calib_text": calib, "calib_tokens": args.calib_tokens,
             "seq_len": args.seq_len, "sens_tokens": args.selection_tokens, "keep": d.keep, "criterion": d.criterion,
             "sensitivity": d.sensitivity, "eval_text": str(EVAL_TEXT.relative_to(ROOT)), "ctx": args.ctx,
             "eval_tokens": args.eval_tokens, "goal": GOAL, "hand_steps": HAND_STEPS, "paper_prune": PAPER_PRUNE}
 
 
-def reproduce(results: dict[str, Any], argv: list[str]) -> str:
+def reproduce(results: dict[str, Any], argv: list[str], default_models: tuple[str, ...] = DEFAULT_MODELS) -> str:
     """The one command that makes every cell in `results` (runs that added size points or fixtures one at a time
-    resume into the same JSON): this run's other flags, with --models and --ftypes widened to all cells held."""
+    resume into the same JSON): this run's other flags, with --models and --ftypes widened to all cells held
+    (--domains left to the caller)."""
     keep, skip = [], False
     for a in argv:
         if a.startswith("--"):
-            skip = a.split("=")[0] in ("--models", "--ftypes")
+            skip = a.split("=")[0] in ("--models", "--ftypes", "--domains")
         if not skip:
             keep.append(a)
     models = [str(rec["model"]) for rec in results["fixtures"].values()]
-    if sorted(models) != sorted(DEFAULT_MODELS):
+    if sorted(models) != sorted(default_models):
         keep += ["--models", *models]
     held = {f for rec in results["fixtures"].values() for f in rec["cells"]}
-    order = [f for rec in results["fixtures"].values() for f in size_points(ROOT / str(rec["model"]))]
+    order = [f for rec in results["fixtures"].values()
+             for f in (rec.get("points") or size_points(ROOT / str(rec["model"])))]
     if held != set(order):
         keep += ["--ftypes", *sorted(held, key=lambda f: order.index(f) if f in order else len(order))]
     return "python bench/claim.py " + " ".join(keep)

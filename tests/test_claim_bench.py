@@ -16,7 +16,8 @@ from conftest import ROOT, bench_common
 
 common = bench_common()
 BENCH = ROOT / "bench"
-LIBRARY = "common"  # bench/common.py: the one bench module that scripts (and tests) import
+LIBRARIES = {"common", "claim_page"}  # bench/common.py, and the claim's page (bench/claim_page.py): the bench
+# modules that scripts (and tests) import
 MAX_LINES = 450
 IMPORTERS = {"import_module", "run_path", "run_module", "spec_from_file_location", "__import__"}
 
@@ -121,11 +122,55 @@ def test_a_page_section_replaces_its_old_copies(tmp_path):
     assert (tmp_path / "fresh.md").read_text() == f"\n\n{begin}\nx\n{end}\n"
 
 
+@pytest.fixture
+def claim_page(monkeypatch):
+    """bench/claim_page.py, imported as the scripts import it (bench/ first on sys.path)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    return importlib.import_module("claim_page")
+
+
+def test_a_domain_point_holds_falls_short_or_is_worse(claim_page):
+    uni = _ev(0.10, 0.005, 1000)
+    kind = claim_page.kind
+    assert kind(common.verdict(_ev(0.07, 0.005, 1000), uni)) == "holds"
+    assert kind(common.verdict(_ev(0.08, 0.005, 1000), uni)) == "short"  # 20 % lower
+    assert kind(common.verdict(_ev(0.104, 0.005, 1000), uni)) == "short"  # higher, but the CIs overlap
+    assert kind(common.verdict(_ev(0.12, 0.005, 1000), uni)) == "worse"  # its CI above the uniform file's
+    assert kind(common.verdict(_ev(0.05, 0.005, 1001), uni)) == "worse"  # a larger file
+    assert kind(None) is None
+
+
+def test_the_page_counts_the_measured_points_and_lists_the_rest(claim_page, tmp_path):
+    """Two domains, three size points: IQ1_S measured on both, IQ2_XXS on one, Q2_K not yet; an old-layout row (one
+    "eval", on stories) reads as the stories domain."""
+    uni, good, worse = _ev(0.10, 0.005, 1000), _ev(0.05, 0.005, 990), _ev(0.2, 0.005, 990)
+    how = {"keep": 0.75, "n_experts": [3, 4], "top_k": 2, "criterion": "score", "started_from": "allocated"}
+    cells = {"IQ1_S": {"ftype": "IQ1_S", "target_bytes": 1000, "uniform": {"file": "u", "evals": {"stories": uni, "code": uni}},
+                       "moepack": {"file": "m", "evals": {"stories": good, "code": worse}, **how}},
+             "IQ2_XXS": {"ftype": "IQ2_XXS", "target_bytes": 2000, "uniform": {"file": "u2", "eval": uni},
+                         "moepack": {"file": "m2", "eval": good, **how}}}
+    settings = {"goal": 0.25, "keep": "auto", "criterion": "auto", "sensitivity": "auto", "calib_text": "bundled",
+                "calib_tokens": 1, "seq_len": 1, "sens_tokens": 1, "ctx": 8, "eval_text": "data/tinystories-valid.txt",
+                "hand_steps": 3, "paper_prune": {"keep": 0.75, "criterion": "score", "alpha": 0.5}}
+    results = claim_page.migrate({"settings": settings, "domains": ["stories", "code"], "fixtures": {"fx": {
+        "model": "models/fx", "points": {"IQ1_S": 1, "IQ2_XXS": 2, "Q2_K": 3}, "cells": cells}}})
+    assert cells["IQ2_XXS"]["uniform"]["evals"] == {"stories": uni} and set(cells["IQ2_XXS"]["verdicts"]) == {"stories"}
+    done, todo = claim_page.points(results)
+    assert sorted(k for *_, k in done) == ["holds", "holds", "worse"]
+    assert todo == {"fx": ["IQ2_XXS (code)", "Q2_K"]}
+    page = claim_page.markdown(results, {}, "x.json")
+    assert "never worse at 2 and at least 25 % lower at 2** (fx: 2 and 2 of 3)" in page
+    assert "| IQ1_S | 0.001 | −50 % ✓ | +100 % ✗ |" in page and "| IQ2_XXS | 0.002 | −50 % ✓ | — |" in page
+    assert "Not measured yet: fx: IQ2_XXS (code), Q2_K." in page and "is not met" in page
+
+
 # ---- bench/'s structure ------------------------------------------------------------------------------------------
 def bench_import_problems(path: Path, bench: Path = BENCH) -> list[str]:
     """What a bench module imports that it must not: another bench script (only the library is shared), a test
     module, anything found by editing sys.path or loaded by file name."""
-    scripts = {p.stem for p in bench.glob("*.py")} - {LIBRARY, path.stem}
+    scripts = {p.stem for p in bench.glob("*.py")} - LIBRARIES - {path.stem}
     tests = {p.stem for p in (ROOT / "tests").glob("*.py")} | {"tests"}
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -224,7 +269,7 @@ def test_make_bench_reruns_every_benchmark_the_docs_cite():
              re.findall(r"^([\w-]+):([^\n]*)\n((?:\t[^\n]*\n)*)", (ROOT / "Makefile").read_text(), re.M)}
     run = set(re.findall(r"bench/(\w+)\.py", "".join(r for t, (_, r) in rules.items() if t.startswith("bench"))))
     pages = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
-    cited = {m for p in pages for m in re.findall(r"bench/(\w+)\.py", p.read_text(encoding="utf-8"))} - {LIBRARY}
+    cited = {m for p in pages for m in re.findall(r"bench/(\w+)\.py", p.read_text(encoding="utf-8"))} - LIBRARIES
     assert cited and not cited - run, f"cited in docs/ but not in `make bench`: {sorted(cited - run)}"
     assert set(rules["bench"][0].split()) == {t for t in rules if t.startswith("bench-")}
     assert "bench" not in " ".join(rules["test"]), "`make test` must not run the benchmarks"
