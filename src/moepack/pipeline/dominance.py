@@ -9,7 +9,8 @@ take it over, it is recorded as short as llama.cpp's own file of the mixture rec
 .SHORT_RECORD), so a budget of llama.cpp's file size measures that mixture. When the best of them measures below
 the allocated plan, the greedy also starts from it (each group at the ladder option nearest below the mixture's
 bytes) and spends what is left by measured sensitivity; of the allocated plan, the mixture and that seeded plan the
-lowest measured KLD wins.
+lowest measured KLD wins — among those no worse than the best mixture on any domain of the selection tokens
+(moepack.pipeline.robust), so the seeded plan is also measured when the allocated plan fails on one domain.
 """
 from __future__ import annotations
 
@@ -213,7 +214,7 @@ def challenge(view: CheckpointView, table: SensitivityTable, budget: Budget, pla
         if budget.gpu_weights is None and (seeded := seeded_plan(view, table, rival, plan.budget_bytes)) is not None:
             rivalry.seeded_kld = measure(seeded.tensors)
             options.append((seeded, rivalry.seeded_kld, judge(seeded.tensors), f"seeded from {top['name']}"))
-    i, worse = robust_choice([o[:3] for o in options], baseline)
+    i, worse = robust_choice([(o[3], o[1], o[2]) for o in options], baseline)
     rivalry.chosen = options[i][3]
     rivalry.best_plan = rival
     if baseline is not None:

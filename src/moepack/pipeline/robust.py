@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -69,9 +69,9 @@ class DomainKLD:
         return {k: [m, h] for k, (m, h) in self.means().items()}
 
 
-def robust_choice(options: Sequence[tuple[Any, float, DomainKLD | None]],
+def robust_choice(options: Sequence[tuple[str, float, DomainKLD | None]],
                   baseline: DomainKLD | None) -> tuple[int, dict[int, list[str]]]:
-    """Index of the option (anything, mean KLD, its per-domain KLDs) with the lowest mean among those no worse than
+    """Index of the option (its name, mean KLD, per-domain KLDs) with the lowest mean among those no worse than
     `baseline` on any domain (all of them when there is no baseline, or none qualifies), and per option index the
     domains it is worse on."""
     worse = {i: (dom.worse_than(baseline) if baseline is not None and dom is not None else [])
@@ -81,5 +81,5 @@ def robust_choice(options: Sequence[tuple[Any, float, DomainKLD | None]],
     for i, names in worse.items():
         if names:
             log.info("%s: worse than the best llama.cpp mixture on %s (selection tokens); not chosen",
-                     getattr(options[i][0], "solver", i), ", ".join(names))
+                     options[i][0], ", ".join(names))
     return best, worse

@@ -78,7 +78,7 @@ class CandidateSearch:
         if not fitting:
             raise nothing_fits([c.keep for c in self.candidates], self.budget, self.opts.ladder)
         base = self.baseline()
-        options = [(c, c.kld, self.domains(c)) for c in fitting]
+        options = [(f"keep {c.keep:g}", c.kld, self.domains(c)) for c in fitting]
         return fitting[robust_choice(options, base[1] if base else None)[0]]
 
     def domains(self, cand: Candidate, report: bool = False) -> DomainKLD | None:
