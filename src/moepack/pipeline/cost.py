@@ -39,7 +39,12 @@ REF_KERNELS = {"IQ1_S": (7.95e6, 2466e6), "IQ1_M": (9.21e6, 1444e6), "IQ2_XXS": 
                "Q6_K": (38.3e6, 1157e6), "Q8_0": (325e6, 3985e6)}
 WRITE_TYPE = "IQ2_XXS"  # the write term's kernel (a ~2.5 bpw plan is mostly 2-bit types)
 PROBE_TYPE = "Q4_K"  # the timing probe's kernel: no lookup grids to build first, unlike the IQ types
-CRITERIA_MEASURED = 5  # --criterion auto: score at alpha 0, 0.5, 1, reap, frequency (moepack.pipeline.criterion)
+def criteria_measured(opts: CompressOptions) -> int:
+    """Pruning-only KLDs --criterion auto measures per retention: each of AUTO_CRITERIA, then (without --merge) the
+    winner once more merged (moepack.pipeline.criterion.choose_pruning)."""
+    from moepack.pipeline.criterion import AUTO_CRITERIA
+
+    return len(AUTO_CRITERIA) + (opts.merge is None)
 
 
 @functools.lru_cache(maxsize=1)
@@ -170,7 +175,7 @@ def estimate_cost(view: CheckpointView, budget: Budget, opts: CompressOptions, k
         per[k], measure = _retention_s(s, kept, n_groups, n_full, depth, opts, scale, full_ok)
         report = report or measure  # the chosen plan once more, on the report tokens
         if k < 1.0 and opts.criterion == "auto":
-            criteria += CRITERIA_MEASURED * measure
+            criteria += criteria_measured(opts) * measure
     write = s.params / REF_KERNELS[WRITE_TYPE][0] * kern
     fixed = calib + criteria + write + report
     first = per[keeps[0]]
@@ -183,7 +188,7 @@ def estimate_cost(view: CheckpointView, budget: Budget, opts: CompressOptions, k
 def _stages(opts: CompressOptions, keeps: list[float]) -> list[str]:
     sens = {"auto": "fast table from the ladder's smallest type, then a full one from the budget's own type when "
                     "it is estimated under 30 min", "fast": "fast table", "full": "full tables"}[opts.sensitivity]
-    per = (f"prune (a plan; lazy view), {'criterion (5 measured), ' if opts.criterion == 'auto' else ''}"
+    per = (f"prune (a plan; lazy view), {f'criterion ({criteria_measured(opts)} measured), ' if opts.criterion == 'auto' else ''}"
            f"sensitivity ({sens}), allocate, refine ({opts.refine} passes), llama.cpp mixtures ({opts.mixtures})")
     return [f"calibrate ({opts.calib_tokens:,} tokens + {opts.selection_tokens:,} selection + report tokens)",
             f"for each retention of {', '.join(f'{k:g}' for k in keeps)}: {per}"
