@@ -51,6 +51,33 @@ def test_robust_choice_takes_the_lowest_mean_that_is_nowhere_worse() -> None:
     assert robust_choice(options, None)[0] == 0  # no baseline (one domain): the lowest mean
 
 
+def test_envelope_takes_each_domains_best_mixture() -> None:
+    from moepack.pipeline.robust import envelope
+
+    a = _dom({"x": 0.010, "y": 0.030})
+    b = _dom({"x": 0.020, "y": 0.015})
+    env, which = envelope([("A", a), ("B", b)])
+    assert which == {"x": "A", "y": "B"}
+    assert {k: round(m, 6) for k, (m, _) in env.means().items()} == {"x": 0.010, "y": 0.015}
+    assert a.worse_than(env) == ["y"] and b.worse_than(env) == ["x"]  # neither mixture alone is the envelope
+
+
+def test_selection_weights_balance_the_domains() -> None:
+    """With scales s_d the weighted mean is the mean over domains of mean_d / s_d, times the scales' mean: a plan at
+    the scales' levels measures its plain mean, and a 10 % loss counts alike on a domain of small and of large KLD."""
+    from moepack.schema import CalibStats
+
+    stats = CalibStats(None, {}, {}, selection_domain=np.array([0, 1, 0, 1, 1]),
+                       domain_scales=np.array([0.01, 0.1]))
+    w = stats.selection_weights()
+    at_scale = np.array([0.01, 0.1, 0.01, 0.1, 0.1])
+    assert abs((w * at_scale).mean() - 0.055) < 1e-12
+    worse_small = np.where(stats.selection_domain == 0, 1.1, 1.0) * at_scale
+    worse_large = np.where(stats.selection_domain == 1, 1.1, 1.0) * at_scale
+    assert abs((w * worse_small).mean() - (w * worse_large).mean()) < 1e-12
+    assert stats.selection_weights(2).shape == (2,) and CalibStats(None, {}, {}).selection_weights() is None
+
+
 def test_calibration_keeps_each_domains_name(tmp_path: Path) -> None:
     from moepack.model.textdata import CalibSource
     from moepack.schema import CalibStats
@@ -121,12 +148,18 @@ def test_compress_judges_and_reports_every_domain(two_domain_run: Path) -> None:
     for part in ("selection", "report"):
         assert set(s.domains[part]["chosen"]) == {"stories", "code"}
         mix = s.domains[part]["best_mixture"]
-        assert mix["name"] in {m["name"] for m in s.mixtures["mixtures"]} and set(mix["kld"]) == {"stories", "code"}
+        names = {m["name"] for m in s.mixtures["mixtures"]}
+        assert mix["name"] in names | {"best mixture per domain"} and set(mix["kld"]) == {"stories", "code"}
+    assert set(s.mixtures["domains"]["best_mixture_by_domain"].values()) <= names
     # the chosen plan is no worse than the best mixture on either domain of the selection tokens
     assert s.mixtures["chosen"] not in s.mixtures["domains"]["worse_on"]
-    # the per-domain mean of the selection tokens averages to the selection KLD (equal tokens per domain)
-    means = [v[0] for v in s.domains["selection"]["chosen"].values()]
-    assert abs(sum(means) / 2 - s.selection_kld) < 1e-9 * max(1.0, s.selection_kld) + 1e-12
+    # every choice's KLD weighs each domain by the level a same-size mixture has there: the selection KLD is the
+    # mean over domains of (domain KLD / its scale), times the scales' mean
+    scales = s.domains["scales"]
+    assert isinstance(scales["mixture"], str) and scales["stories"] > 0 and scales["code"] > 0
+    chosen = s.domains["selection"]["chosen"]
+    balanced = sum(chosen[d][0] / scales[d] for d in ("stories", "code")) / 2 * (scales["stories"] + scales["code"]) / 2
+    assert abs(balanced - s.selection_kld) < 1e-6 * s.selection_kld
     from moepack.eval.report import build_report
 
     page = build_report(two_domain_run / "run", two_domain_run / "report.md").read_text()

@@ -394,6 +394,7 @@ class KLDReference:
             agree.append(metrics.top1_agree(ref, got).reshape(-1).float())
             tgt = self.ids[sl, 1:]  # (B, L-1)
             nll.append(metrics.nll(metrics.log_probs(got[:, :-1]), tgt).reshape(-1))
+        self.last_tokens = torch.cat(kld).double().reshape(h_final.shape[:2]).numpy()  # (N, L) per-token KLD
         return dict(kld_mean=mean.mean, kld_p99=float(torch.quantile(torch.cat(kld), 0.99)),
                     top1_agree=float(torch.cat(agree).mean()), ppl=metrics.ppl(torch.cat(nll)))
 

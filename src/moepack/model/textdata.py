@@ -69,8 +69,7 @@ def sources_of(texts: Sequence[str], chats: Sequence[str]) -> Path | list[CalibS
     if not texts and not chats:
         return None
     if len(texts) == 1 and not chats and "=" not in texts[0] and texts[0] != "bundled":
-        parse_source(texts[0])  # a clear error for a missing file
-        return Path(texts[0])
+        return Path(texts[0])  # read (or found missing) where it is tokenized, after the other flags are checked
     out: list[CalibSource] = []
     for t in texts:
         out += [s for s in bundled_sources() if not s.chat] if t == "bundled" else [parse_source(t)]

@@ -47,6 +47,7 @@ def compress(model_dir: str | Path, out: str | Path, request: BudgetRequest, opt
     run = RunDir(Path(run_dir) if run_dir else out.with_name(out.name + ".run"))
     stats = calibrate_run(ref, run, opts, backend)
     search = CandidateSearch(run, ref, stats, budget, opts, backend)
+    search.balance()
     for k in keeps:  # largest retention first: it sets the bar the others are screened against
         search.candidate(k)
     best = search.best()

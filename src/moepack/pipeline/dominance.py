@@ -48,6 +48,8 @@ class Rivalry:
     # worse than the mixture on some domain (None: one domain)
     domains: dict[str, Any] | None = None
     best_plan: QuantPlan | None = field(default=None, repr=False)  # the best mixture's plan
+    mixture_plans: dict[str, QuantPlan] = field(default_factory=dict, repr=False)  # every fitting mixture measured
+    envelope: DomainKLD | None = field(default=None, repr=False)  # per domain the best mixture's KLDs
 
     @property
     def best_mixture(self) -> dict[str, float | int | str] | None:
@@ -191,7 +193,7 @@ def challenge(view: CheckpointView, table: SensitivityTable, budget: Budget, pla
     the best mixture on any selection domain (`judge`: a plan's per-domain KLDs, moepack.pipeline.robust; None or
     one domain: the lowest), and the record of what was measured."""
     from moepack.gguf.writer import SHORT_RECORD
-    from moepack.pipeline.robust import robust_choice
+    from moepack.pipeline.robust import envelope, robust_choice
 
     judge = judge or (lambda tensors: None)
     rivalry = Rivalry(kld)
@@ -207,18 +209,22 @@ def challenge(view: CheckpointView, table: SensitivityTable, budget: Budget, pla
     if top is None:
         return plan, kld, rivalry
     rival = mixtures[str(top["name"])]
-    baseline = judge(rival.tensors)
-    options = [(plan, kld, judge(plan.tensors), "allocated"), (rival, float(top["kld"]), baseline,
-                                                              f"mixture {top['name']}")]
+    rivalry.best_plan, rivalry.mixture_plans = rival, mixtures
+    judged = [(name, judge(m.tensors)) for name, m in mixtures.items()]
+    baseline, which = envelope(judged) if all(d is not None for _, d in judged) else (None, {})
+    options = [(plan, kld, judge(plan.tensors), "allocated")] + [
+        (m, next(float(x["kld"]) for x in rivalry.mixtures if x["name"] == name), d, f"mixture {name}")
+        for (name, m), (_, d) in zip(mixtures.items(), judged)]
     if top["kld"] < kld or (baseline is not None and options[0][2].worse_than(baseline)):
         if budget.gpu_weights is None and (seeded := seeded_plan(view, table, rival, plan.budget_bytes)) is not None:
             rivalry.seeded_kld = measure(seeded.tensors)
             options.append((seeded, rivalry.seeded_kld, judge(seeded.tensors), f"seeded from {top['name']}"))
     i, worse = robust_choice([(o[3], o[1], o[2]) for o in options], baseline)
     rivalry.chosen = options[i][3]
-    rivalry.best_plan = rival
     if baseline is not None:
-        rivalry.domains = {"best_mixture": baseline.record(), "chosen": options[i][2].record(),
+        rivalry.envelope = baseline
+        rivalry.domains = {"best_mixture": baseline.record(), "best_mixture_by_domain": which,
+                           "chosen": options[i][2].record(),
                            "worse_on": {options[j][3]: names for j, names in worse.items() if names}}
     if i:
         log.info("plan: %s, selection KLD %.5f (allocated %.5f)", rivalry.chosen, options[i][1], kld)

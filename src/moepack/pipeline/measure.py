@@ -72,7 +72,14 @@ class KLDMeter:
         if plan not in self._results:
             mean, tokens = memo[key].measure(tensors)
             self._results[plan] = (float(mean), tokens)
-        return self._results[plan]
+        mean, tokens = self._results[plan]
+        return self._objective(tokens, ids is self.stats.selection, mean), tokens
+
+    def _objective(self, tokens: np.ndarray, selection: bool, mean: float) -> float:
+        """The mean KLD choices are made on: on the selection tokens with domain scales, each domain's mean over its
+        scale (CalibStats.selection_weights), else `mean` (every token alike)."""
+        w = self.stats.selection_weights() if selection else None
+        return mean if w is None else float((w * tokens.mean(axis=1)).sum() / len(w))
 
     def measurers(self, view: CheckpointView) -> int:
         """How many PlanKLDs the meter holds for `view` (one per token set)."""
@@ -87,4 +94,5 @@ class KLDMeter:
         with torch_threads(self.threads):
             if self._prune_ref is None:
                 self._prune_ref = KLDReference(LayerRunner(self.ref), self.stats.selection, min(moe_layers(self.ref)))
-            return float(self._prune_ref.variant(LayerRunner(view))["kld_mean"])
+            mean = float(self._prune_ref.variant(LayerRunner(view))["kld_mean"])
+            return self._objective(self._prune_ref.last_tokens, True, mean)

@@ -6,8 +6,8 @@ per-token KLDs on them give, per domain, its mean and a confidence interval from
 of one window are correlated; windows are the unit, as in moepack.model.metrics.mean_ci95). Two plans measured on
 the same tokens are compared pair-wise, window by window: plan A is *worse* than B on a domain when the 95 % CI of
 their mean difference lies above zero and A's mean lies above B's own 95 % CI (`DomainKLD.worse_than`). compress keeps only plans no worse than the best fitting llama.cpp mixture
-on any domain, then takes the lowest mean among them (the mixture itself always qualifies). With one domain this
-is the lowest mean, as before domains existed.
+on any domain — per domain the best of the fitting mixtures (`envelope`) — then takes the lowest mean among them.
+With one domain this is the lowest mean, as before domains existed.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["DomainKLD", "WINDOWS", "robust_choice"]
+__all__ = ["DomainKLD", "WINDOWS", "envelope", "robust_choice"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,19 @@ class DomainKLD:
         return {k: [m, h] for k, (m, h) in self.means().items()}
 
 
+def envelope(measured: Sequence[tuple[str, DomainKLD]]) -> tuple[DomainKLD, dict[str, str]]:
+    """The best of several plans on each domain (the llama.cpp mixtures that fit: on one domain the largest may
+    measure best, on another a different one): per domain, the sequences of the plan with the lowest mean there,
+    and which plan that was."""
+    first = measured[0][1]
+    tokens, which = first.tokens.copy(), {}
+    for d, name in enumerate(first.names):
+        rows = first.labels == d
+        i = min(range(len(measured)), key=lambda j: float(measured[j][1].tokens[rows].mean()))
+        tokens[rows], which[name] = measured[i][1].tokens[rows], measured[i][0]
+    return DomainKLD(first.names, first.labels, tokens), which
+
+
 def robust_choice(options: Sequence[tuple[str, float, DomainKLD | None]],
                   baseline: DomainKLD | None) -> tuple[int, dict[int, list[str]]]:
     """Index of the option (its name, mean KLD, per-domain KLDs) with the lowest mean among those no worse than
@@ -76,8 +89,10 @@ def robust_choice(options: Sequence[tuple[str, float, DomainKLD | None]],
     domains it is worse on."""
     worse = {i: (dom.worse_than(baseline) if baseline is not None and dom is not None else [])
              for i, (_, _, dom) in enumerate(options)}
-    fine = [i for i in range(len(options)) if not worse[i]] or list(range(len(options)))
-    best = min(fine, key=lambda i: options[i][1])
+    fine = [i for i in range(len(options)) if not worse[i]]
+    # none nowhere worse (the baseline mixes several plans): the fewest domains lost, then the lowest mean
+    best = min(fine, key=lambda i: options[i][1]) if fine else min(
+        range(len(options)), key=lambda i: (len(worse[i]), options[i][1]))
     for i, names in worse.items():
         if names:
             log.info("%s: worse than the best llama.cpp mixture on %s (selection tokens); not chosen",

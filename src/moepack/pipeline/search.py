@@ -20,6 +20,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
+
 from moepack.backends import Backend
 from moepack.model.checkpoint import CheckpointView
 from moepack.pipeline.budget_check import allocate_within, check_floor, nothing_fits
@@ -52,8 +54,35 @@ class CandidateSearch:
         self.meter = KLDMeter(ref, stats, opts.threads)
         self.candidates: list[Candidate] = []  # in the order measured
         self._criteria: dict[tuple[int, int], Pruning] = {}  # (experts kept, k') → the pruning chosen
+        self._scales: dict[str, Any] | None = None  # the domain scales (balance) and the mixture they came from
 
     # ------------------------------------------------------------------------------------------------ the search
+
+    def balance(self) -> None:
+        """With several calibration domains, weigh each in every mean KLD by its own level: the per-domain KLD of
+        the largest llama.cpp mixture of the unpruned model that fits the budget (else the smallest one). A plain
+        mean follows the domains the model knows least (their KLDs are largest) and can lose where it is good; the
+        balanced mean counts a domain's loss relative to what a same-size file costs there (moepack.pipeline
+        .robust)."""
+        from moepack.stages.mixtures import mixture_sizes, mixture_types
+
+        if len(self.stats.domain_names) < 2 or self.stats.selection_domain is None:
+            return
+        sizes = sorted(mixture_sizes(self.ref).items(), key=lambda ms: ms[1].total)
+        if not sizes:
+            return
+        name = next((n for n, s in reversed(sizes) if s.total <= self.budget.weights), sizes[0][0])
+        tensors = {k: v.name for k, v in mixture_types(self.ref, name).items()}
+        t0 = time.perf_counter()
+        dom = self.meter.domains(self.ref, tensors, None)
+        self.run.timings["domain scales"] = time.perf_counter() - t0
+        scales = [m for m, _ in dom.means().values()] if dom is not None else []
+        if not scales or min(scales) <= 0:
+            log.info("domain scales: %s measures no KLD on some domain; every token weighs alike", name)
+            return
+        self.stats.domain_scales, self._scales = np.asarray(scales), {"mixture": name} | dict(zip(dom.names, scales))
+        log.info("domains weighed by the KLD of llama.cpp's %s on each: %s", name,
+                 ", ".join(f"{d} {x:.5f}" for d, x in zip(dom.names, scales)))
 
     def candidate(self, keep: float) -> Candidate:
         """Retention `keep`, pruned (with --criterion auto by the criterion whose pruning alone costs the least
@@ -87,14 +116,23 @@ class CandidateSearch:
 
     def baseline(self, report: bool = False) -> tuple[str, DomainKLD] | None:
         """(name, per-domain KLDs on the selection or report tokens) of the best llama.cpp mixture of the unpruned
-        model: the file a user would otherwise make (None: one domain, or no mixture measured)."""
+        model on each domain (moepack.pipeline.robust.envelope): the file a user would otherwise make (None: one
+        domain, or no mixture measured)."""
+        from moepack.pipeline.robust import envelope
+
         unpruned = next((c for c in self.candidates if not c.screened and c.prune_plan is None and c.rivalry
-                         and c.rivalry.best_plan is not None), None)
+                         and c.rivalry.envelope is not None), None)
         if unpruned is None:
             return None
-        mixture = unpruned.rivalry.best_plan
-        dom = self.meter.domains(unpruned.view, mixture.tensors, None, report)
-        return None if dom is None else (str(mixture.base.get("mixture")), dom)
+        which = unpruned.rivalry.domains["best_mixture_by_domain"]
+        names = sorted(set(which.values()))
+        label = names[0] if len(names) == 1 else "best mixture per domain"
+        if not report:
+            return label, unpruned.rivalry.envelope
+        plans = unpruned.rivalry.mixture_plans
+        measured = [(n, self.meter.domains(unpruned.view, plans[n].tensors, None, report=True)) for n in names]
+        whole = envelope(measured)[0]
+        return label, whole
 
     def report_kld(self, best: Candidate) -> float | None:
         """The chosen plan's KLD on the report tokens (held out after the selection tokens; no choice saw them)."""
@@ -115,6 +153,8 @@ class CandidateSearch:
         if sel is None:
             return None
         rec: dict[str, Any] = {"names": list(sel.names), "selection": {"chosen": sel.record()}}
+        if self._scales is not None:
+            rec["scales"] = self._scales
         parts = [("selection", False)] + ([("report", True)] if self.stats.report_domain is not None else [])
         t0 = time.perf_counter()
         for part, report in parts:

@@ -84,6 +84,8 @@ def sensitivity_stage(run: RunDir, ref: CheckpointView, stats: CalibStats, cand:
     ids = probe_ids(stats.selection, opts.probe_tokens)
     if ids is not None and stats.selection is not None and ids.shape[0] < stats.selection.shape[0]:
         key["probe_tokens"] = int(ids.size)
+    if stats.domain_scales is not None:  # every KLD weighs its domain by these (moepack.pipeline.robust)
+        key["domain_scales"] = [float(x) for x in stats.domain_scales]
 
     def work() -> None:
         if ids is None:
@@ -91,8 +93,10 @@ def sensitivity_stage(run: RunDir, ref: CheckpointView, stats: CalibStats, cand:
         if "probe_tokens" in key:
             log.info("sensitivity probes on %d of the %d selection tokens (--probe-tokens)", ids.size,
                      stats.selection.size)
+        weights = stats.selection_weights(len(ids))
         cfg = SensitivityConfig(reference=base, ladder=opts.ladder, threads=opts.threads, progress=opts.progress,
-                                cache_dir=opts.cache_dir, sensitivity=opts.sensitivity)
+                                cache_dir=opts.cache_dir, sensitivity=opts.sensitivity,
+                                weights=None if weights is None else tuple(float(w) for w in weights))
         measure_sensitivity(cand.view, ids, cfg, reference_view=ref, imatrix=stats, prune_plan=cand.prune_plan,
                             backend=backend).write(path)
 

@@ -187,6 +187,22 @@ class CalibStats:
     # (n,) and (m,): each sequence's domain, an index into manifest.inputs.domain_names (None: one domain)
     selection_domain: np.ndarray | None = None
     report_domain: np.ndarray | None = None
+    # per domain, the KLD level every mean KLD on the selection tokens divides its domain by (compress measures it:
+    # moepack.pipeline.robust.domain_scales); not stored. None: every token weighs alike
+    domain_scales: np.ndarray | None = None
+
+    def selection_weights(self, n: int | None = None) -> np.ndarray | None:
+        """Per sequence of the first `n` selection sequences (default all): its weight in a mean KLD, so that the
+        mean is the average over domains of each domain's mean KLD over its scale, times the scales' mean (for a plan
+        at the scales' levels it equals its plain mean); None without domain scales."""
+        if self.domain_scales is None or self.selection_domain is None:
+            return None
+        labels = self.selection_domain[: len(self.selection_domain) if n is None else n]
+        scales = np.asarray(self.domain_scales, dtype=np.float64)
+        present = np.unique(labels)
+        counts = np.bincount(labels, minlength=len(scales)).astype(np.float64)  # (D,)
+        w = scales[present].mean() / scales[labels] * len(labels) / (len(present) * counts[labels])  # (n,)
+        return w
 
     @property
     def domain_names(self) -> list[str]:

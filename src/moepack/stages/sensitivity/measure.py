@@ -90,6 +90,7 @@ class SensitivityConfig:
     auto_limit_s: float = AUTO_LIMIT_S
     fast_probe: int = FAST_PROBE
     proxy_sample: float = PROXY_SAMPLE
+    weights: tuple[float, ...] | None = None  # per sequence of the ids: its weight in every mean KLD (None: alike)
 
     def validate(self) -> None:
         check_sensitivity_mode(self.sensitivity)
@@ -267,7 +268,10 @@ def _measure(view: CheckpointView, ids: torch.Tensor, reference_logits: Any, ref
     ran: dict[str, Any] = {}
     if cfg.mode != "proxy":
         t1 = time.perf_counter()
-        ref, info["reference"] = reference_logprobs(view, ids, reference_logits, reference_view, cfg.batch_size)
+        weights = None if cfg.weights is None else np.asarray(cfg.weights, dtype=np.float64)
+        ref, info["reference"] = reference_logprobs(view, ids, reference_logits, reference_view, cfg.batch_size,
+                                                    weights)
+
         timing["reference_s"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         base_kld, kld, ran = run_sensitivity(cfg.sensitivity, backend, view, store, groups, settings, ids, ref,

@@ -93,19 +93,27 @@ class ReferenceLogProbs:
     """The reference's log-probabilities per head batch, and the mean KLD of a model's head against them
     (moepack.model.metrics: summed term by term, each batch in float64)."""
 
-    def __init__(self, batches: Iterable[torch.Tensor]) -> None:
+    def __init__(self, batches: Iterable[torch.Tensor], weights: np.ndarray | None = None) -> None:
         self.lp: list[torch.Tensor] = [metrics.log_probs(z) for z in batches]  # (B, L, V) each
         self.n_tokens = sum(int(x[..., 0].numel()) for x in self.lp)
+        # per head batch (B,): each sequence's weight in the mean (moepack.pipeline.robust: domains weighed by their
+        # own KLD level); None: every token alike
+        self.w: list[torch.Tensor] | None = None
+        if weights is not None:
+            bounds = np.cumsum([0] + [len(x) for x in self.lp])
+            self.w = [torch.as_tensor(np.asarray(weights[a:b], dtype=np.float64)) for a, b in zip(bounds, bounds[1:])]
 
     def arrays(self) -> tuple[list[np.ndarray], ...]:
-        """(log p per head batch,) as numpy: plain data for tasks."""
-        return ([t.numpy() for t in self.lp],)
+        """(log p per head batch,) [+ (weights per head batch,)] as numpy: plain data for tasks."""
+        lp = [t.numpy() for t in self.lp]
+        return (lp,) if self.w is None else (lp, [w.numpy() for w in self.w])
 
     @classmethod
     def from_arrays(cls, arrays: tuple[list[np.ndarray], ...]) -> ReferenceLogProbs:
         ref = cls([])
         ref.lp = [as_tensor(a) for a in arrays[0]]
         ref.n_tokens = sum(int(a[..., 0].size) for a in arrays[0])
+        ref.w = [torch.as_tensor(w) for w in arrays[1]] if len(arrays) > 1 else None
         return ref
 
     @torch.inference_mode()
@@ -117,7 +125,7 @@ class ReferenceLogProbs:
         for i, b0 in enumerate(range(0, h_final.shape[0], head_batch)):
             lq = metrics.log_probs(runner.logits(h_final[b0:b0 + head_batch]))  # (B, L, V)
             kld = metrics.token_kld(self.lp[i], lq)  # (B, L)
-            mean.add(kld)
+            mean.add(kld if self.w is None else kld.double() * self.w[i][:, None])
             if tokens is not None:
                 tokens.append(kld.double().numpy())
         return mean.total / self.n_tokens
@@ -129,17 +137,17 @@ def head_batch(ids: torch.Tensor, vocab: int) -> int:
 
 
 def reference_logprobs(view: CheckpointView, ids: torch.Tensor, reference_logits: Any,
-                       reference_view: CheckpointView | None,
-                       batch_size: int) -> tuple[ReferenceLogProbs, str]:
+                       reference_view: CheckpointView | None, batch_size: int,
+                       weights: np.ndarray | None = None) -> tuple[ReferenceLogProbs, str]:
     """(the reference distribution on `ids` (N, L), what it is): given logits (N, L, V), the reference model's
-    forward, or `view` itself unquantized."""
+    forward, or `view` itself unquantized. `weights` (N,): each sequence's weight in every mean KLD."""
     hb = head_batch(ids, view.facts.vocab)
     if reference_logits is not None:
         z = torch.as_tensor(reference_logits)
         if tuple(z.shape[:2]) != tuple(ids.shape) or z.shape[-1] != view.facts.vocab:
             raise SensitivityError(f"reference logits {tuple(z.shape)} do not match ids {tuple(ids.shape)} "
                                    f"and vocabulary {view.facts.vocab}")
-        return ReferenceLogProbs(z[b:b + hb] for b in range(0, z.shape[0], hb)), "logits"
+        return ReferenceLogProbs((z[b:b + hb] for b in range(0, z.shape[0], hb)), weights), "logits"
     ref_view = reference_view if reference_view is not None else view
     if ref_view.facts.vocab != view.facts.vocab:
         raise SensitivityError(f"the reference model's vocabulary ({ref_view.facts.vocab}) differs from the "
@@ -147,7 +155,7 @@ def reference_logprobs(view: CheckpointView, ids: torch.Tensor, reference_logits
     runner = LayerRunner(ref_view)
     with torch.inference_mode():
         h = runner.run(runner.embed(ids), batch_size=batch_size, inplace=True)
-        ref = ReferenceLogProbs(runner.logits(h[b:b + hb]) for b in range(0, h.shape[0], hb))
+        ref = ReferenceLogProbs((runner.logits(h[b:b + hb]) for b in range(0, h.shape[0], hb)), weights)
     runner.release()
     return ref, "self" if reference_view is None else str(ref_view.root)
 
