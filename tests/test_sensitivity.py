@@ -458,7 +458,8 @@ def test_sensitivity_option_parses_and_keys_the_cached_table(tiny, tables, tmp_p
         return SensitivityTable.from_dict(tables("qwen3_moe"))
 
     monkeypatch.setattr(measure, "measure_sensitivity", fake)
-    stats = SimpleNamespace(manifest=SimpleNamespace(text_sha256="x", tokens=64, shards=1), selection=np.zeros((1, 8)))
+    stats = SimpleNamespace(manifest=SimpleNamespace(text_sha256="x", tokens=64, shards=1), selection=np.zeros((1, 8)),
+                            domain_scales=None, selection_weights=lambda n=None: None)
     run = RunDir(tmp_path / "run")
     for mode in ("full", "full", "fast", "fast", "full"):
         sensitivity_stage(run, view, stats, Candidate(1.0, view, None), "IQ2_XXS",
@@ -493,7 +494,8 @@ def test_probe_tokens_run_the_table_on_the_first_selection_sequences(tiny, table
         return SensitivityTable.from_dict(tables("qwen3_moe"))
 
     monkeypatch.setattr(measure, "measure_sensitivity", fake)
-    stats = SimpleNamespace(manifest=SimpleNamespace(text_sha256="x", tokens=64, shards=1), selection=held)
+    stats = SimpleNamespace(manifest=SimpleNamespace(text_sha256="x", tokens=64, shards=1), selection=held,
+                            domain_scales=None, selection_weights=lambda n=None: None)
     run = RunDir(tmp_path / "run")
     for probe in (None, 8, 8, 32, None):  # 32 tokens = every sequence: the same table as None
         sensitivity_stage(run, view, stats, Candidate(1.0, view, None), "IQ2_XXS",
