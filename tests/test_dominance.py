@@ -189,3 +189,28 @@ def test_the_mixture_of_the_target_size_is_measured_and_the_reserve_is_what_is_w
                recipe={"budget": budget_record(budget), "solver": f"{allocated.solver} refined"})
     written = out.stat().st_size - sum(int(t.n_bytes) for t in gguf.GGUFReader(out).tensors)
     assert written <= held <= written + 768, (held, written)
+
+
+def test_a_seeded_start_a_few_bytes_over_steps_down_where_it_loses_least(model: Path) -> None:
+    """The snapped mixture can be a little over the budget (tiny-qwen3-moe at Q3_K_M's size: 3,111 bytes); the
+    greedy then starts from it stepped down by the cheapest measured loss per byte, not from nothing."""
+    from moepack.gguf.names import gguf_outputs
+    from moepack.model.checkpoint import open_checkpoint
+    from moepack.pipeline.dominance import fit_start, mixture_plan, seeded_plan, snap_to_options
+    from moepack.stages.allocate import allocate
+    from moepack.stages.mixtures import mixture_sizes
+
+    view = open_checkpoint(model)
+    table = _table(view)
+    size = mixture_sizes(view, ftypes=("Q4_K_M",))["Q4_K_M"]
+    start = snap_to_options(table, mixture_plan(view, table, "Q4_K_M", size, allocate(table, size.total + 50_000))
+                            .tensors, {t.name: t.shape for t in gguf_outputs(view)})
+    used = table.fixed_bytes + sum(g.options[c].bytes for g, c in zip(table.groups, start))
+    budget = used - 1  # one byte short
+    fitted = fit_start(table, start, budget)
+    assert table.fixed_bytes + sum(g.options[c].bytes for g, c in zip(table.groups, fitted)) <= budget
+    moved = [i for i, (a, b) in enumerate(zip(start, fitted)) if a != b]
+    assert len(moved) == 1  # one step down was enough
+    assert fit_start(table, start, used) == start  # a start that fits is left alone
+    mix = mixture_plan(view, table, "Q4_K_M", size, allocate(table, budget))
+    assert seeded_plan(view, table, mix, budget) is not None  # before: "greedy start ... over the budget"

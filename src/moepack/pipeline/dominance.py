@@ -28,8 +28,8 @@ from moepack.stages.mixtures import MixtureSize
 if TYPE_CHECKING:
     from moepack.pipeline.robust import DomainKLD
 
-__all__ = ["Rivalry", "fitting_mixtures", "mixture_file_bytes", "mixture_plan", "snap_to_options", "seeded_plan",
-           "challenge"]
+__all__ = ["Rivalry", "fitting_mixtures", "mixture_file_bytes", "mixture_plan", "snap_to_options", "fit_start",
+           "seeded_plan", "challenge"]
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +170,34 @@ def snap_to_options(table: SensitivityTable, mixture: dict[str, str],
     return choice
 
 
+def fit_start(table: SensitivityTable, start: list[int], budget_bytes: int) -> list[int]:
+    """`start` stepped down until its tensors fit `budget_bytes`: the snapped mixture can be a few bytes over (the
+    options' bytes are the table's, not the mixture file's), so the groups whose next smaller option loses the least
+    measured KLD per byte saved move down one at a time. Unchanged when it fits, or when nothing smaller is left."""
+    choice = list(start)
+    used = table.fixed_bytes + sum(g.options[c].bytes for g, c in zip(table.groups, choice))
+    while used > budget_bytes:
+        steps = []
+        for i, (g, c) in enumerate(zip(table.groups, choice)):
+            smaller = [j for j, o in enumerate(g.options) if o.bytes < g.options[c].bytes]
+            if smaller:
+                j = max(smaller, key=lambda k: g.options[k].bytes)  # the next one down
+                saved = g.options[c].bytes - g.options[j].bytes
+                steps.append(((g.options[j].dkld - g.options[c].dkld) / saved, i, j, saved))
+        if not steps:
+            break
+        _, i, j, saved = min(steps)
+        choice[i], used = j, used - saved
+    return choice
+
+
 def seeded_plan(view: CheckpointView, table: SensitivityTable, mixture: QuantPlan,
                 budget_bytes: int) -> QuantPlan | None:
     """The greedy's plan started from `mixture` snapped to the table's options (None when that start does not fit:
     the mixture's bytes sit in tensors the table keeps fixed)."""
     from moepack.stages.allocate import AllocationError, choice_plan, solve_greedy
 
-    start = snap_to_options(table, mixture.tensors, _shapes(view))
+    start = fit_start(table, snap_to_options(table, mixture.tensors, _shapes(view)), budget_bytes)
     try:
         choice = solve_greedy(table, budget_bytes, start=start)
     except AllocationError as e:
