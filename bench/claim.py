@@ -36,8 +36,8 @@ sensitivity tables; each page's wall-time lines say how long), from the reposito
     .venv/bin/python bench/claim.py --calib-text bundled     # five domains: docs/results-bundled.md
 Smoke test (small, not the committed results):
     .venv/bin/python bench/claim.py --calib-text bundled --models models/tiny-qwen3-moe --ftypes IQ2_XXS
-      --calib-tokens 4096 --sens-tokens 1024 --eval-tokens 2048 --work /tmp/claim-smoke --out /tmp/claim-smoke.json
-      --md /tmp/claim-smoke.md --png /tmp/claim-smoke.png
+      --calib-tokens 4096 --sens-tokens 1024 --eval-tokens 2048 --work out/claim-smoke
+      --out out/claim-smoke/claim.json --md out/claim-smoke/page.md --png out/claim-smoke/page.png
 """
 from __future__ import annotations
 
