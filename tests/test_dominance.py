@@ -196,8 +196,8 @@ def test_a_seeded_start_a_few_bytes_over_steps_down_where_it_loses_least(model: 
     greedy then starts from it stepped down by the cheapest measured loss per byte, not from nothing."""
     from moepack.gguf.names import gguf_outputs
     from moepack.model.checkpoint import open_checkpoint
-    from moepack.pipeline.dominance import fit_start, mixture_plan, seeded_plan, snap_to_options
-    from moepack.stages.allocate import allocate
+    from moepack.pipeline.dominance import mixture_plan, seeded_plan, snap_to_options
+    from moepack.stages.allocate import allocate, fit_start
     from moepack.stages.mixtures import mixture_sizes
 
     view = open_checkpoint(model)

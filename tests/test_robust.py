@@ -43,8 +43,8 @@ def test_robust_choice_takes_the_lowest_mean_that_is_nowhere_worse() -> None:
     lopsided = DomainKLD(mixture.names, mixture.labels,
                          mixture.tokens * np.where(mixture.labels == 1, 1.2, 0.1)[:, None])  # mean lower, b worse
     even = DomainKLD(mixture.names, mixture.labels, mixture.tokens * 0.95)
-    options = [("lopsided", float(lopsided.tokens.mean()), lopsided), ("mixture", float(mixture.tokens.mean()), mixture),
-               ("even", float(even.tokens.mean()), even)]
+    options = [("lopsided", float(lopsided.tokens.mean()), lopsided),
+               ("mixture", float(mixture.tokens.mean()), mixture), ("even", float(even.tokens.mean()), even)]
     assert options[0][1] < options[2][1] < options[1][1]
     best, worse = robust_choice(options, mixture)
     assert options[best][0] == "even" and worse == {0: ["b"], 1: [], 2: []}

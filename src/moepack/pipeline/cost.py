@@ -188,7 +188,8 @@ def estimate_cost(view: CheckpointView, budget: Budget, opts: CompressOptions, k
 def _stages(opts: CompressOptions, keeps: list[float]) -> list[str]:
     sens = {"auto": "fast table from the ladder's smallest type, then a full one from the budget's own type when "
                     "it is estimated under 30 min", "fast": "fast table", "full": "full tables"}[opts.sensitivity]
-    per = (f"prune (a plan; lazy view), {f'criterion ({criteria_measured(opts)} measured), ' if opts.criterion == 'auto' else ''}"
+    criteria = f"criterion ({criteria_measured(opts)} measured), " if opts.criterion == "auto" else ""
+    per = (f"prune (a plan; lazy view), {criteria}"
            f"sensitivity ({sens}), allocate, refine ({opts.refine} passes), llama.cpp mixtures ({opts.mixtures})")
     return [f"calibrate ({opts.calib_tokens:,} tokens + {opts.selection_tokens:,} selection + report tokens)",
             f"for each retention of {', '.join(f'{k:g}' for k in keeps)}: {per}"

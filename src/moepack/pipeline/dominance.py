@@ -28,8 +28,8 @@ from moepack.stages.mixtures import MixtureSize
 if TYPE_CHECKING:
     from moepack.pipeline.robust import DomainKLD
 
-__all__ = ["Rivalry", "fitting_mixtures", "mixture_file_bytes", "mixture_plan", "snap_to_options", "fit_start",
-           "seeded_plan", "challenge"]
+__all__ = ["Rivalry", "fitting_mixtures", "mixture_file_bytes", "mixture_plan", "snap_to_options", "seeded_plan",
+           "challenge"]
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ class Rivalry:
     # per-domain selection KLDs [mean, CI half-width] of the best mixture and the chosen plan, and the plans found
     # worse than the mixture on some domain (None: one domain)
     domains: dict[str, Any] | None = None
-    best_plan: QuantPlan | None = field(default=None, repr=False)  # the best mixture's plan
     mixture_plans: dict[str, QuantPlan] = field(default_factory=dict, repr=False)  # every fitting mixture measured
     envelope: DomainKLD | None = field(default=None, repr=False)  # per domain the best mixture's KLDs
 
@@ -170,32 +169,11 @@ def snap_to_options(table: SensitivityTable, mixture: dict[str, str],
     return choice
 
 
-def fit_start(table: SensitivityTable, start: list[int], budget_bytes: int) -> list[int]:
-    """`start` stepped down until its tensors fit `budget_bytes`: the snapped mixture can be a few bytes over (the
-    options' bytes are the table's, not the mixture file's), so the groups whose next smaller option loses the least
-    measured KLD per byte saved move down one at a time. Unchanged when it fits, or when nothing smaller is left."""
-    choice = list(start)
-    used = table.fixed_bytes + sum(g.options[c].bytes for g, c in zip(table.groups, choice))
-    while used > budget_bytes:
-        steps = []
-        for i, (g, c) in enumerate(zip(table.groups, choice)):
-            smaller = [j for j, o in enumerate(g.options) if o.bytes < g.options[c].bytes]
-            if smaller:
-                j = max(smaller, key=lambda k: g.options[k].bytes)  # the next one down
-                saved = g.options[c].bytes - g.options[j].bytes
-                steps.append(((g.options[j].dkld - g.options[c].dkld) / saved, i, j, saved))
-        if not steps:
-            break
-        _, i, j, saved = min(steps)
-        choice[i], used = j, used - saved
-    return choice
-
-
 def seeded_plan(view: CheckpointView, table: SensitivityTable, mixture: QuantPlan,
                 budget_bytes: int) -> QuantPlan | None:
     """The greedy's plan started from `mixture` snapped to the table's options (None when that start does not fit:
     the mixture's bytes sit in tensors the table keeps fixed)."""
-    from moepack.stages.allocate import AllocationError, choice_plan, solve_greedy
+    from moepack.stages.allocate import AllocationError, choice_plan, fit_start, solve_greedy
 
     start = fit_start(table, snap_to_options(table, mixture.tensors, _shapes(view)), budget_bytes)
     try:
@@ -219,9 +197,10 @@ def challenge(view: CheckpointView, table: SensitivityTable, budget: Budget, pla
     judge = judge or (lambda tensors: None)
     rivalry = Rivalry(kld)
     mixtures: dict[str, QuantPlan] = {}
+    klds: dict[str, float] = {}
     for name, size, mixture in fitting_mixtures(view, table, budget, plan, n):
         mixtures[name] = mixture
-        m_kld = measure(mixture.tensors)
+        klds[name] = m_kld = measure(mixture.tensors)
         rivalry.mixtures.append({"name": name, "tensor_bytes": size.total, "kld": m_kld}
                                 | ({"record": "short"} if mixture.base.get(SHORT_RECORD) else {}))
         log.info("llama.cpp mixture %s: %d tensor bytes, selection KLD %.5f (allocated plan %.5f)",
@@ -230,12 +209,11 @@ def challenge(view: CheckpointView, table: SensitivityTable, budget: Budget, pla
     if top is None:
         return plan, kld, rivalry
     rival = mixtures[str(top["name"])]
-    rivalry.best_plan, rivalry.mixture_plans = rival, mixtures
+    rivalry.mixture_plans = mixtures
     judged = [(name, judge(m.tensors)) for name, m in mixtures.items()]
     baseline, which = envelope(judged) if all(d is not None for _, d in judged) else (None, {})
     options = [(plan, kld, judge(plan.tensors), "allocated")] + [
-        (m, next(float(x["kld"]) for x in rivalry.mixtures if x["name"] == name), d, f"mixture {name}")
-        for (name, m), (_, d) in zip(mixtures.items(), judged)]
+        (mixtures[name], klds[name], d, f"mixture {name}") for name, d in judged]
     if top["kld"] < kld or (baseline is not None and options[0][2].worse_than(baseline)):
         if budget.gpu_weights is None and (seeded := seeded_plan(view, table, rival, plan.budget_bytes)) is not None:
             rivalry.seeded_kld = measure(seeded.tensors)

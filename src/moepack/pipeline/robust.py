@@ -5,8 +5,9 @@ Each selection sequence keeps the domain of the calibration text it came from (m
 per-token KLDs on them give, per domain, its mean and a confidence interval from windows of a sequence (the tokens
 of one window are correlated; windows are the unit, as in moepack.model.metrics.mean_ci95). Two plans measured on
 the same tokens are compared pair-wise, window by window: plan A is *worse* than B on a domain when the 95 % CI of
-their mean difference lies above zero and A's mean lies above B's own 95 % CI (`DomainKLD.worse_than`). compress keeps only plans no worse than the best fitting llama.cpp mixture
-on any domain — per domain the best of the fitting mixtures (`envelope`) — then takes the lowest mean among them.
+their mean difference lies above zero and A's mean lies above B's own 95 % CI (`DomainKLD.worse_than`). compress
+keeps only plans no worse than the best fitting llama.cpp mixture on any domain — per domain the best of the
+fitting mixtures (`envelope`) — then takes the lowest mean among them.
 With one domain this is the lowest mean, as before domains existed.
 """
 from __future__ import annotations
@@ -59,8 +60,8 @@ class DomainKLD:
         for d, name in enumerate(self.names):
             diff = self._windows(d) - other._windows(d)  # (n·W,)
             half = Z95 * float(diff.std(ddof=1)) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
-            mean, band = theirs[name]
-            if float(diff.mean()) - half > 0 and mean + float(diff.mean()) > mean + band:
+            gap, band = float(diff.mean()), theirs[name][1]
+            if gap - half > 0 and gap > band:  # the plan's mean is other's mean + gap
                 worse.append(name)
         return worse
 

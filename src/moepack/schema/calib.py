@@ -188,7 +188,7 @@ class CalibStats:
     selection_domain: np.ndarray | None = None
     report_domain: np.ndarray | None = None
     # per domain, the KLD level every mean KLD on the selection tokens divides its domain by (compress measures it:
-    # moepack.pipeline.robust.domain_scales); not stored. None: every token weighs alike
+    # moepack.pipeline.search.CandidateSearch.balance); not stored. None: every token weighs alike
     domain_scales: np.ndarray | None = None
 
     def selection_weights(self, n: int | None = None) -> np.ndarray | None:
@@ -201,8 +201,7 @@ class CalibStats:
         scales = np.asarray(self.domain_scales, dtype=np.float64)
         present = np.unique(labels)
         counts = np.bincount(labels, minlength=len(scales)).astype(np.float64)  # (D,)
-        w = scales[present].mean() / scales[labels] * len(labels) / (len(present) * counts[labels])  # (n,)
-        return w
+        return scales[present].mean() / scales[labels] * len(labels) / (len(present) * counts[labels])  # (n,)
 
     @property
     def domain_names(self) -> list[str]:

@@ -66,6 +66,7 @@ __all__ = [
     "choice_plan",
     "budget_bytes_for",
     "file_budget",
+    "fit_start",
     "solve_greedy",
     "solve_exact",
     "smallest",
@@ -106,6 +107,28 @@ def _check_feasible(table: SensitivityTable, budget: int) -> None:
             f"budget {format_size(budget)} is below the minimum achievable size {format_size(table.min_bytes)}: every "
             f"group at its smallest type plus {table.fixed_bytes:,} fixed bytes; give a budget of at least "
             f"{table.min_bytes:,} bytes, or use smaller base types / keep fewer experts")
+
+
+def fit_start(table: SensitivityTable, start: list[int], budget_bytes: int) -> list[int]:
+    """`start` stepped down until its tensors fit `budget_bytes` (a llama.cpp mixture snapped to the table's options,
+    moepack.pipeline.dominance, can be a few bytes over: the options' bytes are the table's, not the mixture file's):
+    the group whose next smaller option loses the least measured KLD per byte saved moves down, one at a time.
+    Unchanged when it fits, or when nothing smaller is left."""
+    choice = list(start)
+    used = _used(table, choice)
+    while used > budget_bytes:
+        steps = []
+        for i, (g, c) in enumerate(zip(table.groups, choice)):
+            smaller = [j for j, o in enumerate(g.options) if o.bytes < g.options[c].bytes]
+            if smaller:
+                j = max(smaller, key=lambda k: g.options[k].bytes)  # the next one down
+                saved = g.options[c].bytes - g.options[j].bytes
+                steps.append(((g.options[j].dkld - g.options[c].dkld) / saved, i, j, saved))
+        if not steps:
+            break
+        _, i, j, saved = min(steps)
+        choice[i], used = j, used - saved
+    return choice
 
 
 def solve_greedy(table: SensitivityTable, budget: int, start: list[int] | None = None) -> list[int]:
