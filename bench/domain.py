@@ -3,10 +3,13 @@
 Run: .venv/bin/python bench/domain.py [--model models/tiny-deepseek-v3-multi] [--domains code dialogue]
        [--bpw 1.8 2.5 3.5] [--work out/bench-domain] [--out bench/results/domain.json] [--md docs/pruning.md]
 
-Per target domain D (calibration text data/calib/D.txt; evaluation text data/eval/D.txt, never calibrated on):
-- moepack keep auto: `compress --keep auto --calib-text data/calib/D.txt --target-bpw B` (one run directory per
-  domain: calibration and every retention's sensitivity table are measured once, the base type being fixed with
-  --base, and reused for every budget);
+Per target domain D (calibration text data/calib/D.txt; evaluation text data/eval/D.txt, never calibrated on;
+`bundled`: compress's default bundled calibration, the target being every domain):
+- moepack keep auto: `compress --keep auto --criterion score --calib-text data/calib/D.txt --target-bpw B` (one run
+  directory per domain: calibration and every retention's sensitivity table are measured once, the base type being
+  fixed with --base, and reused for every budget) — dropped experts discarded;
+- the same with `--merge`: every pruned retention folds its dropped experts into kept ones (stages.merge, default
+  variant), so keep auto chooses among merged candidates;
 - quantization only: the same with --keep 1.0 (same run directory, so the same keep-1.0 table) — or the reason it
   cannot fit;
 - llama.cpp's standard mixtures with the importance matrix of the same calibration text; at each budget, the one
@@ -32,21 +35,35 @@ BEGIN, END = "<!-- bench/domain.py: begin -->", "<!-- bench/domain.py: end -->"
 log = logging.getLogger("domain")
 
 
+BUNDLED = "bundled"  # the target "domain" of compress's default calibration: all five
+
+
+def calib_text(domain: str) -> Path | None:
+    return None if domain == BUNDLED else DATA / "calib" / f"{domain}.txt"
+
+
+def targets(domain: str) -> tuple[str, ...]:
+    """The evaluation domains a verdict is taken on."""
+    return DOMAINS if domain == BUNDLED else (domain,)
+
+
 def run_compress(model: Path, work: Path, domain: str, keep: float | str, bpw: float,
-                 args: argparse.Namespace) -> dict[str, Any]:
+                 args: argparse.Namespace, merge: bool = False) -> dict[str, Any]:
     """One compress run (cached by its output's JSON); a budget it cannot meet is a row with the reason."""
     from moepack.errors import MoepackError
     from moepack.pipeline.compress import compress
     from moepack.pipeline.options import CompressOptions
     from moepack.stages.budget import BudgetRequest
+    from moepack.stages.merge import MergeOptions
 
-    out = work / f"moepack-{domain}-r{keep}-b{bpw:g}.gguf"
+    out = work / f"moepack-{domain}-r{keep}-b{bpw:g}{'-merge' if merge else ''}.gguf"
     info = out.with_suffix(".json")
     if info.is_file():
         return json.loads(info.read_text())
-    opts = CompressOptions(keep=keep, reference=args.base, ladder=tuple(args.ladder), calib_text=DATA / "calib" / f"{domain}.txt",
+    opts = CompressOptions(keep=keep, reference=args.base, ladder=tuple(args.ladder), calib_text=calib_text(domain),
                            calib_tokens=args.calib_tokens, seq_len=args.seq_len, selection_tokens=args.selection_tokens,
-                           threads=2, progress=False)
+                           criterion=args.criterion, merge=MergeOptions() if merge else None, threads=2,
+                           progress=False)
     t0 = time.perf_counter()
     try:
         r = compress(model, out, BudgetRequest(target_bpw=bpw), opts, work / f"run-{domain}")
@@ -55,8 +72,8 @@ def run_compress(model: Path, work: Path, domain: str, keep: float | str, bpw: f
     else:
         d = {"file": rel(out), "size_bytes": r.file_bytes, "keep": r.keep, "top_k": r.top_k,
              "n_experts": list(r.n_experts), "selection_kld": r.selection_kld, "criterion": opts.criterion,
-             "candidates": r.candidates}
-    d.update(method="keep auto" if keep == "auto" else f"keep {keep:g}", budget_bpw=bpw,
+             "candidates": r.candidates, "merge": r.merge}
+    d.update(method=("keep auto" if keep == "auto" else f"keep {keep:g}") + (", merged" if merge else ""), budget_bpw=bpw,
              seconds=round(time.perf_counter() - t0, 1))
     info.write_text(json.dumps(d, indent=1, default=str))
     return d
@@ -112,31 +129,37 @@ class Evaluator:
         return r
 
 
+ROWS = ("auto", "auto_merge", "quant_only")  # a point's moepack files: keep auto dropped / merged, keep 1
+
+
 def bench_domain(model: Path, domain: str, args: argparse.Namespace, ev: Evaluator) -> dict[str, Any]:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     points = []
     for bpw in args.bpw:  # keep auto first: it makes the run directory's calibration the mixtures use
-        auto = run_compress(model, work, domain, "auto", bpw, args)
-        quant = run_compress(model, work, domain, 1.0, bpw, args)
-        points.append({"budget_bpw": bpw, "file_limit": file_limit(model, bpw), "auto": auto, "quant_only": quant})
+        points.append({"budget_bpw": bpw, "file_limit": file_limit(model, bpw),
+                       "auto": run_compress(model, work, domain, "auto", bpw, args),
+                       "auto_merge": run_compress(model, work, domain, "auto", bpw, args, merge=True),
+                       "quant_only": run_compress(model, work, domain, 1.0, bpw, args)})
     mixtures = uniform(model, work, domain)
+    goal = targets(domain)
     for m in mixtures:
-        m["eval"] = {domain: ev(m["file"], domain)}
+        m["eval"] = {d: ev(m["file"], d) for d in goal}
     for pt in points:
-        for row in (pt["auto"], pt["quant_only"]):
+        for row in (pt[k] for k in ROWS):
             if row.get("file"):
                 row["eval"] = {d: ev(row["file"], d) for d in DOMAINS}
         cap = pt["auto"].get("size_bytes") or pt["file_limit"]
         fitting = [m for m in mixtures if m["size_bytes"] <= cap]
-        best = min(fitting, key=lambda m: m["eval"][domain]["kld_mean"], default=None)
+        best = min(fitting, key=lambda m: sum(m["eval"][d]["kld_mean"] for d in goal), default=None)
         if best is not None:
             best = dict(best, eval={d: ev(best["file"], d) for d in DOMAINS})
         pt["llama_best"] = best
-        pt["verdict"] = verdict(pt, domain)
-    return {"domain": domain, "calib_text": rel(DATA / "calib" / f"{domain}.txt"), "eval_text": rel(eval_text(domain)),
-            "points": points, "mixtures": [{k: m[k] for k in ("method", "size_bytes", "eval")} for m in mixtures],
+        pt["verdict"] = {d: verdict(pt, d) for d in goal}
+    return {"domain": domain, "calib_text": rel(calib_text(domain)) if calib_text(domain) else "bundled (default)",
+            "eval_text": {d: rel(eval_text(d)) for d in goal}, "points": points,
+            "mixtures": [{k: m[k] for k in ("method", "size_bytes", "eval")} for m in mixtures],
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -147,24 +170,49 @@ def _ci(row: dict | None, domain: str) -> tuple[float, float] | None:
     return e["kld_ci95_low"], e["kld_ci95_high"]
 
 
-def verdict(pt: dict[str, Any], domain: str) -> dict[str, Any]:
-    """Did keep auto prune, and did its file beat quant-only (at no larger size) and llama.cpp's best mixture within
-    the same budget on the target domain, with 95 % CIs apart?"""
-    a, q, l = pt["auto"], pt["quant_only"], pt["llama_best"]
-    out: dict[str, Any] = {"pruned": bool(a.get("file")) and a["keep"] < 1.0}
-    ca = _ci(a, domain)
-    for name, other in (("vs_quant_only", q), ("vs_llama", l)):
-        co = _ci(other, domain)
-        if ca is None or co is None:
-            out[name] = None
-            continue
-        out[name] = {"lower": a["eval"][domain]["kld_mean"] < other["eval"][domain]["kld_mean"],
-                     "cis_apart": ca[1] < co[0], "no_larger": a["size_bytes"] <= other["size_bytes"],
-                     "both_fit": max(a["size_bytes"], other["size_bytes"]) <= pt["file_limit"]}
+def _versus(a: dict, other: dict | None, domain: str, limit: int) -> dict[str, bool] | None:
+    ca, co = _ci(a, domain), _ci(other, domain)
+    if ca is None or co is None:
+        return None
+    return {"lower": a["eval"][domain]["kld_mean"] < other["eval"][domain]["kld_mean"], "cis_apart": ca[1] < co[0],
+            "no_larger": a["size_bytes"] <= other["size_bytes"],
+            "both_fit": max(a["size_bytes"], other["size_bytes"]) <= limit}
+
+
+def _judge(a: dict, q: dict, lb: dict | None, domain: str, limit: int) -> dict[str, Any]:
+    """Did this keep-auto file prune, and beat quant-only (at no larger size) and llama.cpp's best mixture within the
+    same budget on `domain`, with 95 % CIs apart?"""
+    out: dict[str, Any] = {"pruned": bool(a.get("file")) and a["keep"] < 1.0,
+                           "vs_quant_only": _versus(a, q, domain, limit), "vs_llama": _versus(a, lb, domain, limit)}
     vq, vl = out["vs_quant_only"], out["vs_llama"]
     out["pruning_paid"] = bool(out["pruned"] and vq and vq["lower"] and vq["cis_apart"] and vq["no_larger"])
     out["beat_llama"] = bool(vl and vl["lower"] and vl["cis_apart"] and vl["both_fit"])
     return out
+
+
+def verdict(pt: dict[str, Any], domain: str) -> dict[str, Any]:
+    """The verdicts of keep auto with dropped experts (`auto`) and with merged ones (`auto_merge`) on `domain`, and
+    whether the merged file's KLD is below the dropped one's with CIs apart (`merge_better`)."""
+    a, m = pt["auto"], pt.get("auto_merge", {})
+    out: dict[str, Any] = {k: _judge(pt[k], pt["quant_only"], pt["llama_best"], domain, pt["file_limit"])
+           for k in ("auto", "auto_merge") if k in pt}
+    vm = _versus(m, a, domain, pt["file_limit"]) if m.get("file") else None
+    out["merge_better"] = bool(vm and vm["lower"] and vm["cis_apart"])
+    return out
+
+
+def why_not(row: dict[str, Any]) -> str:
+    """Each retention keep auto measured at this budget: its plan's selection KLD (or its pruning-only KLD where it
+    was screened out before a plan) — why the chosen one won."""
+    parts = []
+    for c in row.get("candidates") or []:
+        if c.get("infeasible"):
+            parts.append(f"{c['keep']:g}: does not fit")
+        elif c.get("kld") is not None:
+            parts.append(f"{c['keep']:g}: {c['kld']:.4f}")
+        elif c.get("prune_kld") is not None:
+            parts.append(f"{c['keep']:g}: pruning alone {c['prune_kld']:.4f}")
+    return "; ".join(parts) or "—"
 
 
 def _kld(row: dict | None, domain: str) -> str:
@@ -188,54 +236,86 @@ def _quant_cell(q: dict, domain: str) -> str:
     return f"{_mib(q)} MiB, {_kld(q, domain)}" if q.get("file") else "does not fit"
 
 
+def _auto_cell(a: dict, d: str) -> str:
+    if not a.get("file"):
+        return "does not fit"
+    return f"{a['keep']:g} ({a['n_experts'][0]}/{a['n_experts'][1]}), {a['top_k']}, {_mib(a)} MiB, {_kld(a, d)}"
+
+
+def _paid(v: dict, q: dict) -> str:
+    return "yes" if v["pruning_paid"] else ("no (not pruned)" if not v["pruned"] else
+                                            "— (quant-only cannot fit)" if not q.get("file") else "no")
+
+
+def _row(r: dict, pt: dict, d: str) -> str:
+    q, lb, v = pt["quant_only"], pt["llama_best"], pt["verdict"][d]
+    small = min(r["mixtures"], key=lambda m: m["size_bytes"])
+    llama = (f"{lb['method'].removeprefix('llama.cpp ')}, {_mib(lb)} MiB, {_kld(lb, d)}" if lb else
+             f"none fits (smallest: {small['method'].removeprefix('llama.cpp ')}, {_mib(small)} MiB)")
+    merged = "yes" if v["merge_better"] else ("same file" if pt["auto_merge"].get("keep") == 1.0 and
+                                                pt["auto"].get("keep") == 1.0 else "no")
+    return (f"| {r['domain']} | {d} | {pt['budget_bpw']:g} | {pt['file_limit'] / 2**20:.2f} | {_quant_cell(q, d)} | "
+            f"{_auto_cell(pt['auto'], d)} | {_paid(v['auto'], q)} | {_auto_cell(pt['auto_merge'], d)} | "
+            f"{_paid(v['auto_merge'], q)} | {merged} | {llama} |")
+
+
+def _counts(results: dict[str, Any], key: str, test: str) -> tuple[list[str], int]:
+    hits, n = [], 0
+    for r in results["domains"]:
+        if r["domain"] == BUNDLED:
+            continue
+        for pt in r["points"]:
+            n += 1
+            if pt["verdict"][r["domain"]][key][test]:
+                hits.append(f"{r['domain']} {pt['budget_bpw']:g} bpw")
+    return hits, n
+
+
 def markdown(results: dict[str, Any], command: str) -> str:
     s = results["settings"]
-    lines = [BEGIN, "", "## Domain-targeted compression (bench/domain.py)", "",
+    lines = [BEGIN, "", "## Domain-targeted compression, experts dropped or merged (bench/domain.py)", "",
              f"`{command}` on `{results['model']}` ({results['params']:,} parameters), {results['seconds'] / 60:.0f} "
              f"min. Calibration on the target domain's calibration text ({s['calib_tokens']:,} tokens, "
-             f"{s['sens_tokens']:,} held out for selection); sensitivity base {s['base']}, ladder "
-             f"{', '.join(s['ladder'])}; criterion {s['criterion']}. KLD vs the bf16 checkpoint on each domain's "
+             f"{s['sens_tokens']:,} held out for selection; `bundled`: compress's default bundled calibration, judged "
+             f"on every domain); sensitivity base {s['base']}, ladder {', '.join(s['ladder'])}; criterion "
+             f"{s['criterion']}. keep auto chooses the retention by measurement, once with dropped experts discarded "
+             "and once with `--merge` (every pruned candidate merged). KLD vs the bf16 checkpoint on each domain's "
              f"evaluation text ({s['eval_tokens']:,} tokens in windows of {s['ctx']}, second halves scored), mean ± "
-             "half-width of the 95 % CI from window means. llama.cpp: its standard mixtures with the same "
-             "calibration's importance matrix; the column shows the lowest-KLD one no larger than the keep-auto "
-             "file.", "",
-             "| target | budget bpw | limit MiB | keep auto: keep, k', MiB | keep auto KLD | quant-only (keep 1) "
-             "MiB, KLD | llama.cpp best fitting | its KLD | pruning paid | keep auto on other domains | "
-             "quant-only on other domains |",
+             "half-width of the 95 % CI from window means. \"pays\": pruned, KLD below quant-only's (keep 1) at no "
+             "larger size, CIs apart. llama.cpp: its standard mixtures with the same calibration's importance matrix, "
+             "the lowest-KLD one no larger than the keep-auto file.", "",
+             "| calibration | evaluated on | budget bpw | limit MiB | quant-only (keep 1): MiB, KLD | keep auto, dropped: "
+             "keep (experts), k', MiB, KLD | pays | keep auto, merged: keep (experts), k', MiB, KLD | pays | merged "
+             "below dropped (CIs apart) | llama.cpp best fitting: MiB, KLD |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["domains"]:
-        d = r["domain"]
-        for pt in r["points"]:
-            a, q, lb, v = pt["auto"], pt["quant_only"], pt["llama_best"], pt["verdict"]
-            auto_cell = (f"{a['keep']:g} ({a['n_experts'][0]}/{a['n_experts'][1]}), {a['top_k']}, {_mib(a)}"
-                         if a.get("file") else "does not fit")
-            paid = "yes" if v["pruning_paid"] else ("no (not pruned)" if not v["pruned"] else
-                                                    "— (quant-only cannot fit)" if not q.get("file") else "no")
-            small = min(r["mixtures"], key=lambda m: m["size_bytes"])
-            llama_cell = (f"{lb['method']}, {_mib(lb)} MiB" if lb else
-                          f"none fits (smallest: {small['method']}, {_mib(small)} MiB)")
-            lines.append(f"| {d} | {pt['budget_bpw']:g} | {pt['file_limit'] / 2**20:.2f} | {auto_cell} | {_kld(a, d)} "
-                         f"| {_quant_cell(q, d)} | {llama_cell} | "
-                         f"{_kld(lb, d)} | {paid} | {_others(a, d)} | {_others(q, d)} |")
-    paid = [(r["domain"], pt["budget_bpw"]) for r in results["domains"] for pt in r["points"]
-            if pt["verdict"]["pruning_paid"]]
-    beat = [(r["domain"], pt["budget_bpw"]) for r in results["domains"] for pt in r["points"] if pt["verdict"]["beat_llama"]]
-    none = [(r["domain"], pt["budget_bpw"]) for r in results["domains"] for pt in r["points"] if pt["llama_best"] is None]
-    n = sum(len(r["points"]) for r in results["domains"])
-    lines += ["", f"Pruning paid (keep auto pruned, KLD on the target domain below quant-only's at no larger size, "
-                  f"CIs apart) at {len(paid)} of {n} (domain, budget) points"
-                  + (": " + ", ".join(f"{d} {b:g} bpw" for d, b in paid) if paid else "") + ". "
-                  f"keep auto beat llama.cpp's best mixture within the same budget (lower KLD, CIs apart) at "
-                  f"{len(beat)} of {n}" + (": " + ", ".join(f"{d} {b:g} bpw" for d, b in beat) if beat else "")
-                  + f"; at {len(none)} of {n} no llama.cpp mixture fits the budget at all"
-                  + (": " + ", ".join(f"{d} {b:g} bpw" for d, b in none) if none else "") + ".", "", END]
+        lines += [_row(r, pt, d) for pt in r["points"] for d in pt["verdict"]]
+    lines += ["", "What keep auto measured at each retention (selection KLD of its plan, on the calibration's held-out "
+              "selection tokens; \"pruning alone\": screened out by its pruning-only KLD before a plan was made):", "",
+              "| calibration | budget bpw | dropped | merged |", "|---|---|---|---|"]
+    lines += [f"| {r['domain']} | {pt['budget_bpw']:g} | {why_not(pt['auto'])} | {why_not(pt['auto_merge'])} |"
+              for r in results["domains"] for pt in r["points"]]
+    lines += ["", "The target-domain files on the other domains (mean KLD):", "",
+              "| calibration | budget bpw | keep auto, dropped | keep auto, merged | quant-only |", "|---|---|---|---|---|"]
+    lines += [f"| {r['domain']} | {pt['budget_bpw']:g} | {_others(pt['auto'], r['domain'])} | "
+              f"{_others(pt['auto_merge'], r['domain'])} | {_others(pt['quant_only'], r['domain'])} |"
+              for r in results["domains"] if r["domain"] != BUNDLED for pt in r["points"]]
+    for key, name in (("auto", "dropped"), ("auto_merge", "merged")):
+        paid, n = _counts(results, key, "pruning_paid")
+        beat, _ = _counts(results, key, "beat_llama")
+        lines += ["", f"keep auto, {name}: pruning paid at {len(paid)} of {n} (domain, budget) points"
+                  + (" (" + ", ".join(paid) + ")" if paid else "") + f"; beat llama.cpp's best fitting mixture (CIs "
+                  f"apart) at {len(beat)} of {n}" + (" (" + ", ".join(beat) + ")" if beat else "") + "."]
+    lines += ["", END]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=ROOT / "models" / "tiny-deepseek-v3-multi")
-    p.add_argument("--domains", nargs="+", default=["code", "dialogue"], choices=DOMAINS)
+    p.add_argument("--domains", nargs="+", default=["code", "dialogue"], choices=(*DOMAINS, BUNDLED),
+                   help=f"target domains; {BUNDLED!r}: the bundled calibration, judged on all five")
+    p.add_argument("--criterion", default="score", help="fixed, so dropped and merged runs prune the same experts")
     p.add_argument("--bpw", nargs="+", type=float, default=[1.8, 2.5, 3.5])
     p.add_argument("--work", type=Path, default=ROOT / "out" / "bench-domain")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "domain.json")
@@ -253,13 +333,12 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(args.out.read_text())
         for r in results["domains"]:
             for pt in r["points"]:
-                pt["verdict"] = verdict(pt, r["domain"])
+                pt["verdict"] = {d: verdict(pt, d) for d in targets(r["domain"])}
         write_json(args.out, results)
         write_section(args.md, markdown(results, results["command"]), BEGIN, END)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from moepack.model.checkpoint import open_checkpoint
-    from moepack.pipeline.options import CompressOptions
 
     t0 = time.perf_counter()
     ev = Evaluator(args.model, Path(args.work), args)
@@ -267,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"model": rel(args.model), "params": sum(open_checkpoint(args.model).param_counts().values()),
                "settings": {"base": args.base, "ladder": args.ladder, "calib_tokens": args.calib_tokens,
                             "sens_tokens": args.selection_tokens, "seq_len": args.seq_len, "ctx": args.ctx,
-                            "eval_tokens": args.eval_tokens, "criterion": CompressOptions().criterion,
+                            "eval_tokens": args.eval_tokens, "criterion": args.criterion,
                             "eval": ev.settings},
                "domains": domains, "seconds": round(time.perf_counter() - t0, 1)}
     command = "python bench/domain.py " + " ".join(argv if argv is not None else sys.argv[1:])
