@@ -32,6 +32,15 @@ def small_compress_options(*extra: str, calib_tokens: int = 1024, seq_len: int =
     return flags + list(FAST_SEARCH if fast else ()) + list(extra)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _moepack_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Kernel time tables the tests' compress runs measure (moepack.stages.speed) go to a temporary directory, not
+    the user's cache."""
+    import os
+
+    os.environ.setdefault("MOEPACK_CACHE", str(tmp_path_factory.mktemp("moepack-cache")))
+
+
 # A test that takes longer than this on a quiet machine (setup included: a module's shared compress run counts for
 # its first test) carries @pytest.mark.slow; the run's summary names any that does not, so the marks follow the
 # durations (on a loaded machine it names more: judge from a quiet run).

@@ -96,6 +96,9 @@ def test_model_card(run, tmp_path: Path, capsys) -> None:
     assert f"| size | {size:,} bytes" in text
     summary = json.loads((run["run"] / "summary.json").read_text())
     assert f"| bits per weight | {summary['bpw']:.3f}" in text
+    sp = summary["speed"]  # predicted from this machine's kernel times, beside the same-size llama.cpp mixture's
+    assert f"| speed | predicted tokens per second on {sp['kernels']}: decode {sp['decode_tps']:,.0f}" in text
+    assert f"llama.cpp's {sp['mixture']['name']} of the unpruned model" in text
     result = RunSummary.read(run["run"] / "summary.json")  # the result: report KLD, else selection KLD
     assert f"(fake-quantized forward): {result.result_kld:.5f}." in text
     assert "| routed experts kept per MoE layer | 6 of 8 (keep 0.75)" in text

@@ -60,6 +60,7 @@ def test_compress_fits_budget_and_runs(model: Path, tmp_path: Path, capsys, capl
     _check_run_command(out, text)
     _check_criterion_auto(out.with_name(out.name + ".run"), text)
     _check_references(out.with_name(out.name + ".run"), text)
+    _check_speed(out.with_name(out.name + ".run"), text)
 
 
 def test_reference_types_smallest_then_budget_type(model: Path) -> None:
@@ -181,6 +182,18 @@ def _check_criterion_auto(run_dir: Path, printed: str) -> None:
     plan = json.loads((run_dir / "prune_plan-r0.75.json").read_text())
     assert plan["criterion"] == best["criterion"]
     assert "criterion at keep 0.75" in printed
+
+
+def _check_speed(run_dir: Path, printed: str) -> None:
+    """summary.json and the printed summary hold the plan's predicted tokens per second and the same-size llama.cpp
+    mixture's, from kernel times of this machine."""
+    import json
+
+    sp = json.loads((run_dir / "summary.json").read_text())["speed"]
+    assert sp["decode_tps"] > 0 and sp["prompt_tps"] > 0 and sp["threads"] == 2
+    assert sp["mixture"]["decode_tps"] > 0 and "measured on this machine" in sp["kernels"]
+    assert {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "output"} <= set(sp["decode_ms_by_class"])
+    assert f"decode {sp['decode_tps']:,.0f}" in printed
 
 
 def _check_run_command(out: Path, printed: str) -> None:

@@ -19,7 +19,7 @@ from moepack.errors import MoepackError
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 COMMANDS = tuple(f"moepack.cli.{name}" for name in (
-    "inspect", "calibrate", "prune", "eval", "allocate", "quantize", "sensitivity", "compress", "report", "usage"))
+    "inspect", "calibrate", "prune", "eval", "allocate", "quantize", "sensitivity", "compress", "report", "usage", "speed"))
 
 
 def build_parser() -> argparse.ArgumentParser:

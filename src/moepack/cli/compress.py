@@ -57,6 +57,9 @@ def add_cli(sub: o.Subparsers) -> None:
     o.add_sensitivity(p)
     o.add_criterion(p, auto=True)
     o.add_merge(p, auto=True)
+    p.add_argument("--speed-table", type=Path, default=None, metavar="FILE",
+                   help="kernel times of the target device (`moepack speed MODEL -o FILE` run there) to predict "
+                        "tokens per second with; default: measured on this machine and cached")
     p.add_argument("--refine", type=int, default=REFINE, metavar="N",
                    help="after allocation, up to N passes of measured moves (budget-neutral swaps, upgrades into "
                         "bytes left over) that the additive sensitivity model misses; 0: off (default %(default)s)")
@@ -88,7 +91,7 @@ def _options(args: argparse.Namespace, threads: int, shards: int | None = None):
                            solver=args.solver, reference=args.reference_types, ladder=args.ladder, criterion=args.criterion,
                            threads=threads, shards=shards, cache_dir=args.quant_cache, repack=args.repack,
                            sensitivity=args.sensitivity, refine=args.refine, probe_tokens=args.probe_tokens,
-                           save_pruned=args.save_pruned, merge=merge)
+                           save_pruned=args.save_pruned, merge=merge, speed_table=args.speed_table)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
     from moepack.pipeline.summary_text import render_summary
 
     o.check_positive(args, "calib_tokens", "seq_len", "selection_tokens", "threads", "probe_tokens")
+    if args.speed_table is not None:  # read now: a bad file fails before hours of work
+        from moepack.schema.speed import KernelTimes
+
+        KernelTimes.read(args.speed_table)
     if args.refine < 0:
         raise MoepackError(f"--refine must be 0 (off) or a number of passes (got {args.refine})")
     if args.dry_run:

@@ -17,7 +17,7 @@ from typing import Any
 
 from moepack.atomic import atomic_copy, atomic_write_text
 from moepack.eval.report import (ReportError, RunArtifacts, eval_report, experts_chart, find_artifacts, load_eval,
-                                 domain_rows, pareto_chart, pareto_points, result_tokens, types_chart)
+                                 domain_rows, pareto_chart, pareto_points, result_tokens, speed_text, types_chart)
 from moepack.gguf.keys import Keys
 from moepack.gguf.metadata import QUANTIZED_BY
 from moepack.schema import CalibManifest, RunSummary, SchemaError
@@ -299,6 +299,8 @@ def _body(a: RunArtifacts, s: RunSummary, manifest: CalibManifest | None, gguf_p
              "## File", "", "| | |", "|---|---|", f"| file | `{gguf_path.name}` |",
              f"| size | {size:,} bytes ({size / 2**20:.2f} MiB) |",
              f"| bits per weight | {s.bpw:.3f} (file bits over the original model's parameters) |", ""]
+    if sp := speed_text(s):
+        lines[-1:-1] = [f"| speed | {sp} |"]
     lines += ["## Calibration", "", *_calibration_rows(manifest), "## Evaluation", "",
               f"Mean KLD vs the original on {result_tokens(s)}, as compress measured the chosen plan "
               f"(fake-quantized forward): {s.result_kld:.5f}.", ""]

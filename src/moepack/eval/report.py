@@ -15,7 +15,7 @@ from moepack.gguf.types import bits_per_weight
 from moepack.schema import PrunePlan, QuantPlan, RunSummary, SensitivityTable
 from moepack.schema.run import RunLayout, retention_name
 
-__all__ = ["domain_rows", "ReportError", "RunArtifacts", "find_artifacts", "build_report", "experts_chart", "types_chart",
+__all__ = ["domain_rows", "speed_text", "ReportError", "RunArtifacts", "find_artifacts", "build_report", "experts_chart", "types_chart",
            "pareto_points", "pareto_chart", "sensitivity_rows"]
 
 log = logging.getLogger(__name__)
@@ -214,10 +214,25 @@ def domain_rows(s: RunSummary) -> list[str]:
     return lines
 
 
+def speed_text(s: RunSummary) -> str | None:
+    """One sentence: the predicted tokens per second of the plan and of the same-size llama.cpp mixture."""
+    sp = s.speed
+    if not sp:
+        return None
+    m = sp.get("mixture")
+    vs = (f" (llama.cpp's {m['name']} of the unpruned model, the file a user would otherwise make at this size: "
+          f"decode {m['decode_tps']:,.0f}, prompt {m['prompt_tps']:,.0f})" if m else "")
+    return (f"predicted tokens per second on {sp['kernels']}: decode {sp['decode_tps']:,.0f}, prompt "
+            f"{sp['prompt_tps']:,.0f}{vs}; from the weights' matrix products alone, so an upper bound where "
+            "attention and graph overhead weigh (small models)")
+
+
 def _summary_lines(s: RunSummary) -> list[str]:
     lines = [f"- output `{s.out}`: {s.file_bytes:,} bytes, {s.bpw:.3f} bits per original weight",
              f"- experts kept {s.n_experts[0]} of {s.n_experts[1]} per MoE layer (keep {s.keep}), top-k {s.top_k}",
              f"- KLD vs the original on {result_tokens(s)}: {s.result_kld:.5f}"]
+    if sp := speed_text(s):
+        lines.append(f"- {sp}")
     if s.timings:
         lines.append("- stage timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in s.timings.items()))
     if s.domains:

@@ -241,8 +241,28 @@ def _summary(search: CandidateSearch, best: Candidate, out: Path, report_kld: fl
         merge=best.merge_record, domains=search.domain_record(best),
         mixtures=best.rivalry.to_dict() if best.rivalry else None,
         refinement=best.refinement.to_dict() if best.refinement else None,
-        timings=dict(search.run.timings), sample=verified.sample, verify_error=verified.error,
+        speed=_speed(search, best), timings=dict(search.run.timings), sample=verified.sample, verify_error=verified.error,
         llama_command=verified.command, placement=best.plan.base.get("placement"), runtime=_runtime())
+
+
+def _speed(search: CandidateSearch, best: Candidate) -> dict[str, Any] | None:
+    """Predicted tokens per second of the chosen plan and of the same-size llama.cpp mixture (stages.speed)."""
+    from moepack.stages.mixtures import mixture_types
+    from moepack.stages.speed import KernelClock, plan_speed
+
+    opts = search.opts
+    try:
+        clock = (KernelClock.from_file(opts.speed_table) if opts.speed_table is not None
+                 else KernelClock.here(opts.threads))
+        rec = plan_speed(best.view, best.plan.tensors, clock).to_dict()
+        if (name := search.reference_mixture()) is not None:
+            other = plan_speed(search.ref, mixture_types(search.ref, name), clock)
+            rec["mixture"] = {"name": name, "decode_tps": round(other.decode_tps, 2),
+                              "prompt_tps": round(other.prompt_tps, 2)}
+    except (MoepackError, OSError, AttributeError) as e:  # AttributeError: a libggml without the symbols
+        log.warning("tokens per second not predicted: %s", e)
+        return None
+    return rec | {"kernels": clock.describe(), "threads": clock.times.threads}
 
 
 def _runtime() -> str:

@@ -58,20 +58,29 @@ class CandidateSearch:
 
     # ------------------------------------------------------------------------------------------------ the search
 
+    def reference_mixture(self) -> str | None:
+        """The largest llama.cpp mixture of the unpruned model that fits the budget (else the smallest one): the
+        file a user would otherwise make at this size."""
+        from moepack.stages.mixtures import mixture_sizes
+
+        sizes = sorted(mixture_sizes(self.ref).items(), key=lambda ms: ms[1].total)
+        if not sizes:
+            return None
+        return next((n for n, s in reversed(sizes) if s.total <= self.budget.weights), sizes[0][0])
+
     def balance(self) -> None:
         """With several calibration domains, weigh each in every mean KLD by its own level: the per-domain KLD of
         the largest llama.cpp mixture of the unpruned model that fits the budget (else the smallest one). A plain
         mean follows the domains the model knows least (their KLDs are largest) and can lose where it is good; the
         balanced mean counts a domain's loss relative to what a same-size file costs there (moepack.pipeline
         .robust)."""
-        from moepack.stages.mixtures import mixture_sizes, mixture_types
+        from moepack.stages.mixtures import mixture_types
 
         if len(self.stats.domain_names) < 2 or self.stats.selection_domain is None:
             return
-        sizes = sorted(mixture_sizes(self.ref).items(), key=lambda ms: ms[1].total)
-        if not sizes:
+        name = self.reference_mixture()
+        if name is None:
             return
-        name = next((n for n, s in reversed(sizes) if s.total <= self.budget.weights), sizes[0][0])
         tensors = {k: v.name for k, v in mixture_types(self.ref, name).items()}
         t0 = time.perf_counter()
         dom = self.meter.domains(self.ref, tensors, None)

@@ -49,6 +49,8 @@ def render_summary(r: RunSummary) -> str:
                      "lists the merges)")
     if len(r.candidates) > 1:
         lines.append("  retention search: " + ", ".join(_candidate_line(c) for c in r.candidates))
+    if r.speed:
+        lines.append(_speed_line(r.speed))
     lines.append("  types per tensor class:")
     for cls, counts in sorted(r.types.items()):
         lines.append(f"    {cls:<16} " + ", ".join(f"{t} x{n}" for t, n in sorted(counts.items())))
@@ -81,6 +83,14 @@ def _domains_line(d: dict[str, Any]) -> str:
     vs = f" vs {mix['name']}" if mix else ""
     cells = [f"{n} {part['chosen'][n][0]:.5f}" + (f"/{mix['kld'][n][0]:.5f}" if mix else "") for n in d["names"]]
     return f"  per domain ({what} KLD, plan{vs}): " + ", ".join(cells)
+
+
+def _speed_line(sp: dict[str, Any]) -> str:
+    m = sp.get("mixture")
+    vs = (f"; llama.cpp's {m['name']} of the unpruned model: decode {m['decode_tps']:,.0f}, prompt "
+          f"{m['prompt_tps']:,.0f}" if m else "")
+    return (f"  speed         predicted tokens/s from the weights' matrix products ({sp['threads']} threads): decode "
+            f"{sp['decode_tps']:,.0f}, prompt {sp['prompt_tps']:,.0f}{vs}")
 
 
 def _refinement_line(f: dict[str, Any]) -> str:

@@ -73,6 +73,9 @@ class RunSummary:
     # llama.cpp mixture: {"names", "selection": {"chosen", "best_mixture": {"name", "kld"}}, "report": {...}};
     # None when the calibration text was one domain (moepack.pipeline.robust)
     domains: dict[str, Any] | None = None
+    # predicted decode / prompt tokens per second of the written plan and of the largest llama.cpp mixture of the
+    # unpruned model within the budget (moepack.stages.speed); None where the kernels could not be timed
+    speed: dict[str, Any] | None = None
 
     @property
     def result_kld(self) -> float:

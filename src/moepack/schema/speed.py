@@ -1,0 +1,74 @@
+"""The kernel time table (`moepack.speed/1`): how long one device's llama.cpp takes per weight row of each GGML type,
+row width and batch — what the speed model (moepack.stages.speed) predicts tokens per second from.
+
+JSON: {"format": "moepack.speed/1", "device": "AMD EPYC ...", "threads": 2, "runtime": "llama-cpp-python 0.3.36",
+       "seconds_per_row": {"Q4_K": {"2048": {"1": 1.1e-07, "512": 9.3e-08}}, ...}}
+`seconds_per_row[type][n][batch]`: seconds one mul_mat spends per (n,)-wide weight row against `batch` input columns,
+weights out of cache (moepack.gguf.matmul). A table measured on another device (`moepack speed-table` run there)
+can be brought with `--speed-table FILE`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moepack.schema.base import SchemaError, read_json
+
+__all__ = ["SPEED_FORMAT", "KernelTimes"]
+
+SPEED_FORMAT = "moepack.speed/1"
+
+
+@dataclass
+class KernelTimes:
+    """seconds per weight row by (type, row width, batch), for one device and thread count."""
+
+    device: str
+    threads: int
+    runtime: str
+    seconds_per_row: dict[str, dict[int, dict[int, float]]] = field(default_factory=dict)
+
+    def get(self, qtype: str, n: int, batch: int) -> float | None:
+        return self.seconds_per_row.get(qtype, {}).get(n, {}).get(batch)
+
+    def put(self, qtype: str, n: int, batch: int, seconds: float) -> None:
+        self.seconds_per_row.setdefault(qtype, {}).setdefault(n, {})[batch] = float(seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": SPEED_FORMAT, "device": self.device, "threads": self.threads, "runtime": self.runtime,
+                "seconds_per_row": {t: {str(n): {str(b): s for b, s in sorted(bs.items())}
+                                        for n, bs in sorted(ns.items())}
+                                    for t, ns in sorted(self.seconds_per_row.items())}}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str | Path) -> KernelTimes:
+        if not isinstance(d, dict) or d.get("format") != SPEED_FORMAT:
+            raise SchemaError(f"{where}: not a kernel time table (want \"format\": \"{SPEED_FORMAT}\"; make one "
+                              "with `moepack speed-table MODEL -o FILE` on the device)")
+        try:
+            times = cls(str(d["device"]), int(d["threads"]), str(d.get("runtime", "")))
+            for t, ns in d["seconds_per_row"].items():
+                for n, bs in ns.items():
+                    for b, s in bs.items():
+                        if not float(s) > 0:
+                            raise ValueError(f"{t}/{n}/{b}: {s} is not a positive time")
+                        times.put(str(t), int(n), int(b), float(s))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise SchemaError(f"{where}: malformed kernel time table ({e}); measure it again with "
+                              "`moepack speed-table`") from None
+        return times
+
+    @classmethod
+    def read(cls, path: str | Path) -> KernelTimes:
+        return cls.from_dict(read_json(Path(path), "kernel time table"), path)
+
+    def write(self, path: str | Path) -> Path:
+        """Written whole to a temporary name, then renamed into place."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        tmp.replace(p)
+        return p

@@ -1,0 +1,116 @@
+"""The speed model: llama.cpp's matrix products timed per type (moepack.gguf.matmul), the kernel time table and its
+file, what one token multiplies (moepack.stages.speed), `moepack speed`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moepack.cli import main
+from moepack.schema.base import SchemaError
+from moepack.schema.speed import KernelTimes
+from moepack.stages.speed import KernelClock, MatMul, SpeedError, matmuls, plan_speed, predict
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+def test_seconds_per_row_grows_with_the_work() -> None:
+    """A row of twice the width, or a batch of 64 columns instead of 1, takes longer; the times are positive."""
+    from moepack.gguf.matmul import seconds_per_row
+
+    one = seconds_per_row("Q8_0", 256, 1, threads=1, repeats=3)
+    wide = seconds_per_row("Q8_0", 1024, 1, threads=1, repeats=3)
+    batch = seconds_per_row("Q8_0", 256, 64, threads=1, repeats=3)
+    assert 0 < one < wide and one < batch
+
+
+def test_matmuls_counts_what_one_token_multiplies() -> None:
+    """tiny-qwen3-moe: per MoE layer k of E experts' gate/up/down, the router, q/k/v/o; the output head; no
+    embedding lookup; types as the plan says, F32 where it says nothing."""
+    from moepack.model.checkpoint import open_checkpoint
+
+    view = open_checkpoint(MODELS / "tiny-qwen3-moe")
+    work = {m.name: m for m in matmuls(view, {"blk.0.ffn_down_exps.weight": "Q4_K"})}
+    f = view.facts
+    down = work["blk.0.ffn_down_exps.weight"]
+    assert (down.qtype, down.uses, down.experts) == ("Q4_K", f.top_k, f.n_experts)
+    assert down.batch(512) == round(512 * f.top_k / f.n_experts)
+    assert "token_embd.weight" not in work and work["output.weight"].qtype == "F32"
+    assert work["blk.0.ffn_gate_inp.weight"].rows == f.n_experts
+    assert {n.split(".")[2] for n in work if n.startswith("blk.0.")} >= {"attn_q", "attn_k", "attn_v", "attn_output"}
+
+
+def _table(times: dict[str, float]) -> KernelTimes:
+    """A table where every (type, width) takes `times[type]` per row at batch 1 and 8x per row at batch 512."""
+    t = KernelTimes("test device", 2, "test")
+    for qtype, s in times.items():
+        for n in (64, 128, 256):
+            t.put(qtype, n, 1, s * n / 256)
+            t.put(qtype, n, 512, 8 * s * n / 256)
+    return t
+
+
+def test_predict_sums_rows_times_seconds_per_row() -> None:
+    """Decode: rows × uses × seconds per row; prompt: each expert multiplies its share of the ubatch."""
+    clock = KernelClock(_table({"Q4_K": 1e-6, "F32": 4e-6}), measure=False)
+    work = [MatMul("blk.0.attn_q.weight", "Q4_K", 256, 100), MatMul("blk.0.ffn_up_exps.weight", "Q4_K", 256, 10, 2, 8)]
+    sp = predict(work, clock, ubatch=512)
+    decode = 100 * 1e-6 + 10 * 2 * 1e-6
+    assert sp.decode_tps == pytest.approx(1 / decode)
+    assert sp.decode_seconds == pytest.approx({"attn_q": 100e-6, "ffn_up_exps": 20e-6})
+    # experts: batch 128 of 512 → 1e-6 + (8e-6 - 1e-6) * 127 / 511 per row, 8 experts × 10 rows, over 512 tokens
+    expert_row = 1e-6 + 7e-6 * 127 / 511
+    prompt = 100 * 8e-6 / 512 + 8 * 10 * expert_row / 512
+    assert sp.prompt_tps == pytest.approx(1 / prompt)
+
+
+def test_a_brought_table_interpolates_widths_and_names_missing_types() -> None:
+    clock = KernelClock(_table({"Q4_K": 1e-6}), measure=False)
+    assert clock.seconds("Q4_K", 512, 1) == pytest.approx(2e-6)  # the nearest width (256), scaled by the width
+    with pytest.raises(SpeedError, match="no IQ2_XXS .*has: Q4_K.*moepack speed"):
+        clock.seconds("IQ2_XXS", 256, 1)
+
+
+def test_slower_types_predict_fewer_tokens(tmp_path: Path) -> None:
+    """The same model with every tensor at a type whose rows take twice as long decodes at about half the speed."""
+    from moepack.gguf.names import gguf_outputs
+    from moepack.model.checkpoint import open_checkpoint
+
+    view = open_checkpoint(MODELS / "tiny-qwen3-moe")
+    clock = KernelClock(_table({"Q4_K": 1e-6, "Q2_K": 2e-6, "F32": 1e-7}), measure=False)
+    names = [o.name for o in gguf_outputs(view) if o.quantizable]
+    fast = plan_speed(view, {n: "Q4_K" for n in names}, clock)
+    slow = plan_speed(view, {n: "Q2_K" for n in names}, clock)
+    assert 1.7 < fast.decode_tps / slow.decode_tps < 2.0 and fast.prompt_tps > slow.prompt_tps
+
+
+def test_table_file_round_trips_and_bad_files_say_what_to_do(tmp_path: Path) -> None:
+    t = _table({"Q4_K": 1e-6})
+    back = KernelTimes.read(t.write(tmp_path / "t.json"))
+    assert back.to_dict() == t.to_dict() and back.get("Q4_K", 256, 512) == pytest.approx(8e-6)
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(SchemaError, match="moepack speed"):
+        KernelTimes.read(tmp_path / "bad.json")
+    d = t.to_dict()
+    d["seconds_per_row"]["Q4_K"]["256"]["1"] = -1
+    (tmp_path / "neg.json").write_text(json.dumps(d))
+    with pytest.raises(SchemaError, match="not a positive time"):
+        KernelTimes.read(tmp_path / "neg.json")
+
+
+def test_speed_command_writes_a_table_compress_reads(tmp_path: Path, capsys, monkeypatch) -> None:
+    """`moepack speed MODEL -o FILE` times the types asked at the model's widths and batches 1..512; compress
+    rejects a table that is not one before it starts."""
+    monkeypatch.setenv("MOEPACK_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "device.json"
+    assert main(["speed", str(MODELS / "tiny-qwen3-moe"), "--types", "Q4_K,Q8_0", "-t", "1", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    t = KernelTimes.read(out)
+    assert set(t.seconds_per_row) == {"Q4_K", "Q8_0"} and "decode GB/s" in printed
+    assert all(set(bs) == {2**i for i in range(10)} for ns in t.seconds_per_row.values() for bs in ns.values())
+    assert list((tmp_path / "cache" / "speed").glob("*-t1.json"))  # this machine's cache, for compress
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["compress", str(MODELS / "tiny-qwen3-moe"), "--target-bpw", "3", "-o", str(tmp_path / "x.gguf"),
+                 "--speed-table", str(tmp_path / "bad.json")]) != 0
+    assert "moepack speed" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()
