@@ -114,3 +114,58 @@ def test_speed_command_writes_a_table_compress_reads(tmp_path: Path, capsys, mon
     assert main(["compress", str(MODELS / "tiny-qwen3-moe"), "--target-bpw", "3", "-o", str(tmp_path / "x.gguf"),
                  "--speed-table", str(tmp_path / "bad.json")]) != 0
     assert "moepack speed" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()
+
+
+def test_a_gguf_files_own_tensors_give_the_same_work_as_its_plan(tmp_path: Path) -> None:
+    """gguf_matmuls of a written file equals matmuls of the view and plan it was written from."""
+    from moepack.gguf.quantize import quantize_model
+    from moepack.model.checkpoint import open_checkpoint
+    from moepack.stages.speed import gguf_matmuls
+
+    model = MODELS / "tiny-qwen3-moe"
+    out = tmp_path / "q8.gguf"
+    quantize_model(model, out, qtype="Q8_0", progress=False)
+    from_file = sorted(gguf_matmuls(out), key=lambda m: m.name)
+    view = open_checkpoint(model)
+    import gguf
+
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert from_file == sorted(matmuls(view, types), key=lambda m: m.name)
+
+
+def _device_table(path: Path) -> Path:
+    """A brought kernel time table on which every IQ type takes 10x as long per row as the other types."""
+    from moepack.gguf.types import QUANT_TYPES
+
+    t = KernelTimes("a device whose IQ kernels are slow", 2, "test")
+    for qtype in [q.name for q in QUANT_TYPES] + ["F32", "F16", "BF16"]:
+        s = 1e-7 if qtype.startswith("IQ") else 1e-8
+        for n in (256, 1024):
+            t.put(qtype, n, 1, s * n / 256)
+            t.put(qtype, n, 512, 64 * s * n / 256)
+    return t.write(path)
+
+
+@pytest.mark.slow
+def test_min_decode_tps_moves_the_plan_to_faster_types(tmp_path: Path, capsys) -> None:
+    """compress --min-decode-tps: the plan is moved to faster types until its predicted decode speed reaches the
+    limit, within the budget (recorded per candidate); a limit no plan can reach fails before anything is written."""
+    from conftest import small_compress_options
+
+    model, table, run = MODELS / "tiny-qwen3-moe", _device_table(tmp_path / "device.json"), tmp_path / "run"
+    common = ["--target-bpw", "3", "--keep", "1", "--speed-table", str(table), "--run-dir",
+              str(run), *small_compress_options(fast=True)]
+    assert main(["compress", str(model), "-o", str(tmp_path / "free.gguf"), *common]) == 0
+    free = json.loads((run / "summary.json").read_text())["speed"]
+    assert "a device whose IQ kernels are slow" in free["kernels"]
+    want = 1.3 * free["decode_tps"]
+    assert main(["compress", str(model), "-o", str(tmp_path / "fast.gguf"), *common, "--min-decode-tps",
+                 str(want)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["speed"]["decode_tps"] >= want
+    (cand,) = summary["candidates"]
+    assert cand["speed_limited"]["before"] < want <= cand["speed_limited"]["after"]
+    capsys.readouterr()
+    assert main(["compress", str(model), "-o", str(tmp_path / "never.gguf"), *common, "--min-decode-tps",
+                 str(1000 * want)]) != 0
+    assert "--min-decode-tps" in capsys.readouterr().err and not (tmp_path / "never.gguf").exists()

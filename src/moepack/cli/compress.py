@@ -57,6 +57,9 @@ def add_cli(sub: o.Subparsers) -> None:
     o.add_sensitivity(p)
     o.add_criterion(p, auto=True)
     o.add_merge(p, auto=True)
+    p.add_argument("--min-decode-tps", type=float, default=None, metavar="X",
+                   help="every plan must predict at least X decode tokens/s (from the kernel times; types are moved "
+                        "to faster ones where needed, within the budget); fails before writing when none can")
     p.add_argument("--speed-table", type=Path, default=None, metavar="FILE",
                    help="kernel times of the target device (`moepack speed MODEL -o FILE` run there) to predict "
                         "tokens per second with; default: measured on this machine and cached")
@@ -91,7 +94,8 @@ def _options(args: argparse.Namespace, threads: int, shards: int | None = None):
                            solver=args.solver, reference=args.reference_types, ladder=args.ladder, criterion=args.criterion,
                            threads=threads, shards=shards, cache_dir=args.quant_cache, repack=args.repack,
                            sensitivity=args.sensitivity, refine=args.refine, probe_tokens=args.probe_tokens,
-                           save_pruned=args.save_pruned, merge=merge, speed_table=args.speed_table)
+                           save_pruned=args.save_pruned, merge=merge, speed_table=args.speed_table,
+                           min_decode_tps=args.min_decode_tps)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ import logging
 import os
 import statistics
 import time
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -90,6 +91,14 @@ def _matrix(qtype: str, rows: int, n: int) -> np.ndarray:
     return quantize(w, qtype, imatrix=imatrix)
 
 
+def _context(mem: int) -> int:
+    base, _ = _libs()
+    ctx = base.ggml_init(_InitParams(mem, None, False))
+    if not ctx:
+        raise MoepackError(f"ggml_init could not allocate {mem:,} bytes to time matrix products")
+    return ctx
+
+
 def seconds_per_row(qtype: str, n: int, batch: int = 1, threads: int = 2, rows: int = 512, repeats: int = 5,
                     min_seconds: float = 0.02) -> float:
     """Median seconds ggml's mul_mat takes per (n,)-wide weight row of `qtype` against `batch` input columns, the
@@ -98,34 +107,47 @@ def seconds_per_row(qtype: str, n: int, batch: int = 1, threads: int = 2, rows: 
     nbytes = row_bytes(t, n) * rows
     copies = max(1, min(_GRAPH_NODES // 4, -(-2 * cache_bytes() // nbytes) if batch < 16 else 1))
     q = _matrix(t.name, rows, n)
-    base, cpu = _libs()
-    per_copy = nbytes + rows * batch * 4 + 2 * (base.ggml_tensor_overhead() + 64)  # weights, product, alignment
-    # + the input and its conversion, the graph, the work buffer; untouched pages cost nothing
-    mem = 2 * (copies * per_copy + 2 * n * batch * 4) + base.ggml_graph_overhead() + 64 * 2**20
-    ctx = base.ggml_init(_InitParams(mem, None, False))
-    if not ctx:
-        raise MoepackError(f"ggml_init could not allocate {mem:,} bytes to time {t.name} matrix products")
+    base, _ = _libs()
+    over = base.ggml_tensor_overhead() + 64  # a tensor's header and alignment
+    data = _context(copies * (nbytes + over) + n * batch * 4 + over + 2**20)  # the weights and the input
     try:
-        x = base.ggml_new_tensor_2d(ctx, 0, n, batch)  # (batch, n) f32 input
+        x = base.ggml_new_tensor_2d(data, 0, n, batch)  # (batch, n) f32 input
         ctypes.memmove(base.ggml_get_data(x), np.random.default_rng(1).standard_normal(
             (batch, n), dtype=np.float32).ctypes.data, n * batch * 4)
-        graph = base.ggml_new_graph(ctx)
+        weights = []
         for _ in range(copies):
-            w = base.ggml_new_tensor_2d(ctx, t.value, n, rows)  # (rows, n) weights of type t
+            w = base.ggml_new_tensor_2d(data, t.value, n, rows)  # (rows, n) weights of type t
             ctypes.memmove(base.ggml_get_data(w), q.ctypes.data, nbytes)
-            base.ggml_build_forward_expand(graph, base.ggml_mul_mat(ctx, w, x))  # (batch, rows)
-        return _time(cpu, ctx, graph, threads, repeats, min_seconds) / (rows * copies)
+            weights.append(w)
+        # each computation allocates its work buffer in its graph's context: a fresh one per run
+        mem = copies * (rows * batch * 4 + over) + base.ggml_graph_overhead() + 4 * n * batch * 4 + 4 * 2**20
+        return _time(lambda ctx: _graph(ctx, weights, x), mem, threads, repeats, min_seconds) / (rows * copies)
     finally:
-        base.ggml_free(ctx)
+        base.ggml_free(data)
 
 
-def _time(cpu: ctypes.CDLL, ctx: int, graph: int, threads: int, repeats: int, min_seconds: float) -> float:
-    """Median wall time of one graph computation (after one warm-up), repeated until `min_seconds` have passed."""
-    if cpu.ggml_graph_compute_with_ctx(ctx, graph, threads) != 0:
-        raise MoepackError("ggml_graph_compute failed while timing matrix products")
+def _graph(ctx: int, weights: list[int], x: int) -> int:
+    """A graph in `ctx` multiplying every weight copy by `x`."""
+    base, _ = _libs()
+    graph = base.ggml_new_graph(ctx)
+    for w in weights:
+        base.ggml_build_forward_expand(graph, base.ggml_mul_mat(ctx, w, x))  # (batch, rows)
+    return graph
+
+
+def _time(build: Callable[[int], int], mem: int, threads: int, repeats: int, min_seconds: float) -> float:
+    """Median wall time of one graph computation (after one warm-up), repeated until `min_seconds` have passed;
+    each in a fresh context of `mem` bytes made by `build(ctx) -> graph`."""
+    base, cpu = _libs()
     times: list[float] = []
-    while len(times) < repeats or sum(times) < min_seconds:
-        t0 = time.perf_counter()
-        cpu.ggml_graph_compute_with_ctx(ctx, graph, threads)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    while len(times) < repeats + 1 or sum(times[1:]) < min_seconds:
+        ctx = _context(mem)
+        try:
+            graph = build(ctx)
+            t0 = time.perf_counter()
+            if cpu.ggml_graph_compute_with_ctx(ctx, graph, threads) != 0:
+                raise MoepackError("ggml_graph_compute failed while timing matrix products")
+            times.append(time.perf_counter() - t0)
+        finally:
+            base.ggml_free(ctx)
+    return statistics.median(times[1:])  # the first is the warm-up

@@ -36,6 +36,8 @@ class Candidate:
     criteria: list[dict[str, Any]] | None = None  # --criterion auto: each criterion's (and merging's) pruning KLD
     references: list[dict[str, Any]] | None = None  # each reference type measured: base, sensitivity, selection KLD
     merge: MergeOptions | None = None  # the dropped experts merged into kept ones so (None: discarded)
+    # --min-decode-tps: predicted decode tok/s of the plan before and after it was moved to faster types
+    speed_limited: dict[str, float] | None = None
 
     @property
     def screened(self) -> bool:
@@ -50,7 +52,8 @@ class Candidate:
                 "mixtures": self.rivalry.to_dict() if self.rivalry else None,
                 "refinement": self.refinement.to_dict() if self.refinement else None,
                 "criterion": self.criterion, "alpha": self.alpha, "criteria": self.criteria,
-                "references": self.references, "merge": self.merge_record}
+                "references": self.references, "merge": self.merge_record} | (
+                    {"speed_limited": self.speed_limited} if self.speed_limited else {})
 
     @property
     def merge_record(self) -> dict[str, Any] | None:

@@ -51,6 +51,7 @@ def compress(model_dir: str | Path, out: str | Path, request: BudgetRequest, opt
     for k in keeps:  # largest retention first: it sets the bar the others are screened against
         search.candidate(k)
     best = search.best()
+    search.check_speed(best)
     _write(run, best, out, opts, budget)
     _save_pruned(best, opts.save_pruned, opts)
     check_file(out, budget)
@@ -78,11 +79,23 @@ def _checked(model_dir: Path, out: Path, request: BudgetRequest,
     check_feasible(ref, budget, opts)
     if opts.shards is not None and opts.shards < 1:
         raise CompressError(f"--shards must be at least 1 (got {opts.shards})")
+    _check_speed_options(opts, budget)
     try:
         log.info("%s", _plan_text(ref, budget, opts, keeps))
     except (MoepackError, ValueError, KeyError) as e:  # an estimate must never stop the run it describes
         log.warning("no cost estimate for this model (%s); compressing anyway", e)
     return ref, keeps, budget
+
+
+def _check_speed_options(opts: CompressOptions, budget: Budget) -> None:
+    if opts.min_decode_tps is None:
+        return
+    if not opts.min_decode_tps > 0:
+        raise CompressError(f"--min-decode-tps must be a positive number of tokens per second (got "
+                            f"{opts.min_decode_tps:g})")
+    if budget.gpu_weights is not None:
+        raise CompressError("--min-decode-tps predicts CPU decoding; with a GPU + RAM device it is not supported yet "
+                            "(drop it, or give a --memory budget without --gpu-memory)")
 
 
 def _validate(opts: CompressOptions, view: CheckpointView) -> list[float]:
@@ -248,12 +261,10 @@ def _summary(search: CandidateSearch, best: Candidate, out: Path, report_kld: fl
 def _speed(search: CandidateSearch, best: Candidate) -> dict[str, Any] | None:
     """Predicted tokens per second of the chosen plan and of the same-size llama.cpp mixture (stages.speed)."""
     from moepack.stages.mixtures import mixture_types
-    from moepack.stages.speed import KernelClock, plan_speed
+    from moepack.stages.speed import plan_speed
 
-    opts = search.opts
     try:
-        clock = (KernelClock.from_file(opts.speed_table) if opts.speed_table is not None
-                 else KernelClock.here(opts.threads))
+        clock = search.clock
         rec = plan_speed(best.view, best.plan.tensors, clock).to_dict()
         if (name := search.reference_mixture()) is not None:
             other = plan_speed(search.ref, mixture_types(search.ref, name), clock)

@@ -28,8 +28,8 @@ from moepack.stages.mixtures import MixtureSize
 if TYPE_CHECKING:
     from moepack.pipeline.robust import DomainKLD
 
-__all__ = ["Rivalry", "fitting_mixtures", "mixture_file_bytes", "mixture_plan", "snap_to_options", "seeded_plan",
-           "challenge"]
+__all__ = ["Rivalry", "fitting_mixtures", "mixture_file_bytes", "mixture_plan", "snap_to_options", "shapes_of",
+           "seeded_plan", "challenge"]
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def fitting_mixtures(view: CheckpointView, table: SensitivityTable, budget: Budg
     return fit
 
 
-def _shapes(view: CheckpointView) -> dict[str, tuple[int, ...]]:
+def shapes_of(view: CheckpointView) -> dict[str, tuple[int, ...]]:
     from moepack.gguf.names import gguf_outputs
 
     return {t.name: tuple(t.shape) for t in gguf_outputs(view)}
@@ -175,7 +175,7 @@ def seeded_plan(view: CheckpointView, table: SensitivityTable, mixture: QuantPla
     the mixture's bytes sit in tensors the table keeps fixed)."""
     from moepack.stages.allocate import AllocationError, choice_plan, fit_start, solve_greedy
 
-    start = fit_start(table, snap_to_options(table, mixture.tensors, _shapes(view)), budget_bytes)
+    start = fit_start(table, snap_to_options(table, mixture.tensors, shapes_of(view)), budget_bytes)
     try:
         choice = solve_greedy(table, budget_bytes, start=start)
     except AllocationError as e:

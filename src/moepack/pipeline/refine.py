@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from moepack.pipeline.options import REFINE_PASSES
 from moepack.schema import QuantPlan, SensitivityTable
-from moepack.stages.allocate import choice_plan
+from moepack.stages.allocate import choice_of, choice_plan
 
 __all__ = ["Move", "Refinement", "REFINE_WIDTH", "byte_sides", "candidate_moves", "refine"]
 
@@ -160,17 +160,6 @@ def _steps(table: SensitivityTable, choice: list[int], move: Move) -> list[list[
 
 # -------------------------------------------------------------------------------------------------------- plan
 
-def _choice_of(table: SensitivityTable, plan: QuantPlan) -> list[int] | None:
-    """The option index of each group's type in `plan` (None when one is not among its options)."""
-    choice = []
-    for g in table.groups:
-        idx = [i for i, o in enumerate(g.options) if o.type == plan.groups.get(g.name)]
-        if not idx:
-            return None
-        choice.append(idx[0])
-    return choice
-
-
 def _additive_kld(table: SensitivityTable, choice: list[int]) -> float | None:
     return choice_plan(table, choice, "", 0).predicted_kld
 
@@ -232,7 +221,7 @@ def refine(table: SensitivityTable, plan: QuantPlan, kld: float, measure: Measur
            width: int = REFINE_WIDTH) -> tuple[QuantPlan, float, Refinement]:
     """(plan, its measured selection KLD, the record) after up to `passes` passes of measured moves from `plan`,
     whose measured KLD is `kld`; `measure` maps a plan's tensors to its selection KLD."""
-    choice = _choice_of(table, plan)
+    choice = choice_of(table, plan)
     rec = Refinement(_additive_kld(table, choice) if choice is not None else plan.predicted_kld, kld, kld)
     if choice is None:
         rec.skipped = "the plan has a type that is not one of the table's options"

@@ -28,7 +28,7 @@ from moepack.pipeline.budget_check import allocate_within, check_floor, nothing_
 from moepack.pipeline.candidates import Candidate
 from moepack.pipeline.criterion import Pruning, choose_pruning
 from moepack.pipeline.measure import KLDMeter
-from moepack.pipeline.options import CompressOptions
+from moepack.pipeline.options import CompressError, CompressOptions
 from moepack.pipeline.reference import reference_mode, reference_types
 from moepack.pipeline.steps import prune_stage, sensitivity_stage
 from moepack.rundir import RunDir
@@ -37,6 +37,7 @@ from moepack.stages.budget import Budget, BudgetError, format_size
 
 if TYPE_CHECKING:
     from moepack.pipeline.robust import DomainKLD
+    from moepack.stages.speed import KernelClock
 
 __all__ = ["CandidateSearch"]
 
@@ -52,6 +53,7 @@ class CandidateSearch:
                  backend: Backend | None) -> None:
         self.run, self.ref, self.stats, self.budget, self.opts, self.backend = run, ref, stats, budget, opts, backend
         self.meter = KLDMeter(ref, stats, opts.threads)
+        self._clock: KernelClock | None = None
         self.candidates: list[Candidate] = []  # in the order measured
         self._criteria: dict[tuple[int, int], Pruning] = {}  # (experts kept, k') → the pruning chosen
         self._scales: dict[str, Any] | None = None  # the domain scales (balance) and the mixture they came from
@@ -207,6 +209,8 @@ class CandidateSearch:
         cand, table = found
         if self.opts.mixtures:
             cand = self._challenge(cand, table)
+        if self.opts.min_decode_tps is not None:
+            cand = self._speed_limited(cand, table)
         log.info("keep %.3f: %s of tensors, measured KLD %.5f", cand.keep, format_size(cand.plan.predicted_bytes),
                  cand.kld)
         return cand
@@ -292,6 +296,51 @@ class CandidateSearch:
         key = f"refine r={cand.keep:g}"  # summed over the reference types refined
         self.run.timings[key] = self.run.timings.get(key, 0.0) + time.perf_counter() - t0
         return dataclasses.replace(cand, plan=plan, kld=kld, refinement=rec)
+
+    @property
+    def clock(self) -> KernelClock:
+        """The kernel times speed is predicted from: --speed-table's, else this machine's (measured, cached)."""
+        from moepack.stages.speed import KernelClock
+
+        if self._clock is None:
+            self._clock = (KernelClock.from_file(self.opts.speed_table) if self.opts.speed_table is not None
+                           else KernelClock.here(self.opts.threads))
+        return self._clock
+
+    def decode_tps(self, cand: Candidate) -> float:
+        from moepack.stages.speed import matmuls, predict
+
+        return predict(matmuls(cand.view, cand.plan.tensors), self.clock).decode_tps
+
+    def _speed_limited(self, cand: Candidate, table: SensitivityTable) -> Candidate:
+        """`cand`'s plan allocated again with its predicted decode time limited by --min-decode-tps (within the same
+        budget: stages.speed.speed_choice), then measured; unchanged when it already meets the limit."""
+        from moepack.stages.allocate import choice_plan
+        from moepack.stages.speed import group_seconds, matmuls, speed_choice
+
+        limit, before = float(self.opts.min_decode_tps), self.decode_tps(cand)
+        if before >= limit:
+            return cand
+        seconds, fixed = group_seconds(table, matmuls(cand.view, cand.plan.tensors), self.clock)
+        choice, total = speed_choice(table, cand.plan.budget_bytes, seconds, fixed, 1.0 / limit, self.opts.solver)
+        plan = choice_plan(table, choice, f"{cand.plan.solver}, speed-limited", cand.plan.budget_bytes,
+                           cand.plan.tensors, cand.plan.base)
+        t0 = time.perf_counter()
+        kld = self._measure(cand)(plan.tensors)
+        self.run.timings[f"speed limit r={cand.keep:g}"] = time.perf_counter() - t0
+        log.info("keep %.3f: predicted decode %.1f tok/s < --min-decode-tps %g: faster types give %.1f tok/s, "
+                 "selection KLD %.5f (was %.5f)", cand.keep, before, limit, 1.0 / total, kld, cand.kld)
+        return dataclasses.replace(cand, plan=plan, kld=kld, speed_limited={"before": before, "after": 1.0 / total})
+
+    def check_speed(self, best: Candidate) -> None:
+        """CompressError when the chosen plan's predicted decode speed is under --min-decode-tps (before writing)."""
+        limit = self.opts.min_decode_tps
+        if limit is None or (tps := self.decode_tps(best)) >= limit:
+            return
+        raise CompressError(
+            f"no plan within the budget reaches --min-decode-tps {limit:g}: the fastest compress made predicts "
+            f"{tps:.1f} decode tok/s on {self.clock.describe()}. Lower --min-decode-tps, give a larger budget (the "
+            "fast types are not the smallest), or use fewer experts per token (--top-k)")
 
     def _challenge(self, cand: Candidate, table: SensitivityTable) -> Candidate:
         """llama.cpp's largest fitting mixtures measured against `cand`'s plan, the lowest kept (moepack.pipeline

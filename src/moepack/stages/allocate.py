@@ -64,6 +64,7 @@ __all__ = [
     "AllocationError",
     "allocate",
     "choice_plan",
+    "choice_of",
     "budget_bytes_for",
     "file_budget",
     "fit_start",
@@ -94,6 +95,17 @@ def smallest(table: SensitivityTable) -> list[int]:
 
 def _used(table: SensitivityTable, choice: list[int]) -> int:
     return table.fixed_bytes + sum(g.options[c].bytes for g, c in zip(table.groups, choice))
+
+
+def choice_of(table: SensitivityTable, plan: QuantPlan) -> list[int] | None:
+    """The option index of each group's type in `plan` (None when one is not among its options)."""
+    choice = []
+    for g in table.groups:
+        idx = [i for i, o in enumerate(g.options) if o.type == plan.groups.get(g.name)]
+        if not idx:
+            return None
+        choice.append(idx[0])
+    return choice
 
 
 def objective(table: SensitivityTable, choice: list[int]) -> float:

@@ -12,6 +12,7 @@ The model (what it counts, and what it leaves out):
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -25,8 +26,10 @@ from moepack.stages.footprint import DEFAULT_UBATCH
 
 if TYPE_CHECKING:
     from moepack.model.checkpoint import CheckpointView
+    from moepack.schema import SensitivityTable
 
-__all__ = ["MatMul", "KernelClock", "SpeedError", "Speed", "matmuls", "predict", "plan_speed", "default_table_path", "runtime_name"]
+__all__ = ["MatMul", "KernelClock", "SpeedError", "Speed", "matmuls", "gguf_matmuls", "predict", "plan_speed",
+           "default_table_path", "runtime_name", "group_seconds", "speed_choice", "measure_for"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,27 @@ def matmuls(view: CheckpointView, types: dict[str, str]) -> list[MatMul]:
             for s in o.shape[:-1]:
                 rows *= s
             work.append(MatMul(o.name, qtype, o.shape[-1], rows))
+    return work
+
+
+def gguf_matmuls(path: str | Path) -> list[MatMul]:
+    """The weight products of one token through the GGUF file at `path`, from its tensor table and its
+    `*.expert_used_count` (any file llama.cpp runs: moepack's, llama.cpp's own)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    used = [f for name, f in reader.fields.items() if name.endswith(".expert_used_count")]
+    top_k = int(used[0].parts[-1][0]) if used else 0
+    names = {t.name for t in reader.tensors}
+    work = []
+    for t in reader.tensors:
+        ne = [int(x) for x in t.shape]  # ggml order: (n, rows[, experts or heads])
+        if len(ne) < 2 or (t.name.startswith("token_embd") and "output.weight" in names):
+            continue
+        if "_exps" in t.name and len(ne) == 3:
+            work.append(MatMul(t.name, t.tensor_type.name, ne[0], ne[1], top_k, ne[2]))
+        else:
+            work.append(MatMul(t.name, t.tensor_type.name, ne[0], ne[1] * (ne[2] if len(ne) == 3 else 1)))
     return work
 
 
@@ -216,3 +240,60 @@ def measure_for(view: CheckpointView, types: tuple[str, ...], clock: KernelClock
         clock.seconds(qtype, n, b)
     clock.save()
     return clock.times
+
+
+# ------------------------------------------------------------------------------------------ --min-decode-tps
+
+def group_seconds(table: SensitivityTable, work: list[MatMul], clock: KernelClock) -> tuple[list[list[float]], float]:
+    """Decode seconds per token of each group at each of its options, and of the tensors outside every group (as
+    `work` has them)."""
+    from moepack.gguf.types import fallback_type
+
+    by_name = {m.name: m for m in work}
+    grouped = {t for g in table.groups for t in g.tensors}
+
+    def at(m: MatMul, qtype: str) -> float:
+        return m.rows * m.uses * clock.seconds(fallback_type(qtype, m.n).name, m.n, 1)
+
+    seconds = [[sum(at(by_name[t], o.type) for t in g.tensors if t in by_name) for o in g.options]
+               for g in table.groups]
+    fixed = sum(at(m, m.qtype) for m in work if m.name not in grouped)
+    return seconds, fixed
+
+
+def speed_choice(table: SensitivityTable, budget_bytes: int, seconds: list[list[float]], fixed_s: float,
+                 limit_s: float, solver: str = "greedy") -> tuple[list[int], float]:
+    """The allocation within `budget_bytes` whose predicted decode seconds per token are at most `limit_s`, with the
+    least predicted ΔKLD the allocator finds: the budget allocated on ΔKLD + λ · seconds (Lagrangian relaxation of
+    the time limit), λ the smallest that meets it (a bisection on log λ). Returns the choice and its seconds: above
+    `limit_s` when even the largest λ cannot meet it (then the fastest plan found)."""
+    import math
+
+    from moepack.stages.allocate import allocate, choice_of
+
+    def solve(lam: float) -> tuple[list[int], float]:
+        penalized = dataclasses.replace(table, groups=tuple(
+            dataclasses.replace(g, options=tuple(dataclasses.replace(o, dkld=o.dkld + lam * t)
+                                                 for o, t in zip(g.options, ts)))
+            for g, ts in zip(table.groups, seconds)))
+        choice = choice_of(penalized, allocate(penalized, budget_bytes, solver))
+        assert choice is not None
+        return choice, fixed_s + sum(ts[c] for ts, c in zip(seconds, choice))
+
+    best = solve(0.0)
+    if best[1] <= limit_s:
+        return best
+    lo, hi = -12.0, 12.0  # log10 λ: ΔKLD in nats against seconds per token
+    fast = solve(10.0 ** hi)
+    if fast[1] > limit_s:
+        return fast
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        found = solve(10.0 ** mid)
+        if found[1] <= limit_s:
+            hi, fast = mid, found
+        else:
+            lo = mid
+        if hi - lo < 0.05 or not math.isfinite(mid):
+            break
+    return fast

@@ -1,0 +1,159 @@
+"""Tokens per second at real matrix widths: llama.cpp's measured decode and prompt speed of each file beside what
+moepack's speed model (moepack.stages.speed) predicts for it from this machine's kernel times.
+
+Run: .venv/bin/python bench/speed.py [--layers 2] [--experts 128] [--ftypes IQ1_S IQ2_XXS Q2_K Q3_K_S Q4_K_M]
+       [--plans FILE.gguf ...] [--threads 2] [--runs 5] [--work out/bench-speed] [--out bench/results/speed.json]
+       [--md docs/performance.md]
+
+1. A Qwen3-30B-A3B-shaped checkpoint: its config.json (data/configs/qwen3-30b-a3b: hidden 2048, 128 experts × 768,
+   top-8, 32 query and 4 KV heads of 128) with `--layers` layers and `--experts` routed experts, and the fixture
+   tokenizer's 4,096-token vocabulary (so that the layers' matrices dominate a token's work, as in the 48-layer model
+   where the output head is a small part); random weights; an importance matrix from a short calibration on it (the
+   IQ types need one).
+2. Each llama.cpp mixture of --ftypes, written by llama.cpp's own quantizer rules (moepack.gguf.quantize), and each
+   file of --plans (a moepack compress output of this checkpoint): decode and prompt tokens/s through llama.cpp
+   (moepack.eval.speed: a fresh process per file, warm-up, median of --runs, --threads threads, a 512-token prompt
+   then 64 decoded tokens), and the prediction from the file's own types.
+The Markdown section replaces the one between its markers in --md; every number in it comes from the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import CONFIGS, DATA, ROOT, SyntheticView, rel, write_json, write_section
+
+BEGIN, END = "<!-- bench/speed.py: begin -->", "<!-- bench/speed.py: end -->"
+TOKENIZER = ROOT / "models" / "tiny-qwen3-moe"  # its 4,096-token tokenizer (BOS / EOS id 0)
+PROMPT, GEN = 512, 64
+
+log = logging.getLogger("speed")
+
+
+def checkpoint(work: Path, layers: int, experts: int) -> Path:
+    """The Qwen3-30B-A3B-shaped random checkpoint (built once per shape)."""
+    from moepack.stages.prune import write_checkpoint
+
+    out = work / f"qwen3-30b-a3b-shaped-{layers}L-{experts}E"
+    if (out / "config.json").is_file():
+        return out
+    cfg = json.loads((CONFIGS / "qwen3-30b-a3b" / "config.json").read_text())
+    tok = json.loads((TOKENIZER / "config.json").read_text())
+    cfg.update(num_hidden_layers=layers, max_window_layers=layers, num_experts=experts, vocab_size=tok["vocab_size"],
+               bos_token_id=tok.get("bos_token_id"), eos_token_id=tok.get("eos_token_id"))
+    view = SyntheticView(cfg)
+    view.root = TOKENIZER
+    write_checkpoint(view, out, progress=True)
+    return out
+
+
+def imatrix(model: Path, work: Path, threads: int) -> Path:
+    """A calibration run directory on 1,024 tokens of the bundled stories text: the IQ mixtures' importance matrix."""
+    from moepack.cli import main
+
+    run = work / f"calib-{model.name}"
+    if not (run / "calib" / "stats.safetensors").is_file():
+        main(["calibrate", str(model), "--calib-text", str(DATA / "calib" / "stories.txt"), "--calib-tokens", "1024",
+              "--seq-len", "256", "-t", str(threads), "-o", str(run)])
+    return run
+
+
+def mixture_file(model: Path, work: Path, ftype: str, run: Path, threads: int) -> Path:
+    from moepack.gguf.quantize import quantize_model
+
+    out = work / f"{model.name}-{ftype}.gguf"
+    if not out.is_file():
+        quantize_model(model, out, ftype=ftype, imatrix=run, threads=threads, progress=False)
+    return out
+
+
+def predicted(gguf_path: Path, threads: int) -> dict[str, Any]:
+    """The speed model's tokens/s for the file's own tensors, from this machine's kernel times (measured on first use
+    and cached)."""
+    from moepack.stages.speed import KernelClock, gguf_matmuls, predict
+
+    return predict(gguf_matmuls(gguf_path), KernelClock.here(threads)).to_dict()
+
+
+def measured(gguf_path: Path, threads: int, runs: int) -> dict[str, Any]:
+    """llama.cpp's decode and prompt tokens/s (median of `runs`), in a fresh process."""
+    from moepack.gguf.runtime import run_isolated
+
+    prompt = [int(i) % 4000 + 10 for i in range(PROMPT)]  # token ids; the speed does not depend on which
+    res = run_isolated("moepack.eval.speed:speed_probe", {"path": str(gguf_path), "ctx": PROMPT + GEN,
+                                                          "threads": threads, "prompt": prompt, "gen": GEN,
+                                                          "runs": runs}, what=f"speed of {gguf_path.name}")
+    return {k: res[k] for k in ("decode_tps", "prompt_tps", "speed_each_run")}
+
+
+def row(name: str, model: Path, path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    log.info("%s: timing %s", name, path.name)
+    m, p = measured(path, args.threads, args.runs), predicted(path, args.threads)
+    return {"file": name, "path": rel(path), "size_bytes": path.stat().st_size, "measured": m, "predicted": p,
+            "decode_ratio": p["decode_tps"] / m["decode_tps"], "prompt_ratio": p["prompt_tps"] / m["prompt_tps"]}
+
+
+def markdown(res: dict[str, Any]) -> str:
+    s = res["settings"]
+    lines = [BEGIN, "", "## Predicted vs measured tokens per second at real widths (bench/speed.py)", "",
+             f"`{res['command']}` on {res['device']}, {s['threads']} threads, {res['runtime']}: "
+             f"`{res['model']}` (Qwen3-30B-A3B's widths: hidden 2048, {s['experts']} experts × 768, top-8; "
+             f"{s['layers']} layers; 4,096-token vocabulary; random weights). Measured: llama.cpp, a fresh process "
+             f"per file, median of {s['runs']} runs of a {PROMPT}-token prompt then {GEN} decoded tokens. "
+             "Predicted: moepack.stages.speed from this machine's kernel times (the weights' matrix products "
+             "only). Ratio = predicted / measured.", "",
+             "| file | MiB | decode tok/s measured | predicted | ratio | prompt tok/s measured | predicted | ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        m, p = r["measured"], r["predicted"]
+        lines.append(f"| {r['file']} | {r['size_bytes'] / 2**20:.1f} | {m['decode_tps']:.1f} | {p['decode_tps']:.1f} "
+                     f"| {r['decode_ratio']:.2f} | {m['prompt_tps']:.1f} | {p['prompt_tps']:.1f} | "
+                     f"{r['prompt_ratio']:.2f} |")
+    worst = max(res["rows"], key=lambda r: abs(r["decode_ratio"] - 1), default=None)
+    if worst is not None:
+        within = sum(abs(r["decode_ratio"] - 1) <= 0.15 for r in res["rows"])
+        lines += ["", f"Decode predicted within 15 % of measured for {within} of {len(res['rows'])} files (furthest: "
+                  f"{worst['file']}, ratio {worst['decode_ratio']:.2f})."]
+    return "\n".join(lines + ["", END]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--ftypes", nargs="+", default=["IQ1_S", "IQ2_XXS", "Q2_K", "Q3_K_S", "Q4_K_M"])
+    p.add_argument("--plans", nargs="*", type=Path, default=[], help="moepack files of the same checkpoint")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--work", type=Path, default=ROOT / "out" / "bench-speed")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "speed.json")
+    p.add_argument("--md", type=Path, default=ROOT / "docs" / "performance.md")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from moepack.gguf.matmul import cpu_name
+    from moepack.stages.speed import runtime_name
+
+    t0 = time.perf_counter()
+    args.work.mkdir(parents=True, exist_ok=True)
+    model = checkpoint(args.work, args.layers, args.experts)
+    run = imatrix(model, args.work, args.threads)
+    rows = [row(f"llama.cpp {f}", model, mixture_file(model, args.work, f, run, args.threads), args)
+            for f in args.ftypes]
+    rows += [row(f"moepack {plan.name}", model, plan, args) for plan in args.plans]
+    command = "python bench/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    res = {"command": command.strip(), "device": cpu_name(), "runtime": runtime_name(), "model": rel(model),
+           "settings": {"layers": args.layers, "experts": args.experts, "threads": args.threads, "runs": args.runs},
+           "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
+    write_json(args.out, res)
+    write_section(args.md, markdown(res), BEGIN, END)
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
