@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=ROOT / "out" / "bench-speed")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "speed.json")
     p.add_argument("--md", type=Path, default=ROOT / "docs" / "performance.md")
+    p.add_argument("--prepare", action="store_true", help="only build the checkpoint and the files (timings need a "
+                   "quiet machine; this part does not)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from moepack.gguf.matmul import cpu_name
@@ -142,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     model = checkpoint(args.work, args.layers, args.experts)
     run = imatrix(model, args.work, args.threads)
-    rows = [row(f"llama.cpp {f}", model, mixture_file(model, args.work, f, run, args.threads), args)
-            for f in args.ftypes]
+    files = [mixture_file(model, args.work, f, run, args.threads) for f in args.ftypes]
+    if args.prepare:
+        return 0
+    rows = [row(f"llama.cpp {f}", model, path, args) for f, path in zip(args.ftypes, files)]
     rows += [row(f"moepack {plan.name}", model, plan, args) for plan in args.plans]
     command = "python bench/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     res = {"command": command.strip(), "device": cpu_name(), "runtime": runtime_name(), "model": rel(model),

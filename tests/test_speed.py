@@ -169,3 +169,27 @@ def test_min_decode_tps_moves_the_plan_to_faster_types(tmp_path: Path, capsys) -
     assert main(["compress", str(model), "-o", str(tmp_path / "never.gguf"), *common, "--min-decode-tps",
                  str(1000 * want)]) != 0
     assert "--min-decode-tps" in capsys.readouterr().err and not (tmp_path / "never.gguf").exists()
+
+
+def test_tie_break_takes_the_fastest_of_the_retentions_within_the_best_ones_ci() -> None:
+    """best(): among retentions measured within the lowest one's 95 % CI and nowhere worse, the fastest predicted
+    decode; one outside the band, or worse on a domain, is not taken however fast; --no-speed-tiebreak: the lowest."""
+    from types import SimpleNamespace
+
+    from moepack.pipeline.options import CompressOptions
+    from moepack.pipeline.search import CandidateSearch
+
+    def cand(keep: float, kld: float) -> SimpleNamespace:
+        return SimpleNamespace(keep=keep, kld=kld, view=None, plan=SimpleNamespace(tensors={}), prune_plan=None)
+
+    a, b, c, d = cand(1.0, 0.010), cand(0.875, 0.0104), cand(0.75, 0.0109), cand(0.625, 0.0102)
+    search = object.__new__(CandidateSearch)
+    search.opts, search.tie_break = CompressOptions(), None
+    search.meter = SimpleNamespace(ci_half=lambda *_: 0.0005)
+    speeds = {1.0: 100.0, 0.875: 120.0, 0.75: 200.0, 0.625: 300.0}
+    search.decode_tps = lambda cand: speeds[cand.keep]
+    fitting = [a, b, c, d]
+    chosen = search._fastest_tie(fitting, 0, [a, b, c])  # d is worse on a domain; c is outside the band
+    assert chosen is b and search.tie_break["chosen"] == 0.875 and search.tie_break["lowest_kld"] == 1.0
+    search.opts = CompressOptions(speed_tiebreak=False)
+    assert search._fastest_tie(fitting, 0, [a, b, c]) is a

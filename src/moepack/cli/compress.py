@@ -60,6 +60,9 @@ def add_cli(sub: o.Subparsers) -> None:
     p.add_argument("--min-decode-tps", type=float, default=None, metavar="X",
                    help="every plan must predict at least X decode tokens/s (from the kernel times; types are moved "
                         "to faster ones where needed, within the budget); fails before writing when none can")
+    p.add_argument("--no-speed-tiebreak", dest="speed_tiebreak", action="store_false",
+                   help="among retentions whose selection KLD is within the best one's 95%% CI, keep the lowest "
+                        "KLD (default: the fastest predicted decode)")
     p.add_argument("--speed-table", type=Path, default=None, metavar="FILE",
                    help="kernel times of the target device (`moepack speed MODEL -o FILE` run there) to predict "
                         "tokens per second with; default: measured on this machine and cached")
@@ -95,7 +98,7 @@ def _options(args: argparse.Namespace, threads: int, shards: int | None = None):
                            threads=threads, shards=shards, cache_dir=args.quant_cache, repack=args.repack,
                            sensitivity=args.sensitivity, refine=args.refine, probe_tokens=args.probe_tokens,
                            save_pruned=args.save_pruned, merge=merge, speed_table=args.speed_table,
-                           min_decode_tps=args.min_decode_tps)
+                           min_decode_tps=args.min_decode_tps, speed_tiebreak=args.speed_tiebreak)
 
 
 def run(args: argparse.Namespace) -> int:

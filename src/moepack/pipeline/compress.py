@@ -273,6 +273,7 @@ def _speed(search: CandidateSearch, best: Candidate) -> dict[str, Any] | None:
     except (MoepackError, OSError, AttributeError) as e:  # AttributeError: a libggml without the symbols
         log.warning("tokens per second not predicted: %s", e)
         return None
+    rec |= {"tie_break": search.tie_break} if search.tie_break else {}
     return rec | {"kernels": clock.describe(), "threads": clock.times.threads}
 
 

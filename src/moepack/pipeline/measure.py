@@ -42,6 +42,13 @@ class KLDMeter:
         imatrix, on `ids` (default the selection tokens)."""
         return self._measured(view, tensors, prune_plan, ids)[0]
 
+    def ci_half(self, view: CheckpointView, tensors: dict[str, str], prune_plan: PrunePlan | None) -> float:
+        """Half-width of the 95 % CI of the plan's mean selection KLD, from window means (moepack.pipeline.robust)."""
+        from moepack.pipeline.robust import DomainKLD
+
+        tokens = self._measured(view, tensors, prune_plan, None)[1]  # (N, L)
+        return DomainKLD(("all",), np.zeros(len(tokens), dtype=int), tokens).means()["all"][1]
+
     def domains(self, view: CheckpointView, tensors: dict[str, str], prune_plan: PrunePlan | None,
                 report: bool = False) -> DomainKLD | None:
         """The plan's per-domain KLDs on the selection (or `report`) tokens; None when the calibration text had

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from moepack.backends import Backend
+from moepack.errors import MoepackError
 from moepack.model.checkpoint import CheckpointView
 from moepack.pipeline.budget_check import allocate_within, check_floor, nothing_fits
 from moepack.pipeline.candidates import Candidate
@@ -54,6 +55,7 @@ class CandidateSearch:
         self.run, self.ref, self.stats, self.budget, self.opts, self.backend = run, ref, stats, budget, opts, backend
         self.meter = KLDMeter(ref, stats, opts.threads)
         self._clock: KernelClock | None = None
+        self.tie_break: dict[str, Any] | None = None  # best(): the candidates tied on KLD and their speeds
         self.candidates: list[Candidate] = []  # in the order measured
         self._criteria: dict[tuple[int, int], Pruning] = {}  # (experts kept, k') → the pruning chosen
         self._scales: dict[str, Any] | None = None  # the domain scales (balance) and the mixture they came from
@@ -119,7 +121,33 @@ class CandidateSearch:
             raise nothing_fits([c.keep for c in self.candidates], self.budget, self.opts.ladder)
         base = self.baseline()
         options = [(f"keep {c.keep:g}", c.kld, self.domains(c)) for c in fitting]
-        return fitting[robust_choice(options, base[1] if base else None)[0]]
+        i, worse = robust_choice(options, base[1] if base else None)
+        return self._fastest_tie(fitting, i, [c for j, c in enumerate(fitting) if not worse[j]])
+
+    def _fastest_tie(self, fitting: list[Candidate], i: int, fine: list[Candidate]) -> Candidate:
+        """Among the candidates as good as fitting[i] on the selection tokens (mean KLD within its 95 % CI, no worse
+        than the best mixture on any domain), the one with the fastest predicted decode (--no-speed-tiebreak:
+        fitting[i])."""
+        best = fitting[i]
+        if not self.opts.speed_tiebreak or best not in fine:
+            return best
+        band = best.kld + self.meter.ci_half(best.view, best.plan.tensors, best.prune_plan)
+        ties = [c for c in fine if c.kld <= band]
+        if len(ties) < 2:
+            return best
+        try:
+            speed = {c.keep: self.decode_tps(c) for c in ties}
+        except (MoepackError, OSError, AttributeError) as e:  # no kernel times: the lowest KLD
+            log.warning("no speed tie-break: %s", e)
+            return best
+        fastest = max(ties, key=lambda c: (speed[c.keep], -c.kld))
+        self.tie_break = {"lowest_kld": best.keep, "band": band, "chosen": fastest.keep,
+                          "decode_tps": {f"{k:g}": round(v, 2) for k, v in speed.items()}}
+        if fastest is not best:
+            log.info("keep %g measures within the 95 %% CI of keep %g's KLD (%.5f <= %.5f) and predicts %.1f decode "
+                     "tok/s against %.1f: chosen", fastest.keep, best.keep, fastest.kld, band, speed[fastest.keep],
+                     speed[best.keep])
+        return fastest
 
     def domains(self, cand: Candidate, report: bool = False) -> DomainKLD | None:
         """`cand`'s plan's per-domain KLDs on the selection (or report) tokens (None: one domain)."""
