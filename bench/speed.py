@@ -98,6 +98,26 @@ def row(name: str, model: Path, path: Path, args: argparse.Namespace) -> dict[st
             "decode_ratio": p["decode_tps"] / m["decode_tps"], "prompt_ratio": p["prompt_tps"] / m["prompt_tps"]}
 
 
+def kernel_rows(model: Path, threads: int, types: list[str]) -> list[dict[str, Any]]:
+    """Per type and row width of the checkpoint: decode GB/s (batch 1) and prompt GFLOP/s at an expert's share of a
+    ubatch (512 · 8 / 128 = 32 columns) and at a whole ubatch (512), from this machine's kernel times."""
+    from moepack.gguf.types import row_bytes
+    from moepack.model.checkpoint import open_checkpoint
+    from moepack.stages.speed import KernelClock, measure_for
+
+    clock = KernelClock.here(threads)
+    view = open_checkpoint(model)
+    times = measure_for(view, tuple(types), clock, batches=(1, 32, 512), progress=True)
+    rows = []
+    for t in types:
+        for n, by in sorted(times.seconds_per_row.get(t, {}).items()):
+            if {1, 32, 512} <= set(by):
+                rows.append({"type": t, "n": n, "decode_gbs": row_bytes(t, n) / by[1] / 1e9,
+                             "ns_per_weight": by[1] / n * 1e9, "gflops_32": 2 * n * 32 / by[32] / 1e9,
+                             "gflops_512": 2 * n * 512 / by[512] / 1e9})
+    return rows
+
+
 def markdown(res: dict[str, Any]) -> str:
     s = res["settings"]
     lines = [BEGIN, "", "## Predicted vs measured tokens per second at real widths (bench/speed.py)", "",
@@ -114,6 +134,12 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {r['file']} | {r['size_bytes'] / 2**20:.1f} | {m['decode_tps']:.1f} | {p['decode_tps']:.1f} "
                      f"| {r['decode_ratio']:.2f} | {m['prompt_tps']:.1f} | {p['prompt_tps']:.1f} | "
                      f"{r['prompt_ratio']:.2f} |")
+    lines += ["", f"Kernel times of this machine ({s['threads']} threads; moepack.gguf.matmul, weights out of cache), "
+              "the table every prediction above is made from:", "",
+              "| type | row width | decode GB/s | decode ns per weight | GFLOP/s, 32 columns | GFLOP/s, 512 columns |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {k['type']} | {k['n']} | {k['decode_gbs']:.2f} | {k['ns_per_weight']:.3f} | {k['gflops_32']:.1f} | "
+              f"{k['gflops_512']:.1f} |" for k in res.get("kernels", [])]
     worst = max(res["rows"], key=lambda r: abs(r["decode_ratio"] - 1), default=None)
     if worst is not None:
         within = sum(abs(r["decode_ratio"] - 1) <= 0.15 for r in res["rows"])
@@ -147,12 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     files = [mixture_file(model, args.work, f, run, args.threads) for f in args.ftypes]
     if args.prepare:
         return 0
+    from moepack.gguf.types import LADDER
+
+    kernels = kernel_rows(model, args.threads, list(dict.fromkeys((*LADDER, "Q4_0", "IQ4_NL", "Q5_0", "F16"))))
     rows = [row(f"llama.cpp {f}", model, path, args) for f, path in zip(args.ftypes, files)]
     rows += [row(f"moepack {plan.name}", model, plan, args) for plan in args.plans]
     command = "python bench/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     res = {"command": command.strip(), "device": cpu_name(), "runtime": runtime_name(), "model": rel(model),
            "settings": {"layers": args.layers, "experts": args.experts, "threads": args.threads, "runs": args.runs},
-           "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
+           "rows": rows, "kernels": kernels, "seconds": round(time.perf_counter() - t0, 1)}
     write_json(args.out, res)
     write_section(args.md, markdown(res), BEGIN, END)
     print(markdown(res))
