@@ -109,7 +109,10 @@ def test_speed_command_writes_a_table_compress_reads(tmp_path: Path, capsys, mon
     t = KernelTimes.read(out)
     assert set(t.seconds_per_row) == {"Q4_K", "Q8_0"} and "decode GB/s" in printed
     assert all(set(bs) == {2**i for i in range(10)} for ns in t.seconds_per_row.values() for bs in ns.values())
-    assert list((tmp_path / "cache" / "speed").glob("*-t1.json"))  # this machine's cache, for compress
+    (cached,) = (tmp_path / "cache" / "speed").glob("*-t1.json")  # this machine's cache, for compress
+    assert KernelTimes.read(cached).to_dict() == t.to_dict()
+    assert main(["speed", str(MODELS / "tiny-qwen3-moe"), "--types", "Q8_0", "-t", "1", "--fresh"]) == 0
+    assert set(KernelTimes.read(cached).seconds_per_row) == {"Q8_0"}  # measured again from nothing
     (tmp_path / "bad.json").write_text("{}")
     assert main(["compress", str(MODELS / "tiny-qwen3-moe"), "--target-bpw", "3", "-o", str(tmp_path / "x.gguf"),
                  "--speed-table", str(tmp_path / "bad.json")]) != 0

@@ -24,6 +24,9 @@ def add_cli(sub: o.Subparsers) -> None:
                    help="write the kernel time table here (default: only this machine's cache)")
     p.add_argument("--types", type=o.ladder_arg, default=None, metavar="T1,T2,...",
                    help="GGML types to time (default: compress's ladder and every type llama.cpp's mixtures use)")
+    p.add_argument("--fresh", action="store_true",
+                   help="measure every time again, replacing this machine's cached table (e.g. one timed while other "
+                        "jobs shared the cores)")
     o.add_threads(p, "threads of the timed products (as llama.cpp will run: -t)")
 
 
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     o.check_positive(args, "threads")
     view = open_for_planning(resolve_model(args.model_dir))
-    clock = KernelClock.here(o.threads(args))
+    clock = KernelClock.here(o.threads(args), fresh=args.fresh)
     times = measure_for(view, _types(args), clock, progress=True)
     print(render(times))
     if args.output is not None:

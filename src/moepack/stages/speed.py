@@ -129,13 +129,14 @@ class KernelClock:
         self.dirty = False
 
     @classmethod
-    def here(cls, threads: int, path: Path | None = None) -> KernelClock:
-        """This machine's clock, starting from its cached table where there is one."""
+    def here(cls, threads: int, path: Path | None = None, fresh: bool = False) -> KernelClock:
+        """This machine's clock, starting from its cached table where there is one (`fresh`: from an empty one,
+        which replaces the cache when saved)."""
         from moepack.gguf.matmul import cpu_name
 
         path = path or default_table_path(threads)
         times = KernelTimes(cpu_name(), threads, runtime_name())
-        if path.is_file():
+        if path.is_file() and not fresh:
             try:
                 times = KernelTimes.read(path)
             except MoepackError as e:
