@@ -273,3 +273,39 @@ def test_make_bench_reruns_every_benchmark_the_docs_cite():
     assert cited and not cited - run, f"cited in docs/ but not in `make bench`: {sorted(cited - run)}"
     assert set(rules["bench"][0].split()) == {t for t in rules if t.startswith("bench-")}
     assert "bench" not in " ".join(rules["test"]), "`make test` must not run the benchmarks"
+
+
+def _kld(mean: float, half: float) -> dict[str, float]:
+    return {"kld_mean": mean, "kld_ci95_low": mean - half, "kld_ci95_high": mean + half}
+
+
+def test_domain_bench_judges_dropped_and_merged_keep_auto(monkeypatch) -> None:
+    """bench/domain.py: pruning pays where keep auto pruned and beat quant-only with CIs apart at no larger size;
+    merged counts as better than dropped only with CIs apart; the page's counts come from those verdicts."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    domain = importlib.import_module("domain")
+
+    def row(keep: float, size: int, mean: float, half: float) -> dict:
+        return {"file": "f", "keep": keep, "top_k": 4, "n_experts": [int(64 * keep), 64], "size_bytes": size,
+                "eval": {d: _kld(mean, half) for d in common.DOMAINS}, "candidates": [
+                    {"keep": 1.0, "kld": 0.12}, {"keep": keep, "kld": mean, "prune_kld": 0.01}]}
+
+    pt = {"budget_bpw": 2.5, "file_limit": 1000, "quant_only": row(1.0, 990, 0.12, 0.003),
+          "auto": row(0.75, 990, 0.035, 0.001), "auto_merge": row(0.75, 990, 0.030, 0.001), "llama_best": None}
+    v = domain.verdict(pt, "code")
+    assert v["auto"]["pruning_paid"] and v["auto_merge"]["pruning_paid"] and v["merge_better"]
+    pt["auto_merge"] = row(0.75, 990, 0.0345, 0.001)  # lower, but the CIs overlap
+    assert not domain.verdict(pt, "code")["merge_better"]
+    pt["auto"] = row(1.0, 990, 0.12, 0.003)  # kept every expert: nothing to pay
+    assert not domain.verdict(pt, "code")["auto"]["pruning_paid"]
+    pt["verdict"] = {"code": domain.verdict(pt, "code")}
+    results = {"model": "m", "params": 1, "seconds": 60, "command": "python bench/domain.py",
+               "settings": {"calib_tokens": 1, "sens_tokens": 1, "base": "IQ1_S", "ladder": ["IQ1_S"],
+                            "criterion": "score", "eval_tokens": 1, "ctx": 256},
+               "domains": [{"domain": "code", "points": [pt], "mixtures": [{"method": "llama.cpp IQ1_S",
+                                                                             "size_bytes": 2000}]}]}
+    page = domain.markdown(results, "python bench/domain.py")
+    assert "keep auto, dropped: pruning paid at 0 of 1" in page and "keep auto, merged: pruning paid at 1 of 1" in page
+    assert "| 1: 0.1200; 0.75: 0.0345 |" in page  # what each retention measured (merged)
