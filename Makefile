@@ -39,7 +39,7 @@ bench-results: install  # docs/results.md (in-domain), docs/results-bundled.md (
 
 bench-pruning: install  # docs/pruning.md (domain.py rewrites its section)
 	$(BIN)/python bench/prune.py
-	$(BIN)/python bench/domain.py --domains code dialogue
+	$(BIN)/python bench/domain.py --domains code dialogue bundled
 	$(BIN)/python bench/merge.py
 
 bench-performance: install  # docs/performance.md (sensitivity.py rewrites its section)
@@ -56,6 +56,7 @@ bench-performance: install  # docs/performance.md (sensitivity.py rewrites its s
 	nice $(BIN)/python bench/reference.py --model models/tiny-deepseek-v3 --bpw 2.5 3.5
 	nice $(BIN)/python bench/reference.py --model models/tiny-deepseek-v3 --bpw 2.5 --bases IQ2_XXS \
 		--out bench/results/reference-iq2_xxs.json
+	$(BIN)/python bench/speed.py
 
 bench-distributed: install  # docs/distributed.md
 	$(BIN)/python bench/distributed_cost.py
