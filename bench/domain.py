@@ -47,6 +47,14 @@ def targets(domain: str) -> tuple[str, ...]:
     return DOMAINS if domain == BUNDLED else (domain,)
 
 
+CANDIDATE_KEYS = ("keep", "top_k", "kld", "prune_kld", "screened", "infeasible", "same_as", "tensor_bytes", "criterion")
+
+
+def compact(c: dict[str, Any]) -> dict[str, Any]:
+    """What the page uses of a retention compress measured (the full record is in its run's summary.json)."""
+    return {k: c.get(k) for k in CANDIDATE_KEYS}
+
+
 def run_compress(model: Path, work: Path, domain: str, keep: float | str, bpw: float,
                  args: argparse.Namespace, merge: bool = False) -> dict[str, Any]:
     """One compress run (cached by its output's JSON); a budget it cannot meet is a row with the reason."""
@@ -72,7 +80,7 @@ def run_compress(model: Path, work: Path, domain: str, keep: float | str, bpw: f
     else:
         d = {"file": rel(out), "size_bytes": r.file_bytes, "keep": r.keep, "top_k": r.top_k,
              "n_experts": list(r.n_experts), "selection_kld": r.selection_kld, "criterion": opts.criterion,
-             "candidates": r.candidates, "merge": r.merge}
+             "candidates": [compact(c) for c in r.candidates], "merge": r.merge}
     d.update(method=("keep auto" if keep == "auto" else f"keep {keep:g}") + (", merged" if merge else ""), budget_bpw=bpw,
              seconds=round(time.perf_counter() - t0, 1))
     info.write_text(json.dumps(d, indent=1, default=str))
@@ -242,7 +250,10 @@ def _auto_cell(a: dict, d: str) -> str:
     return f"{a['keep']:g} ({a['n_experts'][0]}/{a['n_experts'][1]}), {a['top_k']}, {_mib(a)} MiB, {_kld(a, d)}"
 
 
-def _paid(v: dict, q: dict) -> str:
+def _paid(v: dict, a: dict, q: dict) -> str:
+    vq = v["vs_quant_only"]
+    if vq and v["pruned"] and vq["lower"] and vq["cis_apart"] and not vq["no_larger"]:
+        return f"no: {a['size_bytes'] - q['size_bytes']:,} B larger (both within the budget)"
     return "yes" if v["pruning_paid"] else ("no (not pruned)" if not v["pruned"] else
                                             "— (quant-only cannot fit)" if not q.get("file") else "no")
 
@@ -255,8 +266,8 @@ def _row(r: dict, pt: dict, d: str) -> str:
     merged = "yes" if v["merge_better"] else ("same file" if pt["auto_merge"].get("keep") == 1.0 and
                                                 pt["auto"].get("keep") == 1.0 else "no")
     return (f"| {r['domain']} | {d} | {pt['budget_bpw']:g} | {pt['file_limit'] / 2**20:.2f} | {_quant_cell(q, d)} | "
-            f"{_auto_cell(pt['auto'], d)} | {_paid(v['auto'], q)} | {_auto_cell(pt['auto_merge'], d)} | "
-            f"{_paid(v['auto_merge'], q)} | {merged} | {llama} |")
+            f"{_auto_cell(pt['auto'], d)} | {_paid(v['auto'], pt['auto'], q)} | {_auto_cell(pt['auto_merge'], d)} | "
+            f"{_paid(v['auto_merge'], pt['auto_merge'], q)} | {merged} | {llama} |")
 
 
 def _counts(results: dict[str, Any], key: str, test: str) -> tuple[list[str], int]:
