@@ -143,8 +143,11 @@ def markdown(res: dict[str, Any]) -> str:
     worst = max(res["rows"], key=lambda r: abs(r["decode_ratio"] - 1), default=None)
     if worst is not None:
         within = sum(abs(r["decode_ratio"] - 1) <= 0.15 for r in res["rows"])
+        prompt = sum(abs(r["prompt_ratio"] - 1) <= 0.15 for r in res["rows"])
+        far = max(res["rows"], key=lambda r: abs(r["prompt_ratio"] - 1))
         lines += ["", f"Decode predicted within 15 % of measured for {within} of {len(res['rows'])} files (furthest: "
-                  f"{worst['file']}, ratio {worst['decode_ratio']:.2f})."]
+                  f"{worst['file']}, ratio {worst['decode_ratio']:.2f}); prompt for {prompt} (furthest: "
+                  f"{far['file']}, ratio {far['prompt_ratio']:.2f})."]
     return "\n".join(lines + ["", END]) + "\n"
 
 
@@ -159,9 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=ROOT / "out" / "bench-speed")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "speed.json")
     p.add_argument("--md", type=Path, default=ROOT / "docs" / "performance.md")
+    p.add_argument("--from-json", action="store_true", help="only rewrite the page's section from --out's results")
     p.add_argument("--prepare", action="store_true", help="only build the checkpoint and the files (timings need a "
                    "quiet machine; this part does not)")
     args = p.parse_args(argv)
+    if args.from_json:
+        write_section(args.md, markdown(json.loads(args.out.read_text())), BEGIN, END)
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from moepack.gguf.matmul import cpu_name
     from moepack.stages.speed import runtime_name
