@@ -25,6 +25,17 @@ def test_seconds_per_row_grows_with_the_work() -> None:
     assert 0 < one < wide and one < batch
 
 
+def test_experts_are_timed_as_llama_cpp_runs_them(tmp_path: Path) -> None:
+    """Routed experts: ggml's mul_mat_id at the model's (E, k'), cached under "TYPE@ExK"; a prompt's token costs
+    less per row than a decoded one (the weights are read once for the ubatch)."""
+    clock = KernelClock(KernelTimes("here", 1, "test"), tmp_path / "t.json")
+    one = clock.expert_seconds("Q8_0", 256, 8, 2, 1)
+    many = clock.expert_seconds("Q8_0", 256, 8, 2, 64)
+    assert 0 < many < one and clock.times.get("Q8_0@8x2", 256, 1) == one
+    clock.save()
+    assert KernelTimes.read(tmp_path / "t.json").get("Q8_0@8x2", 256, 64) == many
+
+
 def test_matmuls_counts_what_one_token_multiplies() -> None:
     """tiny-qwen3-moe: per MoE layer k of E experts' gate/up/down, the router, q/k/v/o; the output head; no
     embedding lookup; types as the plan says, F32 where it says nothing."""
@@ -35,7 +46,6 @@ def test_matmuls_counts_what_one_token_multiplies() -> None:
     f = view.facts
     down = work["blk.0.ffn_down_exps.weight"]
     assert (down.qtype, down.uses, down.experts) == ("Q4_K", f.top_k, f.n_experts)
-    assert down.batch(512) == round(512 * f.top_k / f.n_experts)
     assert "token_embd.weight" not in work and work["output.weight"].qtype == "F32"
     assert work["blk.0.ffn_gate_inp.weight"].rows == f.n_experts
     assert {n.split(".")[2] for n in work if n.startswith("blk.0.")} >= {"attn_q", "attn_k", "attn_v", "attn_output"}
@@ -107,12 +117,15 @@ def test_speed_command_writes_a_table_compress_reads(tmp_path: Path, capsys, mon
     assert main(["speed", str(MODELS / "tiny-qwen3-moe"), "--types", "Q4_K,Q8_0", "-t", "1", "-o", str(out)]) == 0
     printed = capsys.readouterr().out
     t = KernelTimes.read(out)
-    assert set(t.seconds_per_row) == {"Q4_K", "Q8_0"} and "decode GB/s" in printed
-    assert all(set(bs) == {2**i for i in range(10)} for ns in t.seconds_per_row.values() for bs in ns.values())
+    # every width and batch 1..512; the routed experts' mul_mat_id at the model's 16 experts, 4 per token
+    assert set(t.seconds_per_row) == {"Q4_K", "Q8_0", "Q4_K@16x4", "Q8_0@16x4"} and "decode GB/s" in printed
+    assert all(set(bs) == {2**i for i in range(10)} for k, ns in t.seconds_per_row.items() if "@" not in k
+               for bs in ns.values())
+    assert all(set(bs) == {1, 512} for k, ns in t.seconds_per_row.items() if "@" in k for bs in ns.values())
     (cached,) = (tmp_path / "cache" / "speed").glob("*-t1.json")  # this machine's cache, for compress
     assert KernelTimes.read(cached).to_dict() == t.to_dict()
     assert main(["speed", str(MODELS / "tiny-qwen3-moe"), "--types", "Q8_0", "-t", "1", "--fresh"]) == 0
-    assert set(KernelTimes.read(cached).seconds_per_row) == {"Q8_0"}  # measured again from nothing
+    assert {k.split("@")[0] for k in KernelTimes.read(cached).seconds_per_row} == {"Q8_0"}  # measured anew
     (tmp_path / "bad.json").write_text("{}")
     assert main(["compress", str(MODELS / "tiny-qwen3-moe"), "--target-bpw", "3", "-o", str(tmp_path / "x.gguf"),
                  "--speed-table", str(tmp_path / "bad.json")]) != 0

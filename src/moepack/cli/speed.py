@@ -56,16 +56,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def render(times) -> str:  # times: KernelTimes
-    """Per type and width: decode GB/s and ns per weight, prompt GFLOP/s at a 512-token ubatch."""
+    """Per type and width: decode GB/s and ns per weight, prompt GFLOP/s at a 512-token ubatch; routed experts
+    ("TYPE@ExK": mul_mat_id over E experts, K per token) per row and expert use."""
     from moepack.gguf.types import row_bytes
 
     lines = [f"{times.device}, {times.threads} threads, {times.runtime}",
-             f"{'type':<8} {'width':>6} {'decode GB/s':>12} {'ns/weight':>10} {'prompt GFLOP/s':>15}"]
-    for t, widths in sorted(times.seconds_per_row.items()):
+             f"{'type':<16} {'width':>6} {'decode GB/s':>12} {'ns/weight':>10} {'prompt GFLOP/s':>15}"]
+    for key, widths in sorted(times.seconds_per_row.items()):
+        t = key.split("@")[0]
         for n, by_batch in sorted(widths.items()):
             dec, pr = by_batch.get(1), by_batch.get(512)
+            per_col = 1 if "@" in key else 512  # experts: seconds per row, use and token already
             gbs = f"{row_bytes(t, n) / dec / 1e9:12.2f}" if dec else f"{'—':>12}"
             ns = f"{dec / n * 1e9:10.4f}" if dec else f"{'—':>10}"
-            gf = f"{2 * n * 512 / pr / 1e9:15.1f}" if pr else f"{'—':>15}"
-            lines.append(f"{t:<8} {n:>6} {gbs} {ns} {gf}")
+            gf = f"{2 * n * per_col / pr / 1e9:15.1f}" if pr else f"{'—':>15}"
+            lines.append(f"{key:<16} {n:>6} {gbs} {ns} {gf}")
     return "\n".join(lines)

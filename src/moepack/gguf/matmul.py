@@ -28,7 +28,7 @@ from moepack.errors import MoepackError
 from moepack.gguf.kernels import lib_dir, quantize, requires_imatrix
 from moepack.gguf.types import parse_type, row_bytes
 
-__all__ = ["seconds_per_row", "cache_bytes", "cpu_name"]
+__all__ = ["seconds_per_row", "seconds_per_expert_row", "cache_bytes", "cpu_name"]
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,9 @@ def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     for lib, fn, res, args in [
             (base, "ggml_init", _VP, [_InitParams]), (base, "ggml_free", None, [_VP]),
             (base, "ggml_new_tensor_2d", _VP, [_VP, ctypes.c_int, _I64, _I64]),
-            (base, "ggml_mul_mat", _VP, [_VP, _VP, _VP]), (base, "ggml_new_graph", _VP, [_VP]),
+            (base, "ggml_new_tensor_3d", _VP, [_VP, ctypes.c_int, _I64, _I64, _I64]),
+            (base, "ggml_mul_mat", _VP, [_VP, _VP, _VP]), (base, "ggml_mul_mat_id", _VP, [_VP, _VP, _VP, _VP]),
+            (base, "ggml_new_graph", _VP, [_VP]),
             (base, "ggml_build_forward_expand", None, [_VP, _VP]), (base, "ggml_get_data", _VP, [_VP]),
             (base, "ggml_tensor_overhead", ctypes.c_size_t, []), (base, "ggml_graph_overhead", ctypes.c_size_t, []),
             (cpu, "ggml_cpu_init", None, []),
@@ -112,8 +114,8 @@ def seconds_per_row(qtype: str, n: int, batch: int = 1, threads: int = 2, rows: 
     data = _context(copies * (nbytes + over) + n * batch * 4 + over + 2**20)  # the weights and the input
     try:
         x = base.ggml_new_tensor_2d(data, 0, n, batch)  # (batch, n) f32 input
-        ctypes.memmove(base.ggml_get_data(x), np.random.default_rng(1).standard_normal(
-            (batch, n), dtype=np.float32).ctypes.data, n * batch * 4)
+        xs = np.random.default_rng(1).standard_normal((batch, n), dtype=np.float32)  # held while copied
+        ctypes.memmove(base.ggml_get_data(x), xs.ctypes.data, xs.nbytes)
         weights = []
         for _ in range(copies):
             w = base.ggml_new_tensor_2d(data, t.value, n, rows)  # (rows, n) weights of type t
@@ -124,6 +126,58 @@ def seconds_per_row(qtype: str, n: int, batch: int = 1, threads: int = 2, rows: 
         return _time(lambda ctx: _graph(ctx, weights, x), mem, threads, repeats, min_seconds) / (rows * copies)
     finally:
         base.ggml_free(data)
+
+
+_I32 = 26  # GGML_TYPE_I32
+
+
+def seconds_per_expert_row(qtype: str, n: int, experts: int, used: int, tokens: int, threads: int = 2,
+                           rows: int = 256, repeats: int = 5, min_seconds: float = 0.02) -> float:
+    """Median seconds per (weight row × expert use × token) of ggml's `mul_mat_id`, as llama.cpp multiplies a MoE
+    layer's experts: (experts, rows, n) weights of `qtype`, `tokens` inputs each routed to `used` experts. Successive
+    products route to the next experts in turn (a decode step's experts are not the last step's), and the expert
+    tensor is repeated until what is read exceeds twice the last-level cache: the weights come from memory."""
+    t = parse_type(qtype)
+    nbytes = row_bytes(t, n) * rows
+    turns = max(1, experts // (used * tokens))  # products until every expert was read once
+    copies = max(1, min(_GRAPH_NODES // (2 * turns), -(-2 * cache_bytes() // (nbytes * experts))))
+    q = _matrix(t.name, rows, n)
+    base, _ = _libs()
+    over = base.ggml_tensor_overhead() + 64
+    data = _context(copies * (experts * nbytes + over) + n * tokens * 4 + turns * (used * tokens * 4 + over) + 2**20)
+    keep = []  # the arrays copied from, held until copied
+    try:
+        x = base.ggml_new_tensor_3d(data, 0, n, 1, tokens)  # (tokens, 1, n) f32 input, broadcast to each expert
+        keep.append(np.random.default_rng(1).standard_normal((tokens, n), dtype=np.float32))
+        ctypes.memmove(base.ggml_get_data(x), keep[-1].ctypes.data, keep[-1].nbytes)
+        routes = []
+        for g in range(turns):  # (tokens, used) expert ids of the g-th product
+            ids = base.ggml_new_tensor_2d(data, _I32, used, tokens)
+            start = (g * tokens + np.arange(tokens))[:, None] * used
+            keep.append(np.ascontiguousarray((start + np.arange(used)[None, :]) % experts, dtype=np.int32))
+            ctypes.memmove(base.ggml_get_data(ids), keep[-1].ctypes.data, keep[-1].nbytes)
+            routes.append(ids)
+        weights = []
+        for _ in range(copies):
+            w = base.ggml_new_tensor_3d(data, t.value, n, rows, experts)  # (experts, rows, n) weights of type t
+            for e in range(experts):
+                ctypes.memmove(base.ggml_get_data(w) + e * nbytes, q.ctypes.data, nbytes)
+            weights.append(w)
+        products = [(w, r) for w in weights for r in routes]
+        mem = len(products) * (rows * used * tokens * 4 + over) + base.ggml_graph_overhead() + 8 * n * tokens * 4
+        seconds = _time(lambda ctx: _graph_id(ctx, products, x), mem + 4 * 2**20, threads, repeats, min_seconds)
+        return seconds / (rows * used * tokens * len(products))
+    finally:
+        base.ggml_free(data)
+
+
+def _graph_id(ctx: int, products: list[tuple[int, int]], x: int) -> int:
+    """A graph in `ctx` multiplying `x` by each (expert weights, routes) as llama.cpp's MoE layers do."""
+    base, _ = _libs()
+    graph = base.ggml_new_graph(ctx)
+    for w, ids in products:
+        base.ggml_build_forward_expand(graph, base.ggml_mul_mat_id(ctx, w, x, ids))  # (tokens, used, rows)
+    return graph
 
 
 def _graph(ctx: int, weights: list[int], x: int) -> int:

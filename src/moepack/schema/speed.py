@@ -4,7 +4,8 @@ row width and batch — what the speed model (moepack.stages.speed) predicts tok
 JSON: {"format": "moepack.speed/1", "device": "AMD EPYC ...", "threads": 2, "runtime": "llama-cpp-python 0.3.36",
        "seconds_per_row": {"Q4_K": {"2048": {"1": 1.1e-07, "512": 9.3e-08}}, ...}}
 `seconds_per_row[type][n][batch]`: seconds one mul_mat spends per (n,)-wide weight row against `batch` input columns,
-weights out of cache (moepack.gguf.matmul). A table measured on another device (`moepack speed-table` run there)
+weights out of cache (moepack.gguf.matmul); a key "TYPE@ExK" holds routed experts' `mul_mat_id` over E experts, K
+per token: seconds per (row × expert use × token) with `batch` tokens. A table measured on another device (`moepack speed-table` run there)
 can be brought with `--speed-table FILE`.
 """
 from __future__ import annotations

@@ -4,9 +4,10 @@ per GGML type on this machine (moepack.gguf.matmul) or read from a table measure
 The model (what it counts, and what it leaves out):
 - Decode, one token: every weight matrix once (a matrix-vector product), k' of the E experts of each MoE layer;
   the embedding is a row lookup (free) unless the output head shares it.
-- Prompt, per token of a `ubatch` (llama.cpp's default 512): dense matrices multiply the whole ubatch; each expert
-  multiplies its share of it, ubatch · k' / E columns (routing spread evenly).
-- Time = Σ rows × seconds per row of (type, row width, batch) from the kernel table. Attention over the context,
+- Prompt, per token of a `ubatch` (llama.cpp's default 512): dense matrices multiply the whole ubatch; the experts
+  of a layer multiply it in one `mul_mat_id`, each the tokens routed to it (routing spread evenly).
+- Time = Σ rows × seconds per row of (type, row width, batch) from the kernel table; routed experts are timed as
+  llama.cpp runs them, with `mul_mat_id` at the model's (E, k'), per row, expert use and token. Attention over the context,
   norms, routing and the graph's own overhead are not counted: on real widths the weights' products dominate a
   step (docs/performance.md measures how far the prediction is from llama.cpp's own tokens per second).
 """
@@ -50,9 +51,18 @@ class MatMul:
     uses: int = 1
     experts: int = 0  # > 0: routed experts, each with `rows` rows
 
-    def batch(self, ubatch: int) -> int:
-        """Columns one product sees in a prompt ubatch: all of it, or an expert's share."""
-        return max(1, round(ubatch * self.uses / self.experts)) if self.experts else ubatch
+    def decode_seconds(self, clock: KernelClock, qtype: str | None = None) -> float:
+        """Seconds this matrix costs one decoded token (at `qtype` instead of its own type when given)."""
+        t = qtype or self.qtype
+        if self.experts:  # one mul_mat_id over the k' experts a token is routed to
+            return self.rows * self.uses * clock.expert_seconds(t, self.n, self.experts, self.uses, 1)
+        return self.rows * clock.seconds(t, self.n, 1)
+
+    def prompt_seconds(self, clock: KernelClock, ubatch: int) -> float:
+        """Seconds per token of a prompt processed `ubatch` tokens at a time."""
+        if self.experts:  # one mul_mat_id over the ubatch: each expert multiplies the tokens routed to it
+            return self.rows * self.uses * clock.expert_seconds(self.qtype, self.n, self.experts, self.uses, ubatch)
+        return self.rows * clock.seconds(self.qtype, self.n, ubatch) / ubatch
 
 
 def matmuls(view: CheckpointView, types: dict[str, str]) -> list[MatMul]:
@@ -161,6 +171,24 @@ class KernelClock:
             return s
         return _interpolate(self.times, qtype, n, batch)
 
+    def expert_seconds(self, qtype: str, n: int, experts: int, used: int, tokens: int) -> float:
+        """Seconds per (row × expert use × token) of `mul_mat_id` over `experts` experts of which each of `tokens`
+        tokens uses `used` (keyed "TYPE@ExK" in the table); a brought table without that key: the plain product at
+        an expert's share of the tokens."""
+        key = f"{qtype}@{experts}x{used}"
+        s = self.times.get(key, n, tokens)
+        if s is not None:
+            return s
+        if self.measure:
+            from moepack.gguf.matmul import seconds_per_expert_row
+
+            s = seconds_per_expert_row(qtype, n, experts, used, tokens, self.times.threads)
+            self.times.put(key, n, tokens, s)
+            self.dirty = True
+            return s
+        share = max(1, round(tokens * used / experts))
+        return self.seconds(qtype, n, share) / share
+
     def save(self) -> None:
         if self.dirty and self.path is not None:
             self.times.write(self.path)
@@ -208,10 +236,8 @@ def predict(work: list[MatMul], clock: KernelClock, ubatch: int = DEFAULT_UBATCH
     prompt = 0.0
     for m in work:
         cls = tensor_class(m.name)
-        by_class[cls] = by_class.get(cls, 0.0) + m.rows * m.uses * clock.seconds(m.qtype, m.n, 1)
-        b = m.batch(ubatch)
-        copies = m.experts or 1  # every expert multiplies its share of the ubatch
-        prompt += copies * m.rows * clock.seconds(m.qtype, m.n, b) / ubatch
+        by_class[cls] = by_class.get(cls, 0.0) + m.decode_seconds(clock)
+        prompt += m.prompt_seconds(clock, ubatch)
     clock.save()
     decode = sum(by_class.values())
     return Speed(1.0 / decode if decode else float("inf"), 1.0 / prompt if prompt else float("inf"), by_class)
@@ -235,10 +261,14 @@ def measure_for(view: CheckpointView, types: tuple[str, ...], clock: KernelClock
 
     from moepack.gguf.types import fallback_type
 
-    widths = sorted({m.n for m in matmuls(view, {})})
+    work = matmuls(view, {})
+    widths = sorted({m.n for m in work})
     cells = sorted({(fallback_type(t, n).name, n, b) for t in types for n in widths for b in batches})
-    for qtype, n, b in tqdm(cells, desc="timing llama.cpp's matrix products", unit="cell", disable=not progress):
-        clock.seconds(qtype, n, b)
+    moe = sorted({(fallback_type(t, m.n).name, m.n, m.experts, m.uses) for t in types for m in work if m.experts})
+    jobs = [lambda c=c: clock.seconds(*c) for c in cells]
+    jobs += [lambda c=c, k=k: clock.expert_seconds(*c, k) for c in moe for k in (1, DEFAULT_UBATCH)]
+    for job in tqdm(jobs, desc="timing llama.cpp's matrix products", unit="cell", disable=not progress):
+        job()
     clock.save()
     return clock.times
 
@@ -253,12 +283,9 @@ def group_seconds(table: SensitivityTable, work: list[MatMul], clock: KernelCloc
     by_name = {m.name: m for m in work}
     grouped = {t for g in table.groups for t in g.tensors}
 
-    def at(m: MatMul, qtype: str) -> float:
-        return m.rows * m.uses * clock.seconds(fallback_type(qtype, m.n).name, m.n, 1)
-
-    seconds = [[sum(at(by_name[t], o.type) for t in g.tensors if t in by_name) for o in g.options]
-               for g in table.groups]
-    fixed = sum(at(m, m.qtype) for m in work if m.name not in grouped)
+    seconds = [[sum(by_name[t].decode_seconds(clock, fallback_type(o.type, by_name[t].n).name)
+                    for t in g.tensors if t in by_name) for o in g.options] for g in table.groups]
+    fixed = sum(m.decode_seconds(clock) for m in work if m.name not in grouped)
     return seconds, fixed
 
 
