@@ -6,6 +6,9 @@ Run: .venv/bin/python bench/prune.py [--models models/tiny-qwen3-moe models/tiny
 Calibration (cached under --work) uses tinystories-train.txt; the pruned models are evaluated in memory (lazy
 pruned view + layer runner, no checkpoint written) on tinystories-valid.txt. k' policies: "k" (unchanged),
 "round" (max(1, round(R·k)), the default), "auto" (moepack's --top-k auto on held-out calibration tokens).
+Merge columns: each criterion but random once more with the dropped experts merged into kept ones (stages.merge,
+default variant) — the same experts kept, so merged vs dropped at the same retention; KLD with its 95 % CI from
+window means (moepack.model.runner), so the two compare.
 """
 from __future__ import annotations
 
@@ -24,11 +27,13 @@ from moepack.model.runner import KLDReference, LayerRunner
 from moepack.model.textdata import chunk_tokens, tokenize_file
 from moepack.schema import CalibStats
 from moepack.stages.calibrate import run_calibrate
+from moepack.stages.merge import MergeOptions
 from moepack.stages.prune import PruneOptions, auto_candidates, make_plan, top_k_auto
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 CRITERIA = [("score", 0), ("frequency", 0), ("reap", 0), ("random", 0), ("random", 1), ("random", 2)]
+MERGED = ("score", "frequency", "reap")  # criteria measured once more with the dropped experts merged
 
 
 def bench_model(model: Path, keeps: list[float], args: argparse.Namespace) -> list[dict]:
@@ -43,9 +48,10 @@ def bench_model(model: Path, keeps: list[float], args: argparse.Namespace) -> li
     rows = [dict(model=model.name, keep=1.0, criterion="unpruned", seed=None, policy="-", top_k=view.facts.top_k,
                  n_kept=view.facts.n_experts, **valid.base)]
     print(f"{model.name}: unpruned ppl {valid.base['ppl']:.3f} on {ids.size} tokens", file=sys.stderr)
+    runs = [(c, s, False) for c, s in CRITERIA] + [(c, 0, True) for c in MERGED]
     for keep in keeps:
-        for crit, seed in CRITERIA:
-            opts = PruneOptions(keep=keep, criterion=crit, seed=seed)
+        for crit, seed, merge in runs:
+            opts = PruneOptions(keep=keep, criterion=crit, seed=seed, merge=MergeOptions() if merge else None)
             plan = make_plan(view, stats, opts)
             cands = auto_candidates(plan, view, opts)
             auto, _ = top_k_auto(view, plan, stats.selection, cands, opts.kld_tol, args.batch, selection, False)
@@ -53,10 +59,40 @@ def bench_model(model: Path, keeps: list[float], args: argparse.Namespace) -> li
             for policy, k in (("k", view.facts.top_k), ("round", plan.top_k_new), ("auto", auto)):
                 if k not in measured:
                     measured[k] = valid.variant(LayerRunner(pruned_view(view, plan, top_k=k)))
-                rows.append(dict(model=model.name, keep=keep, criterion=crit, seed=seed, policy=policy, top_k=k,
-                                 n_kept=plan.n_kept, **measured[k]))
+                    measured[k].update(_ci(valid.last_tokens))
+                rows.append(dict(model=model.name, keep=keep, criterion=crit + (" merged" if merge else ""),
+                                 seed=seed, policy=policy, top_k=k, n_kept=plan.n_kept, **measured[k]))
                 print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
+
+
+def _ci(tokens: np.ndarray) -> dict[str, float]:
+    """95 % CI of the mean KLD from window means (per-token KLDs (N, L); moepack.pipeline.robust's windows)."""
+    from moepack.pipeline.robust import DomainKLD
+
+    mean, half = DomainKLD(("all",), np.zeros(len(tokens), dtype=int), tokens).means()["all"]
+    return {"kld_ci95_low": mean - half, "kld_ci95_high": mean + half}
+
+
+def _kld(r: dict) -> str:
+    half = (r["kld_ci95_high"] - r["kld_ci95_low"]) / 2 if "kld_ci95_high" in r else None
+    return f"{r['kld_mean']:.4f}" + (f" ± {half:.4f}" if half is not None else "")
+
+
+def merge_table(rows: list[dict]) -> str:
+    """Merged vs dropped at the same retention, criterion and k' policy "round": KLD vs the unpruned model."""
+    out = ["| model | R | criterion | dropped: PPL, KLD | merged: PPL, KLD | merged lower, CIs apart |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["policy"] != "round" or r["criterion"] not in MERGED:
+            continue
+        m = next(x for x in rows if (x["model"], x["keep"], x["policy"], x["criterion"])
+                 == (r["model"], r["keep"], "round", r["criterion"] + " merged"))
+        apart = "kld_ci95_high" in m and m["kld_ci95_high"] < r["kld_ci95_low"]
+        worse = "kld_ci95_high" in r and r["kld_ci95_high"] < m["kld_ci95_low"]
+        out.append(f"| {r['model']} | {r['keep']} | {r['criterion']} | {r['ppl']:.3f}, {_kld(r)} | {m['ppl']:.3f}, "
+                   f"{_kld(m)} | {'yes' if apart else 'no, higher (CIs apart)' if worse else 'no (CIs overlap)'} |")
+    return "\n".join(out)
 
 
 def to_markdown(rows: list[dict]) -> str:
@@ -103,6 +139,8 @@ def main() -> int:
     print(f"# {' '.join(sys.argv)}  ({time.time() - t0:.0f} s)\n")
     print("Perplexity (lower is better), mean of 3 seeds for random:\n")
     print(summary(rows) + "\n")
+    print("Merged vs dropped (k' policy round):\n")
+    print(merge_table(rows) + "\n")
     print(to_markdown(rows))
     return 0
 

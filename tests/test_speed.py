@@ -187,9 +187,10 @@ def test_min_decode_tps_moves_the_plan_to_faster_types(tmp_path: Path, capsys) -
     assert "--min-decode-tps" in capsys.readouterr().err and not (tmp_path / "never.gguf").exists()
 
 
-def test_tie_break_takes_the_fastest_of_the_retentions_within_the_best_ones_ci() -> None:
-    """best(): among retentions measured within the lowest one's 95 % CI and nowhere worse, the fastest predicted
-    decode; one outside the band, or worse on a domain, is not taken however fast; --no-speed-tiebreak: the lowest."""
+def test_tie_break_takes_the_fastest_of_the_retentions_tied_with_the_best() -> None:
+    """best(): among retentions not measurably worse than the lowest (paired CI) and nowhere worse, the fastest
+    predicted decode; one measurably worse, or worse on a domain, is not taken however fast; --no-speed-tiebreak:
+    the lowest."""
     from types import SimpleNamespace
 
     from moepack.pipeline.options import CompressOptions
@@ -201,11 +202,31 @@ def test_tie_break_takes_the_fastest_of_the_retentions_within_the_best_ones_ci()
     a, b, c, d = cand(1.0, 0.010), cand(0.875, 0.0104), cand(0.75, 0.0109), cand(0.625, 0.0102)
     search = object.__new__(CandidateSearch)
     search.opts, search.tie_break = CompressOptions(), None
-    search.meter = SimpleNamespace(ci_half=lambda *_: 0.0005)
+    measurably_worse = {0.75}
+    search.meter = SimpleNamespace(tied=lambda a, best: a[0] not in measurably_worse)
+    for x in (a, b, c, d):
+        x.view = x.keep  # what the stub's tied() sees first
     speeds = {1.0: 100.0, 0.875: 120.0, 0.75: 200.0, 0.625: 300.0}
     search.decode_tps = lambda cand: speeds[cand.keep]
     fitting = [a, b, c, d]
-    chosen = search._fastest_tie(fitting, 0, [a, b, c])  # d is worse on a domain; c is outside the band
-    assert chosen is b and search.tie_break["chosen"] == 0.875 and search.tie_break["lowest_kld"] == 1.0
+    chosen = search._fastest_tie(fitting, 0, [a, b, c])  # d is worse on a domain; c measurably worse than a
+    assert chosen is b and search.tie_break["chosen"] == 0.875 and search.tie_break["tied"] == [1.0, 0.875]
     search.opts = CompressOptions(speed_tiebreak=False)
     assert search._fastest_tie(fitting, 0, [a, b, c]) is a
+
+
+def test_tied_means_the_paired_difference_is_not_significant() -> None:
+    """KLDMeter.tied: a plan a constant 1 % above the best on every window is measurably worse (paired), though
+    far inside the best's own CI; one that is noisily above and below it is tied."""
+    import numpy as np
+
+    from moepack.pipeline.measure import KLDMeter
+
+    rng = np.random.default_rng(0)
+    best = rng.gamma(2.0, 0.01, size=(16, 64))  # (N, L) per-token KLDs
+    shifted, noisy = best * 1.01, best + rng.normal(0, 0.01, size=best.shape)
+    meter = object.__new__(KLDMeter)
+    tokens = {"best": best, "shifted": shifted, "noisy": noisy}
+    meter._measured = lambda view, tensors, plan, ids: (float(tokens[view].mean()), tokens[view])
+    assert not meter.tied(("shifted", {}, None), ("best", {}, None))
+    assert meter.tied(("noisy", {}, None), ("best", {}, None))

@@ -61,8 +61,8 @@ def add_cli(sub: o.Subparsers) -> None:
                    help="every plan must predict at least X decode tokens/s (from the kernel times; types are moved "
                         "to faster ones where needed, within the budget); fails before writing when none can")
     p.add_argument("--no-speed-tiebreak", dest="speed_tiebreak", action="store_false",
-                   help="among retentions whose selection KLD is within the best one's 95%% CI, keep the lowest "
-                        "KLD (default: the fastest predicted decode)")
+                   help="among retentions not measurably worse than the lowest-KLD one (paired 95%% CI on the "
+                        "selection tokens), keep the lowest KLD (default: the fastest predicted decode)")
     p.add_argument("--speed-table", type=Path, default=None, metavar="FILE",
                    help="kernel times of the target device (`moepack speed MODEL -o FILE` run there) to predict "
                         "tokens per second with; default: measured on this machine and cached")

@@ -42,12 +42,16 @@ class KLDMeter:
         imatrix, on `ids` (default the selection tokens)."""
         return self._measured(view, tensors, prune_plan, ids)[0]
 
-    def ci_half(self, view: CheckpointView, tensors: dict[str, str], prune_plan: PrunePlan | None) -> float:
-        """Half-width of the 95 % CI of the plan's mean selection KLD, from window means (moepack.pipeline.robust)."""
+    def tied(self, a: tuple[CheckpointView, dict[str, str], PrunePlan | None],
+             best: tuple[CheckpointView, dict[str, str], PrunePlan | None]) -> bool:
+        """Whether plan `a` is not measurably worse than `best` on the selection tokens: the 95 % CI of their paired
+        window differences reaches zero (moepack.pipeline.robust)."""
         from moepack.pipeline.robust import DomainKLD
 
-        tokens = self._measured(view, tensors, prune_plan, None)[1]  # (N, L)
-        return DomainKLD(("all",), np.zeros(len(tokens), dtype=int), tokens).means()["all"][1]
+        ta, tb = (self._measured(v, t, p, None)[1] for v, t, p in (a, best))  # (N, L) each
+        one = np.zeros(len(ta), dtype=int)
+        gap, half = DomainKLD(("all",), one, ta).paired(DomainKLD(("all",), one, tb))
+        return gap - half <= 0
 
     def domains(self, view: CheckpointView, tensors: dict[str, str], prune_plan: PrunePlan | None,
                 report: bool = False) -> DomainKLD | None:

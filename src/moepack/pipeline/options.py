@@ -58,7 +58,7 @@ class CompressOptions:
     mixtures: int = MIXTURE_RIVALS  # llama.cpp mixtures measured against each plan (0: none)
     sensitivity: str = "auto"  # full | fast | auto (moepack.stages.sensitivity.fast)
     refine: int = REFINE_PASSES  # measured refinement passes after allocation (0: none; moepack.pipeline.refine)
-    speed_tiebreak: bool = True  # among retentions within the best's KLD CI, take the fastest predicted decode
+    speed_tiebreak: bool = True  # among retentions tied with the best (paired CI), take the fastest predicted decode
     min_decode_tps: float | None = None  # --min-decode-tps: predicted decode tokens/s every plan must reach
     speed_table: Path | None = None  # --speed-table: kernel times of the target device (None: measured here)
     save_pruned: Path | None = None  # also write the chosen retention's pruned HF checkpoint here

@@ -58,12 +58,16 @@ class DomainKLD:
         worse = []
         theirs = other.means()
         for d, name in enumerate(self.names):
-            diff = self._windows(d) - other._windows(d)  # (n·W,)
-            half = Z95 * float(diff.std(ddof=1)) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
-            gap, band = float(diff.mean()), theirs[name][1]
-            if gap - half > 0 and gap > band:  # the plan's mean is other's mean + gap
+            gap, half = self.paired(other, d)
+            if gap - half > 0 and gap > theirs[name][1]:  # the plan's mean is other's mean + gap
                 worse.append(name)
         return worse
+
+    def paired(self, other: DomainKLD, d: int = 0) -> tuple[float, float]:
+        """(mean, 95 % CI half-width) of this plan's window KLDs minus `other`'s on domain `d` (the same tokens)."""
+        diff = self._windows(d) - other._windows(d)  # (n·W,)
+        half = Z95 * float(diff.std(ddof=1)) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
+        return float(diff.mean()), half
 
     def record(self) -> dict[str, list[float]]:
         """{domain: [mean, CI half-width]} for summary.json."""

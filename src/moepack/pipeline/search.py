@@ -125,14 +125,14 @@ class CandidateSearch:
         return self._fastest_tie(fitting, i, [c for j, c in enumerate(fitting) if not worse[j]])
 
     def _fastest_tie(self, fitting: list[Candidate], i: int, fine: list[Candidate]) -> Candidate:
-        """Among the candidates as good as fitting[i] on the selection tokens (mean KLD within its 95 % CI, no worse
-        than the best mixture on any domain), the one with the fastest predicted decode (--no-speed-tiebreak:
-        fitting[i])."""
+        """Among the candidates as good as fitting[i] on the selection tokens (not measurably worse: the 95 % CI of
+        their paired window differences reaches zero; and no worse than the best mixture on any domain), the one with
+        the fastest predicted decode (--no-speed-tiebreak: fitting[i])."""
         best = fitting[i]
         if not self.opts.speed_tiebreak or best not in fine:
             return best
-        band = best.kld + self.meter.ci_half(best.view, best.plan.tensors, best.prune_plan)
-        ties = [c for c in fine if c.kld <= band]
+        plans = {c.keep: (c.view, c.plan.tensors, c.prune_plan) for c in fine}
+        ties = [c for c in fine if c is best or self.meter.tied(plans[c.keep], plans[best.keep])]
         if len(ties) < 2:
             return best
         try:
@@ -141,12 +141,12 @@ class CandidateSearch:
             log.warning("no speed tie-break: %s", e)
             return best
         fastest = max(ties, key=lambda c: (speed[c.keep], -c.kld))
-        self.tie_break = {"lowest_kld": best.keep, "band": band, "chosen": fastest.keep,
+        self.tie_break = {"lowest_kld": best.keep, "tied": [c.keep for c in ties], "chosen": fastest.keep,
                           "decode_tps": {f"{k:g}": round(v, 2) for k, v in speed.items()}}
         if fastest is not best:
-            log.info("keep %g measures within the 95 %% CI of keep %g's KLD (%.5f <= %.5f) and predicts %.1f decode "
-                     "tok/s against %.1f: chosen", fastest.keep, best.keep, fastest.kld, band, speed[fastest.keep],
-                     speed[best.keep])
+            log.info("keep %g is not measurably worse than keep %g (KLD %.5f vs %.5f, paired 95 %% CI) and predicts "
+                     "%.1f decode tok/s against %.1f: chosen", fastest.keep, best.keep, fastest.kld, best.kld,
+                     speed[fastest.keep], speed[best.keep])
         return fastest
 
     def domains(self, cand: Candidate, report: bool = False) -> DomainKLD | None:

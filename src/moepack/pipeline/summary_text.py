@@ -90,8 +90,8 @@ def _speed_line(sp: dict[str, Any]) -> str:
     vs = (f"; llama.cpp's {m['name']} of the unpruned model: decode {m['decode_tps']:,.0f}, prompt "
           f"{m['prompt_tps']:,.0f}" if m else "")
     tie = sp.get("tie_break") or {}
-    won = (f"; keep {tie['chosen']:g} chosen over keep {tie['lowest_kld']:g} (its KLD within that one's 95 % CI, "
-           "faster)" if tie and tie["chosen"] != tie["lowest_kld"] else "")
+    won = (f"; keep {tie['chosen']:g} chosen over keep {tie['lowest_kld']:g} (not measurably worse on the selection "
+           "tokens, paired 95 % CI; faster)" if tie and tie["chosen"] != tie["lowest_kld"] else "")
     return (f"  speed         predicted tokens/s from the weights' matrix products ({sp['threads']} threads): decode "
             f"{sp['decode_tps']:,.0f}, prompt {sp['prompt_tps']:,.0f}{vs}{won}")
 
