@@ -233,7 +233,8 @@ def test_keep_auto_screens_retentions(model: Path, tmp_path: Path, capsys) -> No
         assert summary["keep"] == lowest["keep"] and summary["selection_kld"] == lowest["kld"]
     else:
         assert tie["lowest_kld"] == lowest["keep"] and summary["keep"] == tie["chosen"] in tie["tied"]
-        assert tie["decode_tps"][f"{tie['chosen']:g}"] == max(tie["decode_tps"].values())
+        chosen, lowest_tps = tie["decode_tps"][f"{tie['chosen']:g}"], tie["decode_tps"][f"{tie['lowest_kld']:g}"]
+        assert chosen == lowest_tps or chosen == max(tie["decode_tps"].values()) >= 1.1 * lowest_tps
     _check_report_tokens(run_dir, summary)
     _check_run_dir_bounded(run_dir, out, model)
     screened = [c for c in cands if c["screened"]]

@@ -213,6 +213,9 @@ def test_tie_break_takes_the_fastest_of_the_retentions_tied_with_the_best() -> N
     assert chosen is b and search.tie_break["chosen"] == 0.875 and search.tie_break["tied"] == [1.0, 0.875]
     search.opts = CompressOptions(speed_tiebreak=False)
     assert search._fastest_tie(fitting, 0, [a, b, c]) is a
+    search.opts = CompressOptions()
+    speeds[0.875] = 105.0  # tied, but 5 % faster predicted: within the prediction's error, the lowest stays
+    assert search._fastest_tie(fitting, 0, [a, b, c]) is a and search.tie_break["chosen"] == 1.0
 
 
 def test_tied_means_the_paired_difference_is_not_significant() -> None:
