@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moepack.cli import options as o
+
+if TYPE_CHECKING:
+    from moepack.schema.speed import KernelTimes
 
 __all__ = ["add_cli", "run"]
 
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def render(times) -> str:  # times: KernelTimes
+def render(times: KernelTimes) -> str:
     """Per type and width: decode GB/s and ns per weight, prompt GFLOP/s at a 512-token ubatch; routed experts
     ("TYPE@ExK": mul_mat_id over E experts, K per token) per row and expert use."""
     from moepack.gguf.types import row_bytes

@@ -3,8 +3,8 @@ run through ctypes on the libggml that llama-cpp-python ships (the kernels a use
 
 Why measure and not count bytes: a decode step reads every active weight once, but the time per byte differs
 several-fold between types on a CPU (the IQ types decode their grids, the K-quants do not), so a plan chosen for
-KLD per byte alone can be smaller and slower. `seconds_per_row` is the one measurement the speed model
-(moepack.stages.speed) is built from.
+KLD per byte alone can be smaller and slower. `seconds_per_row` (a plain product) and `seconds_per_expert_row`
+(routed experts' `mul_mat_id`) are the measurements the speed model (moepack.stages.speed) is built from.
 
 How: one quantized (rows, n) matrix of random weights is copied until the copies exceed twice the last-level cache
 (a decode step's weights come from memory, not cache), and a graph multiplies every copy by the same (n, batch)
@@ -93,6 +93,14 @@ def _matrix(qtype: str, rows: int, n: int) -> np.ndarray:
     return quantize(w, qtype, imatrix=imatrix)
 
 
+def _fill(tensor: int, array: np.ndarray) -> None:
+    """Copy `array` into a ggml tensor's data (bound to a name while copied: a temporary's buffer could be freed
+    before memmove reads it)."""
+    base, _ = _libs()
+    held = np.ascontiguousarray(array)
+    ctypes.memmove(base.ggml_get_data(tensor), held.ctypes.data, held.nbytes)
+
+
 def _context(mem: int) -> int:
     base, _ = _libs()
     ctx = base.ggml_init(_InitParams(mem, None, False))
@@ -114,16 +122,15 @@ def seconds_per_row(qtype: str, n: int, batch: int = 1, threads: int = 2, rows: 
     data = _context(copies * (nbytes + over) + n * batch * 4 + over + 2**20)  # the weights and the input
     try:
         x = base.ggml_new_tensor_2d(data, 0, n, batch)  # (batch, n) f32 input
-        xs = np.random.default_rng(1).standard_normal((batch, n), dtype=np.float32)  # held while copied
-        ctypes.memmove(base.ggml_get_data(x), xs.ctypes.data, xs.nbytes)
-        weights = []
+        _fill(x, np.random.default_rng(1).standard_normal((batch, n), dtype=np.float32))
+        products = []
         for _ in range(copies):
             w = base.ggml_new_tensor_2d(data, t.value, n, rows)  # (rows, n) weights of type t
-            ctypes.memmove(base.ggml_get_data(w), q.ctypes.data, nbytes)
-            weights.append(w)
+            _fill(w, q)
+            products.append((w, None))
         # each computation allocates its work buffer in its graph's context: a fresh one per run
         mem = copies * (rows * batch * 4 + over) + base.ggml_graph_overhead() + 4 * n * batch * 4 + 4 * 2**20
-        return _time(lambda ctx: _graph(ctx, weights, x), mem, threads, repeats, min_seconds) / (rows * copies)
+        return _time(lambda ctx: _graph(ctx, products, x), mem, threads, repeats, min_seconds) / (rows * copies)
     finally:
         base.ggml_free(data)
 
@@ -145,17 +152,14 @@ def seconds_per_expert_row(qtype: str, n: int, experts: int, used: int, tokens: 
     base, _ = _libs()
     over = base.ggml_tensor_overhead() + 64
     data = _context(copies * (experts * nbytes + over) + n * tokens * 4 + turns * (used * tokens * 4 + over) + 2**20)
-    keep = []  # the arrays copied from, held until copied
     try:
         x = base.ggml_new_tensor_3d(data, 0, n, 1, tokens)  # (tokens, 1, n) f32 input, broadcast to each expert
-        keep.append(np.random.default_rng(1).standard_normal((tokens, n), dtype=np.float32))
-        ctypes.memmove(base.ggml_get_data(x), keep[-1].ctypes.data, keep[-1].nbytes)
+        _fill(x, np.random.default_rng(1).standard_normal((tokens, n), dtype=np.float32))
         routes = []
         for g in range(turns):  # (tokens, used) expert ids of the g-th product
             ids = base.ggml_new_tensor_2d(data, _I32, used, tokens)
             start = (g * tokens + np.arange(tokens))[:, None] * used
-            keep.append(np.ascontiguousarray((start + np.arange(used)[None, :]) % experts, dtype=np.int32))
-            ctypes.memmove(base.ggml_get_data(ids), keep[-1].ctypes.data, keep[-1].nbytes)
+            _fill(ids, ((start + np.arange(used)[None, :]) % experts).astype(np.int32))
             routes.append(ids)
         weights = []
         for _ in range(copies):
@@ -165,27 +169,20 @@ def seconds_per_expert_row(qtype: str, n: int, experts: int, used: int, tokens: 
             weights.append(w)
         products = [(w, r) for w in weights for r in routes]
         mem = len(products) * (rows * used * tokens * 4 + over) + base.ggml_graph_overhead() + 8 * n * tokens * 4
-        seconds = _time(lambda ctx: _graph_id(ctx, products, x), mem + 4 * 2**20, threads, repeats, min_seconds)
+        seconds = _time(lambda ctx: _graph(ctx, products, x), mem + 4 * 2**20, threads, repeats, min_seconds)
         return seconds / (rows * used * tokens * len(products))
     finally:
         base.ggml_free(data)
 
 
-def _graph_id(ctx: int, products: list[tuple[int, int]], x: int) -> int:
-    """A graph in `ctx` multiplying `x` by each (expert weights, routes) as llama.cpp's MoE layers do."""
+def _graph(ctx: int, products: list[tuple[int, int | None]], x: int) -> int:
+    """A graph in `ctx` multiplying `x` by each (weights, expert routes): a plain `mul_mat` where the routes are None,
+    else `mul_mat_id` as llama.cpp's MoE layers do."""
     base, _ = _libs()
     graph = base.ggml_new_graph(ctx)
     for w, ids in products:
-        base.ggml_build_forward_expand(graph, base.ggml_mul_mat_id(ctx, w, x, ids))  # (tokens, used, rows)
-    return graph
-
-
-def _graph(ctx: int, weights: list[int], x: int) -> int:
-    """A graph in `ctx` multiplying every weight copy by `x`."""
-    base, _ = _libs()
-    graph = base.ggml_new_graph(ctx)
-    for w in weights:
-        base.ggml_build_forward_expand(graph, base.ggml_mul_mat(ctx, w, x))  # (batch, rows)
+        y = base.ggml_mul_mat(ctx, w, x) if ids is None else base.ggml_mul_mat_id(ctx, w, x, ids)
+        base.ggml_build_forward_expand(graph, y)  # (batch, rows) | (tokens, used, rows)
     return graph
 
 

@@ -254,7 +254,8 @@ def _summary(search: CandidateSearch, best: Candidate, out: Path, report_kld: fl
         merge=best.merge_record, domains=search.domain_record(best),
         mixtures=best.rivalry.to_dict() if best.rivalry else None,
         refinement=best.refinement.to_dict() if best.refinement else None,
-        speed=_speed(search, best), timings=dict(search.run.timings), sample=verified.sample, verify_error=verified.error,
+        speed=_speed(search, best), timings=dict(search.run.timings), sample=verified.sample,
+        verify_error=verified.error,
         llama_command=verified.command, placement=best.plan.base.get("placement"), runtime=_runtime())
 
 
@@ -266,7 +267,7 @@ def _speed(search: CandidateSearch, best: Candidate) -> dict[str, Any] | None:
     try:
         clock = search.clock
         rec = plan_speed(best.view, best.plan.tensors, clock).to_dict()
-        if (name := search.reference_mixture()) is not None:
+        if (name := search.reference_mixture) is not None:
             other = plan_speed(search.ref, mixture_types(search.ref, name), clock)
             rec["mixture"] = {"name": name, "decode_tps": round(other.decode_tps, 2),
                               "prompt_tps": round(other.prompt_tps, 2)}

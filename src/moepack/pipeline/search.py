@@ -16,6 +16,7 @@ table, the expensive part.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -67,6 +68,7 @@ class CandidateSearch:
 
     # ------------------------------------------------------------------------------------------------ the search
 
+    @functools.cached_property
     def reference_mixture(self) -> str | None:
         """The largest llama.cpp mixture of the unpruned model that fits the budget (else the smallest one): the
         file a user would otherwise make at this size."""
@@ -87,7 +89,7 @@ class CandidateSearch:
 
         if len(self.stats.domain_names) < 2 or self.stats.selection_domain is None:
             return
-        name = self.reference_mixture()
+        name = self.reference_mixture
         if name is None:
             return
         tensors = {k: v.name for k, v in mixture_types(self.ref, name).items()}
@@ -344,20 +346,21 @@ class CandidateSearch:
         return self._clock
 
     def decode_tps(self, cand: Candidate) -> float:
-        from moepack.stages.speed import matmuls, predict
+        from moepack.stages.speed import decode_tps, matmuls
 
-        return predict(matmuls(cand.view, cand.plan.tensors), self.clock).decode_tps
+        return decode_tps(matmuls(cand.view, cand.plan.tensors), self.clock)
 
     def _speed_limited(self, cand: Candidate, table: SensitivityTable) -> Candidate:
         """`cand`'s plan allocated again with its predicted decode time limited by --min-decode-tps (within the same
         budget: stages.speed.speed_choice), then measured; unchanged when it already meets the limit."""
         from moepack.stages.allocate import choice_plan
-        from moepack.stages.speed import group_seconds, matmuls, speed_choice
+        from moepack.stages.speed import decode_tps, group_seconds, matmuls, speed_choice
 
-        limit, before = float(self.opts.min_decode_tps), self.decode_tps(cand)
+        work = matmuls(cand.view, cand.plan.tensors)
+        limit, before = float(self.opts.min_decode_tps), decode_tps(work, self.clock)
         if before >= limit:
             return cand
-        seconds, fixed = group_seconds(table, matmuls(cand.view, cand.plan.tensors), self.clock)
+        seconds, fixed = group_seconds(table, work, self.clock)
         choice, total = speed_choice(table, cand.plan.budget_bytes, seconds, fixed, 1.0 / limit, self.opts.solver)
         plan = choice_plan(table, choice, f"{cand.plan.solver}, speed-limited", cand.plan.budget_bytes,
                            cand.plan.tensors, cand.plan.base)

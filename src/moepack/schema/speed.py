@@ -5,8 +5,8 @@ JSON: {"format": "moepack.speed/1", "device": "AMD EPYC ...", "threads": 2, "run
        "seconds_per_row": {"Q4_K": {"2048": {"1": 1.1e-07, "512": 9.3e-08}}, ...}}
 `seconds_per_row[type][n][batch]`: seconds one mul_mat spends per (n,)-wide weight row against `batch` input columns,
 weights out of cache (moepack.gguf.matmul); a key "TYPE@ExK" holds routed experts' `mul_mat_id` over E experts, K
-per token: seconds per (row × expert use × token) with `batch` tokens. A table measured on another device (`moepack speed-table` run there)
-can be brought with `--speed-table FILE`.
+per token: seconds per (row × expert use × token) with `batch` tokens. A table measured on another device
+(`moepack speed MODEL -o FILE` run there) can be brought with `--speed-table FILE`.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class KernelTimes:
     def from_dict(cls, d: Any, where: str | Path) -> KernelTimes:
         if not isinstance(d, dict) or d.get("format") != SPEED_FORMAT:
             raise SchemaError(f"{where}: not a kernel time table (want \"format\": \"{SPEED_FORMAT}\"; make one "
-                              "with `moepack speed-table MODEL -o FILE` on the device)")
+                              "with `moepack speed MODEL -o FILE` on the device)")
         try:
             times = cls(str(d["device"]), int(d["threads"]), str(d.get("runtime", "")))
             for t, ns in d["seconds_per_row"].items():
@@ -58,7 +58,7 @@ class KernelTimes:
                         times.put(str(t), int(n), int(b), float(s))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise SchemaError(f"{where}: malformed kernel time table ({e}); measure it again with "
-                              "`moepack speed-table`") from None
+                              "`moepack speed MODEL -o FILE`") from None
         return times
 
     @classmethod

@@ -7,14 +7,15 @@ The model (what it counts, and what it leaves out):
 - Prompt, per token of a `ubatch` (llama.cpp's default 512): dense matrices multiply the whole ubatch; the experts
   of a layer multiply it in one `mul_mat_id`, each the tokens routed to it (routing spread evenly).
 - Time = Σ rows × seconds per row of (type, row width, batch) from the kernel table; routed experts are timed as
-  llama.cpp runs them, with `mul_mat_id` at the model's (E, k'), per row, expert use and token. Attention over the context,
-  norms, routing and the graph's own overhead are not counted: on real widths the weights' products dominate a
+  llama.cpp runs them, with `mul_mat_id` at the model's (E, k'), per row, expert use and token. Attention over the
+  context, norms, routing and the graph's own overhead are not counted: on real widths the weights' products dominate a
   step (docs/performance.md measures how far the prediction is from llama.cpp's own tokens per second).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +30,8 @@ if TYPE_CHECKING:
     from moepack.model.checkpoint import CheckpointView
     from moepack.schema import SensitivityTable
 
-__all__ = ["MatMul", "KernelClock", "SpeedError", "Speed", "matmuls", "gguf_matmuls", "predict", "plan_speed",
-           "default_table_path", "runtime_name", "group_seconds", "speed_choice", "measure_for"]
+__all__ = ["MatMul", "KernelClock", "SpeedError", "Speed", "matmuls", "gguf_matmuls", "predict", "decode_tps",
+           "plan_speed", "default_table_path", "runtime_name", "group_seconds", "speed_choice", "measure_for"]
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,7 @@ def matmuls(view: CheckpointView, types: dict[str, str]) -> list[MatMul]:
         if o.role is Role.ROUTED_EXPERTS:  # (E, rows, n)
             work.append(MatMul(o.name, qtype, o.shape[-1], o.shape[-2], view.facts.top_k, o.shape[0]))
         else:  # (rows, n), or (heads, rows, n) for MLA's k_b / v_b
-            rows = 1
-            for s in o.shape[:-1]:
-                rows *= s
-            work.append(MatMul(o.name, qtype, o.shape[-1], rows))
+            work.append(MatMul(o.name, qtype, o.shape[-1], math.prod(o.shape[:-1])))
     return work
 
 
@@ -206,7 +204,7 @@ def _interpolate(times: KernelTimes, qtype: str, n: int, batch: int) -> float:
     if not widths:
         have = ", ".join(sorted(times.seconds_per_row)) or "none"
         raise SpeedError(f"the kernel time table of {times.device} has no {qtype} (it has: {have}); measure it "
-                         f"again with `moepack speed-table` on that device for this model")
+                         f"again with `moepack speed MODEL -o FILE` on that device for this model")
     near = min(widths, key=lambda w: abs(w - n))
     by_batch = sorted(widths[near].items())
     lo = max(((b, s) for b, s in by_batch if b <= batch), default=by_batch[0])
@@ -241,6 +239,13 @@ def predict(work: list[MatMul], clock: KernelClock, ubatch: int = DEFAULT_UBATCH
     clock.save()
     decode = sum(by_class.values())
     return Speed(1.0 / decode if decode else float("inf"), 1.0 / prompt if prompt else float("inf"), by_class)
+
+
+def decode_tps(work: list[MatMul], clock: KernelClock) -> float:
+    """Predicted decode tokens per second of `work` alone (no prompt cells are timed for it)."""
+    seconds = sum(m.decode_seconds(clock) for m in work)
+    clock.save()
+    return 1.0 / seconds if seconds else float("inf")
 
 
 def plan_speed(view: CheckpointView, types: dict[str, str], clock: KernelClock,
@@ -295,8 +300,6 @@ def speed_choice(table: SensitivityTable, budget_bytes: int, seconds: list[list[
     least predicted ΔKLD the allocator finds: the budget allocated on ΔKLD + λ · seconds (Lagrangian relaxation of
     the time limit), λ the smallest that meets it (a bisection on log λ). Returns the choice and its seconds: above
     `limit_s` when even the largest λ cannot meet it (then the fastest plan found)."""
-    import math
-
     from moepack.stages.allocate import allocate, choice_of
 
     def solve(lam: float) -> tuple[list[int], float]:
@@ -322,6 +325,6 @@ def speed_choice(table: SensitivityTable, budget_bytes: int, seconds: list[list[
             hi, fast = mid, found
         else:
             lo = mid
-        if hi - lo < 0.05 or not math.isfinite(mid):
+        if hi - lo < 0.05:
             break
     return fast
