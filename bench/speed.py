@@ -2,8 +2,8 @@
 moepack's speed model (moepack.stages.speed) predicts for it from this machine's kernel times.
 
 Run: .venv/bin/python bench/speed.py [--layers 2] [--experts 128] [--ftypes IQ1_S IQ2_XXS Q2_K Q3_K_S Q4_K_M]
-       [--plans FILE.gguf ...] [--threads 2] [--runs 5] [--work out/bench-speed] [--out bench/results/speed.json]
-       [--md docs/performance.md]
+       [--plans FILE.gguf ...] [--compress] [--threads 2] [--runs 5] [--rounds 3] [--work out/bench-speed]
+       [--out bench/results/speed.json] [--md docs/performance.md]
 
 1. A Qwen3-30B-A3B-shaped checkpoint: its config.json (data/configs/qwen3-30b-a3b: hidden 2048, 128 experts × 768,
    top-8, 32 query and 4 KV heads of 128) with `--layers` layers and `--experts` routed experts, and the fixture
@@ -13,7 +13,13 @@ Run: .venv/bin/python bench/speed.py [--layers 2] [--experts 128] [--ftypes IQ1_
 2. Each llama.cpp mixture of --ftypes, written by llama.cpp's own quantizer rules (moepack.gguf.quantize), and each
    file of --plans (a moepack compress output of this checkpoint): decode and prompt tokens/s through llama.cpp
    (moepack.eval.speed: a fresh process per file, warm-up, median of --runs, --threads threads, a 512-token prompt
-   then 64 decoded tokens), and the prediction from the file's own types.
+   then 64 decoded tokens; all files once per round, --rounds rounds, the median round and the lowest and highest
+   shown, so that the machine's drift over the run reaches every file alike), and the prediction from the file's
+   own types.
+3. With --compress, moepack's default plan at each mixture's exact file size (`moepack compress --target-size`, the
+   same importance-matrix calibration text, keep 1 since random weights leave nothing to prune, fast sensitivity and
+   one pruning criterion to keep each run within an hour on 2 cores; every run shares one cache of quantized
+   tensors), measured in the same rounds: its decode speed against the mixture's is the ≥ 0.95× goal.
 The Markdown section replaces the one between its markers in --md; every number in it comes from the JSON.
 """
 from __future__ import annotations
@@ -72,6 +78,25 @@ def mixture_file(model: Path, work: Path, ftype: str, run: Path, threads: int) -
     return out
 
 
+# compress's flags for the --compress plans besides the budget (see the docstring, 3.)
+COMPRESS_FLAGS = ["--keep", "1", "--criterion", "score", "--sensitivity", "fast", "--calib-tokens", "4096",
+                  "--seq-len", "256"]
+
+
+def moepack_file(model: Path, work: Path, ftype: str, mixture: Path, threads: int) -> Path:
+    """moepack compress's default plan of `model` at the exact size of llama.cpp's `ftype` file `mixture`."""
+    from moepack.cli import main
+
+    out = work / f"{model.name}-moepack-at-{ftype}.gguf"
+    if not out.is_file():
+        code = main(["compress", str(model), "--target-size", f"{mixture.stat().st_size}B", "-o", str(out),
+                     "--calib-text", str(DATA / "calib" / "stories.txt"), *COMPRESS_FLAGS, "-t", str(threads),
+                     "--run-dir", str(work / f"run-{ftype}"), "--quant-cache", str(work / "quant-cache")])
+        if code != 0:
+            raise SystemExit(f"moepack compress at {ftype}'s size failed ({code})")
+    return out
+
+
 def predicted(gguf_path: Path, threads: int) -> dict[str, Any]:
     """The speed model's tokens/s for the file's own tensors, from this machine's kernel times (measured on first use
     and cached)."""
@@ -91,41 +116,25 @@ def measured(gguf_path: Path, threads: int, runs: int) -> dict[str, Any]:
     return {k: res[k] for k in ("decode_tps", "prompt_tps", "speed_each_run")}
 
 
-def row(name: str, model: Path, path: Path, args: argparse.Namespace) -> dict[str, Any]:
-    log.info("%s: timing %s", name, path.name)
-    m, p = measured(path, args.threads, args.runs), predicted(path, args.threads)
+def rows_of(files: dict[str, Path], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each file measured once per round (rounds interleaved across files) and predicted."""
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in files}
+    for r in range(args.rounds):
+        for name, path in files.items():
+            log.info("round %d/%d, %s: timing %s", r + 1, args.rounds, name, path.name)
+            rounds[name].append(measured(path, args.threads, args.runs))
+    return [row(name, path, rounds[name], args) for name, path in files.items()]
+
+
+def row(name: str, path: Path, rounds: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    import statistics
+
+    m = {k: statistics.median(r[k] for r in rounds) for k in ("decode_tps", "prompt_tps")}
+    m |= {f"{k}_range": [min(r[k] for r in rounds), max(r[k] for r in rounds)] for k in ("decode_tps", "prompt_tps")}
+    m["rounds"] = rounds
+    p = predicted(path, args.threads)
     return {"file": name, "path": rel(path), "size_bytes": path.stat().st_size, "measured": m, "predicted": p,
             "decode_ratio": p["decode_tps"] / m["decode_tps"], "prompt_ratio": p["prompt_tps"] / m["prompt_tps"]}
-
-
-def layer_overhead(work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Decode seconds per token and layer that llama.cpp spends beyond the weights' products, measured on a
-    different model of the same architecture: the 4-layer tiny-qwen3-moe fixture (widths 256), whose products are a
-    small part of a step. (measured − predicted decode time) / layers, the mean over its Q8_0 and Q4_K_M files."""
-    import gguf
-
-    from moepack.gguf.quantize import quantize_model
-
-    per_layer = []
-    files = {}
-    for f in ("Q8_0", "Q4_K_M"):
-        path = work / f"tiny-qwen3-moe-{f}.gguf"
-        if not path.is_file():
-            quantize_model(TOKENIZER, path, ftype=f, threads=args.threads, progress=False)
-        r = row(f"tiny-qwen3-moe {f}", TOKENIZER, path, args)
-        layers = int(gguf.GGUFReader(path).fields["qwen3moe.block_count"].parts[-1][0])
-        gap = 1 / r["measured"]["decode_tps"] - 1 / r["predicted"]["decode_tps"]
-        per_layer.append(gap / layers)
-        files[f] = {"measured_decode_tps": r["measured"]["decode_tps"],
-                    "predicted_decode_tps": r["predicted"]["decode_tps"], "layers": layers}
-    return {"model": rel(TOKENIZER), "files": files, "seconds_per_layer": sum(per_layer) / len(per_layer)}
-
-
-def with_overhead(r: dict[str, Any], overhead: dict[str, Any], layers: int) -> None:
-    """The row's decode prediction with the tiny model's per-layer overhead added."""
-    seconds = 1 / r["predicted"]["decode_tps"] + layers * overhead["seconds_per_layer"]
-    r["predicted_with_overhead"] = 1 / seconds
-    r["overhead_ratio"] = r["predicted_with_overhead"] / r["measured"]["decode_tps"]
 
 
 def kernel_rows(model: Path, threads: int, types: list[str]) -> list[dict[str, Any]]:
@@ -144,8 +153,42 @@ def kernel_rows(model: Path, threads: int, types: list[str]) -> list[dict[str, A
             if {1, 32, 512} <= set(by):
                 rows.append({"type": t, "n": n, "decode_gbs": row_bytes(t, n) / by[1] / 1e9,
                              "ns_per_weight": by[1] / n * 1e9, "gflops_32": 2 * n * 32 / by[32] / 1e9,
-                             "gflops_512": 2 * n * 512 / by[512] / 1e9})
+                             "gflops_512": 2 * n * 512 / by[512] / 1e9,
+                             "call_us_512": (times.get(t, n, 512) or (0.0, 0.0))[0] * 1e6})
     return rows
+
+
+def _spread(m: dict[str, Any], key: str) -> str:
+    """The median round, and the lowest and highest rounds where there were several."""
+    lo, hi = m.get(f"{key}_range", (None, None))
+    return f"{m[key]:.1f}" + (f" ({lo:.0f}–{hi:.0f})" if lo is not None and lo != hi else "")
+
+
+def goal_lines(res: dict[str, Any]) -> list[str]:
+    """moepack's plan at each mixture's size against that mixture: measured decode and prompt speed ratios (median
+    rounds; the lowest and highest of the per-round ratios), predicted ones, and the ≥ 0.95× decode goal."""
+    by = {r["file"]: r for r in res["rows"]}
+    pairs = [(f, by[f"llama.cpp {f}"], by[f"moepack at {f}'s size"]) for f in res.get("ftypes", [])
+             if f"moepack at {f}'s size" in by and f"llama.cpp {f}" in by]
+    if not pairs:
+        return []
+
+    def ratio(ours: dict[str, Any], theirs: dict[str, Any], key: str) -> str:
+        each = [a[key] / b[key] for a, b in zip(ours["measured"]["rounds"], theirs["measured"]["rounds"])]
+        return f"{ours['measured'][key] / theirs['measured'][key]:.2f} ({min(each):.2f}–{max(each):.2f})"
+
+    lines = ["", "moepack's default plan at each mixture's exact file size against that mixture (measured ratios: "
+             "median rounds, per-round lowest–highest; goal: decode ≥ 0.95×):", "",
+             "| size of | moepack MiB | decode ratio measured | predicted | prompt ratio measured | predicted | "
+             "decode ≥ 0.95× |", "|---|---|---|---|---|---|---|"]
+    for f, mix, ours in pairs:
+        dec = ours["measured"]["decode_tps"] / mix["measured"]["decode_tps"]
+        lines.append(f"| {f} | {ours['size_bytes'] / 2**20:.1f} | {ratio(ours, mix, 'decode_tps')} | "
+                     f"{ours['predicted']['decode_tps'] / mix['predicted']['decode_tps']:.2f} | "
+                     f"{ratio(ours, mix, 'prompt_tps')} | "
+                     f"{ours['predicted']['prompt_tps'] / mix['predicted']['prompt_tps']:.2f} | "
+                     f"{'yes' if dec >= 0.95 else 'no'} |")
+    return lines
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -154,39 +197,40 @@ def markdown(res: dict[str, Any]) -> str:
              f"`{res['command']}` on {res['device']}, {s['threads']} threads, {res['runtime']}: "
              f"`{res['model']}` (Qwen3-30B-A3B's widths: hidden 2048, {s['experts']} experts × 768, top-8; "
              f"{s['layers']} layers; 4,096-token vocabulary; random weights). Measured: llama.cpp, a fresh process "
-             f"per file, median of {s['runs']} runs of a {PROMPT}-token prompt then {GEN} decoded tokens. "
-             "Predicted: moepack.stages.speed from this machine's kernel times (the weights' matrix products "
-             "only). Ratio = predicted / measured.", "",
-             "| file | MiB | decode tok/s measured | predicted | ratio | + layer overhead | ratio | prompt tok/s "
-             "measured | predicted | ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"per file, median of {s['runs']} runs of a {PROMPT}-token prompt then {GEN} decoded tokens"
+             + (f"; every file once per round, {s['rounds']} rounds interleaved, the median round (lowest–highest)"
+                if s.get("rounds", 1) > 1 else "") + ". "
+             "Predicted: moepack.stages.speed from this machine's kernel times (the weights' products, each layer's "
+             "attention over 512 cached tokens and its element-wise and routing ops). Ratio = predicted / measured.",
+             "", "| file | MiB | decode tok/s measured | predicted | ratio | prompt tok/s measured | predicted | ratio |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         m, p = r["measured"], r["predicted"]
-        oh = (f"{r['predicted_with_overhead']:.1f} | {r['overhead_ratio']:.2f}" if "overhead_ratio" in r
-              else "— | —")
-        lines.append(f"| {r['file']} | {r['size_bytes'] / 2**20:.1f} | {m['decode_tps']:.1f} | {p['decode_tps']:.1f} "
-                     f"| {r['decode_ratio']:.2f} | {oh} | {m['prompt_tps']:.1f} | {p['prompt_tps']:.1f} | "
-                     f"{r['prompt_ratio']:.2f} |")
-    if (o := res.get("overhead")) is not None:
-        lines += ["", f"Layer overhead: {o['seconds_per_layer'] * 1e3:.3f} ms per decoded token and layer, measured on "
-                  f"`{o['model']}` (a different model of the same architecture: " + ", ".join(
-                      f"{k} {v['measured_decode_tps']:.0f} tok/s measured vs {v['predicted_decode_tps']:.0f} from its "
-                      f"products, {v['layers']} layers" for k, v in o["files"].items()) + ")."]
+        lines.append(f"| {r['file']} | {r['size_bytes'] / 2**20:.1f} | {_spread(m, 'decode_tps')} | "
+                     f"{p['decode_tps']:.1f} | {r['decode_ratio']:.2f} | {_spread(m, 'prompt_tps')} | "
+                     f"{p['prompt_tps']:.1f} | {r['prompt_ratio']:.2f} |")
+    classes = sorted({c for r in res["rows"] for c in r["predicted"]["decode_ms_by_class"]})
+    lines += ["", "Predicted decode ms per token by part (the same prediction, summed per tensor class; `attn_kq`: "
+              "attention over the cache, `layer_ops`: element-wise and routing ops):", "",
+              "| file | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
+    lines += [f"| {r['file']} | " + " | ".join(f"{r['predicted']['decode_ms_by_class'].get(c, 0):.3f}" for c in classes)
+              + " |" for r in res["rows"]]
     lines += ["", f"Kernel times of this machine ({s['threads']} threads; moepack.gguf.matmul, weights out of cache), "
-              "the table every prediction above is made from:", "",
-              "| type | row width | decode GB/s | decode ns per weight | GFLOP/s, 32 columns | GFLOP/s, 512 columns |",
-              "|---|---|---|---|---|---|"]
+              "the table every prediction above is made from (rates per row, each call's fixed part apart):", "",
+              "| type | row width | decode GB/s | decode ns per weight | GFLOP/s, 32 columns | GFLOP/s, 512 columns | "
+              "µs per call, 512 columns |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {k['type']} | {k['n']} | {k['decode_gbs']:.2f} | {k['ns_per_weight']:.3f} | {k['gflops_32']:.1f} | "
-              f"{k['gflops_512']:.1f} |" for k in res.get("kernels", [])]
+              f"{k['gflops_512']:.1f} | {k['call_us_512']:.0f} |" if "call_us_512" in k else
+              f"| {k['type']} | {k['n']} | {k['decode_gbs']:.2f} | {k['ns_per_weight']:.3f} | {k['gflops_32']:.1f} | "
+              f"{k['gflops_512']:.1f} | — |" for k in res.get("kernels", [])]
+    lines += goal_lines(res)
     worst = max(res["rows"], key=lambda r: abs(r["decode_ratio"] - 1), default=None)
     if worst is not None:
-        within = sum(abs(r.get("overhead_ratio", r["decode_ratio"]) - 1) <= 0.15 for r in res["rows"])
+        within = sum(abs(r["decode_ratio"] - 1) <= 0.15 for r in res["rows"])
         prompt = sum(abs(r["prompt_ratio"] - 1) <= 0.15 for r in res["rows"])
         far = max(res["rows"], key=lambda r: abs(r["prompt_ratio"] - 1))
-        worst = max(res["rows"], key=lambda r: abs(r.get("overhead_ratio", r["decode_ratio"]) - 1))
-        lines += ["", f"Decode predicted (with the layer overhead) within 15 % of measured for {within} of "
-                  f"{len(res['rows'])} files (furthest: {worst['file']}, ratio "
-                  f"{worst.get('overhead_ratio', worst['decode_ratio']):.2f}); prompt for {prompt} (furthest: "
+        lines += ["", f"Decode predicted within 15 % of measured for {within} of {len(res['rows'])} files (furthest: "
+                  f"{worst['file']}, ratio {worst['decode_ratio']:.2f}); prompt for {prompt} (furthest: "
                   f"{far['file']}, ratio {far['prompt_ratio']:.2f})."]
     return "\n".join(lines + ["", END]) + "\n"
 
@@ -197,8 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--ftypes", nargs="+", default=["IQ1_S", "IQ2_XXS", "Q2_K", "Q3_K_S", "Q4_K_M"])
     p.add_argument("--plans", nargs="*", type=Path, default=[], help="moepack files of the same checkpoint")
+    p.add_argument("--compress", action="store_true", help="also compress the checkpoint at each mixture's size")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3, help="measurements of every file, interleaved")
     p.add_argument("--work", type=Path, default=ROOT / "out" / "bench-speed")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "speed.json")
     p.add_argument("--md", type=Path, default=ROOT / "docs" / "performance.md")
@@ -218,20 +264,22 @@ def main(argv: list[str] | None = None) -> int:
     model = checkpoint(args.work, args.layers, args.experts)
     run = imatrix(model, args.work, args.threads)
     files = [mixture_file(model, args.work, f, run, args.threads) for f in args.ftypes]
+    plans = [moepack_file(model, args.work, f, path, args.threads) for f, path in zip(args.ftypes, files)
+             ] if args.compress else []
     if args.prepare:
         return 0
     from moepack.gguf.types import LADDER
 
     kernels = kernel_rows(model, args.threads, list(dict.fromkeys((*LADDER, "Q4_0", "IQ4_NL", "Q5_0", "F16"))))
-    rows = [row(f"llama.cpp {f}", model, path, args) for f, path in zip(args.ftypes, files)]
-    rows += [row(f"moepack {plan.name}", model, plan, args) for plan in args.plans]
-    overhead = layer_overhead(args.work, args)
-    for r in rows:
-        with_overhead(r, overhead, args.layers)
+    named = {f"llama.cpp {f}": path for f, path in zip(args.ftypes, files)}
+    named |= {f"moepack at {f}'s size": path for f, path in zip(args.ftypes, plans)}
+    rows = rows_of(named | {f"moepack {plan.name}": plan for plan in args.plans}, args)
     command = "python bench/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     res = {"command": command.strip(), "device": cpu_name(), "runtime": runtime_name(), "model": rel(model),
-           "settings": {"layers": args.layers, "experts": args.experts, "threads": args.threads, "runs": args.runs},
-           "rows": rows, "kernels": kernels, "overhead": overhead, "seconds": round(time.perf_counter() - t0, 1)}
+           "settings": {"layers": args.layers, "experts": args.experts, "threads": args.threads, "runs": args.runs,
+                        "rounds": args.rounds}, "ftypes": args.ftypes,
+           "compress_flags": COMPRESS_FLAGS if args.compress else None,
+           "rows": rows, "kernels": kernels, "seconds": round(time.perf_counter() - t0, 1)}
     write_json(args.out, res)
     write_section(args.md, markdown(res), BEGIN, END)
     print(markdown(res))

@@ -30,6 +30,7 @@ __all__ = ["add_cli", "run"]
 log = logging.getLogger(__name__)
 
 REFINE = 4  # pipeline.options.REFINE_PASSES, mirrored to keep torch out of argument parsing (tests/test_refine.py)
+SPEED_FLOOR = 0.95  # pipeline.options.SPEED_FLOOR, mirrored likewise (tests/test_speed.py)
 
 
 def add_cli(sub: o.Subparsers) -> None:
@@ -60,6 +61,10 @@ def add_cli(sub: o.Subparsers) -> None:
     p.add_argument("--min-decode-tps", type=float, default=None, metavar="X",
                    help="every plan must predict at least X decode tokens/s (from the kernel times; types are moved "
                         "to faster ones where needed, within the budget); fails before writing when none can")
+    p.add_argument("--speed-floor", type=float, default=SPEED_FLOOR, metavar="F",
+                   help="every plan should predict at least F times the decode tokens/s of the same-size llama.cpp "
+                        "mixture (types are moved to faster ones where needed, within the budget; a plan that cannot "
+                        "is kept as it is); 0 turns it off (default: %(default)s)")
     p.add_argument("--no-speed-tiebreak", dest="speed_tiebreak", action="store_false",
                    help="among retentions not measurably worse than the lowest-KLD one (paired 95%% CI on the "
                         "selection tokens), keep the lowest KLD (default: the fastest predicted decode)")
@@ -98,7 +103,8 @@ def _options(args: argparse.Namespace, threads: int, shards: int | None = None):
                            threads=threads, shards=shards, cache_dir=args.quant_cache, repack=args.repack,
                            sensitivity=args.sensitivity, refine=args.refine, probe_tokens=args.probe_tokens,
                            save_pruned=args.save_pruned, merge=merge, speed_table=args.speed_table,
-                           min_decode_tps=args.min_decode_tps, speed_tiebreak=args.speed_tiebreak)
+                           min_decode_tps=args.min_decode_tps, speed_tiebreak=args.speed_tiebreak,
+                           speed_floor=args.speed_floor)
 
 
 def run(args: argparse.Namespace) -> int:

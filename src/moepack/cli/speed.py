@@ -60,19 +60,29 @@ def run(args: argparse.Namespace) -> int:
 
 
 def render(times: KernelTimes) -> str:
-    """Per type and width: decode GB/s and ns per weight, prompt GFLOP/s at a 512-token ubatch; routed experts
-    ("TYPE@ExK": mul_mat_id over E experts, K per token) per row and expert use."""
+    """Per type and width: decode GB/s and ns per weight, prompt GFLOP/s at a 512-token ubatch (per row: each call's
+    fixed part apart, shown in µs at batch 1 and 512); routed experts ("TYPE@ExK": mul_mat_id over E experts, K per
+    token) per row and expert use."""
     from moepack.gguf.types import row_bytes
 
     lines = [f"{times.device}, {times.threads} threads, {times.runtime}",
-             f"{'type':<16} {'width':>6} {'decode GB/s':>12} {'ns/weight':>10} {'prompt GFLOP/s':>15}"]
+             f"{'type':<16} {'width':>6} {'decode GB/s':>12} {'ns/weight':>10} {'prompt GFLOP/s':>15} "
+             f"{'call µs (1/512)':>16}"]
     for key, widths in sorted(times.seconds_per_row.items()):
         t = key.split("@")[0]
+        if t in ("ATTN", "OPS"):  # a layer's attention (per cached token) or element-wise ops, per query tokens
+            what, unit, scale = (("attention", "ns per cached token", 1e9) if t == "ATTN" else
+                                 ("layer ops", "µs per layer", 1e6))
+            lines += [f"{key} (width {n}) {what}: " + ", ".join(f"{b} tokens {s * scale:,.1f} {unit}"
+                                                             for b, s in sorted(by.items())) for n, by in widths.items()]
+            continue
         for n, by_batch in sorted(widths.items()):
             dec, pr = by_batch.get(1), by_batch.get(512)
             per_col = 1 if "@" in key else 512  # experts: seconds per row, use and token already
             gbs = f"{row_bytes(t, n) / dec / 1e9:12.2f}" if dec else f"{'—':>12}"
             ns = f"{dec / n * 1e9:10.4f}" if dec else f"{'—':>10}"
             gf = f"{2 * n * per_col / pr / 1e9:15.1f}" if pr else f"{'—':>15}"
-            lines.append(f"{key:<16} {n:>6} {gbs} {ns} {gf}")
+            calls = [times.get(key, n, b) for b in (1, 512)]
+            call = "/".join(f"{c[0] * 1e6:.0f}" if c else "—" for c in calls)
+            lines.append(f"{key:<16} {n:>6} {gbs} {ns} {gf} {call:>16}")
     return "\n".join(lines)

@@ -223,8 +223,20 @@ def speed_text(s: RunSummary) -> str | None:
     vs = (f" (llama.cpp's {m['name']} of the unpruned model, the file a user would otherwise make at this size: "
           f"decode {m['decode_tps']:,.0f}, prompt {m['prompt_tps']:,.0f})" if m else "")
     return (f"predicted tokens per second on {sp['kernels']}: decode {sp['decode_tps']:,.0f}, prompt "
-            f"{sp['prompt_tps']:,.0f}{vs}; from the weights' matrix products alone, so an upper bound where "
-            "attention and graph overhead weigh (small models)")
+            f"{sp['prompt_tps']:,.0f}{vs}{floor_text(sp.get('floor'))}; from the weights' matrix products alone, so "
+            "an upper bound where attention and graph overhead weigh (small models)")
+
+
+def floor_text(f: dict[str, Any] | None) -> str:
+    """'; speed floor 0.95 × IQ1_S's decode (1,200 tok/s): met after moving types to faster ones (selection KLD
+    0.0301 → 0.0312)', or '' without a floor."""
+    if not f:
+        return ""
+    head = f"; speed floor {f['factor']:g} × {f['mixture']}'s decode ({f['decode_tps']:,.0f} tok/s): "
+    if (m := f.get("moved")) is not None:
+        return head + (f"met after moving types to faster ones (selection KLD {m['kld_before']:.5f} → "
+                       f"{m['kld_after']:.5f})")
+    return head + ("met" if f["met"] else "not reachable within the budget (the plan is kept)")
 
 
 def _summary_lines(s: RunSummary) -> list[str]:

@@ -36,8 +36,9 @@ class Candidate:
     criteria: list[dict[str, Any]] | None = None  # --criterion auto: each criterion's (and merging's) pruning KLD
     references: list[dict[str, Any]] | None = None  # each reference type measured: base, sensitivity, selection KLD
     merge: MergeOptions | None = None  # the dropped experts merged into kept ones so (None: discarded)
-    # --min-decode-tps: predicted decode tok/s of the plan before and after it was moved to faster types
-    speed_limited: dict[str, float] | None = None
+    # --min-decode-tps or --speed-floor: predicted decode tok/s of the plan before and after it was moved to faster
+    # types, and its selection KLD before
+    speed_limited: dict[str, Any] | None = None
 
     @property
     def screened(self) -> bool:

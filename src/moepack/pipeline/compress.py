@@ -275,6 +275,9 @@ def _speed(search: CandidateSearch, best: Candidate) -> dict[str, Any] | None:
         log.warning("tokens per second not predicted: %s", e)
         return None
     rec |= {"tie_break": search.tie_break} if search.tie_break else {}
+    if (floor := search.speed_floor) is not None:
+        moved = best.speed_limited if (best.speed_limited or {}).get("limit") == "speed_floor" else None
+        rec["floor"] = floor | {"met": rec["decode_tps"] >= floor["decode_tps"]} | ({"moved": moved} if moved else {})
     return rec | {"kernels": clock.describe(), "threads": clock.times.threads}
 
 

@@ -13,7 +13,8 @@ from moepack.model.textdata import CalibSource
 from moepack.stages.fit import RETENTIONS
 from moepack.stages.merge import MergeOptions
 
-__all__ = ["CompressError", "CompressOptions", "KEEP_AUTO_CANDIDATES", "MIXTURE_RIVALS", "REFINE_PASSES"]
+__all__ = ["CompressError", "CompressOptions", "KEEP_AUTO_CANDIDATES", "MIXTURE_RIVALS", "REFINE_PASSES",
+           "SPEED_FLOOR"]
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,9 @@ MIXTURE_RIVALS = 3
 # Interaction refinement passes after allocation (moepack.pipeline.refine), each measuring up to 3 plans: on
 # tiny-deepseek-v3 at --target-bpw 2.5 --keep 1.0 they add at most about a quarter to compress's time.
 REFINE_PASSES = 4
+# Share of the same-size llama.cpp mixture's predicted decode tokens/s a plan should reach: on a CPU the IQ types
+# cost 2-3x the time per byte of the K-quants (docs/performance.md), and KLD per byte alone leans on them.
+SPEED_FLOOR = 0.95
 
 
 class CompressError(MoepackError, ValueError):
@@ -60,5 +64,8 @@ class CompressOptions:
     refine: int = REFINE_PASSES  # measured refinement passes after allocation (0: none; moepack.pipeline.refine)
     speed_tiebreak: bool = True  # among retentions tied with the best (paired CI), take the fastest predicted decode
     min_decode_tps: float | None = None  # --min-decode-tps: predicted decode tokens/s every plan must reach
+    # --speed-floor: every plan should predict at least this share of the same-size llama.cpp mixture's decode
+    # tokens/s (moved to faster types where it does not; kept where no plan within the budget can); 0: no floor
+    speed_floor: float = SPEED_FLOOR
     speed_table: Path | None = None  # --speed-table: kernel times of the target device (None: measured here)
     save_pruned: Path | None = None  # also write the chosen retention's pruned HF checkpoint here

@@ -245,10 +245,12 @@ class CandidateSearch:
         if found is None:
             return dataclasses.replace(screened, infeasible=True)
         cand, table = found
+        if (floor := self.speed_floor) is not None:  # before the mixtures: they still judge the faster plan
+            cand = self._speed_limited(cand, table, floor["decode_tps"], hard=False)
         if self.opts.mixtures:
             cand = self._challenge(cand, table)
         if self.opts.min_decode_tps is not None:
-            cand = self._speed_limited(cand, table)
+            cand = self._speed_limited(cand, table, float(self.opts.min_decode_tps), hard=True)
         log.info("keep %.3f: %s of tensors, measured KLD %.5f", cand.keep, format_size(cand.plan.predicted_bytes),
                  cand.kld)
         return cand
@@ -350,26 +352,55 @@ class CandidateSearch:
 
         return decode_tps(matmuls(cand.view, cand.plan.tensors), self.clock)
 
-    def _speed_limited(self, cand: Candidate, table: SensitivityTable) -> Candidate:
-        """`cand`'s plan allocated again with its predicted decode time limited by --min-decode-tps (within the same
-        budget: stages.speed.speed_choice), then measured; unchanged when it already meets the limit."""
+    @functools.cached_property
+    def speed_floor(self) -> dict[str, Any] | None:
+        """--speed-floor's limit: that share of the predicted decode tokens/s of the same-size llama.cpp mixture
+        (`reference_mixture`); None when off, on a GPU + RAM device (the prediction is for CPU decoding) or when
+        there is no mixture or no kernel time to predict from."""
+        from moepack.stages.mixtures import mixture_types
+        from moepack.stages.speed import decode_tps, matmuls
+
+        name = self.reference_mixture
+        if not self.opts.speed_floor or name is None or self.budget.gpu_weights is not None:
+            return None
+        try:
+            types = {k: v.name for k, v in mixture_types(self.ref, name).items()}
+            tps = decode_tps(matmuls(self.ref, types), self.clock)
+        except (MoepackError, OSError, AttributeError) as e:  # AttributeError: a libggml without the symbols
+            log.warning("no speed floor: %s", e)
+            return None
+        return {"mixture": name, "mixture_decode_tps": round(tps, 2), "factor": self.opts.speed_floor,
+                "decode_tps": round(tps * self.opts.speed_floor, 2)}
+
+    def _speed_limited(self, cand: Candidate, table: SensitivityTable, limit: float, hard: bool) -> Candidate:
+        """`cand`'s plan allocated again with its predicted decode time limited to `limit` tokens/s (within the same
+        budget: stages.speed.speed_choice), then measured; unchanged when it already meets the limit, and (not
+        `hard`: the speed floor) when no plan can."""
         from moepack.stages.allocate import choice_plan
-        from moepack.stages.speed import decode_tps, group_seconds, matmuls, speed_choice
+        from moepack.stages.speed import decode_tps, matmuls
+        from moepack.stages.speed_limit import group_seconds, speed_choice
 
         work = matmuls(cand.view, cand.plan.tensors)
-        limit, before = float(self.opts.min_decode_tps), decode_tps(work, self.clock)
+        before = decode_tps(work, self.clock)
         if before >= limit:
             return cand
         seconds, fixed = group_seconds(table, work, self.clock)
         choice, total = speed_choice(table, cand.plan.budget_bytes, seconds, fixed, 1.0 / limit, self.opts.solver)
+        what = "--min-decode-tps" if hard else "the speed floor"
+        if not hard and total > 1.0 / limit:
+            log.info("keep %.3f: predicted decode %.1f tok/s < %s %.1f, and no plan within the budget reaches it "
+                     "(fastest %.1f): kept", cand.keep, before, what, limit, 1.0 / total)
+            return cand
         plan = choice_plan(table, choice, f"{cand.plan.solver}, speed-limited", cand.plan.budget_bytes,
                            cand.plan.tensors, cand.plan.base)
         t0 = time.perf_counter()
         kld = self._measure(cand)(plan.tensors)
         self.run.timings[f"speed limit r={cand.keep:g}"] = time.perf_counter() - t0
-        log.info("keep %.3f: predicted decode %.1f tok/s < --min-decode-tps %g: faster types give %.1f tok/s, "
-                 "selection KLD %.5f (was %.5f)", cand.keep, before, limit, 1.0 / total, kld, cand.kld)
-        return dataclasses.replace(cand, plan=plan, kld=kld, speed_limited={"before": before, "after": 1.0 / total})
+        log.info("keep %.3f: predicted decode %.1f tok/s < %s %.1f: faster types give %.1f tok/s, selection KLD "
+                 "%.5f (was %.5f)", cand.keep, before, what, limit, 1.0 / total, kld, cand.kld)
+        return dataclasses.replace(cand, plan=plan, kld=kld, speed_limited={
+            "limit": "min_decode_tps" if hard else "speed_floor", "before": before, "after": 1.0 / total,
+            "kld_before": cand.kld, "kld_after": kld})
 
     def check_speed(self, best: Candidate) -> None:
         """CompressError when the chosen plan's predicted decode speed is under --min-decode-tps (before writing)."""

@@ -92,8 +92,10 @@ def _speed_line(sp: dict[str, Any]) -> str:
     tie = sp.get("tie_break") or {}
     won = (f"; keep {tie['chosen']:g} chosen over keep {tie['lowest_kld']:g} (not measurably worse on the selection "
            "tokens, paired 95 % CI; faster)" if tie and tie["chosen"] != tie["lowest_kld"] else "")
+    from moepack.eval.report import floor_text
+
     return (f"  speed         predicted tokens/s from the weights' matrix products ({sp['threads']} threads): decode "
-            f"{sp['decode_tps']:,.0f}, prompt {sp['prompt_tps']:,.0f}{vs}{won}")
+            f"{sp['decode_tps']:,.0f}, prompt {sp['prompt_tps']:,.0f}{vs}{won}{floor_text(sp.get('floor'))}")
 
 
 def _refinement_line(f: dict[str, Any]) -> str:
