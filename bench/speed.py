@@ -1,15 +1,17 @@
 """Tokens per second at real matrix widths: llama.cpp's measured decode and prompt speed of each file beside what
 moepack's speed model (moepack.stages.speed) predicts for it from this machine's kernel times.
 
-Run: .venv/bin/python bench/speed.py [--layers 2] [--experts 128] [--ftypes IQ1_S IQ2_XXS Q2_K Q3_K_S Q4_K_M]
-       [--plans FILE.gguf ...] [--compress] [--threads 2] [--runs 5] [--rounds 3] [--work out/bench-speed]
-       [--out bench/results/speed.json] [--md docs/performance.md]
+Run: .venv/bin/python bench/speed.py [--shape qwen3-30b-a3b|deepseek-v3] [--layers 2] [--experts 128]
+       [--ftypes IQ1_S IQ2_XXS Q2_K Q3_K_S Q4_K_M] [--plans FILE.gguf ...] [--compress] [--threads 2] [--runs 5]
+       [--rounds 3] [--work out/bench-speed] [--out bench/results/speed.json] [--md docs/performance.md]
+     DeepSeek-V3's layer: --shape deepseek-v3 --layers 1 --experts 32 (256 experts do not fit 24 GB in bf16)
 
 1. A Qwen3-30B-A3B-shaped checkpoint: its config.json (data/configs/qwen3-30b-a3b: hidden 2048, 128 experts × 768,
    top-8, 32 query and 4 KV heads of 128) with `--layers` layers and `--experts` routed experts, and the fixture
    tokenizer's 4,096-token vocabulary (so that the layers' matrices dominate a token's work, as in the 48-layer model
    where the output head is a small part); random weights; an importance matrix from a short calibration on it (the
-   IQ types need one).
+   IQ types need one). --shape deepseek-v3: V3's config (data/configs/deepseek-v3: MLA, hidden 7168, experts ×
+   2048, top-8, a shared expert), every layer a MoE layer, --experts routed experts in at most 8 groups.
 2. Each llama.cpp mixture of --ftypes, written by llama.cpp's own quantizer rules (moepack.gguf.quantize), and each
    file of --plans (a moepack compress output of this checkpoint): decode and prompt tokens/s through llama.cpp
    (moepack.eval.speed: a fresh process per file, warm-up, median of --runs, --threads threads, a 512-token prompt
@@ -34,26 +36,44 @@ from typing import Any
 
 from common import CONFIGS, DATA, ROOT, SyntheticView, rel, write_json, write_section
 
-BEGIN, END = "<!-- bench/speed.py: begin -->", "<!-- bench/speed.py: end -->"
 TOKENIZER = ROOT / "models" / "tiny-qwen3-moe"  # its 4,096-token tokenizer (BOS / EOS id 0)
+# --shape: what the page says of each, and the fixture whose 4,096-token tokenizer the checkpoint takes
+SHAPES = {"qwen3-30b-a3b": ("Qwen3-30B-A3B's widths: hidden 2048, {experts} experts × 768, top-8", TOKENIZER),
+          "deepseek-v3": ("DeepSeek-V3's widths: hidden 7168, MLA attention (128 heads, latent 512), {experts} of its "
+                          "256 experts × 2048 in 8 groups (4 searched), top-8, one shared expert",
+                          ROOT / "models" / "tiny-deepseek-v3")}
+
+
+def markers(shape: str) -> tuple[str, str]:
+    """The page section's markers (the Qwen shape's are the first section's)."""
+    tag = "" if shape == "qwen3-30b-a3b" else f" {shape}"
+    return f"<!-- bench/speed.py{tag}: begin -->", f"<!-- bench/speed.py{tag}: end -->"
 PROMPT, GEN = 512, 64
 
 log = logging.getLogger("speed")
 
 
-def checkpoint(work: Path, layers: int, experts: int) -> Path:
-    """The Qwen3-30B-A3B-shaped random checkpoint (built once per shape)."""
+def checkpoint(work: Path, shape: str, layers: int, experts: int) -> Path:
+    """The random checkpoint of `shape` (--shape), built once: every layer a MoE layer."""
+    from common import v3_config
+
     from moepack.stages.prune import write_checkpoint
 
-    out = work / f"qwen3-30b-a3b-shaped-{layers}L-{experts}E"
+    out = work / f"{shape}-shaped-{layers}L-{experts}E"
     if (out / "config.json").is_file():
         return out
-    cfg = json.loads((CONFIGS / "qwen3-30b-a3b" / "config.json").read_text())
-    tok = json.loads((TOKENIZER / "config.json").read_text())
-    cfg.update(num_hidden_layers=layers, max_window_layers=layers, num_experts=experts, vocab_size=tok["vocab_size"],
-               bos_token_id=tok.get("bos_token_id"), eos_token_id=tok.get("eos_token_id"))
+    tokenizer = SHAPES[shape][1]
+    tok = json.loads((tokenizer / "config.json").read_text())
+    if shape == "deepseek-v3":
+        cfg = dict(v3_config(layers, experts), first_k_dense_replace=0, num_nextn_predict_layers=0,
+                   n_group=min(8, experts // 4), topk_group=max(1, min(8, experts // 4) // 2))
+    else:
+        cfg = json.loads((CONFIGS / shape / "config.json").read_text())
+        cfg.update(max_window_layers=layers, num_experts=experts)
+    cfg.update(num_hidden_layers=layers, vocab_size=tok["vocab_size"], bos_token_id=tok.get("bos_token_id"),
+               eos_token_id=tok.get("eos_token_id"))
     view = SyntheticView(cfg)
-    view.root = TOKENIZER
+    view.root = tokenizer
     write_checkpoint(view, out, progress=True)
     return out
 
@@ -100,9 +120,17 @@ def moepack_file(model: Path, work: Path, ftype: str, mixture: Path, threads: in
 def predicted(gguf_path: Path, threads: int) -> dict[str, Any]:
     """The speed model's tokens/s for the file's own tensors, from this machine's kernel times (measured on first use
     and cached)."""
+    from moepack.stages.footprint import DEFAULT_UBATCH
     from moepack.stages.speed import KernelClock, gguf_matmuls, predict
 
-    return predict(gguf_matmuls(gguf_path), KernelClock.here(threads)).to_dict()
+    clock, work = KernelClock.here(threads), gguf_matmuls(gguf_path)
+    # what fusing each layer's gate and up experts into one mul_mat_id would save: one call's fixed part (the
+    # input's conversion and routing), decode and prompt alike, as a share of the predicted time per token
+    gates = [m for m in work if ".ffn_gate_exps." in m.name and not m.last]
+    calls = [sum(clock.expert_cost(m.qtype, m.n, m.experts, m.uses, b)[0] for m in gates) for b in (1, DEFAULT_UBATCH)]
+    sp = predict(work, clock)
+    return sp.to_dict() | {"fused_gate_up_saves": {"decode": calls[0] * sp.decode_tps,
+                                                   "prompt": calls[1] / DEFAULT_UBATCH * sp.prompt_tps}}
 
 
 def measured(gguf_path: Path, threads: int, runs: int) -> dict[str, Any]:
@@ -193,9 +221,11 @@ def goal_lines(res: dict[str, Any]) -> list[str]:
 
 def markdown(res: dict[str, Any]) -> str:
     s = res["settings"]
-    lines = [BEGIN, "", "## Predicted vs measured tokens per second at real widths (bench/speed.py)", "",
+    shape = s.get("shape", "qwen3-30b-a3b")
+    lines = [markers(shape)[0], "", f"## Predicted vs measured tokens per second at real widths: {shape} "
+             "(bench/speed.py)", "",
              f"`{res['command']}` on {res['device']}, {s['threads']} threads, {res['runtime']}: "
-             f"`{res['model']}` (Qwen3-30B-A3B's widths: hidden 2048, {s['experts']} experts × 768, top-8; "
+             f"`{res['model']}` ({SHAPES[shape][0].format(experts=s['experts'])}; "
              f"{s['layers']} layers; 4,096-token vocabulary; random weights). Measured: llama.cpp, a fresh process "
              f"per file, median of {s['runs']} runs of a {PROMPT}-token prompt then {GEN} decoded tokens"
              + (f"; every file once per round, {s['rounds']} rounds interleaved, the median round (lowest–highest)"
@@ -223,6 +253,12 @@ def markdown(res: dict[str, Any]) -> str:
               f"{k['gflops_512']:.1f} | {k['call_us_512']:.0f} |" if "call_us_512" in k else
               f"| {k['type']} | {k['n']} | {k['decode_gbs']:.2f} | {k['ns_per_weight']:.3f} | {k['gflops_32']:.1f} | "
               f"{k['gflops_512']:.1f} | — |" for k in res.get("kernels", [])]
+    saves = [r["predicted"]["fused_gate_up_saves"] for r in res["rows"] if "fused_gate_up_saves" in r["predicted"]]
+    if saves:
+        lines += ["", "Fusing each layer's gate and up experts into one `mul_mat_id` (`ffn_gate_up_exps`, which this "
+                  "llama.cpp loads for qwen3next / qwen35moe, not for qwen3moe) saves one call's fixed part per layer: "
+                  f"{100 * max(x['prompt'] for x in saves):.1f} % of the predicted prompt time at most and "
+                  f"{100 * max(x['decode'] for x in saves):.1f} % of the decode time, across these files."]
     lines += goal_lines(res)
     worst = max(res["rows"], key=lambda r: abs(r["decode_ratio"] - 1), default=None)
     if worst is not None:
@@ -232,11 +268,12 @@ def markdown(res: dict[str, Any]) -> str:
         lines += ["", f"Decode predicted within 15 % of measured for {within} of {len(res['rows'])} files (furthest: "
                   f"{worst['file']}, ratio {worst['decode_ratio']:.2f}); prompt for {prompt} (furthest: "
                   f"{far['file']}, ratio {far['prompt_ratio']:.2f})."]
-    return "\n".join(lines + ["", END]) + "\n"
+    return "\n".join(lines + ["", markers(shape)[1]]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--ftypes", nargs="+", default=["IQ1_S", "IQ2_XXS", "Q2_K", "Q3_K_S", "Q4_K_M"])
@@ -246,14 +283,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3, help="measurements of every file, interleaved")
     p.add_argument("--work", type=Path, default=ROOT / "out" / "bench-speed")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "speed.json")
+    p.add_argument("--out", type=Path, default=None, help="default: bench/results/speed.json (speed-SHAPE.json "
+                   "for another --shape)")
     p.add_argument("--md", type=Path, default=ROOT / "docs" / "performance.md")
     p.add_argument("--from-json", action="store_true", help="only rewrite the page's section from --out's results")
     p.add_argument("--prepare", action="store_true", help="only build the checkpoint and the files (timings need a "
                    "quiet machine; this part does not)")
     args = p.parse_args(argv)
+    args.out = args.out or ROOT / "bench" / "results" / (
+        "speed.json" if args.shape == "qwen3-30b-a3b" else f"speed-{args.shape}.json")
     if args.from_json:
-        write_section(args.md, markdown(json.loads(args.out.read_text())), BEGIN, END)
+        write_section(args.md, markdown(json.loads(args.out.read_text())), *markers(args.shape))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from moepack.gguf.matmul import cpu_name
@@ -261,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
-    model = checkpoint(args.work, args.layers, args.experts)
+    model = checkpoint(args.work, args.shape, args.layers, args.experts)
     run = imatrix(model, args.work, args.threads)
     files = [mixture_file(model, args.work, f, run, args.threads) for f in args.ftypes]
     plans = [moepack_file(model, args.work, f, path, args.threads) for f, path in zip(args.ftypes, files)
@@ -276,12 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = rows_of(named | {f"moepack {plan.name}": plan for plan in args.plans}, args)
     command = "python bench/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     res = {"command": command.strip(), "device": cpu_name(), "runtime": runtime_name(), "model": rel(model),
-           "settings": {"layers": args.layers, "experts": args.experts, "threads": args.threads, "runs": args.runs,
+           "settings": {"shape": args.shape, "layers": args.layers, "experts": args.experts, "threads": args.threads, "runs": args.runs,
                         "rounds": args.rounds}, "ftypes": args.ftypes,
            "compress_flags": COMPRESS_FLAGS if args.compress else None,
            "rows": rows, "kernels": kernels, "seconds": round(time.perf_counter() - t0, 1)}
     write_json(args.out, res)
-    write_section(args.md, markdown(res), BEGIN, END)
+    write_section(args.md, markdown(res), *markers(args.shape))
     print(markdown(res))
     return 0
 

@@ -207,6 +207,19 @@ def test_fixture_f32_and_bf16_logits(name: str, tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------- types
 
+def test_a_files_size_is_known_without_the_importance_matrix_its_types_need(models, tmp_path: Path) -> None:
+    """Sizing a plan whose types need an importance matrix (IQ2_XXS) reads no weights and needs none (compress sizes
+    llama.cpp's IQ mixtures so, to measure the one of the target size); writing it without one is refused."""
+    view = open_checkpoint(models("deepseek_v3:256"))
+    plain = _mixed_types(view)
+    needy = plain | {k: "IQ2_XXS" for k in plain if "ffn_down_exps" in k}
+    sized = overhead_bytes(view, QuantPlan.by_hand(needy), default_type=None)
+    assert abs(sized - overhead_bytes(view, QuantPlan.by_hand(plain), default_type=None)) < 256
+    with pytest.raises(WriteError, match="importance matrix"):
+        write_gguf(view, tmp_path / "x.gguf", QuantPlan.by_hand(needy), default_type=None, progress=False)
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_mixed_types_load_generate_and_size(models, tmp_path: Path) -> None:
     d = models("deepseek_v3:256")
     view = open_checkpoint(d)

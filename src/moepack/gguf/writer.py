@@ -252,12 +252,15 @@ def _recipe(view: CheckpointView, typed: list[TypedTensor], n_expert: int, prune
 
 def _prepare(view: CheckpointView, plan: QuantPlan | None, default_type: GGMLQuantizationType | str | None,
              prune_plan: PrunePlan | None, imatrix: Mapping[str, np.ndarray] | None = None, ftype: str | None = None,
-             recipe: Mapping[str, Any] | None = None) -> tuple[list[TypedTensor], int, dict[str, Any]]:
-    """Everything decided and validated before a byte is written: types, expert count, moepack.* metadata."""
+             recipe: Mapping[str, Any] | None = None, sizing: bool = False
+             ) -> tuple[list[TypedTensor], int, dict[str, Any]]:
+    """Everything decided and validated before a byte is written: types, expert count, moepack.* metadata
+    (`sizing`: only the header's bytes are wanted, so the types' need of an importance matrix is not checked)."""
     if ftype is not None and plan is not None:
         raise WriteError("a file llama.cpp's quantizer re-types (an ftype) is written at one type: pass no quant plan")
     typed = resolve_types(gguf_outputs(view), default_type, plan.tensors if plan is not None else None)
-    _check_imatrix_needs(typed, imatrix)
+    if not sizing:
+        _check_imatrix_needs(typed, imatrix)
     n_expert = _expert_count(typed)
     if not has_metadata_writer(view.spec.gguf_arch):
         raise WriteError(f"no GGUF metadata writer for llama.cpp architecture {view.spec.gguf_arch!r}")
@@ -295,7 +298,7 @@ def overhead_bytes(view: CheckpointView, plan: QuantPlan | None = None, *, prune
     at its longest: RECIPE_MAX_BYTES; a mixture recorded short has its recipe already). Reads no weights."""
     import tempfile
 
-    typed, n_expert, extra = _prepare(view, plan, default_type, prune_plan)
+    typed, n_expert, extra = _prepare(view, plan, default_type, prune_plan, sizing=True)
     if short_record(plan) is None:
         extra[Keys.RECIPE] = recipe_placeholder()
     with tempfile.TemporaryDirectory() as d:
