@@ -94,7 +94,7 @@ def _speed_line(sp: dict[str, Any]) -> str:
            "tokens, paired 95 % CI; faster)" if tie and tie["chosen"] != tie["lowest_kld"] else "")
     from moepack.eval.report import floor_text
 
-    return (f"  speed         predicted tokens/s from the weights' matrix products ({sp['threads']} threads): decode "
+    return (f"  speed         predicted tokens/s from llama.cpp's kernel times ({sp['threads']} threads): decode "
             f"{sp['decode_tps']:,.0f}, prompt {sp['prompt_tps']:,.0f}{vs}{won}{floor_text(sp.get('floor'))}")
 
 
