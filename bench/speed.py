@@ -196,8 +196,8 @@ def goal_lines(res: dict[str, Any]) -> list[str]:
     """moepack's plan at each mixture's size against that mixture: measured decode and prompt speed ratios (median
     rounds; the lowest and highest of the per-round ratios), predicted ones, and the ≥ 0.95× decode goal."""
     by = {r["file"]: r for r in res["rows"]}
-    pairs = [(f, by[f"llama.cpp {f}"], by[f"moepack at {f}'s size"]) for f in res.get("ftypes", [])
-             if f"moepack at {f}'s size" in by and f"llama.cpp {f}" in by]
+    ours = {f: r for f in res.get("ftypes", []) for r in res["rows"] if r["path"].endswith(f"-moepack-at-{f}.gguf")}
+    pairs = [(f, by[f"llama.cpp {f}"], ours[f]) for f in res.get("ftypes", []) if f in ours and f"llama.cpp {f}" in by]
     if not pairs:
         return []
 

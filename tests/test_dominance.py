@@ -166,6 +166,7 @@ def test_the_mixture_of_the_target_size_is_measured_and_the_reserve_is_what_is_w
     from moepack.schema import QuantPlan, SensitivityTable
     from moepack.stages.allocate import allocate
     from moepack.stages.budget import Budget
+    from moepack.stages.mixtures import mixture_sizes
 
     target = _llama_file(model, "Q3_K_S", tmp_path / "llama.gguf")
     summary, run_dir = _run(model, tmp_path, target, *FAST_SEARCH)  # the mixtures measured do not depend on it
@@ -174,6 +175,9 @@ def test_the_mixture_of_the_target_size_is_measured_and_the_reserve_is_what_is_w
     assert "Q3_K_S" in measured
     assert _mixture_file(view, run_dir, "Q3_K_S", False) > target  # moepack's full records would push it out
     assert measured["Q3_K_S"].get("record") == "short"
+    # the mixture the speed floor compares with: Q3_K_S, or a larger one that fits as well
+    sizes = mixture_sizes(view)
+    assert sizes[summary["speed"]["mixture"]["name"]].total >= sizes["Q3_K_S"].total
     size = (tmp_path / "x.gguf").stat().st_size
     assert size <= target
     plan = QuantPlan.read(run_dir / "quant_plan-r1.json")

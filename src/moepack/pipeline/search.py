@@ -71,13 +71,33 @@ class CandidateSearch:
     @functools.cached_property
     def reference_mixture(self) -> str | None:
         """The largest llama.cpp mixture of the unpruned model that fits the budget (else the smallest one): the
-        file a user would otherwise make at this size."""
+        file a user would otherwise make at this size — at a budget of exactly that file's size, that mixture (its
+        file as llama.cpp writes it fits, though its tensors exceed what the budget leaves after moepack's own
+        metadata reserve)."""
         from moepack.stages.mixtures import mixture_sizes
 
         sizes = sorted(mixture_sizes(self.ref).items(), key=lambda ms: ms[1].total)
         if not sizes:
             return None
-        return next((n for n, s in reversed(sizes) if s.total <= self.budget.weights), sizes[0][0])
+        return next((n for n, s in reversed(sizes) if s.total <= self.budget.weights or self._file_fits(n, s.total)),
+                    sizes[0][0])
+
+    def _file_fits(self, name: str, tensor_bytes: int) -> bool:
+        """Whether mixture `name`'s file, its records as short as llama.cpp's own, fits the file budget (not for a
+        GPU + RAM budget, whose sides are judged by the mixtures' measurement)."""
+        from moepack.gguf.writer import SHORT_RECORD
+        from moepack.pipeline.dominance import mixture_file_bytes
+        from moepack.schema import QuantPlan
+        from moepack.stages.mixtures import mixture_types
+
+        if self.budget.gpu_weights is not None or tensor_bytes > self.budget.file_limit:
+            return False
+        plan = QuantPlan.by_hand({k: v.name for k, v in mixture_types(self.ref, name).items()})
+        plan = dataclasses.replace(plan, base={"mixture": name, SHORT_RECORD: True})
+        try:
+            return mixture_file_bytes(self.ref, plan) <= self.budget.file_limit
+        except MoepackError:
+            return False
 
     def balance(self) -> None:
         """With several calibration domains, weigh each in every mean KLD by its own level: the per-domain KLD of
