@@ -232,7 +232,8 @@ def markdown(res: dict[str, Any]) -> str:
                 if s.get("rounds", 1) > 1 else "") + ". "
              "Predicted: moepack.stages.speed from this machine's kernel times (the weights' products, each layer's "
              "attention over 512 cached tokens and its element-wise and routing ops). Ratio = predicted / measured.",
-             "", "| file | MiB | decode tok/s measured | predicted | ratio | prompt tok/s measured | predicted | ratio |",
+             "", "| file | MiB | decode tok/s measured | predicted | ratio | prompt tok/s measured | predicted | "
+             "ratio |",
              "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         m, p = r["measured"], r["predicted"]
@@ -316,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = rows_of(named | {f"moepack {plan.name}": plan for plan in args.plans}, args)
     command = "python bench/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     res = {"command": command.strip(), "device": cpu_name(), "runtime": runtime_name(), "model": rel(model),
-           "settings": {"shape": args.shape, "layers": args.layers, "experts": args.experts, "threads": args.threads, "runs": args.runs,
+           "settings": {"shape": args.shape, "layers": args.layers, "experts": args.experts, "threads": args.threads,
+                        "runs": args.runs,
                         "rounds": args.rounds}, "ftypes": args.ftypes,
            "compress_flags": COMPRESS_FLAGS if args.compress else None,
            "rows": rows, "kernels": kernels, "seconds": round(time.perf_counter() - t0, 1)}

@@ -73,8 +73,8 @@ def render(times: KernelTimes) -> str:
         if t in ("ATTN", "OPS"):  # a layer's attention (per cached token) or element-wise ops, per query tokens
             what, unit, scale = (("attention", "ns per cached token", 1e9) if t == "ATTN" else
                                  ("layer ops", "µs per layer", 1e6))
-            lines += [f"{key} (width {n}) {what}: " + ", ".join(f"{b} tokens {s * scale:,.1f} {unit}"
-                                                             for b, s in sorted(by.items())) for n, by in widths.items()]
+            lines += [f"{key} (width {n}) {what}: " + ", ".join(
+                f"{b} tokens {s * scale:,.1f} {unit}" for b, s in sorted(by.items())) for n, by in widths.items()]
             continue
         for n, by_batch in sorted(widths.items()):
             dec, pr = by_batch.get(1), by_batch.get(512)

@@ -223,9 +223,9 @@ def speed_text(s: RunSummary) -> str | None:
     vs = (f" (llama.cpp's {m['name']} of the unpruned model, the file a user would otherwise make at this size: "
           f"decode {m['decode_tps']:,.0f}, prompt {m['prompt_tps']:,.0f})" if m else "")
     return (f"predicted tokens per second on {sp['kernels']}: decode {sp['decode_tps']:,.0f}, prompt "
-            f"{sp['prompt_tps']:,.0f}{vs}{floor_text(sp.get('floor'))}; from the weights' products, attention and each layer's "
-            "element-wise ops, timed in llama.cpp's kernels (on models small enough to run from the CPU's cache, a lower "
-            "bound: the kernels are timed with the weights out of cache)")
+            f"{sp['prompt_tps']:,.0f}{vs}{floor_text(sp.get('floor'))}; from the weights' products, attention and "
+            "each layer's element-wise ops, timed in llama.cpp's kernels (on models small enough to run from the "
+            "CPU's cache, a lower bound: the kernels are timed with the weights out of cache)")
 
 
 def floor_text(f: dict[str, Any] | None) -> str:

@@ -59,9 +59,8 @@ def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
             (base, "ggml_mul_mat", _VP, [_VP, _VP, _VP]), (base, "ggml_mul_mat_id", _VP, [_VP, _VP, _VP, _VP]),
             (base, "ggml_soft_max_ext", _VP, [_VP, _VP, _VP, ctypes.c_float, ctypes.c_float]),
             *[(base, f"ggml_{op}", _VP, [_VP, _VP]) for op in ("soft_max", "silu", "cont", "sum_rows")],
-            *[(base, f"ggml_{op}", _VP, [_VP, _VP, _VP]) for op in ("add", "mul", "div", "get_rows", "cpy")],
+            *[(base, f"ggml_{op}", _VP, [_VP, _VP, _VP]) for op in ("add", "mul", "div", "get_rows")],
             (base, "ggml_rms_norm", _VP, [_VP, _VP, ctypes.c_float]),
-            (base, "ggml_new_tensor_1d", _VP, [_VP, ctypes.c_int, _I64]),
             (base, "ggml_argsort_top_k", _VP, [_VP, _VP, ctypes.c_int]),
             (base, "ggml_permute", _VP, [_VP, _VP, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]),
             (base, "ggml_reshape_3d", _VP, [_VP, _VP, _I64, _I64, _I64]),
@@ -260,12 +259,14 @@ def _attention_seconds(n_head: int, n_head_kv: int, head_k: int, head_v: int, n_
         def graph(ctx: int) -> int:
             g = base.ggml_new_graph(ctx)
             for q, k, v in blocks:
-                kq = base.ggml_soft_max_ext(ctx, base.ggml_mul_mat(ctx, k, q), None, scale, 0.0)  # (n_head, tokens, n_kv)
+                kq = base.ggml_mul_mat(ctx, k, q)  # (n_head, tokens, n_kv)
+                kq = base.ggml_soft_max_ext(ctx, kq, None, scale, 0.0)
                 base.ggml_build_forward_expand(g, base.ggml_mul_mat(ctx, v, kq))  # (n_head, tokens, head_v)
             return g
 
         mem = ATTENTION_COPIES * (3 * n_kv * tokens * n_head * 4 + 2 * head_v * tokens * n_head * 4 + 4 * over)
-        return _time(graph, mem + base.ggml_graph_overhead() + 4 * 2**20, threads, repeats, min_seconds) / ATTENTION_COPIES
+        mem += base.ggml_graph_overhead() + 4 * 2**20
+        return _time(graph, mem, threads, repeats, min_seconds) / ATTENTION_COPIES
     finally:
         base.ggml_free(data)
 

@@ -37,7 +37,7 @@ class Candidate:
     references: list[dict[str, Any]] | None = None  # each reference type measured: base, sensitivity, selection KLD
     merge: MergeOptions | None = None  # the dropped experts merged into kept ones so (None: discarded)
     # --min-decode-tps or --speed-floor: predicted decode tok/s of the plan before and after it was moved to faster
-    # types, and its selection KLD before
+    # types, and its selection KLD before and after
     speed_limited: dict[str, Any] | None = None
 
     @property

@@ -7,8 +7,9 @@ JSON: {"format": "moepack.speed/2", "device": "AMD EPYC ...", "threads": 2, "run
 `seconds_per_row[type][n][batch]`: seconds one mul_mat spends per (n,)-wide weight row against `batch` input columns,
 weights out of cache (moepack.gguf.matmul); `seconds_per_call` the same product's fixed part (a product of R rows
 takes call + R · row); a key "TYPE@ExK" holds routed experts' `mul_mat_id` over E experts, K per token: seconds per
-(row × expert use × token) with `batch` tokens. A `moepack.speed/1` table (per row only) is read with no fixed part. A table measured on another device
-(`moepack speed MODEL -o FILE` run there) can be brought with `--speed-table FILE`.
+(row × expert use × token) with `batch` tokens. A `moepack.speed/1` table (per row only) is read with no fixed part.
+A table measured on another device (`moepack speed MODEL -o FILE` run there) can be brought with
+`--speed-table FILE`.
 """
 from __future__ import annotations
 

@@ -35,7 +35,8 @@ from moepack.stages.footprint import DEFAULT_UBATCH
 if TYPE_CHECKING:
     from moepack.model.checkpoint import CheckpointView
 
-__all__ = ["MatMul", "Attention", "LayerOps", "SPEED_CONTEXT", "KernelClock", "SpeedError", "Speed", "matmuls", "gguf_matmuls", "predict", "decode_tps",
+__all__ = ["MatMul", "Attention", "LayerOps", "SPEED_CONTEXT", "KernelClock", "SpeedError", "Speed", "matmuls",
+           "gguf_matmuls", "predict", "decode_tps",
            "plan_speed", "default_table_path", "runtime_name", "measure_for"]
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,8 @@ def gguf_matmuls(path: str | Path) -> list[Work]:
     n_head = _field(reader, f"{arch}.attention.head_count")
     head_k = _field(reader, f"{arch}.attention.key_length", _field(reader, f"{arch}.embedding_length") // n_head)
     layers = len({n.split(".")[1] for n in names if n.split(".")[-2] in ("attn_k", "attn_kv_a_mqa", "attn_qkv")})
-    n_head_kv, hidden = _field(reader, f"{arch}.attention.head_count_kv", n_head), _field(reader, f"{arch}.embedding_length")
+    n_head_kv = _field(reader, f"{arch}.attention.head_count_kv", n_head)
+    hidden = _field(reader, f"{arch}.embedding_length")
     blocks = {int(n.split(".")[1]) for n in names if n.startswith("blk.")}
     moe = sorted({int(n.split(".")[1]) for n in names if ".ffn_gate_inp." in n})
     ops = _layer_ops(moe, sorted(blocks - set(moe)), (hidden, n_head, n_head_kv, head_k),
