@@ -208,3 +208,62 @@ def test_the_card_names_the_domains(two_domain_run: Path) -> None:
     card = build_card(two_domain_run / "run", two_domain_run / "README.md").read_text()
     assert "| domains | stories, code: every choice had to hold on each one |" in card
     assert "Per calibration domain" in card and "| code |" in card
+
+
+def _table(coef: tuple[float, float] = (0.5, 0.5)):
+    """Two groups, each with a base (2 bytes) and a smaller option (1 byte); group "g" matters on domain a,
+    group "h" on domain b (per-domain ΔKLDs of the smaller option)."""
+    from moepack.schema import Group, Option, SensitivityTable
+
+    def group(name: str, per: tuple[float, float]) -> Group:
+        dk = sum(c * d for c, d in zip(coef, per))
+        return Group(name, (name,), (Option("Q8_0", 2, 0.0, domains=(0.0, 0.0)), Option("Q4_0", 1, dk, domains=per)))
+
+    return SensitivityTable((group("g", (0.010, 0.000)), group("h", (0.000, 0.008))),
+                            base={"domains": {"names": ["a", "b"], "coef": list(coef), "kld": [0.01, 0.01]}})
+
+
+def test_reweighted_weighs_each_domains_dkld() -> None:
+    from moepack.pipeline.repair import reweighted
+
+    t = _table()
+    assert [o.dkld for o in t.groups[0].options] == [0.0, 0.005]
+    up = reweighted(t, {"b": 4.0})
+    assert up is not None and [g.options[1].dkld for g in up.groups] == pytest.approx([0.005, 0.016])
+    import dataclasses
+
+    assert reweighted(dataclasses.replace(t, base={}), {"b": 2.0}) is None  # no per-domain ΔKLDs: no repair
+
+
+def test_repair_weighs_up_the_lost_domain_until_the_plan_holds() -> None:
+    """The allocated plan demoted the group domain b needs (it saves the same byte and costs less on the mean, as
+    the table estimates it); weighing b up moves the demotion to the other group, whose real cost on a is within the
+    mixture's own CI there, and the plan measured no worse anywhere ends the repair."""
+    from moepack.pipeline.repair import repair
+    from moepack.schema import QuantPlan
+    from moepack.stages.allocate import allocate
+
+    t = _table()
+    mixture = _dom({"a": 0.010, "b": 0.010}, noise=0.2)
+    truth = {"g": (0.0001, 0.0), "h": (0.0, 0.008)}  # what demoting each group really costs per domain
+
+    def judge(tensors: dict[str, str]) -> DomainKLD:
+        extra = np.zeros(2)
+        for name, typ in tensors.items():
+            if typ == "Q4_0":
+                extra += truth[name]
+        return DomainKLD(mixture.names, mixture.labels, mixture.tokens + extra[mixture.labels][:, None])
+
+    def replan(table) -> QuantPlan:
+        return allocate(table, 3, "greedy")  # one of the two groups must drop a byte
+
+    first = replan(t)
+    assert first.tensors == {"g": "Q8_0", "h": "Q4_0"} and judge(first.tensors).worse_than(mixture) == ["b"]
+    options, record = repair(t, ["b"], mixture, replan, lambda ts: float(judge(ts).tokens.mean()), judge)
+    assert [o[3] for o in options] == ["repaired for b (x2)"]
+    assert options[0][0].tensors == {"g": "Q4_0", "h": "Q8_0"}
+    assert record == [{"factors": {"b": 2.0}, "kld": options[0][1], "worse_on": []}]
+    # a domain still lost after a step is weighed up with the others at the next one; the steps end at the last
+    options, record = repair(t, ["b"], mixture, replan, lambda ts: 0.0, lambda ts: judge({"g": "Q8_0", "h": "Q4_0"}))
+    assert [o[3] for o in options] == ["repaired for b (x2)", "repaired for b (x4)", "repaired for b (x8)"]
+    assert all(r["worse_on"] == ["b"] for r in record)

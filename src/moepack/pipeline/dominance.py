@@ -28,13 +28,14 @@ from moepack.stages.mixtures import MixtureSize
 if TYPE_CHECKING:
     from moepack.pipeline.robust import DomainKLD
 
-__all__ = ["Rivalry", "fitting_mixtures", "mixture_file_bytes", "mixture_plan", "snap_to_options", "shapes_of",
+__all__ = ["Rivalry", "fitting_mixtures", "short_file_fits", "mixture_file_bytes", "mixture_plan", "snap_to_options", "shapes_of",
            "seeded_plan", "challenge"]
 
 log = logging.getLogger(__name__)
 
 Measure = Callable[[dict[str, str]], float]  # plan tensors → selection KLD
 Judge = Callable[[dict[str, str]], "DomainKLD | None"]  # plan tensors → its per-domain selection KLDs
+Replan = Callable[[SensitivityTable], "QuantPlan | None"]  # a (reweighted) table → the plan allocated on it
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Rivalry:
     allocated_kld: float
     mixtures: list[dict[str, float | int | str]] = field(default_factory=list)  # name, tensor_bytes, kld
     seeded_kld: float | None = None  # the greedy started from the best mixture
+    repair: list[dict[str, Any]] | None = None  # the allocated plan lost on a domain: each reweighted try
     chosen: str = "allocated"  # allocated | mixture NAME | seeded from NAME
     # per-domain selection KLDs [mean, CI half-width] of the best mixture and the chosen plan, and the plans found
     # worse than the mixture on some domain (None: one domain)
@@ -58,7 +60,8 @@ class Rivalry:
         best = self.best_mixture
         return {"allocated_kld": self.allocated_kld, "mixtures": self.mixtures, "seeded_kld": self.seeded_kld,
                 "chosen": self.chosen, "best_mixture": best["name"] if best else None} | (
-                    {"domains": self.domains} if self.domains is not None else {})
+                    {"domains": self.domains} if self.domains is not None else {}) | (
+                    {"repair": self.repair} if self.repair is not None else {})
 
 
 def mixture_file_bytes(view: CheckpointView, plan: QuantPlan) -> int:
@@ -85,6 +88,22 @@ def _fits(budget: Budget, size: MixtureSize, file_bytes: int) -> bool:
     if budget.gpu_weights is None:
         return True
     return size.gpu <= budget.gpu_weights and file_bytes - size.gpu <= budget.file_limit - budget.gpu_weights
+
+
+def short_file_fits(view: CheckpointView, budget: Budget, name: str, tensor_bytes: int) -> bool:
+    """Whether mixture `name`'s file of `view`, its records as short as llama.cpp's own, fits the file budget (not
+    for a GPU + RAM budget, whose sides are judged by the mixtures' measurement)."""
+    from moepack.gguf.writer import SHORT_RECORD
+    from moepack.stages.mixtures import mixture_types
+
+    if budget.gpu_weights is not None or tensor_bytes > budget.file_limit:
+        return False
+    plan = QuantPlan.by_hand({k: v.name for k, v in mixture_types(view, name).items()})
+    try:
+        return mixture_file_bytes(view, dataclasses.replace(plan, base={"mixture": name, SHORT_RECORD: True})
+                                  ) <= budget.file_limit
+    except MoepackError:
+        return False
 
 
 def fitting_mixtures(view: CheckpointView, table: SensitivityTable, budget: Budget, allocated: QuantPlan,
@@ -186,11 +205,13 @@ def seeded_plan(view: CheckpointView, table: SensitivityTable, mixture: QuantPla
 
 
 def challenge(view: CheckpointView, table: SensitivityTable, budget: Budget, plan: QuantPlan, kld: float,
-              measure: Measure, n: int, judge: Judge | None = None) -> tuple[QuantPlan, float, Rivalry]:
-    """The plan (of `plan` with selection KLD `kld`, the fitting mixtures, and the greedy seeded by the best of
-    them when it beats `plan` or `plan` is worse on a domain) with the lowest measured KLD among those no worse than
-    the best mixture on any selection domain (`judge`: a plan's per-domain KLDs, moepack.pipeline.robust; None or
-    one domain: the lowest), and the record of what was measured."""
+              measure: Measure, n: int, judge: Judge | None = None,
+              replan: Replan | None = None) -> tuple[QuantPlan, float, Rivalry]:
+    """The plan (of `plan` with selection KLD `kld`, the fitting mixtures, the greedy seeded by the best of them
+    when it beats `plan` or `plan` is worse on a domain, and, when `plan` is worse on a domain, the plans `replan`
+    allocates with that domain weighed up, moepack.pipeline.repair) with the lowest measured KLD among those no
+    worse than the best mixture on any selection domain (`judge`: a plan's per-domain KLDs, moepack.pipeline.robust;
+    None or one domain: the lowest), and the record of what was measured."""
     from moepack.gguf.writer import SHORT_RECORD
     from moepack.pipeline.robust import envelope, robust_choice
 
@@ -214,10 +235,16 @@ def challenge(view: CheckpointView, table: SensitivityTable, budget: Budget, pla
     baseline, which = envelope(judged) if all(d is not None for _, d in judged) else (None, {})
     options = [(plan, kld, judge(plan.tensors), "allocated")] + [
         (mixtures[name], klds[name], d, f"mixture {name}") for name, d in judged]
-    if top["kld"] < kld or (baseline is not None and options[0][2].worse_than(baseline)):
+    lost = options[0][2].worse_than(baseline) if baseline is not None and options[0][2] is not None else []
+    if top["kld"] < kld or lost:
         if budget.gpu_weights is None and (seeded := seeded_plan(view, table, rival, plan.budget_bytes)) is not None:
             rivalry.seeded_kld = measure(seeded.tensors)
             options.append((seeded, rivalry.seeded_kld, judge(seeded.tensors), f"seeded from {top['name']}"))
+    if lost and replan is not None and baseline is not None:
+        from moepack.pipeline.repair import repair
+
+        repaired, rivalry.repair = repair(table, lost, baseline, replan, measure, judge)
+        options += repaired
     i, worse = robust_choice([(o[3], o[1], o[2]) for o in options], baseline)
     rivalry.chosen = options[i][3]
     if baseline is not None:

@@ -34,7 +34,7 @@ from moepack.pipeline.options import CompressError, CompressOptions
 from moepack.pipeline.reference import reference_mode, reference_types
 from moepack.pipeline.steps import prune_stage, sensitivity_stage
 from moepack.rundir import RunDir
-from moepack.schema import CalibStats, SensitivityTable
+from moepack.schema import CalibStats, QuantPlan, SensitivityTable
 from moepack.stages.budget import Budget, BudgetError, format_size
 
 if TYPE_CHECKING:
@@ -74,30 +74,15 @@ class CandidateSearch:
         file a user would otherwise make at this size — at a budget of exactly that file's size, that mixture (its
         file as llama.cpp writes it fits, though its tensors exceed what the budget leaves after moepack's own
         metadata reserve)."""
+        from moepack.pipeline.dominance import short_file_fits
         from moepack.stages.mixtures import mixture_sizes
 
         sizes = sorted(mixture_sizes(self.ref).items(), key=lambda ms: ms[1].total)
         if not sizes:
             return None
-        return next((n for n, s in reversed(sizes) if s.total <= self.budget.weights or self._file_fits(n, s.total)),
-                    sizes[0][0])
-
-    def _file_fits(self, name: str, tensor_bytes: int) -> bool:
-        """Whether mixture `name`'s file, its records as short as llama.cpp's own, fits the file budget (not for a
-        GPU + RAM budget, whose sides are judged by the mixtures' measurement)."""
-        from moepack.gguf.writer import SHORT_RECORD
-        from moepack.pipeline.dominance import mixture_file_bytes
-        from moepack.schema import QuantPlan
-        from moepack.stages.mixtures import mixture_types
-
-        if self.budget.gpu_weights is not None or tensor_bytes > self.budget.file_limit:
-            return False
-        plan = QuantPlan.by_hand({k: v.name for k, v in mixture_types(self.ref, name).items()})
-        plan = dataclasses.replace(plan, base={"mixture": name, SHORT_RECORD: True})
-        try:
-            return mixture_file_bytes(self.ref, plan) <= self.budget.file_limit
-        except MoepackError:
-            return False
+        fits = (n for n, s in reversed(sizes)
+                if s.total <= self.budget.weights or short_file_fits(self.ref, self.budget, n, s.total))
+        return next(fits, sizes[0][0])
 
     def balance(self) -> None:
         """With several calibration domains, weigh each in every mean KLD by its own level: the per-domain KLD of
@@ -396,30 +381,23 @@ class CandidateSearch:
         """`cand`'s plan allocated again with its predicted decode time limited to `limit` tokens/s (within the same
         budget: stages.speed.speed_choice), then measured; unchanged when it already meets the limit, and (not
         `hard`: the speed floor) when no plan can."""
-        from moepack.stages.allocate import choice_plan
-        from moepack.stages.speed import decode_tps, matmuls
-        from moepack.stages.speed_limit import group_seconds, speed_choice
+        from moepack.stages.speed_limit import limited_plan
 
-        work = matmuls(cand.view, cand.plan.tensors)
-        before = decode_tps(work, self.clock)
-        if before >= limit:
+        plan, before, after = limited_plan(table, cand.plan, cand.view, self.clock, limit, self.opts.solver)
+        if plan is cand.plan:
             return cand
-        seconds, fixed = group_seconds(table, work, self.clock)
-        choice, total = speed_choice(table, cand.plan.budget_bytes, seconds, fixed, 1.0 / limit, self.opts.solver)
         what = "--min-decode-tps" if hard else "the speed floor"
-        if not hard and total > 1.0 / limit:
+        if not hard and after < limit:
             log.info("keep %.3f: predicted decode %.1f tok/s < %s %.1f, and no plan within the budget reaches it "
-                     "(fastest %.1f): kept", cand.keep, before, what, limit, 1.0 / total)
+                     "(fastest %.1f): kept", cand.keep, before, what, limit, after)
             return cand
-        plan = choice_plan(table, choice, f"{cand.plan.solver}, speed-limited", cand.plan.budget_bytes,
-                           cand.plan.tensors, cand.plan.base)
         t0 = time.perf_counter()
         kld = self._measure(cand)(plan.tensors)
         self.run.timings[f"speed limit r={cand.keep:g}"] = time.perf_counter() - t0
         log.info("keep %.3f: predicted decode %.1f tok/s < %s %.1f: faster types give %.1f tok/s, selection KLD "
-                 "%.5f (was %.5f)", cand.keep, before, what, limit, 1.0 / total, kld, cand.kld)
+                 "%.5f (was %.5f)", cand.keep, before, what, limit, after, kld, cand.kld)
         return dataclasses.replace(cand, plan=plan, kld=kld, speed_limited={
-            "limit": "min_decode_tps" if hard else "speed_floor", "before": before, "after": 1.0 / total,
+            "limit": "min_decode_tps" if hard else "speed_floor", "before": before, "after": after,
             "kld_before": cand.kld, "kld_after": kld})
 
     def check_speed(self, best: Candidate) -> None:
@@ -440,9 +418,25 @@ class CandidateSearch:
         t0 = time.perf_counter()
         plan, kld, rivalry = challenge(cand.view, table, self.budget, cand.plan, cand.kld, self._measure(cand),
                                        self.opts.mixtures,
-                                       lambda tensors: self.meter.domains(cand.view, tensors, cand.prune_plan))
+                                       lambda tensors: self.meter.domains(cand.view, tensors, cand.prune_plan),
+                                       lambda reweighted: self._replan(cand, reweighted))
         self.run.timings[f"mixtures r={cand.keep:g}"] = time.perf_counter() - t0
         return dataclasses.replace(cand, plan=plan, kld=kld, rivalry=rivalry)
+
+    def _replan(self, cand: Candidate, table: SensitivityTable) -> QuantPlan | None:
+        """The plan allocated on `table` (a reweighted one, moepack.pipeline.repair) within the budget and, where it
+        can, the speed floor; None when none fits."""
+        from moepack.stages.allocate import AllocationError
+        from moepack.stages.speed_limit import limited_plan
+
+        try:
+            plan, _ = allocate_within(table, self.budget, self.opts.solver)
+        except AllocationError:
+            return None
+        if (floor := self.speed_floor) is not None:
+            fast, _, after = limited_plan(table, plan, cand.view, self.clock, floor["decode_tps"], self.opts.solver)
+            plan = fast if after >= floor["decode_tps"] else plan
+        return plan
 
     def _measure(self, cand: Candidate) -> Callable[[dict[str, str]], float]:
         """Plan tensors → their selection KLD on `cand`'s model."""

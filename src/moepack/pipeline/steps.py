@@ -72,6 +72,13 @@ def _sensitivity_key(cand: Candidate, ref: CheckpointView, stats: CalibStats, ba
     return key
 
 
+def _probe_labels(stats: CalibStats, ids: np.ndarray | None) -> tuple[int, ...] | None:
+    """The calibration domain of each probe sequence (the first of the selection's), with several domains."""
+    if ids is None or stats.selection_domain is None or len(stats.domain_names) < 2:
+        return None
+    return tuple(int(x) for x in stats.selection_domain[: ids.shape[0]])
+
+
 def sensitivity_stage(run: RunDir, ref: CheckpointView, stats: CalibStats, cand: Candidate, base: str,
                       opts: CompressOptions, backend: Backend | None, reference: str | None = None) -> SensitivityTable:
     """The sensitivity table of candidate `cand` from reference type `base` in mode opts.sensitivity, cached in the
@@ -86,6 +93,9 @@ def sensitivity_stage(run: RunDir, ref: CheckpointView, stats: CalibStats, cand:
         key["probe_tokens"] = int(ids.size)
     if stats.domain_scales is not None:  # every KLD weighs its domain by these (moepack.pipeline.robust)
         key["domain_scales"] = [float(x) for x in stats.domain_scales]
+    labels = _probe_labels(stats, ids)
+    if labels is not None:  # every ΔKLD kept per domain too (moepack.pipeline.repair)
+        key["per_domain"] = len(stats.domain_names)
 
     def work() -> None:
         if ids is None:
@@ -96,7 +106,8 @@ def sensitivity_stage(run: RunDir, ref: CheckpointView, stats: CalibStats, cand:
         weights = stats.selection_weights(len(ids))
         cfg = SensitivityConfig(reference=base, ladder=opts.ladder, threads=opts.threads, progress=opts.progress,
                                 cache_dir=opts.cache_dir, sensitivity=opts.sensitivity,
-                                weights=None if weights is None else tuple(float(w) for w in weights))
+                                weights=None if weights is None else tuple(float(w) for w in weights),
+                                domains=None if labels is None else tuple(stats.domain_names), labels=labels)
         measure_sensitivity(cand.view, ids, cfg, reference_view=ref, imatrix=stats, prune_plan=cand.prune_plan,
                             backend=backend).write(path)
 

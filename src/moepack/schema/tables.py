@@ -32,11 +32,16 @@ class Option:
     kld: float | None = None  # measured KLD of that model (KLD mode)
     proxy: float | None = None  # weighted quantization error proxy
     written: dict[str, str] | None = None  # tensor → type written, where a fallback replaced `type`
+    # ΔKLD per calibration domain (plain means over each domain's selection tokens; the table's base["domains"]
+    # names them and gives the coefficients whose weighted sum is dkld); None with one domain
+    domains: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"type": self.type, "bytes": self.bytes, "dkld": self.dkld}
         d.update({k: v for k, v in (("kld", self.kld), ("proxy", self.proxy), ("written", self.written))
                   if v is not None})
+        if self.domains is not None:
+            d["domains"] = list(self.domains)
         return d
 
 
@@ -66,8 +71,14 @@ def _option(d: Any, where: str) -> Option:
     written = d.get("written")
     if written is not None and not (isinstance(written, dict) and all(isinstance(v, str) for v in written.values())):
         raise SchemaError(f"sensitivity table: {where} {d['type']}: \"written\" must map tensor names to type names")
+    domains = d.get("domains")
+    if domains is not None:
+        if not isinstance(domains, list):
+            raise SchemaError(f"sensitivity table: {where} {d['type']}: \"domains\" must be a list of numbers")
+        domains = tuple(float(_num(x, f"{where} {d['type']} domains")) for x in domains)
     return Option(d["type"], _num(d.get("bytes"), f"{where} {d['type']} bytes", True),
-                  float(_num(d.get("dkld"), f"{where} {d['type']} dkld")), measured["kld"], measured["proxy"], written)
+                  float(_num(d.get("dkld"), f"{where} {d['type']} dkld")), measured["kld"], measured["proxy"], written,
+                  domains)
 
 
 def _group(d: Any, i: int) -> Group:

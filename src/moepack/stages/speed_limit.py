@@ -7,10 +7,11 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from moepack.schema import SensitivityTable
+    from moepack.model.checkpoint import CheckpointView
+    from moepack.schema import QuantPlan, SensitivityTable
     from moepack.stages.speed import KernelClock, Work
 
-__all__ = ["group_seconds", "speed_choice"]
+__all__ = ["group_seconds", "speed_choice", "limited_plan"]
 
 
 def group_seconds(table: SensitivityTable, work: list[Work], clock: KernelClock) -> tuple[list[list[float]], float]:
@@ -61,3 +62,21 @@ def speed_choice(table: SensitivityTable, budget_bytes: int, seconds: list[list[
         if hi - lo < 0.05:
             break
     return fast
+
+
+def limited_plan(table: SensitivityTable, plan: QuantPlan, view: CheckpointView, clock: KernelClock, limit: float,
+                 solver: str = "greedy") -> tuple[QuantPlan, float, float]:
+    """(`plan` allocated again on `table` within its budget with its predicted decode at least `limit` tokens/s,
+    its predicted tokens/s before, after): `plan` itself when it meets the limit already; after < limit when no
+    plan can (then the fastest the allocator found)."""
+    from moepack.stages.allocate import choice_plan
+    from moepack.stages.speed import decode_tps, matmuls
+
+    work = matmuls(view, plan.tensors)
+    before = decode_tps(work, clock)
+    if before >= limit:
+        return plan, before, before
+    seconds, fixed = group_seconds(table, work, clock)
+    choice, total = speed_choice(table, plan.budget_bytes, seconds, fixed, 1.0 / limit, solver)
+    fast = choice_plan(table, choice, f"{plan.solver}, speed-limited", plan.budget_bytes, plan.tensors, plan.base)
+    return fast, before, 1.0 / total

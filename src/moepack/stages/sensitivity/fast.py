@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import torch
@@ -28,9 +28,10 @@ from moepack.backends import Backend
 from moepack.model.checkpoint import CheckpointView
 from moepack.stages.sensitivity.fakequant import QuantStore
 from moepack.stages.sensitivity.groups import GroupSpec, SensitivityError
-from moepack.stages.sensitivity.probes import Pick, ReferenceLogProbs, StoreInputs, base_state, probe_bins
+from moepack.stages.sensitivity.probes import Domains, Pick, ReferenceLogProbs, StoreInputs, base_state, probe_bins
 
-__all__ = ["SENSITIVITY_MODES", "AUTO_LIMIT_S", "FAST_PROBE", "PROXY_SAMPLE", "check_sensitivity_mode", "fast_pick", "predict", "run_sensitivity"]
+__all__ = ["SENSITIVITY_MODES", "AUTO_LIMIT_S", "FAST_PROBE", "PROXY_SAMPLE", "check_sensitivity_mode", "fast_pick", "predict",
+           "predict_domains", "Probed", "run_sensitivity"]
 
 log = logging.getLogger(__name__)
 
@@ -77,29 +78,68 @@ def predict(groups: list[GroupSpec], proxy: Mapping[tuple[str, str], float], kld
     return out
 
 
+def predict_domains(groups: list[GroupSpec], proxy: Mapping[tuple[str, str], float], domains: Domains,
+                    base: tuple[float, ...], kld: Mapping[tuple[str, str], float], base_kld: float) -> Domains:
+    """`predict` per calibration domain: ΔKLD per domain of every option but the base, measured where probed,
+    else α_g,d · Δerr with α_g,d from the group's probe on that domain's tokens; 0 where `predict`'s α_g is (the
+    probe's mean has the wrong sign), so that the coefficient-weighted sum of the α_g,d stays α_g."""
+    out: Domains = {}
+    for g in groups:
+        keys = [(g.name, o.type) for o in g.options[1:]]
+        probed = [k for k in keys if k in domains]
+        if not probed:
+            continue
+        k0 = probed[0]
+        de = proxy[k0]
+        if not de:
+            out.update({k: domains[k] if k in domains else (0.0,) * len(base) for k in keys})
+            continue
+        ups = [(m - b) / de for m, b in zip(domains[k0], base)]
+        alpha = ups if (kld[k0] - base_kld) / de > 0 else [0.0] * len(ups)
+        out.update({k: tuple(m - b for m, b in zip(domains[k], base)) if k in domains
+                    else tuple(a * proxy[k] for a in alpha) for k in keys})
+    return out
+
+
+@dataclass
+class Probed:
+    """What the probes measured: the all-base KLD, each probe's KLD, what ran ({"sensitivity": "fast" | "full",
+    "probes", for a fast table "proxy_sample" (the row fraction of the types not probed) and "s_per_probe", for auto
+    the estimate it decided on}), and, with several calibration domains, both per domain."""
+
+    base_kld: float
+    kld: dict[tuple[str, str], float]
+    ran: dict[str, Any]
+    base_domains: tuple[float, ...] | None = None
+    domains: Domains = field(default_factory=dict)
+
+
 def run_sensitivity(mode: str, backend: Backend, view: CheckpointView, store: QuantStore, groups: list[GroupSpec],
               settings: StoreInputs, ids: torch.Tensor, ref: ReferenceLogProbs, batch_size: int, keep_bytes: int,
               tasks: int | None, progress: bool, limit_s: float = AUTO_LIMIT_S, at: int = FAST_PROBE,
-              sample: float = PROXY_SAMPLE) -> tuple[float, dict[tuple[str, str], float], dict[str, Any]]:
-    """The probes of `mode`: (base KLD, {(group, type): measured KLD}, what ran: {"sensitivity": "fast" | "full",
-    "probes", for a fast table "proxy_sample" (the row fraction of the types not probed), and for auto the
-    estimate it decided on})."""
+              sample: float = PROXY_SAMPLE) -> Probed:
+    """The probes of `mode` (see Probed)."""
     check_sensitivity_mode(mode)
-    base_kld, inp = base_state(view, store, groups, settings, ids, ref, batch_size, keep_bytes, progress)
+    base_kld, base_dom, inp = base_state(view, store, groups, settings, ids, ref, batch_size, keep_bytes, progress)
+    dom: Domains = {}
+
+    def done(kld: dict[tuple[str, str], float], ran: dict[str, Any]) -> Probed:
+        return Probed(base_kld, kld, ran, base_dom, dom)
+
     n_full = sum(len(g.options) - 1 for g in groups)
     if mode == "full":
-        kld = probe_bins(backend, view, store, groups, inp, tasks)
-        return base_kld, kld, {"sensitivity": "full", "probes": len(kld)}
+        kld = probe_bins(backend, view, store, groups, inp, tasks, dom)
+        return done(kld, {"sensitivity": "full", "probes": len(kld)})
     pick = fast_pick(groups, at)
     t0 = time.perf_counter()
-    kld = probe_bins(backend, view, store, groups, replace(inp, pick=pick, sample=sample), tasks)
+    kld = probe_bins(backend, view, store, groups, replace(inp, pick=pick, sample=sample), tasks, dom)
     per_probe = (time.perf_counter() - t0) / max(1, len(kld))
     if len(kld) == n_full:  # every upgrade probed: nothing was sampled
-        return base_kld, kld, {"sensitivity": "full", "probes": len(kld)}
+        return done(kld, {"sensitivity": "full", "probes": len(kld)})
     info: dict[str, Any] = {"sensitivity": "fast", "probes": len(kld), "proxy_sample": sample,
                             "s_per_probe": round(per_probe, 3)}  # the table's timing: what a full one would cost
     if mode == "fast":
-        return base_kld, kld, info
+        return done(kld, info)
     rest: Pick = {g.name: tuple(o.type for o in g.options[1:] if (g.name, o.type) not in kld) for g in groups}
     estimate = (n_full - len(kld)) * per_probe
     info["auto"] = {"full_estimate_s": round(estimate, 1), "limit_s": limit_s, "s_per_probe": round(per_probe, 3)}
@@ -108,7 +148,7 @@ def run_sensitivity(mode: str, backend: Backend, view: CheckpointView, store: Qu
              "%d; %s", n_full - len(kld), estimate, per_probe, len(kld),
              "measuring them (full)" if go else f"above {limit_s:.0f} s: keeping the fast table")
     if not go:
-        return base_kld, kld, info
-    kld |= probe_bins(backend, view, store, groups, replace(inp, pick=rest, errors=False), tasks)
+        return done(kld, info)
+    kld |= probe_bins(backend, view, store, groups, replace(inp, pick=rest, errors=False), tasks, dom)
     # the remaining types were quantized whole for their probes: their whole errors replace the sampled ones
-    return base_kld, kld, {"sensitivity": "full", "probes": len(kld), "auto": info["auto"]}
+    return done(kld, {"sensitivity": "full", "probes": len(kld), "auto": info["auto"]})

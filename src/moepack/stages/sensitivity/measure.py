@@ -44,7 +44,7 @@ from moepack.model.checkpoint import CheckpointView
 from moepack.model.runner import LayerRunner
 from moepack.schema import SENSITIVITY_FORMAT, CalibStats, PrunePlan, SensitivityTable
 from moepack.stages.sensitivity.fakequant import FakeQuantWeights, QuantStore
-from moepack.stages.sensitivity.fast import AUTO_LIMIT_S, FAST_PROBE, PROXY_SAMPLE, check_sensitivity_mode, predict, run_sensitivity
+from moepack.stages.sensitivity.fast import AUTO_LIMIT_S, FAST_PROBE, PROXY_SAMPLE, check_sensitivity_mode, predict, predict_domains, run_sensitivity
 from moepack.stages.sensitivity.groups import SensitivityError, default_reference, parse_reference, plan_groups
 from moepack.stages.sensitivity.probes import EMBED, StoreInputs, head_batch, reference_logprobs, run_quantize
 from moepack.stages.sensitivity.table import agreement, overhead, proxies, table_groups
@@ -91,6 +91,9 @@ class SensitivityConfig:
     fast_probe: int = FAST_PROBE
     proxy_sample: float = PROXY_SAMPLE
     weights: tuple[float, ...] | None = None  # per sequence of the ids: its weight in every mean KLD (None: alike)
+    # the calibration domains' names and each sequence's domain (an index): every ΔKLD is also kept per domain
+    domains: tuple[str, ...] | None = None
+    labels: tuple[int, ...] | None = None
 
     def validate(self) -> None:
         check_sensitivity_mode(self.sensitivity)
@@ -100,6 +103,9 @@ class SensitivityConfig:
             raise SensitivityError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.tasks is not None and self.tasks < 1:
             raise SensitivityError(f"tasks must be at least 1 (got {self.tasks})")
+        if (self.labels is None) != (self.domains is None) or self.labels is not None and self.domains is not None \
+                and any(not 0 <= x < len(self.domains) for x in self.labels):
+            raise SensitivityError("labels index the named domains, one per sequence; give both or neither")
 
 
 # ---------------------------------------------------------------------------------------------------- imatrix
@@ -250,6 +256,25 @@ def _base_info(view: CheckpointView, ids: torch.Tensor, cfg: SensitivityConfig, 
             "seq_len": int(ids.shape[1]), "tokens": int(ids.numel())}
 
 
+def _labels(cfg: SensitivityConfig, ids: torch.Tensor) -> np.ndarray | None:
+    """Each sequence's domain index (N,), with at least two domains named; else None."""
+    if cfg.labels is None or cfg.domains is None or len(cfg.domains) < 2:
+        return None
+    if len(cfg.labels) != ids.shape[0]:
+        raise SensitivityError(f"{len(cfg.labels)} domain labels for {ids.shape[0]} sequences")
+    return np.asarray(cfg.labels, dtype=np.int64)
+
+
+def _domain_info(names: tuple[str, ...], labels: np.ndarray, weights: np.ndarray | None,
+                 base: tuple[float, ...]) -> dict[str, Any]:
+    """The table's base["domains"]: the names, the all-base KLD per domain, and per domain the coefficient of its
+    plain mean in the table's (weighted) mean KLD: Σ of its sequences' weights / sequences, so that an option's
+    dkld is Σ_d coef_d · domains_d."""
+    w = np.ones(len(labels)) if weights is None else weights
+    coef = np.bincount(labels, weights=w, minlength=len(names)) / len(labels)
+    return {"names": list(names), "coef": [float(c) for c in coef], "kld": [float(x) for x in base]}
+
+
 def _measure(view: CheckpointView, ids: torch.Tensor, reference_logits: Any, reference_view: CheckpointView | None,
              imatrix: Any, prune_plan: PrunePlan | None, cfg: SensitivityConfig, backend: Backend) -> SensitivityTable:
     t0 = time.perf_counter()
@@ -263,20 +288,24 @@ def _measure(view: CheckpointView, ids: torch.Tensor, reference_logits: Any, ref
     store = settings.store(view)
     run_quantize(backend, store, groups, settings, "all" if cfg.mode == "proxy" else "base", cfg.tasks, cfg.progress)
     timing["quantize_s"] = time.perf_counter() - t0
-    kld = base_kld = predicted = None
+    kld = base_kld = predicted = probed = None
     info = _base_info(view, ids, cfg, base_map, im is not None)
     ran: dict[str, Any] = {}
     if cfg.mode != "proxy":
         t1 = time.perf_counter()
         weights = None if cfg.weights is None else np.asarray(cfg.weights, dtype=np.float64)
+        labels = _labels(cfg, ids)
         ref, info["reference"] = reference_logprobs(view, ids, reference_logits, reference_view, cfg.batch_size,
-                                                    weights)
+                                                    weights, labels)
 
         timing["reference_s"] = time.perf_counter() - t1
         t1 = time.perf_counter()
-        base_kld, kld, ran = run_sensitivity(cfg.sensitivity, backend, view, store, groups, settings, ids, ref,
-                                       cfg.batch_size, cfg.keep_layers_bytes, cfg.tasks, cfg.progress,
-                                       cfg.auto_limit_s, cfg.fast_probe, cfg.proxy_sample)
+        probed = run_sensitivity(cfg.sensitivity, backend, view, store, groups, settings, ids, ref,
+                                 cfg.batch_size, cfg.keep_layers_bytes, cfg.tasks, cfg.progress,
+                                 cfg.auto_limit_s, cfg.fast_probe, cfg.proxy_sample)
+        base_kld, kld, ran = probed.base_kld, probed.kld, probed.ran
+        if probed.base_domains is not None and labels is not None and cfg.domains is not None:
+            info["domains"] = _domain_info(cfg.domains, labels, weights, probed.base_domains)
         timing["probes_s"] = time.perf_counter() - t1
         info["kld"], info["sensitivity"] = base_kld, ran["sensitivity"]
         if "proxy_sample" in ran:  # a fast table: the types not probed have errors from this fraction of rows
@@ -285,6 +314,11 @@ def _measure(view: CheckpointView, ids: torch.Tensor, reference_logits: Any, ref
     if ran.get("sensitivity") == "fast":
         assert kld is not None and base_kld is not None
         predicted = predict(groups, proxy, kld, base_kld)
+    per_domain = None
+    if probed is not None and probed.base_domains is not None:
+        per_domain = (predict_domains(groups, proxy, probed.domains, probed.base_domains, kld, base_kld)
+                      if ran.get("sensitivity") == "fast" else
+                      {k: tuple(m - b for m, b in zip(v, probed.base_domains)) for k, v in probed.domains.items()})
     head = overhead(view, groups, fixed, info, prune_plan)
     agree = None if kld is None else {
         "weighting": "imatrix squared inputs per token; token_embd rows by token frequency",
@@ -296,5 +330,5 @@ def _measure(view: CheckpointView, ids: torch.Tensor, reference_logits: Any, ref
                                                            } | ran.get("auto", {})
     if "s_per_probe" in ran:  # a fast table: its probes' own seconds each (candidates.full_estimate_s)
         timed["s_per_probe"] = ran["s_per_probe"]
-    return SensitivityTable(table_groups(groups, proxy, kld, base_kld, predicted), sum(o.numel * 4 for o in fixed), info,
+    return SensitivityTable(table_groups(groups, proxy, kld, base_kld, predicted, per_domain), sum(o.numel * 4 for o in fixed), info,
                             {o.name: "F32" for o in fixed}, head, SENSITIVITY_FORMAT, agree, timed)

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = ["StoreInputs", "QuantizeInputs", "ProbeInputs", "ReferenceLogProbs", "Prober", "typed_base",
            "quantize_groups", "head_batch", "reference_logprobs", "quantize_task", "probe_task", "run_quantize",
-           "run_probes", "base_state", "probe_bins", "Pick", "Errors", "EMBED"]
+           "run_probes", "base_state", "probe_bins", "Pick", "Errors", "Domains", "EMBED"]
 
 log = logging.getLogger(__name__)
 
@@ -93,28 +93,50 @@ class ReferenceLogProbs:
     """The reference's log-probabilities per head batch, and the mean KLD of a model's head against them
     (moepack.model.metrics: summed term by term, each batch in float64)."""
 
-    def __init__(self, batches: Iterable[torch.Tensor], weights: np.ndarray | None = None) -> None:
+    def __init__(self, batches: Iterable[torch.Tensor], weights: np.ndarray | None = None,
+                 labels: np.ndarray | None = None) -> None:
         self.lp: list[torch.Tensor] = [metrics.log_probs(z) for z in batches]  # (B, L, V) each
         self.n_tokens = sum(int(x[..., 0].numel()) for x in self.lp)
+        bounds = np.cumsum([0] + [len(x) for x in self.lp])
         # per head batch (B,): each sequence's weight in the mean (moepack.pipeline.robust: domains weighed by their
         # own KLD level); None: every token alike
         self.w: list[torch.Tensor] | None = None
         if weights is not None:
-            bounds = np.cumsum([0] + [len(x) for x in self.lp])
             self.w = [torch.as_tensor(np.asarray(weights[a:b], dtype=np.float64)) for a, b in zip(bounds, bounds[1:])]
+        # per head batch (B,): each sequence's calibration domain, for per-domain ΔKLDs; None: one domain
+        self.labels: list[np.ndarray] | None = None
+        if labels is not None:
+            self.labels = [np.asarray(labels[a:b], dtype=np.int64) for a, b in zip(bounds, bounds[1:])]
 
-    def arrays(self) -> tuple[list[np.ndarray], ...]:
-        """(log p per head batch,) [+ (weights per head batch,)] as numpy: plain data for tasks."""
-        lp = [t.numpy() for t in self.lp]
-        return (lp,) if self.w is None else (lp, [w.numpy() for w in self.w])
+    @property
+    def n_domains(self) -> int:
+        return 0 if self.labels is None else 1 + max((int(x.max()) for x in self.labels if len(x)), default=-1)
+
+    def arrays(self) -> tuple[list[np.ndarray] | None, ...]:
+        """(log p, weights or None, domain labels or None), each per head batch, as numpy: plain data for tasks."""
+        return ([t.numpy() for t in self.lp], None if self.w is None else [w.numpy() for w in self.w], self.labels)
 
     @classmethod
-    def from_arrays(cls, arrays: tuple[list[np.ndarray], ...]) -> ReferenceLogProbs:
+    def from_arrays(cls, arrays: tuple[list[np.ndarray] | None, ...]) -> ReferenceLogProbs:
         ref = cls([])
-        ref.lp = [as_tensor(a) for a in arrays[0]]
-        ref.n_tokens = sum(int(a[..., 0].size) for a in arrays[0])
-        ref.w = [torch.as_tensor(w) for w in arrays[1]] if len(arrays) > 1 else None
+        lp, w, labels = (*arrays, None, None)[:3]
+        assert lp is not None
+        ref.lp = [as_tensor(a) for a in lp]
+        ref.n_tokens = sum(int(a[..., 0].size) for a in lp)
+        ref.w = [torch.as_tensor(x) for x in w] if w is not None else None
+        ref.labels = labels
         return ref
+
+    def domain_means(self, rows: list[np.ndarray]) -> tuple[float, ...] | None:
+        """Per domain the plain mean KLD of per-token KLDs `rows` (one (B, L) per head batch, as `kld` appends
+        them); None with one domain."""
+        if self.labels is None or self.n_domains < 2:
+            return None
+        sums, counts = np.zeros(self.n_domains), np.zeros(self.n_domains)
+        for lab, r in zip(self.labels, rows):
+            sums += np.bincount(lab, weights=r.sum(axis=1), minlength=self.n_domains)
+            counts += np.bincount(lab, minlength=self.n_domains) * r.shape[1]
+        return tuple(float(s / c) if c else 0.0 for s, c in zip(sums, counts))
 
     @torch.inference_mode()
     def kld(self, runner: LayerRunner, h_final: torch.Tensor, head_batch: int,
@@ -138,16 +160,18 @@ def head_batch(ids: torch.Tensor, vocab: int) -> int:
 
 def reference_logprobs(view: CheckpointView, ids: torch.Tensor, reference_logits: Any,
                        reference_view: CheckpointView | None, batch_size: int,
-                       weights: np.ndarray | None = None) -> tuple[ReferenceLogProbs, str]:
+                       weights: np.ndarray | None = None,
+                       labels: np.ndarray | None = None) -> tuple[ReferenceLogProbs, str]:
     """(the reference distribution on `ids` (N, L), what it is): given logits (N, L, V), the reference model's
-    forward, or `view` itself unquantized. `weights` (N,): each sequence's weight in every mean KLD."""
+    forward, or `view` itself unquantized. `weights` (N,): each sequence's weight in every mean KLD; `labels` (N,):
+    each sequence's calibration domain (per-domain ΔKLDs)."""
     hb = head_batch(ids, view.facts.vocab)
     if reference_logits is not None:
         z = torch.as_tensor(reference_logits)
         if tuple(z.shape[:2]) != tuple(ids.shape) or z.shape[-1] != view.facts.vocab:
             raise SensitivityError(f"reference logits {tuple(z.shape)} do not match ids {tuple(ids.shape)} "
                                    f"and vocabulary {view.facts.vocab}")
-        return ReferenceLogProbs((z[b:b + hb] for b in range(0, z.shape[0], hb)), weights), "logits"
+        return ReferenceLogProbs((z[b:b + hb] for b in range(0, z.shape[0], hb)), weights, labels), "logits"
     ref_view = reference_view if reference_view is not None else view
     if ref_view.facts.vocab != view.facts.vocab:
         raise SensitivityError(f"the reference model's vocabulary ({ref_view.facts.vocab}) differs from the "
@@ -155,7 +179,7 @@ def reference_logprobs(view: CheckpointView, ids: torch.Tensor, reference_logits
     runner = LayerRunner(ref_view)
     with torch.inference_mode():
         h = runner.run(runner.embed(ids), batch_size=batch_size, inplace=True)
-        ref = ReferenceLogProbs((runner.logits(h[b:b + hb]) for b in range(0, h.shape[0], hb)), weights)
+        ref = ReferenceLogProbs((runner.logits(h[b:b + hb]) for b in range(0, h.shape[0], hb)), weights, labels)
     runner.release()
     return ref, "self" if reference_view is None else str(ref_view.root)
 
@@ -173,24 +197,29 @@ class Prober:
         self.hb = head_batch(ids, view.facts.vocab)
         self.head_name = _HEAD if _HEAD in view.tensors else EMBED  # tied embeddings: token_embd is the head
         self.base_kld: float | None = None
+        self.base_domains: tuple[float, ...] | None = None  # per-domain mean KLD of the all-base model
         self.hidden = hidden  # hidden states entering layer L; [n]: after the last
         if hidden is None:
             with torch.inference_mode():
                 self.hidden = [self.runner.embed(ids)]
                 for i in range(self.n):
                     self.hidden.append(self.runner.run(self.hidden[-1], i, i + 1, batch_size=batch_size))
-            self.base_kld = ref.kld(self.runner, self.hidden[-1], self.hb)
+            rows: list[np.ndarray] = []
+            self.base_kld = ref.kld(self.runner, self.hidden[-1], self.hb, rows)
+            self.base_domains = ref.domain_means(rows)
 
     @torch.inference_mode()
     def probe(self, group: GroupSpec, option: GroupOption) -> float:
         return self.probe_many([(group, option)])[0]
 
     @torch.inference_mode()
-    def probe_many(self, probes: list[tuple[GroupSpec, GroupOption]]) -> list[float]:
+    def probe_many(self, probes: list[tuple[GroupSpec, GroupOption]],
+                   domains: list[tuple[float, ...] | None] | None = None) -> list[float]:
         """KLD of each (group, option), layer-major: each probe enters at its group's first layer (its layers
         rebuilt at its types) and each base layer after it is built once for all the probes passing through it,
         not once per probe (a layer too large to keep built). Every sequence goes through a layer in the same
-        batches as one probe at a time, so the numbers are the same."""
+        batches as one probe at a time, so the numbers are the same. Each probe's per-domain mean KLDs are
+        appended to `domains` when given (ReferenceLogProbs.domain_means)."""
         types = [{o.name: t.qtype for o, t in zip(g.outs, opt.typed)} for g, opt in probes]
         layers = [{o.layer for o in g.outs if o.layer is not None} for g, _ in probes]
         live: dict[int, torch.Tensor] = {}
@@ -213,12 +242,15 @@ class Prober:
         out = []
         for j, (g, _) in enumerate(probes):
             h = live.pop(j, self.hidden[self.n])  # output probes: only the head
+            rows: list[np.ndarray] = []
             if self.head_name not in g.sources:
-                out.append(self.ref.kld(self.runner, h, self.hb))
-                continue
-            self.runner.release()  # rebuild the head from the probed weights
-            out.append(self._with(types[j], set(), lambda: self.ref.kld(self.runner, h, self.hb)))
-            self.runner.release()
+                out.append(self.ref.kld(self.runner, h, self.hb, rows))
+            else:
+                self.runner.release()  # rebuild the head from the probed weights
+                out.append(self._with(types[j], set(), lambda: self.ref.kld(self.runner, h, self.hb, rows)))
+                self.runner.release()
+            if domains is not None:
+                domains.append(self.ref.domain_means(rows))
         return out
 
     def _with(self, override: dict[str, GGMLQuantizationType], fresh: set[int], work: Any) -> Any:
@@ -288,14 +320,20 @@ def quantize_task(groups: list[GroupSpec], inp: QuantizeInputs) -> dict[tuple[st
 Errors = dict[tuple[str, str], float]  # (GGUF tensor, type) → proxy error
 
 
-def probe_task(groups: list[GroupSpec], inp: ProbeInputs) -> tuple[Errors, Errors, dict[tuple[str, str], float]]:
+Domains = dict[tuple[str, str], tuple[float, ...]]  # (group, type) → its probe's mean KLD per calibration domain
+
+
+def probe_task(groups: list[GroupSpec], inp: ProbeInputs) -> tuple[Errors, Errors, dict[tuple[str, str], float],
+                                                                     Domains]:
     """Quantize each group's upgrade types and probe them: ({(tensor, type): proxy error of the whole tensor},
-    {(tensor, type): proxy error from a row sample (types not probed, `inp.sample` < 1)}, {(group, type): KLD})."""
+    {(tensor, type): proxy error from a row sample (types not probed, `inp.sample` < 1)}, {(group, type): KLD},
+    {(group, type): KLD per domain} (empty with one domain))."""
     from tqdm.auto import tqdm
 
     view = open_view(inp.store.view)
     errs: Errors = {}
     kld: dict[tuple[str, str], float] = {}
+    dom: Domains = {}
     with torch_threads(inp.store.threads):
         store = inp.store.store(view)
         store.absorb(inp.base_raw)
@@ -318,14 +356,17 @@ def probe_task(groups: list[GroupSpec], inp: ProbeInputs) -> tuple[Errors, Error
                         store.sample_errors([(o, [opt.typed[i] for opt in rest], g.options[0].typed[i])
                                              for i, o in enumerate(g.outs)], inp.sample)
                 probes = [(g, opt) for g in by_start[start] for opt in picked[g.name]]
-                for (g, opt), v in zip(probes, prober.probe_many(probes)):
+                per: list[tuple[float, ...] | None] = []
+                for (g, opt), v, d in zip(probes, prober.probe_many(probes, per), per):
                     kld[(g.name, opt.type)] = v
+                    if d is not None:
+                        dom[(g.name, opt.type)] = d
                 bar.update(len(probes))
                 new = set(store.entries()) - have
                 errs.update({k: e for k, (_, e) in store.entries(new).items()})
                 store.forget(new)
         prober.runner.release()
-    return errs, store.sampled_errors(), kld
+    return errs, store.sampled_errors(), kld, dom
 
 
 def _picked(g: GroupSpec, pick: Pick | None) -> list[GroupOption]:
@@ -353,35 +394,38 @@ def run_quantize(backend: Backend, store: QuantStore, groups: list[GroupSpec], s
 
 
 def base_state(view: CheckpointView, store: QuantStore, groups: list[GroupSpec], settings: StoreInputs, ids: torch.Tensor,
-               ref: ReferenceLogProbs, batch_size: int, keep_bytes: int, progress: bool) -> tuple[float, ProbeInputs]:
-    """Stage 2: the all-base forward here; (base KLD, what every probe task shares)."""
+               ref: ReferenceLogProbs, batch_size: int, keep_bytes: int,
+               progress: bool) -> tuple[float, tuple[float, ...] | None, ProbeInputs]:
+    """Stage 2: the all-base forward here; (base KLD, its mean per domain, what every probe task shares)."""
     base = typed_base(groups)
     weights = FakeQuantWeights(view, store, base)
     prober = Prober(view, weights, ids, ref, batch_size, keep_bytes)
-    base_kld, hidden = prober.base_kld, [h.numpy() for h in prober.hidden]
+    base_kld, base_dom, hidden = prober.base_kld, prober.base_domains, [h.numpy() for h in prober.hidden]
     del prober, weights  # its kept layers: each task keeps its own
     base_keys = {(o.name, t.qtype.name) for g in groups for o, t in zip(g.outs, g.options[0].typed)}
     assert base_kld is not None
-    return base_kld, ProbeInputs(settings, {k: t.name for k, t in base.items()}, store.entries(base_keys),
+    return base_kld, base_dom, ProbeInputs(settings, {k: t.name for k, t in base.items()}, store.entries(base_keys),
                                  ids.numpy(), hidden, ref.arrays(), batch_size, keep_bytes, progress)
 
 
 def probe_bins(backend: Backend, view: CheckpointView, store: QuantStore, groups: list[GroupSpec], inp: ProbeInputs,
-               tasks: int | None) -> dict[tuple[str, str], float]:
-    """Stage 3 on `backend`: the probes `inp.pick` names (all by default); {(group, type): KLD}. The proxy errors
-    of the types quantized land in the driver's `store`."""
+               tasks: int | None, domains: Domains | None = None) -> dict[tuple[str, str], float]:
+    """Stage 3 on `backend`: the probes `inp.pick` names (all by default); {(group, type): KLD}, and their KLDs per
+    domain into `domains` when given. The proxy errors of the types quantized land in the driver's `store`."""
     n = len(inp.hidden) - 1
     costs = [len(_picked(g, inp.pick)) * (n - _start(g, n) + 1) for g in groups]
     bins = partition(costs, tasks or backend.slots(inp.store.threads))
     inp = replace(inp, progress=inp.progress and backend.local and len(bins) == 1)
     mem = (min(inp.keep_bytes, n * layer_f32_bytes(view)) + 3 * layer_f32_bytes(view) + 2 * _HEAD_ELEMS * 4
-           + sum(h.nbytes for h in inp.hidden) + sum(a.nbytes for xs in inp.ref for a in xs))
+           + sum(h.nbytes for h in inp.hidden) + sum(a.nbytes for xs in inp.ref if xs is not None for a in xs))
     kld: dict[tuple[str, str], float] = {}
-    for errs, sampled, part in backend.map(probe_task, [[groups[i] for i in b] for b in bins], inp, desc="probes",
+    for errs, sampled, part, dom in backend.map(probe_task, [[groups[i] for i in b] for b in bins], inp, desc="probes",
                                            num_cpus=inp.store.threads, memory=mem, progress=inp.progress):
         store.absorb({k: (None, e) for k, e in errs.items()})
         store.absorb_sampled(sampled)
         kld.update(part)
+        if domains is not None:
+            domains.update(dom)
     return kld
 
 
@@ -389,5 +433,5 @@ def run_probes(backend: Backend, view: CheckpointView, store: QuantStore, groups
                ids: torch.Tensor, ref: ReferenceLogProbs, batch_size: int, keep_bytes: int, tasks: int | None,
                progress: bool) -> tuple[float, dict[tuple[str, str], float]]:
     """Stages 2 and 3, every probe: (base KLD, {(group, type): KLD})."""
-    base_kld, inp = base_state(view, store, groups, settings, ids, ref, batch_size, keep_bytes, progress)
+    base_kld, _, inp = base_state(view, store, groups, settings, ids, ref, batch_size, keep_bytes, progress)
     return base_kld, probe_bins(backend, view, store, groups, inp, tasks)

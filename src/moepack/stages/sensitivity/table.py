@@ -139,10 +139,12 @@ def overhead(view: CheckpointView, groups: list[GroupSpec], fixed: list[OutTenso
 
 def table_groups(groups: list[GroupSpec], proxy: dict[tuple[str, str], float],
                  kld: dict[tuple[str, str], float] | None, base_kld: float | None,
-                 predicted: Mapping[tuple[str, str], float] | None = None) -> tuple[Group, ...]:
+                 predicted: Mapping[tuple[str, str], float] | None = None,
+                 domains: Mapping[tuple[str, str], tuple[float, ...]] | None = None) -> tuple[Group, ...]:
     """The table's groups: per option its bytes, ΔKLD vs the all-base model (the proxy in proxy mode; `predicted`
     where fast sensitivity did not probe it, moepack.stages.sensitivity.fast), the KLD measured (None where
-    predicted), the proxy, and the types written where a fallback replaced the requested one."""
+    predicted), the proxy, the types written where a fallback replaced the requested one, and its ΔKLD per
+    calibration domain where `domains` has them (the base: zeros)."""
     out = []
     for g in groups:
         opts = []
@@ -157,7 +159,11 @@ def table_groups(groups: list[GroupSpec], proxy: dict[tuple[str, str], float],
                 dkld, measured = (0.0 if i == 0 else proxy[k]), None
             written = ({t.out.name: t.qtype.name for t in opt.typed}
                        if any(t.qtype != t.requested for t in opt.typed) else None)
-            opts.append(Option(opt.type, opt.bytes, dkld, measured, 0.0 if i == 0 else proxy[k], written))
+            per = None
+            if domains:
+                width = len(next(iter(domains.values())))
+                per = (0.0,) * width if i == 0 else domains.get(k)
+            opts.append(Option(opt.type, opt.bytes, dkld, measured, 0.0 if i == 0 else proxy[k], written, per))
         out.append(Group(g.name, tuple(o.name for o in g.outs), tuple(opts), g.cls, g.role.value, g.layer))
     return tuple(out)
 
