@@ -28,8 +28,8 @@ from moepack.stages.mixtures import MixtureSize
 if TYPE_CHECKING:
     from moepack.pipeline.robust import DomainKLD
 
-__all__ = ["Rivalry", "fitting_mixtures", "short_file_fits", "mixture_file_bytes", "mixture_plan", "snap_to_options", "shapes_of",
-           "seeded_plan", "challenge"]
+__all__ = ["Rivalry", "fitting_mixtures", "short_file_fits", "mixture_file_bytes", "mixture_plan", "snap_to_options",
+           "shapes_of", "seeded_plan", "Referee", "challenge"]
 
 log = logging.getLogger(__name__)
 
@@ -204,19 +204,21 @@ def seeded_plan(view: CheckpointView, table: SensitivityTable, mixture: QuantPla
                        base=table.base | {"seeded_from": mixture.base.get("mixture")})
 
 
-def challenge(view: CheckpointView, table: SensitivityTable, budget: Budget, plan: QuantPlan, kld: float,
-              measure: Measure, n: int, judge: Judge | None = None,
-              replan: Replan | None = None) -> tuple[QuantPlan, float, Rivalry]:
-    """The plan (of `plan` with selection KLD `kld`, the fitting mixtures, the greedy seeded by the best of them
-    when it beats `plan` or `plan` is worse on a domain, and, when `plan` is worse on a domain, the plans `replan`
-    allocates with that domain weighed up, moepack.pipeline.repair) with the lowest measured KLD among those no
-    worse than the best mixture on any selection domain (`judge`: a plan's per-domain KLDs, moepack.pipeline.robust;
-    None or one domain: the lowest), and the record of what was measured."""
-    from moepack.gguf.writer import SHORT_RECORD
-    from moepack.pipeline.robust import envelope, robust_choice
+@dataclass(frozen=True)
+class Referee:
+    """How `challenge` measures: a plan's selection KLD, its per-domain KLDs (None: one domain), and the plan
+    allocated on a reweighted table (None: no repair, moepack.pipeline.repair)."""
 
-    judge = judge or (lambda tensors: None)
-    rivalry = Rivalry(kld)
+    measure: Measure
+    judge: Judge = field(default=lambda tensors: None)
+    replan: Replan | None = None
+
+
+def _measured_mixtures(view: CheckpointView, table: SensitivityTable, budget: Budget, plan: QuantPlan, kld: float,
+                       n: int, measure: Measure, rivalry: Rivalry) -> tuple[dict[str, QuantPlan], dict[str, float]]:
+    """The fitting mixtures' plans and selection KLDs, each recorded in `rivalry`."""
+    from moepack.gguf.writer import SHORT_RECORD
+
     mixtures: dict[str, QuantPlan] = {}
     klds: dict[str, float] = {}
     for name, size, mixture in fitting_mixtures(view, table, budget, plan, n):
@@ -226,6 +228,21 @@ def challenge(view: CheckpointView, table: SensitivityTable, budget: Budget, pla
                                 | ({"record": "short"} if mixture.base.get(SHORT_RECORD) else {}))
         log.info("llama.cpp mixture %s: %d tensor bytes, selection KLD %.5f (allocated plan %.5f)",
                  name, size.total, m_kld, kld)
+    return mixtures, klds
+
+
+def challenge(view: CheckpointView, table: SensitivityTable, budget: Budget, plan: QuantPlan, kld: float, n: int,
+              ref: Referee) -> tuple[QuantPlan, float, Rivalry]:
+    """The plan (of `plan` with selection KLD `kld`, the fitting mixtures, the greedy seeded by the best of them
+    when it beats `plan` or `plan` is worse on a domain, and, when `plan` is worse on a domain, the plans
+    `ref.replan` allocates with that domain weighed up, moepack.pipeline.repair) with the lowest measured KLD among
+    those no worse than the best mixture on any selection domain (`ref.judge`: a plan's per-domain KLDs,
+    moepack.pipeline.robust; None or one domain: the lowest), and the record of what was measured."""
+    from moepack.pipeline.robust import envelope, robust_choice
+
+    measure, judge = ref.measure, ref.judge
+    rivalry = Rivalry(kld)
+    mixtures, klds = _measured_mixtures(view, table, budget, plan, kld, n, measure, rivalry)
     top = rivalry.best_mixture
     if top is None:
         return plan, kld, rivalry
@@ -240,10 +257,10 @@ def challenge(view: CheckpointView, table: SensitivityTable, budget: Budget, pla
         if budget.gpu_weights is None and (seeded := seeded_plan(view, table, rival, plan.budget_bytes)) is not None:
             rivalry.seeded_kld = measure(seeded.tensors)
             options.append((seeded, rivalry.seeded_kld, judge(seeded.tensors), f"seeded from {top['name']}"))
-    if lost and replan is not None and baseline is not None:
+    if lost and ref.replan is not None and baseline is not None:
         from moepack.pipeline.repair import repair
 
-        repaired, rivalry.repair = repair(table, lost, baseline, replan, measure, judge)
+        repaired, rivalry.repair = repair(table, lost, baseline, ref.replan, measure, judge)
         options += repaired
     i, worse = robust_choice([(o[3], o[1], o[2]) for o in options], baseline)
     rivalry.chosen = options[i][3]

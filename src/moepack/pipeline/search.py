@@ -413,13 +413,12 @@ class CandidateSearch:
     def _challenge(self, cand: Candidate, table: SensitivityTable) -> Candidate:
         """llama.cpp's largest fitting mixtures measured against `cand`'s plan, the lowest kept (moepack.pipeline
         .dominance): the plan is never worse on the selection tokens than the mixture a user would otherwise make."""
-        from moepack.pipeline.dominance import challenge
+        from moepack.pipeline.dominance import Referee, challenge
 
         t0 = time.perf_counter()
-        plan, kld, rivalry = challenge(cand.view, table, self.budget, cand.plan, cand.kld, self._measure(cand),
-                                       self.opts.mixtures,
-                                       lambda tensors: self.meter.domains(cand.view, tensors, cand.prune_plan),
-                                       lambda reweighted: self._replan(cand, reweighted))
+        referee = Referee(self._measure(cand), lambda tensors: self.meter.domains(cand.view, tensors, cand.prune_plan),
+                          lambda reweighted: self._replan(cand, reweighted))
+        plan, kld, rivalry = challenge(cand.view, table, self.budget, cand.plan, cand.kld, self.opts.mixtures, referee)
         self.run.timings[f"mixtures r={cand.keep:g}"] = time.perf_counter() - t0
         return dataclasses.replace(cand, plan=plan, kld=kld, rivalry=rivalry)
 

@@ -30,8 +30,8 @@ from moepack.stages.sensitivity.fakequant import QuantStore
 from moepack.stages.sensitivity.groups import GroupSpec, SensitivityError
 from moepack.stages.sensitivity.probes import Domains, Pick, ReferenceLogProbs, StoreInputs, base_state, probe_bins
 
-__all__ = ["SENSITIVITY_MODES", "AUTO_LIMIT_S", "FAST_PROBE", "PROXY_SAMPLE", "check_sensitivity_mode", "fast_pick", "predict",
-           "predict_domains", "Probed", "run_sensitivity"]
+__all__ = ["SENSITIVITY_MODES", "AUTO_LIMIT_S", "FAST_PROBE", "PROXY_SAMPLE", "check_sensitivity_mode", "fast_pick",
+           "predict", "predict_domains", "Probed", "run_sensitivity"]
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,8 @@ from moepack.model.checkpoint import CheckpointView
 from moepack.model.runner import LayerRunner
 from moepack.schema import SENSITIVITY_FORMAT, CalibStats, PrunePlan, SensitivityTable
 from moepack.stages.sensitivity.fakequant import FakeQuantWeights, QuantStore
-from moepack.stages.sensitivity.fast import AUTO_LIMIT_S, FAST_PROBE, PROXY_SAMPLE, check_sensitivity_mode, predict, predict_domains, run_sensitivity
+from moepack.stages.sensitivity.fast import (AUTO_LIMIT_S, FAST_PROBE, PROXY_SAMPLE, check_sensitivity_mode, predict,
+                                             predict_domains, run_sensitivity)
 from moepack.stages.sensitivity.groups import SensitivityError, default_reference, parse_reference, plan_groups
 from moepack.stages.sensitivity.probes import EMBED, StoreInputs, head_batch, reference_logprobs, run_quantize
 from moepack.stages.sensitivity.table import agreement, overhead, proxies, table_groups
