@@ -80,9 +80,10 @@ def predict(groups: list[GroupSpec], proxy: Mapping[tuple[str, str], float], kld
 
 def predict_domains(groups: list[GroupSpec], proxy: Mapping[tuple[str, str], float], domains: Domains,
                     base: tuple[float, ...], kld: Mapping[tuple[str, str], float], base_kld: float) -> Domains:
-    """`predict` per calibration domain: ΔKLD per domain of every option but the base, measured where probed,
-    else α_g,d · Δerr with α_g,d from the group's probe on that domain's tokens; 0 where `predict`'s α_g is (the
-    probe's mean has the wrong sign), so that the coefficient-weighted sum of the α_g,d stays α_g."""
+    """`predict` per calibration domain: ΔKLD per domain of every option but the base, measured where probed (a
+    full table: every one), else α_g,d · Δerr with α_g,d from the group's probe on that domain's tokens; 0 where
+    `predict`'s α_g is (no Δerr, or the probe's mean has the wrong sign), so that the coefficient-weighted sum of
+    the α_g,d stays α_g."""
     out: Domains = {}
     for g in groups:
         keys = [(g.name, o.type) for o in g.options[1:]]
@@ -91,11 +92,8 @@ def predict_domains(groups: list[GroupSpec], proxy: Mapping[tuple[str, str], flo
             continue
         k0 = probed[0]
         de = proxy[k0]
-        if not de:
-            out.update({k: domains[k] if k in domains else (0.0,) * len(base) for k in keys})
-            continue
-        ups = [(m - b) / de for m, b in zip(domains[k0], base)]
-        alpha = ups if (kld[k0] - base_kld) / de > 0 else [0.0] * len(ups)
+        alpha = ([(m - b) / de for m, b in zip(domains[k0], base)] if de and (kld[k0] - base_kld) / de > 0
+                 else [0.0] * len(base))
         out.update({k: tuple(m - b for m, b in zip(domains[k], base)) if k in domains
                     else tuple(a * proxy[k] for a in alpha) for k in keys})
     return out

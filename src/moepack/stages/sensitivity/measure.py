@@ -317,9 +317,7 @@ def _measure(view: CheckpointView, ids: torch.Tensor, reference_logits: Any, ref
         predicted = predict(groups, proxy, kld, base_kld)
     per_domain = None
     if probed is not None and probed.base_domains is not None:
-        per_domain = (predict_domains(groups, proxy, probed.domains, probed.base_domains, kld, base_kld)
-                      if ran.get("sensitivity") == "fast" else
-                      {k: tuple(m - b for m, b in zip(v, probed.base_domains)) for k, v in probed.domains.items()})
+        per_domain = predict_domains(groups, proxy, probed.domains, probed.base_domains, probed.kld, probed.base_kld)
     head = overhead(view, groups, fixed, info, prune_plan)
     agree = None if kld is None else {
         "weighting": "imatrix squared inputs per token; token_embd rows by token frequency",

@@ -204,9 +204,9 @@ class Prober:
                 self.hidden = [self.runner.embed(ids)]
                 for i in range(self.n):
                     self.hidden.append(self.runner.run(self.hidden[-1], i, i + 1, batch_size=batch_size))
-            rows: list[np.ndarray] = []
+            rows = [] if ref.labels is not None else None  # per-token KLDs only where domains split them
             self.base_kld = ref.kld(self.runner, self.hidden[-1], self.hb, rows)
-            self.base_domains = ref.domain_means(rows)
+            self.base_domains = ref.domain_means(rows or [])
 
     @torch.inference_mode()
     def probe(self, group: GroupSpec, option: GroupOption) -> float:
@@ -242,7 +242,7 @@ class Prober:
         out = []
         for j, (g, _) in enumerate(probes):
             h = live.pop(j, self.hidden[self.n])  # output probes: only the head
-            rows: list[np.ndarray] = []
+            rows: list[np.ndarray] | None = [] if domains is not None and self.ref.labels is not None else None
             if self.head_name not in g.sources:
                 out.append(self.ref.kld(self.runner, h, self.hb, rows))
             else:
@@ -250,7 +250,7 @@ class Prober:
                 out.append(self._with(types[j], set(), lambda: self.ref.kld(self.runner, h, self.hb, rows)))
                 self.runner.release()
             if domains is not None:
-                domains.append(self.ref.domain_means(rows))
+                domains.append(self.ref.domain_means(rows or []))
         return out
 
     def _with(self, override: dict[str, GGMLQuantizationType], fresh: set[int], work: Any) -> Any:
