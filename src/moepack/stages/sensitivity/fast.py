@@ -62,20 +62,12 @@ def fast_pick(groups: list[GroupSpec], at: int = FAST_PROBE) -> dict[str, tuple[
 def predict(groups: list[GroupSpec], proxy: Mapping[tuple[str, str], float], kld: Mapping[tuple[str, str], float],
             base_kld: float) -> dict[tuple[str, str], float]:
     """ΔKLD of every option but the base: measured where probed, else α_g · Δerr with α_g from the group's
-    probe."""
-    out: dict[tuple[str, str], float] = {}
+    probe (`predict_domains` with the mean as its one domain)."""
     for g in groups:
-        keys = [(g.name, o.type) for o in g.options[1:]]
-        probed = [k for k in keys if k in kld]
-        if not probed:
-            if keys:
-                raise SensitivityError(f"group {g.name} has no probe to learn its coefficient from")
-            continue
-        k0 = probed[0]
-        dk, de = kld[k0] - base_kld, proxy[k0]
-        alpha = max(0.0, dk / de) if de else 0.0  # ΔKLD and Δerr share their sign: both < 0 for an upgrade
-        out.update({k: kld[k] - base_kld if k in kld else alpha * proxy[k] for k in keys})
-    return out
+        if len(g.options) > 1 and not any((g.name, o.type) in kld for o in g.options[1:]):
+            raise SensitivityError(f"group {g.name} has no probe to learn its coefficient from")
+    one = predict_domains(groups, proxy, {k: (v,) for k, v in kld.items()}, (base_kld,), kld, base_kld)
+    return {k: v[0] for k, v in one.items()}
 
 
 def predict_domains(groups: list[GroupSpec], proxy: Mapping[tuple[str, str], float], domains: Domains,
