@@ -267,3 +267,34 @@ def test_repair_weighs_up_the_lost_domain_until_the_plan_holds() -> None:
     options, record = repair(t, ["b"], mixture, replan, lambda ts: 0.0, lambda ts: judge({"g": "Q8_0", "h": "Q4_0"}))
     assert [o[3] for o in options] == ["repaired for b (x2)", "repaired for b (x4)", "repaired for b (x8)"]
     assert all(r["worse_on"] == ["b"] for r in record)
+
+
+def test_a_repaired_plan_meets_the_speed_limits_the_run_applies(monkeypatch) -> None:
+    """CandidateSearch._replan: the reweighted allocation is moved to the speed floor only where the floor can be
+    met, and to --min-decode-tps always (a repaired plan slower than the hard limit would fail the run's check)."""
+    from types import SimpleNamespace
+
+    import moepack.pipeline.search as search_mod
+    import moepack.stages.speed_limit as speed_limit
+    from moepack.pipeline.options import CompressOptions
+    from moepack.pipeline.search import CandidateSearch
+
+    reach = {"floor": 90.0, "hard": 90.0}  # the fastest tokens/s a limit's re-allocation reaches
+
+    def limited(table, plan, view, clock, limit, solver):  # -> (plan, before, after), as limited_plan
+        after = min(limit, reach["floor"] if limit == 100.0 else reach["hard"])
+        return f"{plan}>{limit:g}", 50.0, after
+
+    monkeypatch.setattr(search_mod, "allocate_within", lambda table, budget, solver: ("plan", 0))
+    monkeypatch.setattr(speed_limit, "limited_plan", limited)
+
+    def replan(min_tps: float | None) -> str:
+        s = object.__new__(CandidateSearch)
+        s.opts, s.budget, s._clock = CompressOptions(min_decode_tps=min_tps), None, None
+        s.__dict__["speed_floor"] = {"decode_tps": 100.0}  # the cached property
+        return s._replan(SimpleNamespace(view=None), table=None)
+
+    assert replan(None) == "plan"  # the floor (100) cannot be met: the plan stays
+    reach["floor"] = 120.0
+    assert replan(None) == "plan>100"
+    assert replan(200.0) == "plan>100>200"  # the hard limit applies even where it is not met (the check then fails)

@@ -423,8 +423,9 @@ class CandidateSearch:
         return dataclasses.replace(cand, plan=plan, kld=kld, rivalry=rivalry)
 
     def _replan(self, cand: Candidate, table: SensitivityTable) -> QuantPlan | None:
-        """The plan allocated on `table` (a reweighted one, moepack.pipeline.repair) within the budget and, where it
-        can, the speed floor; None when none fits."""
+        """The plan allocated on `table` (a reweighted one, moepack.pipeline.repair) within the budget, the speed
+        floor where it can and --min-decode-tps (a repaired plan must not fail the run's speed check); None when
+        none fits."""
         from moepack.stages.allocate import AllocationError
         from moepack.stages.speed_limit import limited_plan
 
@@ -432,9 +433,11 @@ class CandidateSearch:
             plan, _ = allocate_within(table, self.budget, self.opts.solver)
         except AllocationError:
             return None
-        if (floor := self.speed_floor) is not None:
-            fast, _, after = limited_plan(table, plan, cand.view, self.clock, floor["decode_tps"], self.opts.solver)
-            plan = fast if after >= floor["decode_tps"] else plan
+        floor, hard = self.speed_floor, self.opts.min_decode_tps  # as _measured applies them: the floor where
+        for limit, must in ((floor and floor["decode_tps"], False), (hard, True)):  # it can, --min-decode-tps always
+            if limit is not None:
+                fast, _, after = limited_plan(table, plan, cand.view, self.clock, float(limit), self.opts.solver)
+                plan = fast if must or after >= limit else plan
         return plan
 
     def _measure(self, cand: Candidate) -> Callable[[dict[str, str]], float]:
