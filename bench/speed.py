@@ -111,7 +111,7 @@ def moepack_file(model: Path, work: Path, ftype: str, mixture: Path, threads: in
     if not out.is_file():
         code = main(["compress", str(model), "--target-size", f"{mixture.stat().st_size}B", "-o", str(out),
                      "--calib-text", str(DATA / "calib" / "stories.txt"), *COMPRESS_FLAGS, "-t", str(threads),
-                     "--run-dir", str(work / f"run-{ftype}"), "--quant-cache", str(work / "quant-cache")])
+                     "--run-dir", str(work / f"run-{model.name}-{ftype}"), "--quant-cache", str(work / "quant-cache")])
         if code != 0:
             raise SystemExit(f"moepack compress at {ftype}'s size failed ({code})")
     return out
