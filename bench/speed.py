@@ -17,7 +17,8 @@ Run: .venv/bin/python bench/speed.py [--shape qwen3-30b-a3b|deepseek-v3] [--laye
    (moepack.eval.speed: a fresh process per file, warm-up, median of --runs, --threads threads, a 512-token prompt
    then 64 decoded tokens; all files once per round, --rounds rounds, the median round and the lowest and highest
    shown, so that the machine's drift over the run reaches every file alike), and the prediction from the file's
-   own types.
+   own types: each round starts with a fresh table of the machine's kernel times (out/bench-speed/kernels-roundR.json),
+   and the predictions read the cell-wise median of the rounds' tables, so that both sides see the same minutes.
 3. With --compress, moepack's default plan at each mixture's exact file size (`moepack compress --target-size`, the
    same importance-matrix calibration text, keep 1 since random weights leave nothing to prune, fast sensitivity and
    one pruning criterion to keep each run within an hour on 2 cores; every run shares one cache of quantized
@@ -117,13 +118,12 @@ def moepack_file(model: Path, work: Path, ftype: str, mixture: Path, threads: in
     return out
 
 
-def predicted(gguf_path: Path, threads: int) -> dict[str, Any]:
-    """The speed model's tokens/s for the file's own tensors, from this machine's kernel times (measured on first use
-    and cached)."""
+def predicted(gguf_path: Path, clock: Any) -> dict[str, Any]:
+    """The speed model's tokens/s for the file's own tensors, from `clock`'s kernel times (a KernelClock)."""
     from moepack.stages.footprint import DEFAULT_UBATCH
-    from moepack.stages.speed import KernelClock, gguf_matmuls, predict
+    from moepack.stages.speed import gguf_matmuls, predict
 
-    clock, work = KernelClock.here(threads), gguf_matmuls(gguf_path)
+    work = gguf_matmuls(gguf_path)
     # what fusing each layer's gate and up experts into one mul_mat_id would save: one call's fixed part (the
     # input's conversion and routing), decode and prompt alike, as a share of the predicted time per token
     gates = [m for m in work if ".ffn_gate_exps." in m.name and not m.last]
@@ -144,37 +144,57 @@ def measured(gguf_path: Path, threads: int, runs: int) -> dict[str, Any]:
     return {k: res[k] for k in ("decode_tps", "prompt_tps", "speed_each_run")}
 
 
-def rows_of(files: dict[str, Path], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Each file measured once per round (rounds interleaved across files) and predicted."""
+def rows_of(files: dict[str, Path], model: Path, types: list[str], args: argparse.Namespace
+            ) -> tuple[list[dict[str, Any]], Any]:
+    """Each file measured once per round (rounds interleaved across files), each round after a fresh table of this
+    machine's kernel times; every file predicted from the median table (its cells the median over the rounds), so
+    that prediction and measurement see the machine over the same minutes (on this VM a cell moves 10-20 % between
+    tables measured an hour apart). Returns the rows and the median KernelClock."""
+    from moepack.schema.speed import KernelTimes
+    from moepack.stages.speed import KernelClock
+
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in files}
+    tables = []
     for r in range(args.rounds):
+        log.info("round %d/%d: timing the kernels", r + 1, args.rounds)
+        tables.append(round_table(model, files.values(), types, args.work / f"kernels-round{r + 1}.json",
+                                  args.threads))
         for name, path in files.items():
             log.info("round %d/%d, %s: timing %s", r + 1, args.rounds, name, path.name)
             rounds[name].append(measured(path, args.threads, args.runs))
-    return [row(name, path, rounds[name], args) for name, path in files.items()]
+    clock = KernelClock(KernelTimes.median(tables), None, measure=False)
+    return [row(name, path, rounds[name], clock) for name, path in files.items()], clock
 
 
-def row(name: str, path: Path, rounds: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+def round_table(model: Path, files: Any, types: list[str], path: Path, threads: int) -> Any:
+    """A fresh kernel time table (KernelTimes) of every cell the page and the files' predictions read."""
+    from moepack.model.checkpoint import open_checkpoint
+    from moepack.stages.speed import KernelClock, measure_for
+
+    clock = KernelClock.here(threads, path=path, fresh=True)
+    measure_for(open_checkpoint(model), tuple(types), clock, batches=(1, 32, 512), progress=True)
+    for f in files:
+        predicted(f, clock)  # the cells of the files' own shapes and types not in the page's table
+    clock.save()
+    return clock.times
+
+
+def row(name: str, path: Path, rounds: list[dict[str, Any]], clock: Any) -> dict[str, Any]:
     import statistics
 
     m = {k: statistics.median(r[k] for r in rounds) for k in ("decode_tps", "prompt_tps")}
     m |= {f"{k}_range": [min(r[k] for r in rounds), max(r[k] for r in rounds)] for k in ("decode_tps", "prompt_tps")}
     m["rounds"] = rounds
-    p = predicted(path, args.threads)
+    p = predicted(path, clock)
     return {"file": name, "path": rel(path), "size_bytes": path.stat().st_size, "measured": m, "predicted": p,
             "decode_ratio": p["decode_tps"] / m["decode_tps"], "prompt_ratio": p["prompt_tps"] / m["prompt_tps"]}
 
 
-def kernel_rows(model: Path, threads: int, types: list[str]) -> list[dict[str, Any]]:
+def kernel_rows(times: Any, types: list[str]) -> list[dict[str, Any]]:
     """Per type and row width of the checkpoint: decode GB/s (batch 1) and prompt GFLOP/s at an expert's share of a
-    ubatch (512 · 8 / 128 = 32 columns) and at a whole ubatch (512), from this machine's kernel times."""
+    ubatch (512 · 8 / 128 = 32 columns) and at a whole ubatch (512), from the median kernel time table."""
     from moepack.gguf.types import row_bytes
-    from moepack.model.checkpoint import open_checkpoint
-    from moepack.stages.speed import KernelClock, measure_for
 
-    clock = KernelClock.here(threads)
-    view = open_checkpoint(model)
-    times = measure_for(view, tuple(types), clock, batches=(1, 32, 512), progress=True)
     rows = []
     for t in types:
         for n, by in sorted(times.seconds_per_row.get(t, {}).items()):
@@ -231,7 +251,8 @@ def markdown(res: dict[str, Any]) -> str:
              + (f"; every file once per round, {s['rounds']} rounds interleaved, the median round (lowest–highest)"
                 if s.get("rounds", 1) > 1 else "") + ". "
              "Predicted: moepack.stages.speed from this machine's kernel times (the weights' products, each layer's "
-             "attention over 512 cached tokens and its element-wise and routing ops). Ratio = predicted / measured.",
+             "attention over 512 cached tokens and its element-wise and routing ops), each cell the median of the "
+             "tables measured at the start of each round. Ratio = predicted / measured.",
              "", "| file | MiB | decode tok/s measured | predicted | ratio | prompt tok/s measured | predicted | "
              "ratio |",
              "|---|---|---|---|---|---|---|---|"]
@@ -246,8 +267,9 @@ def markdown(res: dict[str, Any]) -> str:
               "| file | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
     lines += [f"| {r['file']} | " + " | ".join(f"{r['predicted']['decode_ms_by_class'].get(c, 0):.3f}" for c in classes)
               + " |" for r in res["rows"]]
-    lines += ["", f"Kernel times of this machine ({s['threads']} threads; moepack.gguf.matmul, weights out of cache), "
-              "the table every prediction above is made from (rates per row, each call's fixed part apart):", "",
+    lines += ["", f"Kernel times of this machine ({s['threads']} threads; moepack.gguf.matmul, weights out of cache; "
+              "the median of the rounds' tables), the table every prediction above is made from (rates per row, each "
+              "call's fixed part apart):", "",
               "| type | row width | decode GB/s | decode ns per weight | GFLOP/s, 32 columns | GFLOP/s, 512 columns | "
               "µs per call, 512 columns |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {k['type']} | {k['n']} | {k['decode_gbs']:.2f} | {k['ns_per_weight']:.3f} | {k['gflops_32']:.1f} | "
@@ -311,10 +333,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from moepack.gguf.types import LADDER
 
-    kernels = kernel_rows(model, args.threads, list(dict.fromkeys((*LADDER, "Q4_0", "IQ4_NL", "Q5_0", "F16"))))
+    types = list(dict.fromkeys((*LADDER, "Q4_0", "IQ4_NL", "Q5_0", "F16")))
     named = {f"llama.cpp {f}": path for f, path in zip(args.ftypes, files)}
     named |= {f"moepack at {f}'s size": path for f, path in zip(args.ftypes, plans)}
-    rows = rows_of(named | {f"moepack {plan.name}": plan for plan in args.plans}, args)
+    rows, clock = rows_of(named | {f"moepack {plan.name}": plan for plan in args.plans}, model, types, args)
+    kernels = kernel_rows(clock.times, types)
     command = "python bench/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     res = {"command": command.strip(), "device": cpu_name(), "runtime": runtime_name(), "model": rel(model),
            "settings": {"shape": args.shape, "layers": args.layers, "experts": args.experts, "threads": args.threads,

@@ -342,3 +342,15 @@ def test_tied_means_the_paired_difference_is_not_significant() -> None:
     meter._measured = lambda view, tensors, plan, ids: (float(tokens[view].mean()), tokens[view])
     assert not meter.tied(("shifted", {}, None), ("best", {}, None))
     assert meter.tied(("noisy", {}, None), ("best", {}, None))
+
+
+def test_median_table_takes_each_cells_median_over_the_tables_that_all_hold_it() -> None:
+    """KernelTimes.median: per (key, width, batch), the median call and row time apart; a cell one table lacks is
+    left out (bench/speed.py predicts from the median of tables measured between its rounds)."""
+    tables = [KernelTimes("here", 2, "test") for _ in range(3)]
+    for t, (call, row) in zip(tables, [(1e-6, 3e-8), (5e-6, 1e-8), (2e-6, 2e-8)]):
+        t.put("Q4_K", 2048, 1, call, row)
+    tables[0].put("Q2_K", 768, 512, 1e-4, 1e-6)  # only in one table
+    med = KernelTimes.median(tables)
+    assert med.get("Q4_K", 2048, 1) == pytest.approx((2e-6, 2e-8))
+    assert med.get("Q2_K", 768, 512) is None and (med.device, med.threads) == ("here", 2)

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 # How the kernels are timed, part of a cached table's key (moepack.stages.speed.default_table_path): a change to the
 # method measures the tables again. 2: compute buffers reused (fresh ones timed their page faults); call + row fit.
-METHOD = 2
+# 3: a decode step's attention reads the KV cache from memory, not from the last-level cache.
+METHOD = 3
 
 _VP, _I64 = ctypes.c_void_p, ctypes.c_int64
 _GRAPH_NODES = 2048  # ggml's default graph size (GGML_DEFAULT_GRAPH_SIZE): copies per graph stay below it
@@ -237,16 +238,28 @@ def attention_cost(n_head: int, n_head_kv: int, head_k: int, head_v: int, tokens
                                           min_seconds) for n in n_kv])
 
 
+def _attention_copies(cache_bytes_per_copy: int, tokens: int) -> int:
+    """Attention blocks per timed graph: ATTENTION_COPIES, and for a decode step (few query tokens) enough that the
+    K and V caches read exceed twice the last-level cache: between one token's attention in a layer and the next's,
+    a whole step's weights stream through the cache, so llama.cpp reads the KV cache from memory (timed in cache, a
+    Qwen3-30B-A3B layer's decode attention over 512 tokens read 0.13 ms; from memory 0.17, as llama.cpp's decode
+    time grows with the context)."""
+    if tokens >= 16:
+        return ATTENTION_COPIES
+    return max(ATTENTION_COPIES, min(_GRAPH_NODES // 3, -(-2 * cache_bytes() // cache_bytes_per_copy)))
+
+
 def _attention_seconds(n_head: int, n_head_kv: int, head_k: int, head_v: int, n_kv: int, tokens: int, threads: int,
                        repeats: int, min_seconds: float) -> float:
     base, _ = _libs()
     rng = np.random.default_rng(2)
     over = base.ggml_tensor_overhead() + 64
     sizes = [4 * head_k * tokens * n_head, 2 * head_k * n_kv * n_head_kv, 2 * n_kv * head_v * n_head_kv]
-    data = _context(ATTENTION_COPIES * (sum(sizes) + 3 * over) + 2**20)
+    copies = _attention_copies(sizes[1] + sizes[2], tokens)
+    data = _context(copies * (sum(sizes) + 3 * over) + 2**20)
     try:
         blocks = []
-        for _ in range(ATTENTION_COPIES):
+        for _ in range(copies):
             q = base.ggml_new_tensor_3d(data, 0, head_k, tokens, n_head)  # (n_head, tokens, head_k) f32 queries
             k = base.ggml_new_tensor_3d(data, _F16, head_k, n_kv, n_head_kv)  # (n_head_kv, n_kv, head_k) K cache
             v = base.ggml_new_tensor_3d(data, _F16, n_kv, head_v, n_head_kv)  # (n_head_kv, head_v, n_kv) V cache^T
@@ -264,9 +277,9 @@ def _attention_seconds(n_head: int, n_head_kv: int, head_k: int, head_v: int, n_
                 base.ggml_build_forward_expand(g, base.ggml_mul_mat(ctx, v, kq))  # (n_head, tokens, head_v)
             return g
 
-        mem = ATTENTION_COPIES * (3 * n_kv * tokens * n_head * 4 + 2 * head_v * tokens * n_head * 4 + 4 * over)
+        mem = copies * (3 * n_kv * tokens * n_head * 4 + 2 * head_v * tokens * n_head * 4 + 4 * over)
         mem += base.ggml_graph_overhead() + 4 * 2**20
-        return _time(graph, mem, threads, repeats, min_seconds) / ATTENTION_COPIES
+        return _time(graph, mem, threads, repeats, min_seconds) / copies
     finally:
         base.ggml_free(data)
 

@@ -45,6 +45,23 @@ class KernelTimes:
         self.seconds_per_row.setdefault(qtype, {}).setdefault(n, {})[batch] = float(row)
         self.seconds_per_call.setdefault(qtype, {}).setdefault(n, {})[batch] = float(call)
 
+    @classmethod
+    def median(cls, tables: list[KernelTimes]) -> KernelTimes:
+        """The cell-wise median (per call and per row apart) of several tables of one device, over the cells all of
+        them hold: on a machine whose speed drifts, tables measured over the same minutes as what they predict."""
+        import statistics
+
+        first = tables[0]
+        out = cls(first.device, first.threads, first.runtime)
+        for key, widths in first.seconds_per_row.items():
+            for n, batches in widths.items():
+                for b in batches:
+                    cells = [t.get(key, n, b) for t in tables]
+                    if all(c is not None for c in cells):
+                        out.put(key, n, b, statistics.median(c[0] for c in cells),
+                                statistics.median(c[1] for c in cells))
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         def cells(table: dict[str, dict[int, dict[int, float]]]) -> dict[str, Any]:
             return {t: {str(n): {str(b): s for b, s in sorted(bs.items())} for n, bs in sorted(ns.items())}
