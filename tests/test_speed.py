@@ -354,3 +354,15 @@ def test_median_table_takes_each_cells_median_over_the_tables_that_all_hold_it()
     med = KernelTimes.median(tables)
     assert med.get("Q4_K", 2048, 1) == pytest.approx((2e-6, 2e-8))
     assert med.get("Q2_K", 768, 512) is None and (med.device, med.threads) == ("here", 2)
+
+
+def test_decode_attention_reads_the_cache_from_memory_and_big_prompt_blocks_fit() -> None:
+    """Decode attention is timed over enough KV caches to exceed twice the last-level cache (llama.cpp reads them
+    from memory); a prompt block whose scores exceed the memory cap is timed alone (DeepSeek-V3's 128 heads)."""
+    from moepack.gguf import matmul
+
+    kv = 2 * 128 * 512 * 4 * 2  # K and V of 4 heads × 128 over 512 tokens, F16
+    copies = matmul._attention_copies(kv, 1, kv)
+    assert copies * kv >= 2 * matmul.cache_bytes() and copies >= matmul.ATTENTION_COPIES
+    assert matmul._attention_copies(kv, 512, 2**20) == matmul.ATTENTION_COPIES
+    assert matmul._attention_copies(kv, 512, 2**31) == 1

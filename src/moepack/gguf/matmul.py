@@ -238,14 +238,18 @@ def attention_cost(n_head: int, n_head_kv: int, head_k: int, head_v: int, tokens
                                           min_seconds) for n in n_kv])
 
 
-def _attention_copies(cache_bytes_per_copy: int, tokens: int) -> int:
-    """Attention blocks per timed graph: ATTENTION_COPIES, and for a decode step (few query tokens) enough that the
-    K and V caches read exceed twice the last-level cache: between one token's attention in a layer and the next's,
-    a whole step's weights stream through the cache, so llama.cpp reads the KV cache from memory (timed in cache, a
-    Qwen3-30B-A3B layer's decode attention over 512 tokens read 0.13 ms; from memory 0.17, as llama.cpp's decode
-    time grows with the context)."""
+_ATTENTION_MEMORY = 2**30  # bytes a timed prompt attention graph may take: fewer copies where one block is larger
+
+
+def _attention_copies(cache_bytes_per_copy: int, tokens: int, block_bytes: int) -> int:
+    """Attention blocks per timed graph. A decode step (few query tokens): enough that the K and V caches read exceed
+    twice the last-level cache: between one token's attention in a layer and the next's, a whole step's weights
+    stream through the cache, so llama.cpp reads the KV cache from memory (timed in cache, a Qwen3-30B-A3B layer's
+    decode attention over 512 tokens read 0.13 ms; from memory 0.17, as llama.cpp's decode time grows with the
+    context). A prompt: ATTENTION_COPIES, fewer where a block's scores take more than _ATTENTION_MEMORY (DeepSeek-V3's
+    128 heads × 512 tokens × 1,024 cached: 1 GiB each)."""
     if tokens >= 16:
-        return ATTENTION_COPIES
+        return max(1, min(ATTENTION_COPIES, _ATTENTION_MEMORY // max(1, block_bytes)))
     return max(ATTENTION_COPIES, min(_GRAPH_NODES // 3, -(-2 * cache_bytes() // cache_bytes_per_copy)))
 
 
@@ -255,7 +259,8 @@ def _attention_seconds(n_head: int, n_head_kv: int, head_k: int, head_v: int, n_
     rng = np.random.default_rng(2)
     over = base.ggml_tensor_overhead() + 64
     sizes = [4 * head_k * tokens * n_head, 2 * head_k * n_kv * n_head_kv, 2 * n_kv * head_v * n_head_kv]
-    copies = _attention_copies(sizes[1] + sizes[2], tokens)
+    scores = 3 * n_kv * tokens * n_head * 4 + 2 * head_v * tokens * n_head * 4  # one block's KQ, soft_max, KQV
+    copies = _attention_copies(sizes[1] + sizes[2], tokens, sum(sizes) + scores)
     data = _context(copies * (sum(sizes) + 3 * over) + 2**20)
     try:
         blocks = []
@@ -277,7 +282,7 @@ def _attention_seconds(n_head: int, n_head_kv: int, head_k: int, head_v: int, n_
                 base.ggml_build_forward_expand(g, base.ggml_mul_mat(ctx, v, kq))  # (n_head, tokens, head_v)
             return g
 
-        mem = copies * (3 * n_kv * tokens * n_head * 4 + 2 * head_v * tokens * n_head * 4 + 4 * over)
+        mem = copies * (scores + 4 * over)
         mem += base.ggml_graph_overhead() + 4 * 2**20
         return _time(graph, mem, threads, repeats, min_seconds) / copies
     finally:
