@@ -239,6 +239,7 @@ def attention_cost(n_head: int, n_head_kv: int, head_k: int, head_v: int, tokens
 
 
 _ATTENTION_MEMORY = 2**30  # bytes a timed prompt attention graph may take: fewer copies where one block is larger
+_OPS_MEMORY = 2**32  # the same for a layer's element-wise ops (their intermediates: 16 × the inputs, as reserved)
 
 
 def _attention_copies(cache_bytes_per_copy: int, tokens: int, block_bytes: int) -> int:
@@ -302,9 +303,11 @@ def layer_ops_seconds(hidden: int, n_head: int, n_head_kv: int, head: int, exper
     shapes = {"x": (hidden, tokens), "q": (head, n_head, tokens), "k": (head, n_head_kv, tokens),
               "att": (head, tokens, n_head), "logits": (max(experts, 1), tokens), "gate": (ffn, used, tokens),
               "out": (hidden, used, tokens), "w_h": (hidden,), "w_d": (head,)}
-    data = _context(ATTENTION_COPIES * sum(4 * math.prod(v) + 512 for v in shapes.values()) * 4 + 2**20)
+    inputs = sum(4 * math.prod(v) + 512 for v in shapes.values())
+    copies = max(1, min(ATTENTION_COPIES, _OPS_MEMORY // (16 * inputs)))  # one block of DeepSeek-V3's 512-token
+    data = _context(copies * inputs * 4 + 2**20)  # ops asks for 7.5 GB of intermediates: four would not fit
     try:
-        blocks = [_ops_inputs(data, shapes) for _ in range(ATTENTION_COPIES)]
+        blocks = [_ops_inputs(data, shapes) for _ in range(copies)]
 
         def graph(ctx: int) -> int:
             g = base.ggml_new_graph(ctx)
@@ -313,8 +316,7 @@ def layer_ops_seconds(hidden: int, n_head: int, n_head_kv: int, head: int, exper
                     base.ggml_build_forward_expand(g, node)
             return g
 
-        return _time(graph, 64 * sum(4 * math.prod(v) for v in shapes.values()) + 2**24, threads, repeats,
-                     min_seconds) / ATTENTION_COPIES
+        return _time(graph, copies * 16 * inputs + 2**24, threads, repeats, min_seconds) / copies
     finally:
         base.ggml_free(data)
 
