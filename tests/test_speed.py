@@ -362,7 +362,7 @@ def test_decode_attention_reads_the_cache_from_memory_and_big_prompt_blocks_fit(
     from moepack.gguf import matmul
 
     kv = 2 * 128 * 512 * 4 * 2  # K and V of 4 heads × 128 over 512 tokens, F16
-    copies = matmul._attention_copies(kv, 1, kv)
+    copies = matmul.attention_copies(kv, 1, kv)
     assert copies * kv >= 2 * matmul.cache_bytes() and copies >= matmul.ATTENTION_COPIES
-    assert matmul._attention_copies(kv, 512, 2**20) == matmul.ATTENTION_COPIES
-    assert matmul._attention_copies(kv, 512, 2**31) == 1
+    assert matmul.attention_copies(kv, 512, 2**20) == matmul.ATTENTION_COPIES
+    assert matmul.attention_copies(kv, 512, 2**31) == 1

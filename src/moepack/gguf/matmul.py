@@ -30,8 +30,8 @@ from moepack.errors import MoepackError
 from moepack.gguf.kernels import lib_dir, quantize, requires_imatrix
 from moepack.gguf.types import parse_type, row_bytes
 
-__all__ = ["row_cost", "expert_row_cost", "attention_cost", "layer_ops_seconds", "fit_call_row", "cache_bytes",
-           "cpu_name"]
+__all__ = ["row_cost", "expert_row_cost", "attention_cost", "attention_copies", "layer_ops_seconds", "fit_call_row",
+           "cache_bytes", "cpu_name"]
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ _ATTENTION_MEMORY = 2**30  # bytes a timed prompt attention graph may take: fewe
 _OPS_MEMORY = 2**32  # the same for a layer's element-wise ops (their intermediates: 16 × the inputs, as reserved)
 
 
-def _attention_copies(cache_bytes_per_copy: int, tokens: int, block_bytes: int) -> int:
+def attention_copies(cache_bytes_per_copy: int, tokens: int, block_bytes: int) -> int:
     """Attention blocks per timed graph. A decode step (few query tokens): enough that the K and V caches read exceed
     twice the last-level cache: between one token's attention in a layer and the next's, a whole step's weights
     stream through the cache, so llama.cpp reads the KV cache from memory (timed in cache, a Qwen3-30B-A3B layer's
@@ -261,7 +261,7 @@ def _attention_seconds(n_head: int, n_head_kv: int, head_k: int, head_v: int, n_
     over = base.ggml_tensor_overhead() + 64
     sizes = [4 * head_k * tokens * n_head, 2 * head_k * n_kv * n_head_kv, 2 * n_kv * head_v * n_head_kv]
     scores = 3 * n_kv * tokens * n_head * 4 + 2 * head_v * tokens * n_head * 4  # one block's KQ, soft_max, KQV
-    copies = _attention_copies(sizes[1] + sizes[2], tokens, sum(sizes) + scores)
+    copies = attention_copies(sizes[1] + sizes[2], tokens, sum(sizes) + scores)
     data = _context(copies * (sum(sizes) + 3 * over) + 2**20)
     try:
         blocks = []
