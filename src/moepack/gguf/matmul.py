@@ -98,6 +98,12 @@ def cpu_name() -> str:
     return os.uname().machine
 
 
+def _out_of_cache(bytes_per_copy: int, nodes_per_copy: int) -> int:
+    """Copies of what one timed computation reads, so that together they exceed twice the last-level cache (the data
+    comes from memory, as a decode step's weights and KV cache do), within ggml's graph size."""
+    return max(1, min(_GRAPH_NODES // nodes_per_copy, -(-2 * cache_bytes() // bytes_per_copy)))
+
+
 def _matrix(qtype: str, rows: int, n: int) -> np.ndarray:
     """One (rows, n) random matrix of `qtype`, as ggml stores it."""
     rng = np.random.default_rng(0)
@@ -163,7 +169,7 @@ def _product_seconds(qtype: str, n: int, batch: int, threads: int, rows: int, re
     (see the module docstring)."""
     t = parse_type(qtype)
     nbytes = row_bytes(t, n) * rows
-    copies = max(1, min(_GRAPH_NODES // 4, -(-2 * cache_bytes() // nbytes) if batch < 16 else 1))
+    copies = _out_of_cache(nbytes, 4) if batch < 16 else 1
     q = _matrix(t.name, rows, n)
     base, _ = _libs()
     over = base.ggml_tensor_overhead() + 64  # a tensor's header and alignment
@@ -195,7 +201,7 @@ def _expert_product_seconds(qtype: str, n: int, experts: int, used: int, tokens:
     t = parse_type(qtype)
     nbytes = row_bytes(t, n) * rows
     turns = max(1, experts // (used * tokens))  # products until every expert was read once
-    copies = max(1, min(_GRAPH_NODES // (2 * turns), -(-2 * cache_bytes() // (nbytes * experts))))
+    copies = _out_of_cache(nbytes * experts, 2 * turns)
     q = _matrix(t.name, rows, n)
     base, _ = _libs()
     over = base.ggml_tensor_overhead() + 64
@@ -251,7 +257,7 @@ def attention_copies(cache_bytes_per_copy: int, tokens: int, block_bytes: int) -
     128 heads × 512 tokens × 1,024 cached: 1 GiB each)."""
     if tokens >= 16:
         return max(1, min(ATTENTION_COPIES, _ATTENTION_MEMORY // max(1, block_bytes)))
-    return max(ATTENTION_COPIES, min(_GRAPH_NODES // 3, -(-2 * cache_bytes() // cache_bytes_per_copy)))
+    return max(ATTENTION_COPIES, _out_of_cache(cache_bytes_per_copy, 3))
 
 
 def _attention_seconds(n_head: int, n_head_kv: int, head_k: int, head_v: int, n_kv: int, tokens: int, threads: int,
