@@ -190,12 +190,14 @@ class Evaluator:
 
 # ---- results: commits, names, files, page sections --------------------------------------------------------------
 def code_commit() -> str | None:
-    """The commit results are measured with (`+changes` where src/ or bench/ differ from it); None outside git."""
+    """The commit results are measured with (`+changes` where src/ or bench/'s code differs from it; the results
+    that benches write into bench/results/ are not code); None outside git."""
     def git(*a: str) -> str:
         return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True, check=True).stdout.strip()
 
     try:
-        head, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--", "src", "bench")
+        head, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--", "src", "bench",
+                                                                ":(exclude)bench/results")
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+changes" if dirty else "")
