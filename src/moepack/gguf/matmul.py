@@ -104,6 +104,12 @@ def _out_of_cache(bytes_per_copy: int, nodes_per_copy: int) -> int:
     return max(1, min(_GRAPH_NODES // nodes_per_copy, -(-2 * cache_bytes() // bytes_per_copy)))
 
 
+def _within(memory: int, block_bytes: int) -> int:
+    """Blocks per timed prompt graph: ATTENTION_COPIES, fewer where that many blocks would take more than `memory`
+    bytes (one at least)."""
+    return max(1, min(ATTENTION_COPIES, memory // max(1, block_bytes)))
+
+
 def _matrix(qtype: str, rows: int, n: int) -> np.ndarray:
     """One (rows, n) random matrix of `qtype`, as ggml stores it."""
     rng = np.random.default_rng(0)
@@ -256,7 +262,7 @@ def attention_copies(cache_bytes_per_copy: int, tokens: int, block_bytes: int) -
     context). A prompt: ATTENTION_COPIES, fewer where a block's scores take more than _ATTENTION_MEMORY (DeepSeek-V3's
     128 heads × 512 tokens × 1,024 cached: 1 GiB each)."""
     if tokens >= 16:
-        return max(1, min(ATTENTION_COPIES, _ATTENTION_MEMORY // max(1, block_bytes)))
+        return _within(_ATTENTION_MEMORY, block_bytes)
     return max(ATTENTION_COPIES, _out_of_cache(cache_bytes_per_copy, 3))
 
 
@@ -310,8 +316,8 @@ def layer_ops_seconds(hidden: int, n_head: int, n_head_kv: int, head: int, exper
               "att": (head, tokens, n_head), "logits": (max(experts, 1), tokens), "gate": (ffn, used, tokens),
               "out": (hidden, used, tokens), "w_h": (hidden,), "w_d": (head,)}
     inputs = sum(4 * math.prod(v) + 512 for v in shapes.values())
-    copies = max(1, min(ATTENTION_COPIES, _OPS_MEMORY // (16 * inputs)))  # one block of DeepSeek-V3's 512-token
-    data = _context(copies * inputs * 4 + 2**20)  # ops asks for 7.5 GB of intermediates: four would not fit
+    copies = _within(_OPS_MEMORY, 16 * inputs)  # one block of DeepSeek-V3's 512-token ops takes 7.5 GB
+    data = _context(copies * inputs * 4 + 2**20)
     try:
         blocks = [_ops_inputs(data, shapes) for _ in range(copies)]
 
