@@ -190,14 +190,16 @@ class Evaluator:
 
 # ---- results: commits, names, files, page sections --------------------------------------------------------------
 def code_commit() -> str | None:
-    """The commit results are measured with (`+changes` where src/ or bench/'s code differs from it; the results
-    that benches write into bench/results/ are not code); None outside git."""
+    """The commit whose code results are measured with: the last one that changed anything but the results benches
+    write (bench/results/) and the pages made from them (docs/), so a results commit does not restamp later cells;
+    `+changes` where the tree's code differs from it. None outside git."""
     def git(*a: str) -> str:
         return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True, check=True).stdout.strip()
 
+    not_code = (":(exclude)bench/results", ":(exclude)docs")
     try:
-        head, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--", "src", "bench",
-                                                                ":(exclude)bench/results")
+        head = git("log", "-1", "--format=%h", "--", ".", *not_code) or git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", ".", *not_code)
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+changes" if dirty else "")
